@@ -1,0 +1,144 @@
+"""Run directories: weights in safetensors, config and state in JSON, every write atomic.
+
+A run directory holds
+    config.json          format version, model name and config, data and training settings
+    model.safetensors    the model's weights
+    metrics.jsonl        training curves, one JSON record per line
+Loading never unpickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from elbox.errors import ElboxError
+from elbox.models import build_model
+from elbox.models.base import LatentVariableModel, config_to_dict
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_jsonl(path: str | Path, records: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ElboxError(f"{what} {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ElboxError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def save_weights(path: str | Path, model: torch.nn.Module) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(tensors))
+
+
+def load_weights(path: str | Path, model: torch.nn.Module) -> None:
+    """Load safetensors weights into `model`, checking names, shapes and dtypes first."""
+    path = Path(path)
+    if not path.is_file():
+        raise ElboxError(f"weights file {path} is missing")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ElboxError(f"weights file {path} is corrupt or not a safetensors file: {e}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ElboxError(f"weights file {path} does not match the model config: missing {missing}, unexpected {unexpected}")
+    for name, want in expected.items():
+        got = tensors[name]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            raise ElboxError(
+                f"weights file {path}: tensor {name!r} has shape {tuple(got.shape)} {got.dtype}, "
+                f"the model config needs {tuple(want.shape)} {want.dtype}"
+            )
+    model.load_state_dict(tensors)
+
+
+def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict, train: dict) -> dict:
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.name,
+        "model_config": config_to_dict(model.config),
+        "data": data,
+        "train": train,
+    }
+    atomic_write_json(Path(run_dir) / CONFIG_FILE, config)
+    return config
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ElboxError(f"run directory {run_dir} does not exist")
+    config = read_json(run_dir / CONFIG_FILE, "run config")
+    if not isinstance(config, dict):
+        raise ElboxError(f"run config {run_dir / CONFIG_FILE} must be a JSON object")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ElboxError(f"run config {run_dir / CONFIG_FILE} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ElboxError(
+            f"run directory {run_dir} has format version {version}, newer than this elbox supports "
+            f"({FORMAT_VERSION}); upgrade elbox"
+        )
+    for key in ("model", "model_config", "data"):
+        if key not in config:
+            raise ElboxError(f"run config {run_dir / CONFIG_FILE} lacks the key {key!r}")
+    return config
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LatentVariableModel, dict]:
+    """Rebuild a trained model from its run directory. Returns (model in eval mode, run config)."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    model = build_model(config["model"], config["model_config"])
+    if not (run_dir / WEIGHTS_FILE).is_file():
+        raise ElboxError(f"run directory {run_dir} is incomplete: {WEIGHTS_FILE} is missing (did training finish an epoch?)")
+    load_weights(run_dir / WEIGHTS_FILE, model)
+    return model.to(device).eval(), config

@@ -1,0 +1,272 @@
+"""Observation models p(x|z).
+
+A likelihood turns decoder outputs `params` of shape [..., P, *data_shape] (P parameters per data
+dimension) into log p(x|z) of shape [...], in nats, summed over the data dimensions. `x` has shape
+[..., *data_shape] and broadcasts against the leading dims, so K importance samples [K, B, ...] can
+be scored against a batch [B, ...] without copying it.
+
+Data the likelihoods expect (see `elbox.data` data spaces; every space lies in [0, 1]):
+- bernoulli: binary x in {0, 1}.
+- gaussian, gaussian-learned: continuous x (dequantized 8-bit data (k + u) / 256).
+- discretized-logistic, categorical: 8-bit x = k / 255, k in {0..255}.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributions import Bernoulli, Categorical, Normal
+
+from elbox.errors import ElboxError
+
+NUM_LEVELS = 256  # 8-bit data
+
+
+def _sum_data_dims(t: Tensor, n_data_dims: int) -> Tensor:
+    return t.flatten(-n_data_dims).sum(-1)
+
+
+def _bin_index(x: Tensor) -> Tensor:
+    """Integer level k in {0..255} of 8-bit data stored as x = k / 255."""
+    return (x * (NUM_LEVELS - 1)).round().long()
+
+
+class Likelihood(nn.Module):
+    """Base class. Subclasses set `name`, `data_space` and `num_params` (P)."""
+
+    name: str = ""
+    data_space: str = ""
+    num_params: int = 1
+
+    def __init__(self, data_shape: tuple[int, ...]):
+        super().__init__()
+        self.data_shape = tuple(data_shape)
+        self.n_data_dims = len(self.data_shape)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mean(self, params: Tensor) -> Tensor:
+        """E[x | params], in the data space's [0, 1] range (what image grids show)."""
+        raise NotImplementedError
+
+    def sample(self, params: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def check_data(self, x: Tensor, what: str = "data") -> None:
+        """Raise ElboxError when x lies outside the space this likelihood models."""
+        if not torch.isfinite(x).all():
+            raise ElboxError(f"{what} contains NaN or infinite values")
+        if x.min() < 0 or x.max() > 1:
+            raise ElboxError(
+                f"{what} has values in [{x.min().item():.4g}, {x.max().item():.4g}]; "
+                f"the {self.name} likelihood expects values in [0, 1]"
+            )
+
+
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli with logits: log p(x|z) = -BCEWithLogits(logits, x), summed over dimensions."""
+
+    name = "bernoulli"
+    data_space = "binary"
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        logits = params.squeeze(-self.n_data_dims - 1)
+        return _sum_data_dims(Bernoulli(logits=logits, validate_args=False).log_prob(x), self.n_data_dims)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params.squeeze(-self.n_data_dims - 1))
+
+    def sample(self, params: Tensor) -> Tensor:
+        return torch.bernoulli(self.mean(params))
+
+    def check_data(self, x: Tensor, what: str = "data") -> None:
+        super().check_data(x, what)
+        if not ((x == 0) | (x == 1)).all():
+            raise ElboxError(
+                f"{what} is not binary; the bernoulli likelihood needs values in {{0, 1}} "
+                "(use the 'binary' data space, which binarizes 8-bit data by a Bernoulli draw)"
+            )
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian with a fixed standard deviation sigma on every dimension.
+
+    log p(x|z) = -||x - mu(z)||^2 / (2 sigma^2) + constant,   constant = -D (log sigma + log(2 pi) / 2).
+    Maximizing it is minimizing the squared error; `log_prob` includes the constant, so the value is
+    a real log-density and bounds built from it are real bounds (on dequantized data, see elbox.data).
+    """
+
+    name = "gaussian"
+    data_space = "continuous"
+
+    def __init__(self, data_shape: tuple[int, ...], sigma: float = 0.1):
+        super().__init__(data_shape)
+        if not sigma > 0:
+            raise ElboxError(f"the gaussian likelihood's sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def constant(self) -> float:
+        """The additive constant of log p(x|z) that squared error leaves out, in nats."""
+        num_dims = math.prod(self.data_shape)
+        return -num_dims * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        mu = params.squeeze(-self.n_data_dims - 1)
+        squared_error = _sum_data_dims((x - mu).square(), self.n_data_dims)
+        return -squared_error / (2 * self.sigma**2) + self.constant()
+
+    def mean(self, params: Tensor) -> Tensor:
+        return params.squeeze(-self.n_data_dims - 1).clamp(0, 1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        mu = params.squeeze(-self.n_data_dims - 1)
+        return (mu + self.sigma * torch.randn_like(mu)).clamp(0, 1)
+
+
+class LearnedGaussianLikelihood(Likelihood):
+    """Gaussian with a learned standard deviation per data dimension: sigma = floor + softplus(raw)."""
+
+    name = "gaussian-learned"
+    data_space = "continuous"
+
+    def __init__(self, data_shape: tuple[int, ...], sigma_init: float = 0.1, sigma_floor: float = 1e-3):
+        super().__init__(data_shape)
+        if not 0 <= sigma_floor < sigma_init:
+            raise ElboxError(f"need 0 <= sigma_floor < sigma_init, got floor {sigma_floor}, init {sigma_init}")
+        self.sigma_floor = float(sigma_floor)
+        # inverse softplus of (init - floor)
+        raw = math.log(math.expm1(sigma_init - sigma_floor))
+        self.raw_sigma = nn.Parameter(torch.full(self.data_shape, raw))
+
+    @property
+    def sigma(self) -> Tensor:
+        return self.sigma_floor + F.softplus(self.raw_sigma)
+
+    def _normal(self, params: Tensor) -> Normal:
+        return Normal(params.squeeze(-self.n_data_dims - 1), self.sigma, validate_args=False)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return _sum_data_dims(self._normal(params).log_prob(x), self.n_data_dims)
+
+    def mean(self, params: Tensor) -> Tensor:
+        return params.squeeze(-self.n_data_dims - 1).clamp(0, 1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        return self._normal(params).sample().clamp(0, 1)
+
+
+class _EightBitLikelihood(Likelihood):
+    data_space = "discrete"
+
+    def check_data(self, x: Tensor, what: str = "data") -> None:
+        super().check_data(x, what)
+        if not torch.allclose(x * (NUM_LEVELS - 1), (x * (NUM_LEVELS - 1)).round(), atol=1e-3):
+            raise ElboxError(f"{what} is not 8-bit data k/255; the {self.name} likelihood needs the 'discrete' data space")
+
+
+class DiscretizedLogisticLikelihood(_EightBitLikelihood):
+    """Mixture of discretized logistics over the 256 levels of each data dimension (independent channels).
+
+    Data k in {0..255} sits at c = 2k/255 - 1 in [-1, 1] with bin half-width h = 1/255. Each component
+    gives P(k) = sigmoid((c + h - mu)/s) - sigmoid((c - h - mu)/s), with the bins at k = 0 and k = 255
+    extended to -inf and +inf; edges are found from the integer k, never from float thresholds.
+    With a = (c + h - mu)/s and b = (c - h - mu)/s the interior log-probability is computed exactly as
+        log(sigmoid(a) - sigmoid(b)) = a - softplus(a) - softplus(b) + log(-expm1(b - a)),
+    which is stable in every regime, so no pdf-at-midpoint fallback is needed.
+    params per dimension: [mixture logits (M), means (M), log-scales (M)], log-scales clamped at -7.
+    """
+
+    name = "discretized-logistic"
+
+    def __init__(self, data_shape: tuple[int, ...], n_mixtures: int = 1):
+        super().__init__(data_shape)
+        if n_mixtures < 1:
+            raise ElboxError(f"n_mixtures must be >= 1, got {n_mixtures}")
+        self.n_mixtures = n_mixtures
+        self.num_params = 3 * n_mixtures
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.n_mixtures
+        axis = -self.n_data_dims - 1
+        logit_pi, mu, log_s = params.split(m, dim=axis)
+        return logit_pi, mu, log_s.clamp(min=-7.0)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        logit_pi, mu, log_s = self._split(params)
+        axis = -self.n_data_dims - 1
+        k = _bin_index(x).unsqueeze(axis)
+        c = 2.0 * k / (NUM_LEVELS - 1) - 1.0
+        h = 1.0 / (NUM_LEVELS - 1)
+        inv_s = torch.exp(-log_s)
+        a = (c + h - mu) * inv_s
+        b = (c - h - mu) * inv_s
+        log_cdf_a = a - F.softplus(a)  # log sigmoid(a): bottom edge, k = 0
+        log_survival_b = -F.softplus(b)  # log(1 - sigmoid(b)): top edge, k = 255
+        interior = log_cdf_a - F.softplus(b) + torch.log(-torch.expm1(b - a))
+        log_p = torch.where(k == 0, log_cdf_a, torch.where(k == NUM_LEVELS - 1, log_survival_b, interior))
+        log_p = torch.logsumexp(log_p + F.log_softmax(logit_pi, dim=axis), dim=axis)
+        return _sum_data_dims(log_p, self.n_data_dims)
+
+    def mean(self, params: Tensor) -> Tensor:
+        # mean of the continuous mixture, mapped to [0, 1] (clipping makes it the discretized mean up to edge mass)
+        logit_pi, mu, _ = self._split(params)
+        axis = -self.n_data_dims - 1
+        mixture_mean = (F.softmax(logit_pi, dim=axis) * mu).sum(axis)
+        return ((mixture_mean + 1) / 2).clamp(0, 1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        logit_pi, mu, log_s = self._split(params)
+        axis = -self.n_data_dims - 1
+        component = Categorical(logits=logit_pi.movedim(axis, -1)).sample().unsqueeze(axis)
+        mu = mu.gather(axis, component).squeeze(axis)
+        log_s = log_s.gather(axis, component).squeeze(axis)
+        u = torch.rand_like(mu).clamp(1e-5, 1 - 1e-5)
+        y = mu + log_s.exp() * (u.log() - (-u).log1p())  # logistic inverse CDF
+        k = ((y.clamp(-1, 1) + 1) / 2 * (NUM_LEVELS - 1)).round()
+        return k / (NUM_LEVELS - 1)
+
+
+class CategoricalLikelihood(_EightBitLikelihood):
+    """256-way categorical per data dimension; params are the 256 logits."""
+
+    name = "categorical"
+    num_params = NUM_LEVELS
+
+    def _categorical(self, params: Tensor) -> Categorical:
+        return Categorical(logits=params.movedim(-self.n_data_dims - 1, -1), validate_args=False)
+
+    def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
+        return _sum_data_dims(self._categorical(params).log_prob(_bin_index(x)), self.n_data_dims)
+
+    def mean(self, params: Tensor) -> Tensor:
+        levels = torch.arange(NUM_LEVELS, dtype=params.dtype, device=params.device) / (NUM_LEVELS - 1)
+        return (self._categorical(params).probs * levels).sum(-1)
+
+    def sample(self, params: Tensor) -> Tensor:
+        return self._categorical(params).sample().to(params.dtype) / (NUM_LEVELS - 1)
+
+
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    cls.name: cls
+    for cls in (
+        BernoulliLikelihood,
+        GaussianLikelihood,
+        LearnedGaussianLikelihood,
+        DiscretizedLogisticLikelihood,
+        CategoricalLikelihood,
+    )
+}
+
+
+def build_likelihood(name: str, data_shape: tuple[int, ...], **options) -> Likelihood:
+    """Construct a likelihood by name; options are its keyword arguments (e.g. sigma, n_mixtures)."""
+    if name not in LIKELIHOODS:
+        raise ElboxError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
+    try:
+        return LIKELIHOODS[name](data_shape, **options)
+    except TypeError as e:
+        raise ElboxError(f"bad options {options} for the {name} likelihood: {e}") from None

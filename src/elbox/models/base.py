@@ -1,0 +1,78 @@
+"""The model protocol, the registry of model classes, and building a model from its JSON config.
+
+Every model returns nats per example, summed over data dimensions. A capability a model lacks is
+absent rather than faked: the evaluator checks `hasattr(model, "log_weights")` and so on.
+
+    elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example
+    log_weights(x, k) -> [k, B]                log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x)
+    log_prob(x) -> [B]                          exact log p(x); tractable models only
+    sample(n) -> [n, *data_shape]
+    encode(x) -> [B, d]                        posterior mean, features for downstream use
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import nn
+
+from elbox.errors import ElboxError
+
+MODELS: dict[str, type["LatentVariableModel"]] = {}
+
+
+class LatentVariableModel(nn.Module):
+    """Base of every model: holds its config dataclass and names its data space."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    @property
+    def data_space(self) -> str:
+        """Name of the elbox.data space the model's inputs must come from."""
+        raise NotImplementedError
+
+
+def register_model(name: str, config_class: type):
+    """Class decorator: make a model buildable by name from its config."""
+
+    def decorate(cls: type[LatentVariableModel]) -> type[LatentVariableModel]:
+        cls.name = name
+        cls.config_class = config_class
+        MODELS[name] = cls
+        return cls
+
+    return decorate
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from JSON values, rejecting unknown keys with a clear message."""
+    if not isinstance(values, dict):
+        raise ElboxError(f"model config must be a JSON object, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ElboxError(f"unknown {config_class.__name__} fields {unknown}; known fields: {sorted(known)}")
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as e:
+        raise ElboxError(f"bad {config_class.__name__}: {e}") from None
+
+
+def build_model(name: str, config: dict[str, Any] | Any) -> LatentVariableModel:
+    """Build a registered model from a config dataclass or its JSON dict."""
+    if name not in MODELS:
+        raise ElboxError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    cls = MODELS[name]
+    if isinstance(config, dict):
+        config = config_from_dict(cls.config_class, config)
+    return cls(config)
