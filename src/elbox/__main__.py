@@ -1,0 +1,7 @@
+"""python -m elbox"""
+
+import sys
+
+from elbox.cli import main
+
+sys.exit(main())

@@ -1,0 +1,269 @@
+"""Command-line tool: elbox train | evaluate | sample | reconstruct.
+
+Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from elbox.checkpoint import CONFIG_FILE, atomic_write_json, load_run, write_run_config
+from elbox.data import SPLITS, dataset_names, get_data_space, load_split
+from elbox.errors import ElboxError
+from elbox.evaluate import evaluate, format_table
+from elbox.likelihoods import LIKELIHOODS
+from elbox.models import build_model
+from elbox.models.vae import ARCHITECTURES
+from elbox.nets import ACTIVATIONS
+from elbox.plots import save_image_grid
+from elbox.train import BETA_SCHEDULES, Trainer, TrainConfig, config_dict
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ElboxError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ElboxError("--device mps was asked for, but PyTorch sees no Apple GPU")
+    return torch.device(name)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto = cuda, mps, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def vae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    options = {}
+    if args.likelihood == "gaussian":
+        options["sigma"] = args.sigma
+    if args.likelihood == "discretized-logistic":
+        options["n_mixtures"] = args.n_mixtures
+    return {
+        "data_shape": tuple(data_shape),
+        "latent_dim": args.latent_dim,
+        "hidden_dims": args.hidden_dims,
+        "architecture": args.architecture,
+        "activation": args.activation,
+        "likelihood": args.likelihood,
+        "likelihood_options": options,
+    }
+
+
+MODEL_CONFIG_FROM_ARGS = {"vae": vae_config_from_args}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if (out / CONFIG_FILE).exists():
+        raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another --out or remove it")
+    device = resolve_device(args.device)
+    train_images, _ = load_split(args.data, "train", args.data_dir)
+    val_images, _ = load_split(args.data, "validation", args.data_dir)
+    if args.limit_train:
+        train_images = train_images[: args.limit_train]
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
+        beta_schedule=args.beta_schedule, warmup_epochs=args.warmup_epochs, n_samples=args.n_samples,
+        max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip,
+    )
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
+    space = get_data_space(model.data_space)
+    data = {"name": args.data, "data_dir": args.data_dir, "space": space.name, "validation": "last 5000 of the official training set"}
+    write_run_config(out, model, data, config_dict(config))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"elbox: training {args.model} ({n_params:,} parameters) on {args.data} [{space.name}] "
+        f"with {train_images.shape[0]} training and {val_images.shape[0]} validation images on {device}; run dir {out}",
+        file=sys.stderr,
+    )
+    trainer = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress)
+    record = trainer.fit()
+    save_image_grid(model.sample(64).cpu(), out / "samples.png")
+    print(json.dumps({k: record[k] for k in ("epoch", "step", "val_elbo", "val_reconstruction", "val_kl", "skipped_steps")}))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate / sample / reconstruct
+
+
+def load_eval_data(config: dict, split: str, limit: int | None, seed: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """The split in the run's data space (deterministic for the seed) and its log-probability offset."""
+    data = config["data"]
+    images, _ = load_split(data["name"], split, data.get("data_dir"))
+    if limit:
+        images = images[:limit]
+    space = get_data_space(data["space"])
+    x = space.eval_data(images.to(device), seed=seed)
+    return x, space.log_prob_offset(math.prod(images.shape[1:]))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, config = load_run(args.run_dir, device)
+    x, offset = load_eval_data(config, args.split, args.limit, args.seed, device)
+    result = evaluate(
+        model, x, offset, iw_samples=args.iw_samples, batch_size=args.batch_size,
+        elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress,
+    )
+    result.update(split=args.split, dataset=config["data"]["name"], data_space=config["data"]["space"], model=config["model"])
+    print(f"{config['model']} on {config['data']['name']} {args.split} [{config['data']['space']}]")
+    print(format_table(result))
+    json_path = Path(args.json) if args.json else Path(args.run_dir) / f"eval-{args.split}.json"
+    atomic_write_json(json_path, result)
+    print(f"wrote {json_path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, _ = load_run(args.run_dir, device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        images = model.sample(args.n, mean=not args.draw, temperature=args.temperature)
+    out = save_image_grid(images.cpu(), args.out or Path(args.run_dir) / "samples.png")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, config = load_run(args.run_dir, device)
+    x, _ = load_eval_data(config, args.split, args.n, args.seed, device)
+    with torch.no_grad():
+        recon = model.reconstruct(x)
+    # rows alternate: originals, then their reconstructions
+    nrow = 8
+    pairs = [t for i in range(0, x.shape[0], nrow) for t in (x[i : i + nrow], recon[i : i + nrow])]
+    out = save_image_grid(torch.cat(pairs).cpu(), args.out or Path(args.run_dir) / "reconstructions.png", nrow=nrow)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elbox", description="Generative models trained by maximizing the ELBO.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model and write a run directory", description="Train a model.")
+    p.add_argument("--model", choices=sorted(MODEL_CONFIG_FROM_ARGS), default="vae")
+    p.add_argument("--data", choices=dataset_names(), default="fashion-mnist")
+    p.add_argument("--data-dir", default=None, help="directory with the dataset's IDX files (else $ELBOX_DATA, cache, system, download)")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--latent-dim", type=positive_int, default=20)
+    p.add_argument("--hidden-dims", type=positive_int, nargs="+", default=[512], metavar="H",
+                   help="hidden layer widths of encoder and decoder (decoder mirrored); '512' = one layer of 512")
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="mlp")
+    p.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
+    p.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli",
+                   help="p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
+                        "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit")
+    p.add_argument("--sigma", type=positive_float, default=0.1, help="standard deviation of the fixed-sigma gaussian likelihood")
+    p.add_argument("--n-mixtures", type=positive_int, default=1, help="components of the discretized logistic mixture")
+    p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight of the training objective (reports always use 1)")
+    p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="constant")
+    p.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="epochs of linear beta warm-up")
+    p.add_argument("--n-samples", type=positive_int, default=1, help="Monte Carlo samples of z per example while training")
+    p.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
+    add_common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="bounds, NLL, bits/dim and active units on a split",
+                       description="Evaluate a trained run: ELBO terms, IWAE-K NLL, bits/dim, active units.")
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--iw-samples", type=positive_int, default=1000, metavar="K",
+                   help="importance samples K for the NLL (use 5000 to compare with IWAE/VampPrior tables)")
+    p.add_argument("--elbo-samples", type=positive_int, default=1, help="Monte Carlo samples per example for the ELBO terms")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="evaluate the first N examples only")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the test-set binarization/dequantization and of the samples")
+    p.add_argument("--json", default=None, metavar="FILE", help="where to write the JSON result (default RUN_DIR/eval-SPLIT.json)")
+    add_common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sample", help="a grid of samples from the prior", description="Write a PNG grid of prior samples.")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=positive_int, default=64)
+    p.add_argument("--out", default=None, metavar="FILE.png", help="default RUN_DIR/samples.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="scale of the prior's standard deviation")
+    p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing its mean")
+    add_common(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("reconstruct", help="a grid of test images and their reconstructions",
+                       description="Write a PNG grid: rows of test images, each followed by its reconstructions.")
+    p.add_argument("run_dir")
+    p.add_argument("--n", type=positive_int, default=32)
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--out", default=None, metavar="FILE.png", help="default RUN_DIR/reconstructions.png")
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p)
+    p.set_defaults(func=cmd_reconstruct)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ElboxError as e:
+        print(f"elbox: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("elbox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The evaluator: ELBO and its terms, the IWAE-K NLL estimate, bits/dim and active units.
+
+Protocol (see REFERENCE.md): every number is a per-example value averaged over the examples of the
+split, with its standard error over examples. Values are nats per example, summed over data
+dimensions; bits/dim = NLL / (D ln 2). For a continuous space (dequantized 8-bit data) the
+reported bounds include the -D ln 256 correction, so they bound the log-probability of the 8-bit
+data. The ELBO is always reported with beta = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from elbox.bounds import iwae_bound, mean_and_stderr
+from elbox.errors import ElboxError
+from elbox.models.base import LatentVariableModel
+
+ACTIVE_UNIT_THRESHOLD = 0.01
+# Upper bound on decoder output elements (samples x examples x params per example) in one pass.
+DEFAULT_MAX_DECODER_ELEMENTS = 2**25
+
+
+@torch.no_grad()
+def elbo_per_example(
+    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1
+) -> dict[str, Tensor]:
+    """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N]."""
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, x.shape[0], batch_size):
+        terms = model.elbo(x[start : start + batch_size], n_samples=n_samples)
+        values = {"elbo": terms.elbo, "reconstruction": terms.reconstruction, "kl": terms.kl_total}
+        values.update({f"kl/{name}": v for name, v in terms.kl.items()})
+        for key, v in values.items():
+            parts.setdefault(key, []).append(v.double().cpu())
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+@torch.no_grad()
+def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tuple[int, Tensor]:
+    """Units whose posterior mean varies over examples: Var_x E_q[z_u] > 0.01. Returns (count, variances)."""
+    means = torch.cat([model.encode(x[s : s + batch_size]).double().cpu() for s in range(0, x.shape[0], batch_size)])
+    variances = means.var(0) if means.shape[0] > 1 else torch.zeros(means.shape[1:], dtype=torch.float64)
+    return int((variances > ACTIVE_UNIT_THRESHOLD).sum()), variances
+
+
+def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
+    """How many importance samples fit one pass for a batch of examples under the memory bound."""
+    per_sample = batch * math.prod(model.config.data_shape) * getattr(model, "likelihood").num_params
+    return max(1, max_decoder_elements // per_sample)
+
+
+@torch.no_grad()
+def iwae_per_example(
+    model: LatentVariableModel,
+    x: Tensor,
+    k: int,
+    batch_size: int,
+    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    progress: bool = False,
+) -> Tensor:
+    """IWAE-K lower bound on log p(x) for every example [N], float64."""
+    out = []
+    for start in tqdm(range(0, x.shape[0], batch_size), desc=f"IWAE-{k}", unit="batch", disable=not progress):
+        xb = x[start : start + batch_size]
+        chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
+        out.append(iwae_bound(lambda n: model.log_weights(xb, n), k, chunk).cpu())
+    return torch.cat(out)
+
+
+def evaluate(
+    model: LatentVariableModel,
+    x: Tensor,
+    log_prob_offset: float = 0.0,
+    iw_samples: int = 1000,
+    batch_size: int = 500,
+    elbo_samples: int = 1,
+    seed: int = 0,
+    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a model on data `x` already in the model's data space.
+
+    log_prob_offset: nats added to every log-density so it is a log-probability of the 8-bit data
+    (-D ln 256 for dequantized data, 0 otherwise). Returns a JSON-ready dict.
+    """
+    if x.shape[0] == 0:
+        raise ElboxError("cannot evaluate on an empty dataset")
+    if iw_samples < 1:
+        raise ElboxError(f"--iw-samples must be >= 1, got {iw_samples}")
+    if batch_size < 1:
+        raise ElboxError(f"the evaluation batch size must be >= 1, got {batch_size}")
+    model.eval()
+    num_dims = math.prod(x.shape[1:])
+    bits = num_dims * math.log(2)
+    start_time = time.perf_counter()
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        terms = elbo_per_example(model, x, batch_size, elbo_samples)
+        elbo = terms["elbo"] + log_prob_offset
+        result: dict = {
+            "n_examples": x.shape[0],
+            "num_dims": num_dims,
+            "units": "nats per example (bpd: bits per dimension)",
+            "log_prob_offset": log_prob_offset,
+            "elbo_samples": elbo_samples,
+            "seed": seed,
+        }
+        result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
+        result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
+        result["kl"], _ = mean_and_stderr(terms["kl"])
+        result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
+        result["bpd_elbo"] = -result["elbo"] / bits
+        if hasattr(model, "log_weights"):
+            nll = -(iwae_per_example(model, x, iw_samples, batch_size, max_decoder_elements, progress) + log_prob_offset)
+            result["iw_samples"] = iw_samples
+            result["nll_iw"], result["nll_iw_stderr"] = mean_and_stderr(nll)
+            result["bpd"] = result["nll_iw"] / bits
+            # paired difference -ELBO - NLL_IW >= 0 on average: how much the IW bound tightens the ELBO
+            result["gap_elbo_iw"], result["gap_elbo_iw_stderr"] = mean_and_stderr(-elbo - nll)
+        if hasattr(model, "encode"):
+            result["active_units"], variances = active_units(model, x, batch_size)
+            result["latent_dim"] = variances.numel()
+    result["time_s"] = time.perf_counter() - start_time
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A human-readable table of an evaluation result."""
+    rows = [("examples", f"{result['n_examples']}")]
+    rows.append(("ELBO", f"{result['elbo']:.3f} ± {result['elbo_stderr']:.3f} nats"))
+    rows.append(("  reconstruction", f"{result['reconstruction']:.3f} nats"))
+    rows.append(("  KL", f"{result['kl']:.3f} nats"))
+    if len(result["kl_by_group"]) > 1:
+        rows += [(f"    KL[{name}]", f"{v:.3f} nats") for name, v in result["kl_by_group"].items()]
+    if "nll_iw" in result:
+        k = result["iw_samples"]
+        rows.append((f"NLL (IWAE, K={k})", f"{result['nll_iw']:.3f} ± {result['nll_iw_stderr']:.3f} nats"))
+        rows.append(("-ELBO - NLL", f"{result['gap_elbo_iw']:.3f} ± {result['gap_elbo_iw_stderr']:.3f} nats"))
+        rows.append(("bits/dim", f"{result['bpd']:.4f} (IWAE, K={k}); {result['bpd_elbo']:.4f} (ELBO)"))
+    else:
+        rows.append(("bits/dim", f"{result['bpd_elbo']:.4f} (ELBO)"))
+    if "active_units" in result:
+        rows.append(("active units", f"{result['active_units']} / {result['latent_dim']} (Var[E_q z] > {ACTIVE_UNIT_THRESHOLD})"))
+    if result.get("log_prob_offset"):
+        rows.append(("dequantization", f"{result['log_prob_offset']:.2f} nats included (-D ln 256)"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
