@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,13 +211,13 @@ class Trainer:
             record["skipped_steps"] = self.skipped_steps
             self.records.append(record)
             self.save()
-            if self.progress:
-                tqdm.write(
-                    f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f}, "
-                    f"validation ELBO {record['val_elbo']:.2f} nats "
-                    f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), "
-                    f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps}"
-                )
+            tqdm.write(
+                f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f}, "
+                f"validation ELBO {record['val_elbo']:.2f} nats "
+                f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), "
+                f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps}",
+                file=sys.stderr,
+            )
         return record
 
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up the environment and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/get-data.sh  # one test reads the real Fashion-MNIST files
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,75 @@
+"""The training loop: reproducibility, beta schedules, non-finite steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from elbox.data import get_data_space, load_split
+from elbox.errors import ElboxError
+from elbox.models import build_model
+from elbox.train import Trainer, TrainConfig, beta_at
+
+
+def small_run(tmp_path, seed=0, epochs=2, **train_options):
+    train, _ = load_split("synthetic", "train")
+    val, _ = load_split("synthetic", "validation")
+    torch.manual_seed(seed)
+    model = build_model("vae", {"latent_dim": 3, "hidden_dims": [32]})
+    config = TrainConfig(epochs=epochs, batch_size=100, seed=seed, log_every=2, **train_options)
+    trainer = Trainer(model, train[:400], val[:100], get_data_space("binary"), config, tmp_path, progress=False)
+    return trainer, trainer.fit()
+
+
+def test_same_seed_gives_identical_runs(tmp_path):
+    _, a = small_run(tmp_path / "a", seed=3)
+    _, b = small_run(tmp_path / "b", seed=3)
+    _, c = small_run(tmp_path / "c", seed=4)
+    assert a["val_elbo"] == b["val_elbo"] and a["train_elbo"] == b["train_elbo"]
+    assert a["val_elbo"] != c["val_elbo"]
+
+
+def test_training_improves_the_validation_elbo(tmp_path):
+    trainer, last = small_run(tmp_path, epochs=4)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4]
+    assert epochs[-1]["val_elbo"] > epochs[0]["val_elbo"]
+    assert any(r["kind"] == "train" for r in records)
+    assert last["step"] == 4 * trainer.steps_per_epoch
+
+
+def test_linear_beta_warmup():
+    config = TrainConfig(beta=0.5, beta_schedule="linear", warmup_epochs=2)
+    assert beta_at(config, 0, 10) == 0.0
+    assert beta_at(config, 10, 10) == pytest.approx(0.25)
+    assert beta_at(config, 20, 10) == 0.5 and beta_at(config, 99, 10) == 0.5
+    assert beta_at(TrainConfig(beta=0.7), 0, 10) == 0.7
+
+
+def test_reported_elbo_is_unweighted_during_warmup(tmp_path):
+    # beta = 0 in the objective must not change the reported ELBO = reconstruction - KL
+    _, last = small_run(tmp_path, epochs=1, beta=0.0)
+    assert last["train_elbo"] == pytest.approx(last["train_reconstruction"] - last["train_kl"], rel=1e-6)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    trainer, _ = small_run(tmp_path, epochs=1, max_nonfinite=3)
+    with torch.no_grad():
+        for p in trainer.model.decoder.parameters():
+            p.fill_(float("nan"))
+    encoder_before = {k: v.clone() for k, v in trainer.model.encoder.state_dict().items()}
+    with pytest.raises(ElboxError, match="3 non-finite losses or gradients in a row"):
+        trainer.train_epoch(2)
+    assert trainer.skipped_steps == 3
+    # no update was applied: the finite encoder weights are untouched by the skipped steps
+    for k, v in trainer.model.encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k]), k
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0)])
+def test_bad_train_config(bad):
+    with pytest.raises(ElboxError):
+        TrainConfig(**bad)
