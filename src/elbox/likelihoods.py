@@ -199,11 +199,13 @@ class DiscretizedLogisticLikelihood(_EightBitLikelihood):
         logit_pi, mu, log_s = self._split(params)
         axis = -self.n_data_dims - 1
         k = _bin_index(x).unsqueeze(axis)
-        c = 2.0 * k / (NUM_LEVELS - 1) - 1.0
-        h = 1.0 / (NUM_LEVELS - 1)
+        # bin edges c +- h = (2k - 254) / 255 and (2k - 256) / 255, formed from integers in the
+        # parameters' dtype so that the upper edge of bin k is exactly the lower edge of bin k + 1
+        upper = (2 * k - (NUM_LEVELS - 2)).to(params.dtype) / (NUM_LEVELS - 1)
+        lower = (2 * k - NUM_LEVELS).to(params.dtype) / (NUM_LEVELS - 1)
         inv_s = torch.exp(-log_s)
-        a = (c + h - mu) * inv_s
-        b = (c - h - mu) * inv_s
+        a = (upper - mu) * inv_s
+        b = (lower - mu) * inv_s
         log_cdf_a = a - F.softplus(a)  # log sigmoid(a): bottom edge, k = 0
         log_survival_b = -F.softplus(b)  # log(1 - sigmoid(b)): top edge, k = 255
         interior = log_cdf_a - F.softplus(b) + torch.log(-torch.expm1(b - a))

@@ -24,6 +24,13 @@ from elbox.nets import apply_flat, conv_decoder, conv_encoder, mlp
 ARCHITECTURES = ("mlp", "conv")
 
 
+def _integers(name: str, values) -> list[int]:
+    """The values as a list of ints; ElboxError for anything that is not a whole number (bools included)."""
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ElboxError(f"{name} must be whole numbers, got {values!r}")
+    return list(values)
+
+
 @dataclass
 class VAEConfig:
     data_shape: tuple[int, int, int] = (1, 28, 28)
@@ -37,9 +44,12 @@ class VAEConfig:
     min_std: float = 1e-4  # floor on the posterior standard deviation
 
     def __post_init__(self):
-        self.data_shape = tuple(int(s) for s in self.data_shape)
-        self.hidden_dims = [int(h) for h in self.hidden_dims]
-        self.conv_channels = [int(c) for c in self.conv_channels]
+        self.data_shape = tuple(_integers("data_shape", self.data_shape))
+        self.hidden_dims = _integers("hidden_dims", self.hidden_dims)
+        self.conv_channels = _integers("conv_channels", self.conv_channels)
+        _integers("latent_dim", [self.latent_dim])
+        if not isinstance(self.likelihood_options, dict):
+            raise ElboxError(f"likelihood_options must be a JSON object, got {self.likelihood_options!r}")
         if len(self.data_shape) != 3 or min(self.data_shape) < 1:
             raise ElboxError(f"data_shape must be (channels, height, width) with positive sizes, got {self.data_shape}")
         if self.latent_dim < 1:
