@@ -11,7 +11,7 @@ wall time per piece (a piece's time excludes the pieces nested inside it):
              log-densities, and the rest (float64 logsumexp accumulation, chunking)
 
 Usage: .venv/bin/python benchmarks/profile_vae.py [--train-batches 200] [--iw-samples 1000]
-       [--iw-examples 500] [--torch-profiler] [--out benchmarks/results/profile_vae_cpu.json]
+       [--iw-examples 500] [--max-decoder-elements N] [--torch-profiler] [--out benchmarks/results/profile_vae_cpu.json]
 
 Numbers are for the machine at hand; wrappers cost ~1-2 us per call (negligible against ms steps).
 The script does not modify the library: wrappers are installed on objects in this process only.
@@ -39,6 +39,8 @@ from elbox.data import get_data_space, load_split
 from elbox.evaluate import DEFAULT_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
 from elbox.train import TrainConfig, Trainer
+
+from bench_vae import CpuMonitor, contention_note, linear_layers, linear_matmuls, shape_matched_rate  # same folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -156,13 +158,13 @@ def install_model_patches(p: Patches, model: nn.Module) -> None:
         p.hook_module(m, name)
 
 
-def report(title: str, timer: ExclusiveTimer, total: float, units: int, unit_name: str) -> list[dict]:
+def report(title: str, timer: ExclusiveTimer, total: float, units: int, unit: str) -> list[dict]:
     rows = []
     attributed = sum(timer.totals.values())
     items = sorted(timer.totals.items(), key=lambda kv: -kv[1])
     items.append(("rest: loop, Python, tqdm, unwrapped ops", max(total - attributed, 0.0)))
-    print(f"\n{title}: {total:.3f} s for {units} {unit_name} ({1e3 * total / units:.3f} ms per {unit_name.rstrip('s')})")
-    print(f"  {'piece':<44} {'ms/' + unit_name.rstrip('s'):>10} {'share':>7} {'calls':>7}")
+    print(f"\n{title}: {total:.3f} s for {units} {unit}{'es' if unit.endswith('s') else 's'} ({1e3 * total / units:.3f} ms per {unit})")
+    print(f"  {'piece':<44} {'ms/' + unit:>10} {'share':>7} {'calls':>7}")
     for name, t in items:
         calls = timer.calls.get(name, 0)
         rows.append({"piece": name, "time_s": t, "ms_per_unit": 1e3 * t / units, "share": t / total, "calls": calls})
@@ -199,14 +201,20 @@ def profile_training(args) -> dict:
     p.wrap(torch, "isfinite", "isfinite checks")
     p.wrap(elbox.train, "iterate_batches", "iterate_batches (randperm)")
     try:
-        start = time.perf_counter()
-        trainer.train_epoch(3)
-        total = time.perf_counter() - start
+        with CpuMonitor() as monitor:
+            start = time.perf_counter()
+            trainer.train_epoch(3)
+            total = time.perf_counter() - start
     finally:
         p.restore()
     steps = trainer.steps_per_epoch
-    rows = report("training", timer, total, steps, "steps")
-    print(f"  (without wrappers: {1e3 * plain / steps:.3f} ms per step, {n / plain:.0f} images/s)")
+    rows = report("training", timer, total, steps, "step")
+    layers = linear_layers(model.encoder) + linear_layers(model.decoder)
+    floor = shape_matched_rate(linear_matmuls(layers, args.batch_size, training=True, input_grad_first=False),
+                               torch.device("cpu"))
+    floor_ms = sum(r["time_ms"] for r in floor["per_shape"])
+    print(f"  (without wrappers: {1e3 * plain / steps:.3f} ms per step, {n / plain:.0f} images/s; "
+          f"the step's 11 matmuls alone, timed bare: {floor_ms:.3f} ms){contention_note(monitor)}")
 
     prof_table = None
     if args.torch_profiler:
@@ -217,6 +225,7 @@ def profile_training(args) -> dict:
         prof_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         print(prof_table)
     return {"steps": steps, "batch_size": args.batch_size, "time_s": total, "plain_time_s": plain,
+            "matmul_floor_ms_per_step": floor_ms, "cpu_contention": monitor.result,
             "plain_ms_per_step": 1e3 * plain / steps, "pieces": rows, "unpatched": p.missing,
             "torch_profiler_table": prof_table}
 
@@ -228,27 +237,34 @@ def profile_iwae(args) -> dict:
     model = build_vae(args.seed)
     model.eval()
     batch = min(500, x.shape[0])
-    chunk = samples_per_pass(model, batch, DEFAULT_MAX_DECODER_ELEMENTS)
-    iwae_per_example(model, x[:batch], chunk, batch)  # warm-up
+    max_el = args.max_decoder_elements or DEFAULT_MAX_DECODER_ELEMENTS
+    chunk = min(args.iw_samples, samples_per_pass(model, batch, max_el))
+    iwae_per_example(model, x[:batch], chunk, batch, max_el)  # warm-up
     start = time.perf_counter()
-    iwae_per_example(model, x, args.iw_samples, batch)
+    iwae_per_example(model, x, args.iw_samples, batch, max_el)
     plain = time.perf_counter() - start
 
     timer = ExclusiveTimer()
     p = Patches(timer)
     install_model_patches(p, model)
     try:
-        start = time.perf_counter()
-        iwae_per_example(model, x, args.iw_samples, batch)
-        total = time.perf_counter() - start
+        with CpuMonitor() as monitor:
+            start = time.perf_counter()
+            iwae_per_example(model, x, args.iw_samples, batch, max_el)
+            total = time.perf_counter() - start
     finally:
         p.restore()
     passes = -(-args.iw_samples // chunk) * -(-x.shape[0] // batch)
     rows = report(f"IWAE-{args.iw_samples} on {x.shape[0]} images (batch {batch}, {chunk} samples per pass)",
-                  timer, total, passes, "passes")
+                  timer, total, passes, "pass")
     pairs = x.shape[0] * args.iw_samples
-    print(f"  (without wrappers: {plain:.3f} s, {pairs / plain:.0f} pairs/s)")
+    floor = shape_matched_rate(linear_matmuls(linear_layers(model.decoder), batch * chunk, training=False),
+                               torch.device("cpu"))
+    floor_ms = sum(r["time_ms"] for r in floor["per_shape"])
+    print(f"  (without wrappers: {plain:.3f} s, {pairs / plain:.0f} pairs/s; the decoder matmuls of one pass alone, "
+          f"timed bare: {floor_ms:.1f} ms){contention_note(monitor)}")
     return {"k": args.iw_samples, "n_examples": x.shape[0], "batch_size": batch, "samples_per_pass": chunk,
+            "max_decoder_elements": max_el, "decoder_matmul_floor_ms_per_pass": floor_ms, "cpu_contention": monitor.result,
             "passes": passes, "time_s": total, "plain_time_s": plain, "plain_pairs_per_s": pairs / plain,
             "pieces": rows, "unpatched": p.missing}
 
@@ -259,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--iw-samples", type=int, default=1000)
     ap.add_argument("--iw-examples", type=int, default=500)
+    ap.add_argument("--max-decoder-elements", type=int, default=0,
+                    help="IWAE pass size bound (default: elbox.evaluate.DEFAULT_MAX_DECODER_ELEMENTS)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's op table for training")

@@ -73,3 +73,13 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 def test_bad_train_config(bad):
     with pytest.raises(ElboxError):
         TrainConfig(**bad)
+
+
+def test_gradient_clipping_bounds_the_global_norm(tmp_path):
+    trainer, _ = small_run(tmp_path, epochs=1, grad_clip=1e-3)
+    train, _ = load_split("synthetic", "train")
+    x = trainer.space.train_batch(train[:100], trainer.generator)
+    values = trainer.training_step(x, beta=1.0)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in trainer.model.parameters()])
+    assert values["grad_norm"] > 1e-2  # the raw norm was well above the threshold ...
+    assert clipped <= 1e-3 * (1 + 1e-5)  # ... and the applied gradient is clipped to it

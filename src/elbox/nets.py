@@ -21,7 +21,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 def activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ElboxError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+    # in place where the module supports it: the activation's input is a fresh Linear/Conv output
+    return ACTIVATIONS[name](inplace=True) if name in ("relu", "silu", "elu") else ACTIVATIONS[name]()
 
 
 def mlp(in_dim: int, hidden_dims: list[int], out_dim: int, act: str = "relu") -> nn.Sequential:

@@ -117,11 +117,13 @@ class Trainer:
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
         if not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, grad_norm)
         self.optimizer.step()
         return {
             "elbo": (terms.elbo.detach().mean() + self.offset),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,10 +115,18 @@ class VAE(LatentVariableModel):
         )
 
     def log_weights(self, x: Tensor, k: int) -> Tensor:
+        return self.log_weights_sampler(x)(k)
+
+    def log_weights_sampler(self, x: Tensor) -> Callable[[int], Tensor]:
+        """Encode x once; the returned function draws n samples of log p(x, z) - log q(z|x) [n, B]."""
         mean, std = self.posterior_params(x)
-        z, eps = sample_diag_gaussian(mean, std, k)
-        log_px_given_z = self.likelihood.log_prob(self.decode(z), x)
-        return log_px_given_z + standard_normal_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
+
+        def draw(n: int) -> Tensor:
+            z, eps = sample_diag_gaussian(mean, std, n)
+            log_px_given_z = self.likelihood.log_prob(self.decode(z), x)
+            return log_px_given_z + standard_normal_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
+
+        return draw
 
     def encode(self, x: Tensor) -> Tensor:
         return self.posterior_params(x)[0]
