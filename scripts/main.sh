@@ -7,7 +7,7 @@ scripts/setup.sh
 scripts/get-data.sh
 run=${1:-runs/fashion-vae-$(date +%Y%m%d-%H%M%S)}
 elbox=.venv/bin/elbox
-$elbox train --model vae --data fashion-mnist --epochs "${EPOCHS:-10}" --out "$run"
+$elbox train --model vae --data fashion-mnist --epochs "${EPOCHS:-15}" --out "$run"
 $elbox evaluate "$run" --split test --iw-samples "${IW_SAMPLES:-100}"
 $elbox sample "$run" --n 64 --out "$run/samples.png"
 $elbox reconstruct "$run" --out "$run/reconstructions.png"

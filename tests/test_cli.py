@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -96,3 +97,19 @@ def test_console_entry_point_has_help_and_no_traceback(tmp_path):
     failed = subprocess.run([sys.executable, "-m", "elbox", "evaluate", str(tmp_path)], capture_output=True, text=True)
     assert failed.returncode == 1
     assert "Traceback" not in failed.stderr and "run config" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    "likelihood, space, offset_per_dim",
+    [("gaussian-learned", "continuous", -math.log(256)), ("discretized-logistic", "discrete", 0.0), ("categorical", "discrete", 0.0)],
+)
+def test_eight_bit_likelihoods_end_to_end(tmp_path, likelihood, space, offset_per_dim):
+    out = tmp_path / likelihood
+    assert main([*TRAIN, "--out", str(out), "--likelihood", likelihood, "--limit-train", "200"]) == 0
+    assert json.loads((out / "config.json").read_text())["data"]["space"] == space
+    assert main(["evaluate", str(out), "--iw-samples", "5", "--limit", "20", "--json", str(out / "e.json"), "--no-progress"]) == 0
+    result = json.loads((out / "e.json").read_text())
+    # a density on dequantized data gets -D ln 256 before it is called a log-probability of the 8-bit data
+    assert result["log_prob_offset"] == pytest.approx(784 * offset_per_dim)
+    assert result["bpd"] == pytest.approx(result["nll_iw"] / (784 * math.log(2)))
+    assert result["bpd"] > 0

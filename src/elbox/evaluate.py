@@ -52,7 +52,7 @@ def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tupl
 
 def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
     """How many importance samples fit one pass for a batch of examples under the memory bound."""
-    per_sample = batch * math.prod(model.config.data_shape) * getattr(model, "likelihood").num_params
+    per_sample = batch * math.prod(model.config.data_shape) * model.likelihood.num_params
     return max(1, max_decoder_elements // per_sample)
 
 
