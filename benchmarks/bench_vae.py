@@ -41,6 +41,7 @@ from torch import nn
 from elbox.data import get_data_space, load_split
 from elbox.evaluate import DEFAULT_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
+from elbox.system import keep_freed_memory_in_heap
 from elbox.train import TrainConfig, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -414,6 +415,7 @@ def main(argv=None) -> int:
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    keep_freed_memory_in_heap()  # as the elbox CLI does
     device = torch.device(args.device)
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / f"vae_{device.type}.json"
     wall_start = time.perf_counter()

@@ -22,6 +22,7 @@ from elbox.models import build_model
 from elbox.models.vae import ARCHITECTURES
 from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
+from elbox.system import keep_freed_memory_in_heap
 from elbox.train import BETA_SCHEDULES, Trainer, TrainConfig, config_dict
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -255,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory_in_heap()
     try:
         return args.func(args)
     except ElboxError as e:
