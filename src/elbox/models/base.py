@@ -33,6 +33,11 @@ class LatentVariableModel(nn.Module):
         super().__init__()
         self.config = config
 
+    @classmethod
+    def from_config(cls, config: Any) -> "LatentVariableModel":
+        """Build from a config dataclass. Models whose constructor takes other arguments override this."""
+        return cls(config)
+
     @property
     def data_space(self) -> str:
         """Name of the elbox.data space the model's inputs must come from."""
@@ -76,4 +81,4 @@ def build_model(name: str, config: dict[str, Any] | Any) -> LatentVariableModel:
     cls = MODELS[name]
     if isinstance(config, dict):
         config = config_from_dict(cls.config_class, config)
-    return cls(config)
+    return cls.from_config(config)
