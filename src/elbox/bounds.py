@@ -186,3 +186,28 @@ def mean_and_stderr(values: Tensor) -> tuple[float, float]:
     mean = values.mean().item()
     stderr = (values.std() / math.sqrt(n)).item() if n > 1 else math.nan
     return mean, stderr
+
+
+def iwae_bounds(
+    log_weights: Callable[[int], Tensor], ks: list[int], max_samples_per_pass: int
+) -> dict[int, Tensor]:
+    """IWAE_K per example for several K from one stream of samples, in float64.
+
+    The first K of the K_max draws give the IWAE_K estimate, so IWAE-1, -10, ..., -5000 together cost
+    what IWAE-5000 alone costs. Each estimate is unbiased for its own bound; they are correlated.
+    """
+    ks = sorted(set(ks))
+    if not ks or ks[0] < 1:
+        raise ElboxError(f"the numbers of importance samples K must be >= 1, got {ks}")
+    chunk = max(1, max_samples_per_pass)
+    running: Tensor | None = None
+    done = 0
+    out: dict[int, Tensor] = {}
+    for k in ks:
+        while done < k:
+            n = min(chunk, k - done)
+            lse = torch.logsumexp(log_weights(n).double(), 0)
+            running = lse if running is None else torch.logaddexp(running, lse)
+            done += n
+        out[k] = running - math.log(k)
+    return out

@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a trained run: ELBO terms, IWAE-K NLL, bits/dim, active units.")
     p.add_argument("run_dir")
     p.add_argument("--split", choices=SPLITS, default="test")
-    p.add_argument("--iw-samples", type=positive_int, default=1000, metavar="K",
-                   help="importance samples K for the NLL (use 5000 to compare with IWAE/VampPrior tables)")
+    p.add_argument("--iw-samples", type=positive_int, nargs="+", default=[1, 10, 100, 1000], metavar="K",
+                   help="importance samples K for the NLL, one or several (one stream of max K samples serves "
+                        "all); use 5000 to compare with IWAE/VampPrior tables (default: 1 10 100 1000)")
     p.add_argument("--elbo-samples", type=positive_int, default=1, help="Monte Carlo samples per example for the ELBO terms")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="evaluate the first N examples only")
     p.add_argument("--batch-size", type=positive_int, default=500)

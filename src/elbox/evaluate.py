@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from elbox.bounds import iwae_bound, mean_and_stderr
+from elbox.bounds import iwae_bounds, mean_and_stderr
 from elbox.errors import ElboxError
 from elbox.models.base import LatentVariableModel
 
@@ -51,12 +52,36 @@ def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tupl
 
 
 def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
-    """How many importance samples fit one pass for a batch of examples under the memory bound."""
-    per_sample = batch * math.prod(model.config.data_shape) * model.likelihood.num_params
+    """How many importance samples for a batch of examples fit one pass under the memory bound."""
+    likelihood = getattr(model, "likelihood", None)
+    per_sample = batch * math.prod(model.config.data_shape) * (likelihood.num_params if likelihood is not None else 1)
     return max(1, max_decoder_elements // per_sample)
 
 
 @torch.no_grad()
+def iwae_by_k_per_example(
+    model: LatentVariableModel,
+    x: Tensor,
+    ks: Sequence[int],
+    batch_size: int,
+    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    progress: bool = False,
+) -> dict[int, Tensor]:
+    """IWAE-K lower bounds on log p(x) for every example and every K in ks: {K: [N] float64}.
+
+    One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K).
+    """
+    parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
+    desc = f"IWAE-{max(ks)}"
+    for start in tqdm(range(0, x.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
+        xb = x[start : start + batch_size]
+        chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
+        draw = model.log_weights_sampler(xb) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(xb, n))
+        for k, v in iwae_bounds(draw, list(parts), chunk).items():
+            parts[k].append(v.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def iwae_per_example(
     model: LatentVariableModel,
     x: Tensor,
@@ -66,34 +91,41 @@ def iwae_per_example(
     progress: bool = False,
 ) -> Tensor:
     """IWAE-K lower bound on log p(x) for every example [N], float64."""
-    out = []
-    for start in tqdm(range(0, x.shape[0], batch_size), desc=f"IWAE-{k}", unit="batch", disable=not progress):
-        xb = x[start : start + batch_size]
-        chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
-        draw = model.log_weights_sampler(xb) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(xb, n))
-        out.append(iwae_bound(draw, k, chunk).cpu())
-    return torch.cat(out)
+    return iwae_by_k_per_example(model, x, [k], batch_size, max_decoder_elements, progress)[k]
+
+
+@torch.no_grad()
+def log_prob_per_example(model: LatentVariableModel, x: Tensor, batch_size: int) -> Tensor:
+    """Exact log p(x) [N], float64, for models that have it."""
+    return torch.cat([model.log_prob(x[s : s + batch_size]).double().cpu() for s in range(0, x.shape[0], batch_size)])
 
 
 def evaluate(
     model: LatentVariableModel,
     x: Tensor,
     log_prob_offset: float = 0.0,
-    iw_samples: int = 1000,
+    iw_samples: int | Sequence[int] = 1000,
     batch_size: int = 500,
     elbo_samples: int = 1,
     seed: int = 0,
     max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
     progress: bool = False,
 ) -> dict:
-    """Evaluate a model on data `x` already in the model's data space.
+    """Evaluate a model on data `x` already in the model's data space; report whatever the model has.
 
+    - ELBO and its terms (models with `elbo`), IWAE-K NLL for every K in iw_samples (models with
+      `log_weights`), exact NLL (models with `log_prob`), active units (models with `encode`).
+    - Gaps, each the mean of a per-example paired difference with its standard error:
+      gap_elbo_iw = -ELBO - NLL_K (largest K), gap_elbo = -ELBO - NLL_exact (= mean KL(q || p(z|x))),
+      gap_iw = NLL_K - NLL_exact; and the same by K.
     log_prob_offset: nats added to every log-density so it is a log-probability of the 8-bit data
-    (-D ln 256 for dequantized data, 0 otherwise). Returns a JSON-ready dict.
+    (-D ln 256 for dequantized data, 0 otherwise). Returns a JSON-ready dict; `nll_iw` and `bpd`
+    are for the largest K, `bpd` is from the exact NLL when it exists.
     """
+    ks = sorted(set([iw_samples] if isinstance(iw_samples, int) else iw_samples))
     if x.shape[0] == 0:
         raise ElboxError("cannot evaluate on an empty dataset")
-    if iw_samples < 1:
+    if not ks or ks[0] < 1:
         raise ElboxError(f"--iw-samples must be >= 1, got {iw_samples}")
     if batch_size < 1:
         raise ElboxError(f"the evaluation batch size must be >= 1, got {batch_size}")
@@ -101,51 +133,81 @@ def evaluate(
     num_dims = math.prod(x.shape[1:])
     bits = num_dims * math.log(2)
     start_time = time.perf_counter()
+    result: dict = {
+        "n_examples": x.shape[0],
+        "num_dims": num_dims,
+        "units": "nats per example (bpd: bits per dimension)",
+        "log_prob_offset": log_prob_offset,
+        "seed": seed,
+    }
+    elbo = nll_exact = None
+    nll_by_k: dict[int, Tensor] = {}
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        terms = elbo_per_example(model, x, batch_size, elbo_samples)
-        elbo = terms["elbo"] + log_prob_offset
-        result: dict = {
-            "n_examples": x.shape[0],
-            "num_dims": num_dims,
-            "units": "nats per example (bpd: bits per dimension)",
-            "log_prob_offset": log_prob_offset,
-            "elbo_samples": elbo_samples,
-            "seed": seed,
-        }
-        result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
-        result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
-        result["kl"], _ = mean_and_stderr(terms["kl"])
-        result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
-        result["bpd_elbo"] = -result["elbo"] / bits
+        if hasattr(model, "log_prob"):
+            nll_exact = -(log_prob_per_example(model, x, batch_size) + log_prob_offset)
+            result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
+        if hasattr(model, "elbo"):
+            terms = elbo_per_example(model, x, batch_size, elbo_samples)
+            elbo = terms["elbo"] + log_prob_offset
+            result["elbo_samples"] = elbo_samples
+            result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
+            result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
+            result["kl"], _ = mean_and_stderr(terms["kl"])
+            result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
+            result["bpd_elbo"] = -result["elbo"] / bits
         if hasattr(model, "log_weights"):
-            nll = -(iwae_per_example(model, x, iw_samples, batch_size, max_decoder_elements, progress) + log_prob_offset)
-            result["iw_samples"] = iw_samples
-            result["nll_iw"], result["nll_iw_stderr"] = mean_and_stderr(nll)
+            bounds = iwae_by_k_per_example(model, x, ks, batch_size, max_decoder_elements, progress)
+            nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}
+            result["iw_samples"] = ks[-1]
+            result["nll_iw_by_k"] = {k: mean_and_stderr(v)[0] for k, v in nll_by_k.items()}
+            result["nll_iw_stderr_by_k"] = {k: mean_and_stderr(v)[1] for k, v in nll_by_k.items()}
+            result["nll_iw"], result["nll_iw_stderr"] = result["nll_iw_by_k"][ks[-1]], result["nll_iw_stderr_by_k"][ks[-1]]
             result["bpd"] = result["nll_iw"] / bits
-            # paired difference -ELBO - NLL_IW >= 0 on average: how much the IW bound tightens the ELBO
-            result["gap_elbo_iw"], result["gap_elbo_iw_stderr"] = mean_and_stderr(-elbo - nll)
         if hasattr(model, "encode"):
             result["active_units"], variances = active_units(model, x, batch_size)
             result["latent_dim"] = variances.numel()
+    if nll_exact is not None:
+        result["bpd"] = result["nll_exact"] / bits
+    # paired gaps, each >= 0 in expectation
+    if elbo is not None and nll_by_k:
+        gaps = {k: mean_and_stderr(-elbo - v) for k, v in nll_by_k.items()}
+        result["gap_elbo_iw_by_k"] = {k: g[0] for k, g in gaps.items()}
+        result["gap_elbo_iw"], result["gap_elbo_iw_stderr"] = gaps[ks[-1]]
+    if elbo is not None and nll_exact is not None:
+        result["gap_elbo"], result["gap_elbo_stderr"] = mean_and_stderr(-elbo - nll_exact)
+    if nll_exact is not None and nll_by_k:
+        gaps = {k: mean_and_stderr(v - nll_exact) for k, v in nll_by_k.items()}
+        result["gap_iw_by_k"] = {k: g[0] for k, g in gaps.items()}
+        result["gap_iw"], result["gap_iw_stderr"] = gaps[ks[-1]]
     result["time_s"] = time.perf_counter() - start_time
     return result
 
 
 def format_table(result: dict) -> str:
     """A human-readable table of an evaluation result."""
+    nats = lambda key: f"{result[key]:.3f} ± {result[key + '_stderr']:.3f} nats"  # noqa: E731
     rows = [("examples", f"{result['n_examples']}")]
-    rows.append(("ELBO", f"{result['elbo']:.3f} ± {result['elbo_stderr']:.3f} nats"))
-    rows.append(("  reconstruction", f"{result['reconstruction']:.3f} nats"))
-    rows.append(("  KL", f"{result['kl']:.3f} nats"))
-    if len(result["kl_by_group"]) > 1:
-        rows += [(f"    KL[{name}]", f"{v:.3f} nats") for name, v in result["kl_by_group"].items()]
-    if "nll_iw" in result:
-        k = result["iw_samples"]
-        rows.append((f"NLL (IWAE, K={k})", f"{result['nll_iw']:.3f} ± {result['nll_iw_stderr']:.3f} nats"))
-        rows.append(("-ELBO - NLL", f"{result['gap_elbo_iw']:.3f} ± {result['gap_elbo_iw_stderr']:.3f} nats"))
-        rows.append(("bits/dim", f"{result['bpd']:.4f} (IWAE, K={k}); {result['bpd_elbo']:.4f} (ELBO)"))
-    else:
+    if "nll_exact" in result:
+        rows.append(("NLL (exact)", nats("nll_exact")))
+    if "elbo" in result:
+        rows.append(("ELBO", nats("elbo")))
+        rows.append(("  reconstruction", f"{result['reconstruction']:.3f} nats"))
+        rows.append(("  KL", f"{result['kl']:.3f} nats"))
+        if len(result["kl_by_group"]) > 1:
+            rows += [(f"    KL[{name}]", f"{v:.3f} nats") for name, v in result["kl_by_group"].items()]
+    for k, v in result.get("nll_iw_by_k", {}).items():
+        rows.append((f"NLL (IWAE, K={k})", f"{v:.3f} ± {result['nll_iw_stderr_by_k'][k]:.3f} nats"))
+    if "gap_elbo" in result:
+        rows.append(("-ELBO - NLL_exact", nats("gap_elbo") + "  (mean KL(q || p(z|x)))"))
+    for k, v in result.get("gap_elbo_iw_by_k", {}).items():
+        rows.append((f"-ELBO - NLL_K (K={k})", f"{v:.3f} nats"))
+    for k, v in result.get("gap_iw_by_k", {}).items():
+        rows.append((f"NLL_K - NLL_exact (K={k})", f"{v:.3f} nats"))
+    if "bpd" in result:
+        source = "exact" if "nll_exact" in result else f"IWAE, K={result['iw_samples']}"
+        rows.append(("bits/dim", f"{result['bpd']:.4f} ({source})" + (f"; {result['bpd_elbo']:.4f} (ELBO)" if "bpd_elbo" in result else "")))
+    elif "bpd_elbo" in result:
         rows.append(("bits/dim", f"{result['bpd_elbo']:.4f} (ELBO)"))
     if "active_units" in result:
         rows.append(("active units", f"{result['active_units']} / {result['latent_dim']} (Var[E_q z] > {ACTIVE_UNIT_THRESHOLD})"))
