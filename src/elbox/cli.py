@@ -1,4 +1,4 @@
-"""Command-line tool: elbox train | evaluate | sample | reconstruct.
+"""Command-line tool: elbox train | evaluate | sample | reconstruct | tighten.
 
 Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code, never a traceback.
 """
@@ -23,6 +23,7 @@ from elbox.models.vae import ARCHITECTURES
 from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
 from elbox.system import keep_freed_memory_in_heap
+from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
 from elbox.train import BETA_SCHEDULES, Trainer, TrainConfig, config_dict
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -32,6 +33,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
 
 
@@ -181,6 +189,30 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tighten(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    model, config = load_run(args.run_dir, device)
+    check_tightenable(model)
+    x, offset = load_eval_data(config, args.split, args.limit, args.seed, device)
+    refit = None
+    if args.refit_epochs:
+        train_images, _ = load_split(config["data"]["name"], "train", config["data"].get("data_dir"))
+        space = get_data_space(config["data"]["space"])
+        print(f"refitting the encoder for {args.refit_epochs} epoch(s) with the decoder frozen", file=sys.stderr)
+        refit = refit_encoder(model, train_images.to(device), space, epochs=args.refit_epochs, seed=args.seed)
+    result = gap_split(
+        model, x, refit, steps=args.steps, lr=args.lr, iw_samples=args.iw_samples,
+        elbo_samples=args.elbo_samples, log_prob_offset=offset, seed=args.seed,
+    )
+    result.update(split=args.split, refit_epochs=args.refit_epochs, dataset=config["data"]["name"], model=config["model"])
+    print(f"{config['model']} on {config['data']['name']} {args.split}: where the gap log p(x) - ELBO comes from")
+    print(format_gap_table(result))
+    json_path = Path(args.json) if args.json else Path(args.run_dir) / f"tighten-{args.split}.json"
+    atomic_write_json(json_path, result)
+    print(f"wrote {json_path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # parser
 
@@ -252,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_common(p)
     p.set_defaults(func=cmd_reconstruct)
+    p = sub.add_parser(
+        "tighten", help="split the inference gap into approximation and amortization parts",
+        description="With the decoder fixed, refit the amortized encoder and optimize q per example; report "
+                    "log p(x) - ELBO split into the approximation gap (best diagonal Gaussian q vs the true "
+                    "posterior) and the amortization gap (encoder vs best per-example q), Cremer et al. 2018.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--split", choices=SPLITS, default="test")
+    p.add_argument("--limit", type=positive_int, default=200, metavar="N", help="examples to optimize (default 200)")
+    p.add_argument("--steps", type=positive_int, default=300, help="Adam steps of the per-example optimization")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="learning rate of the per-example optimization")
+    p.add_argument("--refit-epochs", type=non_negative_int, default=3, help="epochs to refit the encoder on the training split (0: skip)")
+    p.add_argument("--iw-samples", type=positive_int, default=1000, metavar="K", help="IWAE-K estimate of log p(x) where it is not exact")
+    p.add_argument("--elbo-samples", type=positive_int, default=100, help="Monte Carlo samples per ELBO estimate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, metavar="FILE", help="default RUN_DIR/tighten-SPLIT.json")
+    add_common(p)
+    p.set_defaults(func=cmd_tighten)
     return parser
 
 
