@@ -13,10 +13,19 @@ from pathlib import Path
 
 import torch
 
-from elbox.checkpoint import CONFIG_FILE, atomic_write_json, load_run, write_run_config
+from elbox.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_run,
+    save_weights,
+    write_run_config,
+)
 from elbox.data import SPLITS, dataset_names, get_data_space, load_split
 from elbox.errors import ElboxError
-from elbox.evaluate import evaluate, format_table
+from elbox.evaluate import evaluate, format_table, log_prob_per_example
 from elbox.likelihoods import LIKELIHOODS
 from elbox.models import build_model
 from elbox.models.vae import ARCHITECTURES
@@ -97,7 +106,36 @@ def vae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) 
     }
 
 
-MODEL_CONFIG_FROM_ARGS = {"vae": vae_config_from_args}
+def linear_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    return {
+        "data_shape": tuple(data_shape),
+        "latent_dim": args.latent_dim,
+        "noise": args.noise,
+        "encoder": args.encoder,
+        "fit": args.fit,
+    }
+
+
+MODEL_CONFIG_FROM_ARGS = {"vae": vae_config_from_args, "linear": linear_config_from_args}
+
+
+def fit_without_gradients(model, train_images, val_images, space, args, out: Path) -> dict:
+    """Closed-form or EM fit on the (dequantized) training split; records go to metrics.jsonl."""
+    device = next(model.buffers(), next(model.parameters(), None))
+    device = device.device if device is not None else torch.device("cpu")
+    offset = space.log_prob_offset(math.prod(train_images.shape[1:]))
+    records = model.fit(space.eval_data(train_images.to(device), seed=args.seed), progress=not args.no_progress)
+    for record in records:  # densities of dequantized data become log-probabilities of the 8-bit data
+        record.update({key: record[key] + offset for key in ("log_likelihood", "elbo") if key in record})
+        record["kind"] = "fit"
+    val_x = space.eval_data(val_images.to(device), seed=args.seed)
+    with torch.no_grad():
+        summary = {"kind": "epoch", "epoch": 1, "val_log_likelihood": log_prob_per_example(model, val_x, 1000).mean().item() + offset}
+    save_weights(out / WEIGHTS_FILE, model)
+    atomic_write_jsonl(out / METRICS_FILE, [*records, summary])
+    print(f"fitted: train log-likelihood {records[-1].get('log_likelihood', math.nan):.2f}, "
+          f"validation log-likelihood {summary['val_log_likelihood']:.2f} nats per example", file=sys.stderr)
+    return summary
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -125,10 +163,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"with {train_images.shape[0]} training and {val_images.shape[0]} validation images on {device}; run dir {out}",
         file=sys.stderr,
     )
-    trainer = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress)
-    record = trainer.fit()
-    save_image_grid(model.sample(64).cpu(), out / "samples.png")
-    print(json.dumps({k: record[k] for k in ("epoch", "step", "val_elbo", "val_reconstruction", "val_kl", "skipped_steps")}))
+    if model.trains_by_gradient:
+        record = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress).fit()
+    else:
+        record = fit_without_gradients(model, train_images, val_images, space, args, out)
+    with torch.no_grad():
+        save_image_grid(model.sample(64).clamp(0, 1).cpu(), out / "samples.png")
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps")}))
     return 0
 
 
@@ -197,9 +238,12 @@ def cmd_tighten(args: argparse.Namespace) -> int:
     refit = None
     if args.refit_epochs:
         train_images, _ = load_split(config["data"]["name"], "train", config["data"].get("data_dir"))
+        val_x, _ = load_eval_data(config, "validation", None, args.seed, device)
         space = get_data_space(config["data"]["space"])
         print(f"refitting the encoder for {args.refit_epochs} epoch(s) with the decoder frozen", file=sys.stderr)
-        refit = refit_encoder(model, train_images.to(device), space, epochs=args.refit_epochs, seed=args.seed)
+        refit, history = refit_encoder(model, train_images.to(device), val_x, space, epochs=args.refit_epochs, seed=args.seed)
+        for record in history:
+            print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
     result = gap_split(
         model, x, refit, steps=args.steps, lr=args.lr, iw_samples=args.iw_samples,
         elbo_samples=args.elbo_samples, log_prob_offset=offset, seed=args.seed,
@@ -246,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-samples", type=positive_int, default=1, help="Monte Carlo samples of z per example while training")
     p.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",
+                   help="linear: observation noise, isotropic (probabilistic PCA) or diagonal (factor analysis)")
+    p.add_argument("--encoder", choices=("exact", "amortized"), default="amortized",
+                   help="linear: q(z|x) is the exact posterior or an amortized diagonal Gaussian")
+    p.add_argument("--fit", choices=("closed-form", "elbo"), default="closed-form",
+                   help="linear: maximum likelihood in closed form (EM for factor analysis) or gradient ascent on the ELBO")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     add_common(p)
     p.set_defaults(func=cmd_train)

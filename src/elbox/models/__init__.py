@@ -1,6 +1,16 @@
 """Models. Importing this package registers every model class in `MODELS`."""
 
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
+from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.vae import VAE, VAEConfig
 
-__all__ = ["MODELS", "LatentVariableModel", "build_model", "register_model", "VAE", "VAEConfig"]
+__all__ = [
+    "MODELS",
+    "LatentVariableModel",
+    "build_model",
+    "register_model",
+    "VAE",
+    "VAEConfig",
+    "LinearGaussian",
+    "LinearGaussianConfig",
+]

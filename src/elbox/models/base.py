@@ -28,6 +28,8 @@ class LatentVariableModel(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
+    # False for models fitted by their own `fit(x, progress) -> list[dict]` (closed form, EM)
+    trains_by_gradient: bool = True
 
     def __init__(self, config: Any):
         super().__init__()
