@@ -166,15 +166,13 @@ def iwae_bound(
     """
     if k < 1:
         raise ElboxError(f"the number of importance samples K must be >= 1, got {k}")
-    chunk = max(1, min(k, max_samples_per_pass))
-    running: Tensor | None = None
-    done = 0
-    while done < k:
-        n = min(chunk, k - done)
-        lse = torch.logsumexp(log_weights(n).double(), 0)
-        running = lse if running is None else torch.logaddexp(running, lse)
-        done += n
-    return running - math.log(k)
+    return iwae_bounds(log_weights, [k], max_samples_per_pass)[k]
+
+
+def iwae(model, x: Tensor, k: int, max_samples_per_pass: int = 100) -> Tensor:
+    """IWAE_K per example [B], float64, for any model with log_weights (x encoded once where it can be)."""
+    draw = model.log_weights_sampler(x) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(x, n))
+    return iwae_bound(draw, k, max_samples_per_pass)
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:
@@ -211,3 +209,105 @@ def iwae_bounds(
             done += n
         out[k] = running - math.log(k)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Training objectives and their gradient estimators
+#
+# The IWAE objective (Burda et al. 2015) trains on the per-example estimate logsumexp_k log w_k - log K.
+# The three estimators share that value and differ only in the gradient they give the encoder
+# parameters phi (the decoder parameters theta get sum_k w~_k grad_theta log w_k from all three;
+# w~_k = w_k / sum_j w_j are the normalized weights):
+#
+#   reparam  differentiate the estimate through z_k = mean + std * eps_k and log q.
+#   stl      "sticking the landing" (Roeder et al. 2017): log q(z_k|x) is evaluated with q's mean and std
+#            detached, so phi reaches log w_k only through z_k. Drops the score term; biased for K > 1
+#            (Tucker et al. 2018 show its bias), unbiased for K = 1.
+#   dreg     doubly reparameterized (Tucker et al. 2018, §3): the STL log weights, and the gradient that
+#            reaches z_k scaled by w~_k once more, so the encoder gets
+#                sum_k w~_k^2  d log w_k / d z_k  d z_k / d phi         (log q's parameters held fixed)
+#            which is unbiased for grad_phi IWAE_K. Derivation: the total derivative is
+#            sum_k w~_k (d log w_k/d z_k  dz_k/d phi - d log q_phi(z_k)/d phi); the score term
+#            E[w~_k d log q_phi(z_k)/d phi] equals, by reparameterizing it a second time (the identity
+#            E_q[f(z) d log q_phi(z)/d phi] = E_eps[df/dz dz/d phi] for f = w~_k at fixed phi),
+#            E[d w~_k/d z_k  dz_k/d phi] = E[(w~_k - w~_k^2) d log w_k/d z_k  dz_k/d phi]; subtracting leaves w~_k^2.
+
+IWAE_ESTIMATORS = ("reparam", "stl", "dreg")
+# estimators whose log weights use log q(z|x) with the posterior parameters detached
+DETACHED_POSTERIOR_ESTIMATORS = ("stl", "dreg")
+
+
+def check_iwae_estimator(estimator: str) -> None:
+    if estimator not in IWAE_ESTIMATORS:
+        raise ElboxError(f"unknown IWAE gradient estimator {estimator!r}; choose one of {', '.join(IWAE_ESTIMATORS)}")
+
+
+def diag_gaussian_log_prob(z: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(z; mean, diag(std^2)) for any z, summed over the last dim.
+
+    Used with mean and std detached for the STL/DReG log weights: the value equals the log density of the
+    draw, but its gradient reaches q's parameters only through z.
+    """
+    return -0.5 * (((z - mean) / std).square() + LOG_2PI).sum(-1) - std.log().sum(-1)
+
+
+@dataclass
+class ImportanceSamples:
+    """K reparameterized samples per example and what the training objectives need from them.
+
+    log_w: [K, B] log p(x, z_k) - log q(z_k|x)
+    z:     [K, B, d] the draws z_k that log_w was computed from (DReG rescales the gradient reaching them)
+    terms: ELBOTerms for reporting (not for gradients): reconstruction averaged over the K draws, analytic KL
+    """
+
+    log_w: Tensor
+    z: Tensor
+    terms: ELBOTerms
+
+
+def normalized_weights(log_w: Tensor) -> Tensor:
+    """w~_k = w_k / sum_j w_j over dim 0, from log weights [K, B]."""
+    return torch.softmax(log_w, dim=0)
+
+
+def iwae_objective(log_w: Tensor) -> Tensor:
+    """Per-example IWAE_K estimate [B], logsumexp_k log w_k - log K, from log weights [K, B].
+
+    Its gradient is the reparam estimator when log_w holds the full log q(z|x), the STL estimator when log q
+    was evaluated with q's parameters detached, and the DReG estimator when, in addition,
+    dreg_reweight_latent_gradient was applied to the z that produced log_w. K = 1 gives the single-sample
+    ELBO with a Monte Carlo KL.
+    """
+    return log_mean_exp(log_w, 0)
+
+
+def dreg_reweight_latent_gradient(z: Tensor, log_w: Tensor) -> None:
+    """Turn the STL gradient of iwae_objective(log_w) into the DReG gradient.
+
+    Requires: log_w computed from z [K, B, d] with log q's parameters detached, and z used for nothing else
+    that is differentiated. d iwae_objective / d z_k = w~_k d log w_k / d z_k; a hook on z multiplies it by
+    the (constant) w~_k, giving w~_k^2 d log w_k / d z_k, which flows on to the encoder through z = mean + std * eps.
+    The decoder's gradient does not pass through z, so it keeps the usual sum_k w~_k grad_theta log w_k:
+    one backward pass gives both. (Tucker et al. 2018, §3, the IWAE-DReG estimator.)
+    """
+    if z.shape[:2] != log_w.shape:
+        raise ElboxError(f"z must be [K, B, d] matching log weights [K, B]; got z {tuple(z.shape)}, log_w {tuple(log_w.shape)}")
+    if not z.requires_grad:
+        return  # nothing will be differentiated (e.g. under torch.no_grad)
+    weights = normalized_weights(log_w.detach()).unsqueeze(-1)
+    z.register_hook(lambda grad: grad * weights)
+
+
+def free_bits_kl(kl: dict[str, Tensor], free_bits: float) -> Tensor:
+    """KL term of the free-bits objective (Kingma et al. 2016): sum over groups of max(lambda, KL_group).
+
+    kl maps group name -> per-example KL [B]; each group's KL is averaged over the minibatch before the
+    max, so lambda (nats) floors the batch-average KL of each group. A group below the floor contributes the
+    constant lambda and no gradient. For a single-group model (the VAE's one group "z") the floor applies to
+    the whole latent's KL, summed over its dimensions. Returns a scalar.
+    """
+    if not free_bits >= 0 or not math.isfinite(free_bits):
+        raise ElboxError(f"free bits must be a finite number >= 0 nats, got {free_bits}")
+    if not kl:
+        raise ElboxError("free bits need at least one KL group")
+    return torch.stack([group_kl.mean().clamp_min(free_bits) for group_kl in kl.values()]).sum()

@@ -23,6 +23,7 @@ from elbox.checkpoint import (
     save_weights,
     write_run_config,
 )
+from elbox.bounds import IWAE_ESTIMATORS
 from elbox.data import SPLITS, dataset_names, get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.evaluate import evaluate, format_table, log_prob_per_example
@@ -33,7 +34,7 @@ from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
 from elbox.system import keep_freed_memory_in_heap
 from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
-from elbox.train import BETA_SCHEDULES, Trainer, TrainConfig, config_dict
+from elbox.train import BETA_SCHEDULES, OBJECTIVES, Trainer, TrainConfig, config_dict
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -150,7 +151,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
         beta_schedule=args.beta_schedule, warmup_epochs=args.warmup_epochs, n_samples=args.n_samples,
-        max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip,
+        max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip, objective=args.objective,
+        iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
+        cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
     )
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
@@ -284,10 +287,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit")
     p.add_argument("--sigma", type=positive_float, default=0.1, help="standard deviation of the fixed-sigma gaussian likelihood")
     p.add_argument("--n-mixtures", type=positive_int, default=1, help="components of the discretized logistic mixture")
-    p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight of the training objective (reports always use 1)")
+    p.add_argument("--beta", type=non_negative_float, default=1.0, help="KL weight of the elbo training objective (reports always use 1)")
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="constant")
     p.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="epochs of linear beta warm-up")
     p.add_argument("--n-samples", type=positive_int, default=1, help="Monte Carlo samples of z per example while training")
+    p.add_argument("--objective", choices=OBJECTIVES, default="elbo",
+                   help="training objective: elbo (beta-weighted, optional free bits) or iwae (IWAE-K; see --iw-samples, --estimator)")
+    p.add_argument("--iw-samples", type=positive_int, default=1, metavar="K",
+                   help="importance samples K per example of the iwae training objective (K=1: ELBO with a Monte Carlo KL)")
+    p.add_argument("--estimator", choices=IWAE_ESTIMATORS, default="reparam",
+                   help="gradient estimator of the iwae objective: reparam, stl (sticking the landing) or dreg (doubly reparameterized)")
+    p.add_argument("--free-bits", type=non_negative_float, default=0.0, metavar="NATS",
+                   help="floor in nats on the batch-mean KL of each latent group (the whole z for the VAE); elbo objective only")
+    p.add_argument("--cycle-epochs", type=non_negative_float, default=0.0,
+                   help="length in epochs of one cycle of the cyclical beta schedule (required with --beta-schedule cyclical)")
+    p.add_argument("--cycle-ramp-fraction", type=positive_float, default=0.5,
+                   help="fraction of each cycle over which beta rises from 0 to --beta (cyclical schedule)")
     p.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
     p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",

@@ -1,7 +1,14 @@
-"""The training loop: Adam on -(reconstruction - beta * KL), validation ELBO each epoch, atomic run files.
+"""The training loop: Adam on a training objective, validation ELBO each epoch, atomic run files.
 
-The training objective may weight the KL by beta (constant or linearly warmed up); every reported
-ELBO, on training batches and on validation, is the true ELBO with beta = 1.
+Training objectives (TrainConfig.objective):
+  "elbo"  reconstruction - beta * KL, beta constant, linearly warmed up or cyclical (Fu et al. 2019), and
+          optionally free bits: the KL term becomes sum_groups max(free_bits, batch-mean KL_group).
+  "iwae"  the IWAE_K estimate logsumexp_k log w_k - log K (K = iw_samples, Burda et al. 2015) with the
+          gradient estimator "reparam", "stl" or "dreg" (see elbox.bounds). beta, its schedules and free bits
+          are ELBO-only and rejected with it; K = 1 is the ELBO with a Monte Carlo KL.
+
+Every reported ELBO, on training batches and on validation, is the true ELBO with beta = 1. The value of the
+training objective itself is logged separately as "objective" (train_objective per epoch).
 """
 
 from __future__ import annotations
@@ -17,13 +24,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from elbox.bounds import (
+    DETACHED_POSTERIOR_ESTIMATORS,
+    IWAE_ESTIMATORS,
+    ELBOTerms,
+    check_iwae_estimator,
+    dreg_reweight_latent_gradient,
+    free_bits_kl,
+    iwae_objective,
+)
 from elbox.checkpoint import METRICS_FILE, WEIGHTS_FILE, atomic_write_jsonl, save_weights
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
 from elbox.evaluate import elbo_per_example
 from elbox.models.base import LatentVariableModel
 
-BETA_SCHEDULES = ("constant", "linear")
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+OBJECTIVES = ("elbo", "iwae")
 
 
 @dataclass
@@ -32,10 +49,16 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
-    beta: float = 1.0  # final KL weight of the training objective
-    beta_schedule: str = "constant"  # "linear": beta grows from 0 to `beta` over warmup_epochs
+    objective: str = "elbo"  # "elbo" (beta-weighted, optional free bits) or "iwae" (IWAE_K, iw_samples and estimator)
+    beta: float = 1.0  # final KL weight of the ELBO objective
+    beta_schedule: str = "constant"  # "linear": 0 -> beta over warmup_epochs; "cyclical": see cycle_* below
     warmup_epochs: float = 0.0
+    cycle_epochs: float = 0.0  # "cyclical": length of one cycle in epochs (required, > 0)
+    cycle_ramp_fraction: float = 0.5  # "cyclical": fraction of each cycle over which beta rises 0 -> beta
+    free_bits: float = 0.0  # ELBO objective: floor in nats on each latent group's batch-mean KL; 0 disables
     n_samples: int = 1  # Monte Carlo samples of z per example in the training ELBO
+    iw_samples: int = 1  # IWAE objective: importance samples K per example
+    estimator: str = "reparam"  # IWAE objective: gradient estimator, "reparam", "stl" or "dreg"
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 disables clipping
     eval_batch_size: int = 1000
@@ -49,7 +72,16 @@ class TrainConfig:
             (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
             (self.beta_schedule in BETA_SCHEDULES, f"unknown beta schedule {self.beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}"),
             (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.cycle_epochs >= 0, f"cycle_epochs must be >= 0, got {self.cycle_epochs}"),
+            (self.beta_schedule != "cyclical" or self.cycle_epochs > 0,
+             f"the cyclical beta schedule needs cycle_epochs > 0 (the length of one cycle in epochs), got {self.cycle_epochs}"),
+            (0 < self.cycle_ramp_fraction <= 1, f"cycle_ramp_fraction must be in (0, 1], got {self.cycle_ramp_fraction}"),
+            (self.free_bits >= 0 and math.isfinite(self.free_bits), f"free_bits must be a finite number >= 0 nats, got {self.free_bits}"),
             (self.n_samples >= 1, f"n_samples must be >= 1, got {self.n_samples}"),
+            (self.objective in OBJECTIVES, f"unknown training objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"),
+            (isinstance(self.iw_samples, int) and not isinstance(self.iw_samples, bool) and self.iw_samples >= 1,
+             f"iw_samples must be a whole number >= 1, got {self.iw_samples!r}"),
+            (self.estimator in IWAE_ESTIMATORS, f"unknown IWAE gradient estimator {self.estimator!r}; choose one of {', '.join(IWAE_ESTIMATORS)}"),
             (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
@@ -58,14 +90,64 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ElboxError(message)
+        self._check_objective_options()
+
+    def _check_objective_options(self) -> None:
+        """Reject options that the chosen objective would silently ignore."""
+        if self.objective == "iwae":
+            elbo_only = [
+                (self.beta != 1.0, f"beta={self.beta}"),
+                (self.beta_schedule != "constant", f"beta_schedule={self.beta_schedule!r}"),
+                (self.free_bits != 0.0, f"free_bits={self.free_bits}"),
+                (self.n_samples != 1, f"n_samples={self.n_samples} (use iw_samples for K)"),
+            ]
+            used = [what for is_set, what in elbo_only if is_set]
+            if used:
+                raise ElboxError(
+                    f"{', '.join(used)}: beta, its schedules, free bits and n_samples apply to the elbo objective only; "
+                    "the iwae objective has no KL term to weight"
+                )
+        else:
+            if self.iw_samples != 1 or self.estimator != "reparam":
+                raise ElboxError(
+                    f"iw_samples={self.iw_samples}, estimator={self.estimator!r}: these apply to the iwae objective only; "
+                    "set objective='iwae' (iw_samples=1 trains the ELBO with a Monte Carlo KL and that estimator)"
+                )
 
 
 def beta_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """KL weight of the training objective at an optimizer step."""
+    """KL weight of the training objective at an optimizer step (counted from 0).
+
+    cyclical (Fu et al. 2019): the schedule repeats every cycle_epochs; within a cycle, at position
+    tau in [0, 1), beta rises linearly from 0 to `beta` while tau < cycle_ramp_fraction, then stays at `beta`.
+    """
+    if config.beta_schedule == "cyclical":
+        cycle_steps = config.cycle_epochs * steps_per_epoch
+        tau = math.fmod(step, cycle_steps) / cycle_steps
+        return config.beta * min(1.0, tau / config.cycle_ramp_fraction)
     warmup_steps = config.warmup_epochs * steps_per_epoch
     if config.beta_schedule == "constant" or warmup_steps == 0:
         return config.beta
     return config.beta * min(1.0, step / warmup_steps)
+
+
+def elbo_training_objective(terms: ELBOTerms, beta: float, free_bits: float = 0.0) -> Tensor:
+    """Batch mean of reconstruction - beta * KL; with free bits > 0 the KL term is sum_groups max(free_bits,
+    batch-mean KL_group) (elbox.bounds.free_bits_kl). A scalar to maximize."""
+    if free_bits > 0:
+        return terms.reconstruction.mean() - beta * free_bits_kl(terms.kl, free_bits)
+    return (terms.reconstruction - beta * terms.kl_total).mean()
+
+
+def iwae_training_objective(model: LatentVariableModel, x: Tensor, k: int, estimator: str) -> tuple[Tensor, ELBOTerms]:
+    """Per-example IWAE_K estimate [B] whose gradient is the chosen estimator's ("reparam", "stl", "dreg"; the
+    value is the same for all three, see elbox.bounds), and ELBOTerms for reporting: the reconstruction
+    averaged over the same K draws and the analytic KL."""
+    check_iwae_estimator(estimator)
+    samples = model.importance_samples(x, k, detach_posterior_params=estimator in DETACHED_POSTERIOR_ESTIMATORS)
+    if estimator == "dreg":
+        dreg_reweight_latent_gradient(samples.z, samples.log_w)
+    return iwae_objective(samples.log_w), samples.terms
 
 
 def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimizer:
@@ -86,6 +168,8 @@ class Trainer:
         run_dir: str | Path,
         progress: bool = True,
     ):
+        if config.objective == "iwae" and not hasattr(model, "importance_samples"):
+            raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
         if train_data.shape[0] == 0:
             raise ElboxError("the training set is empty")
         if val_data.shape[0] == 0:
@@ -104,15 +188,30 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
+        if config.beta_schedule == "cyclical" and config.cycle_epochs * self.steps_per_epoch < 2:
+            raise ElboxError(
+                f"a cyclical beta cycle of {config.cycle_epochs} epochs is {config.cycle_epochs * self.steps_per_epoch:g} "
+                f"optimizer steps ({self.steps_per_epoch} per epoch); it needs at least 2, or beta stays 0"
+            )
         self.step = 0
         self.skipped_steps = 0
         self.records: list[dict] = []
 
     def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | None:
-        """One Adam step on a batch. Returns the batch's mean terms, or None when the step was skipped."""
-        terms = self.model.elbo(x, n_samples=self.config.n_samples)
+        """One Adam step on a batch. Returns the batch's mean terms, or None when the step was skipped.
+
+        Reported: elbo, reconstruction and kl of the true ELBO (beta = 1; for the iwae objective the
+        reconstruction is averaged over its K draws), and objective, the value of the training objective
+        (what the step maximizes), in the same units as elbo.
+        """
+        if self.config.objective == "iwae":
+            per_example, terms = iwae_training_objective(self.model, x, self.config.iw_samples, self.config.estimator)
+            objective = per_example.mean()
+        else:
+            terms = self.model.elbo(x, n_samples=self.config.n_samples)
+            objective = elbo_training_objective(terms, beta, self.config.free_bits)
+        loss = -objective
         kl = terms.kl_total
-        loss = -(terms.reconstruction - beta * kl).mean()
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             return None
@@ -129,6 +228,7 @@ class Trainer:
             "elbo": (terms.elbo.detach().mean() + self.offset),
             "reconstruction": (terms.reconstruction.detach().mean() + self.offset),
             "kl": kl.detach().mean(),
+            "objective": objective.detach() + self.offset,
             "grad_norm": grad_norm.detach(),
         }
 
@@ -180,7 +280,7 @@ class Trainer:
                 self.records.append(record)
                 bar.set_postfix(
                     elbo=f"{record['elbo']:.2f}", rec=f"{record['reconstruction']:.2f}",
-                    kl=f"{record['kl']:.2f}", beta=f"{beta:.2f}", img_s=f"{rate:.0f}",
+                    kl=f"{record['kl']:.2f}", obj=f"{record['objective']:.2f}", beta=f"{beta:.2f}", img_s=f"{rate:.0f}",
                 )
                 interval, n_interval, interval_start = {}, 0, now
         bar.close()
@@ -214,7 +314,8 @@ class Trainer:
             self.records.append(record)
             self.save()
             tqdm.write(
-                f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f}, "
+                f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f} "
+                f"(objective {record.get('train_objective', math.nan):.2f}), "
                 f"validation ELBO {record['val_elbo']:.2f} nats "
                 f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), "
                 f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps}",

@@ -6,6 +6,9 @@ absent rather than faked: the evaluator checks `hasattr(model, "log_weights")` a
     elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example
     log_weights(x, k) -> [k, B]                log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x)
     log_weights_sampler(x) -> (n -> [n, B])    optional: the same, with per-x work (the encoder) done once
+    importance_samples(x, k, ...)              optional: draws, log weights and terms for the IWAE objective
+    posterior_params(x), log_joint(x, z),
+    encoder_parameters()                       optional: what `elbox tighten` needs (elbox.tighten)
     log_prob(x) -> [B]                          exact log p(x); tractable models only
     sample(n) -> [n, *data_shape]
     encode(x) -> [B, d]                        posterior mean, features for downstream use

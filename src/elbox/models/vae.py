@@ -12,8 +12,11 @@ from torch import Tensor, nn
 
 from elbox.bounds import (
     ELBOTerms,
+    ImportanceSamples,
+    diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
     gaussian_elbo,
+    kl_diag_gaussians,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
@@ -114,19 +117,50 @@ class VAE(LatentVariableModel):
             mean, std, lambda z: self.likelihood.log_prob(self.decode(z), x), n_samples, analytic_kl
         )
 
-    def log_weights(self, x: Tensor, k: int) -> Tensor:
-        return self.log_weights_sampler(x)(k)
+    def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
+        return self.log_weights_sampler(x, detach_posterior_params)(k)
 
-    def log_weights_sampler(self, x: Tensor) -> Callable[[int], Tensor]:
-        """Encode x once; the returned function draws n samples of log p(x, z) - log q(z|x) [n, B]."""
+    def log_weights_sampler(self, x: Tensor, detach_posterior_params: bool = False) -> Callable[[int], Tensor]:
+        """Encode x once; the returned function draws n samples of log p(x, z) - log q(z|x) [n, B].
+
+        detach_posterior_params: evaluate log q(z|x) with q's mean and std detached (the STL/DReG form, see
+        elbox.bounds): same values, but q's parameters get gradient only through the draws z.
+        """
         mean, std = self.posterior_params(x)
 
         def draw(n: int) -> Tensor:
-            z, eps = sample_diag_gaussian(mean, std, n)
-            log_px_given_z = self.likelihood.log_prob(self.decode(z), x)
-            return log_px_given_z + standard_normal_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
+            return self._draw_log_weights(x, mean, std, n, detach_posterior_params)[2]
 
         return draw
+
+    def importance_samples(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> ImportanceSamples:
+        """k reparameterized draws per example with their log weights, for the IWAE training objective."""
+        if k < 1:
+            raise ElboxError(f"the number of importance samples K must be >= 1, got {k}")
+        mean, std = self.posterior_params(x)
+        z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
+        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl_diag_gaussians(mean, std).sum(-1)})
+        return ImportanceSamples(log_w=log_w, z=z, terms=terms)
+
+    def _draw_log_weights(
+        self, x: Tensor, mean: Tensor, std: Tensor, n: int, detach_posterior_params: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """n draws z ~ q(z|x): returns (z [n, B, d], log p(x|z) [n, B], log p(x, z) - log q(z|x) [n, B])."""
+        z, eps = sample_diag_gaussian(mean, std, n)
+        log_px_given_z = self.likelihood.log_prob(self.decode(z), x)
+        if detach_posterior_params:
+            log_q = diag_gaussian_log_prob(z, mean.detach(), std.detach())
+        else:
+            log_q = diag_gaussian_log_prob_from_noise(eps, std)
+        return z, log_px_given_z, log_px_given_z + standard_normal_log_prob(z) - log_q
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
+        """log p(x, z) = log p(x|z) + log p(z) for latents z [S, B, d]; returns [S, B]."""
+        return self.likelihood.log_prob(self.decode(z), x) + standard_normal_log_prob(z)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The amortized encoder's parameters (what `elbox tighten` refits with the decoder frozen)."""
+        return list(self.encoder.parameters())
 
     def encode(self, x: Tensor) -> Tensor:
         return self.posterior_params(x)[0]
