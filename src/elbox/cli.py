@@ -191,6 +191,15 @@ def load_eval_data(config: dict, split: str, limit: int | None, seed: int, devic
     return x, space.log_prob_offset(math.prod(images.shape[1:]))
 
 
+def print_and_save(title: str, table: str, result: dict, json_path: str | Path) -> int:
+    """Print a result table and write the result as JSON (atomically)."""
+    print(title)
+    print(table)
+    atomic_write_json(json_path, result)
+    print(f"wrote {json_path}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config = load_run(args.run_dir, device)
@@ -200,12 +209,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress,
     )
     result.update(split=args.split, dataset=config["data"]["name"], data_space=config["data"]["space"], model=config["model"])
-    print(f"{config['model']} on {config['data']['name']} {args.split} [{config['data']['space']}]")
-    print(format_table(result))
-    json_path = Path(args.json) if args.json else Path(args.run_dir) / f"eval-{args.split}.json"
-    atomic_write_json(json_path, result)
-    print(f"wrote {json_path}")
-    return 0
+    title = f"{config['model']} on {config['data']['name']} {args.split} [{config['data']['space']}]"
+    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / f"eval-{args.split}.json")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -252,12 +257,8 @@ def cmd_tighten(args: argparse.Namespace) -> int:
         elbo_samples=args.elbo_samples, log_prob_offset=offset, seed=args.seed,
     )
     result.update(split=args.split, refit_epochs=args.refit_epochs, dataset=config["data"]["name"], model=config["model"])
-    print(f"{config['model']} on {config['data']['name']} {args.split}: where the gap log p(x) - ELBO comes from")
-    print(format_gap_table(result))
-    json_path = Path(args.json) if args.json else Path(args.run_dir) / f"tighten-{args.split}.json"
-    atomic_write_json(json_path, result)
-    print(f"wrote {json_path}")
-    return 0
+    title = f"{config['model']} on {config['data']['name']} {args.split}: where the gap log p(x) - ELBO comes from"
+    return print_and_save(title, format_gap_table(result), result, args.json or Path(args.run_dir) / f"tighten-{args.split}.json")
 
 
 # ----------------------------------------------------------------------------------------------
