@@ -137,3 +137,18 @@ def test_linear_model_end_to_end(tmp_path):
     assert set(result["nll_iw_by_k"]) == {"1", "10"}
     # PPCA's closed-form W has orthogonal columns, the best diagonal q is exact: no gap (float32 rounding)
     assert abs(result["gap_elbo"]) < 1e-2
+
+
+@pytest.mark.parametrize("model, extra", [("gaussian", ["--covariance", "diag"]), ("mixture", ["--components", "3", "--covariance", "diag"])])
+def test_exact_density_models_end_to_end(tmp_path, model, extra):
+    out = tmp_path / model
+    assert main(["train", "--model", model, "--data", "synthetic", *extra, "--out", str(out), "--no-progress"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["kind"] == "fit" and records[-1]["val_log_likelihood"] < 0
+    assert main(["evaluate", str(out), "--iw-samples", "1", "4", "--limit", "20", "--json", str(out / "e.json"), "--no-progress"]) == 0
+    result = json.loads((out / "e.json").read_text())
+    assert result["bpd"] == pytest.approx(result["nll_exact"] / (784 * math.log(2)))
+    if model == "mixture":  # q is the exact posterior: the ELBO and every IWAE-K equal log p(x)
+        assert abs(result["gap_elbo"]) < 1e-6 and abs(result["gap_iw"]) < 1e-6
+    assert main(["sample", str(out), "--n", "4", "--out", str(out / "s.png")]) == 0
+    assert main(["sample", str(out), "--draw"]) == 1

@@ -6,6 +6,7 @@ Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
@@ -117,7 +118,29 @@ def linear_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...
     }
 
 
-MODEL_CONFIG_FROM_ARGS = {"vae": vae_config_from_args, "linear": linear_config_from_args}
+def gaussian_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    return {"data_shape": tuple(data_shape), "covariance": args.covariance, "ridge": args.ridge}
+
+
+def mixture_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    return {
+        "data_shape": tuple(data_shape),
+        "n_components": args.components,
+        "covariance": args.covariance,
+        "init": args.init,
+        "max_iter": args.max_iter,
+        "tol": args.tol,
+        "covariance_floor": args.covariance_floor,
+        "seed": args.seed,
+    }
+
+
+MODEL_CONFIG_FROM_ARGS = {
+    "vae": vae_config_from_args,
+    "linear": linear_config_from_args,
+    "gaussian": gaussian_config_from_args,
+    "mixture": mixture_config_from_args,
+}
 
 
 def fit_without_gradients(model, train_images, val_images, space, args, out: Path) -> dict:
@@ -213,13 +236,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / f"eval-{args.split}.json")
 
 
+def sample_options(model, args: argparse.Namespace) -> dict:
+    """--draw and --temperature, for models whose sample() takes them (the VAE); an error for others."""
+    options = {}
+    if args.draw:
+        options["mean"] = False
+    if args.temperature != 1.0:
+        options["temperature"] = args.temperature
+    accepted = inspect.signature(model.sample).parameters
+    unsupported = [name for name in options if name not in accepted]
+    if unsupported:
+        raise ElboxError(f"the {model.name} model's samples take no {'--draw' if 'mean' in unsupported else '--temperature'} option")
+    return options
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, _ = load_run(args.run_dir, device)
     torch.manual_seed(args.seed)
     with torch.no_grad():
-        images = model.sample(args.n, mean=not args.draw, temperature=args.temperature)
-    out = save_image_grid(images.cpu(), args.out or Path(args.run_dir) / "samples.png")
+        images = model.sample(args.n, **sample_options(model, args))
+    out = save_image_grid(images.clamp(0, 1).cpu(), args.out or Path(args.run_dir) / "samples.png")
     print(f"wrote {out}")
     return 0
 
@@ -312,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear: q(z|x) is the exact posterior or an amortized diagonal Gaussian")
     p.add_argument("--fit", choices=("closed-form", "elbo"), default="closed-form",
                    help="linear: maximum likelihood in closed form (EM for factor analysis) or gradient ascent on the ELBO")
+    p.add_argument("--covariance", choices=("full", "diag"), default="full", help="gaussian, mixture: covariance structure")
+    p.add_argument("--ridge", type=non_negative_float, default=1e-3, help="gaussian: added to the covariance diagonal")
+    p.add_argument("--components", type=positive_int, default=10, help="mixture: number of components")
+    p.add_argument("--init", choices=("kmeans++", "random"), default="kmeans++", help="mixture: EM initialization")
+    p.add_argument("--max-iter", type=positive_int, default=100, help="mixture: EM iterations at most")
+    p.add_argument("--tol", type=non_negative_float, default=1e-4,
+                   help="mixture: stop when the mean ELBO improves by less than this many nats per example")
+    p.add_argument("--covariance-floor", type=non_negative_float, default=1e-3,
+                   help="mixture: added to each covariance diagonal (full) or floor on the variances (diag)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     add_common(p)
     p.set_defaults(func=cmd_train)

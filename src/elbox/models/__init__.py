@@ -1,7 +1,9 @@
 """Models. Importing this package registers every model class in `MODELS`."""
 
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
+from elbox.models.gaussian import GaussianConfig, GaussianModel
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
+from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.vae import VAE, VAEConfig
 
 __all__ = [
@@ -13,4 +15,8 @@ __all__ = [
     "VAEConfig",
     "LinearGaussian",
     "LinearGaussianConfig",
+    "GaussianModel",
+    "GaussianConfig",
+    "GaussianMixture",
+    "MixtureConfig",
 ]
