@@ -35,7 +35,7 @@ from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
 from elbox.system import keep_freed_memory_in_heap
 from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
-from elbox.train import BETA_SCHEDULES, OBJECTIVES, Trainer, TrainConfig, config_dict
+from elbox.train import BETA_SCHEDULES, LR_SCHEDULES, OBJECTIVES, Trainer, TrainConfig, config_dict
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -177,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip, objective=args.objective,
         iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
         cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
+        grad_skip_threshold=args.grad_skip_threshold, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
     )
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
@@ -195,7 +196,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         record = fit_without_gradients(model, train_images, val_images, space, args, out)
     with torch.no_grad():
         save_image_grid(model.sample(64).clamp(0, 1).cpu(), out / "samples.png")
-    print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps")}))
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps", "skipped_large_grad")}))
     return 0
 
 
@@ -342,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycle-ramp-fraction", type=positive_float, default=0.5,
                    help="fraction of each cycle over which beta rises from 0 to --beta (cyclical schedule)")
     p.add_argument("--grad-clip", type=non_negative_float, default=0.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--grad-skip-threshold", type=non_negative_float, default=0.0, metavar="NORM",
+                   help="skip updates whose gradient norm exceeds this (counted and logged; 0: off)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant", help="cosine: decay the learning rate to 0 over the run")
+    p.add_argument("--ema-decay", type=float, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (e.g. 0.999) for validation and the saved model; 0: off")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
     p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",
                    help="linear: observation noise, isotropic (probabilistic PCA) or diagonal (factor analysis)")

@@ -9,6 +9,12 @@ Training objectives (TrainConfig.objective):
 
 Every reported ELBO, on training batches and on validation, is the true ELBO with beta = 1. The value of the
 training objective itself is logged separately as "objective" (train_objective per epoch).
+
+Stability options for deep (hierarchical) models: KL warm-up (beta_schedule="linear"), free bits per latent
+group (each level of a hierarchical model is a group), gradient-norm clipping (grad_clip), skipping updates
+whose gradient norm is non-finite or above grad_skip_threshold (both counted and logged), a cosine learning-
+rate decay, and an exponential moving average (EMA) of the weights: with ema_decay > 0, validation and the
+saved model.safetensors use the EMA weights.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from elbox.bounds import (
@@ -41,6 +48,7 @@ from elbox.models.base import LatentVariableModel
 
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -61,6 +69,9 @@ class TrainConfig:
     estimator: str = "reparam"  # IWAE objective: gradient estimator, "reparam", "stl" or "dreg"
     max_nonfinite: int = 20  # stop after this many non-finite steps in a row
     grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 disables clipping
+    grad_skip_threshold: float = 0.0  # skip updates whose gradient norm (before clipping) exceeds this; 0 disables
+    lr_schedule: str = "constant"  # "cosine": decay lr to 0 over the run (per step)
+    ema_decay: float = 0.0  # EMA of the weights used for validation and saved; 0 disables (e.g. 0.999)
     eval_batch_size: int = 1000
     log_every: int = 50  # steps between training records in metrics.jsonl
 
@@ -84,6 +95,9 @@ class TrainConfig:
             (self.estimator in IWAE_ESTIMATORS, f"unknown IWAE gradient estimator {self.estimator!r}; choose one of {', '.join(IWAE_ESTIMATORS)}"),
             (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.grad_skip_threshold >= 0, f"grad_skip_threshold must be >= 0, got {self.grad_skip_threshold}"),
+            (self.lr_schedule in LR_SCHEDULES, f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
         ]
@@ -185,20 +199,28 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.optimizer = make_optimizer(model, config.lr)
+        self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
+        self.scheduler = None
+        if config.lr_schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs * self.steps_per_epoch)
+        # the weights validated and saved: an EMA copy, or the trained model itself
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
+        self.eval_model = self.ema.module if self.ema is not None else model
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
-        self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
         if config.beta_schedule == "cyclical" and config.cycle_epochs * self.steps_per_epoch < 2:
             raise ElboxError(
                 f"a cyclical beta cycle of {config.cycle_epochs} epochs is {config.cycle_epochs * self.steps_per_epoch:g} "
                 f"optimizer steps ({self.steps_per_epoch} per epoch); it needs at least 2, or beta stays 0"
             )
         self.step = 0
-        self.skipped_steps = 0
+        self.skipped_steps = 0  # non-finite loss or gradient norm
+        self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
         self.records: list[dict] = []
 
-    def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | None:
-        """One Adam step on a batch. Returns the batch's mean terms, or None when the step was skipped.
+    def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | str:
+        """One Adam step on a batch. Returns the batch's mean terms, or why the step was skipped:
+        "nonfinite" (loss or gradient norm) or "large_grad" (gradient norm above grad_skip_threshold).
 
         Reported: elbo, reconstruction and kl of the true ELBO (beta = 1; for the iwae objective the
         reconstruction is averaged over its K draws), and objective, the value of the training objective
@@ -214,22 +236,30 @@ class Trainer:
         kl = terms.kl_total
         self.optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
-            return None
+            return "nonfinite"
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
+        skip = None
         if not torch.isfinite(grad_norm):
+            skip = "nonfinite"
+        elif self.config.grad_skip_threshold > 0 and grad_norm > self.config.grad_skip_threshold:
+            skip = "large_grad"
+        if skip is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            return None
+            return skip
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, grad_norm)
         self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return {
             "elbo": (terms.elbo.detach().mean() + self.offset),
             "reconstruction": (terms.reconstruction.detach().mean() + self.offset),
             "kl": kl.detach().mean(),
             "objective": objective.detach() + self.offset,
             "grad_norm": grad_norm.detach(),
+            **{f"kl/{name}": v.detach().mean() for name, v in terms.kl.items() if len(terms.kl) > 1},
         }
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -254,7 +284,12 @@ class Trainer:
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             values = self.training_step(x, beta)
             self.step += 1
-            if values is None:
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if values == "large_grad":
+                self.skipped_large_grad += 1
+                continue
+            if values == "nonfinite":
                 self.skipped_steps += 1
                 nonfinite_in_a_row += 1
                 if nonfinite_in_a_row >= self.config.max_nonfinite:
@@ -276,7 +311,8 @@ class Trainer:
                 now = time.perf_counter()
                 rate = n_interval / (now - interval_start)
                 record = {k: v / n_interval for k, v in interval.items()}
-                record.update(kind="train", epoch=epoch, step=self.step, beta=beta, images_per_s=rate)
+                record.update(kind="train", epoch=epoch, step=self.step, beta=beta, images_per_s=rate,
+                              lr=self.optimizer.param_groups[0]["lr"])
                 self.records.append(record)
                 bar.set_postfix(
                     elbo=f"{record['elbo']:.2f}", rec=f"{record['reconstruction']:.2f}",
@@ -290,16 +326,21 @@ class Trainer:
         return summary
 
     def validate(self) -> dict[str, float]:
-        self.model.eval()
-        terms = elbo_per_example(self.model, self.val_x, self.config.eval_batch_size)
-        return {
+        """Validation ELBO (and KL per latent group when there are several) of the evaluation weights."""
+        self.eval_model.eval()
+        terms = elbo_per_example(self.eval_model, self.val_x, self.config.eval_batch_size)
+        record = {
             "val_elbo": terms["elbo"].mean().item() + self.offset,
             "val_reconstruction": terms["reconstruction"].mean().item() + self.offset,
             "val_kl": terms["kl"].mean().item(),
         }
+        groups = [key for key in terms if key.startswith("kl/")]
+        if len(groups) > 1:
+            record.update({f"val_{key}": terms[key].mean().item() for key in groups})
+        return record
 
     def save(self) -> None:
-        save_weights(self.run_dir / WEIGHTS_FILE, self.model)
+        save_weights(self.run_dir / WEIGHTS_FILE, self.eval_model)
         atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
 
     def fit(self) -> dict:
@@ -311,6 +352,7 @@ class Trainer:
             record["step"] = self.step
             record.update(self.validate())
             record["skipped_steps"] = self.skipped_steps
+            record["skipped_large_grad"] = self.skipped_large_grad
             self.records.append(record)
             self.save()
             tqdm.write(
@@ -318,7 +360,8 @@ class Trainer:
                 f"(objective {record.get('train_objective', math.nan):.2f}), "
                 f"validation ELBO {record['val_elbo']:.2f} nats "
                 f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), "
-                f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps}",
+                f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps} non-finite, "
+                f"{self.skipped_large_grad} large gradient",
                 file=sys.stderr,
             )
         return record
