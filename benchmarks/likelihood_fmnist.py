@@ -40,7 +40,7 @@ CONFIGS = {
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
          "--hidden-dims", "512", "512", "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
          "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        100,
+        120,
     ),
     "hvae-ladder": (
         ["--model", "hvae", "--hvae-type", "ladder", "--levels", "3",

@@ -30,6 +30,7 @@ from elbox.errors import ElboxError
 from elbox.evaluate import evaluate, format_table, log_prob_per_example
 from elbox.likelihoods import LIKELIHOODS
 from elbox.models import build_model
+from elbox.models.hvae import HVAE_TYPES, POSTERIORS
 from elbox.models.vae import ARCHITECTURES
 from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
@@ -91,12 +92,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
 # train
 
 
-def vae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+def likelihood_options(args: argparse.Namespace) -> dict:
     options = {}
     if args.likelihood == "gaussian":
         options["sigma"] = args.sigma
     if args.likelihood == "discretized-logistic":
         options["n_mixtures"] = args.n_mixtures
+    return options
+
+
+def vae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
     return {
         "data_shape": tuple(data_shape),
         "latent_dim": args.latent_dim,
@@ -104,7 +109,28 @@ def vae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) 
         "architecture": args.architecture,
         "activation": args.activation,
         "likelihood": args.likelihood,
-        "likelihood_options": options,
+        "likelihood_options": likelihood_options(args),
+    }
+
+
+def hvae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    """--levels T; markov: --latent-dims (default 32, 16, 8, ... halving per level, at least 2) and --hidden-dims;
+    ladder: --channels, --latent-channels, --blocks-per-level, --level-downsample, --posterior."""
+    latent_dims = args.latent_dims or [max(2, 32 >> t) for t in range(args.levels)]
+    return {
+        "data_shape": tuple(data_shape),
+        "hvae_type": args.hvae_type,
+        "levels": args.levels,
+        "likelihood": args.likelihood,
+        "likelihood_options": likelihood_options(args),
+        "activation": args.activation,
+        "latent_dims": latent_dims,
+        "hidden_dims": args.hidden_dims,
+        "channels": args.channels,
+        "latent_channels": args.latent_channels,
+        "blocks_per_level": args.blocks_per_level,
+        "level_downsample": args.level_downsample or [],
+        "posterior": args.posterior,
     }
 
 
@@ -137,6 +163,7 @@ def mixture_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ..
 
 MODEL_CONFIG_FROM_ARGS = {
     "vae": vae_config_from_args,
+    "hvae": hvae_config_from_args,
     "linear": linear_config_from_args,
     "gaussian": gaussian_config_from_args,
     "mixture": mixture_config_from_args,
@@ -242,8 +269,8 @@ def sample_options(model, args: argparse.Namespace) -> dict:
     options = {}
     if args.draw:
         options["mean"] = False
-    if args.temperature != 1.0:
-        options["temperature"] = args.temperature
+    if args.temperature != [1.0]:
+        options["temperature"] = args.temperature[0] if len(args.temperature) == 1 else args.temperature
     accepted = inspect.signature(model.sample).parameters
     unsupported = [name for name in options if name not in accepted]
     if unsupported:
@@ -349,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999) for validation and the saved model; 0: off")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--hvae-type", choices=HVAE_TYPES, default="ladder", help="hvae: markov (bottom-up MLP chain) or ladder (top-down, convolutional)")
+    p.add_argument("--levels", type=positive_int, default=3, metavar="T", help="hvae: number of latent levels")
+    p.add_argument("--latent-dims", type=positive_int, nargs="+", default=None, metavar="D",
+                   help="hvae markov: latent size per level, z_1 (next to x) first (default 32, 16, 8, ...)")
+    p.add_argument("--channels", type=positive_int, default=64, help="hvae ladder: width of the residual state")
+    p.add_argument("--latent-channels", type=positive_int, default=8, help="hvae ladder: channels of each level's latent map")
+    p.add_argument("--blocks-per-level", type=positive_int, default=1, help="hvae ladder: residual blocks per level and resolution")
+    p.add_argument("--level-downsample", type=positive_int, nargs="+", default=None, metavar="F",
+                   help="hvae ladder: per level, top first, image size / latent map size (default: top half 4, rest 2)")
+    p.add_argument("--posterior", choices=POSTERIORS, default="residual",
+                   help="hvae ladder: residual (NVAE) or precision-weighted (LVAE) posterior")
     p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",
                    help="linear: observation noise, isotropic (probabilistic PCA) or diagonal (factor analysis)")
     p.add_argument("--encoder", choices=("exact", "amortized"), default="amortized",
@@ -388,7 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive_int, default=64)
     p.add_argument("--out", default=None, metavar="FILE.png", help="default RUN_DIR/samples.png")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="scale of the prior's standard deviation")
+    p.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0], metavar="T",
+                   help="scale of the prior's standard deviation: one value, or one per level in the order z1, z2, ... (hvae)")
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing its mean")
     add_common(p)
     p.set_defaults(func=cmd_sample)

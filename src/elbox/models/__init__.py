@@ -2,6 +2,7 @@
 
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
 from elbox.models.gaussian import GaussianConfig, GaussianModel
+from elbox.models.hvae import HVAE, HVAEConfig, LadderHVAE, MarkovHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.vae import VAE, VAEConfig
@@ -19,4 +20,8 @@ __all__ = [
     "GaussianConfig",
     "GaussianMixture",
     "MixtureConfig",
+    "HVAE",
+    "HVAEConfig",
+    "MarkovHVAE",
+    "LadderHVAE",
 ]

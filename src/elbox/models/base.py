@@ -17,6 +17,8 @@ absent rather than faked: the evaluator checks `hasattr(model, "log_weights")` a
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -87,3 +89,16 @@ def build_model(name: str, config: dict[str, Any] | Any) -> LatentVariableModel:
     if isinstance(config, dict):
         config = config_from_dict(cls.config_class, config)
     return cls.from_config(config)
+
+
+def per_level_temperatures(temperature: float | Sequence[float], levels: int) -> list[float]:
+    """Sampling temperatures as a list, one per latent level (in level-name order z1, z2, ...): one value
+    (or a list of one) applies to every level. Each must be finite and > 0."""
+    values = [float(temperature)] * levels if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    if len(values) == 1:
+        values = values * levels
+    if len(values) != levels:
+        raise ElboxError(f"give one temperature or one per level ({levels}), got {len(values)}")
+    if not all(t > 0 and math.isfinite(t) for t in values):
+        raise ElboxError(f"temperatures must be finite and > 0, got {values}")
+    return values

@@ -22,7 +22,7 @@ from elbox.bounds import (
 )
 from elbox.errors import ElboxError
 from elbox.likelihoods import build_likelihood
-from elbox.models.base import LatentVariableModel, register_model
+from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
 from elbox.nets import apply_flat, conv_decoder, conv_encoder, mlp
 
 ARCHITECTURES = ("mlp", "conv")
@@ -169,11 +169,12 @@ class VAE(LatentVariableModel):
         """Mean of p(x|z) at the posterior mean z = E_q[z]."""
         return self.likelihood.mean(self.decode(self.encode(x)))
 
-    def sample(self, n: int, mean: bool = True, temperature: float = 1.0) -> Tensor:
+    def sample(self, n: int, mean: bool = True, temperature: float | list[float] = 1.0) -> Tensor:
         """Draw z ~ N(0, temperature^2 I); return the mean of p(x|z) (mean=True, for grids) or a draw."""
         if n < 1:
             raise ElboxError(f"the number of samples must be >= 1, got {n}")
         ref = next(self.parameters())
+        (temperature,) = per_level_temperatures(temperature, 1)
         z = temperature * torch.randn(n, self.config.latent_dim, device=ref.device, dtype=ref.dtype)
         params = self.decode(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)

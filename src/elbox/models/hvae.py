@@ -1,0 +1,456 @@
+"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain and the top-down ladder.
+
+Markovian HVAE (REFERENCE.md §4; the "VAE" baseline of the LVAE paper), MLP transitions:
+    p(x, z_1..T) = p(z_T) prod_{t=2}^T p(z_{t-1}|z_t) p(x|z_1),   p(z_T) = N(0, I)
+    q(z_1..T|x)  = q(z_1|x) prod_{t=2}^T q(z_t|z_{t-1})
+  z_1 is the level next to the data. q(z_t|z_{t-1}) and p(z_t|z_{t+1}) are densities over z_t with
+  different conditioning, so they cannot be paired into an analytic KL: level t < T contributes the
+  single-sample estimate log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}); the top level's KL(q(z_T|z_{T-1}) || N(0, I))
+  is analytic.
+
+Top-down (ladder) HVAE (REFERENCE.md §3; LVAE / VDVAE / NVAE family), convolutional:
+    p(x, z_1..L) = p(z_1) prod_{l=2}^L p(z_l|z_<l) p(x|z_<=L),   q(z_1..L|x) = prod_l q(z_l|x, z_<l)
+  z_1 is the top (coarsest) level. A deterministic bottom-up pass computes features of x at each resolution;
+  the top-down path carries a state h that starts from a learned constant. At each level the prior's
+  parameters come from h and the posterior's from h and the bottom-up features, either
+    "residual"  (NVAE):  q = N(mu_p + dmu, (sigma_p * dsigma)^2)
+    "precision" (LVAE):  1/sigma_q^2 = 1/sigma^^2 + 1/sigma_p^2,  mu_q = (mu^/sigma^^2 + mu_p/sigma_p^2) sigma_q^2
+  Both are diagonal Gaussians, so every level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) is analytic (the expectation
+  over z_<l is the single sample the top-down pass drew). Several levels may share a resolution (latent
+  groups). Initialization: every prior head's last layer is zero, so the prior starts at N(0, I) exactly,
+  and every residual branch's last layer is scaled by 1/sqrt(number of residual blocks).
+
+Both families: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
+takes a temperature per level (the standard deviations of p(z_l|.) are scaled by it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from elbox.bounds import (
+    ELBOTerms,
+    diag_gaussian_log_prob,
+    diag_gaussian_log_prob_from_noise,
+    kl_diag_gaussians,
+    sample_diag_gaussian,
+    standard_normal_log_prob,
+)
+from elbox.errors import ElboxError
+from elbox.likelihoods import build_likelihood
+from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
+from elbox.models.vae import _integers
+from elbox.nets import activation, apply_flat, mlp
+
+HVAE_TYPES = ("markov", "ladder")
+POSTERIORS = ("residual", "precision")
+# softplus(0 + SOFTPLUS_ONE) = 1: a zero network output means a standard deviation (or ratio) of 1
+SOFTPLUS_ONE = math.log(math.e - 1)
+
+
+@dataclass
+class HVAEConfig:
+    data_shape: tuple[int, int, int] = (1, 28, 28)
+    hvae_type: str = "ladder"
+    levels: int = 3
+    likelihood: str = "bernoulli"
+    likelihood_options: dict = field(default_factory=dict)
+    activation: str = "relu"  # "markov" MLPs; the ladder's residual blocks use GELU
+    min_std: float = 1e-4  # floor on every standard deviation
+    # markov: latent size per level (z_1 first) and the widths of every MLP transition
+    latent_dims: list[int] = field(default_factory=lambda: [32, 16])
+    hidden_dims: list[int] = field(default_factory=lambda: [512])
+    # ladder
+    channels: int = 64  # width of the bottom-up and top-down state
+    latent_channels: int = 8  # channels of each level's latent map
+    blocks_per_level: int = 1  # residual blocks after each level (top-down) and per resolution (bottom-up)
+    level_downsample: list[int] = field(default_factory=list)  # per level, top first: data size / level size; [] = default
+    posterior: str = "residual"
+
+    def __post_init__(self):
+        self.data_shape = tuple(_integers("data_shape", self.data_shape))
+        self.latent_dims = _integers("latent_dims", self.latent_dims)
+        self.hidden_dims = _integers("hidden_dims", self.hidden_dims)
+        self.level_downsample = _integers("level_downsample", self.level_downsample)
+        for name in ("levels", "channels", "latent_channels", "blocks_per_level"):
+            value = getattr(self, name)
+            _integers(name, [value])
+            if value < 1:
+                raise ElboxError(f"{name} must be >= 1, got {value}")
+        if not isinstance(self.likelihood_options, dict):
+            raise ElboxError(f"likelihood_options must be a JSON object, got {self.likelihood_options!r}")
+        if len(self.data_shape) != 3 or min(self.data_shape) < 1:
+            raise ElboxError(f"data_shape must be (channels, height, width) with positive sizes, got {self.data_shape}")
+        if self.hvae_type not in HVAE_TYPES:
+            raise ElboxError(f"unknown hvae_type {self.hvae_type!r}; choose one of {', '.join(HVAE_TYPES)}")
+        if self.posterior not in POSTERIORS:
+            raise ElboxError(f"unknown posterior {self.posterior!r}; choose one of {', '.join(POSTERIORS)}")
+        if not self.min_std > 0:
+            raise ElboxError(f"min_std must be > 0, got {self.min_std}")
+        if any(h < 1 for h in self.hidden_dims):
+            raise ElboxError(f"hidden_dims must be positive, got {self.hidden_dims}")
+        if self.hvae_type == "markov":
+            if len(self.latent_dims) != self.levels or min(self.latent_dims) < 1:
+                raise ElboxError(
+                    f"latent_dims must give a positive size for each of the {self.levels} levels, got {self.latent_dims}"
+                )
+        else:
+            if not self.level_downsample:
+                self.level_downsample = default_level_downsample(self.levels, self.data_shape)
+            self._check_ladder_resolutions()
+
+    def _check_ladder_resolutions(self) -> None:
+        factors, (_, h, w) = self.level_downsample, self.data_shape
+        if len(factors) != self.levels:
+            raise ElboxError(f"level_downsample must give one factor per level ({self.levels}), got {factors}")
+        for f in factors:
+            if f < 1 or f & (f - 1) or h % f or w % f:
+                raise ElboxError(
+                    f"level_downsample factors must be powers of 2 that divide the image size {h}x{w}, got {factors}"
+                )
+        if any(a < b for a, b in zip(factors, factors[1:])):
+            raise ElboxError(f"level_downsample must not increase from the top level down (coarse to fine), got {factors}")
+
+
+def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int]:
+    """The top ceil(T/2) levels at 1/4 of the image size, the rest at 1/2 (7x7 and 14x14 for 28x28);
+    factors that do not divide the image size fall back to the largest power of 2 that does (at most 4)."""
+    _, h, w = data_shape
+    divides = lambda f: h % f == 0 and w % f == 0  # noqa: E731
+    coarse = next(f for f in (4, 2, 1) if divides(f))
+    fine = next(f for f in (2, 1) if divides(f))
+    n_coarse = math.ceil(levels / 2)
+    return [coarse] * n_coarse + [fine] * (levels - n_coarse)
+
+
+def gaussian_params(raw: Tensor, min_std: float, dim: int) -> tuple[Tensor, Tensor]:
+    """Split raw network outputs into (mean, std) along `dim`; std = softplus(raw + SOFTPLUS_ONE) + min_std,
+    so a zero output is N(0, ~1)."""
+    mean, raw_std = raw.chunk(2, dim=dim)
+    return mean, F.softplus(raw_std + SOFTPLUS_ONE) + min_std
+
+
+@register_model("hvae", HVAEConfig)
+class HVAE(LatentVariableModel):
+    """Hierarchical VAE: builds a MarkovHVAE or a LadderHVAE from the config's hvae_type."""
+
+    @classmethod
+    def from_config(cls, config: HVAEConfig) -> "HVAE":
+        return (MarkovHVAE if config.hvae_type == "markov" else LadderHVAE)(config)
+
+    @property
+    def data_space(self) -> str:
+        return self.likelihood.data_space
+
+    @property
+    def level_names(self) -> list[str]:
+        return [f"z{i}" for i in range(1, self.config.levels + 1)]
+
+    def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
+        if n_samples < 1:
+            raise ElboxError(f"n_samples must be >= 1, got {n_samples}")
+        log_px, kl, _ = self.draw(self.prepare(x), x, n_samples)
+        return ELBOTerms(reconstruction=log_px.mean(0), kl={name: v.mean(0) for name, v in kl.items()})
+
+    def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
+        return self.log_weights_sampler(x, detach_posterior_params)(k)
+
+    def log_weights_sampler(self, x: Tensor, detach_posterior_params: bool = False) -> Callable[[int], Tensor]:
+        """Run the x-only part of inference once; the returned function draws n log weights
+        log p(x, z) - log q(z|x) [n, B]."""
+        prepared = self.prepare(x)
+        return lambda n: self.draw(prepared, x, n, detach_posterior_params)[2]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Posterior means of every level, flattened and concatenated [B, sum of level sizes]."""
+        return torch.cat([m.flatten(1) for m in self.encode_levels(x).values()], dim=1)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.likelihood.mean(self.decode_from_means(x))
+
+    def sample(self, n: int, mean: bool = True, temperature: float | Sequence[float] = 1.0) -> Tensor:
+        """Ancestral sampling, top level first, with each level's prior standard deviation scaled by its
+        temperature (one value for all levels or one per level). Returns the mean of p(x|z) or a draw."""
+        if n < 1:
+            raise ElboxError(f"the number of samples must be >= 1, got {n}")
+        params = self.ancestral_params(n, per_level_temperatures(temperature, self.config.levels))
+        return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
+
+    def _params_shape(self, flat: Tensor, batch: Sequence[int]) -> Tensor:
+        c, h, w = self.config.data_shape
+        return flat.reshape(*batch, self.likelihood.num_params, c, h, w)
+
+
+class MarkovHVAE(HVAE):
+    """Bottom-up Markov chain of T diagonal-Gaussian levels with MLP transitions."""
+
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        c = config
+        self.likelihood = build_likelihood(c.likelihood, c.data_shape, **c.likelihood_options)
+        num_dims = math.prod(c.data_shape)
+        dims = c.latent_dims
+        rev = list(reversed(c.hidden_dims))
+        # encoders[0]: q(z_1|x); encoders[t]: q(z_{t+1}|z_t).  decoders[0]: p(x|z_1); decoders[t]: p(z_t|z_{t+1}).
+        self.encoders = nn.ModuleList(
+            [nn.Sequential(nn.Flatten(), mlp(num_dims, c.hidden_dims, 2 * dims[0], c.activation))]
+            + [mlp(dims[t - 1], c.hidden_dims, 2 * dims[t], c.activation) for t in range(1, c.levels)]
+        )
+        self.decoders = nn.ModuleList(
+            [mlp(dims[0], rev, self.likelihood.num_params * num_dims, c.activation)]
+            + [mlp(dims[t], rev, 2 * dims[t - 1], c.activation) for t in range(1, c.levels)]
+        )
+
+    def _posterior(self, t: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z_{t+1}|.) (0-based t) from its input: x for t = 0, else z_t."""
+        raw = self.encoders[t](inputs) if t == 0 else apply_flat(self.encoders[t], inputs, 1)
+        mean, raw_std = raw.chunk(2, dim=-1)
+        return mean, F.softplus(raw_std) + self.config.min_std
+
+    def _prior(self, t: int, z_above: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of p(z_{t+1}|z_{t+2}) (0-based t < T - 1)."""
+        mean, raw_std = apply_flat(self.decoders[t + 1], z_above, 1).chunk(2, dim=-1)
+        return mean, F.softplus(raw_std) + self.config.min_std
+
+    def decode(self, z1: Tensor) -> Tensor:
+        return self._params_shape(apply_flat(self.decoders[0], z1, 1), z1.shape[:-1])
+
+    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._posterior(0, x)
+
+    def draw(self, prepared, x: Tensor, n: int, detach_posterior_params: bool = False):
+        """n joint draws z_1..T ~ q. Returns (log p(x|z_1) [n, B], per-level KL terms {name: [n, B]},
+        log weights [n, B]). The top level's KL term is analytic, the others single-sample."""
+        levels = self.config.levels
+        mean, std = prepared
+        zs, log_q = [], []
+        for t in range(levels):
+            if t > 0:
+                mean, std = self._posterior(t, zs[-1])
+            z, eps = sample_diag_gaussian(mean, std, n) if t == 0 else _draw_like(mean, std)
+            zs.append(z)
+            if detach_posterior_params:
+                log_q.append(diag_gaussian_log_prob(z, mean.detach(), std.detach()))
+            else:
+                log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
+        top_kl = kl_diag_gaussians(mean, std).sum(-1)
+        log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(levels - 1)]
+        log_p.append(standard_normal_log_prob(zs[-1]))
+        log_px = self.likelihood.log_prob(self.decode(zs[0]), x)
+        kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names[:-1])}
+        kl[self.level_names[-1]] = top_kl.expand_as(log_px)
+        return log_px, kl, log_px + sum(log_p) - sum(log_q)
+
+    def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
+        """Means of q(z_1|x), q(z_2|E z_1), ...: each level's posterior mean along the chain of means."""
+        means, inputs = {}, x
+        for t, name in enumerate(self.level_names):
+            inputs = self._posterior(t, inputs)[0]
+            means[name] = inputs
+        return means
+
+    def decode_from_means(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode_levels(x)["z1"])
+
+    def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
+        ref = next(self.parameters())
+        z = temperatures[-1] * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)
+        for t in reversed(range(self.config.levels - 1)):
+            mean, std = self._prior(t, z)
+            z = mean + temperatures[t] * std * torch.randn_like(mean)
+        return self.decode(z)
+
+
+def _draw_like(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """One reparameterized draw per row of already-sampled parameters: (z, eps), same shape as mean."""
+    eps = torch.randn_like(mean)
+    return mean + std * eps, eps
+
+
+# ----------------------------------------------------------------------------------------------
+# Ladder (top-down) HVAE
+
+
+class ResBlock(nn.Module):
+    """x + branch(x): a bottleneck of 1x1, 3x3, 3x3, 1x1 convolutions with GELU before each (VDVAE style).
+    out_channels != in_channels makes it a plain head (no skip); zero_last zero-initializes the last conv."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, residual_scale: float = 1.0, zero_last: bool = False):
+        super().__init__()
+        self.skip = in_channels == out_channels
+        self.branch = nn.Sequential(
+            nn.GELU(), nn.Conv2d(in_channels, mid_channels, 1),
+            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
+            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
+            nn.GELU(), nn.Conv2d(mid_channels, out_channels, 1),
+        )
+        last = self.branch[-1]
+        with torch.no_grad():
+            if zero_last:
+                last.weight.zero_()
+            else:
+                last.weight.mul_(residual_scale)
+            last.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch(x) if self.skip else self.branch(x)
+
+
+class LadderLevel(nn.Module):
+    """One top-down level: prior head, posterior head, latent projection into the state, residual blocks."""
+
+    def __init__(self, config: HVAEConfig, residual_scale: float):
+        super().__init__()
+        c, zc = config.channels, config.latent_channels
+        mid = max(c // 4, 8)
+        self.prior = ResBlock(c, mid, 2 * zc, zero_last=True)
+        self.posterior = ResBlock(2 * c, mid, 2 * zc)
+        self.z_proj = nn.Conv2d(zc, c, 1)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(residual_scale)
+        self.blocks = nn.Sequential(*[ResBlock(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)])
+
+
+class LadderHVAE(HVAE):
+    """Top-down hierarchical VAE on convolutional residual blocks (see the module docstring)."""
+
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        cfg = config
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.data_shape, **cfg.likelihood_options)
+        c_data, h, w = cfg.data_shape
+        c = cfg.channels
+        mid = max(c // 4, 8)
+        self.factors = list(cfg.level_downsample)
+        self.resolutions = sorted(set(self.factors))  # fine to coarse
+        n_blocks = cfg.blocks_per_level * (len(self.resolutions) + cfg.levels) + cfg.levels
+        scale = 1 / math.sqrt(n_blocks)
+        self.stem = nn.Conv2d(c_data, c, 3, padding=1)
+        self.bottom_up = nn.ModuleList(
+            [nn.Sequential(*[ResBlock(c, mid, c, scale) for _ in range(cfg.blocks_per_level)]) for _ in self.resolutions]
+        )
+        top = self.factors[0]
+        self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
+        self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
+        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
+
+    # -- the two passes --------------------------------------------------------------------------
+
+    def prepare(self, x: Tensor) -> dict[int, Tensor]:
+        """Bottom-up features of x at each level resolution: {downsample factor: [B, C, H/f, W/f]}."""
+        h = self.stem(x)
+        features, factor = {}, 1
+        for target, blocks in zip(self.resolutions, self.bottom_up):
+            h = _resize(h, factor, target)
+            factor = target
+            h = blocks(h)
+            features[target] = h
+        return features
+
+    def _top_down(
+        self,
+        features: dict[int, Tensor] | None,
+        n: int,
+        batch: int,
+        pick: Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor],
+    ) -> Tensor:
+        """The top-down path for n draws of `batch` rows; returns the final state [n * batch, C, H, W].
+
+        At each level, pick(level, mu_q, std_q, mu_p, std_p) chooses z (posterior and prior parameters, the
+        posterior ones None when features is None, i.e. when sampling from the prior)."""
+        h = self.h_top.expand(n * batch, -1, -1, -1)
+        factor = self.factors[0]
+        for i, level in enumerate(self.levels_td):
+            h = _resize(h, factor, self.factors[i])
+            factor = self.factors[i]
+            mu_p, std_p = gaussian_params(level.prior(h), self.config.min_std, dim=1)
+            mu_q = std_q = None
+            if features is not None:
+                f = features[factor]
+                f = f.unsqueeze(0).expand(n, *f.shape).reshape(n * batch, *f.shape[1:])
+                mu_q, std_q = self._posterior(level.posterior(torch.cat([h, f], dim=1)), mu_p, std_p)
+            z = pick(i, mu_q, std_q, mu_p, std_p)
+            h = level.blocks(h + level.z_proj(z))
+        return _resize(h, factor, 1)
+
+    def _posterior(self, raw: Tensor, mu_p: Tensor, std_p: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = gaussian_params(raw, self.config.min_std, dim=1)
+        if self.config.posterior == "residual":  # q = N(mu_p + dmu, (std_p * dsigma)^2)
+            return mu_p + a, std_p * b
+        precision_hat, precision_p = b.pow(-2), std_p.pow(-2)  # precision-weighted merge of (a, b) with the prior
+        var_q = 1 / (precision_hat + precision_p)
+        return (a * precision_hat + mu_p * precision_p) * var_q, var_q.sqrt()
+
+    def _decode_state(self, h: Tensor, batch: Sequence[int]) -> Tensor:
+        return self._params_shape(self.out(h), batch)
+
+    # -- the model interface ---------------------------------------------------------------------
+
+    def draw(self, prepared: dict[int, Tensor], x: Tensor, n: int, detach_posterior_params: bool = False):
+        """n draws z_1..L ~ q(z|x). Returns (log p(x|z) [n, B], analytic KL per level {name: [n, B]},
+        log weights [n, B])."""
+        batch = x.shape[0]
+        kl: dict[str, Tensor] = {}
+        log_ratio = []  # log p(z_l|z_<l) - log q(z_l|x, z_<l) per level, for the log weights
+
+        def pick(i, mu_q, std_q, mu_p, std_p):
+            eps = torch.randn_like(mu_q)
+            z = mu_q + std_q * eps
+            kl[self.level_names[i]] = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1).view(n, batch)
+            if detach_posterior_params:
+                log_q = diag_gaussian_log_prob(z.flatten(1), mu_q.detach().flatten(1), std_q.detach().flatten(1))
+            else:
+                log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
+            log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
+            return z
+
+        params = self._decode_state(self._top_down(prepared, n, batch, pick), (n, batch))
+        log_px = self.likelihood.log_prob(params, x)
+        return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
+
+    def level_distributions(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """(mu_q, std_q, mu_p, std_p) at every level along one posterior draw, top first (for tests and analysis)."""
+        found = []
+
+        def pick(i, mu_q, std_q, mu_p, std_p):
+            found.append((mu_q, std_q, mu_p, std_p))
+            return mu_q + std_q * torch.randn_like(mu_q)
+
+        self._top_down(self.prepare(x), 1, x.shape[0], pick)
+        return found
+
+    def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
+        """Each level's posterior mean, with the levels above it set to their posterior means: {name: [B, d_l]}."""
+        means = {}
+
+        def pick(i, mu_q, std_q, mu_p, std_p):
+            means[self.level_names[i]] = mu_q.flatten(1)
+            return mu_q
+
+        self._top_down(self.prepare(x), 1, x.shape[0], pick)
+        return means
+
+    def decode_from_means(self, x: Tensor) -> Tensor:
+        h = self._top_down(self.prepare(x), 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: mu_q)
+        return self._decode_state(h, (x.shape[0],))
+
+    def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
+        def pick(i, mu_q, std_q, mu_p, std_p):
+            return mu_p + temperatures[i] * std_p * torch.randn_like(mu_p)
+
+        return self._decode_state(self._top_down(None, 1, n, pick), (n,))
+
+
+def _resize(h: Tensor, factor: int, target: int) -> Tensor:
+    """Move a map from 1/factor of the image size to 1/target: average pooling down, nearest upsampling up."""
+    if target > factor:
+        return F.avg_pool2d(h, target // factor)
+    if target < factor:
+        return F.interpolate(h, scale_factor=factor // target, mode="nearest")
+    return h
