@@ -43,19 +43,39 @@ def elbo_per_example(
     return {key: torch.cat(v) for key, v in parts.items()}
 
 
-@torch.no_grad()
-def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tuple[int, Tensor]:
-    """Units whose posterior mean varies over examples: Var_x E_q[z_u] > 0.01. Returns (count, variances)."""
-    means = torch.cat([model.encode(x[s : s + batch_size]).double().cpu() for s in range(0, x.shape[0], batch_size)])
+def count_active(means: Tensor) -> tuple[int, Tensor]:
+    """Units whose posterior mean varies over examples: Var_x E_q[z_u] > 0.01, for means [N, d].
+    Returns (count, variances)."""
     variances = means.var(0) if means.shape[0] > 1 else torch.zeros(means.shape[1:], dtype=torch.float64)
     return int((variances > ACTIVE_UNIT_THRESHOLD).sum()), variances
 
 
+@torch.no_grad()
+def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tuple[int, Tensor]:
+    """Active units of the model's encoding (elbox.evaluate.count_active). Returns (count, variances)."""
+    means = torch.cat([model.encode(x[s : s + batch_size]).double().cpu() for s in range(0, x.shape[0], batch_size)])
+    return count_active(means)
+
+
+@torch.no_grad()
+def active_units_by_level(model: LatentVariableModel, x: Tensor, batch_size: int) -> dict[str, tuple[int, int]]:
+    """For hierarchical models (encode_levels): {level: (active units, units)}."""
+    parts: dict[str, list[Tensor]] = {}
+    for s in range(0, x.shape[0], batch_size):
+        for name, means in model.encode_levels(x[s : s + batch_size]).items():
+            parts.setdefault(name, []).append(means.double().cpu())
+    return {name: (count_active(torch.cat(v))[0], torch.cat(v).shape[1]) for name, v in parts.items()}
+
+
 def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
-    """How many importance samples for a batch of examples fit one pass under the memory bound."""
+    """How many importance samples for a batch of examples fit one pass under the memory bound.
+
+    A sample costs its likelihood parameters, or the model's largest per-sample activation
+    (`activation_elements`, for models whose hidden state is larger than their output) if that is bigger."""
     likelihood = getattr(model, "likelihood", None)
-    per_sample = batch * math.prod(model.config.data_shape) * (likelihood.num_params if likelihood is not None else 1)
-    return max(1, max_decoder_elements // per_sample)
+    per_example = math.prod(model.config.data_shape) * (likelihood.num_params if likelihood is not None else 1)
+    per_example = max(per_example, getattr(model, "activation_elements", 0))
+    return max(1, max_decoder_elements // (batch * per_example))
 
 
 @torch.no_grad()
@@ -167,6 +187,10 @@ def evaluate(
         if hasattr(model, "encode"):
             result["active_units"], variances = active_units(model, x, batch_size)
             result["latent_dim"] = variances.numel()
+        if hasattr(model, "encode_levels"):
+            by_level = active_units_by_level(model, x, batch_size)
+            result["active_units_by_level"] = {name: n for name, (n, _) in by_level.items()}
+            result["latent_dim_by_level"] = {name: d for name, (_, d) in by_level.items()}
     if nll_exact is not None:
         result["bpd"] = result["nll_exact"] / bits
     # paired gaps, each >= 0 in expectation
@@ -211,6 +235,8 @@ def format_table(result: dict) -> str:
         rows.append(("bits/dim", f"{result['bpd_elbo']:.4f} (ELBO)"))
     if "active_units" in result:
         rows.append(("active units", f"{result['active_units']} / {result['latent_dim']} (Var[E_q z] > {ACTIVE_UNIT_THRESHOLD})"))
+        for name, n in result.get("active_units_by_level", {}).items():
+            rows.append((f"  active[{name}]", f"{n} / {result['latent_dim_by_level'][name]}"))
     if result.get("log_prob_offset"):
         rows.append(("dequantization", f"{result['log_prob_offset']:.2f} nats included (-D ln 256)"))
     width = max(len(name) for name, _ in rows)

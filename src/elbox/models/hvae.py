@@ -225,7 +225,7 @@ class MarkovHVAE(HVAE):
         return self._posterior(0, x)
 
     def draw(self, prepared, x: Tensor, n: int, detach_posterior_params: bool = False):
-        """n joint draws z_1..T ~ q. Returns (log p(x|z_1) [n, B], per-level KL terms {name: [n, B]},
+        """n joint draws z_1..T ~ q. Returns (log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]},
         log weights [n, B]). The top level's KL term is analytic, the others single-sample."""
         levels = self.config.levels
         mean, std = prepared
@@ -244,7 +244,7 @@ class MarkovHVAE(HVAE):
         log_p.append(standard_normal_log_prob(zs[-1]))
         log_px = self.likelihood.log_prob(self.decode(zs[0]), x)
         kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names[:-1])}
-        kl[self.level_names[-1]] = top_kl.expand_as(log_px)
+        kl[self.level_names[-1]] = top_kl.reshape(-1, x.shape[0])  # [1, B] when T = 1: q(z_1|x) is shared by the n draws
         return log_px, kl, log_px + sum(log_p) - sum(log_q)
 
     def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
@@ -339,6 +339,12 @@ class LadderHVAE(HVAE):
         self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
         self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
         self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
+
+    @property
+    def activation_elements(self) -> int:
+        """Elements of the top-down state at its finest resolution, per sample (sizes IWAE evaluation passes)."""
+        _, h, w = self.config.data_shape
+        return self.config.channels * h * w // self.factors[-1] ** 2
 
     # -- the two passes --------------------------------------------------------------------------
 

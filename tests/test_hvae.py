@@ -1,0 +1,263 @@
+"""Hierarchical VAEs: the Markovian chain and the top-down ladder."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from elbox.bounds import kl_diag_gaussians, kl_monte_carlo, mean_and_stderr
+from elbox.checkpoint import load_weights
+from elbox.cli import main
+from elbox.data import get_data_space, load_split
+from elbox.errors import ElboxError
+from elbox.evaluate import evaluate, iwae_by_k_per_example
+from elbox.models import VAE, LadderHVAE, MarkovHVAE, build_model
+from elbox.train import Trainer, TrainConfig
+
+# 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
+TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}
+SMALL_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 8, "latent_channels": 2}  # 28x28, for training
+
+
+def binary_images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, size, size, generator=g) < 0.3).float()
+
+
+def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Add noise to every parameter, so that priors and posteriors differ from their initialization."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+# ----------------------------------------------------------------------------------------------
+# Markovian HVAE
+
+
+def test_markov_with_one_level_is_the_vae():
+    vae = build_model("vae", {"latent_dim": 6, "hidden_dims": [32, 16], "data_shape": (1, 8, 8)})
+    hvae = build_model("hvae", {"hvae_type": "markov", "levels": 1, "latent_dims": [6], "hidden_dims": [32, 16], "data_shape": (1, 8, 8)})
+    assert isinstance(hvae, MarkovHVAE)
+    renamed = {k.replace("encoder.", "encoders.0.", 1).replace("decoder.", "decoders.0.", 1): v for k, v in vae.state_dict().items()}
+    hvae.load_state_dict(renamed)  # strict: the same parameters, nothing more
+    x = binary_images(20)
+    torch.manual_seed(5)
+    a = vae.elbo(x, n_samples=3)
+    torch.manual_seed(5)
+    b = hvae.elbo(x, n_samples=3)
+    torch.testing.assert_close(b.reconstruction, a.reconstruction, rtol=0, atol=0)
+    torch.testing.assert_close(b.kl["z1"], a.kl["z"], rtol=0, atol=0)
+    torch.testing.assert_close(b.elbo, a.elbo, rtol=0, atol=0)
+
+
+def linear_gaussian_markov(sigma_x: float = 0.5) -> MarkovHVAE:
+    """Two-level Markov HVAE whose generative model is linear-Gaussian: z_2 ~ N(0, I),
+    z_1 = A z_2 + a + s * eps, x = W z_1 + b + sigma_x * eps (constant s: its weights are zeroed)."""
+    torch.manual_seed(0)
+    model = build_model(
+        "hvae",
+        {"hvae_type": "markov", "levels": 2, "latent_dims": [3, 2], "hidden_dims": [], "data_shape": (1, 1, 4),
+         "likelihood": "gaussian", "likelihood_options": {"sigma": sigma_x}},
+    ).double()
+    with torch.no_grad():
+        model.decoders[1][-1].weight[3:].zero_()  # p(z_1|z_2): the std half does not depend on z_2
+    return model
+
+
+def exact_log_prob(model: MarkovHVAE, x: torch.Tensor, sigma_x: float) -> torch.Tensor:
+    """log p(x) of the linear-Gaussian model: x ~ N(b + W a, W (A A^T + diag s^2) W^T + sigma_x^2 I)."""
+    p_z1 = model.decoders[1][-1]
+    A, a = p_z1.weight[:3], p_z1.bias[:3]
+    s = torch.nn.functional.softplus(p_z1.bias[3:]) + model.config.min_std
+    W, b = model.decoders[0][-1].weight, model.decoders[0][-1].bias
+    cov = W @ (A @ A.T + torch.diag(s**2)) @ W.T + sigma_x**2 * torch.eye(4, dtype=W.dtype)
+    return MultivariateNormal(b + W @ a, covariance_matrix=cov).log_prob(x.flatten(1))
+
+
+@torch.no_grad()
+def test_linear_gaussian_two_levels_elbo_below_log_px_and_iwae_approaches_it():
+    sigma_x = 0.5
+    model = linear_gaussian_markov(sigma_x)
+    torch.manual_seed(1)
+    x = model.sample(300, mean=False)
+    log_px = exact_log_prob(model, x, sigma_x)
+    elbo = model.elbo(x, n_samples=200).elbo
+    gap_elbo, gap_elbo_se = mean_and_stderr(log_px - elbo)
+    assert gap_elbo > 10 * gap_elbo_se  # the ELBO is strictly below log p(x)
+    bounds = iwae_by_k_per_example(model, x, [1, 10, 100, 5000], batch_size=300)
+    gaps = {k: mean_and_stderr(log_px - v) for k, v in bounds.items()}
+    # every IWAE-K is a lower bound (within 4 standard errors) and the gap shrinks as K grows
+    assert all(g > -4 * se for g, se in gaps.values())
+    assert gaps[1][0] > gaps[10][0] > gaps[100][0] > gaps[5000][0]
+    assert gaps[5000][0] < 0.2 * gap_elbo
+
+
+# ----------------------------------------------------------------------------------------------
+# Ladder HVAE
+
+
+def test_ladder_prior_starts_at_standard_normal():
+    model = build_model("hvae", TINY_LADDER)
+    for mu_q, std_q, mu_p, std_p in model.level_distributions(binary_images(4)):
+        assert torch.equal(mu_p, torch.zeros_like(mu_p))
+        torch.testing.assert_close(std_p, torch.full_like(std_p, 1 + model.config.min_std))
+
+
+@pytest.mark.parametrize("posterior", ["residual", "precision"])
+def test_ladder_analytic_kl_per_level_matches_monte_carlo(posterior):
+    torch.manual_seed(0)
+    model = build_model("hvae", {**TINY_LADDER, "posterior": posterior}).double()
+    perturb(model, 0.3, seed=1)
+    x = binary_images(3).double()
+    torch.manual_seed(7)
+    levels = model.level_distributions(x)
+    torch.manual_seed(7)
+    _, kl_from_draw, _ = model.draw(model.prepare(x), x, 1)  # the same draw: its per-level KL is the analytic one
+    for (mu_q, std_q, mu_p, std_p), name in zip(levels, model.level_names):
+        analytic = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1)
+        torch.testing.assert_close(kl_from_draw[name][0], analytic)
+        q, p = Independent(Normal(mu_q, std_q), 3), Independent(Normal(mu_p, std_p), 3)
+        estimate, stderr = kl_monte_carlo(q, p, 20000)
+        assert analytic.min() > 0.1  # a non-trivial KL at every level
+        assert ((estimate - analytic).abs() < 4 * stderr).all(), (name, estimate, analytic, stderr)
+
+
+@pytest.mark.parametrize("config", [TINY_LADDER, {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)}])
+@torch.no_grad()
+def test_log_weights_average_to_the_elbo(config):
+    """E_q[log w] = ELBO: the Monte Carlo log weights and the ELBO terms (analytic KLs) agree within 4 standard errors."""
+    torch.manual_seed(0)
+    model = build_model("hvae", config).double()
+    perturb(model, 0.02, seed=2)
+    x = binary_images(2).double()
+    log_w = model.log_weights(x, 4000)
+    elbo = model.elbo(x, n_samples=4000).elbo
+    stderr = log_w.std(0) / math.sqrt(log_w.shape[0])
+    assert ((log_w.mean(0) - elbo).abs() < 4 * stderr + 1e-9).all()
+
+
+def test_sample_temperature_per_level():
+    torch.manual_seed(0)
+    model = build_model("hvae", TINY_LADDER)
+    perturb(model, 0.05, seed=3)
+    torch.manual_seed(1)
+    a = model.sample(8, temperature=[1.0, 1.0, 1.0])
+    torch.manual_seed(1)
+    b = model.sample(8)
+    torch.testing.assert_close(a, b)
+    torch.manual_seed(1)
+    cold = model.sample(8, temperature=1e-6)
+    torch.manual_seed(2)
+    cold2 = model.sample(8, temperature=1e-6)
+    torch.testing.assert_close(cold, cold2, atol=1e-4, rtol=0)  # at temperature -> 0 samples stop depending on the noise
+    assert not torch.allclose(a, model.sample(8))
+    with pytest.raises(ElboxError, match="one temperature or one per level"):
+        model.sample(2, temperature=[1.0, 0.5])
+    with pytest.raises(ElboxError, match="> 0"):
+        model.sample(2, temperature=0.0)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"hvae_type": "markov", "levels": 2, "latent_dims": [4]}, "latent_dims"),
+        ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4, 3]}, "powers of 2"),
+        ({"hvae_type": "ladder", "levels": 2, "level_downsample": [2, 4]}, "must not increase"),
+        ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4]}, "one factor per level"),
+        ({"hvae_type": "tree"}, "unknown hvae_type"),
+        ({"levels": 0}, "levels must be >= 1"),
+        ({"posterior": "mean-field"}, "unknown posterior"),
+    ],
+)
+def test_bad_configs_are_refused(bad, message):
+    with pytest.raises(ElboxError, match=message):
+        build_model("hvae", bad)
+
+
+def test_ladder_levels_share_resolutions_and_report_per_level():
+    model = build_model("hvae", {**TINY_LADDER, "levels": 4})
+    assert isinstance(model, LadderHVAE) and model.config.level_downsample == [4, 4, 2, 2]
+    means = model.encode_levels(binary_images(5))
+    assert {k: v.shape[1] for k, v in means.items()} == {"z1": 2 * 4, "z2": 2 * 4, "z3": 2 * 16, "z4": 2 * 16}
+    result = evaluate(model, binary_images(20), iw_samples=[1, 5], batch_size=10)
+    assert set(result["kl_by_group"]) == set(result["active_units_by_level"]) == {"z1", "z2", "z3", "z4"}
+    assert result["elbo"] == pytest.approx(result["reconstruction"] - sum(result["kl_by_group"].values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def train_run(tmp_path, model_config, steps=50, **train_options):
+    train, _ = load_split("synthetic", "train")
+    val, _ = load_split("synthetic", "validation")
+    torch.manual_seed(0)
+    model = build_model("hvae", model_config)
+    config = TrainConfig(epochs=1, batch_size=train[: 8 * steps].shape[0] // steps, seed=0, log_every=1, **train_options)
+    trainer = Trainer(model, train[: 8 * steps], val[:40], get_data_space("binary"), config, tmp_path, progress=False)
+    trainer.fit()
+    return [r for r in trainer.records if r["kind"] == "train"], trainer
+
+
+@pytest.mark.parametrize("config", [SMALL_LADDER, {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}])
+def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config):
+    options = dict(ema_decay=0.99, beta_schedule="linear", warmup_epochs=0.5, free_bits=0.1, grad_clip=50.0)
+    a, _ = train_run(tmp_path / "a", config, **options)
+    b, _ = train_run(tmp_path / "b", config, **options)
+    assert len(a) == 50
+    assert [r["objective"] for r in a] == [r["objective"] for r in b]
+    assert [r["kl/z2"] for r in a] == [r["kl/z2"] for r in b]
+
+
+def test_updates_above_the_gradient_threshold_are_skipped_and_counted(tmp_path):
+    records, trainer = train_run(tmp_path, SMALL_LADDER, steps=10, grad_skip_threshold=1e-6)
+    assert trainer.skipped_large_grad == 10 and records == []
+    epoch = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert epoch["skipped_large_grad"] == 10
+    torch.manual_seed(0)  # the same seed as train_run: the initial weights, which no update changed
+    initial = build_model("hvae", SMALL_LADDER)
+    for (name, p), q in zip(trainer.model.named_parameters(), initial.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_ema_weights_are_validated_and_saved(tmp_path):
+    _, trainer = train_run(tmp_path, SMALL_LADDER, steps=10, ema_decay=0.9)
+    saved = build_model("hvae", SMALL_LADDER)
+    load_weights(tmp_path / "model.safetensors", saved)
+    for (name, p), q in zip(trainer.ema.module.named_parameters(), saved.parameters()):
+        assert torch.equal(p, q), name
+    moved = [not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), trainer.ema.module.parameters())]
+    assert any(moved)  # the EMA lags the trained weights
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32"],
+        ["--hvae-type", "ladder", "--levels", "2", "--channels", "8", "--latent-channels", "2", "--posterior", "precision"],
+    ],
+)
+def test_cli_trains_evaluates_and_samples_both_families(tmp_path, capsys, flags):
+    out = tmp_path / "run"
+    train = ["train", "--data", "synthetic", "--model", "hvae", *flags, "--epochs", "1", "--limit-train", "200",
+             "--ema-decay", "0.9", "--warmup-epochs", "1", "--beta-schedule", "linear", "--no-progress", "--out", str(out)]
+    assert main(train) == 0
+    assert main(["evaluate", str(out), "--iw-samples", "1", "10", "--limit", "20", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "KL[z1]" in printed and "KL[z2]" in printed and "active[z2]" in printed
+    result = json.loads((out / "eval-test.json").read_text())
+    assert set(result["kl_by_group"]) == {"z1", "z2"}
+    assert main(["sample", str(out), "--n", "4", "--temperature", "0.8", "--out", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", str(out), "--n", "4", "--temperature", "0.8", "0.5", "--out", str(tmp_path / "t.png")]) == 0
+    assert main(["sample", str(out), "--n", "4", "--temperature", "1", "1", "1"]) == 1
+    assert "one temperature or one per level" in capsys.readouterr().err
