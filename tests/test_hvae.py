@@ -14,7 +14,7 @@ from elbox.checkpoint import load_weights
 from elbox.cli import main
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
-from elbox.evaluate import evaluate, iwae_by_k_per_example
+from elbox.evaluate import elbo_per_example, evaluate, iwae_by_k_per_example
 from elbox.models import VAE, LadderHVAE, MarkovHVAE, build_model
 from elbox.train import Trainer, TrainConfig
 
@@ -128,7 +128,11 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(posterior):
         assert ((estimate - analytic).abs() < 4 * stderr).all(), (name, estimate, analytic, stderr)
 
 
-@pytest.mark.parametrize("config", [TINY_LADDER, {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)}])
+@pytest.mark.parametrize(
+    "config",
+    [TINY_LADDER, {**TINY_LADDER, "posterior": "precision"},
+     {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)}],
+)
 @torch.no_grad()
 def test_log_weights_average_to_the_elbo(config):
     """E_q[log w] = ELBO: the Monte Carlo log weights and the ELBO terms (analytic KLs) agree within 4 standard errors."""
@@ -140,6 +144,28 @@ def test_log_weights_average_to_the_elbo(config):
     elbo = model.elbo(x, n_samples=4000).elbo
     stderr = log_w.std(0) / math.sqrt(log_w.shape[0])
     assert ((log_w.mean(0) - elbo).abs() < 4 * stderr + 1e-9).all()
+
+
+def test_precision_weighted_posterior_is_the_normalized_product_of_gaussians():
+    """q is proportional to N(a, b^2) N(mu_p, s_p^2): log q(z) - log N(z; a, b^2) - log N(z; mu_p, s_p^2) is the same for
+    every z, and q is narrower than the prior."""
+    model = build_model("hvae", {**TINY_LADDER, "posterior": "precision"}).double()
+    g = torch.Generator().manual_seed(0)
+    raw, mu_p = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    std_p = torch.rand(3, 2, 2, 2, generator=g, dtype=torch.float64) + 0.2
+    mu_q, std_q = model._posterior(raw, mu_p, std_p)
+    a, b = raw.chunk(2, dim=1)
+    b = torch.nn.functional.softplus(b + math.log(math.e - 1)) + model.config.min_std
+    z = torch.randn(50, *mu_q.shape, generator=g, dtype=torch.float64)
+    log_ratio = Normal(mu_q, std_q).log_prob(z) - Normal(a, b).log_prob(z) - Normal(mu_p, std_p).log_prob(z)
+    torch.testing.assert_close(log_ratio, log_ratio[:1].expand_as(log_ratio))
+    assert (std_q < std_p).all() and (std_q < b).all()
+
+
+def test_stl_and_dreg_forms_are_refused():
+    model = build_model("hvae", TINY_LADDER)
+    with pytest.raises(ElboxError, match="not available for hierarchical VAEs"):
+        model.log_weights(binary_images(2), 3, detach_posterior_params=True)
 
 
 def test_sample_temperature_per_level():
@@ -205,14 +231,23 @@ def train_run(tmp_path, model_config, steps=50, **train_options):
     return [r for r in trainer.records if r["kind"] == "train"], trainer
 
 
-@pytest.mark.parametrize("config", [SMALL_LADDER, {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}])
-def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config):
-    options = dict(ema_decay=0.99, beta_schedule="linear", warmup_epochs=0.5, free_bits=0.1, grad_clip=50.0)
+@pytest.mark.parametrize(
+    "config, free_bits",
+    [(SMALL_LADDER, 0.1), ({"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}, 0.0)],
+)
+def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config, free_bits):
+    options = dict(ema_decay=0.99, beta_schedule="linear", warmup_epochs=0.5, free_bits=free_bits, grad_clip=50.0,
+                   lr_schedule="cosine")
     a, _ = train_run(tmp_path / "a", config, **options)
     b, _ = train_run(tmp_path / "b", config, **options)
     assert len(a) == 50
     assert [r["objective"] for r in a] == [r["objective"] for r in b]
     assert [r["kl/z2"] for r in a] == [r["kl/z2"] for r in b]
+
+
+def test_free_bits_are_refused_for_the_markov_chain(tmp_path):
+    with pytest.raises(ElboxError, match="single-sample log q - log p"):
+        train_run(tmp_path, {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}, free_bits=0.5)
 
 
 def test_updates_above_the_gradient_threshold_are_skipped_and_counted(tmp_path):
@@ -234,6 +269,13 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
         assert torch.equal(p, q), name
     moved = [not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), trainer.ema.module.parameters())]
     assert any(moved)  # the EMA lags the trained weights
+    # validation scores the EMA weights: the same seed gives the same value as scoring them directly
+    assert trainer.eval_model is trainer.ema.module
+    torch.manual_seed(3)
+    validated = trainer.validate()["val_elbo"]
+    torch.manual_seed(3)
+    direct = elbo_per_example(saved, trainer.val_x, trainer.config.eval_batch_size)["elbo"].mean().item()
+    assert validated == pytest.approx(direct, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

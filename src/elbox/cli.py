@@ -218,7 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if model.trains_by_gradient:
-        record = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress).fit()
+        trainer = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress)
+        record = trainer.fit()
+        model = trainer.eval_model  # the saved weights (the EMA when --ema-decay is set)
     else:
         record = fit_without_gradients(model, train_images, val_images, space, args, out)
     with torch.no_grad():

@@ -184,6 +184,11 @@ class Trainer:
     ):
         if config.objective == "iwae" and not hasattr(model, "importance_samples"):
             raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
+        if config.free_bits > 0 and not model.kl_terms_are_kls:
+            raise ElboxError(
+                f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s per-level terms below "
+                "the top are single-sample log q - log p estimates (they can be negative). Use KL warm-up instead"
+            )
         if train_data.shape[0] == 0:
             raise ElboxError("the training set is empty")
         if val_data.shape[0] == 0:
@@ -282,9 +287,10 @@ class Trainer:
         for idx in bar:
             x = self.space.train_batch(self.train_data[idx.to(self.device)], self.generator)
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
+            lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)
             self.step += 1
-            if self.scheduler is not None:
+            if self.scheduler is not None:  # the schedule follows the step count, skipped steps included
                 self.scheduler.step()
             if values == "large_grad":
                 self.skipped_large_grad += 1
@@ -311,8 +317,7 @@ class Trainer:
                 now = time.perf_counter()
                 rate = n_interval / (now - interval_start)
                 record = {k: v / n_interval for k, v in interval.items()}
-                record.update(kind="train", epoch=epoch, step=self.step, beta=beta, images_per_s=rate,
-                              lr=self.optimizer.param_groups[0]["lr"])
+                record.update(kind="train", epoch=epoch, step=self.step, beta=beta, lr=lr, images_per_s=rate)
                 self.records.append(record)
                 bar.set_postfix(
                     elbo=f"{record['elbo']:.2f}", rec=f"{record['reconstruction']:.2f}",

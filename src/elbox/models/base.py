@@ -35,6 +35,8 @@ class LatentVariableModel(nn.Module):
     config_class: ClassVar[type] = object
     # False for models fitted by their own `fit(x, progress) -> list[dict]` (closed form, EM)
     trains_by_gradient: bool = True
+    # False when some ELBOTerms.kl entries are Monte Carlo terms that are not KL divergences (free bits refused)
+    kl_terms_are_kls: bool = True
 
     def __init__(self, config: Any):
         super().__init__()

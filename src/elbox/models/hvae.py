@@ -163,9 +163,14 @@ class HVAE(LatentVariableModel):
 
     def log_weights_sampler(self, x: Tensor, detach_posterior_params: bool = False) -> Callable[[int], Tensor]:
         """Run the x-only part of inference once; the returned function draws n log weights
-        log p(x, z) - log q(z|x) [n, B]."""
+        log p(x, z) - log q(z|x) [n, B].
+
+        detach_posterior_params (the STL/DReG form) is refused: q(z_l|.) depends on the earlier draws z_<l, and
+        detaching its parameters would also cut the gradient through z_<l, biasing the estimator."""
+        if detach_posterior_params:
+            raise ElboxError("the STL and DReG estimators are not available for hierarchical VAEs; use the reparam estimator")
         prepared = self.prepare(x)
-        return lambda n: self.draw(prepared, x, n, detach_posterior_params)[2]
+        return lambda n: self.draw(prepared, x, n)[2]
 
     def encode(self, x: Tensor) -> Tensor:
         """Posterior means of every level, flattened and concatenated [B, sum of level sizes]."""
@@ -189,6 +194,10 @@ class HVAE(LatentVariableModel):
 
 class MarkovHVAE(HVAE):
     """Bottom-up Markov chain of T diagonal-Gaussian levels with MLP transitions."""
+
+    # the per-level terms below the top are single-sample estimates of E[log q - log p], not KLs: they can be
+    # negative, and a free-bits floor on them would cut the gradient of the prior transitions
+    kl_terms_are_kls = False
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
@@ -224,7 +233,7 @@ class MarkovHVAE(HVAE):
     def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._posterior(0, x)
 
-    def draw(self, prepared, x: Tensor, n: int, detach_posterior_params: bool = False):
+    def draw(self, prepared, x: Tensor, n: int):
         """n joint draws z_1..T ~ q. Returns (log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]},
         log weights [n, B]). The top level's KL term is analytic, the others single-sample."""
         levels = self.config.levels
@@ -235,10 +244,7 @@ class MarkovHVAE(HVAE):
                 mean, std = self._posterior(t, zs[-1])
             z, eps = sample_diag_gaussian(mean, std, n) if t == 0 else _draw_like(mean, std)
             zs.append(z)
-            if detach_posterior_params:
-                log_q.append(diag_gaussian_log_prob(z, mean.detach(), std.detach()))
-            else:
-                log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
+            log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
         top_kl = kl_diag_gaussians(mean, std).sum(-1)
         log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(levels - 1)]
         log_p.append(standard_normal_log_prob(zs[-1]))
@@ -342,9 +348,10 @@ class LadderHVAE(HVAE):
 
     @property
     def activation_elements(self) -> int:
-        """Elements of the top-down state at its finest resolution, per sample (sizes IWAE evaluation passes)."""
+        """Per-sample activation elements that bound IWAE evaluation passes: the top-down state upsampled to the
+        image size, and the same again twice over for the temporaries around it (concatenations, heads)."""
         _, h, w = self.config.data_shape
-        return self.config.channels * h * w // self.factors[-1] ** 2
+        return 3 * self.config.channels * h * w
 
     # -- the two passes --------------------------------------------------------------------------
 
@@ -388,7 +395,7 @@ class LadderHVAE(HVAE):
     def _posterior(self, raw: Tensor, mu_p: Tensor, std_p: Tensor) -> tuple[Tensor, Tensor]:
         a, b = gaussian_params(raw, self.config.min_std, dim=1)
         if self.config.posterior == "residual":  # q = N(mu_p + dmu, (std_p * dsigma)^2)
-            return mu_p + a, std_p * b
+            return mu_p + a, (std_p * b).clamp_min(self.config.min_std)
         precision_hat, precision_p = b.pow(-2), std_p.pow(-2)  # precision-weighted merge of (a, b) with the prior
         var_q = 1 / (precision_hat + precision_p)
         return (a * precision_hat + mu_p * precision_p) * var_q, var_q.sqrt()
@@ -398,7 +405,7 @@ class LadderHVAE(HVAE):
 
     # -- the model interface ---------------------------------------------------------------------
 
-    def draw(self, prepared: dict[int, Tensor], x: Tensor, n: int, detach_posterior_params: bool = False):
+    def draw(self, prepared: dict[int, Tensor], x: Tensor, n: int):
         """n draws z_1..L ~ q(z|x). Returns (log p(x|z) [n, B], analytic KL per level {name: [n, B]},
         log weights [n, B])."""
         batch = x.shape[0]
@@ -409,10 +416,7 @@ class LadderHVAE(HVAE):
             eps = torch.randn_like(mu_q)
             z = mu_q + std_q * eps
             kl[self.level_names[i]] = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1).view(n, batch)
-            if detach_posterior_params:
-                log_q = diag_gaussian_log_prob(z.flatten(1), mu_q.detach().flatten(1), std_q.detach().flatten(1))
-            else:
-                log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
+            log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
             log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
             return z
 
