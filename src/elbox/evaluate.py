@@ -175,6 +175,8 @@ def evaluate(
             result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
             result["kl"], _ = mean_and_stderr(terms["kl"])
             result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
+            # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
+            result["kl_by_group_are_kls"] = model.kl_terms_are_kls
             result["bpd_elbo"] = -result["elbo"] / bits
         if hasattr(model, "log_weights"):
             bounds = iwae_by_k_per_example(model, x, ks, batch_size, max_decoder_elements, progress)
@@ -184,13 +186,15 @@ def evaluate(
             result["nll_iw_stderr_by_k"] = {k: mean_and_stderr(v)[1] for k, v in nll_by_k.items()}
             result["nll_iw"], result["nll_iw_stderr"] = result["nll_iw_by_k"][ks[-1]], result["nll_iw_stderr_by_k"][ks[-1]]
             result["bpd"] = result["nll_iw"] / bits
-        if hasattr(model, "encode"):
-            result["active_units"], variances = active_units(model, x, batch_size)
-            result["latent_dim"] = variances.numel()
-        if hasattr(model, "encode_levels"):
+        if hasattr(model, "encode_levels"):  # encode() is the levels concatenated: count once, per level
             by_level = active_units_by_level(model, x, batch_size)
             result["active_units_by_level"] = {name: n for name, (n, _) in by_level.items()}
             result["latent_dim_by_level"] = {name: d for name, (_, d) in by_level.items()}
+            result["active_units"] = sum(result["active_units_by_level"].values())
+            result["latent_dim"] = sum(result["latent_dim_by_level"].values())
+        elif hasattr(model, "encode"):
+            result["active_units"], variances = active_units(model, x, batch_size)
+            result["latent_dim"] = variances.numel()
     if nll_exact is not None:
         result["bpd"] = result["nll_exact"] / bits
     # paired gaps, each >= 0 in expectation
@@ -219,7 +223,8 @@ def format_table(result: dict) -> str:
         rows.append(("  reconstruction", f"{result['reconstruction']:.3f} nats"))
         rows.append(("  KL", f"{result['kl']:.3f} nats"))
         if len(result["kl_by_group"]) > 1:
-            rows += [(f"    KL[{name}]", f"{v:.3f} nats") for name, v in result["kl_by_group"].items()]
+            label = "KL" if result.get("kl_by_group_are_kls", True) else "E[log q - log p]"
+            rows += [(f"    {label}[{name}]", f"{v:.3f} nats") for name, v in result["kl_by_group"].items()]
     for k, v in result.get("nll_iw_by_k", {}).items():
         rows.append((f"NLL (IWAE, K={k})", f"{v:.3f} ± {result['nll_iw_stderr_by_k'][k]:.3f} nats"))
     if "gap_elbo" in result:

@@ -140,6 +140,10 @@ def gaussian_params(raw: Tensor, min_std: float, dim: int) -> tuple[Tensor, Tens
 class HVAE(LatentVariableModel):
     """Hierarchical VAE: builds a MarkovHVAE or a LadderHVAE from the config's hvae_type."""
 
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        self.likelihood = build_likelihood(config.likelihood, config.data_shape, **config.likelihood_options)
+
     @classmethod
     def from_config(cls, config: HVAEConfig) -> "HVAE":
         return (MarkovHVAE if config.hvae_type == "markov" else LadderHVAE)(config)
@@ -202,7 +206,6 @@ class MarkovHVAE(HVAE):
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
         c = config
-        self.likelihood = build_likelihood(c.likelihood, c.data_shape, **c.likelihood_options)
         num_dims = math.prod(c.data_shape)
         dims = c.latent_dims
         rev = list(reversed(c.hidden_dims))
@@ -329,7 +332,6 @@ class LadderHVAE(HVAE):
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
         cfg = config
-        self.likelihood = build_likelihood(cfg.likelihood, cfg.data_shape, **cfg.likelihood_options)
         c_data, h, w = cfg.data_shape
         c = cfg.channels
         mid = max(c // 4, 8)
