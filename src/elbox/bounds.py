@@ -107,10 +107,13 @@ class ELBOTerms:
 
     reconstruction: [B] E_q[log p(x|z)]
     kl: name -> [B]  one entry per latent group / level / diffusion term
+    objective: [B] or None  a surrogate the model asks to be trained on instead of the ELBO (the diffusion
+        model's simplified loss); never reported as a bound
     """
 
     reconstruction: Tensor
     kl: dict[str, Tensor]
+    objective: Tensor | None = None
 
     @property
     def kl_total(self) -> Tensor:

@@ -30,6 +30,7 @@ from elbox.errors import ElboxError
 from elbox.evaluate import evaluate, format_table, log_prob_per_example
 from elbox.likelihoods import LIKELIHOODS
 from elbox.models import build_model
+from elbox.models.diffusion import DIFFUSION_LOSSES, PARAMETERIZATIONS, SCHEDULES
 from elbox.models.hvae import HVAE_TYPES, POSTERIORS
 from elbox.models.vae import ARCHITECTURES
 from elbox.nets import ACTIVATIONS
@@ -134,6 +135,21 @@ def hvae_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...])
     }
 
 
+def diffusion_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
+    return {
+        "data_shape": tuple(data_shape),
+        "timesteps": args.timesteps,
+        "schedule": args.schedule,
+        "gamma_min": args.gamma_min,
+        "gamma_max": args.gamma_max,
+        "parameterization": args.parameterization,
+        "loss": args.diffusion_loss,
+        "channels": args.unet_channels,
+        "blocks_per_level": args.blocks_per_level,
+        "fourier_features": not args.no_fourier_features,
+    }
+
+
 def linear_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ...]) -> dict:
     return {
         "data_shape": tuple(data_shape),
@@ -164,6 +180,7 @@ def mixture_config_from_args(args: argparse.Namespace, data_shape: tuple[int, ..
 MODEL_CONFIG_FROM_ARGS = {
     "vae": vae_config_from_args,
     "hvae": hvae_config_from_args,
+    "diffusion": diffusion_config_from_args,
     "linear": linear_config_from_args,
     "gaussian": gaussian_config_from_args,
     "mixture": mixture_config_from_args,
@@ -273,10 +290,13 @@ def sample_options(model, args: argparse.Namespace) -> dict:
         options["mean"] = False
     if args.temperature != [1.0]:
         options["temperature"] = args.temperature[0] if len(args.temperature) == 1 else args.temperature
+    if args.steps is not None:
+        options["steps"] = args.steps
     accepted = inspect.signature(model.sample).parameters
-    unsupported = [name for name in options if name not in accepted]
+    flags = {"mean": "--draw", "temperature": "--temperature", "steps": "--steps"}
+    unsupported = [flags[name] for name in options if name not in accepted]
     if unsupported:
-        raise ElboxError(f"the {model.name} model's samples take no {'--draw' if 'mean' in unsupported else '--temperature'} option")
+        raise ElboxError(f"the {model.name} model's samples take no {' or '.join(unsupported)} option")
     return options
 
 
@@ -295,6 +315,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config = load_run(args.run_dir, device)
     x, _ = load_eval_data(config, args.split, args.n, args.seed, device)
+    if not hasattr(model, "reconstruct"):
+        raise ElboxError(f"the {model.name} model has no reconstructions (no encoder to map an image to a latent)")
     with torch.no_grad():
         recon = model.reconstruct(x)
     # rows alternate: originals, then their reconstructions
@@ -384,11 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hvae markov: latent size per level, z_1 (next to x) first (default 32, 16, 8, ...)")
     p.add_argument("--channels", type=positive_int, default=64, help="hvae ladder: width of the residual state")
     p.add_argument("--latent-channels", type=positive_int, default=8, help="hvae ladder: channels of each level's latent map")
-    p.add_argument("--blocks-per-level", type=positive_int, default=1, help="hvae ladder: residual blocks per level and resolution")
+    p.add_argument("--blocks-per-level", type=positive_int, default=1,
+                   help="hvae ladder: residual blocks per level and resolution; diffusion: U-Net blocks per resolution")
     p.add_argument("--level-downsample", type=positive_int, nargs="+", default=None, metavar="F",
                    help="hvae ladder: per level, top first, image size / latent map size (default: top half 4, rest 2)")
     p.add_argument("--posterior", choices=POSTERIORS, default="residual",
                    help="hvae ladder: residual (NVAE) or precision-weighted (LVAE) posterior")
+    p.add_argument("--timesteps", type=non_negative_int, default=0, metavar="T",
+                   help="diffusion: number of steps T of the discrete-time model; 0 = continuous time (default)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="learned-linear", help="diffusion: noise schedule gamma(t) = -log SNR(t)")
+    p.add_argument("--gamma-min", type=float, default=-13.3, help="diffusion: gamma(0) (initial value when learned)")
+    p.add_argument("--gamma-max", type=float, default=5.0, help="diffusion: gamma(1) (initial value when learned)")
+    p.add_argument("--parameterization", choices=PARAMETERIZATIONS, default="eps",
+                   help="diffusion: what the denoiser predicts, the noise (eps), the data (x0) or the score")
+    p.add_argument("--diffusion-loss", choices=DIFFUSION_LOSSES, default="elbo",
+                   help="diffusion: train on the ELBO or on the simple unweighted noise-prediction loss (reports are always the ELBO)")
+    p.add_argument("--unet-channels", type=positive_int, nargs="+", default=[32, 64, 64], metavar="C",
+                   help="diffusion: U-Net width per resolution level (each further level halves the image)")
+    p.add_argument("--no-fourier-features", action="store_true", help="diffusion: do not feed Fourier features of z_t to the U-Net")
     p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",
                    help="linear: observation noise, isotropic (probabilistic PCA) or diagonal (factor analysis)")
     p.add_argument("--encoder", choices=("exact", "amortized"), default="amortized",
@@ -431,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0], metavar="T",
                    help="scale of the prior's standard deviation: one value, or one per level in the order z1, z2, ... (hvae)")
     p.add_argument("--draw", action="store_true", help="draw x ~ p(x|z) instead of showing its mean")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="diffusion: ancestral sampling steps (default: the model's T, or 256 in continuous time)")
     add_common(p)
     p.set_defaults(func=cmd_sample)
 

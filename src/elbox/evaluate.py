@@ -30,12 +30,15 @@ DEFAULT_MAX_DECODER_ELEMENTS = 2**22
 
 @torch.no_grad()
 def elbo_per_example(
-    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1
+    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1, progress: bool = False
 ) -> dict[str, Tensor]:
-    """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N]."""
+    """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N].
+
+    Uses the model's `elbo_for_evaluation` where it has one (the diffusion model's exact sum over steps)."""
+    elbo = getattr(model, "elbo_for_evaluation", model.elbo)
     parts: dict[str, list[Tensor]] = {}
-    for start in range(0, x.shape[0], batch_size):
-        terms = model.elbo(x[start : start + batch_size], n_samples=n_samples)
+    for start in tqdm(range(0, x.shape[0], batch_size), desc="ELBO", unit="batch", disable=not progress):
+        terms = elbo(x[start : start + batch_size], n_samples=n_samples)
         values = {"elbo": terms.elbo, "reconstruction": terms.reconstruction, "kl": terms.kl_total}
         values.update({f"kl/{name}": v for name, v in terms.kl.items()})
         for key, v in values.items():
@@ -140,7 +143,8 @@ def evaluate(
       gap_iw = NLL_K - NLL_exact; and the same by K.
     log_prob_offset: nats added to every log-density so it is a log-probability of the 8-bit data
     (-D ln 256 for dequantized data, 0 otherwise). Returns a JSON-ready dict; `nll_iw` and `bpd`
-    are for the largest K, `bpd` is from the exact NLL when it exists.
+    are for the largest K; `bpd` comes from the tightest bound there is (exact NLL, else IWAE, else the ELBO,
+    named in `bpd_source`), and `bpd_<part>` splits -ELBO in bits/dim into its terms (recon and each group).
     """
     ks = sorted(set([iw_samples] if isinstance(iw_samples, int) else iw_samples))
     if x.shape[0] == 0:
@@ -168,16 +172,24 @@ def evaluate(
             nll_exact = -(log_prob_per_example(model, x, batch_size) + log_prob_offset)
             result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
         if hasattr(model, "elbo"):
-            terms = elbo_per_example(model, x, batch_size, elbo_samples)
+            terms = elbo_per_example(model, x, batch_size, elbo_samples, progress)
             elbo = terms["elbo"] + log_prob_offset
             result["elbo_samples"] = elbo_samples
+            if hasattr(model, "elbo_protocol"):
+                result["elbo_protocol"] = model.elbo_protocol(elbo_samples)
             result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
             result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
             result["kl"], _ = mean_and_stderr(terms["kl"])
             result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
             # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
             result["kl_by_group_are_kls"] = model.kl_terms_are_kls
-            result["bpd_elbo"] = -result["elbo"] / bits
+            result["bpd_elbo"], result["bpd_elbo_stderr"] = -result["elbo"] / bits, result["elbo_stderr"] / bits
+            # -ELBO in bits/dim, term by term: bpd_recon + sum over groups of bpd_<group> = bpd_elbo
+            parts = {"recon": -(terms["reconstruction"] + log_prob_offset)}
+            parts.update({k[3:]: v for k, v in terms.items() if k.startswith("kl/")})
+            for name, v in parts.items():
+                result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
+            result["bpd_parts"] = list(parts)
         if hasattr(model, "log_weights"):
             bounds = iwae_by_k_per_example(model, x, ks, batch_size, max_decoder_elements, progress)
             nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}
@@ -185,7 +197,8 @@ def evaluate(
             result["nll_iw_by_k"] = {k: mean_and_stderr(v)[0] for k, v in nll_by_k.items()}
             result["nll_iw_stderr_by_k"] = {k: mean_and_stderr(v)[1] for k, v in nll_by_k.items()}
             result["nll_iw"], result["nll_iw_stderr"] = result["nll_iw_by_k"][ks[-1]], result["nll_iw_stderr_by_k"][ks[-1]]
-            result["bpd"] = result["nll_iw"] / bits
+            result["bpd"], result["bpd_stderr"] = result["nll_iw"] / bits, result["nll_iw_stderr"] / bits
+            result["bpd_source"] = f"IWAE, K={ks[-1]}"
         if hasattr(model, "encode_levels"):  # encode() is the levels concatenated: count once, per level
             by_level = active_units_by_level(model, x, batch_size)
             result["active_units_by_level"] = {name: n for name, (n, _) in by_level.items()}
@@ -196,7 +209,9 @@ def evaluate(
             result["active_units"], variances = active_units(model, x, batch_size)
             result["latent_dim"] = variances.numel()
     if nll_exact is not None:
-        result["bpd"] = result["nll_exact"] / bits
+        result["bpd"], result["bpd_stderr"], result["bpd_source"] = result["nll_exact"] / bits, result["nll_exact_stderr"] / bits, "exact"
+    elif "bpd" not in result and "bpd_elbo" in result:  # the ELBO is the only bound (diffusion)
+        result["bpd"], result["bpd_stderr"], result["bpd_source"] = result["bpd_elbo"], result["bpd_elbo_stderr"], "ELBO"
     # paired gaps, each >= 0 in expectation
     if elbo is not None and nll_by_k:
         gaps = {k: mean_and_stderr(-elbo - v) for k, v in nll_by_k.items()}
@@ -234,10 +249,12 @@ def format_table(result: dict) -> str:
     for k, v in result.get("gap_iw_by_k", {}).items():
         rows.append((f"NLL_K - NLL_exact (K={k})", f"{v:.3f} nats"))
     if "bpd" in result:
-        source = "exact" if "nll_exact" in result else f"IWAE, K={result['iw_samples']}"
-        rows.append(("bits/dim", f"{result['bpd']:.4f} ({source})" + (f"; {result['bpd_elbo']:.4f} (ELBO)" if "bpd_elbo" in result else "")))
-    elif "bpd_elbo" in result:
-        rows.append(("bits/dim", f"{result['bpd_elbo']:.4f} (ELBO)"))
+        also_elbo = f"; {result['bpd_elbo']:.4f} (ELBO)" if "bpd_elbo" in result and result["bpd_source"] != "ELBO" else ""
+        rows.append(("bits/dim", f"{result['bpd']:.4f} ± {result['bpd_stderr']:.4f} ({result['bpd_source']})" + also_elbo))
+    for name in result.get("bpd_parts", []):
+        rows.append((f"  bpd_{name}", f"{result[f'bpd_{name}']:.4f} ± {result[f'bpd_{name}_stderr']:.4f}"))
+    if "elbo_protocol" in result:
+        rows.append(("ELBO estimate", result["elbo_protocol"]))
     if "active_units" in result:
         rows.append(("active units", f"{result['active_units']} / {result['latent_dim']} (Var[E_q z] > {ACTIVE_UNIT_THRESHOLD})"))
         for name, n in result.get("active_units_by_level", {}).items():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbox.errors import ElboxError
@@ -70,3 +72,116 @@ def apply_flat(net: nn.Module, x: Tensor, n_event_dims: int) -> Tensor:
     batch = x.shape[: x.dim() - n_event_dims]
     out = net(x.reshape(math.prod(batch), *x.shape[x.dim() - n_event_dims :]))
     return out.reshape(*batch, *out.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# A time-conditioned U-Net (the diffusion denoiser)
+
+
+def sinusoidal_embedding(c: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
+    """Transformer-style embedding [N, dim] of scalars c [N] (scaled by `scale`, so c in [0, 1] spans many periods)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=c.device, dtype=c.dtype) / half)
+    angles = scale * c[:, None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def fourier_features(z: Tensor, exponents: tuple[int, ...] = (6, 7)) -> Tensor:
+    """sin and cos of 2^n * 2 pi * z per channel (VDM), so the net resolves the fine 8-bit grid of z at low noise."""
+    angles = torch.cat([z * (2.0**n * 2 * math.pi) for n in exponents], dim=1)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class ConditionedResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, plus a projection of the conditioning embedding, then GroupNorm-SiLU-conv, with a
+    residual connection. The second conv starts at zero, so each block starts as the identity (or its 1x1 skip)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = _group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = _group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class ConditionedUNet(nn.Module):
+    """U-Net without attention for small images, conditioned on one scalar per example (e.g. a normalized log-SNR).
+
+    channels[i] is the width at resolution level i (level 0 = full size; each further level halves height and
+    width); `blocks` residual blocks per level on the way down, blocks + 1 on the way up (each taking a skip).
+    Optional Fourier features of the input (`fourier_features`). The output convolution starts at zero.
+    """
+
+    def __init__(self, data_shape: tuple[int, int, int], channels: list[int], blocks: int, fourier: bool):
+        super().__init__()
+        c, h, w = data_shape
+        scale = 2 ** (len(channels) - 1)
+        if h % scale or w % scale:
+            raise ElboxError(f"a U-Net with {len(channels)} levels needs height and width divisible by {scale}, got {h}x{w}")
+        self.fourier = fourier
+        emb_dim = 4 * channels[0]
+        self.embed_dim = channels[0]
+        self.embed = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        in_channels = c * (5 if fourier else 1)  # z plus sin and cos at two frequencies
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        skips = [channels[0]]
+        width = channels[0]
+        for level, ch in enumerate(channels):
+            for _ in range(blocks):
+                self.down.append(ConditionedResBlock(width, ch, emb_dim))
+                width = ch
+                skips.append(width)
+            if level < len(channels) - 1:
+                self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+                skips.append(width)
+        self.mid = ConditionedResBlock(width, width, emb_dim)
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level, ch in reversed(list(enumerate(channels))):
+            for _ in range(blocks + 1):
+                self.up.append(ConditionedResBlock(width + skips.pop(), ch, emb_dim))
+                width = ch
+            if level > 0:
+                self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)))
+        self.blocks = blocks
+        self.levels = len(channels)
+        self.norm_out = _group_norm(width)
+        self.conv_out = nn.Conv2d(width, c, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, z: Tensor, cond: Tensor) -> Tensor:
+        """z [N, C, H, W], cond [N] -> [N, C, H, W]."""
+        emb = self.embed(sinusoidal_embedding(cond, self.embed_dim))
+        h = self.conv_in(torch.cat([z, fourier_features(z)], dim=1) if self.fourier else z)
+        hs = [h]
+        blocks = iter(self.down)
+        for level in range(self.levels):
+            for _ in range(self.blocks):
+                h = next(blocks)(h, emb)
+                hs.append(h)
+            if level < self.levels - 1:
+                h = self.downsample[level](h)
+                hs.append(h)
+        h = self.mid(h, emb)
+        blocks = iter(self.up)
+        for i, level in enumerate(reversed(range(self.levels))):
+            for _ in range(self.blocks + 1):
+                h = next(blocks)(torch.cat([h, hs.pop()], dim=1), emb)
+            if level > 0:
+                h = self.upsample[i](h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -189,6 +189,8 @@ class Trainer:
                 f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s per-level terms below "
                 "the top are single-sample log q - log p estimates (they can be negative). Use KL warm-up instead"
             )
+        if model.trains_on_surrogate and (config.beta_schedule != "constant" or config.beta != 1 or config.free_bits > 0 or config.objective != "elbo"):
+            raise ElboxError(f"the {type(model).__name__} trains on its own surrogate loss; beta, its schedules, free bits and the iwae objective do not apply")
         if train_data.shape[0] == 0:
             raise ElboxError("the training set is empty")
         if val_data.shape[0] == 0:
@@ -236,7 +238,10 @@ class Trainer:
             objective = per_example.mean()
         else:
             terms = self.model.elbo(x, n_samples=self.config.n_samples)
-            objective = elbo_training_objective(terms, beta, self.config.free_bits)
+            if terms.objective is not None:  # the model's own surrogate (checked free of beta and free bits)
+                objective = terms.objective.mean()
+            else:
+                objective = elbo_training_objective(terms, beta, self.config.free_bits)
         loss = -objective
         kl = terms.kl_total
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,6 +1,7 @@
 """Models. Importing this package registers every model class in `MODELS`."""
 
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
+from elbox.models.diffusion import DiffusionConfig, DiffusionModel
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 from elbox.models.hvae import HVAE, HVAEConfig, LadderHVAE, MarkovHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
@@ -24,4 +25,6 @@ __all__ = [
     "HVAEConfig",
     "MarkovHVAE",
     "LadderHVAE",
+    "DiffusionModel",
+    "DiffusionConfig",
 ]

@@ -37,6 +37,8 @@ class LatentVariableModel(nn.Module):
     trains_by_gradient: bool = True
     # False when some ELBOTerms.kl entries are Monte Carlo terms that are not KL divergences (free bits refused)
     kl_terms_are_kls: bool = True
+    # True when elbo() returns ELBOTerms.objective, a surrogate to train on instead of the ELBO
+    trains_on_surrogate: bool = False
 
     def __init__(self, config: Any):
         super().__init__()
