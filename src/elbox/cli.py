@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion: what the denoiser predicts, the noise (eps), the data (x0) or the score")
     p.add_argument("--diffusion-loss", choices=DIFFUSION_LOSSES, default="elbo",
                    help="diffusion: train on the ELBO or on the simple unweighted noise-prediction loss (reports are always the ELBO)")
-    p.add_argument("--unet-channels", type=positive_int, nargs="+", default=[32, 64, 64], metavar="C",
+    p.add_argument("--unet-channels", type=positive_int, nargs="+", default=[16, 32, 64], metavar="C",
                    help="diffusion: U-Net width per resolution level (each further level halves the image)")
     p.add_argument("--no-fourier-features", action="store_true", help="diffusion: do not feed Fourier features of z_t to the U-Net")
     p.add_argument("--noise", choices=("isotropic", "diagonal"), default="isotropic",

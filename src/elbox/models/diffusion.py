@@ -222,7 +222,7 @@ class DiffusionConfig:
     gamma_max: float = 5.0  # gamma(1), the initial value when learned
     parameterization: str = "eps"  # what the denoiser predicts: eps, x0 or score
     loss: str = "elbo"  # training loss: the ELBO, or "simple" (unweighted noise prediction); reports are the ELBO
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # U-Net width per resolution level
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # U-Net width per resolution level
     blocks_per_level: int = 1
     fourier_features: bool = True
 
@@ -411,12 +411,17 @@ class DiffusionModel(LatentVariableModel):
         if timesteps < 1:
             raise ElboxError("the exact sum over steps needs a discrete-time model (timesteps >= 1)")
         x_enc, k = encode_8bit(x), (x * (NUM_LEVELS - 1)).round().long()
-        diffusion = torch.zeros(x.shape[0], device=x.device)
+        recon = self.reconstruction_log_prob(x_enc, k, torch.randn_like(x_enc))
+        diffusion = self.diffusion_sum(x_enc, timesteps)
+        return ELBOTerms(reconstruction=recon, kl={"prior": self.prior_kl(x_enc), "diffusion": diffusion})
+
+    def diffusion_sum(self, x: Tensor, timesteps: int) -> Tensor:
+        """The discrete-time diffusion term of encoded data x, summed over its T steps (one noise draw each)."""
+        total = torch.zeros(x.shape[0], device=x.device)
         for i in range(1, timesteps + 1):
             t = torch.full((x.shape[0],), (i - 0.5) / timesteps, device=x.device)
-            diffusion = diffusion + self.diffusion_loss(x_enc, t, timesteps)[0] / timesteps
-        recon = self.reconstruction_log_prob(x_enc, k, torch.randn_like(x_enc))
-        return ELBOTerms(reconstruction=recon, kl={"prior": self.prior_kl(x_enc), "diffusion": diffusion})
+            total = total + self.diffusion_loss(x, t, timesteps)[0] / timesteps
+        return total
 
     def elbo_for_evaluation(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
         """What the evaluator reports: the exact sum over steps in discrete time, Monte Carlo over t otherwise."""
