@@ -162,15 +162,18 @@ def test_read_idx_corrupt_gzip(tmp_path):
 def test_dataset_specs_complete():
     for name, spec in DATASETS.items():
         assert spec.name == name
-        assert set(spec.archive_md5) == set(spec.files.values()) == set(IDX_FILES.values())
+        downloads = {spec.archive} if spec.archive else set(spec.files.values())
+        assert set(spec.archive_md5) == downloads
         assert all(len(v) == 32 for v in spec.archive_md5.values())
         assert all(m.endswith("/") for m in spec.mirrors)
+        if spec.format == data.IDX:
+            assert set(spec.files.values()) == set(IDX_FILES.values()) and spec.image_shape == (1, 28, 28)
     assert set(DATASETS["fashion-mnist"].payload_sha256) == set(IDX_FILES.values())
     assert DATASETS["mnist"].mirrors[0].startswith("https://ossci-datasets")
 
 
 def test_unknown_dataset_lists_names():
-    with pytest.raises(ElboxError, match="unknown dataset 'cifar'.*fashion-mnist, mnist, synthetic"):
+    with pytest.raises(ElboxError, match="unknown dataset 'cifar'.*fashion-mnist, mnist, cifar-10, synthetic"):
         load_split("cifar", "train")
 
 
