@@ -17,10 +17,14 @@ import torch
 from elbox.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
+    STATE_FILE,
     WEIGHTS_FILE,
     atomic_write_json,
     atomic_write_jsonl,
     load_run,
+    load_training_state,
+    read_run_config,
+    remove_stale_temporaries,
     save_weights,
     write_run_config,
 )
@@ -30,6 +34,7 @@ from elbox.errors import ElboxError
 from elbox.evaluate import evaluate, format_table, log_prob_per_example
 from elbox.likelihoods import LIKELIHOODS
 from elbox.models import build_model
+from elbox.models.base import config_from_dict
 from elbox.models.diffusion import DIFFUSION_LOSSES, PARAMETERIZATIONS, SCHEDULES
 from elbox.models.hvae import HVAE_TYPES, POSTERIORS
 from elbox.models.vae import ARCHITECTURES
@@ -206,15 +211,60 @@ def fit_without_gradients(model, train_images, val_images, space, args, out: Pat
     return summary
 
 
+def load_training_images(name: str, data_dir: str | None, limit_train: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    train_images, _ = load_split(name, "train", data_dir)
+    val_images, _ = load_split(name, "validation", data_dir)
+    return (train_images[:limit_train] if limit_train else train_images), val_images
+
+
+def finish_training(model, record: dict, out: Path) -> int:
+    """samples.png from the saved weights, and the last epoch's summary on stdout."""
+    with torch.no_grad():
+        save_image_grid(model.sample(64).clamp(0, 1).cpu(), out / "samples.png")
+    print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps", "skipped_large_grad")}))
+    return 0
+
+
+# options that --resume may be given with; every other one comes from the run's config.json
+RESUME_OPTIONS = {"command", "resume", "device", "no_progress", "func", "train_parser"}
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a run from its last good checkpoint (state.safetensors), bit for bit on CPU."""
+    given = sorted(k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != args.train_parser.get_default(k))
+    if given:
+        raise ElboxError(f"--resume takes every setting from the run's {CONFIG_FILE}; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+    out = Path(args.resume)
+    config = read_run_config(out)
+    device = resolve_device(args.device)
+    train_config = config_from_dict(TrainConfig, config.get("train"))
+    torch.manual_seed(train_config.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
+    model = build_model(config["model"], config["model_config"]).to(device)
+    if not model.trains_by_gradient:
+        raise ElboxError(f"the {model.name} model is fitted in one go; there is no training to resume")
+    data = config["data"]
+    train_images, val_images = load_training_images(data["name"], data.get("data_dir"), data.get("limit_train"))
+    trainer = Trainer(model, train_images, val_images, get_data_space(data["space"]), train_config, out, progress=not args.no_progress)
+    remove_stale_temporaries(out)
+    if (out / STATE_FILE).exists():
+        trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
+    if trainer.start_epoch > train_config.epochs:
+        raise ElboxError(f"run {out} is complete: all {train_config.epochs} epochs are done")
+    print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {train_config.epochs} (step {trainer.step})", file=sys.stderr)
+    record = trainer.fit()
+    return finish_training(trainer.eval_model, record, out)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        return cmd_resume(args)
+    if args.out is None:
+        raise ElboxError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
     out = Path(args.out)
     if (out / CONFIG_FILE).exists():
-        raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another --out or remove it")
+        raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another --out, or continue it with --resume {out}")
     device = resolve_device(args.device)
-    train_images, _ = load_split(args.data, "train", args.data_dir)
-    val_images, _ = load_split(args.data, "validation", args.data_dir)
-    if args.limit_train:
-        train_images = train_images[: args.limit_train]
+    train_images, val_images = load_training_images(args.data, args.data_dir, args.limit_train)
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
         beta_schedule=args.beta_schedule, warmup_epochs=args.warmup_epochs, n_samples=args.n_samples,
@@ -226,7 +276,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
     space = get_data_space(model.data_space)
-    data = {"name": args.data, "data_dir": args.data_dir, "space": space.name, "validation": "last 5000 of the official training set"}
+    data = {"name": args.data, "data_dir": args.data_dir, "space": space.name, "validation": "last 5000 of the official training set",
+            "limit_train": args.limit_train}
     write_run_config(out, model, data, config_dict(config))
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -240,10 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = trainer.eval_model  # the saved weights (the EMA when --ema-decay is set)
     else:
         record = fit_without_gradients(model, train_images, val_images, space, args, out)
-    with torch.no_grad():
-        save_image_grid(model.sample(64).clamp(0, 1).cpu(), out / "samples.png")
-    print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps", "skipped_large_grad")}))
-    return 0
+    return finish_training(model, record, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=dataset_names(), default="fashion-mnist")
     p.add_argument("--data-dir", default=None, help="directory with the dataset's IDX files (else $ELBOX_DATA, cache, system, download)")
     p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--out", default=None, help="run directory to create")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its last good checkpoint with the run's own settings (bit-exact on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
@@ -441,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture: added to each covariance diagonal (full) or floor on the variances (diag)")
     p.add_argument("--limit-train", type=positive_int, default=None, help="use only the first N training images")
     add_common(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, train_parser=p)
 
     p = sub.add_parser("evaluate", help="bounds, NLL, bits/dim and active units on a split",
                        description="Evaluate a trained run: ELBO terms, IWAE-K NLL, bits/dim, active units.")

@@ -40,7 +40,16 @@ from elbox.bounds import (
     free_bits_kl,
     iwae_objective,
 )
-from elbox.checkpoint import METRICS_FILE, WEIGHTS_FILE, atomic_write_jsonl, save_weights
+from elbox.checkpoint import (
+    BEST_WEIGHTS_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    atomic_write_jsonl,
+    check_tensors,
+    save_training_state,
+    save_weights,
+)
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
 from elbox.evaluate import elbo_per_example
@@ -224,6 +233,8 @@ class Trainer:
         self.skipped_steps = 0  # non-finite loss or gradient norm
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
         self.records: list[dict] = []
+        self.start_epoch = 1
+        self.best_val_elbo = -math.inf
 
     def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | str:
         """One Adam step on a batch. Returns the batch's mean terms, or why the step was skipped:
@@ -306,7 +317,7 @@ class Trainer:
                 if nonfinite_in_a_row >= self.config.max_nonfinite:
                     raise ElboxError(
                         f"training stopped at step {self.step}: {nonfinite_in_a_row} non-finite losses or gradients "
-                        f"in a row (limit {self.config.max_nonfinite}); the last good weights are in {self.run_dir}. "
+                        f"in a row (limit {self.config.max_nonfinite}); the last good checkpoint is in {self.run_dir}. "
                         "Try a lower learning rate or gradient clipping (--grad-clip)."
                     )
                 continue
@@ -349,14 +360,93 @@ class Trainer:
             record.update({f"val_{key}": terms[key].mean().item() for key in groups})
         return record
 
-    def save(self) -> None:
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def training_state(self, epoch: int) -> tuple[dict[str, Tensor], dict]:
+        """Everything a resumed run needs to continue bit for bit: (tensors, JSON-ready state)."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        optimizer = self.optimizer.state_dict()
+        for index, values in optimizer["state"].items():
+            tensors.update({f"optimizer.{index}.{key}": v for key, v in values.items()})  # Adam's state is all tensors
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.batches"] = self.generator.get_state()
+        tensors["rng.shuffle"] = self.shuffle_generator.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "epoch": epoch,
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "skipped_large_grad": self.skipped_large_grad,
+            "best_val_elbo": self.best_val_elbo,
+            "optimizer_param_groups": optimizer["param_groups"],
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "train_config": config_dict(self.config),
+            "records": self.records,
+        }
+        return tensors, state
+
+    def restore(self, tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
+        """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            if state["train_config"] != config_dict(self.config):
+                raise ElboxError(f"{what} was written with other training settings than the run's config.json")
+            check_tensors(part("model."), self.model.state_dict(), f"{what} (model tensors)")
+            self.model.load_state_dict(part("model."))
+            if self.ema is not None:
+                check_tensors(part("ema."), self.ema.state_dict(), f"{what} (EMA tensors)")
+                self.ema.load_state_dict(part("ema."))
+            self.optimizer.load_state_dict({"state": self._optimizer_state(part("optimizer."), what),
+                                            "param_groups": state["optimizer_param_groups"]})
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["lr_scheduler"])
+            torch.set_rng_state(tensors["rng.torch"])
+            self.generator.set_state(tensors["rng.batches"])
+            self.shuffle_generator.set_state(tensors["rng.shuffle"])
+            if self.device.type == "cuda" and "rng.cuda" in tensors:
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            self.step, self.start_epoch = int(state["step"]), int(state["epoch"]) + 1
+            self.skipped_steps, self.skipped_large_grad = int(state["skipped_steps"]), int(state["skipped_large_grad"])
+            self.best_val_elbo = float(state["best_val_elbo"])
+            self.records = list(state["records"])
+        except ElboxError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ElboxError(f"{what} is incomplete or does not fit this run: {type(e).__name__}: {e}") from None
+
+    def _optimizer_state(self, tensors: dict[str, Tensor], what: str) -> dict[int, dict[str, Tensor]]:
+        """{parameter index: {name: tensor}} from "index.name" keys, each moment shaped like its parameter."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            index, _, name = key.partition(".")
+            if not index.isdigit() or int(index) >= len(params):
+                raise ElboxError(f"{what}: optimizer tensor {key!r} names no parameter of this model")
+            if name != "step" and value.shape != params[int(index)].shape:
+                raise ElboxError(f"{what}: optimizer tensor {key!r} has shape {tuple(value.shape)}, "
+                                 f"its parameter {tuple(params[int(index)].shape)}")
+            state.setdefault(int(index), {})[name] = value
+        return state
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
+        crash before it is written re-runs the epoch (deterministically) and rewrites the other files."""
         save_weights(self.run_dir / WEIGHTS_FILE, self.eval_model)
+        if is_best:
+            save_weights(self.run_dir / BEST_WEIGHTS_FILE, self.eval_model)
         atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
+        save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
 
     def fit(self) -> dict:
-        """Train for the configured epochs; after each epoch validate and checkpoint. Returns the last epoch record."""
+        """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs; after each
+        epoch validate and checkpoint. Returns the last epoch record."""
         record: dict = {}
-        for epoch in range(1, self.config.epochs + 1):
+        for epoch in range(self.start_epoch, self.config.epochs + 1):
             record = {"kind": "epoch", "epoch": epoch}
             record.update(self.train_epoch(epoch))
             record["step"] = self.step
@@ -364,7 +454,9 @@ class Trainer:
             record["skipped_steps"] = self.skipped_steps
             record["skipped_large_grad"] = self.skipped_large_grad
             self.records.append(record)
-            self.save()
+            is_best = record["val_elbo"] > self.best_val_elbo
+            self.best_val_elbo = max(self.best_val_elbo, record["val_elbo"])
+            self.save(epoch, is_best)
             tqdm.write(
                 f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f} "
                 f"(objective {record.get('train_objective', math.nan):.2f}), "
