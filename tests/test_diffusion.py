@@ -25,32 +25,30 @@ SHAPE = (1, 4, 4)
 D = 16
 
 
-class GaussianOptimalDenoiser(nn.Module):
-    """E[eps | z_t] for x ~ N(m, s^2 I), z_t = alpha x + sigma eps, read in the model's parameterization.
+class PluggedDenoiser(nn.Module):
+    """A given noise prediction eps_fn(z_t, gamma_t) read in the model's parameterization. The model's denoiser gets
+    c = (gamma - gamma_min)/(gamma_max - gamma_min), and the model adds its skip (DiffusionModel.skip) to the
+    denoiser's output, so this returns the parameterization's value minus the skip."""
 
-    The model's denoiser gets c = (gamma - gamma_min)/(gamma_max - gamma_min); the eps parameterization adds z_t to
-    the denoiser's output, so this returns eps_hat - z_t there."""
-
-    def __init__(self, parameterization: str, eps_fn=None):
+    def __init__(self, model, eps_fn):
         super().__init__()
-        self.parameterization = parameterization
-        self.eps_fn = eps_fn or self.optimal_eps
-
-    @staticmethod
-    def optimal_eps(z, gamma):
-        alpha, sigma = alpha_sigma(gamma.reshape(-1, 1, 1, 1))
-        x_hat = MEAN + alpha * STD**2 / (alpha**2 * STD**2 + sigma**2) * (z - alpha * MEAN)
-        return (z - alpha * x_hat) / sigma
+        self.parameterization, self.skip, self.eps_fn = model.config.parameterization, model.skip, eps_fn
 
     def forward(self, z, cond):
         gamma = GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * cond
         eps = self.eps_fn(z, gamma)
         alpha, sigma = alpha_sigma(gamma.reshape(-1, 1, 1, 1))
-        if self.parameterization == "eps":
-            return eps - z
-        if self.parameterization == "x0":
-            return (z - sigma * eps) / alpha
-        return -eps / sigma
+        value = eps if self.parameterization == "eps" else (z - sigma * eps) / alpha if self.parameterization == "x0" else -eps / sigma
+        return value - self.skip(z, alpha)
+
+
+def optimal_eps(mean: float = MEAN, std: float = STD):
+    """E[eps | z_t] for x ~ N(mean, std^2 I), z_t = alpha x + sigma eps."""
+    def eps_fn(z, gamma):
+        alpha, sigma = alpha_sigma(gamma.reshape(-1, 1, 1, 1))
+        x_hat = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (z - alpha * mean)
+        return (z - alpha * x_hat) / sigma
+    return eps_fn
 
 
 def gaussian_model(parameterization: str = "eps", eps_fn=None, timesteps: int = 0):
@@ -58,7 +56,7 @@ def gaussian_model(parameterization: str = "eps", eps_fn=None, timesteps: int = 
         "data_shape": SHAPE, "schedule": "linear", "gamma_min": GAMMA_MIN, "gamma_max": GAMMA_MAX,
         "parameterization": parameterization, "timesteps": timesteps, "channels": [4], "fourier_features": False,
     })
-    model.denoiser = GaussianOptimalDenoiser(parameterization, eps_fn)
+    model.denoiser = PluggedDenoiser(model, eps_fn or optimal_eps())
     return model.eval()
 
 
@@ -197,11 +195,12 @@ def test_reconstruction_matches_an_independent_categorical():
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
-def test_schedules_run_from_gamma_min_to_gamma_max_increasing_with_exact_slopes(name):
-    schedule = build_schedule(name, -13.3, 5.0, timesteps=0).double()
+@pytest.mark.parametrize("low, high", [(-13.3, 5.0), (-30.0, 10.0)])
+def test_schedules_run_from_gamma_min_to_gamma_max_increasing_with_exact_slopes(name, low, high):
+    schedule = build_schedule(name, low, high, timesteps=0).double()
     t = torch.linspace(0, 1, 201, dtype=torch.float64, requires_grad=True)
     gamma, slope = schedule.gamma_and_slope(t)
-    assert gamma[0].item() == pytest.approx(-13.3, abs=1e-6) and gamma[-1].item() == pytest.approx(5.0, abs=1e-6)
+    assert gamma[0].item() == pytest.approx(low, abs=1e-5) and gamma[-1].item() == pytest.approx(high, abs=1e-5)
     assert (gamma.diff() > 0).all()
     (autograd_slope,) = torch.autograd.grad(gamma.sum(), t)
     torch.testing.assert_close(slope.detach(), autograd_slope, rtol=1e-6, atol=1e-6)
@@ -267,6 +266,44 @@ def test_simple_loss_is_a_training_surrogate_and_the_reported_terms_stay_the_elb
     assert not torch.allclose(terms["simple"].objective, terms["simple"].elbo)
     with pytest.raises(ElboxError, match="simple loss"):
         build_model("diffusion", {**config, "loss": "simple", "schedule": "learned-linear"})
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "x0", "score"])
+def test_ancestral_samples_of_the_optimal_denoiser_have_the_data_distribution(parameterization):
+    """Gaussian data N(0.1, 0.2^2) on the 8-bit grid: with the optimal denoiser and many steps, samples have the
+    data's mean and variance (tolerance: 4 standard errors plus the 256-step discretization, about 3%)."""
+    mean, std = 0.1, 0.2
+    model = gaussian_model(parameterization, optimal_eps(mean, std))
+    torch.manual_seed(14)
+    k = model.sample(2000, steps=256) * 255
+    x = ((2 * k + 1) / 256 - 1).flatten().double()
+    n = x.numel()
+    assert abs(x.mean() - mean) < 4 * std / math.sqrt(n) + 0.005
+    assert abs(x.var() / std**2 - 1) < 4 * math.sqrt(2 / n) + 0.03
+
+
+def test_variance_gradient_only_in_continuous_time_training():
+    model = build_model("diffusion", {"data_shape": SHAPE, "schedule": "learned-net", "channels": [4]})
+    x = encode_8bit(torch.randint(0, 256, (8, *SHAPE)) / 255)
+    for train, timesteps, hooked in [(True, None, True), (False, None, False), (True, 10, False)]:
+        model.train(train)
+        shape, _ = model.schedule.shape_and_slope(torch.rand(8))
+        calls = []
+        original = model._fit_interior_to_variance
+        model._fit_interior_to_variance = lambda *a: calls.append(a)
+        model.diffusion_loss(x, torch.rand(8), timesteps)
+        model._fit_interior_to_variance = original
+        assert bool(calls) == hooked, (train, timesteps)
+
+
+def test_bad_input_and_odd_widths():
+    model = build_model("diffusion", {"data_shape": SHAPE, "channels": [5, 3]})  # odd widths work
+    assert model.elbo(torch.randint(0, 256, (2, *SHAPE)) / 255).elbo.isfinite().all()
+    for bad in (torch.full((2, *SHAPE), 1.5), torch.full((2, *SHAPE), 0.5), torch.full((2, *SHAPE), math.nan)):
+        with pytest.raises(ElboxError, match="8-bit data"):
+            model.elbo(bad)
+    with pytest.raises(ElboxError, match="gamma_min < gamma_max"):
+        build_model("diffusion", {"data_shape": SHAPE, "gamma_min": -40.0})
 
 
 def test_sampling_gives_8bit_images_with_any_number_of_steps():

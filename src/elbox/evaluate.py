@@ -30,12 +30,13 @@ DEFAULT_MAX_DECODER_ELEMENTS = 2**22
 
 @torch.no_grad()
 def elbo_per_example(
-    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1, progress: bool = False
+    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1, progress: bool = False, final: bool = True
 ) -> dict[str, Tensor]:
     """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N].
 
-    Uses the model's `elbo_for_evaluation` where it has one (the diffusion model's exact sum over steps)."""
-    elbo = getattr(model, "elbo_for_evaluation", model.elbo)
+    final: use the model's `elbo_for_evaluation` where it has one (the discrete-time diffusion model's exact sum
+    over all T steps, T passes per example); False uses `elbo`, an unbiased cheaper estimate (validation)."""
+    elbo = getattr(model, "elbo_for_evaluation", model.elbo) if final else model.elbo
     parts: dict[str, list[Tensor]] = {}
     for start in tqdm(range(0, x.shape[0], batch_size), desc="ELBO", unit="batch", disable=not progress):
         terms = elbo(x[start : start + batch_size], n_samples=n_samples)

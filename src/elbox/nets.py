@@ -86,7 +86,10 @@ def sinusoidal_embedding(c: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def fourier_features(z: Tensor, exponents: tuple[int, ...] = (6, 7)) -> Tensor:
+FOURIER_EXPONENTS = (6, 7)
+
+
+def fourier_features(z: Tensor, exponents: tuple[int, ...] = FOURIER_EXPONENTS) -> Tensor:
     """sin and cos of 2^n * 2 pi * z per channel (VDM), so the net resolves the fine 8-bit grid of z at low noise."""
     angles = torch.cat([z * (2.0**n * 2 * math.pi) for n in exponents], dim=1)
     return torch.cat([angles.sin(), angles.cos()], dim=1)
@@ -132,9 +135,9 @@ class ConditionedUNet(nn.Module):
             raise ElboxError(f"a U-Net with {len(channels)} levels needs height and width divisible by {scale}, got {h}x{w}")
         self.fourier = fourier
         emb_dim = 4 * channels[0]
-        self.embed_dim = channels[0]
-        self.embed = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        in_channels = c * (5 if fourier else 1)  # z plus sin and cos at two frequencies
+        self.embed_dim = 2 * math.ceil(channels[0] / 2)  # sin and cos halves
+        self.embed = nn.Sequential(nn.Linear(self.embed_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        in_channels = c * (1 + 2 * len(FOURIER_EXPONENTS) if fourier else 1)  # z plus sin and cos per frequency
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()

@@ -349,7 +349,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation ELBO (and KL per latent group when there are several) of the evaluation weights."""
         self.eval_model.eval()
-        terms = elbo_per_example(self.eval_model, self.val_x, self.config.eval_batch_size)
+        terms = elbo_per_example(self.eval_model, self.val_x, self.config.eval_batch_size, final=False)
         record = {
             "val_elbo": terms["elbo"].mean().item() + self.offset,
             "val_reconstruction": terms["reconstruction"].mean().item() + self.offset,

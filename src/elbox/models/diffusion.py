@@ -50,6 +50,7 @@ DIFFUSION_LOSSES = ("elbo", "simple")
 NUM_LEVELS = 256
 # Upper bound on elements of the [*, 256] logits of the categorical reconstruction computed at once.
 MAX_LOGIT_ELEMENTS = 2**24
+GAMMA_LIMIT = 30.0  # |gamma| bound: sigmoid(-30) = 9e-14, already below float32's resolution next to 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +136,9 @@ class _RestrictedSchedule(NoiseSchedule):
         super().__init__(gamma_min, gamma_max)
         self.tau_lo, self.tau_hi = self.inverse(gamma_min), self.inverse(gamma_max)
         if not 0 <= self.tau_lo < self.tau_hi <= 1:
-            raise ElboxError(f"gamma range [{gamma_min}, {gamma_max}] lies outside the {type(self).__name__}'s range")
+            top = self.gamma_f(torch.tensor(1.0, dtype=torch.float64))[0].item()
+            raise ElboxError(f"gamma range [{gamma_min}, {gamma_max}] lies outside what the {type(self).__name__} reaches, "
+                             f"gamma < {top:.4g}")
 
     def gamma_f(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -170,9 +173,19 @@ class CosineSchedule(_RestrictedSchedule):
         return gamma, dgamma
 
     def inverse(self, gamma: float) -> float:
-        f0 = math.cos(self._theta(0.0)) ** 2
-        alpha_bar = 1 / (1 + math.exp(gamma))
-        return (1 + self.s) * (2 / math.pi) * math.acos(math.sqrt(f0 * alpha_bar)) - self.s
+        """tau with gamma_f(tau) = gamma. With d = theta - theta0, e^gamma/(1 + e^gamma) = 1 - alpha_bar gives
+        sin(d) sin(2 theta0 + d) = cos^2(theta0) sigmoid(gamma); solved for d by Newton's method on the logs (the
+        closed form through acos loses d when it is tiny, at gamma << 0)."""
+        theta0 = self._theta(0.0)
+        target = math.log(math.cos(theta0) ** 2) - math.log1p(math.exp(-gamma))  # log(cos^2 theta0 * sigmoid(gamma))
+        d = min(math.exp(target) / math.sin(2 * theta0), math.pi / 2 - theta0 - 1e-9)
+        for _ in range(100):
+            f = math.log(math.sin(d)) + math.log(math.sin(2 * theta0 + d)) - target
+            step = f / (1 / math.tan(d) + 1 / math.tan(2 * theta0 + d))
+            d = min(max(d - step, d / 10), (d + math.pi / 2 - theta0) / 2)
+            if abs(step) < 1e-15 * d:
+                break
+        return (1 + self.s) * (2 / math.pi) * d
 
 
 class LinearBetaSchedule(_RestrictedSchedule):
@@ -190,7 +203,7 @@ class LinearBetaSchedule(_RestrictedSchedule):
     def inverse(self, gamma: float) -> float:
         c = math.log1p(math.exp(gamma))  # softplus(gamma) = -log alpha_bar
         a, b = self.steps * (self.beta_T - self.beta_1) / 2, self.steps * self.beta_1
-        return (-b + math.sqrt(b * b + 4 * a * c)) / (2 * a)
+        return 2 * c / (b + math.sqrt(b * b + 4 * a * c))  # the positive root of a tau^2 + b tau = c, without cancellation
 
 
 def build_schedule(name: str, gamma_min: float, gamma_max: float, timesteps: int) -> NoiseSchedule:
@@ -233,8 +246,9 @@ class DiffusionConfig:
             (len(self.data_shape) == 3 and min(self.data_shape) >= 1, f"data_shape must be (channels, height, width), got {self.data_shape}"),
             (isinstance(self.timesteps, int) and self.timesteps >= 0, f"timesteps must be an integer >= 0 (0: continuous time), got {self.timesteps!r}"),
             (self.schedule in SCHEDULES, f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
-            (math.isfinite(self.gamma_min) and math.isfinite(self.gamma_max) and self.gamma_min < self.gamma_max,
-             f"need finite gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"),
+            (-GAMMA_LIMIT <= self.gamma_min < self.gamma_max <= GAMMA_LIMIT,
+             f"need -{GAMMA_LIMIT} <= gamma_min < gamma_max <= {GAMMA_LIMIT} (log-SNR beyond that underflows float32), "
+             f"got {self.gamma_min}, {self.gamma_max}"),
             (self.parameterization in PARAMETERIZATIONS, f"unknown parameterization {self.parameterization!r}; choose one of {', '.join(PARAMETERIZATIONS)}"),
             (self.loss in DIFFUSION_LOSSES, f"unknown diffusion loss {self.loss!r}; choose one of {', '.join(DIFFUSION_LOSSES)}"),
             (bool(self.channels) and min(self.channels) >= 1, f"channels must be a non-empty list of positive widths, got {self.channels}"),
@@ -247,10 +261,19 @@ class DiffusionConfig:
                 raise ElboxError(message)
 
 
+def bin_indices(x: Tensor) -> Tensor:
+    """k in {0..255} of 8-bit data stored as x = k/255; ElboxError for anything else."""
+    scaled = x * (NUM_LEVELS - 1)
+    k = scaled.round()
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1 or (scaled - k).abs().max() > 1e-3:
+        raise ElboxError("the diffusion model takes 8-bit data x = k/255 with k in {0..255} (the discrete space); "
+                         f"got values in [{x.min().item():.4g}, {x.max().item():.4g}] not all on that grid")
+    return k.long()
+
+
 def encode_8bit(x: Tensor) -> Tensor:
     """elbox's discrete space x = k/255 -> VDM's grid 2(k + 1/2)/256 - 1."""
-    k = (x * (NUM_LEVELS - 1)).round()
-    return (2 * k + 1) / NUM_LEVELS - 1
+    return (2 * (x * (NUM_LEVELS - 1)).round() + 1) / NUM_LEVELS - 1
 
 
 def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,11 +321,15 @@ class DiffusionModel(LatentVariableModel):
         """Raw denoiser output and alpha_t, sigma_t shaped to broadcast with z."""
         gamma_min, gamma_max = self.schedule.endpoints()
         cond = (gamma - gamma_min) / (gamma_max - gamma_min)
-        out = self.denoiser(z, cond)
-        if self.config.parameterization == "eps":
-            out = out + z  # VDM: eps_hat starts at z_t, right at high noise
         alpha, sigma = alpha_sigma(_per_example(gamma, z.dim() - 1))
-        return out, alpha, sigma
+        return self.denoiser(z, cond) + self.skip(z, alpha), alpha, sigma
+
+    def skip(self, z: Tensor, alpha: Tensor) -> Tensor:
+        """Added to the denoiser's output so that, with the output layer at zero, each parameterization starts
+        from a sensible guess: eps_hat = z_t (VDM; right at high noise), x_hat = alpha_t z_t, s_hat = -z_t (both exact
+        for data ~ N(0, I))."""
+        p = self.config.parameterization
+        return z if p == "eps" else alpha * z if p == "x0" else -z
 
     def _squared_error(self, x: Tensor, z: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
         """Per-example ||eps - eps_hat||^2, computed in the parameterization's own space: for x0,
@@ -330,14 +357,17 @@ class DiffusionModel(LatentVariableModel):
         gamma_0, _ = self.schedule.endpoints()
         u = (x + torch.exp(0.5 * gamma_0) * eps).flatten(1)
         k = k.flatten(1)
-        precision = torch.exp(-gamma_0)
         rows = max(1, MAX_LOGIT_ELEMENTS // (u.shape[1] * NUM_LEVELS))
         parts = []
         for s in range(0, u.shape[0], rows):
-            logits = -0.5 * precision * (u[s : s + rows, :, None] - self.grid).square()
+            logits = self.decoder_logits(u[s : s + rows], gamma_0)
             log_p = logits.gather(-1, k[s : s + rows, :, None]).squeeze(-1) - logits.logsumexp(-1)
             parts.append(log_p.sum(-1))
         return torch.cat(parts)
+
+    def decoder_logits(self, u: Tensor, gamma_0: Tensor) -> Tensor:
+        """Logits [..., 256] of p(x = k | z_0) for u = z_0/alpha_0: -1/2 e^{-gamma_0} (u - x_k)^2."""
+        return -0.5 * torch.exp(-gamma_0) * (u[..., None] - self.grid).square()
 
     def sample_times(self, n: int, batch: int, device: torch.device) -> Tensor:
         """t [n, batch] with U(0, 1) marginals. Training: one stratified (antithetic) grid over all n*batch draws,
@@ -371,7 +401,7 @@ class DiffusionModel(LatentVariableModel):
         else:
             weight = (gamma_max - gamma_min) * slope
         loss = 0.5 * weight * sq
-        if self.schedule.interior_fits_variance and self.training and loss.requires_grad:
+        if self.schedule.interior_fits_variance and timesteps == 0 and self.training and loss.requires_grad:
             self._fit_interior_to_variance(loss, shape, slope)
         return loss, 0.5 * sq
 
@@ -390,7 +420,8 @@ class DiffusionModel(LatentVariableModel):
     def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
         """ELBO terms per example, the diffusion term averaged over n_samples times (see sample_times).
         With loss="simple", ELBOTerms.objective is recon - prior - 1/2 ||eps - eps_hat||^2, the training surrogate."""
-        x_enc, k = encode_8bit(x), (x * (NUM_LEVELS - 1)).round().long()
+        k = bin_indices(x)
+        x_enc = encode_8bit(x)
         batch = x.shape[0]
         t = self.sample_times(n_samples, batch, x.device).reshape(-1)
         x_rep = x_enc.expand(n_samples, *x_enc.shape).reshape(-1, *x_enc.shape[1:])
@@ -410,7 +441,8 @@ class DiffusionModel(LatentVariableModel):
         timesteps = self.config.timesteps if timesteps is None else timesteps
         if timesteps < 1:
             raise ElboxError("the exact sum over steps needs a discrete-time model (timesteps >= 1)")
-        x_enc, k = encode_8bit(x), (x * (NUM_LEVELS - 1)).round().long()
+        k = bin_indices(x)
+        x_enc = encode_8bit(x)
         recon = self.reconstruction_log_prob(x_enc, k, torch.randn_like(x_enc))
         diffusion = self.diffusion_sum(x_enc, timesteps)
         return ELBOTerms(reconstruction=recon, kl={"prior": self.prior_kl(x_enc), "diffusion": diffusion})
@@ -437,7 +469,7 @@ class DiffusionModel(LatentVariableModel):
         """Ancestral sampling with `steps` steps (default: the model's T, or 256 in continuous time), from
         z_1 ~ N(0, I): z_s = alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps, c = -expm1(gamma_s - gamma_t),
         then x ~ p(x|z_0). Returns images in [0, 1] (k/255)."""
-        steps = steps or self.config.timesteps or 256
+        steps = (self.config.timesteps or 256) if steps is None else steps
         if n < 1 or steps < 1:
             raise ElboxError(f"the number of samples and of steps must be >= 1, got {n} and {steps}")
         ref = self.grid
@@ -453,6 +485,5 @@ class DiffusionModel(LatentVariableModel):
             z = alpha_s / alpha_t * (z - sigma_t * c * eps_hat) + sigma_s * c.sqrt() * torch.randn_like(z)
         gamma_0, _ = self.schedule.endpoints()
         u = z / alpha_sigma(gamma_0)[0]
-        logits = -0.5 * torch.exp(-gamma_0) * (u[..., None] - self.grid).square()
-        k = torch.distributions.Categorical(logits=logits).sample()
+        k = torch.cat([torch.distributions.Categorical(logits=self.decoder_logits(u[i : i + 1], gamma_0)).sample() for i in range(n)])
         return k.float() / (NUM_LEVELS - 1)
