@@ -10,6 +10,7 @@ data. The ELBO is always reported with beta = 1.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -118,6 +119,57 @@ def iwae_per_example(
     return iwae_by_k_per_example(model, x, [k], batch_size, max_decoder_elements, progress)[k]
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for the errors PyTorch and Python raise when an allocation fails (GPU or CPU)."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and ("out of memory" in str(error) or "not enough memory" in str(error))
+
+
+def retry_on_out_of_memory(run, what: str):
+    """Call run(divisor) with divisor 1, 2, 4, ... while it runs out of memory; `run` divides its batch size and
+    memory bound by the divisor. ElboxError once a batch of one example does not fit."""
+    divisor = 1
+    while True:
+        try:
+            return run(divisor)
+        except (RuntimeError, MemoryError) as e:
+            if not is_out_of_memory(e):
+                raise
+            if divisor >= 2**20:
+                raise ElboxError(f"{what}: out of memory even with the smallest chunks") from None
+            divisor *= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            print(f"elbox: {what} ran out of memory; retrying with chunks 1/{divisor} the size", file=sys.stderr)
+
+
+def score_per_example(
+    model: LatentVariableModel,
+    x: Tensor,
+    log_prob_offset: float,
+    iw_samples: int,
+    batch_size: int,
+    elbo_samples: int = 1,
+    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    progress: bool = False,
+) -> tuple[Tensor, str]:
+    """The tightest per-example estimate of log p(x) the model has ([N] float64 nats) and its name: the exact
+    log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
+    model.eval()
+    if hasattr(model, "log_prob"):
+        values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
+        return values + log_prob_offset, "exact log p(x)"
+    if hasattr(model, "log_weights"):
+        values = retry_on_out_of_memory(lambda d: iwae_per_example(
+            model, x, iw_samples, max(1, batch_size // d), max(1, max_decoder_elements // d), progress), "scoring")
+        return values + log_prob_offset, f"IWAE lower bound, K={iw_samples}"
+    values = retry_on_out_of_memory(
+        lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress)["elbo"], "scoring")
+    protocol = model.elbo_protocol(elbo_samples) if hasattr(model, "elbo_protocol") else f"{elbo_samples} sample(s)"
+    return values + log_prob_offset, f"ELBO lower bound ({protocol})"
+
+
 @torch.no_grad()
 def log_prob_per_example(model: LatentVariableModel, x: Tensor, batch_size: int) -> Tensor:
     """Exact log p(x) [N], float64, for models that have it."""
@@ -170,10 +222,12 @@ def evaluate(
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
         if hasattr(model, "log_prob"):
-            nll_exact = -(log_prob_per_example(model, x, batch_size) + log_prob_offset)
+            log_p = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "evaluation")
+            nll_exact = -(log_p + log_prob_offset)
             result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
         if hasattr(model, "elbo"):
-            terms = elbo_per_example(model, x, batch_size, elbo_samples, progress)
+            terms = retry_on_out_of_memory(
+                lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress), "evaluation")
             elbo = terms["elbo"] + log_prob_offset
             result["elbo_samples"] = elbo_samples
             if hasattr(model, "elbo_protocol"):
@@ -192,7 +246,8 @@ def evaluate(
                 result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
             result["bpd_parts"] = list(parts)
         if hasattr(model, "log_weights"):
-            bounds = iwae_by_k_per_example(model, x, ks, batch_size, max_decoder_elements, progress)
+            bounds = retry_on_out_of_memory(lambda d: iwae_by_k_per_example(
+                model, x, ks, max(1, batch_size // d), max(1, max_decoder_elements // d), progress), "evaluation")
             nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}
             result["iw_samples"] = ks[-1]
             result["nll_iw_by_k"] = {k: mean_and_stderr(v)[0] for k, v in nll_by_k.items()}

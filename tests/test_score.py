@@ -1,0 +1,266 @@
+"""elbox score: reading users' images (npy, npz, PNG folders), validation of every input, CSV output, OOM retries;
+and property-based tests (hypothesis) that every file reader meets random or corrupted bytes with success or the
+clear ElboxError, never an unhandled exception."""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from elbox.checkpoint import load_training_state, load_weights, read_json
+from elbox.cli import main
+from elbox.data import _parse_cifar_batch, _parse_idx
+from elbox.errors import ElboxError
+from elbox.evaluate import retry_on_out_of_memory
+from elbox.models import build_model
+from elbox.score import read_images, to_8bit_tensor
+
+SHAPE = (1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("score") / "run"
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
+                 "--hidden-dims", "16", "--out", str(run), "--no-progress"]) == 0
+    return run
+
+
+def images(n: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def scores(path: Path) -> list[float]:
+    with open(path) as f:
+        return [float(row["log_likelihood_nats"]) for row in csv.DictReader(f)]
+
+
+def test_npy_npz_png_and_layouts_give_the_same_scores(run_dir, tmp_path):
+    x = images()
+    inputs = {
+        "npy": (tmp_path / "x.npy", lambda p: np.save(p, x)),
+        "npz": (tmp_path / "x.npz", lambda p: np.savez(p, images=x, labels=np.arange(6))),
+        "float": (tmp_path / "f.npy", lambda p: np.save(p, x.astype(np.float32) / 255)),
+        "nchw": (tmp_path / "c.npy", lambda p: np.save(p, x[:, None].astype(np.int64))),
+        "nhwc": (tmp_path / "l.npy", lambda p: np.save(p, x[..., None])),
+    }
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(x):
+        Image.fromarray(image, mode="L").save(folder / f"img{i:02d}.png")
+    results = {}
+    for name, (path, write) in inputs.items():
+        write(path)
+        out = tmp_path / f"{name}.csv"
+        assert main(["score", str(run_dir), "--input", str(path), "--iw-samples", "20", "--out", str(out), "--no-progress"]) == 0
+        results[name] = scores(out)
+    out = tmp_path / "png.csv"
+    assert main(["score", str(run_dir), "--input", str(folder), "--iw-samples", "20", "--out", str(out), "--no-progress"]) == 0
+    results["png"] = scores(out)
+    with open(out) as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["name"] == "img00.png" and rows[0]["estimate"] == "IWAE lower bound, K=20"
+    assert float(rows[0]["bits_per_dim"]) == pytest.approx(-float(rows[0]["log_likelihood_nats"]) / (784 * np.log(2)), rel=1e-5)
+    assert len(results["npy"]) == 6 and all(v < 0 for v in results["npy"])
+    for name, values in results.items():
+        assert values == results["npy"], name
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (input path, expected message fragment)."""
+    cases = {}
+
+    def add(name, filename, content, message):
+        path = tmp_path / filename
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif callable(content):
+            content(path)
+        cases[name] = (path, message)
+
+    marker = tmp_path / "pwned"
+    add("pickled object array", "obj.npy", lambda p: np.save(p, np.array([_RunsCode(marker)], dtype=object), allow_pickle=True), "pickled")
+    add("raw pickle", "raw.npy", pickle.dumps(_RunsCode(marker)), "pickled objects are never loaded")
+    add("wrong shape", "shape.npy", lambda p: np.save(p, np.zeros((3, 32, 32), np.uint8)), "shape")
+    add("NaN", "nan.npy", lambda p: np.save(p, np.full((2, 28, 28), np.nan)), "NaN")
+    add("infinite", "inf.npy", lambda p: np.save(p, np.full((2, 28, 28), np.inf)), "NaN or infinite")
+    add("above 255", "big.npy", lambda p: np.save(p, np.full((2, 28, 28), 300)), "0..255")
+    add("negative", "neg.npy", lambda p: np.save(p, np.full((2, 28, 28), -1)), "0..255")
+    add("float above 1", "f.npy", lambda p: np.save(p, np.full((2, 28, 28), 2.0)), "[0, 1]")
+    add("float off the grid", "g.npy", lambda p: np.save(p, np.full((2, 28, 28), 0.1234)), "grid")
+    add("empty", "empty.npy", lambda p: np.save(p, np.zeros((0, 28, 28), np.uint8)), "empty")
+    add("strings", "str.npy", lambda p: np.save(p, np.array(["a", "b"])), "dtype")
+    add("truncated npy", "trunc.npy", lambda p: p.write_bytes(_npy_bytes(images())[:300]), "truncated")
+    add("corrupt npz", "bad.npz", b"PK\x03\x04 not really a zip", "corrupt")
+    add("ambiguous npz", "two.npz", lambda p: np.savez(p, a=images(), b=images()), "name the images")
+    add("unsupported type", "x.txt", b"1 2 3", "unsupported file type")
+    add("missing", "nothing.npy", None, "does not exist")
+    folder = tmp_path / "broken_pngs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    cases["corrupt PNG"] = (folder, "not a readable PNG")
+    folder = tmp_path / "mixed_pngs"
+    folder.mkdir()
+    Image.fromarray(images(1)[0]).save(folder / "a.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "b.png")
+    cases["PNGs of different sizes"] = (folder, "all must match")
+    folder = tmp_path / "no_pngs"
+    folder.mkdir()
+    cases["folder without PNGs"] = (folder, "no .png files")
+    return cases
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_every_bad_input_gets_one_clear_message_and_no_code_runs(run_dir, tmp_path, capsys):
+    for name, (path, message) in _bad_inputs(tmp_path).items():
+        assert main(["score", str(run_dir), "--input", str(path), "--no-progress"]) == 1, name
+        err = capsys.readouterr().err
+        assert err.startswith("elbox: error: ") and message in err and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_binary_run_scores_binary_float_arrays(run_dir, tmp_path):
+    x = (images() > 127).astype(np.float64)
+    np.save(tmp_path / "b.npy", x)
+    assert main(["score", str(run_dir), "--input", str(tmp_path / "b.npy"), "--iw-samples", "5",
+                 "--out", str(tmp_path / "b.csv"), "--no-progress"]) == 0
+    assert len(scores(tmp_path / "b.csv")) == 6
+
+
+def test_out_of_memory_retries_with_smaller_chunks(capsys):
+    calls = []
+
+    def run(divisor):
+        calls.append(divisor)
+        if divisor < 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return divisor
+
+    assert retry_on_out_of_memory(run, "evaluation") == 4 and calls == [1, 2, 4]
+    assert "retrying" in capsys.readouterr().err
+    with pytest.raises(ValueError):  # other errors are not retried
+        retry_on_out_of_memory(lambda d: (_ for _ in ()).throw(ValueError("bug")), "evaluation")
+
+    def never_fits(divisor):
+        raise MemoryError
+
+    with pytest.raises(ElboxError, match="out of memory even with the smallest chunks"):
+        retry_on_out_of_memory(never_fits, "scoring")
+
+
+# ----------------------------------------------------------------------------------------------
+# Property-based: random and corrupted bytes into every reader
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _mutations():
+    """Valid files of every kind, then cut, flipped or random: what a broken download or disk gives."""
+    valid_npy = _npy_bytes(images(2))
+    buffer = io.BytesIO()
+    np.savez(buffer, x=images(2))
+    valid_npz = buffer.getvalue()
+    buffer = io.BytesIO()
+    Image.fromarray(images(1)[0]).save(buffer, format="PNG")
+    valid_png = buffer.getvalue()
+    base = st.sampled_from([valid_npy, valid_npz, valid_png])
+    truncated = st.tuples(base, st.integers(0, 2000)).map(lambda t: t[0][: t[1]])
+    flipped = st.tuples(base, st.integers(0, 10**6), st.integers(1, 255)).map(
+        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ t[2]]) + t[0][t[1] % len(t[0]) + 1 :])
+    return st.one_of(st.binary(max_size=3000), truncated, flipped)
+
+
+@FUZZ
+@given(data=_mutations(), suffix=st.sampled_from([".npy", ".npz", ".png"]))
+def test_score_inputs_never_crash_on_corrupted_bytes(tmp_path, data, suffix):
+    if suffix == ".png":
+        folder = tmp_path / "pngs"
+        folder.mkdir(exist_ok=True)
+        (folder / "a.png").write_bytes(data)
+        path = folder
+    else:
+        path = tmp_path / f"input{suffix}"
+        path.write_bytes(data)
+    try:
+        array, _ = read_images(path)
+        to_8bit_tensor(array, SHAPE, "input")
+    except ElboxError:
+        pass
+
+
+@FUZZ
+@given(array=arrays(
+    dtype=st.sampled_from([np.uint8, np.int16, np.int64, np.float32, np.float64, np.bool_]),
+    shape=st.sampled_from([(0, 28, 28), (2, 28, 28), (2, 1, 28, 28), (2, 28, 28, 1), (2, 27, 28), (5,), (2, 3, 28, 28)]),
+))
+def test_score_validation_never_crashes_on_random_arrays(array):
+    try:
+        x = to_8bit_tensor(array, SHAPE, "input")
+    except ElboxError:
+        return
+    assert x.dtype == torch.uint8 and x.shape[1:] == SHAPE
+
+
+@FUZZ
+@given(data=st.one_of(st.binary(max_size=2000), st.binary(max_size=64).map(lambda b: b"\x00\x00\x08\x03" + b)))
+def test_idx_and_cifar_parsers_never_crash(data):
+    for parse in (lambda: _parse_idx(data, Path("x.idx")),
+                  lambda: _parse_cifar_batch(data, Path("data_batch_1.bin"), (3, 32, 32), 1)):
+        try:
+            parse()
+        except ElboxError:
+            pass
+
+
+@FUZZ
+@given(data=_mutations())
+def test_checkpoint_and_config_readers_never_crash(tmp_path, data):
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    model = build_model("vae", {"latent_dim": 2, "hidden_dims": [4]})
+    for read in (lambda: load_training_state(path), lambda: load_weights(path, model), lambda: read_json(path, "config")):
+        try:
+            read()
+        except ElboxError:
+            pass
+
+
+@FUZZ
+@given(cut=st.integers(0, 10**6), flip=st.integers(1, 255))
+def test_corrupted_safetensors_files_never_crash(tmp_path, cut, flip):
+    model = build_model("vae", {"latent_dim": 2, "hidden_dims": [4]})
+    from elbox.checkpoint import save_weights
+
+    path = tmp_path / "w.safetensors"
+    save_weights(path, model)
+    raw = bytearray(path.read_bytes())
+    raw[cut % len(raw)] ^= flip
+    path.write_bytes(bytes(raw))
+    try:
+        load_weights(path, model)
+        load_training_state(path)
+    except ElboxError:
+        pass
