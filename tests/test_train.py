@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from elbox.checkpoint import STATE_FILE, load_training_state
+
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.models import build_model
@@ -67,6 +69,9 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     # no update was applied: the finite encoder weights are untouched by the skipped steps
     for k, v in trainer.model.encoder.state_dict().items():
         assert torch.equal(v, encoder_before[k]), k
+    # the last good checkpoint (after epoch 1) is intact and finite
+    tensors, state = load_training_state(tmp_path / STATE_FILE)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0)])
