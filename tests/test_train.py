@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from elbox.checkpoint import STATE_FILE, load_training_state
-
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.models import build_model
