@@ -246,3 +246,23 @@ def test_training_survives_repeated_sigkill(tmp_path):
             load_run(run)
     assert kills >= KILLS
     assert kills_during_writes >= 1, "no kill landed during a checkpoint write"
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_pretrained_and_load_round_trip(tmp_path, name):
+    import elbox
+
+    torch.manual_seed(1)
+    model = build_model(name, MODELS[name]).eval()
+    model.save_pretrained(tmp_path / "m", data={"name": "synthetic"})
+    loaded = elbox.load(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    x = torch.randint(0, 256, (4, 1, 28, 28)) / 255
+    if model.data_space == "binary":
+        x = x.round()
+    torch.manual_seed(2)
+    expected = model.elbo(x).elbo
+    torch.manual_seed(2)
+    torch.testing.assert_close(loaded.elbo(x).elbo, expected, rtol=0, atol=0)
+    assert main(["evaluate", str(tmp_path / "m"), "--limit", "8", "--iw-samples", "2", "--no-progress"]) == 0

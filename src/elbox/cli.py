@@ -302,6 +302,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def load_eval_data(config: dict, split: str, limit: int | None, seed: int, device: torch.device) -> tuple[torch.Tensor, float]:
     """The split in the run's data space (deterministic for the seed) and its log-probability offset."""
     data = config["data"]
+    if "name" not in data:
+        raise ElboxError("this model directory names no dataset (save_pretrained was given no data={'name': ...}); "
+                         "score your own images with elbox score --input")
     images, _ = load_split(data["name"], split, data.get("data_dir"))
     if limit:
         images = images[:limit]

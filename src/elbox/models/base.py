@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -53,6 +55,17 @@ class LatentVariableModel(nn.Module):
     def data_space(self) -> str:
         """Name of the elbox.data space the model's inputs must come from."""
         raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
+        """Write the model as a run directory (config.json + model.safetensors, the format `elbox` commands and
+        `elbox.load` read; no pickle). `data` describes the training data ({"name": "fashion-mnist", ...}) so
+        that `elbox evaluate` knows which dataset to use; the data space is always recorded."""
+        from elbox.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_weights(directory / WEIGHTS_FILE, self)
+        write_run_config(directory, self, {**(data or {}), "space": self.data_space}, train={})
 
 
 def register_model(name: str, config_class: type):
