@@ -9,10 +9,12 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from elbox.checkpoint import (
     CONFIG_FILE,
@@ -88,6 +90,23 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ElboxError("--device mps was asked for, but PyTorch sees no Apple GPU")
     return torch.device(name)
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per process (LOCAL_RANK), gloo on
+    CPUs. Rendezvous (single machine or several) is torchrun's, through its environment variables."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -219,7 +238,12 @@ def load_training_images(name: str, data_dir: str | None, limit_train: int | Non
 
 
 def finish_training(model, record: dict, out: Path) -> int:
-    """samples.png from the saved weights, and the last epoch's summary on stdout."""
+    """samples.png from the saved weights, and the last epoch's summary on stdout (process 0 only)."""
+    if dist.is_initialized():
+        main_process = is_main_process()
+        dist.destroy_process_group()
+        if not main_process:
+            return 0
     with torch.no_grad():
         save_image_grid(model.sample(64).clamp(0, 1).cpu(), out / "samples.png")
     print(json.dumps({k: v for k, v in record.items() if k.startswith("val_") or k in ("epoch", "step", "skipped_steps", "skipped_large_grad")}))
@@ -237,7 +261,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ElboxError(f"--resume takes every setting from the run's {CONFIG_FILE}; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
     out = Path(args.resume)
     config = read_run_config(out)
-    device = resolve_device(args.device)
+    device = init_distributed(args.device)
     train_config = config_from_dict(TrainConfig, config.get("train"))
     torch.manual_seed(train_config.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
     model = build_model(config["model"], config["model_config"]).to(device)
@@ -246,12 +270,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     data = config["data"]
     train_images, val_images = load_training_images(data["name"], data.get("data_dir"), data.get("limit_train"))
     trainer = Trainer(model, train_images, val_images, get_data_space(data["space"]), train_config, out, progress=not args.no_progress)
-    remove_stale_temporaries(out)
+    if is_main_process():
+        remove_stale_temporaries(out)
     if (out / STATE_FILE).exists():
         trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
     if trainer.start_epoch > train_config.epochs:
         raise ElboxError(f"run {out} is complete: all {train_config.epochs} epochs are done")
-    print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {train_config.epochs} (step {trainer.step})", file=sys.stderr)
+    if is_main_process():
+        print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {train_config.epochs} (step {trainer.step})", file=sys.stderr)
     record = trainer.fit()
     return finish_training(trainer.eval_model, record, out)
 
@@ -264,7 +290,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / CONFIG_FILE).exists():
         raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another --out, or continue it with --resume {out}")
-    device = resolve_device(args.device)
+    device = init_distributed(args.device)
+    if dist.is_initialized():
+        dist.barrier()  # every process has checked --out before process 0 writes into it
     train_images, val_images = load_training_images(args.data, args.data_dir, args.limit_train)
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
@@ -279,13 +307,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     space = get_data_space(model.data_space)
     data = {"name": args.data, "data_dir": args.data_dir, "space": space.name, "validation": "last 5000 of the official training set",
             "limit_train": args.limit_train}
-    write_run_config(out, model, data, config_dict(config))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"elbox: training {args.model} ({n_params:,} parameters) on {args.data} [{space.name}] "
-        f"with {train_images.shape[0]} training and {val_images.shape[0]} validation images on {device}; run dir {out}",
-        file=sys.stderr,
-    )
+    if is_main_process():
+        write_run_config(out, model, data, config_dict(config))
+        n_params = sum(p.numel() for p in model.parameters())
+        print(
+            f"elbox: training {args.model} ({n_params:,} parameters) on {args.data} [{space.name}] "
+            f"with {train_images.shape[0]} training and {val_images.shape[0]} validation images on {device}; run dir {out}",
+            file=sys.stderr,
+        )
+    if dist.is_initialized():
+        world = dist.get_world_size()
+        if is_main_process():
+            print(f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {args.batch_size} = "
+                  f"{world} x {args.batch_size // world} per process; learning rate {args.lr} as given (not scaled)", file=sys.stderr)
+        if not model.trains_by_gradient:
+            raise ElboxError(f"the {args.model} model is fitted in one go; run it without torchrun")
     if model.trains_by_gradient:
         trainer = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress)
         record = trainer.fit()

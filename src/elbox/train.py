@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
@@ -173,6 +175,25 @@ def iwae_training_objective(model: LatentVariableModel, x: Tensor, k: int, estim
     return iwae_objective(samples.log_w), samples.terms
 
 
+class TrainingObjective(nn.Module):
+    """One step's objective as a forward pass, (objective to maximize, ELBOTerms for reporting), so that
+    DistributedDataParallel, which synchronizes the gradients of what runs through forward, can wrap it."""
+
+    def __init__(self, model: LatentVariableModel, config: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(self, x: Tensor, beta: float) -> tuple[Tensor, ELBOTerms]:
+        if self.config.objective == "iwae":
+            per_example, terms = iwae_training_objective(self.model, x, self.config.iw_samples, self.config.estimator)
+            return per_example.mean(), terms
+        terms = self.model.elbo(x, n_samples=self.config.n_samples)
+        if terms.objective is not None:  # the model's own surrogate (checked free of beta and free bits)
+            return terms.objective.mean(), terms
+        return elbo_training_objective(terms, beta, self.config.free_bits), terms
+
+
 def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimizer:
     """Adam with the fused multi-tensor kernel (one kernel for all parameters per step)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
@@ -214,6 +235,15 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if config.batch_size % self.world_size:
+            raise ElboxError(f"the batch size {config.batch_size} is the global batch; it must divide evenly over "
+                             f"{self.world_size} processes")
+        # DistributedDataParallel broadcasts rank 0's weights and averages gradients in backward
+        self.objective = TrainingObjective(model, config)
+        if self.world_size > 1:
+            self.objective = DistributedDataParallel(self.objective)
         self.optimizer = make_optimizer(model, config.lr)
         self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
         self.scheduler = None
@@ -222,6 +252,8 @@ class Trainer:
         # the weights validated and saved: an EMA copy, or the trained model itself
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
         self.eval_model = self.ema.module if self.ema is not None else model
+        if self.rank > 0:  # model noise (reparameterization, diffusion times) differs between processes
+            torch.manual_seed(config.seed + 1_000_003 * self.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         if config.beta_schedule == "cyclical" and config.cycle_epochs * self.steps_per_epoch < 2:
@@ -244,21 +276,13 @@ class Trainer:
         reconstruction is averaged over its K draws), and objective, the value of the training objective
         (what the step maximizes), in the same units as elbo.
         """
-        if self.config.objective == "iwae":
-            per_example, terms = iwae_training_objective(self.model, x, self.config.iw_samples, self.config.estimator)
-            objective = per_example.mean()
-        else:
-            terms = self.model.elbo(x, n_samples=self.config.n_samples)
-            if terms.objective is not None:  # the model's own surrogate (checked free of beta and free bits)
-                objective = terms.objective.mean()
-            else:
-                objective = elbo_training_objective(terms, beta, self.config.free_bits)
+        objective, terms = self.objective(x, beta)
         loss = -objective
         kl = terms.kl_total
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not self.all_ranks_agree(torch.isfinite(loss)):
             return "nonfinite"
-        loss.backward()
+        loss.backward()  # under DDP, gradients are averaged over the processes here
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
         skip = None
@@ -274,7 +298,7 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        return {
+        values = {
             "elbo": (terms.elbo.detach().mean() + self.offset),
             "reconstruction": (terms.reconstruction.detach().mean() + self.offset),
             "kl": kl.detach().mean(),
@@ -282,6 +306,29 @@ class Trainer:
             "grad_norm": grad_norm.detach(),
             **{f"kl/{name}": v.detach().mean() for name, v in terms.kl.items() if len(terms.kl) > 1},
         }
+        return self.mean_over_ranks(values)
+
+    # -- distributed helpers (no-ops in a single process) ---------------------------------------------
+
+    def all_ranks_agree(self, flag: Tensor) -> bool:
+        """True when the flag holds on every process (so all take the same branch and none waits forever)."""
+        if self.world_size == 1:
+            return bool(flag)
+        flag = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Average per-process batch means: each process holds an equal share of the global batch."""
+        if self.world_size == 1:
+            return values
+        stacked = torch.stack([v.float() for v in values.values()])
+        dist.all_reduce(stacked)
+        return dict(zip(values, stacked / self.world_size))
+
+    def local_part(self, x: Tensor) -> Tensor:
+        """This process's contiguous share of a global batch."""
+        return torch.tensor_split(x, self.world_size)[self.rank] if self.world_size > 1 else x
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -296,12 +343,16 @@ class Trainer:
             total=self.steps_per_epoch,
             desc=f"epoch {epoch}/{self.config.epochs}",
             unit="batch",
-            disable=not self.progress,
+            disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
             leave=True,
         )
         for idx in bar:
-            x = self.space.train_batch(self.train_data[idx.to(self.device)], self.generator)
+            if idx.numel() < self.world_size:  # a last batch too small to share: every process skips it
+                continue
+            # every process draws the same global batch (same generators), then takes its share: the data
+            # randomness is that of one process with the global batch
+            x = self.local_part(self.space.train_batch(self.train_data[idx.to(self.device)], self.generator))
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)
@@ -349,15 +400,17 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation ELBO (and KL per latent group when there are several) of the evaluation weights."""
         self.eval_model.eval()
-        terms = elbo_per_example(self.eval_model, self.val_x, self.config.eval_batch_size, final=False)
-        record = {
-            "val_elbo": terms["elbo"].mean().item() + self.offset,
-            "val_reconstruction": terms["reconstruction"].mean().item() + self.offset,
-            "val_kl": terms["kl"].mean().item(),
-        }
+        terms = elbo_per_example(self.eval_model, self.local_part(self.val_x), self.config.eval_batch_size, final=False)
         groups = [key for key in terms if key.startswith("kl/")]
-        if len(groups) > 1:
-            record.update({f"val_{key}": terms[key].mean().item() for key in groups})
+        keys = ["elbo", "reconstruction", "kl", *(groups if len(groups) > 1 else [])]
+        sums = torch.stack([terms[k].sum() for k in keys])
+        if self.world_size > 1:  # each process validated a share; sum the shares
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+        means = (sums.cpu() / self.val_x.shape[0]).tolist()
+        record = {f"val_{k}": v for k, v in zip(keys, means)}
+        record["val_elbo"] += self.offset
+        record["val_reconstruction"] += self.offset
         return record
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -435,7 +488,10 @@ class Trainer:
 
     def save(self, epoch: int, is_best: bool) -> None:
         """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
-        crash before it is written re-runs the epoch (deterministically) and rewrites the other files."""
+        crash before it is written re-runs the epoch (deterministically) and rewrites the other files.
+        Only process 0 writes."""
+        if self.rank != 0:
+            return
         save_weights(self.run_dir / WEIGHTS_FILE, self.eval_model)
         if is_best:
             save_weights(self.run_dir / BEST_WEIGHTS_FILE, self.eval_model)
@@ -457,6 +513,8 @@ class Trainer:
             is_best = record["val_elbo"] > self.best_val_elbo
             self.best_val_elbo = max(self.best_val_elbo, record["val_elbo"])
             self.save(epoch, is_best)
+            if self.rank != 0:
+                continue
             tqdm.write(
                 f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f} "
                 f"(objective {record.get('train_objective', math.nan):.2f}), "
