@@ -35,6 +35,7 @@ from elbox.data import SPLITS, dataset_names, get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.evaluate import evaluate, format_table, log_prob_per_example, score_per_example
 from elbox.likelihoods import LIKELIHOODS
+from elbox.loggers import LOGGERS
 from elbox.models import build_model
 from elbox.models.base import config_from_dict
 from elbox.models.diffusion import DIFFUSION_LOSSES, PARAMETERIZATIONS, SCHEDULES
@@ -301,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
         cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
         grad_skip_threshold=args.grad_skip_threshold, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
+        logger=args.logger,
     )
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
@@ -511,6 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999) for validation and the saved model; 0: off")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--logger", choices=LOGGERS, default="jsonl",
+                   help="training curves: metrics.jsonl (jsonl), plus TensorBoard events in RUN_DIR/tensorboard "
+                        "(tensorboard), or neither (none; they stay in the checkpoint state)")
     p.add_argument("--hvae-type", choices=HVAE_TYPES, default="ladder", help="hvae: markov (bottom-up MLP chain) or ladder (top-down, convolutional)")
     p.add_argument("--levels", type=positive_int, default=3, metavar="T", help="hvae: number of latent levels")
     p.add_argument("--latent-dims", type=positive_int, nargs="+", default=None, metavar="D",

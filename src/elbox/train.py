@@ -55,6 +55,7 @@ from elbox.checkpoint import (
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
 from elbox.evaluate import elbo_per_example
+from elbox.loggers import LOGGERS, TensorBoardLog
 from elbox.models.base import LatentVariableModel
 
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
@@ -85,6 +86,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of the weights used for validation and saved; 0 disables (e.g. 0.999)
     eval_batch_size: int = 1000
     log_every: int = 50  # steps between training records in metrics.jsonl
+    logger: str = "jsonl"  # also "tensorboard" (metrics.jsonl and TensorBoard events) or "none" (records only in the state)
 
     def __post_init__(self):
         checks = [
@@ -111,6 +113,7 @@ class TrainConfig:
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.logger in LOGGERS, f"unknown logger {self.logger!r}; choose one of {', '.join(LOGGERS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -267,6 +270,7 @@ class Trainer:
         self.records: list[dict] = []
         self.start_epoch = 1
         self.best_val_elbo = -math.inf
+        self.tensorboard = TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and self.rank == 0 else None
 
     def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | str:
         """One Adam step on a batch. Returns the batch's mean terms, or why the step was skipped:
@@ -386,6 +390,8 @@ class Trainer:
                 record = {k: v / n_interval for k, v in interval.items()}
                 record.update(kind="train", epoch=epoch, step=self.step, beta=beta, lr=lr, images_per_s=rate)
                 self.records.append(record)
+                if self.tensorboard is not None:
+                    self.tensorboard.record(record)
                 bar.set_postfix(
                     elbo=f"{record['elbo']:.2f}", rec=f"{record['reconstruction']:.2f}",
                     kl=f"{record['kl']:.2f}", obj=f"{record['objective']:.2f}", beta=f"{beta:.2f}", img_s=f"{rate:.0f}",
@@ -495,7 +501,8 @@ class Trainer:
         save_weights(self.run_dir / WEIGHTS_FILE, self.eval_model)
         if is_best:
             save_weights(self.run_dir / BEST_WEIGHTS_FILE, self.eval_model)
-        atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
+        if self.config.logger != "none":
+            atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
         save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
 
     def fit(self) -> dict:
@@ -515,6 +522,9 @@ class Trainer:
             self.save(epoch, is_best)
             if self.rank != 0:
                 continue
+            if self.tensorboard is not None:
+                self.tensorboard.record(record)
+                self.tensorboard.images(self.eval_model, self.val_x, self.step)
             tqdm.write(
                 f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f} "
                 f"(objective {record.get('train_objective', math.nan):.2f}), "
@@ -524,6 +534,8 @@ class Trainer:
                 f"{self.skipped_large_grad} large gradient",
                 file=sys.stderr,
             )
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return record
 
 
