@@ -264,3 +264,22 @@ def test_corrupted_safetensors_files_never_crash(tmp_path, cut, flip):
         load_training_state(path)
     except ElboxError:
         pass
+
+
+@pytest.mark.parametrize("model", [[], ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "3", "2", "--hidden-dims", "16"]])
+def test_encode_writes_posterior_means_and_variances(tmp_path, model):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
+                 "--hidden-dims", "16", *model, "--out", str(run), "--no-progress"]) == 0
+    np.save(tmp_path / "x.npy", images())
+    assert main(["encode", str(run), "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "f.npz")]) == 0
+    with np.load(tmp_path / "f.npz", allow_pickle=False) as npz:
+        f = dict(npz)
+    d = 2 if not model else 5
+    assert f["mean"].shape == (6, d) and f["variance"].shape == (6, d) and (f["variance"] > 0).all()
+    assert list(f["names"]) == [str(i) for i in range(6)]
+    import elbox
+    from elbox.data import get_data_space
+
+    x = get_data_space("binary").eval_data(torch.from_numpy(images())[:, None], seed=0)  # what encode saw
+    torch.testing.assert_close(torch.from_numpy(f["mean"]), elbox.load(run).encode(x).detach(), rtol=1e-5, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Command-line tool: elbox train | evaluate | score | sample | reconstruct | tighten.
+"""Command-line tool: elbox train | evaluate | score | encode | sample | reconstruct | tighten.
 
 Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code, never a traceback.
 """
@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import json
 import math
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,7 @@ from elbox.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_jsonl,
     load_run,
@@ -405,11 +408,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Per-image log-likelihood estimates of a user's images, as CSV."""
     device = resolve_device(args.device)
     model, config = load_run(args.run_dir, device)
-    array, names = read_images(args.input)
-    images = to_8bit_tensor(array, tuple(model.config.data_shape), f"input {args.input}")
-    space = get_data_space(config["data"]["space"])
-    x = space.eval_data(images.to(device), seed=args.seed)
-    num_dims = math.prod(images.shape[1:])
+    x, names, space = read_input_data(args, model, config, device)
+    num_dims = math.prod(x.shape[1:])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(args.seed)
         log_likelihood, estimate = score_per_example(
@@ -419,6 +419,38 @@ def cmd_score(args: argparse.Namespace) -> int:
     mean = log_likelihood.mean().item()
     print(f"scored {len(names)} images: mean log-likelihood {mean:.3f} nats ({-mean / (num_dims * math.log(2)):.4f} bits/dim), "
           f"{estimate}; wrote {out}")
+    return 0
+
+
+def read_input_data(args: argparse.Namespace, model, config: dict, device: torch.device) -> tuple[torch.Tensor, list[str], object]:
+    """--input images, checked and put in the run's data space: (x, names, space)."""
+    array, names = read_images(args.input)
+    images = to_8bit_tensor(array, tuple(model.config.data_shape), f"input {args.input}")
+    space = get_data_space(config["data"]["space"])
+    return space.eval_data(images.to(device), seed=args.seed), names, space
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Posterior means (and variances where the model has them) of a user's images, as features in an .npz."""
+    device = resolve_device(args.device)
+    model, config = load_run(args.run_dir, device)
+    if not hasattr(model, "encode"):
+        raise ElboxError(f"the {model.name} model has no encoder")
+    x, names, _ = read_input_data(args, model, config, device)
+    parts: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for s in range(0, x.shape[0], args.batch_size):
+            xb = x[s : s + args.batch_size]
+            mean, variance = model.encode_moments(xb) if hasattr(model, "encode_moments") else (model.encode(xb), None)
+            parts.setdefault("mean", []).append(mean.cpu())
+            if variance is not None:
+                parts.setdefault("variance", []).append(variance.cpu())
+    features = {k: torch.cat(v).numpy() for k, v in parts.items()}
+    out = Path(args.out)
+    buffer = io.BytesIO()
+    np.savez(buffer, names=np.array(names), **features)
+    atomic_write_bytes(out, buffer.getvalue())
+    print(f"encoded {len(names)} images: {', '.join(f'{k} {v.shape}' for k, v in features.items())}; wrote {out}")
     return 0
 
 
@@ -600,6 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization and of the samples")
     add_common(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("encode", help="posterior means and variances of your images, as features in an .npz",
+                       description="Encode images (a .npy or .npz file, or a folder of PNGs): writes an .npz with "
+                                   "'mean' [N, d], 'variance' [N, d] (models that have it) and 'names'.")
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of PNGs")
+    p.add_argument("--out", required=True, metavar="FILE.npz")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization")
+    add_common(p)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("reconstruct", help="a grid of test images and their reconstructions",
                        description="Write a PNG grid: rows of test images, each followed by its reconstructions.")

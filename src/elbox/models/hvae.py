@@ -176,9 +176,18 @@ class HVAE(LatentVariableModel):
         prepared = self.prepare(x)
         return lambda n: self.draw(prepared, x, n)[2]
 
+    def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
+        """Each level's posterior mean {name: [B, d_l]} (see level_moments)."""
+        return {name: mean for name, (mean, _) in self.level_moments(x).items()}
+
     def encode(self, x: Tensor) -> Tensor:
         """Posterior means of every level, flattened and concatenated [B, sum of level sizes]."""
         return torch.cat([m.flatten(1) for m in self.encode_levels(x).values()], dim=1)
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior means and variances of every level, concatenated like encode(): ([B, d], [B, d])."""
+        moments = self.level_moments(x).values()
+        return torch.cat([m.flatten(1) for m, _ in moments], dim=1), torch.cat([v.flatten(1) for _, v in moments], dim=1)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         return self.likelihood.mean(self.decode_from_means(x))
@@ -256,13 +265,13 @@ class MarkovHVAE(HVAE):
         kl[self.level_names[-1]] = top_kl.reshape(-1, x.shape[0])  # [1, B] when T = 1: q(z_1|x) is shared by the n draws
         return log_px, kl, log_px + sum(log_p) - sum(log_q)
 
-    def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
-        """Means of q(z_1|x), q(z_2|E z_1), ...: each level's posterior mean along the chain of means."""
-        means, inputs = {}, x
+    def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Mean and variance of q(z_1|x), q(z_2|E z_1), ...: each level's posterior along the chain of means."""
+        moments, inputs = {}, x
         for t, name in enumerate(self.level_names):
-            inputs = self._posterior(t, inputs)[0]
-            means[name] = inputs
-        return means
+            mean, std = self._posterior(t, inputs)
+            moments[name], inputs = (mean, std.square()), mean
+        return moments
 
     def decode_from_means(self, x: Tensor) -> Tensor:
         return self.decode(self.encode_levels(x)["z1"])
@@ -437,16 +446,17 @@ class LadderHVAE(HVAE):
         self._top_down(self.prepare(x), 1, x.shape[0], pick)
         return found
 
-    def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
-        """Each level's posterior mean, with the levels above it set to their posterior means: {name: [B, d_l]}."""
-        means = {}
+    def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each level's posterior mean and variance, with the levels above it set to their posterior means:
+        {name: ([B, d_l], [B, d_l])}."""
+        moments = {}
 
         def pick(i, mu_q, std_q, mu_p, std_p):
-            means[self.level_names[i]] = mu_q.flatten(1)
+            moments[self.level_names[i]] = (mu_q.flatten(1), std_q.flatten(1).square())
             return mu_q
 
         self._top_down(self.prepare(x), 1, x.shape[0], pick)
-        return means
+        return moments
 
     def decode_from_means(self, x: Tensor) -> Tensor:
         h = self._top_down(self.prepare(x), 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: mu_q)

@@ -296,6 +296,11 @@ class LinearGaussian(LatentVariableModel):
         """Mean of q(z|x) [N, d] (the exact posterior mean for encoder="exact")."""
         return self._q_params(self._flatten(x) - self.b)[0]
 
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and marginal variances (the covariance diagonal) of q(z|x), each [N, d]."""
+        mean, scale_tril = self._q_params(self._flatten(x) - self.b)
+        return mean, scale_tril.square().sum(-1).expand_as(mean)
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """W E_q[z] + b, shaped [N, *data_shape]."""
         return self._unflatten(self.encode(x) @ self.W.T + self.b)

@@ -165,6 +165,11 @@ class VAE(LatentVariableModel):
     def encode(self, x: Tensor) -> Tensor:
         return self.posterior_params(x)[0]
 
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(z|x), each [B, latent_dim]."""
+        mean, std = self.posterior_params(x)
+        return mean, std.square()
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """Mean of p(x|z) at the posterior mean z = E_q[z]."""
         return self.likelihood.mean(self.decode(self.encode(x)))
