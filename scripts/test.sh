@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/get-data.sh  # one test reads the real Fashion-MNIST files
+scripts/get-chromium.sh  # the report test renders HTML in headless Chromium
 exec .venv/bin/python -m pytest -q "$@"

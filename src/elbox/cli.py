@@ -1,4 +1,4 @@
-"""Command-line tool: elbox train | evaluate | score | encode | sample | reconstruct | tighten.
+"""Command-line tool: elbox train | evaluate | score | encode | report | sample | reconstruct | tighten.
 
 Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code, never a traceback.
 """
@@ -46,6 +46,7 @@ from elbox.models.hvae import HVAE_TYPES, POSTERIORS
 from elbox.models.vae import ARCHITECTURES
 from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
+from elbox.report import write_report
 from elbox.score import read_images, to_8bit_tensor, write_scores_csv
 from elbox.system import keep_freed_memory_in_heap
 from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
@@ -454,6 +455,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), args.out, args.seed)
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, config = load_run(args.run_dir, device)
@@ -643,6 +650,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization")
     add_common(p)
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("report", help="an HTML page (and Markdown) with curves, the evaluation and image grids",
+                       description="Write RUN_DIR/report.html, self-contained, and RUN_DIR/report.md: training curves, the "
+                                   "evaluation table (eval-test.json, or a quick evaluation), samples, reconstructions, "
+                                   "latent interpolations and, for 2-D latents, a scatter of test encodings.")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, metavar="FILE.html", help="default RUN_DIR/report.html (the .md goes beside it)")
+    p.add_argument("--seed", type=int, default=0)
+    add_common(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("reconstruct", help="a grid of test images and their reconstructions",
                        description="Write a PNG grid: rows of test images, each followed by its reconstructions.")
