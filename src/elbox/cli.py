@@ -50,7 +50,7 @@ from elbox.report import write_report
 from elbox.score import read_images, to_8bit_tensor, write_scores_csv
 from elbox.system import keep_freed_memory_in_heap
 from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
-from elbox.train import BETA_SCHEDULES, LR_SCHEDULES, OBJECTIVES, Trainer, TrainConfig, config_dict
+from elbox.train import BETA_SCHEDULES, LR_SCHEDULES, OBJECTIVES, PRECISIONS, Trainer, TrainConfig, config_dict
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -306,7 +306,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
         cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
         grad_skip_threshold=args.grad_skip_threshold, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
-        logger=args.logger,
+        logger=args.logger, precision=args.precision,
     )
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights (e.g. 0.999) for validation and the saved model; 0: off")
     p.add_argument("--max-nonfinite", type=positive_int, default=20, help="stop after this many non-finite steps in a row")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: autocast the training forward pass to bfloat16 (weights, optimizer state and reported "
+                        "validation/evaluation bounds stay float32)")
     p.add_argument("--logger", choices=LOGGERS, default="jsonl",
                    help="training curves: metrics.jsonl (jsonl), plus TensorBoard events in RUN_DIR/tensorboard "
                         "(tensorboard), or neither (none; they stay in the checkpoint state)")

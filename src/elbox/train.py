@@ -10,6 +10,10 @@ Training objectives (TrainConfig.objective):
 Every reported ELBO, on training batches and on validation, is the true ELBO with beta = 1. The value of the
 training objective itself is logged separately as "objective" (train_objective per epoch).
 
+Mixed precision: precision="bf16" runs the training forward pass under torch.autocast(bfloat16) (on GPUs, and on
+CPUs with bf16 matrix units); weights, Adam's state and every validation or evaluation number stay float32. The
+training-batch ELBO logged under bf16 is the autocast forward's value, so it carries bf16 rounding.
+
 Stability options for deep (hierarchical) models: KL warm-up (beta_schedule="linear"), free bits per latent
 group (each level of a hierarchical model is a group), gradient-norm clipping (grad_clip), skipping updates
 whose gradient norm is non-finite or above grad_skip_threshold (both counted and logged), a cosine learning-
@@ -61,6 +65,7 @@ from elbox.models.base import LatentVariableModel
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     log_every: int = 50  # steps between training records in metrics.jsonl
     logger: str = "jsonl"  # also "tensorboard" (metrics.jsonl and TensorBoard events) or "none" (records only in the state)
+    precision: str = "fp32"  # "bf16": autocast the training forward pass to bfloat16 (weights, optimizer, validation stay fp32)
 
     def __post_init__(self):
         checks = [
@@ -114,6 +120,7 @@ class TrainConfig:
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.logger in LOGGERS, f"unknown logger {self.logger!r}; choose one of {', '.join(LOGGERS)}"),
+            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -188,6 +195,15 @@ class TrainingObjective(nn.Module):
         self.config = config
 
     def forward(self, x: Tensor, beta: float) -> tuple[Tensor, ELBOTerms]:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            objective, terms = self._objective(x, beta)
+        if self.config.precision == "bf16":  # the logged terms and the loss in float32
+            terms = ELBOTerms(terms.reconstruction.float(), {k: v.float() for k, v in terms.kl.items()},
+                              None if terms.objective is None else terms.objective.float())
+            objective = objective.float()
+        return objective, terms
+
+    def _objective(self, x: Tensor, beta: float) -> tuple[Tensor, ELBOTerms]:
         if self.config.objective == "iwae":
             per_example, terms = iwae_training_objective(self.model, x, self.config.iw_samples, self.config.estimator)
             return per_example.mean(), terms
