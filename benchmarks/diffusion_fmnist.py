@@ -112,7 +112,8 @@ def main() -> int:
                     + ev.get("elbo_protocol", ""),
         "units": "bits per dimension",
         "commands": {"train": shlex.join(train_cmd), "evaluate": shlex.join(eval_cmd), "sample": shlex.join(sample_cmd)},
-        "epochs": args.epochs,
+        "epochs_planned": args.epochs,  # the cosine learning-rate schedule spans these
+        "epochs_completed": len(epochs),  # fewer when training was stopped early (then evaluated with --skip-training)
         "train_wall_s": train_s,
         "train_epoch_time_s": sum(r["epoch_time_s"] for r in epochs),
         "eval_wall_s": eval_s,
