@@ -255,6 +255,14 @@ def finish_training(model, record: dict, out: Path) -> int:
     return 0
 
 
+def initialize_from_data(model, space, train_images: torch.Tensor, seed: int) -> None:
+    """Data-dependent initialization for models that have one (the linear model's fit="elbo": b = the data mean)."""
+    if hasattr(model, "initialize_from_data"):
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.initialize_from_data(space.eval_data(train_images.to(device), seed=seed))
+
+
 # options that --resume may be given with; every other one comes from the run's config.json
 RESUME_OPTIONS = {"command", "resume", "device", "no_progress", "func", "train_parser"}
 
@@ -274,7 +282,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ElboxError(f"the {model.name} model is fitted in one go; there is no training to resume")
     data = config["data"]
     train_images, val_images = load_training_images(data["name"], data.get("data_dir"), data.get("limit_train"))
-    trainer = Trainer(model, train_images, val_images, get_data_space(data["space"]), train_config, out, progress=not args.no_progress)
+    space = get_data_space(data["space"])
+    initialize_from_data(model, space, train_images, train_config.seed)  # as the new run did (overwritten by a state)
+    trainer = Trainer(model, train_images, val_images, space, train_config, out, progress=not args.no_progress)
     if is_main_process():
         remove_stale_temporaries(out)
     if (out / STATE_FILE).exists():
@@ -329,6 +339,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not model.trains_by_gradient:
             raise ElboxError(f"the {args.model} model is fitted in one go; run it without torchrun")
     if model.trains_by_gradient:
+        initialize_from_data(model, space, train_images, args.seed)
         trainer = Trainer(model, train_images, val_images, space, config, out, progress=not args.no_progress)
         record = trainer.fit()
         model = trainer.eval_model  # the saved weights (the EMA when --ema-decay is set)

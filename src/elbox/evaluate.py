@@ -272,12 +272,14 @@ def evaluate(
     if elbo is not None and nll_by_k:
         gaps = {k: mean_and_stderr(-elbo - v) for k, v in nll_by_k.items()}
         result["gap_elbo_iw_by_k"] = {k: g[0] for k, g in gaps.items()}
+        result["gap_elbo_iw_stderr_by_k"] = {k: g[1] for k, g in gaps.items()}
         result["gap_elbo_iw"], result["gap_elbo_iw_stderr"] = gaps[ks[-1]]
     if elbo is not None and nll_exact is not None:
         result["gap_elbo"], result["gap_elbo_stderr"] = mean_and_stderr(-elbo - nll_exact)
     if nll_exact is not None and nll_by_k:
         gaps = {k: mean_and_stderr(v - nll_exact) for k, v in nll_by_k.items()}
         result["gap_iw_by_k"] = {k: g[0] for k, g in gaps.items()}
+        result["gap_iw_stderr_by_k"] = {k: g[1] for k, g in gaps.items()}
         result["gap_iw"], result["gap_iw_stderr"] = gaps[ks[-1]]
     result["time_s"] = time.perf_counter() - start_time
     return result
