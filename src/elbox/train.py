@@ -60,7 +60,7 @@ from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
 from elbox.evaluate import elbo_per_example
 from elbox.loggers import LOGGERS, TensorBoardLog
-from elbox.models.base import LatentVariableModel
+from elbox.models.base import LatentVariableModel, config_from_dict
 
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae")
@@ -469,7 +469,7 @@ class Trainer:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         try:
-            if state["train_config"] != config_dict(self.config):
+            if config_from_dict(TrainConfig, state["train_config"]) != self.config:  # fields added later take defaults
                 raise ElboxError(f"{what} was written with other training settings than the run's config.json")
             check_tensors(part("model."), self.model.state_dict(), f"{what} (model tensors)")
             self.model.load_state_dict(part("model."))
