@@ -58,9 +58,17 @@ def plot_curve(epochs: list[dict], steps: list[dict], path: Path) -> None:
     minutes = [sum(e["epoch_time_s"] for e in epochs[: i + 1]) / 60 for i in range(len(epochs))]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(minutes, [-e["val_elbo"] / BITS for e in epochs], "o-", label="validation -ELBO (1 time sample per image)")
-    per_epoch_s = epochs[0]["epoch_time_s"] / max(epochs[0]["step"], 1)
-    ax.plot([s["step"] * per_epoch_s / 60 for s in steps], [-s["elbo"] / BITS for s in steps], alpha=0.5, label="training batches -ELBO")
-    ax.set_xlabel("training time (minutes, approximate for batches)")
+
+    def step_minutes(step: int) -> float:  # within each epoch, time grows linearly with the step
+        start_step, start_min = 0, 0.0
+        for e, end_min in zip(epochs, minutes):
+            if step <= e["step"]:
+                return start_min + (end_min - start_min) * (step - start_step) / max(e["step"] - start_step, 1)
+            start_step, start_min = e["step"], end_min
+        return minutes[-1]
+
+    ax.plot([step_minutes(s["step"]) for s in steps], [-s["elbo"] / BITS for s in steps], alpha=0.5, label="training batches -ELBO")
+    ax.set_xlabel("training time (minutes; batches placed within their epoch)")
     ax.set_ylabel("bits per dimension")
     ax.set_title("VDM on 8-bit Fashion-MNIST")
     low = min(-e["val_elbo"] / BITS for e in epochs)
