@@ -26,15 +26,7 @@ TINY = dict(train_size=50, validation_size=10, test_size=20)  # 5 train batches 
 BATCH_DIR = "cifar-10-batches-bin"
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No env var, a private user cache, no system dirs, a fresh array cache."""
-    monkeypatch.delenv("ELBOX_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [])
-    data.clear_cache()
-    yield
-    data.clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def tiny_cache(tmp_path) -> Path:

@@ -119,6 +119,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
 
 
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """RUN_DIR, --input images (read_input_data), --batch-size, --seed and the common options (score, encode)."""
+    p.add_argument("run_dir")
+    p.add_argument("--input", required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of PNGs")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization and of any sampling")
+    add_common(p)
+
+
 # ----------------------------------------------------------------------------------------------
 # train
 
@@ -643,26 +652,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="per-image log-likelihood estimates of your images, as CSV",
                        description="Score images (a .npy or .npz file, or a folder of PNGs) under a trained model: "
                                    "exact log p(x) where the model has it, else IWAE-K, else the ELBO; one CSV row per image.")
-    p.add_argument("run_dir")
-    p.add_argument("--input", required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of PNGs")
+    add_input_options(p)
     p.add_argument("--out", default=None, metavar="FILE.csv", help="default RUN_DIR/scores.csv")
     p.add_argument("--iw-samples", type=positive_int, default=1000, metavar="K", help="importance samples for IWAE-K (default 1000)")
     p.add_argument("--elbo-samples", type=positive_int, default=8,
                    help="models scored by their ELBO (diffusion): Monte Carlo samples per image (default 8)")
-    p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization and of the samples")
-    add_common(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("encode", help="posterior means and variances of your images, as features in an .npz",
                        description="Encode images (a .npy or .npz file, or a folder of PNGs): writes an .npz with "
                                    "'mean' [N, d], 'variance' [N, d] (models that have it) and 'names'.")
-    p.add_argument("run_dir")
-    p.add_argument("--input", required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of PNGs")
+    add_input_options(p)
     p.add_argument("--out", required=True, metavar="FILE.npz")
-    p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="seed of binarization/dequantization")
-    add_common(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("report", help="an HTML page (and Markdown) with curves, the evaluation and image grids",

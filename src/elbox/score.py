@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from elbox.checkpoint import atomic_write_bytes
 from elbox.errors import ElboxError
 
 NPZ_KEYS = ("x", "images")
@@ -119,8 +120,6 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
 
 def write_scores_csv(path: str | Path, names: list[str], log_likelihood: torch.Tensor, num_dims: int, estimate: str) -> None:
     """One row per image: name, log-likelihood estimate (nats), bits/dim, the estimate used. Atomic write."""
-    from elbox.checkpoint import atomic_write_bytes
-
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["index", "name", "log_likelihood_nats", "bits_per_dim", "estimate"])
