@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -25,11 +26,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single, double = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "elbox", *ARGS, "--out", str(single)], env=env, check=True, capture_output=True)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "elbox", *ARGS, "--out", str(double)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "elbox", *ARGS, "--out", str(double)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:  # one retry in a fresh directory: torchrun's loopback rendezvous failed once in six runs
+        warnings.warn(f"torchrun failed once, retrying: {result.stderr[-2000:]}")
+        double = tmp_path / "two-retry"
+        command[-1] = str(double)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distributed over 2 processes (gloo): global batch 50 = 2 x 25" in result.stderr
     a, b = epoch_records(single), epoch_records(double)
