@@ -17,7 +17,15 @@ from elbox.bounds import mean_and_stderr
 from elbox.cli import main
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.diffusion import SCHEDULES, CosineSchedule, LinearBetaSchedule, alpha_sigma, build_schedule, encode_8bit
+from elbox.models.diffusion import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearBetaSchedule,
+    alpha_sigma,
+    build_schedule,
+    encode_8bit,
+    window_half_width,
+)
 
 GAMMA_MIN, GAMMA_MAX = -10.0, 6.0
 MEAN, STD = 0.1, 0.5  # the Gaussian data x ~ N(MEAN, STD^2 I)
@@ -174,20 +182,47 @@ def test_the_three_parameterizations_give_the_same_elbo(timesteps):
 # Terms against independent computations
 
 
-def test_reconstruction_matches_an_independent_categorical():
-    model = build_model("diffusion", {"data_shape": SHAPE, "channels": [4]})
+# eps_scale 40: pixels' own bins fall outside the window, so the full softmax runs
+@pytest.mark.parametrize("gamma_min, eps_scale", [(-13.3, 1.0), (-10.0, 1.0), (-6.0, 1.0), (-2.0, 1.0), (-13.3, 40.0), (-6.0, 40.0)])
+def test_reconstruction_matches_an_independent_categorical(gamma_min, eps_scale):
+    """The windowed softmax (window_half_width) equals the full 256-way categorical, value and gradients."""
+    model = build_model("diffusion", {"data_shape": SHAPE, "channels": [4], "gamma_min": gamma_min})
     torch.manual_seed(8)
-    x = torch.randint(0, 256, (5, *SHAPE)) / 255
+    x = torch.randint(0, 256, (64, *SHAPE)) / 255
+    x[0] = 0.0  # both ends of the grid, where the window is shifted inwards
+    x[1] = 1.0
     k = (x * 255).round().long()
-    x_enc, eps = encode_8bit(x), torch.randn(5, *SHAPE)
+    x_enc, eps = encode_8bit(x), eps_scale * torch.randn(64, *SHAPE)
+    x_enc.requires_grad_(True)
     got = model.reconstruction_log_prob(x_enc, k, eps)
+    got_grads = torch.autograd.grad(got.sum(), [x_enc, *model.schedule.parameters()], allow_unused=True)
     gamma_0, _ = model.schedule.endpoints()
     u = x_enc + torch.exp(gamma_0 / 2) * eps  # z_0 / alpha_0
     grid = (torch.arange(256) + 0.5) / 128 - 1
     log_p = Normal(u[..., None].double(), torch.exp(gamma_0 / 2).double()).log_prob(grid.double()).log_softmax(-1)
     expected = log_p.gather(-1, k[..., None]).squeeze(-1).flatten(1).sum(-1)
+    expected_grads = torch.autograd.grad(expected.sum(), [x_enc, *model.schedule.parameters()], allow_unused=True)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-3)
+    assert [g is None for g in got_grads] == [e is None for e in expected_grads] and got_grads[1] is not None
+    for g, e in zip(got_grads, expected_grads):
+        if g is not None:
+            torch.testing.assert_close(g.double(), e.double(), rtol=1e-3, atol=1e-4 * e.abs().max().item())  # float32 vs float64
     assert torch.allclose(encode_8bit(torch.tensor([0.0, 1.0])), torch.tensor([-255 / 256, 255 / 256]))
+
+
+def test_reconstruction_window_holds_all_but_a_negligible_mass():
+    """Outside the window the grid values carry < e^-30 of the softmax mass, at every gamma_0 up to full width."""
+    for gamma_0 in [-13.3, -12.0, -10.0, -8.0, -6.0, -4.0]:
+        half = window_half_width(torch.tensor(gamma_0))
+        sigma = math.exp(gamma_0 / 2)
+        grid = (torch.arange(256, dtype=torch.float64) + 0.5) / 128 - 1
+        u = torch.linspace(-1.2, 1.2, 2001, dtype=torch.float64)  # beyond the grid's ends too
+        log_w = -0.5 * ((u[:, None] - grid) / sigma) ** 2
+        nearest = ((u + 1) * 128 - 0.5).round().long()
+        start = (nearest - half).clamp(0, max(0, 256 - 2 * half - 1))
+        inside = (torch.arange(256) >= start[:, None]) & (torch.arange(256) <= start[:, None] + 2 * half)
+        outside_share = (log_w.masked_fill(inside, -math.inf).logsumexp(-1) - log_w.logsumexp(-1)).max()
+        assert outside_share < -30, (gamma_0, half, outside_share)
 
 
 # ----------------------------------------------------------------------------------------------

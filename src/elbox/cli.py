@@ -48,7 +48,7 @@ from elbox.nets import ACTIVATIONS
 from elbox.plots import save_image_grid
 from elbox.report import write_report
 from elbox.score import read_images, to_8bit_tensor, write_scores_csv
-from elbox.system import keep_freed_memory_in_heap
+from elbox.system import keep_freed_memory_in_heap, set_threads
 from elbox.tighten import check_tightenable, format_gap_table, gap_split, refit_encoder
 from elbox.train import BETA_SCHEDULES, LR_SCHEDULES, OBJECTIVES, PRECISIONS, Trainer, TrainConfig, config_dict
 
@@ -117,6 +117,9 @@ def is_main_process() -> bool:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto = cuda, mps, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: $OMP_NUM_THREADS, else every usable core shared among "
+                        "the processes on this machine)")
 
 
 def add_input_options(p: argparse.ArgumentParser) -> None:
@@ -273,7 +276,7 @@ def initialize_from_data(model, space, train_images: torch.Tensor, seed: int) ->
 
 
 # options that --resume may be given with; every other one comes from the run's config.json
-RESUME_OPTIONS = {"command", "resume", "device", "no_progress", "func", "train_parser"}
+RESUME_OPTIONS = {"command", "resume", "device", "no_progress", "threads", "func", "train_parser"}
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -306,6 +309,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return finish_training(trainer.eval_model, record, out)
 
 
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of `elbox train`'s options."""
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
+        beta_schedule=args.beta_schedule, warmup_epochs=args.warmup_epochs, n_samples=args.n_samples,
+        max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip, objective=args.objective,
+        iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
+        cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
+        grad_skip_threshold=args.grad_skip_threshold, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
+        logger=args.logger, precision=args.precision, compile=args.compile, channels_last=args.channels_last,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         return cmd_resume(args)
@@ -318,15 +334,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if dist.is_initialized():
         dist.barrier()  # every process has checked --out before process 0 writes into it
     train_images, val_images = load_training_images(args.data, args.data_dir, args.limit_train)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, beta=args.beta,
-        beta_schedule=args.beta_schedule, warmup_epochs=args.warmup_epochs, n_samples=args.n_samples,
-        max_nonfinite=args.max_nonfinite, grad_clip=args.grad_clip, objective=args.objective,
-        iw_samples=args.iw_samples, estimator=args.estimator, free_bits=args.free_bits,
-        cycle_epochs=args.cycle_epochs, cycle_ramp_fraction=args.cycle_ramp_fraction,
-        grad_skip_threshold=args.grad_skip_threshold, lr_schedule=args.lr_schedule, ema_decay=args.ema_decay,
-        logger=args.logger, precision=args.precision,
-    )
+    config = train_config_from_args(args)
     torch.manual_seed(args.seed)
     model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(train_images.shape[1:]))).to(device)
     space = get_data_space(model.data_space)
@@ -575,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast the training forward pass to bfloat16 (weights, optimizer state and reported "
                         "validation/evaluation bounds stay float32)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward and backward (costs compilation time up front; "
+                        "pays off on long runs and GPUs, see benchmarks/README.md)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="convolutional models: NHWC memory layout for weights and batches (helps on GPUs with tensor cores)")
     p.add_argument("--logger", choices=LOGGERS, default="jsonl",
                    help="training curves: metrics.jsonl (jsonl), plus TensorBoard events in RUN_DIR/tensorboard "
                         "(tensorboard), or neither (none; they stay in the checkpoint state)")
@@ -709,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory_in_heap()
+    set_threads(args.threads)
     try:
         return args.func(args)
     except ElboxError as e:

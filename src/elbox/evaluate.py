@@ -21,31 +21,57 @@ from tqdm.auto import tqdm
 from elbox.bounds import iwae_bounds, mean_and_stderr
 from elbox.errors import ElboxError
 from elbox.models.base import LatentVariableModel
+from elbox.system import available_memory_bytes
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-# Upper bound on decoder output elements (samples x examples x params per example) in one pass.
-# 2**22 (16 MiB of float32 per temporary) keeps a pass's temporaries in cache-friendly sizes; 2**25
-# was measured 1.3x slower (benchmarks/README.md).
-DEFAULT_MAX_DECODER_ELEMENTS = 2**22
+# The memory bound of one evaluation pass, in decoder output elements (samples x examples x params per example).
+# On a CPU, 2**22 (16 MiB of float32 per temporary) keeps a pass's temporaries in cache-friendly sizes; 2**25
+# was measured 1.3x slower (benchmarks/README.md). GPUs take as much as fits.
+CPU_MAX_DECODER_ELEMENTS = 2**22
+# float32 temporaries of decoder-output size alive at once in a pass (activations, logits, log-density terms),
+# with headroom: the bound allots each pass at most 1/LIVE_TEMPORARIES of the memory available
+LIVE_TEMPORARIES = 16
+
+
+def memory_bound(device: torch.device) -> int:
+    """Decoder output elements per evaluation pass, from the memory available now on the device: the cache-sized
+    CPU_MAX_DECODER_ELEMENTS on CPUs (less when memory is short), half the free memory on GPUs."""
+    share = available_memory_bytes(device) // (4 * LIVE_TEMPORARIES)  # elements per temporary, all of memory
+    if device.type == "cuda":
+        return max(2**16, share // 2)
+    return max(2**16, min(CPU_MAX_DECODER_ELEMENTS, share))
 
 
 @torch.no_grad()
 def elbo_per_example(
-    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1, progress: bool = False, final: bool = True
+    model: LatentVariableModel, x: Tensor, batch_size: int, n_samples: int = 1, progress: bool = False, final: bool = True,
+    max_decoder_elements: int | None = None,
 ) -> dict[str, Tensor]:
     """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N].
 
+    Each pass takes up to batch_size examples with all their n_samples samples, fewer when examples x samples would
+    exceed the memory bound (memory_bound(device) by default).
     final: use the model's `elbo_for_evaluation` where it has one (the discrete-time diffusion model's exact sum
     over all T steps, T passes per example); False uses `elbo`, an unbiased cheaper estimate (validation)."""
     elbo = getattr(model, "elbo_for_evaluation", model.elbo) if final else model.elbo
+    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
+    batch_size = max(1, min(batch_size, bound // (n_samples * elements_per_sample(model))))
     parts: dict[str, list[Tensor]] = {}
-    for start in tqdm(range(0, x.shape[0], batch_size), desc="ELBO", unit="batch", disable=not progress):
+    for start in examples_progress(x.shape[0], batch_size, "ELBO", progress):
         terms = elbo(x[start : start + batch_size], n_samples=n_samples)
         values = {"elbo": terms.elbo, "reconstruction": terms.reconstruction, "kl": terms.kl_total}
         values.update({f"kl/{name}": v for name, v in terms.kl.items()})
         for key, v in values.items():
             parts.setdefault(key, []).append(v.double().cpu())
     return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def examples_progress(n: int, batch_size: int, desc: str, progress: bool):
+    """Start indices of the batches of n examples, with a progress bar counted in examples (rate and ETA)."""
+    with tqdm(total=n, desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, n, batch_size):
+            yield start
+            bar.update(min(batch_size, n - start))
 
 
 def count_active(means: Tensor) -> tuple[int, Tensor]:
@@ -72,15 +98,18 @@ def active_units_by_level(model: LatentVariableModel, x: Tensor, batch_size: int
     return {name: (count_active(torch.cat(v))[0], torch.cat(v).shape[1]) for name, v in parts.items()}
 
 
-def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
-    """How many importance samples for a batch of examples fit one pass under the memory bound.
-
-    A sample costs its likelihood parameters, or the model's largest per-sample activation
-    (`activation_elements`, for models whose hidden state is larger than their output) if that is bigger."""
+def elements_per_sample(model: LatentVariableModel) -> int:
+    """Memory one sample of one example costs in a pass, in float32 elements: its likelihood parameters, or the
+    model's largest per-sample activation (`activation_elements`, for models whose hidden state is larger than
+    their output) if that is bigger."""
     likelihood = getattr(model, "likelihood", None)
     per_example = math.prod(model.config.data_shape) * (likelihood.num_params if likelihood is not None else 1)
-    per_example = max(per_example, getattr(model, "activation_elements", 0))
-    return max(1, max_decoder_elements // (batch * per_example))
+    return max(per_example, getattr(model, "activation_elements", 0))
+
+
+def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
+    """How many importance samples for a batch of examples fit one pass under the memory bound."""
+    return max(1, max_decoder_elements // (batch * elements_per_sample(model)))
 
 
 @torch.no_grad()
@@ -89,7 +118,7 @@ def iwae_by_k_per_example(
     x: Tensor,
     ks: Sequence[int],
     batch_size: int,
-    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    max_decoder_elements: int | None = None,
     progress: bool = False,
 ) -> dict[int, Tensor]:
     """IWAE-K lower bounds on log p(x) for every example and every K in ks: {K: [N] float64}.
@@ -97,8 +126,9 @@ def iwae_by_k_per_example(
     One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K).
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
-    desc = f"IWAE-{max(ks)}"
-    for start in tqdm(range(0, x.shape[0], batch_size), desc=desc, unit="batch", disable=not progress):
+    if max_decoder_elements is None:
+        max_decoder_elements = memory_bound(x.device)
+    for start in examples_progress(x.shape[0], batch_size, f"IWAE-{max(ks)}", progress):
         xb = x[start : start + batch_size]
         chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
         draw = model.log_weights_sampler(xb) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(xb, n))
@@ -112,7 +142,7 @@ def iwae_per_example(
     x: Tensor,
     k: int,
     batch_size: int,
-    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    max_decoder_elements: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """IWAE-K lower bound on log p(x) for every example [N], float64."""
@@ -151,21 +181,23 @@ def score_per_example(
     iw_samples: int,
     batch_size: int,
     elbo_samples: int = 1,
-    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    max_decoder_elements: int | None = None,
     progress: bool = False,
 ) -> tuple[Tensor, str]:
     """The tightest per-example estimate of log p(x) the model has ([N] float64 nats) and its name: the exact
     log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
     model.eval()
+    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
     if hasattr(model, "log_prob"):
         values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
         return values + log_prob_offset, "exact log p(x)"
     if hasattr(model, "log_weights"):
         values = retry_on_out_of_memory(lambda d: iwae_per_example(
-            model, x, iw_samples, max(1, batch_size // d), max(1, max_decoder_elements // d), progress), "scoring")
+            model, x, iw_samples, max(1, batch_size // d), max(1, bound // d), progress), "scoring")
         return values + log_prob_offset, f"IWAE lower bound, K={iw_samples}"
     values = retry_on_out_of_memory(
-        lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress)["elbo"], "scoring")
+        lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
+                                   max_decoder_elements=max(1, bound // d))["elbo"], "scoring")
     protocol = model.elbo_protocol(elbo_samples) if hasattr(model, "elbo_protocol") else f"{elbo_samples} sample(s)"
     return values + log_prob_offset, f"ELBO lower bound ({protocol})"
 
@@ -184,7 +216,7 @@ def evaluate(
     batch_size: int = 500,
     elbo_samples: int = 1,
     seed: int = 0,
-    max_decoder_elements: int = DEFAULT_MAX_DECODER_ELEMENTS,
+    max_decoder_elements: int | None = None,
     progress: bool = False,
 ) -> dict:
     """Evaluate a model on data `x` already in the model's data space; report whatever the model has.
@@ -207,6 +239,7 @@ def evaluate(
     if batch_size < 1:
         raise ElboxError(f"the evaluation batch size must be >= 1, got {batch_size}")
     model.eval()
+    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
     num_dims = math.prod(x.shape[1:])
     bits = num_dims * math.log(2)
     start_time = time.perf_counter()
@@ -227,7 +260,8 @@ def evaluate(
             result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
         if hasattr(model, "elbo"):
             terms = retry_on_out_of_memory(
-                lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress), "evaluation")
+                lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
+                                           max_decoder_elements=max(1, bound // d)), "evaluation")
             elbo = terms["elbo"] + log_prob_offset
             result["elbo_samples"] = elbo_samples
             if hasattr(model, "elbo_protocol"):
@@ -247,7 +281,7 @@ def evaluate(
             result["bpd_parts"] = list(parts)
         if hasattr(model, "log_weights"):
             bounds = retry_on_out_of_memory(lambda d: iwae_by_k_per_example(
-                model, x, ks, max(1, batch_size // d), max(1, max_decoder_elements // d), progress), "evaluation")
+                model, x, ks, max(1, batch_size // d), max(1, bound // d), progress), "evaluation")
             nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}
             result["iw_samples"] = ks[-1]
             result["nll_iw_by_k"] = {k: mean_and_stderr(v)[0] for k, v in nll_by_k.items()}

@@ -142,15 +142,21 @@ class ConditionedUNet(nn.Module):
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         skips = [channels[0]]
+        skip_elements = channels[0] * h * w
         width = channels[0]
         for level, ch in enumerate(channels):
             for _ in range(blocks):
                 self.down.append(ConditionedResBlock(width, ch, emb_dim))
                 width = ch
                 skips.append(width)
+                skip_elements += width * (h >> level) * (w >> level)
             if level < len(channels) - 1:
                 self.downsample.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
                 skips.append(width)
+                skip_elements += width * (h >> (level + 1)) * (w >> (level + 1))
+        # activation elements per image alive at once in a forward pass without gradients: the skips kept for the
+        # way up, plus a concatenation and two block temporaries at full resolution (bounds evaluation batches)
+        self.activation_elements = skip_elements + 3 * 2 * channels[0] * h * w
         self.mid = ConditionedResBlock(width, width, emb_dim)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()

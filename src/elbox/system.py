@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+
+import torch
 
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
@@ -27,3 +30,57 @@ def keep_freed_memory_in_heap(threshold_bytes: int = 1 << 30) -> bool:
     except (OSError, AttributeError):
         return False  # not glibc (e.g. musl): leave the allocator alone
     return bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which container limits narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> int:
+    """Set PyTorch's intra-op thread count and return it.
+
+    None picks the default: $OMP_NUM_THREADS when set (torchrun sets it), else every usable core shared
+    among the processes on this machine ($LOCAL_WORLD_SIZE under torchrun). Measured on a 2-core CPU, one
+    thread per core is fastest; one thread instead of two is 25-35 % slower (benchmarks/README.md)."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            threads = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, threads)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run on hardware support: CUDA GPUs of compute capability 8 or later,
+    and CPUs with AVX-512 BF16 or AMX (what oneDNN needs). Elsewhere PyTorch emulates bf16 matmuls, measured
+    about 100x slower than float32 on an AVX2 CPU (benchmarks/README.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use now: free GPU memory on CUDA; on a CPU, the kernel's MemAvailable
+    (/proc/meminfo), else free physical pages."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30

@@ -14,6 +14,11 @@ Mixed precision: precision="bf16" runs the training forward pass under torch.aut
 CPUs with bf16 matrix units); weights, Adam's state and every validation or evaluation number stay float32. The
 training-batch ELBO logged under bf16 is the autocast forward's value, so it carries bf16 rounding.
 
+Speed: compile=True runs the training objective (the model's forward pass and loss, and through AOTAutograd its
+backward) through torch.compile; the first steps pay the compilation (benchmarks/run.py records it as time to
+first step). channels_last=True keeps convolution weights and batches in NHWC layout. Adam is always the fused
+kernel. Defaults (eager, contiguous, fp32) are the fastest measured on a 2-core CPU; see benchmarks/README.md.
+
 Stability options for deep (hierarchical) models: KL warm-up (beta_schedule="linear"), free bits per latent
 group (each level of a hierarchical model is a group), gradient-norm clipping (grad_clip), skipping updates
 whose gradient norm is non-finite or above grad_skip_threshold (both counted and logged), a cosine learning-
@@ -27,6 +32,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +67,7 @@ from elbox.errors import ElboxError
 from elbox.evaluate import elbo_per_example
 from elbox.loggers import LOGGERS, TensorBoardLog
 from elbox.models.base import LatentVariableModel, config_from_dict
+from elbox.system import bf16_is_native
 
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae")
@@ -93,6 +100,8 @@ class TrainConfig:
     log_every: int = 50  # steps between training records in metrics.jsonl
     logger: str = "jsonl"  # also "tensorboard" (metrics.jsonl and TensorBoard events) or "none" (records only in the state)
     precision: str = "fp32"  # "bf16": autocast the training forward pass to bfloat16 (weights, optimizer, validation stay fp32)
+    compile: bool = False  # torch.compile the training objective (forward and its backward); Adam stays the fused kernel
+    channels_last: bool = False  # convolutional models: weights and batches in NHWC memory layout
 
     def __post_init__(self):
         checks = [
@@ -246,6 +255,9 @@ class Trainer:
             raise ElboxError("the validation set is empty")
         self.model = model
         self.device = next(model.parameters()).device
+        if config.precision == "bf16" and not bf16_is_native(self.device):
+            warnings.warn(f"--precision bf16: this {self.device.type} has no native bfloat16 matrix units, so PyTorch "
+                          "emulates them and training will be much slower than fp32 (measured 12x on an AVX2 CPU)", stacklevel=2)
         self.train_data = train_data.to(self.device)
         self.space = space
         self.val_x = space.eval_data(val_data.to(self.device), seed=config.seed)
@@ -261,8 +273,13 @@ class Trainer:
                              f"{self.world_size} processes")
         # DistributedDataParallel broadcasts rank 0's weights and averages gradients in backward
         self.objective = TrainingObjective(model, config)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-D (convolution) weights only
         if self.world_size > 1:
             self.objective = DistributedDataParallel(self.objective)
+        if config.compile:
+            # static shapes: the epoch's last, smaller batch gets its own graph (one recompilation)
+            self.objective = torch.compile(self.objective, dynamic=False)
         self.optimizer = make_optimizer(model, config.lr)
         self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
         self.scheduler = None
@@ -373,6 +390,8 @@ class Trainer:
             # every process draws the same global batch (same generators), then takes its share: the data
             # randomness is that of one process with the global batch
             x = self.local_part(self.space.train_batch(self.train_data[idx.to(self.device)], self.generator))
+            if self.config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)

@@ -1,0 +1,159 @@
+"""Speed options: --compile, --channels-last, --precision bf16 on hardware without bf16, --threads, and the
+automatic memory bound and progress of evaluation. Each option must leave the numbers unchanged (to float
+rounding) and the run files loadable."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from elbox import evaluate as evaluate_module
+from elbox.checkpoint import STATE_FILE, load_training_state
+from elbox.cli import main
+from elbox.data import get_data_space, load_split
+from elbox.evaluate import elbo_per_example, examples_progress, iwae_per_example, memory_bound
+from elbox.models import build_model
+from elbox.system import bf16_is_native, set_threads
+from elbox.train import Trainer, TrainConfig
+
+VAE = ("vae", {"latent_dim": 4, "hidden_dims": [64]})
+DIFFUSION = ("diffusion", {"channels": [8, 16]})
+
+
+def trainer_for(tmp_path, name, config, **options) -> Trainer:
+    train, _ = load_split("synthetic", "train")
+    val, _ = load_split("synthetic", "validation")
+    torch.manual_seed(0)
+    model = build_model(name, config)
+    return Trainer(model, train[:64], val[:32], get_data_space(model.data_space),
+                   TrainConfig(epochs=1, batch_size=32, **options), tmp_path, progress=False)
+
+
+def loss_and_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """The training objective and its gradients on a fixed batch with fixed model noise."""
+    train, _ = load_split("synthetic", "train")
+    x = trainer.space.train_batch(train[:32], torch.Generator().manual_seed(0))
+    if trainer.config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    objective, _ = trainer.objective(x, 1.0)
+    objective.backward()
+    return objective.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(reference, other):
+    assert other[0] == pytest.approx(reference[0], rel=1e-5)
+    assert other[1].keys() == reference[1].keys()
+    for name, g in reference[1].items():
+        torch.testing.assert_close(other[1][name], g, rtol=1e-3, atol=1e-5 * g.abs().max().item() + 1e-7, msg=name)
+
+
+def test_compile_gives_the_eager_objective_and_gradients(tmp_path):
+    eager = loss_and_grads(trainer_for(tmp_path / "eager", *VAE))
+    compiled_trainer = trainer_for(tmp_path / "compiled", *VAE, compile=True)
+    assert isinstance(compiled_trainer.objective, torch._dynamo.eval_frame.OptimizedModule)
+    # inductor's own random numbers differ from eager's; draw them with the eager generator to compare the math
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_same_step(eager, loss_and_grads(compiled_trainer))
+
+
+def test_channels_last_gives_the_same_step_and_resumable_checkpoints(tmp_path):
+    contiguous = loss_and_grads(trainer_for(tmp_path / "a", *DIFFUSION))
+    trainer = trainer_for(tmp_path / "b", *DIFFUSION, channels_last=True)
+    conv = trainer.model.denoiser.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert_same_step(contiguous, loss_and_grads(trainer))
+    trainer.optimizer.zero_grad()
+    record = trainer.fit()
+    assert math.isfinite(record["val_elbo"])
+    # the saved state (written contiguous) loads back into a channels-last trainer, Adam moments included
+    resumed = trainer_for(tmp_path / "b", *DIFFUSION, channels_last=True)
+    resumed.restore(*load_training_state(tmp_path / "b" / STATE_FILE))
+    for p, q in zip(trainer.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    x = next(iter([trainer.val_x[:16].contiguous(memory_format=torch.channels_last)]))
+    assert resumed.training_step(x, 1.0) not in ("nonfinite", "large_grad")
+
+
+def test_cli_compile_and_channels_last_runs_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vae", "--data", "synthetic", "--epochs", "1", "--hidden-dims", "32",
+                 "--latent-dim", "4", "--compile", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["compile"] is True
+    assert main(["evaluate", str(out), "--iw-samples", "10", "--no-progress"]) == 0
+    assert "NLL (IWAE, K=10)" in capsys.readouterr().out
+    # a channels-last run resumes with its own settings (no need to repeat the option)
+    out = tmp_path / "diffusion"
+    assert main(["train", "--model", "diffusion", "--data", "synthetic", "--epochs", "1", "--unet-channels", "8",
+                 "--channels-last", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["channels_last"] is True
+
+
+def test_bf16_warns_where_the_hardware_emulates_it(tmp_path):
+    native = bf16_is_native(torch.device("cpu"))
+    with pytest.warns(UserWarning, match="no native bfloat16") if not native else _no_warning():
+        trainer_for(tmp_path, *VAE, precision="bf16")
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self.catcher = warnings.catch_warnings()
+        self.catcher.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self.catcher.__exit__(*exc)
+        return False
+
+
+def test_thread_settings(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_threads(None) == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more processes than cores: at least one thread each
+        assert set_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_memory_bound_follows_available_memory(monkeypatch):
+    cpu = torch.device("cpu")
+    assert memory_bound(cpu) <= evaluate_module.CPU_MAX_DECODER_ELEMENTS
+    monkeypatch.setattr(evaluate_module, "available_memory_bytes", lambda device: 64 * 2**20)
+    assert memory_bound(cpu) == 64 * 2**20 // (4 * evaluate_module.LIVE_TEMPORARIES)  # 1/16 of 64 MiB in float32
+    monkeypatch.setattr(evaluate_module, "available_memory_bytes", lambda device: 0)
+    assert memory_bound(cpu) == 2**16  # the floor: tiny passes rather than none
+
+
+def test_evaluation_passes_respect_the_memory_bound(monkeypatch):
+    """Examples x samples per pass stay under the bound, for the ELBO (diffusion) and IWAE (VAE)."""
+    model = build_model(*DIFFUSION).eval()
+    x = get_data_space(model.data_space).eval_data(load_split("synthetic", "validation")[0][:40], seed=0)
+    seen = []
+    original = model.elbo
+    monkeypatch.setattr(model, "elbo", lambda xb, n_samples: seen.append(xb.shape[0] * n_samples) or original(xb, n_samples))
+    per_sample = model.activation_elements
+    elbo_per_example(model, x, batch_size=500, n_samples=4, max_decoder_elements=10 * per_sample, final=False)
+    assert sum(seen) == 160 and max(seen) <= 10 and len(seen) == 20  # 2 examples x 4 samples per pass
+
+    vae = build_model(*VAE).eval()
+    xv = get_data_space(vae.data_space).eval_data(load_split("synthetic", "validation")[0][:20], seed=0)
+    chunks = []
+    original_bounds = evaluate_module.iwae_bounds
+    monkeypatch.setattr(evaluate_module, "iwae_bounds", lambda draw, ks, chunk: chunks.append(chunk) or original_bounds(draw, ks, chunk))
+    d = vae.likelihood.num_params * 784  # decoder outputs per sample of a 28x28 synthetic image
+    values = iwae_per_example(vae, xv, 100, batch_size=10, max_decoder_elements=3 * 10 * d)
+    assert chunks == [3, 3] and torch.isfinite(values).all()  # 3 samples of 10 examples per pass
+
+
+def test_progress_counts_examples():
+    assert list(examples_progress(1050, 500, "x", progress=False)) == [0, 500, 1000]
