@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import DEFAULT_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluate import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
 from elbox.system import keep_freed_memory_in_heap
 from elbox.train import TrainConfig, Trainer
@@ -295,7 +295,7 @@ def time_iwae(args, device: torch.device, model: nn.Module, test_images) -> dict
     x = space.eval_data(test_images[: args.iw_examples].to(device), seed=0)
     n = x.shape[0]
     batch = min(args.iw_batch_size, n)
-    chunk = samples_per_pass(model, batch, DEFAULT_MAX_DECODER_ELEMENTS)
+    chunk = samples_per_pass(model, batch, CPU_MAX_DECODER_ELEMENTS)
     model.eval()
     # untimed warm-up: one pass's worth of samples on the same batch
     torch.manual_seed(args.seed)
@@ -321,7 +321,7 @@ def time_iwae(args, device: torch.device, model: nn.Module, test_images) -> dict
         "k": args.iw_samples,
         "batch_size": batch,
         "samples_per_pass": chunk,
-        "max_decoder_elements": DEFAULT_MAX_DECODER_ELEMENTS,
+        "max_decoder_elements": CPU_MAX_DECODER_ELEMENTS,
         "timing": "elbox.evaluate.iwae_per_example timed wholesale, after an untimed one-pass warm-up; "
                   "best of --repeats attempts",
         "attempts": attempts,
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     enc_layers, dec_layers = linear_layers(ref_model.encoder), linear_layers(ref_model.decoder)
     train_ref = shape_matched_rate(linear_matmuls(enc_layers + dec_layers, args.batch_size, training=True), device)
     iw_batch = min(args.iw_batch_size, args.iw_examples)
-    iw_rows = iw_batch * min(args.iw_samples, samples_per_pass(ref_model, iw_batch, DEFAULT_MAX_DECODER_ELEMENTS))
+    iw_rows = iw_batch * min(args.iw_samples, samples_per_pass(ref_model, iw_batch, CPU_MAX_DECODER_ELEMENTS))
     iwae_ref = shape_matched_rate(linear_matmuls(dec_layers, iw_rows, training=False), device)
     del ref_model
     ref_monitor.__exit__(None, None, None)

@@ -36,7 +36,7 @@ import elbox.bounds
 import elbox.models.vae
 import elbox.train
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import DEFAULT_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluate import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
 from elbox.train import TrainConfig, Trainer
 
@@ -237,7 +237,7 @@ def profile_iwae(args) -> dict:
     model = build_vae(args.seed)
     model.eval()
     batch = min(500, x.shape[0])
-    max_el = args.max_decoder_elements or DEFAULT_MAX_DECODER_ELEMENTS
+    max_el = args.max_decoder_elements or CPU_MAX_DECODER_ELEMENTS
     chunk = min(args.iw_samples, samples_per_pass(model, batch, max_el))
     iwae_per_example(model, x[:batch], chunk, batch, max_el)  # warm-up
     start = time.perf_counter()
@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iw-samples", type=int, default=1000)
     ap.add_argument("--iw-examples", type=int, default=500)
     ap.add_argument("--max-decoder-elements", type=int, default=0,
-                    help="IWAE pass size bound (default: elbox.evaluate.DEFAULT_MAX_DECODER_ELEMENTS)")
+                    help="IWAE pass size bound (default: elbox.evaluate.CPU_MAX_DECODER_ELEMENTS)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's op table for training")

@@ -7,7 +7,7 @@ copy of the weights after every epoch and the seconds spent so far. Then:
 
 * the final weights: IWAE-5000 on the full Fashion-MNIST test set (10,000 images, binarized once with seed 0),
   exactly `elbox evaluate DIR --iw-samples 5000`;
-* the curve: every snapshot scored by IWAE-5000 on the first --curve-examples test images (same binarization),
+* the curve: every --curve-every'th snapshot (and the last) scored by IWAE-5000 on the first --curve-examples test images (same binarization),
   against the training seconds at that epoch.
 
 Seconds are reported two ways: `train_s`, the sum of the epochs' training loops (what the trainer logs as
@@ -65,6 +65,7 @@ def train_with_snapshots(options: list[str], out: Path) -> tuple[list[dict], flo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--curve-examples", type=int, default=1000, help="test images per curve point (IWAE-5000)")
+    parser.add_argument("--curve-every", type=int, default=4, help="curve points every N epochs (and the last)")
     parser.add_argument("--iw-samples", type=int, default=5000)
     parser.add_argument("--out", default=str(RESULTS / "time_to_quality.json"))
     args, train_options = parser.parse_known_args()
@@ -77,7 +78,8 @@ def main() -> int:
         x, offset = load_eval_data(config, "test", None, 0, torch.device("cpu"))
         final = evaluate(model, x, offset, iw_samples=[1, args.iw_samples], progress=True)
         curve = []
-        for snap in snapshots:
+        last = snapshots[-1]["epoch"]
+        for snap in [s for s in snapshots if s["epoch"] % args.curve_every == 0 or s["epoch"] == last]:
             model.load_state_dict(snap.pop("state"))
             model.eval()
             with torch.random.fork_rng():

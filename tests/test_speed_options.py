@@ -128,6 +128,8 @@ def test_thread_settings(monkeypatch):
 def test_memory_bound_follows_available_memory(monkeypatch):
     cpu = torch.device("cpu")
     assert memory_bound(cpu) <= evaluate_module.CPU_MAX_DECODER_ELEMENTS
+    if evaluate_module.available_memory_bytes(cpu) > 2**32:  # convolutional nets: a training batch of images per pass
+        assert memory_bound(cpu, 150_000) == evaluate_module.CPU_MIN_PASS_IMAGES * 150_000
     monkeypatch.setattr(evaluate_module, "available_memory_bytes", lambda device: 64 * 2**20)
     assert memory_bound(cpu) == 64 * 2**20 // (4 * evaluate_module.LIVE_TEMPORARIES)  # 1/16 of 64 MiB in float32
     monkeypatch.setattr(evaluate_module, "available_memory_bytes", lambda device: 0)
@@ -157,3 +159,18 @@ def test_evaluation_passes_respect_the_memory_bound(monkeypatch):
 
 def test_progress_counts_examples():
     assert list(examples_progress(1050, 500, "x", progress=False)) == [0, 500, 1000]
+
+
+def test_train_defaults_depend_on_the_model():
+    """The VAE's defaults are the measured time-to-quality ones; other models keep the general defaults; options
+    given on the command line win."""
+    from elbox.cli import build_parser, fill_model_defaults
+
+    def filled(*argv):
+        args = build_parser().parse_args(["train", "--out", "x", *argv])
+        fill_model_defaults(args)
+        return args.epochs, args.lr, args.lr_schedule, args.latent_dim
+
+    assert filled() == (36, 3e-3, "cosine", 32)  # --model vae is the default model
+    assert filled("--model", "hvae") == (10, 1e-3, "constant", 20)
+    assert filled("--model", "vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)

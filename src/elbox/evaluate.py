@@ -24,22 +24,25 @@ from elbox.models.base import LatentVariableModel
 from elbox.system import available_memory_bytes
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-# The memory bound of one evaluation pass, in decoder output elements (samples x examples x params per example).
-# On a CPU, 2**22 (16 MiB of float32 per temporary) keeps a pass's temporaries in cache-friendly sizes; 2**25
-# was measured 1.3x slower (benchmarks/README.md). GPUs take as much as fits.
+# The memory bound of one evaluation pass, in decoder output elements (samples x examples x elements per sample).
+# On a CPU: 2**22 (16 MiB of float32 per temporary) keeps an MLP's temporaries cache-sized (2**25 was measured 1.3x
+# slower for the MLP VAE), but convolutional nets want batches of images: at least CPU_MIN_PASS_IMAGES per pass
+# (the conv HVAE's IWAE ran 1.5x faster with 112 images per pass than with 28, and slower again with 448).
 CPU_MAX_DECODER_ELEMENTS = 2**22
+CPU_MIN_PASS_IMAGES = 128
 # float32 temporaries of decoder-output size alive at once in a pass (activations, logits, log-density terms),
 # with headroom: the bound allots each pass at most 1/LIVE_TEMPORARIES of the memory available
 LIVE_TEMPORARIES = 16
 
 
-def memory_bound(device: torch.device) -> int:
-    """Decoder output elements per evaluation pass, from the memory available now on the device: the cache-sized
-    CPU_MAX_DECODER_ELEMENTS on CPUs (less when memory is short), half the free memory on GPUs."""
+def memory_bound(device: torch.device, elements_per_image: int = 0) -> int:
+    """Decoder output elements per evaluation pass, from the memory available now on the device. CPUs: the larger
+    of CPU_MAX_DECODER_ELEMENTS and CPU_MIN_PASS_IMAGES images of `elements_per_image`, less when memory is short;
+    GPUs: half the free memory."""
     share = available_memory_bytes(device) // (4 * LIVE_TEMPORARIES)  # elements per temporary, all of memory
     if device.type == "cuda":
         return max(2**16, share // 2)
-    return max(2**16, min(CPU_MAX_DECODER_ELEMENTS, share))
+    return max(2**16, min(max(CPU_MAX_DECODER_ELEMENTS, CPU_MIN_PASS_IMAGES * elements_per_image), share))
 
 
 @torch.no_grad()
@@ -54,7 +57,7 @@ def elbo_per_example(
     final: use the model's `elbo_for_evaluation` where it has one (the discrete-time diffusion model's exact sum
     over all T steps, T passes per example); False uses `elbo`, an unbiased cheaper estimate (validation)."""
     elbo = getattr(model, "elbo_for_evaluation", model.elbo) if final else model.elbo
-    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
+    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
     batch_size = max(1, min(batch_size, bound // (n_samples * elements_per_sample(model))))
     parts: dict[str, list[Tensor]] = {}
     for start in examples_progress(x.shape[0], batch_size, "ELBO", progress):
@@ -127,7 +130,7 @@ def iwae_by_k_per_example(
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
     if max_decoder_elements is None:
-        max_decoder_elements = memory_bound(x.device)
+        max_decoder_elements = memory_bound(x.device, elements_per_sample(model))
     for start in examples_progress(x.shape[0], batch_size, f"IWAE-{max(ks)}", progress):
         xb = x[start : start + batch_size]
         chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
@@ -187,7 +190,7 @@ def score_per_example(
     """The tightest per-example estimate of log p(x) the model has ([N] float64 nats) and its name: the exact
     log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
     model.eval()
-    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
+    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
     if hasattr(model, "log_prob"):
         values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
         return values + log_prob_offset, "exact log p(x)"
@@ -239,7 +242,7 @@ def evaluate(
     if batch_size < 1:
         raise ElboxError(f"the evaluation batch size must be >= 1, got {batch_size}")
     model.eval()
-    bound = memory_bound(x.device) if max_decoder_elements is None else max_decoder_elements
+    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
     num_dims = math.prod(x.shape[1:])
     bits = num_dims * math.log(2)
     start_time = time.perf_counter()
