@@ -15,7 +15,8 @@ For each device (cpu, and cuda when present) it measures:
     --precision bf16, and --channels-last for convolutional models;
   - FLOPs per training image counted by torch.utils.flop_counter on one step (matrix products and convolutions,
     forward and backward), hence achieved GFLOP/s and the fraction of the matrix-product rate;
-  - time to the first step (model build to the end of step 1; for --compile, the compilation);
+  - time to the first step (model build to the end of step 1; for --compile, a cold compilation: each process
+    gets an empty TORCHINDUCTOR_CACHE_DIR);
   - evaluation images/s: IWAE-5000 (VAE, HVAE) or the ELBO with 4 time samples (diffusion), at the library's
     automatic memory bound, and its fraction of the rate (FLOPs counted on a small K, scaled by K);
   - peak resident memory after eager float32 training (and for the VAE, of a real `elbox train` epoch on the
@@ -328,10 +329,11 @@ def machine_name() -> str:
 
 
 def child(mode: str, device: torch.device, seconds: float) -> dict | None:
-    """Run one measurement in a fresh process (its own peak memory); returns its JSON, None if it failed."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    """Run one measurement in a fresh process (its own peak memory) with an empty compilation cache (so --compile's
+    first step is a cold compilation); returns its JSON, None if it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.TemporaryDirectory() as cache:
         cmd = [sys.executable, __file__, "--child", mode, "--devices", device.type, "--seconds", str(seconds), "--json", f.name]
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}).returncode != 0:
             print(f"WARNING: {mode} on {device} failed; it is left out of the results", file=sys.stderr)
             return None
         return json.loads(Path(f.name).read_text())
