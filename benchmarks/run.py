@@ -53,6 +53,9 @@ from elbox.models import build_model
 from elbox.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
 from elbox.train import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vae import CpuMonitor, sync  # noqa: E402  (the sibling benchmark's phase monitor)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (model, extra `elbox train` options); "vae-784-512-20" is the size the issue's CPU targets name
 FAMILIES = {"vae": ("vae", ()), "vae-784-512-20": ("vae", ("--latent-dim", "20")), "hvae": ("hvae", ()),
@@ -66,41 +69,9 @@ DIFFUSION_TIME_SAMPLES = 4
 # Timing
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class CpuMonitor:
-    """CPU time used by other processes (and stolen by the hypervisor) while a phase runs, from /proc/stat and
-    os.times(). On a 2-core machine another busy process stalls every OpenMP-parallel kernel."""
-
-    def __enter__(self):
-        self.available = Path("/proc/stat").exists()
-        if self.available:
-            self.busy0, self.steal0 = self._stat()
-        t = os.times()
-        self.own0, self.wall0 = t.user + t.system, time.perf_counter()
-        return self
-
-    @staticmethod
-    def _stat() -> tuple[float, float]:
-        ticks = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-        hz = os.sysconf("SC_CLK_TCK")
-        return (user + nice + system + irq + softirq) / hz, steal / hz
-
-    def __exit__(self, *exc):
-        wall = time.perf_counter() - self.wall0
-        t = os.times()
-        own = t.user + t.system - self.own0
-        cpus = os.cpu_count() or 1
-        self.share = 0.0
-        if self.available:
-            busy, steal = self._stat()
-            other = max(0.0, busy - self.busy0 - own) + (steal - self.steal0)
-            self.share = other / (wall * cpus)
-        return False
+def contention(monitor: CpuMonitor) -> float:
+    """Share of the CPUs that other processes and the hypervisor took while the monitored phase ran."""
+    return monitor.result.get("other_fraction", 0.0) + monitor.result.get("steal_fraction", 0.0)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> dict:
@@ -127,7 +98,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> d
             times.append(time.perf_counter() - start)
     times.sort()
     return {"n": n, "gflops": 2 * n**3 / times[len(times) // 2] / 1e9, "best_gflops": 2 * n**3 / times[0] / 1e9,
-            "cpu_contention": monitor.share}
+            "cpu_contention": contention(monitor)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,10 +130,7 @@ def batches(trainer: Trainer):
     while True:
         for idx in torch.randperm(n, generator=trainer.shuffle_generator).split(b):
             if idx.numel() == b:
-                x = trainer.space.train_batch(trainer.train_data[idx.to(trainer.device)], trainer.generator)
-                if trainer.config.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x
+                yield trainer.space.train_batch(trainer.train_data[idx.to(trainer.device)], trainer.generator)
 
 
 def step(trainer: Trainer, x: torch.Tensor) -> None:
@@ -194,7 +162,7 @@ def measure_training(family, images, val_images, device, seconds, *extra, warmup
         batch = trainer.config.batch_size
         return {"options": " ".join(extra) or "defaults", "batch_size": batch, "steps": steps,
                 "images_per_s": steps * batch / elapsed, "ms_per_step": 1e3 * elapsed / steps,
-                "time_to_first_step_s": first_step_s, "cpu_contention": monitor.share}
+                "time_to_first_step_s": first_step_s, "cpu_contention": contention(monitor)}
 
 
 def training_flops_per_image(family, images, val_images, device) -> tuple[float, object]:
@@ -237,13 +205,13 @@ def measure_evaluation(family, trainer: Trainer, device: torch.device) -> dict:
         what = f"IWAE-{IW_SAMPLES}"
         small_k = 50
         run = lambda xs, k: iwae_per_example(model, xs, k, batch_size=500)  # noqa: E731
-        per_image = lambda: run(x[:4], small_k)  # FLOPs on a small K, scaled linearly to IW_SAMPLES  # noqa: E731
+        small_run = lambda: run(x[:4], small_k)  # FLOPs on a small K, scaled linearly to IW_SAMPLES  # noqa: E731
         scale = IW_SAMPLES / small_k / 4
         full = lambda: run(x, IW_SAMPLES)  # noqa: E731
     else:
         what = f"ELBO, {DIFFUSION_TIME_SAMPLES} time samples"
         run = lambda xs: elbo_per_example(model, xs, 500, n_samples=DIFFUSION_TIME_SAMPLES)  # noqa: E731
-        per_image = lambda: run(x[:4])  # noqa: E731
+        small_run = lambda: run(x[:4])  # noqa: E731
         scale = 1 / 4
         full = lambda: run(x)  # noqa: E731
     counter = FlopCounterMode(display=False)
@@ -251,11 +219,11 @@ def measure_evaluation(family, trainer: Trainer, device: torch.device) -> dict:
     requires = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     with counter:
-        per_image()
+        small_run()
     for p, r in zip(model.parameters(), requires):
         p.requires_grad_(r)
     flops_per_image = counter.get_total_flops() * scale
-    per_image()  # warm-up
+    small_run()  # warm-up
     with CpuMonitor() as monitor:
         start = time.perf_counter()
         full()
@@ -263,7 +231,7 @@ def measure_evaluation(family, trainer: Trainer, device: torch.device) -> dict:
         elapsed = time.perf_counter() - start
     return {"what": what, "examples": n, "seconds": elapsed, "images_per_s": n / elapsed,
             "gflop_per_image": flops_per_image / 1e9, "memory_bound_elements": memory_bound(device, elements_per_sample(model)),
-            "cpu_contention": monitor.share}
+            "cpu_contention": contention(monitor)}
 
 
 def peak_rss_gb() -> float:

@@ -600,9 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "validation/evaluation bounds stay float32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step's forward and backward (costs compilation time up front; "
-                        "pays off on long runs and GPUs, see benchmarks/README.md)")
+                        "measured 0-14%% faster on 2 CPU cores, see benchmarks/README.md)")
     p.add_argument("--channels-last", action="store_true",
-                   help="convolutional models: NHWC memory layout for weights and batches (helps on GPUs with tensor cores)")
+                   help="convolutional models: NHWC memory layout for weights and batches (on 2 CPU cores: 1.04-1.27x for the "
+                        "conv HVAE, none for the diffusion U-Net; see benchmarks/README.md)")
     p.add_argument("--logger", choices=LOGGERS, default="jsonl",
                    help="training curves: metrics.jsonl (jsonl), plus TensorBoard events in RUN_DIR/tensorboard "
                         "(tensorboard), or neither (none; they stay in the checkpoint state)")

@@ -53,11 +53,11 @@ def elbo_per_example(
     """Per-example ELBO terms over a whole split: 'elbo', 'reconstruction', 'kl' and 'kl/<group>' [N].
 
     Each pass takes up to batch_size examples with all their n_samples samples, fewer when examples x samples would
-    exceed the memory bound (memory_bound(device) by default).
+    exceed the memory bound (pass_bound: memory_bound for the model and device by default).
     final: use the model's `elbo_for_evaluation` where it has one (the discrete-time diffusion model's exact sum
     over all T steps, T passes per example); False uses `elbo`, an unbiased cheaper estimate (validation)."""
     elbo = getattr(model, "elbo_for_evaluation", model.elbo) if final else model.elbo
-    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
+    bound = pass_bound(model, x, max_decoder_elements)
     batch_size = max(1, min(batch_size, bound // (n_samples * elements_per_sample(model))))
     parts: dict[str, list[Tensor]] = {}
     for start in examples_progress(x.shape[0], batch_size, "ELBO", progress):
@@ -110,6 +110,11 @@ def elements_per_sample(model: LatentVariableModel) -> int:
     return max(per_example, getattr(model, "activation_elements", 0))
 
 
+def pass_bound(model: LatentVariableModel, x: Tensor, max_decoder_elements: int | None) -> int:
+    """The memory bound given, else memory_bound for this model on x's device."""
+    return memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
+
+
 def samples_per_pass(model: LatentVariableModel, batch: int, max_decoder_elements: int) -> int:
     """How many importance samples for a batch of examples fit one pass under the memory bound."""
     return max(1, max_decoder_elements // (batch * elements_per_sample(model)))
@@ -129,8 +134,7 @@ def iwae_by_k_per_example(
     One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K).
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
-    if max_decoder_elements is None:
-        max_decoder_elements = memory_bound(x.device, elements_per_sample(model))
+    max_decoder_elements = pass_bound(model, x, max_decoder_elements)
     for start in examples_progress(x.shape[0], batch_size, f"IWAE-{max(ks)}", progress):
         xb = x[start : start + batch_size]
         chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
@@ -190,7 +194,7 @@ def score_per_example(
     """The tightest per-example estimate of log p(x) the model has ([N] float64 nats) and its name: the exact
     log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
     model.eval()
-    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
+    bound = pass_bound(model, x, max_decoder_elements)
     if hasattr(model, "log_prob"):
         values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
         return values + log_prob_offset, "exact log p(x)"
@@ -242,7 +246,7 @@ def evaluate(
     if batch_size < 1:
         raise ElboxError(f"the evaluation batch size must be >= 1, got {batch_size}")
     model.eval()
-    bound = memory_bound(x.device, elements_per_sample(model)) if max_decoder_elements is None else max_decoder_elements
+    bound = pass_bound(model, x, max_decoder_elements)
     num_dims = math.prod(x.shape[1:])
     bits = num_dims * math.log(2)
     start_time = time.perf_counter()

@@ -385,8 +385,7 @@ class DiffusionModel(LatentVariableModel):
             nearest = ((u.detach() + 1) * (NUM_LEVELS / 2) - 0.5).round().long()
             start = (nearest - half).clamp(0, NUM_LEVELS - 2 * half - 1)
             if bool(((k >= start) & (k <= start + 2 * half)).all()):
-                bins = start[..., None] + torch.arange(2 * half + 1, device=u.device)
-                grid = (2 * bins + 1).to(u.dtype) / NUM_LEVELS - 1
+                grid = self.grid[start[..., None] + torch.arange(2 * half + 1, device=u.device)]
                 logits = -0.5 * torch.exp(-gamma_0) * (u[..., None] - grid).square()
                 log_p = logits.gather(-1, (k - start)[..., None]).squeeze(-1) - logits.logsumexp(-1)
                 return log_p.sum(-1)
