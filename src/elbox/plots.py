@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from elbox.checkpoint import atomic_write_bytes
+from elbox.atomic import atomic_write_bytes
 from elbox.errors import ElboxError
 
 

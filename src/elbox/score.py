@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from elbox.checkpoint import atomic_write_bytes
+from elbox.atomic import atomic_write_bytes
 from elbox.errors import ElboxError
 
 NPZ_KEYS = ("x", "images")
