@@ -5,7 +5,7 @@ Measures, in one run:
      measured before, between and after the phases; the best is the peak), plus the rate of the
      exact matmul shapes the VAE uses ("shape-matched" references);
   2. one epoch of Fashion-MNIST training (55000 images, batch 128) with elbox.train.Trainer;
-  3. IWAE-K (default K = 5000) on the first test images with elbox.evaluate.iwae_per_example;
+  3. IWAE-K (default K = 5000) on the first test images with elbox.evaluation.iwae_per_example;
 and reports images/s, achieved GFLOP/s and the fraction of the square-matmul peak, writing the
 figures as JSON (default benchmarks/results/vae_<device>.json).
 
@@ -39,10 +39,11 @@ import torch
 from torch import nn
 
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluation import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
 from elbox.system import keep_freed_memory_in_heap
-from elbox.train import TrainConfig, Trainer
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_FRACTION = 0.60
@@ -322,7 +323,7 @@ def time_iwae(args, device: torch.device, model: nn.Module, test_images) -> dict
         "batch_size": batch,
         "samples_per_pass": chunk,
         "max_decoder_elements": CPU_MAX_DECODER_ELEMENTS,
-        "timing": "elbox.evaluate.iwae_per_example timed wholesale, after an untimed one-pass warm-up; "
+        "timing": "elbox.evaluation.iwae_per_example timed wholesale, after an untimed one-pass warm-up; "
                   "best of --repeats attempts",
         "attempts": attempts,
         "cpu_contention": best["cpu"],

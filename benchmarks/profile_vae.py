@@ -1,6 +1,6 @@
 """Where the time goes in the VAE benchmark's two phases: a training epoch and an IWAE-K evaluation.
 
-Runs the real library code (elbox.train.Trainer.train_epoch and elbox.evaluate.iwae_per_example)
+Runs the real library code (elbox.train.Trainer.train_epoch and elbox.evaluation.iwae_per_example)
 with thin timing wrappers around the library's own functions and modules, and reports exclusive
 wall time per piece (a piece's time excludes the pieces nested inside it):
 
@@ -36,9 +36,10 @@ import elbox.bounds
 import elbox.models.vae
 import elbox.train
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluation import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
-from elbox.train import TrainConfig, Trainer
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer
 
 from bench_vae import CpuMonitor, contention_note, linear_layers, linear_matmuls, shape_matched_rate  # same folder
 
@@ -276,7 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iw-samples", type=int, default=1000)
     ap.add_argument("--iw-examples", type=int, default=500)
     ap.add_argument("--max-decoder-elements", type=int, default=0,
-                    help="IWAE pass size bound (default: elbox.evaluate.CPU_MAX_DECODER_ELEMENTS)")
+                    help="IWAE pass size bound (default: elbox.evaluation.CPU_MAX_DECODER_ELEMENTS)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's op table for training")

@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from elbox.cli import MODEL_CONFIG_FROM_ARGS, build_parser, fill_model_defaults, initialize_from_data, train_config_from_args
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import elbo_per_example, elements_per_sample, iwae_per_example, memory_bound
+from elbox.evaluation import elbo_per_example, elements_per_sample, iwae_per_example, memory_bound
 from elbox.models import build_model
 from elbox.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
 from elbox.train import Trainer

@@ -32,7 +32,7 @@ from elbox import train as train_module
 from elbox.checkpoint import load_run
 from elbox.cli import load_eval_data
 from elbox.cli import main as elbox_main
-from elbox.evaluate import evaluate, iwae_per_example
+from elbox.evaluation import evaluate, iwae_per_example
 from elbox.system import keep_freed_memory_in_heap, set_threads
 
 RESULTS = Path(__file__).resolve().parent / "results"

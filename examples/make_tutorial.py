@@ -79,10 +79,11 @@ import torch  # noqa: E402  (after OMP_NUM_THREADS)
 import elbox  # noqa: E402
 from elbox.bounds import iwae_bounds, mean_and_stderr, standard_normal_log_prob  # noqa: E402
 from elbox.data import get_data_space, load_split  # noqa: E402
-from elbox.evaluate import active_units, elbo_per_example, iwae_by_k_per_example  # noqa: E402
+from elbox.evaluation import active_units, elbo_per_example, iwae_by_k_per_example  # noqa: E402
 from elbox.models import build_model  # noqa: E402
 from elbox.tighten import gap_split, optimize_per_example_q, refit_encoder  # noqa: E402
-from elbox.train import TrainConfig, Trainer  # noqa: E402
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 GAP_SPLIT_LR = inspect.signature(gap_split).parameters["lr"].default  # elbox's defaults, quoted in the text
@@ -580,7 +581,7 @@ def render(args: argparse.Namespace, R: dict, seconds: float) -> str:
       "\\frac{p(x,z_k)}{q(z_k\\mid x)}\\right], \\qquad \\text{ELBO} = \\mathcal{L}_1 \\le \\mathcal{L}_K \\le "
       "\\mathcal{L}_{K+1} \\le \\log p(x),\\qquad \\mathcal{L}_K \\to \\log p(x).$$")
     w("")
-    w(f"First {n_sub:,} test images, ELBO-trained linear model (`elbox.evaluate.iwae_by_k_per_example`), against the "
+    w(f"First {n_sub:,} test images, ELBO-trained linear model (`elbox.evaluation.iwae_by_k_per_example`), against the "
       f"exact log p(x) = {f(logp_sub)} nats:")
     w("")
     streams = S4["streams"]

@@ -3,6 +3,7 @@
 import pytest
 
 from elbox import data
+from elbox.data import sources
 
 
 @pytest.fixture
@@ -11,7 +12,7 @@ def isolated_data(tmp_path, monkeypatch):
     array cache."""
     monkeypatch.delenv("ELBOX_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [])
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", [])
     data.clear_cache()
     yield
     data.clear_cache()

@@ -29,7 +29,8 @@ from elbox.cli import main
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.train import Trainer, TrainConfig
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer
 
 TIMING_KEYS = ("images_per_s", "epoch_time_s")
 
@@ -254,7 +255,7 @@ def test_save_pretrained_and_load_round_trip(tmp_path, name):
 
     torch.manual_seed(1)
     model = build_model(name, MODELS[name]).eval()
-    model.save_pretrained(tmp_path / "m", data={"name": "synthetic"})
+    elbox.save_pretrained(model, tmp_path / "m", data={"name": "synthetic"})
     loaded = elbox.load(tmp_path / "m")
     assert type(loaded) is type(model) and loaded.config == model.config
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

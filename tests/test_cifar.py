@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from elbox import data
-from elbox.data import DATASETS, dataset_names, find_dataset_dir, load_split
+from elbox.data import DATASETS, dataset_names, find_dataset_dir, formats, load_split, sources
 from elbox.errors import ElboxError
 
 RECORD = 1 + 3 * 32 * 32  # label byte + 1024 red + 1024 green + 1024 blue
@@ -124,7 +124,7 @@ def test_cifar10_spec():
     assert sizes == (45000, 5000, 50000, 10000)
     # each official batch file holds 10000 records: 30,730,000 bytes
     for part in ("train", "test"):
-        per_file = data._part_size(spec, part) // len(data._part_files(spec, part))
+        per_file = sources._part_size(spec, part) // len(sources._part_files(spec, part))
         assert per_file * RECORD == 30_730_000
 
 
@@ -154,8 +154,8 @@ def test_files_read_once_and_copies_returned(tmp_path, monkeypatch):
     register(monkeypatch)
     root = write_batches(tmp_path / "d")
     reads = []
-    original = data._read_bytes
-    monkeypatch.setattr(data, "_read_bytes", lambda p, kind: reads.append(p.name) or original(p, kind))
+    original = formats._read_bytes
+    monkeypatch.setattr(formats, "_read_bytes", lambda p, kind: reads.append(p.name) or original(p, kind))
     x, _ = load_split("tiny-cifar", "train", root)
     load_split("tiny-cifar", "validation", root)
     assert sorted(reads) == TRAIN_FILES

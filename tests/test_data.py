@@ -17,10 +17,13 @@ from elbox.data import (
     DATASETS,
     IDX_FILES,
     find_dataset_dir,
+    formats,
     get_data_space,
     iterate_batches,
     load_split,
     read_idx,
+    sources,
+    spaces,
 )
 from elbox.errors import ElboxError
 
@@ -188,7 +191,7 @@ def test_search_order(tmp_path, monkeypatch):
     register_tiny(monkeypatch)
     system, env, cache = tmp_path / "sys", tmp_path / "env", tmp_path / "cache" / "elbox" / "tiny"
     write_tiny_dataset(system / "tiny")
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [system])
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", [system])
     assert find_dataset_dir("tiny", download=False) == system / "tiny"
     write_tiny_dataset(cache, gz=False)  # uncompressed names are accepted too
     assert find_dataset_dir("tiny", download=False) == cache
@@ -264,7 +267,7 @@ def test_download_via_file_mirror(tmp_path, monkeypatch):
 
     def opener(url):
         opened.append(url)
-        return data._default_opener(url)
+        return sources._default_opener(url)
 
     directory = find_dataset_dir("tiny", mirrors=[dead, spec.mirrors[0]], opener=opener)
     assert directory == tmp_path / "cache" / "elbox" / "tiny"
@@ -316,8 +319,8 @@ def test_arrays_read_once(tmp_path, monkeypatch):
     register_tiny(monkeypatch)
     write_tiny_dataset(tmp_path / "d")
     reads = []
-    original = data._read_file_bytes
-    monkeypatch.setattr(data, "_read_file_bytes", lambda p: reads.append(p.name) or original(p))
+    original = formats._read_file_bytes
+    monkeypatch.setattr(formats, "_read_file_bytes", lambda p: reads.append(p.name) or original(p))
     x_train, _ = load_split("tiny", "train", tmp_path / "d")
     load_split("tiny", "validation", tmp_path / "d")
     assert sorted(reads) == sorted([IDX_FILES["train-images"], IDX_FILES["train-labels"]])
@@ -340,7 +343,7 @@ def test_synthetic_dataset():
 
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist(monkeypatch):
-    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", [DEBIAN_FASHION.parent])
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIRS", [DEBIAN_FASHION.parent])
     assert find_dataset_dir("fashion-mnist", download=False) == DEBIAN_FASHION
     x, y = load_split("fashion-mnist", "test")  # verifies the stored payload SHA-256s
     assert x.shape == (10000, 1, 28, 28) and y.bincount().tolist() == [1000] * 10
@@ -401,7 +404,7 @@ def test_continuous_space():
 def test_continuous_top_of_bin_stays_in_bin():
     k = torch.tensor([0.0, 128.0, 255.0])
     u = torch.full_like(k, 1 - 2**-24)  # largest value torch.rand can return
-    y = data._dequantize(k, u)
+    y = spaces._dequantize(k, u)
     assert bool((y < (k + 1) / 256).all()) and bool((y >= k / 256).all())
 
 

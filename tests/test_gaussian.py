@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load, save
 
 from elbox.errors import ElboxError
-from elbox.models.base import build_model, config_to_dict
+from elbox.models.base import build_model
+from elbox.options import config_to_dict
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 
 DATA_SHAPE = (1, 2, 3)  # D = 6

@@ -14,9 +14,10 @@ from elbox.checkpoint import load_weights
 from elbox.cli import main
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
-from elbox.evaluate import elbo_per_example, evaluate, iwae_by_k_per_example
+from elbox.evaluation import elbo_per_example, evaluate, iwae_by_k_per_example
 from elbox.models import VAE, LadderHVAE, MarkovHVAE, build_model
-from elbox.train import Trainer, TrainConfig
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer
 
 # 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
 TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}

@@ -14,8 +14,9 @@ from safetensors.torch import load, save
 import elbox.models.mixture as mixture
 from elbox.bounds import iwae_bound
 from elbox.errors import ElboxError
-from elbox.evaluate import iwae_per_example
-from elbox.models.base import build_model, config_to_dict
+from elbox.evaluation import iwae_per_example
+from elbox.models.base import build_model
+from elbox.options import config_to_dict
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 
 F64 = torch.float64

@@ -19,11 +19,10 @@ from PIL import Image
 
 from elbox.checkpoint import load_training_state, load_weights, read_json
 from elbox.cli import main
-from elbox.data import _parse_cifar_batch, _parse_idx
+from elbox.data.formats import _parse_cifar_batch, _parse_idx, read_images, to_8bit_tensor
 from elbox.errors import ElboxError
-from elbox.evaluate import retry_on_out_of_memory
+from elbox.evaluation import retry_on_out_of_memory
 from elbox.models import build_model
-from elbox.score import read_images, to_8bit_tensor
 
 SHAPE = (1, 28, 28)
 

@@ -15,10 +15,11 @@ from elbox import evaluate as evaluate_module
 from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.cli import main
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import elbo_per_example, examples_progress, iwae_per_example, memory_bound
+from elbox.evaluation import elbo_per_example, examples_progress, iwae_per_example, memory_bound
 from elbox.models import build_model
 from elbox.system import bf16_is_native, set_threads
-from elbox.train import Trainer, TrainConfig
+from elbox.training.config import TrainConfig
+from elbox.training.trainer import Trainer
 
 VAE = ("vae", {"latent_dim": 4, "hidden_dims": [64]})
 DIFFUSION = ("diffusion", {"channels": [8, 16]})
@@ -151,13 +152,14 @@ def test_progress_counts_examples():
 def test_train_defaults_depend_on_the_model():
     """The VAE's defaults are the measured time-to-quality ones; other models keep the general defaults; options
     given on the command line win."""
-    from elbox.cli import build_parser, fill_model_defaults
+    from elbox.cli import train_parser
 
-    def filled(*argv):
-        args = build_parser().parse_args(["train", "--out", "x", *argv])
-        fill_model_defaults(args)
-        return args.epochs, args.lr, args.lr_schedule, args.latent_dim
+    def filled(model, *argv):
+        parser, _, _ = train_parser(model, {})
+        args = parser.parse_args(["--out", "x", *argv])
+        return args.epochs, args.lr, args.lr_schedule, getattr(args, "latent_dim", None)
 
-    assert filled() == (36, 3e-3, "cosine", 32)  # --model vae is the default model
-    assert filled("--model", "hvae") == (10, 1e-3, "constant", 20)
-    assert filled("--model", "vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)
+    assert filled("vae") == (36, 3e-3, "cosine", 32)
+    assert filled("hvae") == (10, 1e-3, "constant", None)
+    assert filled("linear") == (10, 1e-3, "constant", 20)
+    assert filled("vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)

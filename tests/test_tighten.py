@@ -7,7 +7,7 @@ import torch
 
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
-from elbox.evaluate import evaluate
+from elbox.evaluation import evaluate
 from elbox.models import LinearGaussian, build_model
 from elbox.tighten import gap_split, refit_encoder
 

@@ -12,7 +12,9 @@ from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.train import Trainer, TrainConfig, beta_at
+from elbox.training.config import TrainConfig
+from elbox.training.objectives import beta_at
+from elbox.training.trainer import Trainer
 
 
 def small_run(tmp_path, seed=0, epochs=2, **train_options):

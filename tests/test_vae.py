@@ -12,7 +12,7 @@ from elbox.bounds import iwae_bound
 from elbox.errors import ElboxError
 from elbox.likelihoods import LIKELIHOODS
 from elbox.models import VAE, VAEConfig, build_model
-from elbox.models.base import config_from_dict, config_to_dict
+from elbox.options import config_from_dict, config_to_dict
 
 F64 = torch.float64
 DATA_SHAPE = (1, 8, 8)

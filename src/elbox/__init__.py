@@ -1,18 +1,35 @@
-"""elbox: generative models trained by maximizing the evidence lower bound."""
+"""elbox: generative models trained by maximizing the evidence lower bound.
+
+The public API:
+    elbox.fit(model, data, out=..., **options) -> Run     train, or fit in closed form / by EM
+    elbox.resume(run_dir) -> Run                          continue an interrupted run, bit for bit
+    elbox.evaluate(model, data, iw_samples=[...]) -> dict what `elbox evaluate` prints
+    elbox.load(directory) -> model                        a run directory or save_pretrained output
+    elbox.save_pretrained(model, directory)               config.json + model.safetensors
+    elbox.sample / score / encode                         using a trained model (elbox.inference)
+Model names and config classes: elbox.models.
+"""
 
 from __future__ import annotations
 
 import os
 
+from elbox.checkpoint import load_run, save_pretrained
 from elbox.errors import ElboxError
+from elbox.inference import encode, sample, score
+from elbox.models import MODELS, LatentVariableModel, register_model
+from elbox.training.config import TrainConfig
+from elbox.training.workflows import Run, evaluate, fit, resume
 
 __version__ = "0.1.0"
-__all__ = ["ElboxError", "__version__", "load"]
+__all__ = [
+    "ElboxError", "LatentVariableModel", "MODELS", "Run", "TrainConfig", "__version__", "encode", "evaluate", "fit",
+    "load", "register_model", "resume", "sample", "save_pretrained", "score",
+]
 
 
-def load(directory: str | os.PathLike, device: str = "cpu"):
-    """Load a model saved by `model.save_pretrained(directory)` or trained by `elbox train` (a run directory),
-    in eval mode. Reads safetensors and JSON only; never unpickles."""
-    from elbox.checkpoint import load_run
-
-    return load_run(directory, device)[0]
+def load(directory: str | os.PathLike, device: str = "cpu", **modules):
+    """Load a model saved by `elbox.save_pretrained` or trained by `elbox train` / `elbox.fit` (a run directory), in
+    eval mode. Reads safetensors and JSON only; never unpickles. modules: the user-written networks a model was
+    built with (e.g. encoder=..., decoder=... for a VAE with custom networks), which the config names."""
+    return load_run(directory, device, **modules)[0]

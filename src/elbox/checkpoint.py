@@ -15,6 +15,7 @@ Loading never unpickles: safetensors and JSON only.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from safetensors.torch import load_file, save
 from elbox.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.base import LatentVariableModel, config_to_dict
+from elbox.models.base import LatentVariableModel
+from elbox.options import config_to_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -127,6 +129,17 @@ def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict
     return config
 
 
+def save_pretrained(model: LatentVariableModel, directory: str | os.PathLike, data: dict[str, Any] | None = None) -> Path:
+    """Write a model as a run directory (config.json + model.safetensors: what `elbox.load` and the `elbox`
+    commands read; no pickle). `data` describes the training data ({"name": "fashion-mnist", ...}) so that
+    `elbox evaluate` knows which dataset to use; the data space is always recorded."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(directory / WEIGHTS_FILE, model)
+    write_run_config(directory, model, {**(data or {}), "space": model.data_space}, train={})
+    return directory
+
+
 def read_run_config(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -148,11 +161,12 @@ def read_run_config(run_dir: str | Path) -> dict:
     return config
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LatentVariableModel, dict]:
-    """Rebuild a trained model from its run directory. Returns (model in eval mode, run config)."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **modules: torch.nn.Module) -> tuple[LatentVariableModel, dict]:
+    """Rebuild a trained model from its run directory. Returns (model in eval mode, run config). modules: user-written
+    networks the model's config names (a VAE's encoder and decoder), passed to its from_config."""
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
-    model = build_model(config["model"], config["model_config"])
+    model = build_model(config["model"], config["model_config"], **modules)
     if not (run_dir / WEIGHTS_FILE).is_file():
         raise ElboxError(f"run directory {run_dir} is incomplete: {WEIGHTS_FILE} is missing (did training finish an epoch?)")
     load_weights(run_dir / WEIGHTS_FILE, model)

@@ -269,11 +269,23 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-def build_likelihood(name: str, data_shape: tuple[int, ...], **options) -> Likelihood:
-    """Construct a likelihood by name; options are its keyword arguments (e.g. sigma, n_mixtures)."""
+# the options each likelihood takes from a model config (the others ignore them)
+LIKELIHOOD_OPTIONS = {"gaussian": ("sigma",), "discretized-logistic": ("n_mixtures",)}
+
+
+def build_likelihood(name: str, data_shape: tuple[int, ...], sigma: float = 0.1, n_mixtures: int = 1) -> Likelihood:
+    """Construct a likelihood by name, with the options of LIKELIHOOD_OPTIONS that it takes."""
     if name not in LIKELIHOODS:
         raise ElboxError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
-    try:
-        return LIKELIHOODS[name](data_shape, **options)
-    except TypeError as e:
-        raise ElboxError(f"bad options {options} for the {name} likelihood: {e}") from None
+    given = {"sigma": sigma, "n_mixtures": n_mixtures}
+    return LIKELIHOODS[name](data_shape, **{key: given[key] for key in LIKELIHOOD_OPTIONS.get(name, ())})
+
+
+def upgrade_likelihood_options(values: dict) -> dict:
+    """Config JSON of format version 1 kept the likelihood's options in a dict "likelihood_options"; they are
+    fields of the model config now."""
+    values = dict(values)
+    options = values.pop("likelihood_options", None) or {}
+    if not isinstance(options, dict) or set(options) - {"sigma", "n_mixtures"}:
+        raise ElboxError(f"likelihood_options must be a JSON object with sigma and/or n_mixtures, got {options!r}")
+    return {**options, **values}

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from elbox.models.base import Encoder, Reconstructs
+
 LOGGERS = ("jsonl", "tensorboard", "none")
 TENSORBOARD_DIR = "tensorboard"
 SKIPPED_KEYS = ("kind", "epoch", "step")
@@ -60,9 +62,9 @@ class TensorBoardLog:
         with torch.random.fork_rng(devices=[val_x.device] if val_x.device.type == "cuda" else []):  # training's stream stays as it was
             torch.manual_seed(step)
             add("samples", model.sample(n))
-            if hasattr(model, "reconstruct"):
+            if isinstance(model, Reconstructs):
                 add("reconstructions", torch.cat([val_x[:8], model.reconstruct(val_x[:8])]), nrow=8)
-            if hasattr(model, "encode"):
+            if isinstance(model, Encoder):
                 self.writer.add_histogram("posterior_means", model.encode(val_x[:500]).flatten().cpu(), step)
         self.writer.flush()
 

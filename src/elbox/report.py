@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from elbox.checkpoint import METRICS_FILE, atomic_write_bytes, load_run
+from elbox.atomic import atomic_write_bytes
+from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import get_data_space, load_split
-from elbox.evaluate import evaluate, format_table
+from elbox.evaluation import evaluate, format_table
+from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
 from elbox.plots import image_grid
 
 QUICK_EVAL_EXAMPLES = 1000
@@ -134,13 +136,13 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
         torch.manual_seed(seed)
         grid = samples.read_bytes() if samples.is_file() else _grid_png(model.sample(64))
         sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
-        if hasattr(model, "reconstruct"):
+        if isinstance(model, Reconstructs):
             pairs = torch.cat([t for i in range(0, 32, 8) for t in (x[i : i + 8], model.reconstruct(x[i : i + 8]))])
             sections.append(("Reconstructions", "Rows alternate: test images, then the means of p(x | E[z|x]).", _grid_png(pairs, nrow=8)))
-        if hasattr(model, "decode") and hasattr(model, "likelihood") and not hasattr(model, "encode_levels"):  # one latent
+        if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
             sections.append(("Latent interpolations", "Decoded straight lines between the posterior means of pairs of test images.",
                              interpolations_png(model, x)))
-        if hasattr(model, "encode") and result.get("latent_dim") == 2:
+        if isinstance(model, Encoder) and result.get("latent_dim") == 2:
             sections.append(("Latent space", "Posterior means of test images, coloured by class label.",
                              scatter_png(model, x, labels[: x.shape[0]])))
     title = f"elbox report: {config['model']} on {data['name']} ({run_dir.name})"

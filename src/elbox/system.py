@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from elbox.errors import ElboxError
+
 # glibc mallopt parameters
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -54,6 +56,24 @@ def set_threads(threads: int | None) -> int:
     threads = max(1, threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA, else Apple's MPS, else the CPU) or a device that PyTorch sees; ElboxError otherwise."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ElboxError("device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ElboxError("device mps was asked for, but PyTorch sees no Apple GPU")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ElboxError(f"unknown device {name!r}: {e}") from None
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -19,23 +19,21 @@ A model supports tightening when it has
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import Tensor
 
 from elbox.bounds import LOG_2PI, mean_and_stderr, sample_diag_gaussian
-from elbox.data import DataSpace, iterate_batches
+from elbox.data import DataSpace, get_data_space, iterate_batches
 from elbox.errors import ElboxError
-from elbox.evaluate import iwae_per_example, log_prob_per_example
-from elbox.models.base import LatentVariableModel
-
-REQUIRED = ("posterior_params", "log_joint", "encoder_parameters")
-
+from elbox.evaluation import iwae_per_example, log_prob_per_example
+from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 
 def check_tightenable(model: LatentVariableModel) -> None:
-    missing = [name for name in REQUIRED if not hasattr(model, name)]
-    if missing:
-        raise ElboxError(f"the {model.name} model cannot be tightened: it has no {', '.join(missing)}")
+    if not isinstance(model, Tightenable):
+        raise ElboxError(f"the {model.name} model cannot be tightened: it has no amortized Gaussian encoder "
+                         "q(z|x) to refit (tighten works on the vae and linear models)")
 
 
 def gaussian_q_elbo(model: LatentVariableModel, x: Tensor, mean: Tensor, std: Tensor, n_samples: int) -> Tensor:
@@ -149,7 +147,7 @@ def gap_split(
     model.eval()
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        if hasattr(model, "log_prob"):
+        if isinstance(model, ExactLikelihood):
             log_px, source = log_prob_per_example(model, x, batch_size), "exact"
         else:
             log_px, source = iwae_per_example(model, x, iw_samples, batch_size), f"IWAE-{iw_samples}"
@@ -183,6 +181,34 @@ def gap_split(
         elbo_refit = torch.cat(refitted) + log_prob_offset
         result["elbo_refit_encoder"], result["elbo_refit_encoder_stderr"] = mean_and_stderr(elbo_refit)
         result["gap_refit_encoder"], result["gap_refit_encoder_stderr"] = mean_and_stderr(log_px - elbo_refit)
+    return result
+
+
+def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: int | None = 200, steps: int = 300,
+                lr: float = 0.05, refit_epochs: int = 3, iw_samples: int = 1000, elbo_samples: int = 100, seed: int = 0) -> dict:
+    """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on its
+    training split (0: no refit). Returns the JSON-ready result."""
+    from elbox.checkpoint import load_run
+    from elbox.training.workflows import data_in_space, training_data
+
+    model, config = load_run(run_dir, device)
+    check_tightenable(model)
+    data = config["data"]
+    if "name" not in data:
+        raise ElboxError(f"run {run_dir} names no built-in dataset to tighten on")
+    x, offset, _ = data_in_space(model, data["name"], split, data.get("data_dir"), seed, limit)
+    refit = None
+    if refit_epochs:
+        train_images, val_images, _ = training_data(data["name"], None, data.get("data_dir"), None, seed)
+        val_x, _, _ = data_in_space(model, data["name"], "validation", data.get("data_dir"), seed, None)
+        print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen", file=sys.stderr)
+        refit, history = refit_encoder(model, train_images.to(device), val_x, get_data_space(model.data_space),
+                                       epochs=refit_epochs, seed=seed)
+        for record in history:
+            print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
+    result = gap_split(model, x, refit, steps=steps, lr=lr, iw_samples=iw_samples, elbo_samples=elbo_samples,
+                       log_prob_offset=offset, seed=seed)
+    result.update(split=split, refit_epochs=refit_epochs, dataset=data["name"], model=config["model"])
     return result
 
 

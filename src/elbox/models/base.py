@@ -1,33 +1,39 @@
-"""The model protocol, the registry of model classes, and building a model from its JSON config.
+"""The model interface, the registry of model classes, and building a model from its JSON config.
 
-Every model returns nats per example, summed over data dimensions. A capability a model lacks is
-absent rather than faked: the evaluator checks `hasattr(model, "log_weights")` and so on.
+Every model subclasses LatentVariableModel and returns nats per example, summed over data dimensions:
 
-    elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example
-    log_weights(x, k) -> [k, B]                log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x)
-    log_weights_sampler(x) -> (n -> [n, B])    optional: the same, with per-x work (the encoder) done once
-    importance_samples(x, k, ...)              optional: draws, log weights and terms for the IWAE objective
-    posterior_params(x), log_joint(x, z),
-    encoder_parameters()                       optional: what `elbox tighten` needs (elbox.tighten)
-    log_prob(x) -> [B]                          exact log p(x); tractable models only
-    sample(n) -> [n, *data_shape]
-    encode(x) -> [B, d]                        posterior mean, features for downstream use
+    elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example (required)
+    sample(n) -> [n, *data_shape]              (required)
+    data_space                                 the elbox.data space its inputs come from (required)
+
+A capability a model lacks is absent rather than faked. The optional capabilities are the Protocols below;
+the evaluator, trainer and commands dispatch with isinstance(model, Protocol):
+
+    ExactLikelihood      log_prob(x) -> [B]                   exact log p(x)
+    ImportanceWeighted   log_weights(x, k) -> [k, B]          log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x)
+    ImportanceSampled    importance_samples(x, k, ...)        draws, log weights and terms (IWAE objective)
+    Encoder              encode(x) -> [B, d]                  posterior mean, features for downstream use
+    Reconstructs         reconstruct(x) -> like x             mean of p(x|z) at the posterior mean
+    Hierarchical         encode_levels(x) -> {level: means}   per-level posterior means
+    Tightenable          posterior_params, log_joint, encoder_parameters (elbox.tighten)
+    ClosedFormFit        fit(x, callback) -> records          closed form or EM, no gradients
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from elbox.bounds import ELBOTerms
 from elbox.errors import ElboxError
+from elbox.options import config_from_dict
 
 MODELS: dict[str, type["LatentVariableModel"]] = {}
+Callback = Callable[[dict], None]
 
 
 class LatentVariableModel(nn.Module):
@@ -35,7 +41,9 @@ class LatentVariableModel(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
-    # False for models fitted by their own `fit(x, progress) -> list[dict]` (closed form, EM)
+    # training options whose default differs for this model (elbox.training.config.default_train_config)
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    # False for models fitted by their own `fit(x, callback) -> list[dict]` (closed form, EM)
     trains_by_gradient: bool = True
     # False when some ELBOTerms.kl entries are Monte Carlo terms that are not KL divergences (free bits refused)
     kl_terms_are_kls: bool = True
@@ -56,16 +64,89 @@ class LatentVariableModel(nn.Module):
         """Name of the elbox.data space the model's inputs must come from."""
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str | os.PathLike, data: dict[str, Any] | None = None) -> None:
-        """Write the model as a run directory (config.json + model.safetensors, the format `elbox` commands and
-        `elbox.load` read; no pickle). `data` describes the training data ({"name": "fashion-mnist", ...}) so
-        that `elbox evaluate` knows which dataset to use; the data space is always recorded."""
-        from elbox.checkpoint import WEIGHTS_FILE, save_weights, write_run_config
+    def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
+        raise NotImplementedError
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(directory / WEIGHTS_FILE, self)
-        write_run_config(directory, self, {**(data or {}), "space": self.data_space}, train={})
+    def sample(self, n: int) -> Tensor:
+        raise NotImplementedError
+
+    def elbo_for_evaluation(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
+        """The ELBO as the evaluator reports it; models with a cheaper training estimate override this."""
+        return self.elbo(x, n_samples=n_samples)
+
+    def elbo_protocol(self, n_samples: int) -> str:
+        """How elbo_for_evaluation estimates the ELBO, in words, for the evaluation record."""
+        return f"{n_samples} sample(s)"
+
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialization before gradient training (default: none)."""
+
+    def log_weights_sampler(self, x: Tensor) -> Callable[[int], Tensor]:
+        """n -> [n, B] log weights (ImportanceWeighted models); models override it to encode x only once."""
+        return lambda n: self.log_weights(x, n)
+
+    def encode_moments(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Mean and variance of q(z|x) (Encoder models); the variance is None where the model has none."""
+        return self.encode(x), None
+
+    @property
+    def device(self) -> torch.device:
+        tensor = next(self.parameters(), None)
+        tensor = tensor if tensor is not None else next(self.buffers(), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@runtime_checkable
+class ExactLikelihood(Protocol):
+    def log_prob(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ImportanceWeighted(Protocol):
+    def log_weights(self, x: Tensor, k: int) -> Tensor: ...
+
+
+@runtime_checkable
+class ImportanceSampled(Protocol):
+    def importance_samples(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Any: ...
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    def encode(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Reconstructs(Protocol):
+    def reconstruct(self, x: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Hierarchical(Protocol):
+    def encode_levels(self, x: Tensor) -> dict[str, Tensor]: ...
+
+
+@runtime_checkable
+class SingleLatentDecoder(Protocol):
+    """decode(z) -> likelihood parameters, likelihood.mean(params) -> an image: latent interpolations."""
+
+    likelihood: Any
+
+    def decode(self, z: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Tightenable(Protocol):
+    def posterior_params(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def log_joint(self, x: Tensor, z: Tensor) -> Tensor: ...
+
+    def encoder_parameters(self) -> list[nn.Parameter]: ...
+
+
+@runtime_checkable
+class ClosedFormFit(Protocol):
+    def fit(self, x: Tensor, callback: Callback | None = None) -> list[dict]: ...
 
 
 def register_model(name: str, config_class: type):
@@ -80,32 +161,29 @@ def register_model(name: str, config_class: type):
     return decorate
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def model_class(name: str) -> type[LatentVariableModel]:
+    if not isinstance(name, str) or name not in MODELS:
+        raise ElboxError(f"unknown model {str(name)[:60]!r}; available: {', '.join(sorted(MODELS))} (a model of your own "
+                         "is known once the module that registers it with @register_model is imported)")
+    return MODELS[name]
 
 
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Build a config dataclass from JSON values, rejecting unknown keys with a clear message."""
-    if not isinstance(values, dict):
-        raise ElboxError(f"model config must be a JSON object, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ElboxError(f"unknown {config_class.__name__} fields {unknown}; known fields: {sorted(known)}")
-    try:
-        return config_class(**values)
-    except (TypeError, ValueError) as e:
-        raise ElboxError(f"bad {config_class.__name__}: {e}") from None
+def model_config(name: str, values: dict[str, Any]) -> Any:
+    """A model's config dataclass from JSON values; configs of older formats are upgraded by the class's
+    `upgrade(values) -> values` where it has one."""
+    cls = model_class(name).config_class
+    upgrade = getattr(cls, "upgrade", None)
+    if upgrade is not None and isinstance(values, dict):
+        values = upgrade(values)
+    return config_from_dict(cls, values, f"{name} model config")
 
 
-def build_model(name: str, config: dict[str, Any] | Any) -> LatentVariableModel:
-    """Build a registered model from a config dataclass or its JSON dict."""
-    if name not in MODELS:
-        raise ElboxError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
-    cls = MODELS[name]
+def build_model(name: str, config: dict[str, Any] | Any, **modules: nn.Module) -> LatentVariableModel:
+    """Build a registered model from a config dataclass or its JSON dict (and the user-written networks it names)."""
+    cls = model_class(name)
     if isinstance(config, dict):
-        config = config_from_dict(cls.config_class, config)
-    return cls.from_config(config)
+        config = model_config(name, config)
+    return cls.from_config(config, **modules) if modules else cls.from_config(config)
 
 
 def per_level_temperatures(temperature: float | Sequence[float], levels: int) -> list[float]:

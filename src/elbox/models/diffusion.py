@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from elbox.bounds import ELBOTerms
 from elbox.errors import ElboxError
+from elbox.options import check_options, option
 from elbox.models.base import LatentVariableModel, register_model
 from elbox.nets import ConditionedUNet
 
@@ -228,31 +229,26 @@ def build_schedule(name: str, gamma_min: float, gamma_max: float, timesteps: int
 
 @dataclass
 class DiffusionConfig:
-    data_shape: tuple[int, int, int] = (1, 28, 28)
-    timesteps: int = 0  # 0: continuous time; T > 0: discrete time with T steps
-    schedule: str = "learned-linear"
-    gamma_min: float = -13.3  # gamma(0), the initial value when learned
-    gamma_max: float = 5.0  # gamma(1), the initial value when learned
-    parameterization: str = "eps"  # what the denoiser predicts: eps, x0 or score
-    loss: str = "elbo"  # training loss: the ELBO, or "simple" (unweighted noise prediction); reports are the ELBO
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # U-Net width per resolution level
-    blocks_per_level: int = 1
-    fourier_features: bool = True
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one image (channels, height, width)", minimum=1, cli=False)
+    timesteps: int = option(0, "number of steps T of the discrete-time model; 0 = continuous time", minimum=0, metavar="T")
+    schedule: str = option("learned-linear", "noise schedule gamma(t) = -log SNR(t)", choices=SCHEDULES)
+    gamma_min: float = option(-13.3, "gamma(0) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
+    gamma_max: float = option(5.0, "gamma(1) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
+    parameterization: str = option("eps", "what the denoiser predicts: the noise (eps), the data (x0) or the score",
+                                   choices=PARAMETERIZATIONS)
+    loss: str = option("elbo", "train on the ELBO, or on the simple unweighted noise-prediction loss (reports are "
+                               "always the ELBO)", choices=DIFFUSION_LOSSES, aliases=("--diffusion-loss",))
+    channels: list[int] = option(help="U-Net width per resolution level (each further level halves the image)",
+                                 factory=lambda: [16, 32, 64], minimum=1, aliases=("--unet-channels",), metavar="C")
+    blocks_per_level: int = option(1, "U-Net residual blocks per resolution", minimum=1)
+    fourier_features: bool = option(True, "feed Fourier features of z_t to the U-Net")
 
     def __post_init__(self):
-        self.data_shape = tuple(int(d) for d in self.data_shape)
-        self.channels = [int(c) for c in self.channels]
+        check_options(self)
         checks = [
-            (len(self.data_shape) == 3 and min(self.data_shape) >= 1, f"data_shape must be (channels, height, width), got {self.data_shape}"),
-            (isinstance(self.timesteps, int) and self.timesteps >= 0, f"timesteps must be an integer >= 0 (0: continuous time), got {self.timesteps!r}"),
-            (self.schedule in SCHEDULES, f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
-            (-GAMMA_LIMIT <= self.gamma_min < self.gamma_max <= GAMMA_LIMIT,
-             f"need -{GAMMA_LIMIT} <= gamma_min < gamma_max <= {GAMMA_LIMIT} (log-SNR beyond that underflows float32), "
-             f"got {self.gamma_min}, {self.gamma_max}"),
-            (self.parameterization in PARAMETERIZATIONS, f"unknown parameterization {self.parameterization!r}; choose one of {', '.join(PARAMETERIZATIONS)}"),
-            (self.loss in DIFFUSION_LOSSES, f"unknown diffusion loss {self.loss!r}; choose one of {', '.join(DIFFUSION_LOSSES)}"),
-            (bool(self.channels) and min(self.channels) >= 1, f"channels must be a non-empty list of positive widths, got {self.channels}"),
-            (self.blocks_per_level >= 1, f"blocks_per_level must be >= 1, got {self.blocks_per_level}"),
+            (len(self.data_shape) == 3, f"data_shape must be (channels, height, width), got {self.data_shape}"),
+            (self.gamma_min < self.gamma_max, f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"),
+            (bool(self.channels), "channels must be a non-empty list of positive widths"),
             (not (self.loss == "simple" and self.schedule.startswith("learned")),
              f"the simple loss gives the {self.schedule} schedule no gradient that balances its endpoints; use a fixed schedule or the elbo loss"),
         ]

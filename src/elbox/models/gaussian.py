@@ -34,42 +34,19 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 
 from elbox.errors import ElboxError
 from elbox.models.base import LatentVariableModel, register_model
+from elbox.options import check_options, option
 
 COVARIANCES = ("full", "diag")
 LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
-# Config checks and input checks shared with models/mixture.py
+# Input checks shared with models/mixture.py
 
 
-def check_data_shape(values) -> tuple[int, ...]:
-    """data_shape as a tuple of positive ints, e.g. (1, 28, 28) or (50,); JSON gives back a list."""
-    if (
-        not isinstance(values, (list, tuple))
-        or not values
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
-    ):
-        raise ElboxError(f"data_shape must be a non-empty list of positive whole numbers, got {values!r}")
-    return tuple(values)
-
-
-def check_whole_number(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ElboxError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def check_real_number(name: str, value, minimum: float, strict: bool) -> float:
-    """A finite real number >= minimum (> minimum when strict), as a float."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < minimum or (strict and value == minimum):
-        raise ElboxError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ElboxError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+def check_data_shape(shape: tuple[int, ...]) -> None:
+    if not shape:
+        raise ElboxError("data_shape must name at least one dimension")
 
 
 def flatten_data(x, data_shape: tuple[int, ...], model: str) -> Tensor:
@@ -122,14 +99,13 @@ def check_n_samples(n: int) -> None:
 
 @dataclass
 class GaussianConfig:
-    data_shape: tuple[int, ...] = (1, 28, 28)
-    covariance: str = "full"  # "full" or "diag"
-    ridge: float = 1e-3  # added to the diagonal of the fitted covariance (see the module docstring)
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
+    covariance: str = option("full", "covariance structure", choices=COVARIANCES)
+    ridge: float = option(1e-3, "added to the diagonal of the fitted covariance (see the module docstring)", minimum=0)
 
     def __post_init__(self):
-        self.data_shape = check_data_shape(self.data_shape)
-        check_choice("covariance", self.covariance, COVARIANCES)
-        self.ridge = check_real_number("ridge", self.ridge, 0.0, strict=False)
+        check_options(self)
+        check_data_shape(self.data_shape)
 
 
 @register_model("gaussian", GaussianConfig)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +43,10 @@ from elbox.bounds import (
     standard_normal_log_prob,
 )
 from elbox.errors import ElboxError
-from elbox.likelihoods import build_likelihood
+from elbox.likelihoods import LIKELIHOODS, build_likelihood, upgrade_likelihood_options
 from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
-from elbox.models.vae import _integers
-from elbox.nets import activation, apply_flat, mlp
+from elbox.nets import ACTIVATIONS, activation, apply_flat, mlp
+from elbox.options import check_options, option
 
 HVAE_TYPES = ("markov", "ladder")
 POSTERIORS = ("residual", "precision")
@@ -56,50 +56,39 @@ SOFTPLUS_ONE = math.log(math.e - 1)
 
 @dataclass
 class HVAEConfig:
-    data_shape: tuple[int, int, int] = (1, 28, 28)
-    hvae_type: str = "ladder"
-    levels: int = 3
-    likelihood: str = "bernoulli"
-    likelihood_options: dict = field(default_factory=dict)
-    activation: str = "relu"  # "markov" MLPs; the ladder's residual blocks use GELU
-    min_std: float = 1e-4  # floor on every standard deviation
-    # markov: latent size per level (z_1 first) and the widths of every MLP transition
-    latent_dims: list[int] = field(default_factory=lambda: [32, 16])
-    hidden_dims: list[int] = field(default_factory=lambda: [512])
-    # ladder
-    channels: int = 64  # width of the bottom-up and top-down state
-    latent_channels: int = 8  # channels of each level's latent map
-    blocks_per_level: int = 1  # residual blocks after each level (top-down) and per resolution (bottom-up)
-    level_downsample: list[int] = field(default_factory=list)  # per level, top first: data size / level size; [] = default
-    posterior: str = "residual"
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", minimum=1, cli=False)
+    hvae_type: str = option("ladder", "markov (bottom-up MLP chain) or ladder (top-down, convolutional)", choices=HVAE_TYPES)
+    levels: int = option(3, "number of latent levels", minimum=1, metavar="T")
+    likelihood: str = option("bernoulli", "p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
+                             "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit",
+                             choices=tuple(LIKELIHOODS))
+    sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
+    n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
+    activation: str = option("relu", "markov: activation of the MLPs (the ladder's residual blocks use GELU)",
+                             choices=tuple(ACTIVATIONS))
+    min_std: float = option(1e-4, "floor on every standard deviation", above=0)
+    latent_dims: list[int] = option(help="markov: latent size per level, z_1 (next to x) first (default: 32, 16, 8, "
+                                         "... halving per level, at least 2)", factory=list, minimum=1, metavar="D")
+    hidden_dims: list[int] = option(help="markov: widths of every MLP transition", factory=lambda: [512], minimum=1, metavar="H")
+    channels: int = option(64, "ladder: width of the bottom-up and top-down residual state", minimum=1)
+    latent_channels: int = option(8, "ladder: channels of each level's latent map", minimum=1)
+    blocks_per_level: int = option(1, "ladder: residual blocks after each level (top-down) and per resolution "
+                                      "(bottom-up)", minimum=1)
+    level_downsample: list[int] = option(help="ladder: per level, top first, image size / latent map size (default: "
+                                              "top half 4, rest 2)", factory=list, minimum=1, metavar="F")
+    posterior: str = option("residual", "ladder: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
+
+    upgrade = staticmethod(upgrade_likelihood_options)
 
     def __post_init__(self):
-        self.data_shape = tuple(_integers("data_shape", self.data_shape))
-        self.latent_dims = _integers("latent_dims", self.latent_dims)
-        self.hidden_dims = _integers("hidden_dims", self.hidden_dims)
-        self.level_downsample = _integers("level_downsample", self.level_downsample)
-        for name in ("levels", "channels", "latent_channels", "blocks_per_level"):
-            value = getattr(self, name)
-            _integers(name, [value])
-            if value < 1:
-                raise ElboxError(f"{name} must be >= 1, got {value}")
-        if not isinstance(self.likelihood_options, dict):
-            raise ElboxError(f"likelihood_options must be a JSON object, got {self.likelihood_options!r}")
-        if len(self.data_shape) != 3 or min(self.data_shape) < 1:
-            raise ElboxError(f"data_shape must be (channels, height, width) with positive sizes, got {self.data_shape}")
-        if self.hvae_type not in HVAE_TYPES:
-            raise ElboxError(f"unknown hvae_type {self.hvae_type!r}; choose one of {', '.join(HVAE_TYPES)}")
-        if self.posterior not in POSTERIORS:
-            raise ElboxError(f"unknown posterior {self.posterior!r}; choose one of {', '.join(POSTERIORS)}")
-        if not self.min_std > 0:
-            raise ElboxError(f"min_std must be > 0, got {self.min_std}")
-        if any(h < 1 for h in self.hidden_dims):
-            raise ElboxError(f"hidden_dims must be positive, got {self.hidden_dims}")
+        check_options(self)
+        if len(self.data_shape) != 3:
+            raise ElboxError(f"data_shape must be (channels, height, width), got {self.data_shape}")
         if self.hvae_type == "markov":
-            if len(self.latent_dims) != self.levels or min(self.latent_dims) < 1:
-                raise ElboxError(
-                    f"latent_dims must give a positive size for each of the {self.levels} levels, got {self.latent_dims}"
-                )
+            if not self.latent_dims:
+                self.latent_dims = [max(2, 32 >> t) for t in range(self.levels)]
+            if len(self.latent_dims) != self.levels:
+                raise ElboxError(f"latent_dims must give a size for each of the {self.levels} levels, got {self.latent_dims}")
         else:
             if not self.level_downsample:
                 self.level_downsample = default_level_downsample(self.levels, self.data_shape)
@@ -142,7 +131,7 @@ class HVAE(LatentVariableModel):
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
-        self.likelihood = build_likelihood(config.likelihood, config.data_shape, **config.likelihood_options)
+        self.likelihood = build_likelihood(config.likelihood, config.data_shape, sigma=config.sigma, n_mixtures=config.n_mixtures)
 
     @classmethod
     def from_config(cls, config: HVAEConfig) -> "HVAE":

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from elbox.bounds import LOG_2PI, ELBOTerms, kl_full_gaussians, standard_normal_log_prob
 from elbox.errors import ElboxError
 from elbox.models.base import LatentVariableModel, register_model
+from elbox.options import check_options, option
 
 NOISE_MODELS = ("isotropic", "diagonal")
 ENCODERS = ("exact", "amortized")
@@ -49,26 +50,20 @@ def _whole_number(value) -> bool:
 
 @dataclass
 class LinearGaussianConfig:
-    data_shape: tuple[int, ...] = (1, 28, 28)
-    latent_dim: int = 20
-    noise: str = "isotropic"  # "isotropic": one sigma (PPCA); "diagonal": sigma per dimension (factor analysis)
-    encoder: str = "exact"  # "exact": q = p(z|x); "amortized": linear mean, learned diagonal std
-    fit: str = "closed-form"  # "closed-form": LinearGaussian.fit (no gradients); "elbo": gradient ascent on the ELBO
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
+    latent_dim: int = option(20, "latent dimensions (fewer than the data dimensions)", minimum=1)
+    noise: str = option("isotropic", "observation noise: isotropic, one sigma (probabilistic PCA), or diagonal, a sigma "
+                                     "per dimension (factor analysis)", choices=NOISE_MODELS)
+    encoder: str = option("amortized", "q(z|x): the exact posterior, or an amortized diagonal Gaussian (linear mean, "
+                                       "learned std)", choices=ENCODERS)
+    fit: str = option("closed-form", "maximum likelihood in closed form (EM for factor analysis), or gradient ascent "
+                                     "on the ELBO", choices=FITS)
 
     def __post_init__(self):
-        shape = self.data_shape
-        if not isinstance(shape, (list, tuple)) or not shape or not all(_whole_number(v) and v >= 1 for v in shape):
-            raise ElboxError(f"data_shape must be a non-empty list of positive whole numbers, got {shape!r}")
-        self.data_shape = tuple(shape)
+        check_options(self)
         x_dim = math.prod(self.data_shape)
-        if not _whole_number(self.latent_dim) or not 1 <= self.latent_dim < x_dim:
-            raise ElboxError(
-                f"latent_dim must be a whole number with 1 <= latent_dim < the data dimension {x_dim}, "
-                f"got {self.latent_dim!r}"
-            )
-        for name, value, choices in [("noise", self.noise, NOISE_MODELS), ("encoder", self.encoder, ENCODERS), ("fit", self.fit, FITS)]:
-            if value not in choices:
-                raise ElboxError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+        if not self.data_shape or not self.latent_dim < x_dim:
+            raise ElboxError(f"latent_dim must be smaller than the data dimension {x_dim}, got {self.latent_dim}")
 
 
 def _inverse_softplus(y: Tensor) -> Tensor:

@@ -56,14 +56,12 @@ from torch.distributions import Categorical
 from elbox.bounds import ELBOTerms
 from elbox.errors import ElboxError
 from elbox.models.base import LatentVariableModel, register_model
+from elbox.options import check_options, option
 from elbox.models.gaussian import (
     COVARIANCES,
     LOG_2PI,
-    check_choice,
     check_data_shape,
     check_n_samples,
-    check_real_number,
-    check_whole_number,
     flatten_data,
 )
 
@@ -84,26 +82,20 @@ MIN_CHUNK_ROWS = 1024
 
 @dataclass
 class MixtureConfig:
-    data_shape: tuple[int, ...] = (1, 28, 28)
-    n_components: int = 10
-    covariance: str = "full"  # "full" or "diag"
-    init: str = "kmeans++"  # "kmeans++" or "random" (see the module docstring)
-    max_iter: int = 100  # EM iterations at most
-    # stop when the mean ELBO (nats per example) improves by less than tol over one iteration:
-    # absolute, like scikit-learn's tol on the mean log-likelihood; 0 runs all max_iter iterations
-    tol: float = 1e-4
-    covariance_floor: float = 1e-3  # added to the diagonal of each Sigma_k ("full"); floor on variances ("diag")
-    seed: int = 0
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
+    n_components: int = option(10, "number of mixture components", minimum=1, aliases=("--components",))
+    covariance: str = option("full", "covariance structure", choices=COVARIANCES)
+    init: str = option("kmeans++", "EM initialization (see the module docstring)", choices=INITS)
+    max_iter: int = option(100, "EM iterations at most", minimum=1)
+    # absolute, like scikit-learn's tol on the mean log-likelihood
+    tol: float = option(1e-4, "stop when the mean ELBO improves by less than this many nats per example over one "
+                              "iteration (0: run all max_iter iterations)", minimum=0)
+    covariance_floor: float = option(1e-3, "added to each covariance diagonal (full) or floor on the variances (diag)", above=0)
+    seed: int = option(0, "seed of the EM initialization", minimum=0)
 
     def __post_init__(self):
-        self.data_shape = check_data_shape(self.data_shape)
-        check_whole_number("n_components", self.n_components, 1)
-        check_choice("covariance", self.covariance, COVARIANCES)
-        check_choice("init", self.init, INITS)
-        check_whole_number("max_iter", self.max_iter, 1)
-        self.tol = check_real_number("tol", self.tol, 0.0, strict=False)
-        self.covariance_floor = check_real_number("covariance_floor", self.covariance_floor, 0.0, strict=True)
-        check_whole_number("seed", self.seed, 0)
+        check_options(self)
+        check_data_shape(self.data_shape)
 
 
 @dataclass

@@ -1,15 +1,5 @@
 """The training loop: Adam on a training objective, validation ELBO each epoch, atomic run files.
 
-Training objectives (TrainConfig.objective):
-  "elbo"  reconstruction - beta * KL, beta constant, linearly warmed up or cyclical (Fu et al. 2019), and
-          optionally free bits: the KL term becomes sum_groups max(free_bits, batch-mean KL_group).
-  "iwae"  the IWAE_K estimate logsumexp_k log w_k - log K (K = iw_samples, Burda et al. 2015) with the
-          gradient estimator "reparam", "stl" or "dreg" (see elbox.bounds). beta, its schedules and free bits
-          are ELBO-only and rejected with it; K = 1 is the ELBO with a Monte Carlo KL.
-
-Every reported ELBO, on training batches and on validation, is the true ELBO with beta = 1. The value of the
-training objective itself is logged separately as "objective" (train_objective per epoch).
-
 Mixed precision: precision="bf16" runs the training forward pass under torch.autocast(bfloat16) (on GPUs, and on
 CPUs with bf16 matrix units); weights, Adam's state and every validation or evaluation number stay float32. The
 training-batch ELBO logged under bf16 is the autocast forward's value, so it carries bf16 rounding.
@@ -28,200 +18,30 @@ saved model.safetensors use the EMA weights.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from elbox.bounds import (
-    DETACHED_POSTERIOR_ESTIMATORS,
-    IWAE_ESTIMATORS,
-    ELBOTerms,
-    check_iwae_estimator,
-    dreg_reweight_latent_gradient,
-    free_bits_kl,
-    iwae_objective,
-)
-from elbox.checkpoint import (
-    BEST_WEIGHTS_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    atomic_write_jsonl,
-    check_tensors,
-    save_training_state,
-    save_weights,
-)
+from elbox.checkpoint import BEST_WEIGHTS_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, save_training_state, save_weights
+from elbox.atomic import atomic_write_jsonl
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
-from elbox.evaluate import elbo_per_example
-from elbox.loggers import LOGGERS, TensorBoardLog
-from elbox.models.base import LatentVariableModel, config_from_dict
+from elbox.evaluation import elbo_per_example
+from elbox.loggers import TensorBoardLog
+from elbox.models.base import Callback, ImportanceSampled, LatentVariableModel
 from elbox.system import bf16_is_native
-
-BETA_SCHEDULES = ("constant", "linear", "cyclical")
-OBJECTIVES = ("elbo", "iwae")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
-    seed: int = 0
-    objective: str = "elbo"  # "elbo" (beta-weighted, optional free bits) or "iwae" (IWAE_K, iw_samples and estimator)
-    beta: float = 1.0  # final KL weight of the ELBO objective
-    beta_schedule: str = "constant"  # "linear": 0 -> beta over warmup_epochs; "cyclical": see cycle_* below
-    warmup_epochs: float = 0.0
-    cycle_epochs: float = 0.0  # "cyclical": length of one cycle in epochs (required, > 0)
-    cycle_ramp_fraction: float = 0.5  # "cyclical": fraction of each cycle over which beta rises 0 -> beta
-    free_bits: float = 0.0  # ELBO objective: floor in nats on each latent group's batch-mean KL; 0 disables
-    n_samples: int = 1  # Monte Carlo samples of z per example in the training ELBO
-    iw_samples: int = 1  # IWAE objective: importance samples K per example
-    estimator: str = "reparam"  # IWAE objective: gradient estimator, "reparam", "stl" or "dreg"
-    max_nonfinite: int = 20  # stop after this many non-finite steps in a row
-    grad_clip: float = 0.0  # clip the global gradient norm to this value; 0 disables clipping
-    grad_skip_threshold: float = 0.0  # skip updates whose gradient norm (before clipping) exceeds this; 0 disables
-    lr_schedule: str = "constant"  # "cosine": decay lr to 0 over the run (per step)
-    ema_decay: float = 0.0  # EMA of the weights used for validation and saved; 0 disables (e.g. 0.999)
-    eval_batch_size: int = 1000
-    log_every: int = 50  # steps between training records in metrics.jsonl
-    logger: str = "jsonl"  # also "tensorboard" (metrics.jsonl and TensorBoard events) or "none" (records only in the state)
-    precision: str = "fp32"  # "bf16": autocast the training forward pass to bfloat16 (weights, optimizer, validation stay fp32)
-    compile: bool = False  # torch.compile the training objective (forward and its backward); Adam stays the fused kernel
-    channels_last: bool = False  # convolutional models: weights and batches in NHWC memory layout
-
-    def __post_init__(self):
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"learning rate must be > 0, got {self.lr}"),
-            (self.beta >= 0, f"beta must be >= 0, got {self.beta}"),
-            (self.beta_schedule in BETA_SCHEDULES, f"unknown beta schedule {self.beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}"),
-            (self.warmup_epochs >= 0, f"warmup epochs must be >= 0, got {self.warmup_epochs}"),
-            (self.cycle_epochs >= 0, f"cycle_epochs must be >= 0, got {self.cycle_epochs}"),
-            (self.beta_schedule != "cyclical" or self.cycle_epochs > 0,
-             f"the cyclical beta schedule needs cycle_epochs > 0 (the length of one cycle in epochs), got {self.cycle_epochs}"),
-            (0 < self.cycle_ramp_fraction <= 1, f"cycle_ramp_fraction must be in (0, 1], got {self.cycle_ramp_fraction}"),
-            (self.free_bits >= 0 and math.isfinite(self.free_bits), f"free_bits must be a finite number >= 0 nats, got {self.free_bits}"),
-            (self.n_samples >= 1, f"n_samples must be >= 1, got {self.n_samples}"),
-            (self.objective in OBJECTIVES, f"unknown training objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}"),
-            (isinstance(self.iw_samples, int) and not isinstance(self.iw_samples, bool) and self.iw_samples >= 1,
-             f"iw_samples must be a whole number >= 1, got {self.iw_samples!r}"),
-            (self.estimator in IWAE_ESTIMATORS, f"unknown IWAE gradient estimator {self.estimator!r}; choose one of {', '.join(IWAE_ESTIMATORS)}"),
-            (self.max_nonfinite >= 1, f"max_nonfinite must be >= 1, got {self.max_nonfinite}"),
-            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
-            (self.grad_skip_threshold >= 0, f"grad_skip_threshold must be >= 0, got {self.grad_skip_threshold}"),
-            (self.lr_schedule in LR_SCHEDULES, f"unknown learning-rate schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
-            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
-            (self.logger in LOGGERS, f"unknown logger {self.logger!r}; choose one of {', '.join(LOGGERS)}"),
-            (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ElboxError(message)
-        self._check_objective_options()
-
-    def _check_objective_options(self) -> None:
-        """Reject options that the chosen objective would silently ignore."""
-        if self.objective == "iwae":
-            elbo_only = [
-                (self.beta != 1.0, f"beta={self.beta}"),
-                (self.beta_schedule != "constant", f"beta_schedule={self.beta_schedule!r}"),
-                (self.free_bits != 0.0, f"free_bits={self.free_bits}"),
-                (self.n_samples != 1, f"n_samples={self.n_samples} (use iw_samples for K)"),
-            ]
-            used = [what for is_set, what in elbo_only if is_set]
-            if used:
-                raise ElboxError(
-                    f"{', '.join(used)}: beta, its schedules, free bits and n_samples apply to the elbo objective only; "
-                    "the iwae objective has no KL term to weight"
-                )
-        else:
-            if self.iw_samples != 1 or self.estimator != "reparam":
-                raise ElboxError(
-                    f"iw_samples={self.iw_samples}, estimator={self.estimator!r}: these apply to the iwae objective only; "
-                    "set objective='iwae' (iw_samples=1 trains the ELBO with a Monte Carlo KL and that estimator)"
-                )
-
-
-def beta_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """KL weight of the training objective at an optimizer step (counted from 0).
-
-    cyclical (Fu et al. 2019): the schedule repeats every cycle_epochs; within a cycle, at position
-    tau in [0, 1), beta rises linearly from 0 to `beta` while tau < cycle_ramp_fraction, then stays at `beta`.
-    """
-    if config.beta_schedule == "cyclical":
-        cycle_steps = config.cycle_epochs * steps_per_epoch
-        tau = math.fmod(step, cycle_steps) / cycle_steps
-        return config.beta * min(1.0, tau / config.cycle_ramp_fraction)
-    warmup_steps = config.warmup_epochs * steps_per_epoch
-    if config.beta_schedule == "constant" or warmup_steps == 0:
-        return config.beta
-    return config.beta * min(1.0, step / warmup_steps)
-
-
-def elbo_training_objective(terms: ELBOTerms, beta: float, free_bits: float = 0.0) -> Tensor:
-    """Batch mean of reconstruction - beta * KL; with free bits > 0 the KL term is sum_groups max(free_bits,
-    batch-mean KL_group) (elbox.bounds.free_bits_kl). A scalar to maximize."""
-    if free_bits > 0:
-        return terms.reconstruction.mean() - beta * free_bits_kl(terms.kl, free_bits)
-    return (terms.reconstruction - beta * terms.kl_total).mean()
-
-
-def iwae_training_objective(model: LatentVariableModel, x: Tensor, k: int, estimator: str) -> tuple[Tensor, ELBOTerms]:
-    """Per-example IWAE_K estimate [B] whose gradient is the chosen estimator's ("reparam", "stl", "dreg"; the
-    value is the same for all three, see elbox.bounds), and ELBOTerms for reporting: the reconstruction
-    averaged over the same K draws and the analytic KL."""
-    check_iwae_estimator(estimator)
-    samples = model.importance_samples(x, k, detach_posterior_params=estimator in DETACHED_POSTERIOR_ESTIMATORS)
-    if estimator == "dreg":
-        dreg_reweight_latent_gradient(samples.z, samples.log_w)
-    return iwae_objective(samples.log_w), samples.terms
-
-
-class TrainingObjective(nn.Module):
-    """One step's objective as a forward pass, (objective to maximize, ELBOTerms for reporting), so that
-    DistributedDataParallel, which synchronizes the gradients of what runs through forward, can wrap it."""
-
-    def __init__(self, model: LatentVariableModel, config: TrainConfig):
-        super().__init__()
-        self.model = model
-        self.config = config
-
-    def forward(self, x: Tensor, beta: float) -> tuple[Tensor, ELBOTerms]:
-        if self.config.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
-            objective, terms = self._objective(x, beta)
-        if self.config.precision == "bf16":  # the logged terms and the loss in float32
-            terms = ELBOTerms(terms.reconstruction.float(), {k: v.float() for k, v in terms.kl.items()},
-                              None if terms.objective is None else terms.objective.float())
-            objective = objective.float()
-        return objective, terms
-
-    def _objective(self, x: Tensor, beta: float) -> tuple[Tensor, ELBOTerms]:
-        if self.config.objective == "iwae":
-            per_example, terms = iwae_training_objective(self.model, x, self.config.iw_samples, self.config.estimator)
-            return per_example.mean(), terms
-        terms = self.model.elbo(x, n_samples=self.config.n_samples)
-        if terms.objective is not None:  # the model's own surrogate (checked free of beta and free bits)
-            return terms.objective.mean(), terms
-        return elbo_training_objective(terms, beta, self.config.free_bits), terms
+from elbox.training.config import TrainConfig
+from elbox.training.objectives import TrainingObjective, beta_at
+from elbox.training.state import pack_training_state, unpack_training_state
 
 
 def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimizer:
@@ -239,10 +59,11 @@ class Trainer:
         val_data: Tensor,
         space: DataSpace,
         config: TrainConfig,
-        run_dir: str | Path,
+        run_dir: str | Path | None,
         progress: bool = True,
+        callback: Callback | None = None,
     ):
-        if config.objective == "iwae" and not hasattr(model, "importance_samples"):
+        if config.objective == "iwae" and not isinstance(model, ImportanceSampled):
             raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
         if config.free_bits > 0 and not model.kl_terms_are_kls:
             raise ElboxError(
@@ -256,7 +77,7 @@ class Trainer:
         if val_data.shape[0] == 0:
             raise ElboxError("the validation set is empty")
         self.model = model
-        self.device = next(model.parameters()).device
+        self.device = model.device
         if config.precision == "bf16" and not bf16_is_native(self.device):
             warnings.warn(f"--precision bf16: this {self.device.type} has no native bfloat16 matrix units, so PyTorch "
                           "emulates them and training will be much slower than fp32 (measured 5-12x on an AVX2 CPU)", stacklevel=2)
@@ -266,8 +87,9 @@ class Trainer:
         self.num_dims = math.prod(train_data.shape[1:])
         self.offset = space.log_prob_offset(self.num_dims)
         self.config = config
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
+        self.callback = callback
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         if config.batch_size % self.world_size:
@@ -305,7 +127,8 @@ class Trainer:
         self.records: list[dict] = []
         self.start_epoch = 1
         self.best_val_elbo = -math.inf
-        self.tensorboard = TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and self.rank == 0 else None
+        writes = self.run_dir is not None and self.rank == 0
+        self.tensorboard = TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and writes else None
 
     def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | str:
         """One Adam step on a batch. Returns the batch's mean terms, or why the step was skipped:
@@ -407,7 +230,7 @@ class Trainer:
                 if nonfinite_in_a_row >= self.config.max_nonfinite:
                     raise ElboxError(
                         f"training stopped at step {self.step}: {nonfinite_in_a_row} non-finite losses or gradients "
-                        f"in a row (limit {self.config.max_nonfinite}); the last good checkpoint is in {self.run_dir}. "
+                        f"in a row (limit {self.config.max_nonfinite}); {self.last_good_checkpoint()}. "
                         "Try a lower learning rate or gradient clipping (--grad-clip)."
                     )
                 continue
@@ -458,80 +281,20 @@ class Trainer:
 
     def training_state(self, epoch: int) -> tuple[dict[str, Tensor], dict]:
         """Everything a resumed run needs to continue bit for bit: (tensors, JSON-ready state)."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        optimizer = self.optimizer.state_dict()
-        for index, values in optimizer["state"].items():
-            tensors.update({f"optimizer.{index}.{key}": v for key, v in values.items()})  # Adam's state is all tensors
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.batches"] = self.generator.get_state()
-        tensors["rng.shuffle"] = self.shuffle_generator.get_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "epoch": epoch,
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-            "skipped_large_grad": self.skipped_large_grad,
-            "best_val_elbo": self.best_val_elbo,
-            "optimizer_param_groups": optimizer["param_groups"],
-            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "train_config": config_dict(self.config),
-            "records": self.records,
-        }
-        return tensors, state
+        return pack_training_state(self, epoch)
 
     def restore(self, tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
         """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
-        def part(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        unpack_training_state(self, tensors, state, what)
 
-        try:
-            if config_from_dict(TrainConfig, state["train_config"]) != self.config:  # fields added later take defaults
-                raise ElboxError(f"{what} was written with other training settings than the run's config.json")
-            check_tensors(part("model."), self.model.state_dict(), f"{what} (model tensors)")
-            self.model.load_state_dict(part("model."))
-            if self.ema is not None:
-                check_tensors(part("ema."), self.ema.state_dict(), f"{what} (EMA tensors)")
-                self.ema.load_state_dict(part("ema."))
-            self.optimizer.load_state_dict({"state": self._optimizer_state(part("optimizer."), what),
-                                            "param_groups": state["optimizer_param_groups"]})
-            if self.scheduler is not None:
-                self.scheduler.load_state_dict(state["lr_scheduler"])
-            torch.set_rng_state(tensors["rng.torch"])
-            self.generator.set_state(tensors["rng.batches"])
-            self.shuffle_generator.set_state(tensors["rng.shuffle"])
-            if self.device.type == "cuda" and "rng.cuda" in tensors:
-                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-            self.step, self.start_epoch = int(state["step"]), int(state["epoch"]) + 1
-            self.skipped_steps, self.skipped_large_grad = int(state["skipped_steps"]), int(state["skipped_large_grad"])
-            self.best_val_elbo = float(state["best_val_elbo"])
-            self.records = list(state["records"])
-        except ElboxError:
-            raise
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ElboxError(f"{what} is incomplete or does not fit this run: {type(e).__name__}: {e}") from None
-
-    def _optimizer_state(self, tensors: dict[str, Tensor], what: str) -> dict[int, dict[str, Tensor]]:
-        """{parameter index: {name: tensor}} from "index.name" keys, each moment shaped like its parameter."""
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        state: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            index, _, name = key.partition(".")
-            if not index.isdigit() or int(index) >= len(params):
-                raise ElboxError(f"{what}: optimizer tensor {key!r} names no parameter of this model")
-            if name != "step" and value.shape != params[int(index)].shape:
-                raise ElboxError(f"{what}: optimizer tensor {key!r} has shape {tuple(value.shape)}, "
-                                 f"its parameter {tuple(params[int(index)].shape)}")
-            state.setdefault(int(index), {})[name] = value
-        return state
+    def last_good_checkpoint(self) -> str:
+        return f"the last good checkpoint is in {self.run_dir}" if self.run_dir is not None else "no run directory was written"
 
     def save(self, epoch: int, is_best: bool) -> None:
         """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
         crash before it is written re-runs the epoch (deterministically) and rewrites the other files.
-        Only process 0 writes."""
-        if self.rank != 0:
+        Only process 0 writes, and nothing is written without a run directory."""
+        if self.rank != 0 or self.run_dir is None:
             return
         save_weights(self.run_dir / WEIGHTS_FILE, self.eval_model)
         if is_best:
@@ -557,6 +320,8 @@ class Trainer:
             self.save(epoch, is_best)
             if self.rank != 0:
                 continue
+            if self.callback is not None:
+                self.callback(record)
             if self.tensorboard is not None:
                 self.tensorboard.record(record)
                 self.tensorboard.images(self.eval_model, self.val_x, self.step)
@@ -572,7 +337,3 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
-
-
-def config_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)

@@ -1,16 +1,9 @@
-"""Datasets, splits, data spaces and batching.
+"""Datasets: what they are, where their files come from, downloads with checksums.
 
 Datasets: "fashion-mnist" and "mnist" (28x28 grayscale, 10 classes, IDX files), "cifar-10"
 (32x32 RGB, 10 classes, the binary version's .bin batch files; the Python version is never read,
-so nothing is ever unpickled), plus "synthetic", a small deterministic dataset for tests and smoke runs.
-
-Splits: "validation" is always the last 5000 images of the official training set.
-                fashion-mnist, mnist             cifar-10
-  "train"       first 55000 of the training set  first 45000 of the training set
-  "validation"  last 5000 of the training set    last 5000 of the training set
-  "train-full"  all 60000                        all 50000 (data_batch_1..5 in order)
-  "test"        the official 10000 test images   the official 10000 (test_batch)
-For "synthetic": 1000 train, 200 validation, 200 test ("train-full" = train + validation).
+so nothing is ever unpickled), plus "synthetic", a small deterministic dataset for tests and smoke runs
+(generated here, no files).
 
 Where the files come from, first match wins (see `find_dataset_dir`):
   1. a directory given by the user (`root`, the CLI's --data-dir)
@@ -22,12 +15,7 @@ Where the files come from, first match wins (see `find_dataset_dir`):
 A directory may hold IDX files gzipped or uncompressed, and the CIFAR-10 .bin files directly or
 in cifar-10-batches-bin/ (as the archive extracts). Files read from disk are checked against the
 SHA-256 of the decompressed payload where it is known (repackagers re-gzip, so archive MD5s only
-apply to downloads) and always checked structurally.
-
-Data spaces turn uint8 images into the float32 values in [0, 1] a model sees:
-  "binary"      dynamic binarization, x ~ Bernoulli(k/255)
-  "continuous"  uniform dequantization, y = (k + u)/256, u ~ U[0, 1)
-  "discrete"    x = k/255, no randomness
+apply to downloads) and always checked structurally (see elbox.data.splits and elbox.data.formats).
 """
 
 from __future__ import annotations
@@ -44,112 +32,12 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from elbox.errors import ElboxError
-
-# ---------------------------------------------------------------------------
-# IDX files
-
-_IDX_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
-_GZIP_MAGIC = b"\x1f\x8b"
-
-
-def _read_bytes(path: Path, kind: str) -> bytes:
-    """Whole file contents; `kind` ("IDX file") names the file in error messages."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ElboxError(f"{kind} not found: {path}") from None
-    except OSError as e:
-        raise ElboxError(f"cannot read {kind} {path}: {e.strerror or e}") from None
-
-
-def _read_file_bytes(path: Path) -> bytes:
-    """Whole IDX file contents, decompressed if gzipped."""
-    raw = _read_bytes(path, "IDX file")
-    if not raw:
-        raise ElboxError(f"IDX file {path} is empty")
-    is_gzip = raw[:2] == _GZIP_MAGIC
-    if path.name.endswith(".gz") and not is_gzip:
-        raise ElboxError(f"IDX file {path} is named .gz but is not a gzip file")
-    if not is_gzip:
-        return raw
-    try:
-        data = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ElboxError(f"IDX file {path} is a corrupt gzip stream ({e or type(e).__name__})") from None
-    if not data:
-        raise ElboxError(f"IDX file {path} is empty (after decompression)")
-    return data
-
-
-def _parse_idx(data: bytes, path: Path) -> np.ndarray:
-    """Parse IDX bytes (header + payload) into a read-only array."""
-    if len(data) < 4:
-        raise ElboxError(f"IDX file {path} is truncated: {len(data)} bytes, too short for a header")
-    if data[:2] != b"\x00\x00":
-        raise ElboxError(f"IDX file {path} has a bad magic number {data[:4].hex()} (expected 0000 then type and ndim)")
-    code, ndim = data[2], data[3]
-    if code != 0x08:
-        kind = _IDX_DTYPES.get(code, "unknown")
-        raise ElboxError(f"IDX file {path} has unsupported dtype code 0x{code:02x} ({kind}); only 0x08 (uint8) is supported")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise ElboxError(f"IDX file {path} is truncated: header needs {header_len} bytes for {ndim} dims, file has {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = math.prod(dims)
-    found = len(data) - header_len
-    if found < expected:
-        raise ElboxError(f"IDX file {path} is truncated: dims {dims} need {expected} data bytes, found {found}")
-    if found > expected:
-        raise ElboxError(f"IDX file {path} has {found - expected} trailing bytes after the data for dims {dims}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read a uint8 IDX file (plain or gzipped) into a read-only numpy array."""
-    path = Path(path)
-    return _parse_idx(_read_file_bytes(path), path)
-
-
-# ---------------------------------------------------------------------------
-# CIFAR-10 binary batch files
-
-CIFAR_CLASSES = 10
-
-
-def _parse_cifar_batch(data: bytes, path: Path, image_shape: tuple[int, ...], expected_records: int) -> np.ndarray:
-    """Check a CIFAR binary batch; return its records as a read-only uint8 array [N, 1 + C*H*W].
-
-    Each record is one label byte (0-9) and then the image channel by channel (for CIFAR-10:
-    1024 red, 1024 green, 1024 blue bytes), each channel a row-major 32x32 plane.
-    """
-    record = 1 + math.prod(image_shape)
-    if not data:
-        raise ElboxError(f"CIFAR batch file {path} is empty")
-    if len(data) % record:
-        raise ElboxError(
-            f"CIFAR batch file {path} is truncated or corrupt: {len(data)} bytes is not a whole number of "
-            f"{record}-byte records (1 label byte + {record - 1} pixel bytes)"
-        )
-    n = len(data) // record
-    if n != expected_records:
-        raise ElboxError(f"CIFAR batch file {path} holds {n} records, expected {expected_records}")
-    records = np.frombuffer(data, dtype=np.uint8).reshape(n, record)
-    bad = np.flatnonzero(records[:, 0] >= CIFAR_CLASSES)
-    if bad.size:
-        i = int(bad[0])
-        raise ElboxError(
-            f"CIFAR batch file {path} is corrupt: record {i} has label byte {records[i, 0]}, "
-            f"expected 0-{CIFAR_CLASSES - 1}"
-        )
-    return records
-
 
 # ---------------------------------------------------------------------------
 # Dataset specs
@@ -237,7 +125,6 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 SYNTHETIC = "synthetic"
-SPLITS = ("train", "validation", "train-full", "test")
 SYNTHETIC_SIZES = {"train": 1000, "validation": 200, "test": 200}
 SYNTHETIC_SEED = 20240601
 
@@ -499,124 +386,9 @@ def find_dataset_dir(
         raise ElboxError(_not_found_message(spec, looked_in, str(e))) from None
 
 
+
 # ---------------------------------------------------------------------------
-# Loading splits
-
-# (resolved directory, dataset, part) -> (images [N, C, H, W], labels [N]), both uint8 and
-# read-only, so that train and validation share one read.
-_PART_CACHE: dict[tuple[Path, str, str], tuple[np.ndarray, np.ndarray]] = {}
-_SYNTHETIC_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def clear_cache() -> None:
-    _PART_CACHE.clear()
-    _SYNTHETIC_CACHE.clear()
-
-
-def _verify_payload(path: Path, data: bytes, spec: DatasetSpec, file_name: str) -> None:
-    """Check a file's (decompressed) contents against the spec's SHA-256, where one is known."""
-    expected = spec.payload_sha256.get(file_name)
-    if expected is None:
-        return
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise ElboxError(
-            f"{path} has the wrong checksum for dataset {spec.name!r}: "
-            f"SHA-256 of the payload is {actual}, expected {expected}"
-        )
-
-
-def _dataset_file(directory: Path, file_name: str, spec: DatasetSpec) -> Path:
-    path = _locate(directory, file_name)
-    if path is None:
-        raise ElboxError(f"dataset {spec.name!r}: {file_name} not found in {directory}")
-    return path
-
-
-def _read_idx_part(spec: DatasetSpec, directory: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, 1, H, W] and labels [N] from a part's two IDX files."""
-    arrays = []
-    for kind in ("images", "labels"):
-        file_name = spec.files[f"{part}-{kind}"]
-        path = _dataset_file(directory, file_name, spec)
-        data = _read_file_bytes(path)
-        _verify_payload(path, data, spec, file_name)
-        arrays.append(_parse_idx(data, path))
-    images, labels = arrays
-    if images.ndim != 3:
-        raise ElboxError(
-            f"dataset {spec.name!r} {part} images in {directory} have shape {images.shape}, expected (N, H, W)"
-        )
-    return images.reshape(len(images), 1, *images.shape[1:]), labels
-
-
-def _read_cifar_part(spec: DatasetSpec, directory: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, C, H, W] and labels [N] from a part's batch files, concatenated in order."""
-    files = _part_files(spec, part)
-    per_file = _part_size(spec, part) // len(files)
-    batches = []
-    for file_name in files:
-        path = _dataset_file(directory, file_name, spec)
-        data = _read_bytes(path, "CIFAR batch file")
-        _verify_payload(path, data, spec, file_name)
-        batches.append(_parse_cifar_batch(data, path, spec.image_shape, per_file))
-    records = np.concatenate(batches) if len(batches) > 1 else batches[0]
-    records.flags.writeable = False
-    # Views: the label column, and the pixel bytes split into channel planes.
-    return records[:, 1:].reshape(len(records), *spec.image_shape), records[:, 0]
-
-
-_PART_READERS = {IDX: _read_idx_part, CIFAR_BINARY: _read_cifar_part}
-
-
-def _check_structure(images: np.ndarray, labels: np.ndarray, spec: DatasetSpec, part: str, where: Path) -> None:
-    what = f"dataset {spec.name!r} {part} files in {where}"
-    if images.shape[1:] != spec.image_shape:
-        expected = ", ".join(map(str, spec.image_shape))
-        raise ElboxError(f"{what}: images have shape {images.shape}, expected (N, {expected})")
-    if labels.ndim != 1:
-        raise ElboxError(f"{what}: labels have shape {labels.shape}, expected (N,)")
-    if len(images) != len(labels):
-        raise ElboxError(f"{what}: {len(images)} images but {len(labels)} labels")
-    if len(images) != _part_size(spec, part):
-        raise ElboxError(f"{what}: {len(images)} examples, expected {_part_size(spec, part)}")
-
-
-def _load_part(spec: DatasetSpec, directory: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read (once), checksum-verify and check one part ("train" or "test") of a dataset."""
-    key = (directory.resolve(), spec.name, part)
-    if key not in _PART_CACHE:
-        images, labels = _PART_READERS[spec.format](spec, directory, part)
-        _check_structure(images, labels, spec, part, directory)
-        _PART_CACHE[key] = images, labels
-    return _PART_CACHE[key]
-
-
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ElboxError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-
-
-def load_split(name: str, split: str, root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as uint8 [N, C, H, W] (contiguous, a fresh copy) and labels as int64 [N].
-
-    C, H, W = 1, 28, 28 for the IDX datasets and "synthetic", 3, 32, 32 for "cifar-10".
-    """
-    _check_split(split)
-    if name == SYNTHETIC:
-        return _synthetic_split(split)
-    spec = get_dataset_spec(name)
-    directory = find_dataset_dir(name, root)
-    part = "test" if split == "test" else "train"
-    images, labels = _load_part(spec, directory, part)
-    first_validation = spec.train_size - spec.validation_size
-    rows = {
-        "train": slice(0, first_validation),
-        "validation": slice(first_validation, spec.train_size),
-    }.get(split, slice(None))
-    x = torch.from_numpy(images[rows].copy(order="C"))  # CIFAR images are strided views
-    y = torch.from_numpy(labels[rows].astype(np.int64))
-    return x, y
+# The synthetic dataset
 
 
 def _synthetic_data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -639,133 +411,3 @@ def _synthetic_data() -> tuple[torch.Tensor, torch.Tensor]:
     images = (x * 255).round().to(torch.uint8).unsqueeze(1).contiguous()
     return images, labels.to(torch.int64)
 
-
-def _synthetic_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if "all" not in _SYNTHETIC_CACHE:
-        _SYNTHETIC_CACHE["all"] = _synthetic_data()
-    images, labels = _SYNTHETIC_CACHE["all"]
-    n_train, n_val = SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["validation"]
-    rows = {
-        "train": slice(0, n_train),
-        "validation": slice(n_train, n_train + n_val),
-        "train-full": slice(0, n_train + n_val),
-        "test": slice(n_train + n_val, None),
-    }[split]
-    return images[rows].clone(), labels[rows].clone()
-
-
-# ---------------------------------------------------------------------------
-# Data spaces
-
-
-class DataSpace:
-    """How uint8 images [B, C, H, W] become the float32 values in [0, 1] a model sees."""
-
-    name: str = ""
-
-    def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Transform a training batch; random spaces draw fresh randomness each call."""
-        return self._transform(self._check(x), generator)
-
-    def eval_data(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """Transform evaluation data deterministically: same seed -> identical tensor."""
-        x = self._check(x)
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        return self._transform(x, generator)
-
-    def log_prob_offset(self, num_dims: int) -> float:
-        """Nats to add to a model's log-density to get a log-probability of the 8-bit data."""
-        return 0.0
-
-    def _transform(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _check(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8:
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ElboxError(f"data space {self.name!r} expects a uint8 tensor of 8-bit images, got {got}")
-        return x
-
-
-DATA_SPACES: dict[str, type[DataSpace]] = {}
-
-
-def _register(cls: type[DataSpace]) -> type[DataSpace]:
-    DATA_SPACES[cls.name] = cls
-    return cls
-
-
-@_register
-class BinarySpace(DataSpace):
-    """Dynamic binarization: x ~ Bernoulli(k/255), a fresh draw per training batch."""
-
-    name = "binary"
-
-    def _transform(self, x, generator):
-        # u uniform on {0..254}: P(u < k) = k/255 exactly, and integer draws are twice as fast as bernoulli()
-        u = torch.randint(0, 255, x.shape, generator=generator, device=x.device, dtype=torch.uint8)
-        return (u < x).float()
-
-
-def _dequantize(k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """(k + u)/256, kept strictly below (k + 1)/256 despite float32 rounding of k + u."""
-    v = torch.minimum(k + u, torch.nextafter(k + 1, k))
-    return v / 256  # exact: division by a power of two
-
-
-@_register
-class ContinuousSpace(DataSpace):
-    """Uniform dequantization: y = (k + u)/256 with u ~ U[0, 1)."""
-
-    name = "continuous"
-
-    def _transform(self, x, generator):
-        u = torch.rand(x.shape, generator=generator, device=x.device)
-        return _dequantize(x.float(), u)
-
-    def log_prob_offset(self, num_dims: int) -> float:
-        # Each bin has width 1/256: log P(k) = log E_u p(y) - D ln 256 >= E_u log p(y) - D ln 256 (Jensen).
-        return -num_dims * math.log(256)
-
-
-@_register
-class DiscreteSpace(DataSpace):
-    """8-bit data as is: x = k/255, no randomness."""
-
-    name = "discrete"
-
-    def _transform(self, x, generator):
-        return x.float() / 255
-
-
-def get_data_space(name: str) -> DataSpace:
-    try:
-        return DATA_SPACES[name]()
-    except KeyError:
-        raise ElboxError(f"unknown data space {name!r}; valid data spaces: {', '.join(DATA_SPACES)}") from None
-
-
-# ---------------------------------------------------------------------------
-# Batching
-
-
-def iterate_batches(
-    n: int,
-    batch_size: int,
-    shuffle: bool,
-    generator: torch.Generator | None,
-    drop_last: bool = False,
-) -> Iterator[torch.Tensor]:
-    """Index tensors covering range(n) in batches; gather with x[idx].
-
-    Arguments are checked at call time, not at the first next().
-    """
-    if batch_size <= 0:
-        raise ElboxError(f"batch size must be positive, got {batch_size}")
-    if n <= 0:
-        raise ElboxError(f"empty dataset: cannot make batches from {n} examples")
-    if drop_last and n < batch_size:
-        raise ElboxError(f"no full batch: {n} examples is fewer than batch size {batch_size} with drop_last")
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    end = n - n % batch_size if drop_last else n
-    return (order[i : i + batch_size] for i in range(0, end, batch_size))

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from elbox.bounds import iwae_bounds, mean_and_stderr
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel
+from elbox.models.base import Encoder, ExactLikelihood, Hierarchical, ImportanceWeighted, LatentVariableModel
 from elbox.system import available_memory_bytes
 
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -56,7 +56,7 @@ def elbo_per_example(
     exceed the memory bound (pass_bound: memory_bound for the model and device by default).
     final: use the model's `elbo_for_evaluation` where it has one (the discrete-time diffusion model's exact sum
     over all T steps, T passes per example); False uses `elbo`, an unbiased cheaper estimate (validation)."""
-    elbo = getattr(model, "elbo_for_evaluation", model.elbo) if final else model.elbo
+    elbo = model.elbo_for_evaluation if final else model.elbo
     bound = pass_bound(model, x, max_decoder_elements)
     batch_size = max(1, min(batch_size, bound // (n_samples * elements_per_sample(model))))
     parts: dict[str, list[Tensor]] = {}
@@ -86,7 +86,7 @@ def count_active(means: Tensor) -> tuple[int, Tensor]:
 
 @torch.no_grad()
 def active_units(model: LatentVariableModel, x: Tensor, batch_size: int) -> tuple[int, Tensor]:
-    """Active units of the model's encoding (elbox.evaluate.count_active). Returns (count, variances)."""
+    """Active units of the model's encoding (count_active). Returns (count, variances)."""
     means = torch.cat([model.encode(x[s : s + batch_size]).double().cpu() for s in range(0, x.shape[0], batch_size)])
     return count_active(means)
 
@@ -138,7 +138,7 @@ def iwae_by_k_per_example(
     for start in examples_progress(x.shape[0], batch_size, f"IWAE-{max(ks)}", progress):
         xb = x[start : start + batch_size]
         chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
-        draw = model.log_weights_sampler(xb) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(xb, n))
+        draw = model.log_weights_sampler(xb)
         for k, v in iwae_bounds(draw, list(parts), chunk).items():
             parts[k].append(v.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -195,18 +195,17 @@ def score_per_example(
     log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
     model.eval()
     bound = pass_bound(model, x, max_decoder_elements)
-    if hasattr(model, "log_prob"):
+    if isinstance(model, ExactLikelihood):
         values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
         return values + log_prob_offset, "exact log p(x)"
-    if hasattr(model, "log_weights"):
+    if isinstance(model, ImportanceWeighted):
         values = retry_on_out_of_memory(lambda d: iwae_per_example(
             model, x, iw_samples, max(1, batch_size // d), max(1, bound // d), progress), "scoring")
         return values + log_prob_offset, f"IWAE lower bound, K={iw_samples}"
     values = retry_on_out_of_memory(
         lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
                                    max_decoder_elements=max(1, bound // d))["elbo"], "scoring")
-    protocol = model.elbo_protocol(elbo_samples) if hasattr(model, "elbo_protocol") else f"{elbo_samples} sample(s)"
-    return values + log_prob_offset, f"ELBO lower bound ({protocol})"
+    return values + log_prob_offset, f"ELBO lower bound ({model.elbo_protocol(elbo_samples)})"
 
 
 @torch.no_grad()
@@ -261,32 +260,31 @@ def evaluate(
     nll_by_k: dict[int, Tensor] = {}
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        if hasattr(model, "log_prob"):
+        if isinstance(model, ExactLikelihood):
             log_p = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "evaluation")
             nll_exact = -(log_p + log_prob_offset)
             result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
-        if hasattr(model, "elbo"):
-            terms = retry_on_out_of_memory(
-                lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
-                                           max_decoder_elements=max(1, bound // d)), "evaluation")
-            elbo = terms["elbo"] + log_prob_offset
-            result["elbo_samples"] = elbo_samples
-            if hasattr(model, "elbo_protocol"):
-                result["elbo_protocol"] = model.elbo_protocol(elbo_samples)
-            result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
-            result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
-            result["kl"], _ = mean_and_stderr(terms["kl"])
-            result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
-            # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
-            result["kl_by_group_are_kls"] = model.kl_terms_are_kls
-            result["bpd_elbo"], result["bpd_elbo_stderr"] = -result["elbo"] / bits, result["elbo_stderr"] / bits
-            # -ELBO in bits/dim, term by term: bpd_recon + sum over groups of bpd_<group> = bpd_elbo
-            parts = {"recon": -(terms["reconstruction"] + log_prob_offset)}
-            parts.update({k[3:]: v for k, v in terms.items() if k.startswith("kl/")})
-            for name, v in parts.items():
-                result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
-            result["bpd_parts"] = list(parts)
-        if hasattr(model, "log_weights"):
+        # every model has an ELBO
+        terms = retry_on_out_of_memory(
+            lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
+                                       max_decoder_elements=max(1, bound // d)), "evaluation")
+        elbo = terms["elbo"] + log_prob_offset
+        result["elbo_samples"] = elbo_samples
+        result["elbo_protocol"] = model.elbo_protocol(elbo_samples)
+        result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
+        result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
+        result["kl"], _ = mean_and_stderr(terms["kl"])
+        result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
+        # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
+        result["kl_by_group_are_kls"] = model.kl_terms_are_kls
+        result["bpd_elbo"], result["bpd_elbo_stderr"] = -result["elbo"] / bits, result["elbo_stderr"] / bits
+        # -ELBO in bits/dim, term by term: bpd_recon + sum over groups of bpd_<group> = bpd_elbo
+        parts = {"recon": -(terms["reconstruction"] + log_prob_offset)}
+        parts.update({k[3:]: v for k, v in terms.items() if k.startswith("kl/")})
+        for name, v in parts.items():
+            result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
+        result["bpd_parts"] = list(parts)
+        if isinstance(model, ImportanceWeighted):
             bounds = retry_on_out_of_memory(lambda d: iwae_by_k_per_example(
                 model, x, ks, max(1, batch_size // d), max(1, bound // d), progress), "evaluation")
             nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}
@@ -296,13 +294,13 @@ def evaluate(
             result["nll_iw"], result["nll_iw_stderr"] = result["nll_iw_by_k"][ks[-1]], result["nll_iw_stderr_by_k"][ks[-1]]
             result["bpd"], result["bpd_stderr"] = result["nll_iw"] / bits, result["nll_iw_stderr"] / bits
             result["bpd_source"] = f"IWAE, K={ks[-1]}"
-        if hasattr(model, "encode_levels"):  # encode() is the levels concatenated: count once, per level
+        if isinstance(model, Hierarchical):  # encode() is the levels concatenated: count once, per level
             by_level = active_units_by_level(model, x, batch_size)
             result["active_units_by_level"] = {name: n for name, (n, _) in by_level.items()}
             result["latent_dim_by_level"] = {name: d for name, (_, d) in by_level.items()}
             result["active_units"] = sum(result["active_units_by_level"].values())
             result["latent_dim"] = sum(result["latent_dim_by_level"].values())
-        elif hasattr(model, "encode"):
+        elif isinstance(model, Encoder):
             result["active_units"], variances = active_units(model, x, batch_size)
             result["latent_dim"] = variances.numel()
     if nll_exact is not None:

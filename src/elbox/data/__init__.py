@@ -1,0 +1,71 @@
+"""Datasets, splits, data spaces and batching.
+
+  elbox.data.formats   reading file formats: IDX (plain or gzipped), CIFAR-10 binary batches, and the
+                       images users give to `elbox score` (.npy, .npz, a folder of PNGs)
+  elbox.data.sources   the datasets (specs, registry, the synthetic dataset), where their files are
+                       found, downloads with checksums
+  elbox.data.splits    the train/validation/train-full/test splits: `load_split`
+  elbox.data.spaces    data spaces (uint8 images -> model inputs) and `iterate_batches`
+
+The names below are re-exported here. Module settings are not: patch them where they live
+(elbox.data.sources.SYSTEM_DATA_DIRS, elbox.data.sources.DOWNLOAD_TIMEOUT_S).
+"""
+
+from elbox.data.formats import CIFAR_CLASSES, read_idx
+from elbox.data.sources import (
+    CIFAR10_FILES,
+    CIFAR_BINARY,
+    DATASETS,
+    IDX,
+    IDX_FILES,
+    SYNTHETIC,
+    SYNTHETIC_SEED,
+    SYNTHETIC_SIZES,
+    DatasetSpec,
+    Opener,
+    dataset_names,
+    download_dataset,
+    find_dataset_dir,
+    get_dataset_spec,
+    user_cache_dir,
+)
+from elbox.data.spaces import (
+    DATA_SPACES,
+    BinarySpace,
+    ContinuousSpace,
+    DataSpace,
+    DiscreteSpace,
+    get_data_space,
+    iterate_batches,
+)
+from elbox.data.splits import SPLITS, clear_cache, load_split
+
+__all__ = [
+    "BinarySpace",
+    "CIFAR10_FILES",
+    "CIFAR_BINARY",
+    "CIFAR_CLASSES",
+    "ContinuousSpace",
+    "DATASETS",
+    "DATA_SPACES",
+    "DataSpace",
+    "DatasetSpec",
+    "DiscreteSpace",
+    "IDX",
+    "IDX_FILES",
+    "Opener",
+    "SPLITS",
+    "SYNTHETIC",
+    "SYNTHETIC_SEED",
+    "SYNTHETIC_SIZES",
+    "clear_cache",
+    "dataset_names",
+    "download_dataset",
+    "find_dataset_dir",
+    "get_data_space",
+    "get_dataset_spec",
+    "iterate_batches",
+    "load_split",
+    "read_idx",
+    "user_cache_dir",
+]

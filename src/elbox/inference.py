@@ -1,0 +1,110 @@
+"""Using a trained model: samples, per-image scores, features and reconstructions (the public API behind
+`elbox sample`, `score`, `encode` and `reconstruct`). Everything runs without autograd."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from elbox.data import get_data_space
+from elbox.data.formats import read_images, to_8bit_tensor
+from elbox.errors import ElboxError
+from elbox.evaluation import score_per_example
+from elbox.models.base import Encoder, LatentVariableModel, Reconstructs
+
+
+def sample_options(model: LatentVariableModel, temperature: float | list[float] = 1.0, draw: bool = False,
+                   steps: int | None = None) -> dict:
+    """The keyword arguments of model.sample() for these options; ElboxError for one the model does not take."""
+    options: dict[str, Any] = {}
+    if draw:
+        options["mean"] = False
+    if temperature not in (1.0, [1.0]):
+        options["temperature"] = temperature[0] if isinstance(temperature, list) and len(temperature) == 1 else temperature
+    if steps is not None:
+        options["steps"] = steps
+    accepted = inspect.signature(model.sample).parameters
+    names = {"mean": "draw", "temperature": "temperature", "steps": "steps"}
+    unsupported = [names[name] for name in options if name not in accepted]
+    if unsupported:
+        raise ElboxError(f"the {model.name} model's samples take no {' or '.join(unsupported)} option")
+    return options
+
+
+@torch.no_grad()
+def sample(model: LatentVariableModel, n: int = 64, *, temperature: float | list[float] = 1.0, draw: bool = False,
+           steps: int | None = None, seed: int = 0) -> Tensor:
+    """n samples [n, C, H, W] in [0, 1], on the CPU: means of p(x|z) (draw=True: draws from it). temperature
+    scales the prior's standard deviation (one value, or one per level); steps: diffusion sampling steps."""
+    options = sample_options(model, temperature, draw, steps)
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return model.sample(n, **options).clamp(0, 1).cpu()
+
+
+def user_images(model: LatentVariableModel, data: Any, seed: int) -> tuple[Tensor, list[str]]:
+    """A user's 8-bit images (a .npy/.npz file or a folder of PNGs, or an array or tensor) checked against the
+    model's data shape and put in its data space: (x, a name per image)."""
+    if isinstance(data, (str, os.PathLike)):
+        array, names = read_images(data)
+        what = f"input {data}"
+    else:
+        array = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
+        names, what = [str(i) for i in range(len(array))] if array.ndim else [], "input array"
+    images = to_8bit_tensor(array, tuple(model.config.data_shape), what)
+    return get_data_space(model.data_space).eval_data(images.to(model.device), seed=seed), names
+
+
+@torch.no_grad()
+def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
+          seed: int = 0, progress: bool = False) -> tuple[Tensor, list[str], str]:
+    """Per-image log-likelihood estimates of the 8-bit images (nats, float64 [N]), their names, and which estimate
+    it is: the exact log p(x) where the model has it, else IWAE-K, else the ELBO."""
+    x, names = user_images(model, data, seed)
+    offset = get_data_space(model.data_space).log_prob_offset(math.prod(x.shape[1:]))
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        values, estimate = score_per_example(model, x, offset, iw_samples, batch_size, elbo_samples, progress=progress)
+    return values, names, estimate
+
+
+@torch.no_grad()
+def encode(model: LatentVariableModel, data: Any, *, batch_size: int = 500, seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Posterior means ("mean" [N, d]) and, where the model has them, variances ("variance") of the images."""
+    if not isinstance(model, Encoder):
+        raise ElboxError(f"the {model.name} model has no encoder")
+    x, names = user_images(model, data, seed)
+    parts: dict[str, list[Tensor]] = {}
+    for s in range(0, x.shape[0], batch_size):
+        mean, variance = model.encode_moments(x[s : s + batch_size])
+        parts.setdefault("mean", []).append(mean.cpu())
+        if variance is not None:
+            parts.setdefault("variance", []).append(variance.cpu())
+    return {k: torch.cat(v).numpy() for k, v in parts.items()}, names
+
+
+@torch.no_grad()
+def reconstruction_grid(model: LatentVariableModel, x: Tensor, nrow: int = 8) -> Tensor:
+    """Rows alternate: nrow images of x, then their reconstructions (means of p(x | E[z|x]))."""
+    if not isinstance(model, Reconstructs):
+        raise ElboxError(f"the {model.name} model has no reconstructions (no encoder to map an image to a latent)")
+    recon = model.reconstruct(x)
+    return torch.cat([t for i in range(0, x.shape[0], nrow) for t in (x[i : i + nrow], recon[i : i + nrow])]).cpu()
+
+
+def save_features(path: str | Path, features: dict[str, np.ndarray], names: list[str]) -> None:
+    """features and names as an .npz, written atomically."""
+    import io
+
+    from elbox.atomic import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, names=np.array(names), **features)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,124 @@
+"""Training settings: TrainConfig (saved as the "train" section of a run's config.json) and the data options.
+
+Every option is declared once here, with its default, range, choices and help; `elbox train` generates its
+command line from these declarations. A model may default some training options differently
+(LatentVariableModel.train_defaults: the VAE's were chosen by time to quality, benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from elbox.bounds import IWAE_ESTIMATORS
+from elbox.data import dataset_names
+from elbox.errors import ElboxError
+from elbox.loggers import LOGGERS
+from elbox.models.base import model_class
+from elbox.options import check_options, config_from_dict, option
+
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+OBJECTIVES = ("elbo", "iwae")
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = option(10, "passes over the training set", minimum=1)
+    batch_size: int = option(128, "examples per optimizer step (the global batch under torchrun)", minimum=1)
+    lr: float = option(1e-3, "Adam learning rate", above=0)
+    seed: int = option(0, "seed of the initialization, the batches and the data randomness", minimum=0, maximum=MAX_SEED)
+    objective: str = option("elbo", "training objective: elbo (beta-weighted, optional free bits) or iwae (IWAE-K; "
+                                    "see --iw-samples, --estimator)", choices=OBJECTIVES)
+    beta: float = option(1.0, "KL weight of the elbo training objective (reports always use 1)", minimum=0)
+    beta_schedule: str = option("constant", "linear: beta rises from 0 over --warmup-epochs; cyclical: see --cycle-epochs",
+                                choices=BETA_SCHEDULES)
+    warmup_epochs: float = option(0.0, "epochs of linear beta warm-up", minimum=0)
+    cycle_epochs: float = option(0.0, "length in epochs of one cycle of the cyclical beta schedule (required with "
+                                      "--beta-schedule cyclical)", minimum=0)
+    cycle_ramp_fraction: float = option(0.5, "fraction of each cycle over which beta rises from 0 to --beta (cyclical)",
+                                        above=0, maximum=1)
+    free_bits: float = option(0.0, "floor in nats on the batch-mean KL of each latent group (the whole z for the VAE); "
+                                   "elbo objective only", minimum=0, metavar="NATS")
+    n_samples: int = option(1, "Monte Carlo samples of z per example while training", minimum=1)
+    iw_samples: int = option(1, "importance samples K per example of the iwae training objective (K=1: ELBO with a "
+                                "Monte Carlo KL)", minimum=1, metavar="K")
+    estimator: str = option("reparam", "gradient estimator of the iwae objective: reparam, stl (sticking the landing) "
+                                       "or dreg (doubly reparameterized)", choices=IWAE_ESTIMATORS)
+    max_nonfinite: int = option(20, "stop after this many non-finite steps in a row", minimum=1)
+    grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)", minimum=0)
+    grad_skip_threshold: float = option(0.0, "skip updates whose gradient norm exceeds this (counted and logged; 0: off)",
+                                        minimum=0, metavar="NORM")
+    lr_schedule: str = option("constant", "cosine: decay the learning rate to 0 over the run", choices=LR_SCHEDULES)
+    ema_decay: float = option(0.0, "keep an exponential moving average of the weights (e.g. 0.999) for validation and "
+                                   "the saved model; 0: off", minimum=0, below=1, metavar="DECAY")
+    eval_batch_size: int = option(1000, "examples per validation pass", minimum=1)
+    log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1)
+    logger: str = option("jsonl", "training curves: metrics.jsonl (jsonl), plus TensorBoard events in "
+                                  "RUN_DIR/tensorboard (tensorboard), or neither (none; they stay in the checkpoint "
+                                  "state)", choices=LOGGERS)
+    precision: str = option("fp32", "bf16: autocast the training forward pass to bfloat16 (weights, optimizer state and "
+                                    "reported bounds stay float32)", choices=PRECISIONS)
+    compile: bool = option(False, "torch.compile the training step's forward and backward (costs compilation time up "
+                                  "front; measured 0-14% faster on 2 CPU cores, see benchmarks/README.md)")
+    channels_last: bool = option(False, "convolutional models: NHWC memory layout for weights and batches (on 2 CPU "
+                                        "cores: 1.04-1.27x for the conv HVAE, none for the diffusion U-Net)")
+
+    def __post_init__(self):
+        check_options(self)
+        if self.beta_schedule == "cyclical" and self.cycle_epochs <= 0:
+            raise ElboxError(f"the cyclical beta schedule needs cycle_epochs > 0 (the length of one cycle in epochs), "
+                             f"got {self.cycle_epochs}")
+        self._check_objective_options()
+
+    def _check_objective_options(self) -> None:
+        """Reject options that the chosen objective would silently ignore."""
+        if self.objective == "iwae":
+            elbo_only = [
+                (self.beta != 1.0, f"beta={self.beta}"),
+                (self.beta_schedule != "constant", f"beta_schedule={self.beta_schedule!r}"),
+                (self.free_bits != 0.0, f"free_bits={self.free_bits}"),
+                (self.n_samples != 1, f"n_samples={self.n_samples} (use iw_samples for K)"),
+            ]
+            used = [what for is_set, what in elbo_only if is_set]
+            if used:
+                raise ElboxError(
+                    f"{', '.join(used)}: beta, its schedules, free bits and n_samples apply to the elbo objective only; "
+                    "the iwae objective has no KL term to weight"
+                )
+        elif self.iw_samples != 1 or self.estimator != "reparam":
+            raise ElboxError(
+                f"iw_samples={self.iw_samples}, estimator={self.estimator!r}: these apply to the iwae objective only; "
+                "set objective='iwae' (iw_samples=1 trains the ELBO with a Monte Carlo KL and that estimator)"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Which built-in dataset a run trains on (the "data" section of config.json adds its data space)."""
+
+    data: str = option("fashion-mnist", "built-in dataset", choices=tuple(dataset_names()))
+    data_dir: str | None = option(None, "directory with the dataset's files (else $ELBOX_DATA, the user cache, the "
+                                        "system's data packages, a download)", metavar="DIR")
+    limit_train: int | None = option(None, "use only the first N training images", minimum=1, metavar="N")
+
+    def __post_init__(self):
+        check_options(self)
+
+
+def train_defaults(model: str | type) -> dict[str, Any]:
+    """The TrainConfig values that `model` (a registered name or a model class) defaults to differently."""
+    cls = model_class(model) if isinstance(model, str) else model
+    return dict(getattr(cls, "train_defaults", {}))
+
+
+def train_config(model: str | type, values: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from the model's training defaults overridden by `values` (JSON or keyword values)."""
+    return config_from_dict(TrainConfig, {**train_defaults(model), **(values or {})}, "training settings")
+
+
+def config_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,363 @@
+"""The public Python API: fit, resume and evaluate. The command line calls these and nothing else does the work.
+
+    run = elbox.fit("vae", "fashion-mnist", epochs=5, out="runs/vae")   # or a tensor, an array, a Dataset
+    elbox.evaluate(run, "fashion-mnist", iw_samples=[1, 100])           # what `elbox evaluate` prints
+    run = elbox.resume("runs/vae")                                      # continue an interrupted run, bit for bit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from elbox.atomic import atomic_write_jsonl
+from elbox.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    load_run,
+    load_training_state,
+    read_run_config,
+    remove_stale_temporaries,
+    save_weights,
+    write_run_config,
+)
+from elbox.data import get_data_space, load_split
+from elbox.data.formats import to_8bit_tensor
+from elbox.errors import ElboxError
+from elbox.evaluation import evaluate as evaluate_on, log_prob_per_example
+from elbox.models.base import Callback, LatentVariableModel, build_model, model_class
+from elbox.plots import save_image_grid
+from elbox.options import config_from_dict, config_to_dict, short_repr
+from elbox.system import resolve_device
+from elbox.training.config import TrainConfig, config_dict, train_config
+from elbox.training.trainer import Trainer
+
+BUILTIN_VALIDATION = "last 5000 of the official training set"
+HELD_OUT_FRACTION = 0.1
+EVAL_IW_SAMPLES = (1, 10, 100, 1000)
+
+
+@dataclass
+class Run:
+    """A trained model with its history. `model` holds the weights that were validated and saved (the EMA when
+    training kept one); `history` the metrics records; `config` what config.json holds; `directory` the run
+    directory, or None when fit was given no `out`."""
+
+    model: LatentVariableModel
+    history: list[dict]
+    config: dict
+    directory: Path | None = None
+
+    def evaluate(self, data: Any = None, **options) -> dict:
+        """elbox.evaluate(self.model, data or the run's dataset, **options)."""
+        return evaluate(self, data, **options)
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
+    """(C, H, W) of one image in an array of images [N, H, W], [N, C, H, W] or [N, H, W, C] (C = 1 or 3)."""
+    if len(shape) == 3:
+        return (1, *shape[1:])
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return tuple(shape[1:])
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return (shape[3], shape[1], shape[2])
+    raise ElboxError(f"{what} has shape {short_repr(tuple(shape))}; give images as [N, H, W], [N, C, H, W] or "
+                     "[N, H, W, C] with 1 or 3 channels")
+
+
+def as_images(data: Any, what: str) -> Tensor:
+    """8-bit images uint8 [N, C, H, W] from a tensor, a NumPy array or a Dataset (of images, or of (image, label)
+    pairs): integers 0..255 or floats in [0, 1] on the 8-bit grid k/255."""
+    if isinstance(data, Dataset):
+        items = [data[i] for i in range(len(data))]
+        items = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+        if not items:
+            raise ElboxError(f"{what} is an empty Dataset")
+        data = np.stack([item.cpu().numpy() if isinstance(item, Tensor) else np.asarray(item) for item in items])
+    if isinstance(data, Tensor):
+        data = data.detach().cpu().numpy()
+    if not isinstance(data, np.ndarray):
+        raise ElboxError(f"{what}: give a built-in dataset name, a tensor, a NumPy array or a torch Dataset, "
+                         f"got {type(data).__name__}")
+    return to_8bit_tensor(data, image_shape(data.shape, what), what)
+
+
+def training_data(data: Any, validation: Any, data_dir: str | None, limit_train: int | None,
+                  seed: int) -> tuple[Tensor, Tensor, dict]:
+    """(training images, validation images, the "data" record of config.json) for a built-in dataset name, or
+    for images given in memory with a validation set given or held out at random (seeded, recorded)."""
+    if isinstance(data, str):
+        if validation is not None:
+            raise ElboxError(f"the built-in dataset {data} has its own validation split; give `validation` only with "
+                             "images given in memory")
+        train, _ = load_split(data, "train", data_dir)
+        val, _ = load_split(data, "validation", data_dir)
+        record = {"name": data, "data_dir": data_dir, "validation": BUILTIN_VALIDATION, "limit_train": limit_train}
+        return (train[:limit_train] if limit_train else train), val, record
+    images = as_images(data, "data")
+    if validation is not None:
+        val = as_images(validation, "validation data")
+        record = {"source": "images given in memory", "validation": "images given in memory"}
+    else:
+        if images.shape[0] < 2:
+            raise ElboxError(f"data has {images.shape[0]} image(s); at least 2 are needed to hold one out for validation")
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, round(HELD_OUT_FRACTION * images.shape[0]))
+        images, val = images[order[n_val:]], images[order[:n_val]]
+        record = {"source": "images given in memory",
+                  "validation": f"{n_val} images held out at random (fraction {HELD_OUT_FRACTION}, seed {seed})"}
+    if limit_train:
+        images = images[:limit_train]
+    record["limit_train"] = limit_train
+    return images, val, record
+
+
+def data_in_space(model: LatentVariableModel, data: Any, split: str, data_dir: str | None, seed: int,
+                  limit: int | None) -> tuple[Tensor, float, str]:
+    """Evaluation data in the model's data space (deterministic for the seed), its log-probability offset, and
+    a name for it."""
+    if isinstance(data, str):
+        images, _ = load_split(data, split, data_dir)
+        name = f"{data} {split}"
+    else:
+        images, name = as_images(data, "data"), "data given in memory"
+    if tuple(images.shape[1:]) != tuple(model.config.data_shape):
+        raise ElboxError(f"{name} has images of shape {tuple(images.shape[1:])}; the model takes {tuple(model.config.data_shape)}")
+    images = images[:limit] if limit else images
+    space = get_data_space(model.data_space)
+    return space.eval_data(images.to(model.device), seed=seed), space.log_prob_offset(math.prod(images.shape[1:])), name
+
+
+# -- fit ---------------------------------------------------------------------------------------------------------
+
+
+def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict]:
+    """Keyword options of fit() as (model config values, training settings); a name both declare (the mixture's
+    seed) goes to both."""
+    model_fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - model_fields - train_fields)
+    if unknown:
+        raise ElboxError(f"unknown option(s) {', '.join(unknown)} for the {model_cls.name} model; its options: "
+                         f"{', '.join(sorted(model_fields - {'data_shape'}))}; training options: {', '.join(sorted(train_fields))}")
+    return ({k: v for k, v in options.items() if k in model_fields}, {k: v for k, v in options.items() if k in train_fields})
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per process (LOCAL_RANK), gloo on
+    CPUs. Rendezvous (single machine or several) is torchrun's, through its environment variables."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def new_run_directory(out: str | os.PathLike | None) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another output directory, or "
+                         f"continue it with resume")
+    return out
+
+
+def fit(
+    model: str | LatentVariableModel = "vae",
+    data: Any = "fashion-mnist",
+    *,
+    out: str | os.PathLike | None = None,
+    validation: Any = None,
+    data_dir: str | None = None,
+    limit_train: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    callback: Callback | None = None,
+    **options: Any,
+) -> Run:
+    """Train a model (or fit it in closed form / by EM) and return the Run.
+
+    model: a registered name ("vae", "hvae", "diffusion", "linear", "gaussian", "mixture") or a model object.
+    data: a built-in dataset name, or 8-bit images as a tensor, a NumPy array or a torch Dataset (then
+      `validation` gives the validation images; without it 10 % are held out at random, seeded).
+    options: model config fields (latent_dim=16, likelihood="gaussian", ...) and TrainConfig fields (epochs=5,
+      lr=1e-3, seed=0, ...), one flat set of keywords; each defaults as declared on its dataclass.
+    out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
+    callback: called with each epoch's record (each fit record for closed-form models)."""
+    out = new_run_directory(out)
+    device = init_distributed(device)
+    if dist.is_initialized():
+        dist.barrier()  # every process has checked `out` before process 0 writes into it
+    cls = type(model) if isinstance(model, LatentVariableModel) else model_class(model)
+    model_values, train_values = split_options(cls, options)
+    config = train_config(cls, train_values)
+    train_images, val_images, data_record = training_data(data, validation, data_dir, limit_train, config.seed)
+    torch.manual_seed(config.seed)
+    if isinstance(model, LatentVariableModel):
+        if model_values:
+            raise ElboxError(f"{', '.join(model_values)}: the model is already built; set these on its config")
+    else:
+        model = cls.from_config(config_from_dict(cls.config_class, {**model_values, "data_shape": tuple(train_images.shape[1:])},
+                                                 f"{cls.name} model config"))
+    model = model.to(device)
+    space = get_data_space(model.data_space)
+    data_record["space"] = space.name
+    run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
+        "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
+    if is_main_process() and progress:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"elbox: training {model.name} ({n_params:,} parameters) on {data_record.get('name', 'your data')} "
+              f"[{space.name}] with {train_images.shape[0]} training and {val_images.shape[0]} validation images on "
+              f"{device}" + (f"; run dir {out}" if out else ""), file=sys.stderr)
+    if not model.trains_by_gradient:
+        if dist.is_initialized():
+            raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
+        history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
+        return finish(Run(model, history, run_config, out))
+    with torch.no_grad():
+        model.initialize_from_data(space.eval_data(train_images.to(device), seed=config.seed))
+    trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback)
+    if dist.is_initialized() and is_main_process():
+        world = dist.get_world_size()
+        print(f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
+              f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
+              file=sys.stderr)
+    trainer.fit()
+    return finish(Run(trainer.eval_model, trainer.records, run_config, out))
+
+
+def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
+                          out: Path | None, callback: Callback | None) -> list[dict]:
+    """Closed-form or EM fit on the (dequantized) training split. Densities of dequantized data become
+    log-probabilities of the 8-bit data (the offset is added to every record)."""
+    offset = space.log_prob_offset(math.prod(train_images.shape[1:]))
+
+    def on_record(record: dict) -> None:
+        record.update({key: record[key] + offset for key in ("log_likelihood", "elbo") if key in record})
+        record["kind"] = "fit"
+        if callback is not None:
+            callback(record)
+
+    records = model.fit(space.eval_data(train_images.to(model.device), seed=seed), callback=on_record)
+    val_x = space.eval_data(val_images.to(model.device), seed=seed)
+    with torch.no_grad():
+        val_log_likelihood = log_prob_per_example(model, val_x, 1000).mean().item() + offset
+    summary = {"kind": "epoch", "epoch": 1, "val_log_likelihood": val_log_likelihood}
+    if callback is not None:
+        callback(summary)
+    if out is not None:
+        save_weights(out / WEIGHTS_FILE, model)
+        atomic_write_jsonl(out / METRICS_FILE, [*records, summary])
+    return [*records, summary]
+
+
+def finish(run: Run) -> Run:
+    """Leave the process group; process 0 writes samples.png from the saved weights."""
+    if dist.is_initialized():
+        main_process = is_main_process()
+        dist.destroy_process_group()
+        if not main_process:
+            return run
+    if run.directory is not None:
+        with torch.no_grad():
+            save_image_grid(run.model.sample(64).clamp(0, 1).cpu(), run.directory / "samples.png")
+    return run
+
+
+def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True,
+           callback: Callback | None = None) -> Run:
+    """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU."""
+    out = Path(run_dir)
+    config = read_run_config(out)
+    device = init_distributed(device)
+    settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
+    torch.manual_seed(settings.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
+    model = build_model(config["model"], config["model_config"]).to(device)
+    if not model.trains_by_gradient:
+        raise ElboxError(f"the {model.name} model is fitted in one go; there is no training to resume")
+    data = config["data"]
+    if "name" not in data:
+        raise ElboxError(f"run {out} was trained on images given in memory; resume it from Python with the same data")
+    train_images, val_images, _ = training_data(data["name"], None, data.get("data_dir"), data.get("limit_train"), settings.seed)
+    space = get_data_space(data["space"])
+    with torch.no_grad():  # as the new run did (a restored state overwrites it)
+        model.initialize_from_data(space.eval_data(train_images.to(device), seed=settings.seed))
+    trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
+    if is_main_process():
+        remove_stale_temporaries(out)
+    if (out / STATE_FILE).exists():
+        trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
+    if trainer.start_epoch > settings.epochs:
+        raise ElboxError(f"run {out} is complete: all {settings.epochs} epochs are done")
+    if is_main_process() and progress:
+        print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
+    trainer.fit()
+    return finish(Run(trainer.eval_model, trainer.records, config, out))
+
+
+# -- evaluate ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Run | LatentVariableModel | str | os.PathLike,
+    data: Any = None,
+    *,
+    split: str = "test",
+    iw_samples: int | Sequence[int] = EVAL_IW_SAMPLES,
+    elbo_samples: int = 1,
+    limit: int | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    data_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a model (a Run, a model, or a run directory) on data: a built-in dataset name (its `split`), or
+    8-bit images as a tensor, array or Dataset; by default the run's own dataset. Returns what `elbox evaluate`
+    prints and saves: ELBO and its terms, IWAE-K NLL for each K, exact NLL, gaps, bits/dim, active units, each with
+    its standard error, in nats per example of the 8-bit data."""
+    config: dict = {}
+    if isinstance(model, (str, os.PathLike)):
+        model, config = load_run(model, resolve_device(device or "auto"))
+    elif isinstance(model, Run):
+        model, config = model.model, model.config
+    elif device is not None:
+        model = model.to(resolve_device(device))
+    if not isinstance(model, LatentVariableModel):
+        raise ElboxError(f"evaluate takes a Run, a model or a run directory, got {type(model).__name__}")
+    run_data = config.get("data", {})
+    if data is None:
+        if "name" not in run_data:
+            raise ElboxError("give the data to evaluate on: this model names no built-in dataset it was trained on")
+        data, data_dir = run_data["name"], run_data.get("data_dir")
+    x, offset, _ = data_in_space(model, data, split, data_dir, seed, limit)
+    result = evaluate_on(model, x, offset, iw_samples=list([iw_samples] if isinstance(iw_samples, int) else iw_samples),
+                         batch_size=batch_size, elbo_samples=elbo_samples, seed=seed, progress=progress)
+    result.update(split=split if isinstance(data, str) else "given", dataset=data if isinstance(data, str) else "data given in memory",
+                  data_space=model.data_space, model=model.name)
+    return result
