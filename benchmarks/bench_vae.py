@@ -4,7 +4,7 @@ Measures, in one run:
   1. the float32 matrix-product rate of this machine (square torch.mm, best of several repeats,
      measured before, between and after the phases; the best is the peak), plus the rate of the
      exact matmul shapes the VAE uses ("shape-matched" references);
-  2. one epoch of Fashion-MNIST training (55000 images, batch 128) with elbox.train.Trainer;
+  2. one epoch of Fashion-MNIST training (55000 images, batch 128) with elbox.training.trainer.Trainer;
   3. IWAE-K (default K = 5000) on the first test images with elbox.evaluation.iwae_per_example;
 and reports images/s, achieved GFLOP/s and the fraction of the square-matmul peak, writing the
 figures as JSON (default benchmarks/results/vae_<device>.json).
@@ -203,7 +203,6 @@ def build_default_vae(latent_dim: int, hidden_dims: list[int], device: torch.dev
         "architecture": "mlp",
         "activation": "relu",
         "likelihood": "bernoulli",
-        "likelihood_options": {},
     }
     return build_model("vae", config).to(device)
 

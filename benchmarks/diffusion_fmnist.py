@@ -36,7 +36,7 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 BITS = 784 * math.log(2)  # nats per image -> bits per dimension
 
 TRAIN_ARGS = [
-    "--model", "diffusion", "--schedule", "learned-linear", "--unet-channels", "16", "32", "64",
+    "--model", "diffusion", "--schedule", "learned-linear", "--channels", "16", "32", "64",
     "--batch-size", "64", "--lr", "2e-3", "--lr-schedule", "cosine",
 ]
 

@@ -1,6 +1,6 @@
 """Where the time goes in the VAE benchmark's two phases: a training epoch and an IWAE-K evaluation.
 
-Runs the real library code (elbox.train.Trainer.train_epoch and elbox.evaluation.iwae_per_example)
+Runs the real library code (elbox.training.trainer.Trainer.train_epoch and elbox.evaluation.iwae_per_example)
 with thin timing wrappers around the library's own functions and modules, and reports exclusive
 wall time per piece (a piece's time excludes the pieces nested inside it):
 
@@ -34,7 +34,7 @@ from torch import nn
 
 import elbox.bounds
 import elbox.models.vae
-import elbox.train
+import elbox.training.trainer
 from elbox.data import get_data_space, load_split
 from elbox.evaluation import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.models import build_model
@@ -200,7 +200,7 @@ def profile_training(args) -> dict:
     p.wrap(trainer.optimizer, "zero_grad", "zero_grad")
     p.wrap(torch.Tensor, "item", ".item() syncs")
     p.wrap(torch, "isfinite", "isfinite checks")
-    p.wrap(elbox.train, "iterate_batches", "iterate_batches (randperm)")
+    p.wrap(elbox.training.trainer, "iterate_batches", "iterate_batches (randperm)")
     try:
         with CpuMonitor() as monitor:
             start = time.perf_counter()

@@ -46,20 +46,20 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from elbox.cli import MODEL_CONFIG_FROM_ARGS, build_parser, fill_model_defaults, initialize_from_data, train_config_from_args
 from elbox.data import get_data_space, load_split
 from elbox.evaluation import elbo_per_example, elements_per_sample, iwae_per_example, memory_bound
-from elbox.models import build_model
+from elbox.models import LatentVariableModel, build_model
 from elbox.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
-from elbox.train import Trainer
+from elbox.training.config import train_config
+from elbox.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vae import CpuMonitor, sync  # noqa: E402  (the sibling benchmark's phase monitor)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# name: (model, extra `elbox train` options); "vae-784-512-20" is the size the issue's CPU targets name
-FAMILIES = {"vae": ("vae", ()), "vae-784-512-20": ("vae", ("--latent-dim", "20")), "hvae": ("hvae", ()),
-            "diffusion": ("diffusion", ())}
+# name: (model, model config values other than its defaults); "vae-784-512-20" is the size the issue's CPU targets name
+FAMILIES = {"vae": ("vae", {}), "vae-784-512-20": ("vae", {"latent_dim": 20}), "hvae": ("hvae", {}),
+            "diffusion": ("diffusion", {})}
 EVAL_EXAMPLES = {"vae": 500, "hvae": 4, "diffusion": 200}  # test images evaluated on a CPU; x20 on a GPU
 IW_SAMPLES = 5000
 DIFFUSION_TIME_SAMPLES = 4
@@ -105,22 +105,33 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> d
 # One family, in its own process
 
 
-def family_args(family: str, *extra: str):
-    """`elbox train --model MODEL` with the family's options and extra ones, parsed (and defaults filled) by the
-    CLI's own code."""
-    model, options = FAMILIES[family]
-    args = build_parser().parse_args(["train", "--model", model, "--out", "unused", *options, *extra])
-    fill_model_defaults(args)
-    return args
+def flags(options: dict) -> list[str]:
+    """Options {field: value} as `elbox train` flags: {"precision": "bf16"} -> ["--precision", "bf16"],
+    {"compile": True} -> ["--compile"]."""
+    out: list[str] = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + flag[2:])
+        else:
+            out += [flag, *map(str, value if isinstance(value, (list, tuple)) else [value])]
+    return out
 
 
-def build_trainer(family: str, images: torch.Tensor, val_images: torch.Tensor, device: torch.device, run_dir: str, *extra: str):
-    args = family_args(family, *extra)
-    config = train_config_from_args(args)
+def build_trainer(family: str, images: torch.Tensor, val_images: torch.Tensor, device: torch.device, run_dir: str,
+                  options: dict | None = None) -> Trainer:
+    """What `elbox train --model MODEL` builds: the family's model (its config defaults and the family's values)
+    and a Trainer with the model's training defaults and `options` (TrainConfig fields). The data-dependent
+    initialization runs only for models that have one (none of the families: their time to first step does not
+    include dequantizing or binarizing the whole training set for a no-op)."""
+    model_name, model_values = FAMILIES[family]
+    config = train_config(model_name, options)
     torch.manual_seed(config.seed)
-    model = build_model(args.model, MODEL_CONFIG_FROM_ARGS[args.model](args, tuple(images.shape[1:]))).to(device)
+    model = build_model(model_name, {**model_values, "data_shape": tuple(images.shape[1:])}).to(device)
     space = get_data_space(model.data_space)
-    initialize_from_data(model, space, images, config.seed)
+    if type(model).initialize_from_data is not LatentVariableModel.initialize_from_data:  # a data-dependent init
+        with torch.no_grad():
+            model.initialize_from_data(space.eval_data(images.to(device), seed=config.seed))
     return Trainer(model, images, val_images, space, config, run_dir, progress=False)
 
 
@@ -139,11 +150,14 @@ def step(trainer: Trainer, x: torch.Tensor) -> None:
         [v.item() for v in values.values()]  # train_epoch's per-step logging sync
 
 
-def measure_training(family, images, val_images, device, seconds, *extra, warmup: int = 3, min_steps: int = 3) -> dict:
-    """Time to first step, then steady-state images/s over `seconds` (at least min_steps, after `warmup` steps)."""
+def measure_training(family, images, val_images, device, seconds, options: dict | None = None, warmup: int = 3,
+                     min_steps: int = 3) -> dict:
+    """Time to first step, then steady-state images/s over `seconds` (at least min_steps, after `warmup` steps),
+    training with `options` (TrainConfig fields) on top of the model's training defaults."""
+    options = options or {}
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
-        trainer = build_trainer(family, images, val_images, device, run_dir, *extra)
+        trainer = build_trainer(family, images, val_images, device, run_dir, options)
         data = batches(trainer)
         step(trainer, next(data))
         sync(device)
@@ -160,7 +174,7 @@ def measure_training(family, images, val_images, device, seconds, *extra, warmup
             sync(device)
             elapsed = time.perf_counter() - start
         batch = trainer.config.batch_size
-        return {"options": " ".join(extra) or "defaults", "batch_size": batch, "steps": steps,
+        return {"options": " ".join(flags(options)) or "defaults", "batch_size": batch, "steps": steps,
                 "images_per_s": steps * batch / elapsed, "ms_per_step": 1e3 * elapsed / steps,
                 "time_to_first_step_s": first_step_s, "cpu_contention": contention(monitor)}
 
@@ -241,11 +255,11 @@ def peak_rss_gb() -> float:
 def run_family(family: str, device: torch.device, seconds: float) -> dict:
     images, _ = load_split("fashion-mnist", "train")
     val_images, _ = load_split("fashion-mnist", "validation")
-    args = family_args(family)
-    conv = args.model != "vae" or args.architecture != "mlp"
+    model_name, model_values = FAMILIES[family]
     result: dict = {"family": family, "device": device.type,
-                    "command": " ".join(["elbox train --model", args.model, *FAMILIES[family][1]])}
+                    "command": " ".join(["elbox train --model", model_name, *flags(model_values)])}
     flops, trainer = training_flops_per_image(family, images, val_images, device)
+    conv = model_name != "vae" or trainer.model.config.architecture != "mlp"
     result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
     result["train_gflop_per_image"] = flops / 1e9
     runs = [measure_training(family, images, val_images, device, seconds)]
@@ -255,12 +269,12 @@ def run_family(family: str, device: torch.device, seconds: float) -> dict:
     result["profile"] = profile_table(trainer, device)
     result["evaluation"] = measure_evaluation(family, trainer, device)
     del trainer
-    variants = [("--compile",), ("--precision", "bf16")] + ([("--channels-last",)] if conv else [])
-    for extra in variants:
-        if extra == ("--precision", "bf16") and not bf16_is_native(device):  # emulated, ~100x slower: 1 timed step
-            runs.append(measure_training(family, images, val_images, device, 0, *extra, warmup=1, min_steps=1))
+    variants = [{"compile": True}, {"precision": "bf16"}] + ([{"channels_last": True}] if conv else [])
+    for options in variants:
+        if options.get("precision") == "bf16" and not bf16_is_native(device):  # emulated, ~100x slower: 1 timed step
+            runs.append(measure_training(family, images, val_images, device, 0, options, warmup=1, min_steps=1))
         else:
-            runs.append(measure_training(family, images, val_images, device, seconds, *extra))
+            runs.append(measure_training(family, images, val_images, device, seconds, options))
     result["training"] = runs
     result["peak_rss_gb_end"] = peak_rss_gb()
     return result

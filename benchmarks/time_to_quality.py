@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from elbox import train as train_module
-from elbox.checkpoint import load_run
-from elbox.cli import load_eval_data
+import elbox
 from elbox.cli import main as elbox_main
-from elbox.evaluation import evaluate, iwae_per_example
+from elbox.evaluation import iwae_per_example
 from elbox.system import keep_freed_memory_in_heap, set_threads
+from elbox.training import trainer as trainer_module
+from elbox.training.workflows import data_in_space
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_NATS, TARGET_SECONDS = 234.0, 200.0
@@ -42,7 +42,7 @@ TARGET_NATS, TARGET_SECONDS = 234.0, 200.0
 def train_with_snapshots(options: list[str], out: Path) -> tuple[list[dict], float]:
     """`elbox train` in-process; returns per-epoch snapshots {epoch, train_s, wall_s, state} and the total wall time."""
     snapshots: list[dict] = []
-    original_save = train_module.Trainer.save
+    original_save = trainer_module.Trainer.save
     start = time.perf_counter()
 
     def save_and_snapshot(trainer, epoch, is_best):
@@ -52,11 +52,11 @@ def train_with_snapshots(options: list[str], out: Path) -> tuple[list[dict], flo
         snapshots.append({"epoch": epoch, "train_s": train_s, "wall_s": time.perf_counter() - start,
                           "val_elbo": trainer.records[-1]["val_elbo"], "state": state})
 
-    train_module.Trainer.save = save_and_snapshot
+    trainer_module.Trainer.save = save_and_snapshot
     try:
         code = elbox_main(["train", "--out", str(out), "--no-progress", *options])
     finally:
-        train_module.Trainer.save = original_save
+        trainer_module.Trainer.save = original_save
     if code != 0:
         raise SystemExit(f"elbox train failed with exit code {code}")
     return snapshots, time.perf_counter() - start
@@ -74,9 +74,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         snapshots, wall = train_with_snapshots(train_options, run_dir)
-        model, config = load_run(run_dir)
-        x, offset = load_eval_data(config, "test", None, 0, torch.device("cpu"))
-        final = evaluate(model, x, offset, iw_samples=[1, args.iw_samples], progress=True)
+        config = json.loads((run_dir / "config.json").read_text())
+        # exactly `elbox evaluate RUN_DIR --iw-samples 1 K --device cpu`
+        final = elbox.evaluate(run_dir, iw_samples=[1, args.iw_samples], device="cpu", progress=True)
+        model = elbox.load(run_dir)  # on the CPU, in eval mode
+        data = config["data"]
+        x, offset, _ = data_in_space(model, data["name"], "test", data.get("data_dir"), 0, None)
         curve = []
         last = snapshots[-1]["epoch"]
         for snap in [s for s in snapshots if s["epoch"] % args.curve_every == 0 or s["epoch"] == last]:

@@ -82,7 +82,7 @@ from elbox.data import get_data_space, load_split  # noqa: E402
 from elbox.evaluation import active_units, elbo_per_example, iwae_by_k_per_example  # noqa: E402
 from elbox.models import build_model  # noqa: E402
 from elbox.tighten import gap_split, optimize_per_example_q, refit_encoder  # noqa: E402
-from elbox.training.config import TrainConfig
+from elbox.training.config import TrainConfig  # noqa: E402
 from elbox.training.trainer import Trainer  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)

@@ -92,7 +92,7 @@ def test_impossible_values_exit_with_usage_error(argv):
 
 
 def test_console_entry_point_has_help_and_no_traceback(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "elbox", "train", "--help"], capture_output=True, text=True)
+    help_text = subprocess.run([sys.executable, "-m", "elbox", "train", "vae", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "--hidden-dims" in help_text.stdout
     failed = subprocess.run([sys.executable, "-m", "elbox", "evaluate", str(tmp_path)], capture_output=True, text=True)
     assert failed.returncode == 1

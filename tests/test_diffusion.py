@@ -17,15 +17,8 @@ from elbox.bounds import mean_and_stderr
 from elbox.cli import main
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.diffusion import (
-    SCHEDULES,
-    CosineSchedule,
-    LinearBetaSchedule,
-    alpha_sigma,
-    build_schedule,
-    encode_8bit,
-    window_half_width,
-)
+from elbox.models.diffusion import SCHEDULES, alpha_sigma, encode_8bit, window_half_width
+from elbox.models.schedules import CosineSchedule, LinearBetaSchedule, build_schedule
 
 GAMMA_MIN, GAMMA_MAX = -10.0, 6.0
 MEAN, STD = 0.1, 0.5  # the Gaussian data x ~ N(MEAN, STD^2 I)
@@ -337,7 +330,7 @@ def test_bad_input_and_odd_widths():
     for bad in (torch.full((2, *SHAPE), 1.5), torch.full((2, *SHAPE), 0.5), torch.full((2, *SHAPE), math.nan)):
         with pytest.raises(ElboxError, match="8-bit data"):
             model.elbo(bad)
-    with pytest.raises(ElboxError, match="gamma_min < gamma_max"):
+    with pytest.raises(ElboxError, match="gamma_min must be >= -30"):
         build_model("diffusion", {"data_shape": SHAPE, "gamma_min": -40.0})
 
 
@@ -353,7 +346,7 @@ def test_sampling_gives_8bit_images_with_any_number_of_steps():
 
 @pytest.mark.parametrize("bad, message", [
     ({"timesteps": -1}, "timesteps"),
-    ({"schedule": "quadratic"}, "noise schedule"),
+    ({"schedule": "quadratic"}, "unknown schedule"),
     ({"gamma_min": 5.0, "gamma_max": 1.0}, "gamma_min < gamma_max"),
     ({"parameterization": "v"}, "parameterization"),
     ({"channels": []}, "channels"),

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load, save
 
 from elbox.errors import ElboxError
-from elbox.models.base import build_model
+from elbox.models.base import ClosedFormFit, Encoder, ExactLikelihood, ImportanceWeighted, Reconstructs, build_model
 from elbox.options import config_to_dict
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 
@@ -95,7 +95,9 @@ def test_log_prob_matches_an_independent_formula(covariance):
 def test_fit_record_is_the_mean_training_log_likelihood(covariance):
     x = correlated_data()
     model = build_model("gaussian", {"data_shape": list(DATA_SHAPE), "covariance": covariance, "ridge": 0.05})
-    records = model.fit(x)
+    seen = []
+    records = model.fit(x, callback=lambda record: seen.append(dict(record)))
+    assert seen == records  # the callback gets each record as it is produced
     assert len(records) == 1 and records[0]["n_examples"] == x.shape[0]
     json.dumps(records)
     # the closed form D - ridge tr(Sigma^-1) for the mean Mahalanobis term
@@ -136,8 +138,11 @@ def test_protocol_capabilities():
     model = fitted()
     assert model.trains_by_gradient is False
     assert model.data_space == "continuous"
-    for absent in ("elbo", "log_weights", "encode"):
-        assert not hasattr(model, absent)
+    assert isinstance(model, ExactLikelihood) and isinstance(model, ClosedFormFit)
+    for absent in (ImportanceWeighted, Encoder, Reconstructs):
+        assert not isinstance(model, absent)
+    with pytest.raises(NotImplementedError):  # no latent variable: the base class's elbo is not implemented
+        model.elbo(correlated_data(n=2))
     assert isinstance(model, GaussianModel)
 
 

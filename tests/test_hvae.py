@@ -64,7 +64,7 @@ def linear_gaussian_markov(sigma_x: float = 0.5) -> MarkovHVAE:
     model = build_model(
         "hvae",
         {"hvae_type": "markov", "levels": 2, "latent_dims": [3, 2], "hidden_dims": [], "data_shape": (1, 1, 4),
-         "likelihood": "gaussian", "likelihood_options": {"sigma": sigma_x}},
+         "likelihood": "gaussian", "sigma": sigma_x},
     ).double()
     with torch.no_grad():
         model.decoders[1][-1].weight[3:].zero_()  # p(z_1|z_2): the std half does not depend on z_2

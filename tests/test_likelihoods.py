@@ -385,8 +385,8 @@ def test_build_likelihood():
     assert "poisson" in message
     for name in names:
         assert name in message
-    with pytest.raises(ElboxError, match="bernoulli"):
-        build_likelihood("bernoulli", SHAPE, sigma=0.1)  # an option it does not take
+    # a model config passes its sigma and n_mixtures to every likelihood; those a likelihood does not take are ignored
+    assert type(build_likelihood("bernoulli", SHAPE, sigma=0.1, n_mixtures=3)) is BernoulliLikelihood
     with pytest.raises(ElboxError):
         build_likelihood("discretized-logistic", SHAPE, n_mixtures=0)
 

@@ -406,7 +406,9 @@ def test_factor_analysis_em():
     x = draw_data(w_true, b_true, sigma_true, n, seed=18)
 
     model = LinearGaussian(8, 2, "diagonal").double()
-    records = model.fit(x, tolerance=1e-12, max_iterations=2000)
+    seen = []
+    records = model.fit(x, callback=lambda record: seen.append(dict(record)), tolerance=1e-12, max_iterations=2000)
+    assert seen == records  # the callback gets each EM iteration's record as it is produced
     log_liks = [r["log_likelihood"] for r in records]
     assert records[0]["iteration"] == 0 and all(r["method"] == "em" for r in records)
     assert all(b >= a - 1e-12 for a, b in zip(log_liks, log_liks[1:]))  # EM never decreases the likelihood
@@ -479,7 +481,7 @@ def test_config_and_state_dict_round_trip(tmp_path):
     assert dict(model.named_parameters()).keys() == {"W", "b", "log_sigma", "A", "c", "s"}
     exact = LinearGaussian(9, 2)
     assert dict(exact.named_parameters()).keys() == {"W", "b", "log_sigma"}
-    assert exact.log_sigma.shape == () and exact.config == LinearGaussianConfig(data_shape=(9,), latent_dim=2)
+    assert exact.log_sigma.shape == () and exact.config == LinearGaussianConfig(data_shape=(9,), latent_dim=2, encoder="exact")
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()

@@ -15,7 +15,7 @@ import elbox.models.mixture as mixture
 from elbox.bounds import iwae_bound
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example
-from elbox.models.base import build_model
+from elbox.models.base import ClosedFormFit, Encoder, ExactLikelihood, ImportanceWeighted, Reconstructs, build_model
 from elbox.options import config_to_dict
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 
@@ -98,7 +98,9 @@ def test_em_recovers_a_known_mixture(covariance):
     n = 3000
     x = separated_data(n, covs=covs)
     model = make(covariance=covariance)
-    records = model.fit(x)
+    seen = []
+    records = model.fit(x, callback=lambda record: seen.append(dict(record)))
+    assert seen == records  # the callback gets each record, "converged" included, as its iteration ends
     assert records[-1]["converged"]
     order = match_components(model.means, TRUE_MEANS)
     weights = model.log_mixing_weights.exp()[order]
@@ -272,7 +274,9 @@ def test_protocol_capabilities(fitted_5d):
     assert fitted_5d.trains_by_gradient is False
     assert fitted_5d.data_space == "continuous"
     assert isinstance(fitted_5d, GaussianMixture)
-    assert not hasattr(fitted_5d, "reconstruct")
+    for present in (ExactLikelihood, ImportanceWeighted, Encoder, ClosedFormFit):
+        assert isinstance(fitted_5d, present)
+    assert not isinstance(fitted_5d, Reconstructs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -429,8 +429,8 @@ def test_iwae_objective_needs_importance_samples(tmp_path):
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (dict(objective="vimco"), "unknown training objective"),
-        (dict(objective="iwae", estimator="rws"), "unknown IWAE gradient estimator"),
+        (dict(objective="vimco"), "unknown objective"),
+        (dict(objective="iwae", estimator="rws"), "unknown estimator"),
         (dict(objective="iwae", iw_samples=0), "iw_samples"),
         (dict(objective="iwae", iw_samples=2.5), "iw_samples"),
         (dict(free_bits=-1.0), "free_bits"),

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from elbox import evaluate as evaluate_module
+from elbox import evaluation as evaluate_module
 from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.cli import main
 from elbox.data import get_data_space, load_split

@@ -283,11 +283,11 @@ def test_config_round_trip():
         conv_channels=[8, 16],
         activation="gelu",
         likelihood="discretized-logistic",
-        likelihood_options={"n_mixtures": 2},
+        n_mixtures=2,
         min_std=1e-3,
     )
     values = config_to_dict(config)
-    assert values["latent_dim"] == 7 and values["likelihood_options"] == {"n_mixtures": 2}
+    assert values["latent_dim"] == 7 and values["n_mixtures"] == 2 and "likelihood_options" not in values
     assert config_from_dict(VAEConfig, values) == config
     # through JSON (tuples become lists)
     restored = config_from_dict(VAEConfig, json.loads(json.dumps(values)))
@@ -310,3 +310,9 @@ def test_non_integer_latent_dim_is_rejected():
 def test_null_likelihood_options_is_rejected():
     with pytest.raises(ElboxError, match="likelihood_options"):
         build_model("vae", {**small_config(), "likelihood_options": None})
+
+
+def test_likelihood_options_of_older_configs_become_fields():
+    """Configs written before sigma and n_mixtures were fields kept them in "likelihood_options"."""
+    model = build_model("vae", {**small_config(), "likelihood": "discretized-logistic", "likelihood_options": {"n_mixtures": 3}})
+    assert model.config.n_mixtures == 3 and model.likelihood.n_mixtures == 3

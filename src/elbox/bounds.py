@@ -10,6 +10,7 @@ Everything is in nats, per example. Conventions:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,21 @@ LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
+# Sample counts and sampling
+
+
+def check_count(value, name: str = "the number of samples", minimum: int = 1) -> int:
+    """value as an int >= minimum (a Python or numpy integer, not a bool); ElboxError otherwise, worded like the
+    option checks of elbox.options."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or isinstance(value, bool):
+        raise ElboxError(f"{name} must be a whole number, got {value!r}")
+    if count < minimum:
+        raise ElboxError(f"{name} must be >= {minimum}, got {count}")
+    return count
 
 
 def sample_diag_gaussian(
@@ -137,8 +152,7 @@ def gaussian_elbo(
     over n_samples reparameterized draws; the KL is analytic or the Monte Carlo estimate
     log q(z) - log p(z) on the same draws.
     """
-    if n_samples < 1:
-        raise ElboxError(f"n_samples must be >= 1, got {n_samples}")
+    check_count(n_samples, "n_samples")
     z, eps = sample_diag_gaussian(mean, std, n_samples)
     reconstruction = log_likelihood(z).mean(0)
     if analytic_kl:
@@ -167,15 +181,14 @@ def iwae_bound(
     logsumexp is accumulated in float64 across chunks, so memory is bounded and K = 5000 is exact
     to float64 rounding in the accumulation.
     """
-    if k < 1:
-        raise ElboxError(f"the number of importance samples K must be >= 1, got {k}")
+    check_count(k, "the number of importance samples K")
     return iwae_bounds(log_weights, [k], max_samples_per_pass)[k]
 
 
 def iwae(model, x: Tensor, k: int, max_samples_per_pass: int = 100) -> Tensor:
-    """IWAE_K per example [B], float64, for any model with log_weights (x encoded once where it can be)."""
-    draw = model.log_weights_sampler(x) if hasattr(model, "log_weights_sampler") else (lambda n: model.log_weights(x, n))
-    return iwae_bound(draw, k, max_samples_per_pass)
+    """IWAE_K per example [B], float64, for an ImportanceWeighted model (elbox.models.base): its
+    log_weights_sampler encodes x once where the model can."""
+    return iwae_bound(model.log_weights_sampler(x), k, max_samples_per_pass)
 
 
 def mean_and_stderr(values: Tensor) -> tuple[float, float]:

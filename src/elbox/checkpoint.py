@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
-from elbox.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from elbox.atomic import atomic_write_bytes, atomic_write_json
 from elbox.errors import ElboxError
 from elbox.models import build_model
 from elbox.models.base import LatentVariableModel

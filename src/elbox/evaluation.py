@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from elbox.bounds import iwae_bounds, mean_and_stderr
 from elbox.errors import ElboxError
-from elbox.models.base import Encoder, ExactLikelihood, Hierarchical, ImportanceWeighted, LatentVariableModel
+from elbox.models.base import (
+    Encoder,
+    ExactLikelihood,
+    Hierarchical,
+    ImportanceWeighted,
+    LatentVariableModel,
+)
 from elbox.system import available_memory_bytes
 
 ACTIVE_UNIT_THRESHOLD = 0.01

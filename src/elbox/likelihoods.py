@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
 
+from elbox.bounds import LOG_2PI
 from elbox.errors import ElboxError
+from elbox.nets import inverse_softplus
 
 NUM_LEVELS = 256  # 8-bit data
 
@@ -117,7 +119,7 @@ class GaussianLikelihood(Likelihood):
     def constant(self) -> float:
         """The additive constant of log p(x|z) that squared error leaves out, in nats."""
         num_dims = math.prod(self.data_shape)
-        return -num_dims * (math.log(self.sigma) + 0.5 * math.log(2 * math.pi))
+        return -num_dims * (math.log(self.sigma) + 0.5 * LOG_2PI)
 
     def log_prob(self, params: Tensor, x: Tensor) -> Tensor:
         mu = params.squeeze(-self.n_data_dims - 1)
@@ -143,9 +145,7 @@ class LearnedGaussianLikelihood(Likelihood):
         if not 0 <= sigma_floor < sigma_init:
             raise ElboxError(f"need 0 <= sigma_floor < sigma_init, got floor {sigma_floor}, init {sigma_init}")
         self.sigma_floor = float(sigma_floor)
-        # inverse softplus of (init - floor)
-        raw = math.log(math.expm1(sigma_init - sigma_floor))
-        self.raw_sigma = nn.Parameter(torch.full(self.data_shape, raw))
+        self.raw_sigma = nn.Parameter(torch.full(self.data_shape, inverse_softplus(sigma_init - sigma_floor)))
 
     @property
     def sigma(self) -> Tensor:
@@ -285,7 +285,7 @@ def upgrade_likelihood_options(values: dict) -> dict:
     """Config JSON of format version 1 kept the likelihood's options in a dict "likelihood_options"; they are
     fields of the model config now."""
     values = dict(values)
-    options = values.pop("likelihood_options", None) or {}
+    options = values.pop("likelihood_options", {})
     if not isinstance(options, dict) or set(options) - {"sigma", "n_mixtures"}:
         raise ElboxError(f"likelihood_options must be a JSON object with sigma and/or n_mixtures, got {options!r}")
     return {**options, **values}

@@ -26,7 +26,9 @@ class TensorBoardLog:
     """Writes elbox records and image grids as TensorBoard events."""
 
     def __init__(self, run_dir: str | Path, num_dims: int):
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # needs the tensorboard package
+        )
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
         self.bits = num_dims * math.log(2)

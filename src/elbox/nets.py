@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,6 +21,14 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def inverse_softplus(y: Tensor | float) -> Tensor | float:
+    """s with softplus(s) = log(1 + e^s) = y, for y > 0 (a tensor or a float): log(expm1(y)), computed as
+    y + log(-expm1(-y)), which neither overflows for large y nor loses digits for small y."""
+    if isinstance(y, Tensor):
+        return y + torch.log(-torch.expm1(-y))
+    return y + math.log(-math.expm1(-y))
+
+
 def activation(name: str) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ElboxError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -31,7 +40,7 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int, act: str = "relu") ->
     """in_dim -> hidden_dims... -> out_dim, with the activation between layers and none at the end."""
     layers: list[nn.Module] = []
     dims = [in_dim, *hidden_dims]
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
+    for d_in, d_out in itertools.pairwise(dims):
         layers += [nn.Linear(d_in, d_out), activation(act)]
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
@@ -61,7 +70,7 @@ def conv_decoder(
     scale = 2 ** len(channels)
     rev = list(reversed(channels))
     layers: list[nn.Module] = []
-    for c_in, c_out in zip(rev[:-1], rev[1:]):
+    for c_in, c_out in itertools.pairwise(rev):
         layers += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), activation(act)]
     layers.append(nn.ConvTranspose2d(rev[-1], out_channels, 4, stride=2, padding=1))
     return nn.Sequential(*layers), (rev[0], h // scale, w // scale)
@@ -99,24 +108,67 @@ def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
-class ConditionedResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, plus a projection of the conditioning embedding, then GroupNorm-SiLU-conv, with a
-    residual connection. The second conv starts at zero, so each block starts as the identity (or its 1x1 skip)."""
+class ResBlock(nn.Module):
+    """skip(x) + branch(x), with the branch optionally conditioned on an embedding [N, emb_dim], whose linear
+    projection is added (per channel) to the branch's activations at one point. The one residual block of
+    both model families; build it with one of its two layouts, whose submodule names are the state_dict keys
+    of saved weights:
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int):
+    ResBlock.bottleneck     VDVAE-style (Child 2021): GELU-conv 1x1, 3x3, 3x3, 1x1 (keys branch.1/3/5/7);
+                            no skip when the widths differ (a plain head, e.g. a prior or posterior head)
+    ResBlock.conditioned    DDPM-style (Ho et al. 2020): GroupNorm-SiLU-conv 3x3, + the embedding's projection,
+                            GroupNorm-SiLU-conv 3x3 (keys norm1, conv1, emb, norm2, conv2); a 1x1 conv skip
+                            when the widths differ
+    """
+
+    EMBED = "embed"  # marks, in `layers`, where the embedding's projection is added
+
+    def __init__(self) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2, self.conv2 = _group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.layers: list = []  # the branch's layers in order (the modules are registered by the layouts)
+        self.skip: nn.Module | None = None
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+    @classmethod
+    def bottleneck(cls, in_channels: int, mid_channels: int, out_channels: int, residual_scale: float = 1.0,
+                   zero_last: bool = False) -> ResBlock:
+        """out_channels != in_channels makes it a plain head (no skip). The last conv's bias starts at zero and
+        its weight at zero (zero_last) or scaled by residual_scale."""
+        block = cls()
+        block.branch = nn.Sequential(
+            nn.GELU(), nn.Conv2d(in_channels, mid_channels, 1),
+            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
+            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
+            nn.GELU(), nn.Conv2d(mid_channels, out_channels, 1),
+        )
+        last = block.branch[-1]
+        with torch.no_grad():
+            if zero_last:
+                last.weight.zero_()
+            else:
+                last.weight.mul_(residual_scale)
+            last.bias.zero_()
+        block.skip = nn.Identity() if in_channels == out_channels else None
+        block.layers = list(block.branch)
+        return block
+
+    @classmethod
+    def conditioned(cls, c_in: int, c_out: int, emb_dim: int) -> ResBlock:
+        """The second conv starts at zero, so the block starts as the identity (or its 1x1 skip)."""
+        block = cls()
+        block.norm1, block.conv1 = _group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        block.emb = nn.Linear(emb_dim, c_out)
+        block.norm2, block.conv2 = _group_norm(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(block.conv2.weight)
+        nn.init.zeros_(block.conv2.bias)
+        block.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        block.layers = [block.norm1, F.silu, block.conv1, cls.EMBED, block.norm2, F.silu, block.conv2]
+        return block
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        h = x
+        for layer in self.layers:
+            h = (h + self.emb(emb)[:, :, None, None]) if layer is self.EMBED else layer(h)
+        return h if self.skip is None else self.skip(x) + h
 
 
 class ConditionedUNet(nn.Module):
@@ -146,7 +198,7 @@ class ConditionedUNet(nn.Module):
         width = channels[0]
         for level, ch in enumerate(channels):
             for _ in range(blocks):
-                self.down.append(ConditionedResBlock(width, ch, emb_dim))
+                self.down.append(ResBlock.conditioned(width, ch, emb_dim))
                 width = ch
                 skips.append(width)
                 skip_elements += width * (h >> level) * (w >> level)
@@ -157,12 +209,12 @@ class ConditionedUNet(nn.Module):
         # activation elements per image alive at once in a forward pass without gradients: the skips kept for the
         # way up, plus a concatenation and two block temporaries at full resolution (bounds evaluation batches)
         self.activation_elements = skip_elements + 3 * 2 * channels[0] * h * w
-        self.mid = ConditionedResBlock(width, width, emb_dim)
+        self.mid = ResBlock.conditioned(width, width, emb_dim)
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for level, ch in reversed(list(enumerate(channels))):
             for _ in range(blocks + 1):
-                self.up.append(ConditionedResBlock(width + skips.pop(), ch, emb_dim))
+                self.up.append(ResBlock.conditioned(width + skips.pop(), ch, emb_dim))
                 width = ch
             if level > 0:
                 self.upsample.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(width, width, 3, padding=1)))

@@ -30,6 +30,7 @@ from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 
+
 def check_tightenable(model: LatentVariableModel) -> None:
     if not isinstance(model, Tightenable):
         raise ElboxError(f"the {model.name} model cannot be tightened: it has no amortized Gaussian encoder "

@@ -23,21 +23,19 @@ the dtype of the buffers and return it (float64 as built).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from elbox.bounds import LOG_2PI, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel, register_model
+from elbox.models.base import Callback, LatentVariableModel, register_model
 from elbox.options import check_options, option
 
 COVARIANCES = ("full", "diag")
-LOG_2PI = math.log(2 * math.pi)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,11 +84,6 @@ def gram_matrix(centered: Tensor) -> Tensor:
         a = centered.numpy()
         return torch.from_numpy(a.T @ a)
     return centered.T @ centered
-
-
-def check_n_samples(n: int) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ElboxError(f"the number of samples must be a whole number >= 1, got {n!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,8 +141,8 @@ class GaussianModel(LatentVariableModel):
     # -- fitting ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def fit(self, x: Tensor, progress: bool = False) -> list[dict]:
-        """Fit mean and covariance to all of x in closed form; returns one record.
+    def fit(self, x: Tensor, callback: Callback | None = None) -> list[dict]:
+        """Fit mean and covariance to all of x in closed form; returns one record, also passed to callback.
 
         Record: {"log_likelihood": mean log p(x_n) over x under the fitted model (nats per example,
         a density on the data space: no -D ln 256 offset), "n_examples": N, "time_s": wall time}.
@@ -192,9 +185,8 @@ class GaussianModel(LatentVariableModel):
         mean_mahalanobis = d - ridge * trace_precision
         log_likelihood = (-0.5 * (d * LOG_2PI + mean_mahalanobis) - half_log_det).item()
         record = {"log_likelihood": log_likelihood, "n_examples": n, "time_s": time.perf_counter() - start}
-        if progress:
-            print(f"gaussian fit: log-likelihood {log_likelihood:.4f} nats/example on {n} examples, "
-                  f"{record['time_s']:.2f} s", file=sys.stderr)
+        if callback is not None:
+            callback(record)
         return [record]
 
     # -- the model interface ----------------------------------------------------------------------
@@ -217,7 +209,7 @@ class GaussianModel(LatentVariableModel):
         Raw draws of the density: they are not clamped to [0, 1], because clamping would change the
         distribution. Callers clamp for display (elbox.plots does).
         """
-        check_n_samples(n)
+        check_count(n)
         self._check_fitted()
         eps = torch.randn(n, self.num_dims, generator=generator, dtype=self.mean.dtype, device=self.mean.device)
         if self.config.covariance == "full":

@@ -1,24 +1,14 @@
-"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain and the top-down ladder.
+"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain here, the top-down ladder in
+elbox.models.ladder (LadderHVAE, hvae_type="ladder"). HVAE builds either from its config.
 
-Markovian HVAE (REFERENCE.md §4; the "VAE" baseline of the LVAE paper), MLP transitions:
+Markovian HVAE (Luo 2022, "Understanding Diffusion Models: A Unified Perspective", §Hierarchical Variational
+Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP transitions:
     p(x, z_1..T) = p(z_T) prod_{t=2}^T p(z_{t-1}|z_t) p(x|z_1),   p(z_T) = N(0, I)
     q(z_1..T|x)  = q(z_1|x) prod_{t=2}^T q(z_t|z_{t-1})
   z_1 is the level next to the data. q(z_t|z_{t-1}) and p(z_t|z_{t+1}) are densities over z_t with
   different conditioning, so they cannot be paired into an analytic KL: level t < T contributes the
   single-sample estimate log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}); the top level's KL(q(z_T|z_{T-1}) || N(0, I))
   is analytic.
-
-Top-down (ladder) HVAE (REFERENCE.md §3; LVAE / VDVAE / NVAE family), convolutional:
-    p(x, z_1..L) = p(z_1) prod_{l=2}^L p(z_l|z_<l) p(x|z_<=L),   q(z_1..L|x) = prod_l q(z_l|x, z_<l)
-  z_1 is the top (coarsest) level. A deterministic bottom-up pass computes features of x at each resolution;
-  the top-down path carries a state h that starts from a learned constant. At each level the prior's
-  parameters come from h and the posterior's from h and the bottom-up features, either
-    "residual"  (NVAE):  q = N(mu_p + dmu, (sigma_p * dsigma)^2)
-    "precision" (LVAE):  1/sigma_q^2 = 1/sigma^^2 + 1/sigma_p^2,  mu_q = (mu^/sigma^^2 + mu_p/sigma_p^2) sigma_q^2
-  Both are diagonal Gaussians, so every level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) is analytic (the expectation
-  over z_<l is the single sample the top-down pass drew). Several levels may share a resolution (latent
-  groups). Initialization: every prior head's last layer is zero, so the prior starts at N(0, I) exactly,
-  and every residual branch's last layer is scaled by 1/sqrt(number of residual blocks).
 
 Both families: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
 takes a temperature per level (the standard deviations of p(z_l|.) are scaled by it).
@@ -36,6 +26,7 @@ from torch import Tensor, nn
 
 from elbox.bounds import (
     ELBOTerms,
+    check_count,
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
     kl_diag_gaussians,
@@ -44,14 +35,16 @@ from elbox.bounds import (
 )
 from elbox.errors import ElboxError
 from elbox.likelihoods import LIKELIHOODS, build_likelihood, upgrade_likelihood_options
-from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
-from elbox.nets import ACTIVATIONS, activation, apply_flat, mlp
+from elbox.models.base import (
+    LatentVariableModel,
+    per_level_temperatures,
+    register_model,
+)
+from elbox.nets import ACTIVATIONS, apply_flat, mlp
 from elbox.options import check_options, option
 
 HVAE_TYPES = ("markov", "ladder")
 POSTERIORS = ("residual", "precision")
-# softplus(0 + SOFTPLUS_ONE) = 1: a zero network output means a standard deviation (or ratio) of 1
-SOFTPLUS_ONE = math.log(math.e - 1)
 
 
 @dataclass
@@ -111,18 +104,11 @@ def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int
     """The top ceil(T/2) levels at 1/4 of the image size, the rest at 1/2 (7x7 and 14x14 for 28x28);
     factors that do not divide the image size fall back to the largest power of 2 that does (at most 4)."""
     _, h, w = data_shape
-    divides = lambda f: h % f == 0 and w % f == 0  # noqa: E731
+    divides = lambda f: h % f == 0 and w % f == 0
     coarse = next(f for f in (4, 2, 1) if divides(f))
     fine = next(f for f in (2, 1) if divides(f))
     n_coarse = math.ceil(levels / 2)
     return [coarse] * n_coarse + [fine] * (levels - n_coarse)
-
-
-def gaussian_params(raw: Tensor, min_std: float, dim: int) -> tuple[Tensor, Tensor]:
-    """Split raw network outputs into (mean, std) along `dim`; std = softplus(raw + SOFTPLUS_ONE) + min_std,
-    so a zero output is N(0, ~1)."""
-    mean, raw_std = raw.chunk(2, dim=dim)
-    return mean, F.softplus(raw_std + SOFTPLUS_ONE) + min_std
 
 
 @register_model("hvae", HVAEConfig)
@@ -134,7 +120,7 @@ class HVAE(LatentVariableModel):
         self.likelihood = build_likelihood(config.likelihood, config.data_shape, sigma=config.sigma, n_mixtures=config.n_mixtures)
 
     @classmethod
-    def from_config(cls, config: HVAEConfig) -> "HVAE":
+    def from_config(cls, config: HVAEConfig) -> HVAE:
         return (MarkovHVAE if config.hvae_type == "markov" else LadderHVAE)(config)
 
     @property
@@ -146,8 +132,7 @@ class HVAE(LatentVariableModel):
         return [f"z{i}" for i in range(1, self.config.levels + 1)]
 
     def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
-        if n_samples < 1:
-            raise ElboxError(f"n_samples must be >= 1, got {n_samples}")
+        check_count(n_samples, "n_samples")
         log_px, kl, _ = self.draw(self.prepare(x), x, n_samples)
         return ELBOTerms(reconstruction=log_px.mean(0), kl={name: v.mean(0) for name, v in kl.items()})
 
@@ -184,8 +169,7 @@ class HVAE(LatentVariableModel):
     def sample(self, n: int, mean: bool = True, temperature: float | Sequence[float] = 1.0) -> Tensor:
         """Ancestral sampling, top level first, with each level's prior standard deviation scaled by its
         temperature (one value for all levels or one per level). Returns the mean of p(x|z) or a draw."""
-        if n < 1:
-            raise ElboxError(f"the number of samples must be >= 1, got {n}")
+        check_count(n)
         params = self.ancestral_params(n, per_level_temperatures(temperature, self.config.levels))
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)
 
@@ -280,188 +264,5 @@ def _draw_like(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
     return mean + std * eps, eps
 
 
-# ----------------------------------------------------------------------------------------------
-# Ladder (top-down) HVAE
-
-
-class ResBlock(nn.Module):
-    """x + branch(x): a bottleneck of 1x1, 3x3, 3x3, 1x1 convolutions with GELU before each (VDVAE style).
-    out_channels != in_channels makes it a plain head (no skip); zero_last zero-initializes the last conv."""
-
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, residual_scale: float = 1.0, zero_last: bool = False):
-        super().__init__()
-        self.skip = in_channels == out_channels
-        self.branch = nn.Sequential(
-            nn.GELU(), nn.Conv2d(in_channels, mid_channels, 1),
-            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
-            nn.GELU(), nn.Conv2d(mid_channels, mid_channels, 3, padding=1),
-            nn.GELU(), nn.Conv2d(mid_channels, out_channels, 1),
-        )
-        last = self.branch[-1]
-        with torch.no_grad():
-            if zero_last:
-                last.weight.zero_()
-            else:
-                last.weight.mul_(residual_scale)
-            last.bias.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.branch(x) if self.skip else self.branch(x)
-
-
-class LadderLevel(nn.Module):
-    """One top-down level: prior head, posterior head, latent projection into the state, residual blocks."""
-
-    def __init__(self, config: HVAEConfig, residual_scale: float):
-        super().__init__()
-        c, zc = config.channels, config.latent_channels
-        mid = max(c // 4, 8)
-        self.prior = ResBlock(c, mid, 2 * zc, zero_last=True)
-        self.posterior = ResBlock(2 * c, mid, 2 * zc)
-        self.z_proj = nn.Conv2d(zc, c, 1)
-        with torch.no_grad():
-            self.z_proj.weight.mul_(residual_scale)
-        self.blocks = nn.Sequential(*[ResBlock(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)])
-
-
-class LadderHVAE(HVAE):
-    """Top-down hierarchical VAE on convolutional residual blocks (see the module docstring)."""
-
-    def __init__(self, config: HVAEConfig):
-        super().__init__(config)
-        cfg = config
-        c_data, h, w = cfg.data_shape
-        c = cfg.channels
-        mid = max(c // 4, 8)
-        self.factors = list(cfg.level_downsample)
-        self.resolutions = sorted(set(self.factors))  # fine to coarse
-        n_blocks = cfg.blocks_per_level * (len(self.resolutions) + cfg.levels) + cfg.levels
-        scale = 1 / math.sqrt(n_blocks)
-        self.stem = nn.Conv2d(c_data, c, 3, padding=1)
-        self.bottom_up = nn.ModuleList(
-            [nn.Sequential(*[ResBlock(c, mid, c, scale) for _ in range(cfg.blocks_per_level)]) for _ in self.resolutions]
-        )
-        top = self.factors[0]
-        self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
-        self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
-        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
-
-    @property
-    def activation_elements(self) -> int:
-        """Per-sample activation elements that bound IWAE evaluation passes: the top-down state upsampled to the
-        image size, and the same again twice over for the temporaries around it (concatenations, heads)."""
-        _, h, w = self.config.data_shape
-        return 3 * self.config.channels * h * w
-
-    # -- the two passes --------------------------------------------------------------------------
-
-    def prepare(self, x: Tensor) -> dict[int, Tensor]:
-        """Bottom-up features of x at each level resolution: {downsample factor: [B, C, H/f, W/f]}."""
-        h = self.stem(x)
-        features, factor = {}, 1
-        for target, blocks in zip(self.resolutions, self.bottom_up):
-            h = _resize(h, factor, target)
-            factor = target
-            h = blocks(h)
-            features[target] = h
-        return features
-
-    def _top_down(
-        self,
-        features: dict[int, Tensor] | None,
-        n: int,
-        batch: int,
-        pick: Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor],
-    ) -> Tensor:
-        """The top-down path for n draws of `batch` rows; returns the final state [n * batch, C, H, W].
-
-        At each level, pick(level, mu_q, std_q, mu_p, std_p) chooses z (posterior and prior parameters, the
-        posterior ones None when features is None, i.e. when sampling from the prior)."""
-        h = self.h_top.expand(n * batch, -1, -1, -1)
-        factor = self.factors[0]
-        for i, level in enumerate(self.levels_td):
-            h = _resize(h, factor, self.factors[i])
-            factor = self.factors[i]
-            mu_p, std_p = gaussian_params(level.prior(h), self.config.min_std, dim=1)
-            mu_q = std_q = None
-            if features is not None:
-                f = features[factor]
-                f = f.unsqueeze(0).expand(n, *f.shape).reshape(n * batch, *f.shape[1:])
-                mu_q, std_q = self._posterior(level.posterior(torch.cat([h, f], dim=1)), mu_p, std_p)
-            z = pick(i, mu_q, std_q, mu_p, std_p)
-            h = level.blocks(h + level.z_proj(z))
-        return _resize(h, factor, 1)
-
-    def _posterior(self, raw: Tensor, mu_p: Tensor, std_p: Tensor) -> tuple[Tensor, Tensor]:
-        a, b = gaussian_params(raw, self.config.min_std, dim=1)
-        if self.config.posterior == "residual":  # q = N(mu_p + dmu, (std_p * dsigma)^2)
-            return mu_p + a, (std_p * b).clamp_min(self.config.min_std)
-        precision_hat, precision_p = b.pow(-2), std_p.pow(-2)  # precision-weighted merge of (a, b) with the prior
-        var_q = 1 / (precision_hat + precision_p)
-        return (a * precision_hat + mu_p * precision_p) * var_q, var_q.sqrt()
-
-    def _decode_state(self, h: Tensor, batch: Sequence[int]) -> Tensor:
-        return self._params_shape(self.out(h), batch)
-
-    # -- the model interface ---------------------------------------------------------------------
-
-    def draw(self, prepared: dict[int, Tensor], x: Tensor, n: int):
-        """n draws z_1..L ~ q(z|x). Returns (log p(x|z) [n, B], analytic KL per level {name: [n, B]},
-        log weights [n, B])."""
-        batch = x.shape[0]
-        kl: dict[str, Tensor] = {}
-        log_ratio = []  # log p(z_l|z_<l) - log q(z_l|x, z_<l) per level, for the log weights
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            eps = torch.randn_like(mu_q)
-            z = mu_q + std_q * eps
-            kl[self.level_names[i]] = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1).view(n, batch)
-            log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
-            log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
-            return z
-
-        params = self._decode_state(self._top_down(prepared, n, batch, pick), (n, batch))
-        log_px = self.likelihood.log_prob(params, x)
-        return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
-
-    def level_distributions(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """(mu_q, std_q, mu_p, std_p) at every level along one posterior draw, top first (for tests and analysis)."""
-        found = []
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            found.append((mu_q, std_q, mu_p, std_p))
-            return mu_q + std_q * torch.randn_like(mu_q)
-
-        self._top_down(self.prepare(x), 1, x.shape[0], pick)
-        return found
-
-    def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        """Each level's posterior mean and variance, with the levels above it set to their posterior means:
-        {name: ([B, d_l], [B, d_l])}."""
-        moments = {}
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            moments[self.level_names[i]] = (mu_q.flatten(1), std_q.flatten(1).square())
-            return mu_q
-
-        self._top_down(self.prepare(x), 1, x.shape[0], pick)
-        return moments
-
-    def decode_from_means(self, x: Tensor) -> Tensor:
-        h = self._top_down(self.prepare(x), 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: mu_q)
-        return self._decode_state(h, (x.shape[0],))
-
-    def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            return mu_p + temperatures[i] * std_p * torch.randn_like(mu_p)
-
-        return self._decode_state(self._top_down(None, 1, n, pick), (n,))
-
-
-def _resize(h: Tensor, factor: int, target: int) -> Tensor:
-    """Move a map from 1/factor of the image size to 1/target: average pooling down, nearest upsampling up."""
-    if target > factor:
-        return F.avg_pool2d(h, target // factor)
-    if target < factor:
-        return F.interpolate(h, scale_factor=factor // target, mode="nearest")
-    return h
+# The ladder subclasses HVAE, so it is imported once HVAE exists; HVAE.from_config builds it.
+from elbox.models.ladder import LadderHVAE

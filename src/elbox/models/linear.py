@@ -32,20 +32,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import MultivariateNormal
-from tqdm.auto import tqdm
 
-from elbox.bounds import LOG_2PI, ELBOTerms, kl_full_gaussians, standard_normal_log_prob
+from elbox.bounds import (
+    LOG_2PI,
+    ELBOTerms,
+    check_count,
+    kl_full_gaussians,
+    standard_normal_log_prob,
+)
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel, register_model
+from elbox.models.base import Callback, LatentVariableModel, register_model
+from elbox.nets import inverse_softplus
 from elbox.options import check_options, option
 
 NOISE_MODELS = ("isotropic", "diagonal")
 ENCODERS = ("exact", "amortized")
 FITS = ("closed-form", "elbo")
-
-
-def _whole_number(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -64,11 +66,6 @@ class LinearGaussianConfig:
         x_dim = math.prod(self.data_shape)
         if not self.data_shape or not self.latent_dim < x_dim:
             raise ElboxError(f"latent_dim must be smaller than the data dimension {x_dim}, got {self.latent_dim}")
-
-
-def _inverse_softplus(y: Tensor) -> Tensor:
-    """s with softplus(s) = y > 0, stable for small and large y: log(expm1(y)) = y + log(-expm1(-y))."""
-    return y + torch.log(-torch.expm1(-y))
 
 
 @register_model("linear", LinearGaussianConfig)
@@ -91,8 +88,7 @@ class LinearGaussian(LatentVariableModel):
         config: LinearGaussianConfig | None = None,
     ):
         if config is None:
-            if not _whole_number(x_dim) or x_dim < 2:
-                raise ElboxError(f"x_dim must be a whole number >= 2, got {x_dim!r}")
+            check_count(x_dim, "x_dim", minimum=2)
             config = LinearGaussianConfig(data_shape=(x_dim,), latent_dim=z_dim, noise=noise, encoder=encoder)
         elif (math.prod(config.data_shape), config.latent_dim, config.noise, config.encoder) != (x_dim, z_dim, noise, encoder):
             raise ElboxError("LinearGaussian arguments disagree with its config; build it with from_config")
@@ -108,7 +104,7 @@ class LinearGaussian(LatentVariableModel):
             self.match_encoder_to_posterior()
 
     @classmethod
-    def from_config(cls, config: LinearGaussianConfig) -> "LinearGaussian":
+    def from_config(cls, config: LinearGaussianConfig) -> LinearGaussian:
         return cls(math.prod(config.data_shape), config.latent_dim, config.noise, config.encoder, config=config)
 
     @property
@@ -203,7 +199,7 @@ class LinearGaussian(LatentVariableModel):
         self.A.copy_(torch.cholesky_solve((self.W / self.noise_variance.unsqueeze(1)).T, chol_m))
         self.c.zero_()
         precision_diag = (chol_m.square()).sum(-1)  # M_ii = sum_j L_ij^2
-        self.s.copy_(_inverse_softplus(precision_diag.rsqrt()))
+        self.s.copy_(inverse_softplus(precision_diag.rsqrt()))
 
     @torch.no_grad()
     def initialize_from_data(self, x: Tensor) -> None:
@@ -223,8 +219,7 @@ class LinearGaussian(LatentVariableModel):
         every Monte Carlo estimate would converge to. For sampled values use log_weights (its mean is
         the ELBO). Differentiable in all parameters.
         """
-        if not _whole_number(n_samples) or n_samples < 1:
-            raise ElboxError(f"n_samples must be a whole number >= 1, got {n_samples!r}")
+        check_count(n_samples, "n_samples")
         r = self._flatten(x) - self.b
         mean_q, scale_q = self._q_params(r)
         cov_q = scale_q @ scale_q.T
@@ -257,8 +252,7 @@ class LinearGaussian(LatentVariableModel):
         log_q_constant = -0.5 * self.z_dim * LOG_2PI - scale_q.diagonal().log().sum()
 
         def draw(n: int) -> Tensor:
-            if not _whole_number(n) or n < 1:
-                raise ElboxError(f"the number of samples must be a whole number >= 1, got {n!r}")
+            check_count(n)
             eps = torch.randn(n, *mean_q.shape, dtype=mean_q.dtype, device=mean_q.device)
             z = mean_q + eps @ scale_q.T  # [n, B, d]
             log_px_given_z = constant - 0.5 * ((r - z @ self.W.T).square() / psi).sum(-1)
@@ -305,8 +299,7 @@ class LinearGaussian(LatentVariableModel):
 
         mean=True leaves out the observation noise (returns W z + b). Values are not clipped to [0, 1].
         """
-        if not _whole_number(n) or n < 1:
-            raise ElboxError(f"the number of samples must be a whole number >= 1, got {n!r}")
+        check_count(n)
         z = temperature * torch.randn(n, self.z_dim, dtype=self.W.dtype, device=self.W.device)
         x = z @ self.W.T + self.b
         if not mean:
@@ -319,12 +312,13 @@ class LinearGaussian(LatentVariableModel):
     def fit(
         self,
         x: Tensor,
-        progress: bool = False,
+        callback: Callback | None = None,
         max_iterations: int = 1000,
         tolerance: float = 1e-6,
         chunk_size: int = 8192,
     ) -> list[dict]:
-        """Maximum-likelihood W, b, sigma on data x [N, ...]; returns records with the mean log p(x) per example.
+        """Maximum-likelihood W, b, sigma on data x [N, ...]; returns records with the mean log p(x) per example,
+        each also passed to callback as soon as it is computed.
 
         - noise="isotropic" (PPCA): closed form (Tipping & Bishop 1999). With the sample covariance's
           eigenvalues l_1 >= ... >= l_D and eigenvectors U: b = mean, sigma^2 = mean of l_{d+1..D},
@@ -337,12 +331,10 @@ class LinearGaussian(LatentVariableModel):
         Afterwards the amortized encoder, if any, is the best diagonal q (match_encoder_to_posterior).
         The log-likelihoods are of x as given (no dequantization offset).
         """
-        if not _whole_number(max_iterations) or max_iterations < 1:
-            raise ElboxError(f"max_iterations must be a whole number >= 1, got {max_iterations!r}")
+        check_count(max_iterations, "max_iterations")
         if not tolerance >= 0:
             raise ElboxError(f"tolerance must be >= 0, got {tolerance!r}")
-        if not _whole_number(chunk_size) or chunk_size < 1:
-            raise ElboxError(f"chunk_size must be a whole number >= 1, got {chunk_size!r}")
+        check_count(chunk_size, "chunk_size")
         x = self._flatten(x, "training data", cast=False)
         if x.shape[0] < 2:
             raise ElboxError(f"training data needs at least 2 examples to fit a covariance, got {x.shape[0]}")
@@ -358,17 +350,24 @@ class LinearGaussian(LatentVariableModel):
         sigma2 = torch.clamp(eigenvalues[d:].mean(), min=floor.max())
         w = eigenvectors[:, :d] * (eigenvalues[:d] - sigma2).clamp(min=0).sqrt()
         psi = sigma2.expand(self.x_dim)
+        records: list[dict] = []
+
+        def emit(record: dict) -> None:
+            records.append(record)
+            if callback is not None:
+                callback(record)
+
         if self.config.noise == "isotropic":
-            records = [{"method": "eigendecomposition", "log_likelihood": _gaussian_mean_log_likelihood(w, psi, cov)}]
+            emit({"method": "eigendecomposition", "log_likelihood": _gaussian_mean_log_likelihood(w, psi, cov)})
         else:
             # EM from the PPCA W, with each dimension's noise = its variance left unexplained by W W^T
             psi = torch.maximum(cov.diagonal() - w.square().sum(1), floor)
             log_lik = _gaussian_mean_log_likelihood(w, psi, cov)
-            records = [{"method": "em", "iteration": 0, "log_likelihood": log_lik}]
-            for iteration in tqdm(range(1, max_iterations + 1), desc="EM", disable=not progress):
+            emit({"method": "em", "iteration": 0, "log_likelihood": log_lik})
+            for iteration in range(1, max_iterations + 1):
                 w, psi = _factor_analysis_em_step(w, psi, cov, floor)
                 new_log_lik = _gaussian_mean_log_likelihood(w, psi, cov)
-                records.append({"method": "em", "iteration": iteration, "log_likelihood": new_log_lik})
+                emit({"method": "em", "iteration": iteration, "log_likelihood": new_log_lik})
                 converged = new_log_lik - log_lik < tolerance
                 log_lik = new_log_lik
                 if converged:

@@ -43,7 +43,6 @@ an empty component).
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -53,17 +52,11 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical
 
-from elbox.bounds import ELBOTerms
+from elbox.bounds import LOG_2PI, ELBOTerms, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel, register_model
+from elbox.models.base import Callback, LatentVariableModel, register_model
+from elbox.models.gaussian import COVARIANCES, check_data_shape, flatten_data
 from elbox.options import check_options, option
-from elbox.models.gaussian import (
-    COVARIANCES,
-    LOG_2PI,
-    check_data_shape,
-    check_n_samples,
-    flatten_data,
-)
 
 INITS = ("kmeans++", "random")
 F64 = torch.float64
@@ -325,17 +318,17 @@ class GaussianMixture(LatentVariableModel):
         self._store(self._initial_params(x), shift, x.shape[0])
 
     @torch.no_grad()
-    def fit(self, x: Tensor, progress: bool = False) -> list[dict]:
-        """Run EM on all of x from theta_0 (see `initialize`); returns one record per iteration.
+    def fit(self, x: Tensor, callback: Callback | None = None) -> list[dict]:
+        """Run EM on all of x from theta_0 (see `initialize`); returns one record per iteration, each also passed
+        to callback as soon as its iteration ends.
 
         Record t: {"iteration": t, "elbo": ELBO(q_t, theta_t), the mean ELBO with q_t from the E-step
         and theta_t after the M-step, "log_likelihood": mean log p(x_n; theta_t), "time_s": seconds
         this iteration took}, nats per example (a density on the data space: no -D ln 256 offset).
         The last record also has "converged": whether EM stopped because the ELBO improved by less
-        than tol (never with tol = 0, which runs all max_iter iterations). With progress=True each record is printed to stderr.
+        than tol (never with tol = 0, which runs all max_iter iterations).
         """
         c = self.config
-        start = time.perf_counter()
         x, shift = self._centered_data(x)
         params = self._initial_params(x)
         # E-step for theta_0: log q = log p(x, z) - log p(x)
@@ -343,9 +336,6 @@ class GaussianMixture(LatentVariableModel):
         log_evidence = logsumexp_rows(joint)
         log_q = joint - log_evidence[:, None]
         log_likelihood = log_evidence.mean().item()
-        if progress:
-            print(f"mixture EM: initial log-likelihood {log_likelihood:.6f} ({time.perf_counter() - start:.2f} s)",
-                  file=sys.stderr)
         previous_elbo = log_likelihood  # = ELBO(q_1, theta_0)
         records = []
         for iteration in range(1, c.max_iter + 1):
@@ -363,15 +353,15 @@ class GaussianMixture(LatentVariableModel):
             self._warn_if_decreased(iteration, "E-step", "ELBO", elbo, "log-likelihood", log_likelihood)
             record = {"iteration": iteration, "elbo": elbo, "log_likelihood": log_likelihood,
                       "time_s": time.perf_counter() - start}
-            records.append(record)
-            if progress:
-                print(f"mixture EM: iteration {iteration:4d}  ELBO {elbo:.6f}  log-likelihood {log_likelihood:.6f}"
-                      f"  {record['time_s']:.3f} s", file=sys.stderr)
             converged = c.tol > 0 and elbo - previous_elbo < c.tol
             previous_elbo = elbo
+            if converged or iteration == c.max_iter:
+                record["converged"] = converged
+            records.append(record)
+            if callback is not None:
+                callback(record)
             if converged:
                 break
-        records[-1]["converged"] = converged
         self._store(params, shift, x.shape[0])
         return records
 
@@ -404,7 +394,7 @@ class GaussianMixture(LatentVariableModel):
         over the K values of z is summed exactly, so n_samples (>= 1) does not change anything, and
         because q is the exact posterior, elbo == log_prob(x) up to float rounding.
         """
-        check_n_samples(n_samples)
+        check_count(n_samples)
         joint, _, log_q = self._posterior_terms(x)
         q = log_q.exp()
         log_pi = self.log_mixing_weights
@@ -424,7 +414,7 @@ class GaussianMixture(LatentVariableModel):
         q = log_q.exp()
 
         def draw(n: int) -> Tensor:
-            check_n_samples(n)
+            check_count(n)
             z = torch.multinomial(q, n, replacement=True)  # [N, n]
             return log_ratio.gather(1, z).T
 
@@ -444,7 +434,7 @@ class GaussianMixture(LatentVariableModel):
         Raw draws of the density, not clamped to [0, 1] (clamping would change the distribution);
         callers clamp for display (elbox.plots does).
         """
-        check_n_samples(n)
+        check_count(n)
         self._check_fitted()
         z = torch.multinomial(self.log_mixing_weights.exp(), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.num_dims, generator=generator, dtype=self.means.dtype, device=self.means.device)

@@ -19,7 +19,6 @@ saved model.safetensors use the EMA weights.
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +30,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from elbox.checkpoint import BEST_WEIGHTS_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE, save_training_state, save_weights
 from elbox.atomic import atomic_write_jsonl
+from elbox.checkpoint import (
+    BEST_WEIGHTS_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    save_training_state,
+    save_weights,
+)
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
 from elbox.evaluation import elbo_per_example
@@ -325,15 +331,14 @@ class Trainer:
             if self.tensorboard is not None:
                 self.tensorboard.record(record)
                 self.tensorboard.images(self.eval_model, self.val_x, self.step)
-            tqdm.write(
-                f"epoch {epoch}: train ELBO {record.get('train_elbo', math.nan):.2f} "
-                f"(objective {record.get('train_objective', math.nan):.2f}), "
-                f"validation ELBO {record['val_elbo']:.2f} nats "
-                f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), "
-                f"{record['images_per_s']:.0f} img/s, skipped steps {self.skipped_steps} non-finite, "
-                f"{self.skipped_large_grad} large gradient",
-                file=sys.stderr,
-            )
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
+
+
+def epoch_summary(record: dict) -> str:
+    """One line for an epoch record of Trainer.fit."""
+    return (f"epoch {record['epoch']}: train ELBO {record.get('train_elbo', math.nan):.2f} "
+            f"(objective {record.get('train_objective', math.nan):.2f}), validation ELBO {record['val_elbo']:.2f} nats "
+            f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), {record['images_per_s']:.0f} img/s, "
+            f"skipped steps {record['skipped_steps']} non-finite, {record['skipped_large_grad']} large gradient")

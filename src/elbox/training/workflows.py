@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from elbox.atomic import atomic_write_jsonl
 from elbox.checkpoint import (
@@ -38,13 +39,14 @@ from elbox.checkpoint import (
 from elbox.data import get_data_space, load_split
 from elbox.data.formats import to_8bit_tensor
 from elbox.errors import ElboxError
-from elbox.evaluation import evaluate as evaluate_on, log_prob_per_example
+from elbox.evaluation import evaluate as evaluate_on
+from elbox.evaluation import log_prob_per_example
 from elbox.models.base import Callback, LatentVariableModel, build_model, model_class
-from elbox.plots import save_image_grid
 from elbox.options import config_from_dict, config_to_dict, short_repr
+from elbox.plots import save_image_grid
 from elbox.system import resolve_device
 from elbox.training.config import TrainConfig, config_dict, train_config
-from elbox.training.trainer import Trainer
+from elbox.training.trainer import Trainer, epoch_summary
 
 BUILTIN_VALIDATION = "last 5000 of the official training set"
 HELD_OUT_FRACTION = 0.1
@@ -183,7 +185,7 @@ def new_run_directory(out: str | os.PathLike | None) -> Path | None:
     out = Path(out)
     if (out / CONFIG_FILE).exists():
         raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another output directory, or "
-                         f"continue it with resume")
+                         f"continue it with elbox train --resume {out} (elbox.resume in Python)")
     return out
 
 
@@ -197,6 +199,7 @@ def fit(
     limit_train: int | None = None,
     device: str = "auto",
     progress: bool = True,
+    verbose: bool = True,
     callback: Callback | None = None,
     **options: Any,
 ) -> Run:
@@ -208,7 +211,9 @@ def fit(
     options: model config fields (latent_dim=16, likelihood="gaussian", ...) and TrainConfig fields (epochs=5,
       lr=1e-3, seed=0, ...), one flat set of keywords; each defaults as declared on its dataclass.
     out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
+    progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
     callback: called with each epoch's record (each fit record for closed-form models)."""
+    callback = with_summaries(callback) if verbose else callback
     out = new_run_directory(out)
     device = init_distributed(device)
     if dist.is_initialized():
@@ -229,7 +234,7 @@ def fit(
     data_record["space"] = space.name
     run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
         "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
-    if is_main_process() and progress:
+    if is_main_process() and verbose:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"elbox: training {model.name} ({n_params:,} parameters) on {data_record.get('name', 'your data')} "
               f"[{space.name}] with {train_images.shape[0]} training and {val_images.shape[0]} validation images on "
@@ -239,8 +244,7 @@ def fit(
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
         return finish(Run(model, history, run_config, out))
-    with torch.no_grad():
-        model.initialize_from_data(space.eval_data(train_images.to(device), seed=config.seed))
+    initialize_from_data(model, space, train_images, config.seed)
     trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback)
     if dist.is_initialized() and is_main_process():
         world = dist.get_world_size()
@@ -249,6 +253,30 @@ def fit(
               file=sys.stderr)
     trainer.fit()
     return finish(Run(trainer.eval_model, trainer.records, run_config, out))
+
+
+def initialize_from_data(model: LatentVariableModel, space, train_images: Tensor, seed: int) -> None:
+    """The model's data-dependent initialization, for models that have one (the whole training set is put in the
+    data space only then)."""
+    if type(model).initialize_from_data is not LatentVariableModel.initialize_from_data:
+        with torch.no_grad():
+            model.initialize_from_data(space.eval_data(train_images.to(model.device), seed=seed))
+
+
+def with_summaries(callback: Callback | None) -> Callback:
+    """The callback, after printing a one-line summary of each record to stderr (process 0 only)."""
+
+    def report(record: dict) -> None:
+        if is_main_process():
+            if record.get("kind") == "epoch" and "val_elbo" in record:
+                tqdm.write(epoch_summary(record), file=sys.stderr)
+            else:
+                tqdm.write("fit: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in record.items() if k != "kind"), file=sys.stderr)
+        if callback is not None:
+            callback(record)
+
+    return report
 
 
 def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
@@ -289,9 +317,10 @@ def finish(run: Run) -> Run:
     return run
 
 
-def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True,
+def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True, verbose: bool = True,
            callback: Callback | None = None) -> Run:
     """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU."""
+    callback = with_summaries(callback) if verbose else callback
     out = Path(run_dir)
     config = read_run_config(out)
     device = init_distributed(device)
@@ -305,8 +334,7 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
         raise ElboxError(f"run {out} was trained on images given in memory; resume it from Python with the same data")
     train_images, val_images, _ = training_data(data["name"], None, data.get("data_dir"), data.get("limit_train"), settings.seed)
     space = get_data_space(data["space"])
-    with torch.no_grad():  # as the new run did (a restored state overwrites it)
-        model.initialize_from_data(space.eval_data(train_images.to(device), seed=settings.seed))
+    initialize_from_data(model, space, train_images, settings.seed)  # as the new run did (a restored state overwrites it)
     trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
     if is_main_process():
         remove_stale_temporaries(out)
@@ -314,7 +342,7 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
         trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
     if trainer.start_epoch > settings.epochs:
         raise ElboxError(f"run {out} is complete: all {settings.epochs} epochs are done")
-    if is_main_process() and progress:
+    if is_main_process() and verbose:
         print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
     return finish(Run(trainer.eval_model, trainer.records, config, out))

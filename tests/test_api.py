@@ -1,0 +1,175 @@
+"""The public Python API and the command line generated from the config dataclasses: the README's snippet, a VAE with
+user-written networks, one default per option (command line == dataclasses), and `elbox train --config` replaying a
+run bit for bit."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import elbox
+from elbox.cli import main, train_parser
+from elbox.errors import ElboxError
+from elbox.models import MODELS, VAE, HVAEConfig, VAEConfig
+from elbox.options import option_specs
+from elbox.training.config import DataConfig, TrainConfig, train_defaults
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_snippet_runs(tmp_path, monkeypatch):
+    """The README's Python section, run as written (in a scratch directory): train, evaluate IWAE-K, sample."""
+    text = README.read_text()
+    section = text[text.index("## Python"):]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "elbox.cli" not in snippet and len([line for line in snippet.splitlines() if line.strip()]) <= 6
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    result, images = namespace["result"], namespace["images"]
+    assert result["nll_iw"] < -result["elbo"] + 1e-6 and 150 < result["nll_iw"] < 400  # nats, binarized Fashion-MNIST
+    assert images.shape == (64, 1, 28, 28) and not images.requires_grad
+    assert (tmp_path / "runs" / "vae-py" / "model.safetensors").is_file()
+
+
+class ConvEncoder(nn.Module):
+    """A user-written encoder: x [B, 1, 8, 8] -> [B, 2 * latent] (means, then pre-softplus standard deviations)."""
+
+    def __init__(self, latent: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2 * latent))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """A user-written decoder: z [B, latent] -> Bernoulli logits [B, 1, 8, 8]."""
+
+    def __init__(self, latent: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(latent, 8 * 4 * 4), nn.ReLU(), nn.Unflatten(1, (8, 4, 4)),
+                                 nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def blobs(n: int, seed: int = 0) -> torch.Tensor:
+    """8-bit 8x8 images: a bright square at a random place on a dark background."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 1, 8, 8, dtype=torch.uint8)
+    corners = torch.randint(0, 5, (n, 2), generator=g)
+    for i, (r, c) in enumerate(corners.tolist()):
+        images[i, 0, r : r + 4, c : c + 4] = 230
+    return images
+
+
+def test_vae_with_user_written_networks_trains_evaluates_and_reloads(tmp_path):
+    config = VAEConfig(data_shape=(1, 8, 8), latent_dim=2)
+    model = VAE(config, encoder=ConvEncoder(2), decoder=ConvDecoder(2))
+    run = elbox.fit(model, blobs(400), validation=blobs(100, seed=1), epochs=15, lr=3e-3, out=tmp_path / "run",
+                    progress=False, verbose=False)
+    first, last = run.history[0], [r for r in run.history if r.get("kind") == "epoch"][-1]
+    assert last["val_elbo"] > first.get("val_elbo", -1e9)  # it learned
+    result = elbox.evaluate(run, blobs(200, seed=2), iw_samples=[1, 50])
+    # IWAE-50 is at least as tight as the ELBO (the paired gap's standard error from the result itself)
+    assert result["gap_elbo_iw"] > -3 * result["gap_elbo_iw_stderr"] and result["latent_dim"] == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model_config"]
+    assert saved["encoder"].endswith("test_api:ConvEncoder") and saved["decoder"].endswith("test_api:ConvDecoder")
+    with pytest.raises(ElboxError, match="ConvEncoder"):
+        elbox.load(tmp_path / "run")  # the user's networks are named, never unpickled: they must be passed in
+    loaded = elbox.load(tmp_path / "run", encoder=ConvEncoder(2), decoder=ConvDecoder(2))
+    x = blobs(8, seed=3).float() / 255
+    torch.testing.assert_close(loaded.encode(x), run.model.eval().encode(x))
+    with pytest.raises(ElboxError, match="ConvDecoder"):
+        elbox.load(tmp_path / "run", encoder=ConvEncoder(2), decoder=ConvEncoder(2))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_command_line_agrees_with_the_config_dataclasses(name):
+    """Every option has one default: the parser of `elbox train NAME` has exactly the declared fields of the model
+    config (plus the training and data options), with the declared defaults and choices."""
+    parser, _, _ = train_parser(name, {})
+    actions = {a.dest: a for a in parser._actions}
+    expected_train = {**{s.name: s.default for s in option_specs(TrainConfig)}, **train_defaults(name)}
+    for config_class, defaults in ((TrainConfig, expected_train), (DataConfig, {}), (MODELS[name].config_class, {})):
+        for spec in option_specs(config_class):
+            if not spec.cli:
+                assert spec.name not in actions or config_class is not MODELS[name].config_class
+                continue
+            action = actions[spec.name]
+            assert spec.flag in action.option_strings
+            assert action.default == defaults.get(spec.name, spec.default), (name, spec.name)
+            if spec.choices:
+                assert action.metavar == "{" + ",".join(spec.choices) + "}"
+    declared = {s.name for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c) if s.cli}
+    generated = {a.dest for a in parser._actions if a.option_strings} - {"help", "model_flag", "config", "out", "resume",
+                                                                        "device", "no_progress", "threads"}
+    assert generated == declared
+    # options that only other models have are not offered
+    own = {s.flag for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c)}
+    others = {s.flag for m in MODELS.values() for s in option_specs(m.config_class)} - own
+    assert others and not others & set(parser._option_string_actions)
+
+
+def test_every_default_config_is_valid():
+    for cls in MODELS.values():
+        cls.config_class()
+    assert HVAEConfig(hvae_type="markov").latent_dims == [32, 16, 8]
+
+
+def test_bad_option_values_name_the_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "vae", "--latent-dim", "0", "--out", "x"])
+    assert "--latent-dim" in capsys.readouterr().err
+    assert main(["train", "vea", "--out", "x"]) == 1
+    assert "unknown model 'vea'" in capsys.readouterr().err
+    with pytest.raises(ElboxError, match="unknown option"):
+        elbox.fit("vae", blobs(20), latnet_dim=3)
+
+
+def test_train_config_replays_a_run_bit_for_bit(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    options = ["--data", "synthetic", "--epochs", "2", "--limit-train", "256", "--latent-dim", "5", "--hidden-dims", "64", "32",
+               "--lr", "2e-3", "--seed", "7", "--beta-schedule", "linear", "--warmup-epochs", "1", "--no-progress"]
+    assert main(["train", "vae", *options, "--out", str(first)]) == 0
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(second), "--no-progress"]) == 0
+    for name in ("model.safetensors", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    # a single option given beside --config overrides it
+    third = tmp_path / "c"
+    assert main(["train", "--config", str(first / "config.json"), "--epochs", "1", "--out", str(third), "--no-progress"]) == 0
+    config = json.loads((third / "config.json").read_text())
+    assert config["train"]["epochs"] == 1 and config["model_config"]["latent_dim"] == 5
+
+
+def test_fit_from_python_with_arrays_and_closed_form_models():
+    x = blobs(300).numpy()
+    records = []
+    run = elbox.fit("gaussian", x, covariance="diag", progress=False, verbose=False, callback=records.append)
+    assert run.history == records and records[-1]["kind"] == "epoch"
+    result = elbox.evaluate(run.model, blobs(50, seed=4))
+    assert result["bpd_source"] == "exact" and result["n_examples"] == 50
+    assert dataclasses.asdict(run.model.config)["covariance"] == "diag"
+    with pytest.raises(ElboxError, match="shape"):
+        elbox.evaluate(run.model, torch.zeros(3, 1, 5, 5, dtype=torch.uint8))
+
+
+def test_train_help_lists_models(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "elbox train MODEL --help" in out and "--latent-dim" not in out
+    with pytest.raises(SystemExit):
+        main(["train", "diffusion", "--help"])
+    out = capsys.readouterr().out
+    assert "--timesteps" in out and "--latent-dim" not in out
+    assert isinstance(train_parser("vae", {})[0], argparse.ArgumentParser)
