@@ -1,6 +1,6 @@
 """Likelihood benchmark: train a configuration on dynamically binarized Fashion-MNIST, then IWAE-5000.
 
-Protocol (REFERENCE.md): train on the first 55,000 official training images with dynamic binarization,
+Protocol (IWAE-5000 NLL, Burda et al. 2016): train on the first 55,000 official training images with dynamic binarization,
 validate on the last 5,000; evaluate the official 10,000 test images, binarized once with seed 0, with
 IWAE-K (K = 1, 100, 1000, 5000 from one stream of 5000 samples per image). Figures are nats per image.
 

@@ -27,25 +27,20 @@ DEFAULT_MODEL = "vae"
 RESUME_OPTIONS = {"device", "no_progress", "threads", "resume"}
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def number(kind: type, minimum: float, strict: bool = False):
+    """argparse type: a finite number of `kind` >= minimum (> minimum when strict)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+positive_int, non_negative_int, positive_float = number(int, 1), number(int, 0), number(float, 0, strict=True)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The evaluator: ELBO and its terms, the IWAE-K NLL estimate, bits/dim and active units.
 
-Protocol (see REFERENCE.md): every number is a per-example value averaged over the examples of the
+Protocol (IWAE-K of Burda et al. 2016; the -D ln 256 dequantization bound of Theis et al. 2016): every number is a per-example value averaged over the examples of the
 split, with its standard error over examples. Values are nats per example, summed over data
 dimensions; bits/dim = NLL / (D ln 2). For a continuous space (dequantized 8-bit data) the
 reported bounds include the -D ln 256 correction, so they bound the log-probability of the 8-bit
@@ -270,26 +270,26 @@ def evaluate(
             log_p = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "evaluation")
             nll_exact = -(log_p + log_prob_offset)
             result["nll_exact"], result["nll_exact_stderr"] = mean_and_stderr(nll_exact)
-        # every model has an ELBO
-        terms = retry_on_out_of_memory(
-            lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
-                                       max_decoder_elements=max(1, bound // d)), "evaluation")
-        elbo = terms["elbo"] + log_prob_offset
-        result["elbo_samples"] = elbo_samples
-        result["elbo_protocol"] = model.elbo_protocol(elbo_samples)
-        result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
-        result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
-        result["kl"], _ = mean_and_stderr(terms["kl"])
-        result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
-        # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
-        result["kl_by_group_are_kls"] = model.kl_terms_are_kls
-        result["bpd_elbo"], result["bpd_elbo_stderr"] = -result["elbo"] / bits, result["elbo_stderr"] / bits
-        # -ELBO in bits/dim, term by term: bpd_recon + sum over groups of bpd_<group> = bpd_elbo
-        parts = {"recon": -(terms["reconstruction"] + log_prob_offset)}
-        parts.update({k[3:]: v for k, v in terms.items() if k.startswith("kl/")})
-        for name, v in parts.items():
-            result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
-        result["bpd_parts"] = list(parts)
+        if isinstance(model, LowerBounded):
+            terms = retry_on_out_of_memory(
+                lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
+                                           max_decoder_elements=max(1, bound // d)), "evaluation")
+            elbo = terms["elbo"] + log_prob_offset
+            result["elbo_samples"] = elbo_samples
+            result["elbo_protocol"] = model.elbo_protocol(elbo_samples)
+            result["elbo"], result["elbo_stderr"] = mean_and_stderr(elbo)
+            result["reconstruction"], _ = mean_and_stderr(terms["reconstruction"] + log_prob_offset)
+            result["kl"], _ = mean_and_stderr(terms["kl"])
+            result["kl_by_group"] = {k[3:]: v.mean().item() for k, v in terms.items() if k.startswith("kl/")}
+            # False when some group terms are Monte Carlo log q - log p estimates, not KLs (the Markov HVAE)
+            result["kl_by_group_are_kls"] = model.kl_terms_are_kls
+            result["bpd_elbo"], result["bpd_elbo_stderr"] = -result["elbo"] / bits, result["elbo_stderr"] / bits
+            # -ELBO in bits/dim, term by term: bpd_recon + sum over groups of bpd_<group> = bpd_elbo
+            parts = {"recon": -(terms["reconstruction"] + log_prob_offset)}
+            parts.update({k[3:]: v for k, v in terms.items() if k.startswith("kl/")})
+            for name, v in parts.items():
+                result[f"bpd_{name}"], result[f"bpd_{name}_stderr"] = mean_and_stderr(v / bits)
+            result["bpd_parts"] = list(parts)
         if isinstance(model, ImportanceWeighted):
             bounds = retry_on_out_of_memory(lambda d: iwae_by_k_per_example(
                 model, x, ks, max(1, batch_size // d), max(1, bound // d), progress), "evaluation")

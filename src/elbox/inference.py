@@ -31,7 +31,7 @@ def sample_options(model: LatentVariableModel, temperature: float | list[float] 
     if steps is not None:
         options["steps"] = steps
     accepted = inspect.signature(model.sample).parameters
-    names = {"mean": "draw", "temperature": "temperature", "steps": "steps"}
+    names = {"mean": "--draw", "temperature": "--temperature", "steps": "--steps"}
     unsupported = [names[name] for name in options if name not in accepted]
     if unsupported:
         raise ElboxError(f"the {model.name} model's samples take no {' or '.join(unsupported)} option")

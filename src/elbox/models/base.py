@@ -2,13 +2,15 @@
 
 Every model subclasses LatentVariableModel and returns nats per example, summed over data dimensions:
 
-    elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example (required)
     sample(n) -> [n, *data_shape]              (required)
+    elbo(x, n_samples=1) -> ELBOTerms          differentiable, per example (every latent-variable model; the
+                                               Gaussian, which has no latent, has log_prob instead)
     data_space                                 the elbox.data space its inputs come from (required)
 
 A capability a model lacks is absent rather than faked. The optional capabilities are the Protocols below;
 the evaluator, trainer and commands dispatch with isinstance(model, Protocol):
 
+    LowerBounded         elbo(x, n_samples) -> ELBOTerms      the ELBO (every model with a latent)
     ExactLikelihood      log_prob(x) -> [B]                   exact log p(x)
     ImportanceWeighted   log_weights(x, k) -> [k, B]          log p(x, z_k) - log q(z_k|x), z_k ~ q(z|x)
     ImportanceSampled    importance_samples(x, k, ...)        draws, log weights and terms (IWAE objective)
@@ -64,9 +66,6 @@ class LatentVariableModel(nn.Module):
         """Name of the elbox.data space the model's inputs must come from."""
         raise NotImplementedError
 
-    def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
-        raise NotImplementedError
-
     def sample(self, n: int) -> Tensor:
         raise NotImplementedError
 
@@ -94,6 +93,11 @@ class LatentVariableModel(nn.Module):
         tensor = next(self.parameters(), None)
         tensor = tensor if tensor is not None else next(self.buffers(), None)
         return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@runtime_checkable
+class LowerBounded(Protocol):
+    def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms: ...
 
 
 @runtime_checkable

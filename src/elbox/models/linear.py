@@ -63,8 +63,10 @@ class LinearGaussianConfig:
 
     def __post_init__(self):
         check_options(self)
+        if not self.data_shape:
+            raise ElboxError("data_shape must name at least one dimension")
         x_dim = math.prod(self.data_shape)
-        if not self.data_shape or not self.latent_dim < x_dim:
+        if not self.latent_dim < x_dim:
             raise ElboxError(f"latent_dim must be smaller than the data dimension {x_dim}, got {self.latent_dim}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class VAEConfig:
     sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
     n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
     min_std: float = option(1e-4, "floor on the posterior standard deviation", above=0)
+    # user-written networks, by class name ("module:QualName"); "" = the built-in ones (see VAE)
+    encoder: str = option("", "class of a user-written encoder", cli=False)
+    decoder: str = option("", "class of a user-written decoder", cli=False)
 
     upgrade = staticmethod(upgrade_likelihood_options)
 
@@ -62,6 +66,21 @@ class VAEConfig:
             raise ElboxError("conv_channels must be a non-empty list of positive sizes")
 
 
+def _class_name(module: nn.Module | None, recorded: str, role: str) -> str:
+    """module:QualName of a user-written network, checked against the name a saved config records."""
+    if module is None:
+        if recorded:
+            raise ElboxError(f"this VAE was built with a user-written {role}, {recorded}; elbox never unpickles or imports "
+                             f"it: pass it again, e.g. elbox.load(run_dir, {role}={recorded.split(':')[-1]}(...), ...)")
+        return ""
+    if not isinstance(module, nn.Module):
+        raise ElboxError(f"the {role} must be a torch.nn.Module, got {type(module).__name__}")
+    name = f"{type(module).__module__}:{type(module).__qualname__}"
+    if recorded and recorded != name:
+        raise ElboxError(f"the {role} given is a {name}; this VAE was built with a {recorded}")
+    return name
+
+
 @register_model("vae", VAEConfig)
 class VAE(LatentVariableModel):
     """Single-latent VAE with an MLP or a small convolutional encoder and decoder."""
@@ -70,7 +89,14 @@ class VAE(LatentVariableModel):
     # under 200 s (benchmarks/README.md)
     train_defaults: ClassVar[dict[str, Any]] = {"epochs": 36, "lr": 3e-3, "lr_schedule": "cosine"}
 
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
+        """encoder, decoder: your own networks instead of the built-in ones. The encoder maps x [B, *data_shape] to
+        [B, 2 * latent_dim] (means, then pre-softplus standard deviations); the decoder maps z [B, latent_dim] to
+        the likelihood's parameters, any shape with num_params * prod(data_shape) values per example. The config
+        records their class names; loading a saved model takes them again (elbox.load(dir, encoder=..., decoder=...)),
+        elbox never pickles or imports them."""
+        config = dataclasses.replace(config, encoder=_class_name(encoder, config.encoder, "encoder"),
+                                     decoder=_class_name(decoder, config.decoder, "decoder"))
         super().__init__(config)
         c = config
         self.likelihood = build_likelihood(c.likelihood, c.data_shape, sigma=c.sigma, n_mixtures=c.n_mixtures)
@@ -88,6 +114,37 @@ class VAE(LatentVariableModel):
                 nn.Unflatten(-1, feature_shape),
                 deconv,
             )
+        if encoder is not None:
+            self.encoder = encoder
+        if decoder is not None:
+            self.decoder = decoder
+        if encoder is not None or decoder is not None:
+            self._check_network_shapes()
+
+    @classmethod
+    def from_config(cls, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> "VAE":
+        return cls(config, encoder=encoder, decoder=decoder)
+
+    @torch.no_grad()
+    def _check_network_shapes(self) -> None:
+        """One forward pass of two zero examples through user-written networks, to name a wrong output size now."""
+        c, modes = self.config, [(m, m.training) for m in (self.encoder, self.decoder)]
+        for m, _ in modes:
+            m.eval()
+        try:
+            ref = next(self.encoder.parameters(), torch.zeros(()))
+            h = self.encoder(torch.zeros(2, *c.data_shape, dtype=ref.dtype, device=ref.device))
+            if tuple(h.shape) != (2, 2 * c.latent_dim):
+                raise ElboxError(f"the encoder {c.encoder or 'given'} returns shape {tuple(h.shape[1:])} per batch of "
+                                 f"x {tuple(c.data_shape)}; it must return [B, 2 * latent_dim] = [B, {2 * c.latent_dim}]")
+            out = self.decoder(torch.zeros(2, c.latent_dim, dtype=ref.dtype, device=ref.device))
+            want = self.likelihood.num_params * math.prod(c.data_shape)
+            if out.shape[0] != 2 or out[0].numel() != want:
+                raise ElboxError(f"the decoder {c.decoder or 'given'} returns {out[0].numel()} values per example; the "
+                                 f"{c.likelihood} likelihood needs {want} ({self.likelihood.num_params} x {tuple(c.data_shape)})")
+        finally:
+            for m, mode in modes:
+                m.train(mode)
 
     @property
     def data_space(self) -> str:
