@@ -39,7 +39,11 @@ import torch
 from torch import nn
 
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluation import (
+    CPU_MAX_DECODER_ELEMENTS,
+    iwae_per_example,
+    samples_per_pass,
+)
 from elbox.models import build_model
 from elbox.system import keep_freed_memory_in_heap
 from elbox.training.config import TrainConfig

@@ -30,18 +30,27 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from bench_vae import (  # same folder
+    CpuMonitor,
+    contention_note,
+    linear_layers,
+    linear_matmuls,
+    shape_matched_rate,
+)
 from torch import nn
 
 import elbox.bounds
 import elbox.models.vae
 import elbox.training.trainer
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
+from elbox.evaluation import (
+    CPU_MAX_DECODER_ELEMENTS,
+    iwae_per_example,
+    samples_per_pass,
+)
 from elbox.models import build_model
 from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
-
-from bench_vae import CpuMonitor, contention_note, linear_layers, linear_matmuls, shape_matched_rate  # same folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

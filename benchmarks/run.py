@@ -47,7 +47,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import elbo_per_example, elements_per_sample, iwae_per_example, memory_bound
+from elbox.evaluation import (
+    elbo_per_example,
+    elements_per_sample,
+    iwae_per_example,
+    memory_bound,
+)
 from elbox.models import LatentVariableModel, build_model
 from elbox.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
 from elbox.training.config import train_config

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import elbox, trained_run
+
 from elbox.data import load_split
 
 

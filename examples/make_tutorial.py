@@ -422,7 +422,8 @@ def render(args: argparse.Namespace, R: dict, seconds: float) -> str:
       "y = (k + u)/256, u ~ U[0, 1). Training batches get fresh noise; the test set is dequantized once with seed "
       f"{args.seed}. Values are in **nats per example for the 8-bit image**: the log-density of y plus the correction "
       f"−D ln 256 = {off:.2f} nats, which (in expectation over the dequantization noise) is a lower bound on the "
-      "log-probability the model gives the 8-bit image (Theis et al. 2016, "A note on the evaluation of generative models"). Gaps are differences and do not depend on "
+      "log-probability the model gives the 8-bit image (Theis et al. 2016, 'A note on the evaluation of generative "
+      "models'). Gaps are differences and do not depend on "
       "the correction. Linear-model evaluations run in float64.")
     w(f"  - *closed-form*: `LinearGaussian.fit` (maximum likelihood, Tipping & Bishop) on the training split "
       "(one fixed dequantization).")

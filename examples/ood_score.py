@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from common import elbox, trained_run
+
 from elbox.data import find_dataset_dir, load_split
 from elbox.errors import ElboxError
 

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from elbox import data
-from elbox.data import DATASETS, dataset_names, find_dataset_dir, formats, load_split, sources
+from elbox.data import (
+    DATASETS,
+    dataset_names,
+    find_dataset_dir,
+    formats,
+    load_split,
+    sources,
+)
 from elbox.errors import ElboxError
 
 RECORD = 1 + 3 * 32 * 32  # label byte + 1024 red + 1024 green + 1024 blue

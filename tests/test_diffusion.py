@@ -17,7 +17,12 @@ from elbox.bounds import mean_and_stderr
 from elbox.cli import main
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.diffusion import SCHEDULES, alpha_sigma, encode_8bit, window_half_width
+from elbox.models.diffusion import (
+    SCHEDULES,
+    alpha_sigma,
+    encode_8bit,
+    window_half_width,
+)
 from elbox.models.schedules import CosineSchedule, LinearBetaSchedule, build_schedule
 
 GAMMA_MIN, GAMMA_MAX = -10.0, 6.0

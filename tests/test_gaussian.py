@@ -10,9 +10,16 @@ import torch
 from safetensors.torch import load, save
 
 from elbox.errors import ElboxError
-from elbox.models.base import ClosedFormFit, Encoder, ExactLikelihood, ImportanceWeighted, Reconstructs, build_model
-from elbox.options import config_to_dict
+from elbox.models.base import (
+    ClosedFormFit,
+    Encoder,
+    ExactLikelihood,
+    ImportanceWeighted,
+    Reconstructs,
+    build_model,
+)
 from elbox.models.gaussian import GaussianConfig, GaussianModel
+from elbox.options import config_to_dict
 
 DATA_SHAPE = (1, 2, 3)  # D = 6
 D = 6

@@ -15,7 +15,7 @@ from elbox.cli import main
 from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.evaluation import elbo_per_example, evaluate, iwae_by_k_per_example
-from elbox.models import VAE, LadderHVAE, MarkovHVAE, build_model
+from elbox.models import LadderHVAE, MarkovHVAE, build_model
 from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 

@@ -17,8 +17,11 @@ from elbox.bounds import iwae_bound, kl_full_gaussians
 from elbox.checkpoint import load_weights, save_weights
 from elbox.errors import ElboxError
 from elbox.models.base import build_model
+from elbox.models.linear import (  # registers "linear"
+    LinearGaussian,
+    LinearGaussianConfig,
+)
 from elbox.options import config_to_dict
-from elbox.models.linear import LinearGaussian, LinearGaussianConfig  # registers "linear"
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)

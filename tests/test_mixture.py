@@ -15,9 +15,16 @@ import elbox.models.mixture as mixture
 from elbox.bounds import iwae_bound
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example
-from elbox.models.base import ClosedFormFit, Encoder, ExactLikelihood, ImportanceWeighted, Reconstructs, build_model
-from elbox.options import config_to_dict
+from elbox.models.base import (
+    ClosedFormFit,
+    Encoder,
+    ExactLikelihood,
+    ImportanceWeighted,
+    Reconstructs,
+    build_model,
+)
 from elbox.models.mixture import GaussianMixture, MixtureConfig
+from elbox.options import config_to_dict
 
 F64 = torch.float64
 TRUE_WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)

@@ -27,7 +27,11 @@ from elbox.errors import ElboxError
 from elbox.models import build_model
 from elbox.models.base import LatentVariableModel
 from elbox.training.config import TrainConfig
-from elbox.training.objectives import beta_at, elbo_training_objective, iwae_training_objective
+from elbox.training.objectives import (
+    beta_at,
+    elbo_training_objective,
+    iwae_training_objective,
+)
 from elbox.training.trainer import Trainer
 
 F64 = torch.float64

@@ -19,7 +19,12 @@ from PIL import Image
 
 from elbox.checkpoint import load_training_state, load_weights, read_json
 from elbox.cli import main
-from elbox.data.formats import _parse_cifar_batch, _parse_idx, read_images, to_8bit_tensor
+from elbox.data.formats import (
+    _parse_cifar_batch,
+    _parse_idx,
+    read_images,
+    to_8bit_tensor,
+)
 from elbox.errors import ElboxError
 from elbox.evaluation import retry_on_out_of_memory
 from elbox.models import build_model

@@ -15,7 +15,12 @@ from elbox import evaluation as evaluate_module
 from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.cli import main
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import elbo_per_example, examples_progress, iwae_per_example, memory_bound
+from elbox.evaluation import (
+    elbo_per_example,
+    examples_progress,
+    iwae_per_example,
+    memory_bound,
+)
 from elbox.models import build_model
 from elbox.system import bf16_is_native, set_threads
 from elbox.training.config import TrainConfig

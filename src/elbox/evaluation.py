@@ -1,7 +1,7 @@
 """The evaluator: ELBO and its terms, the IWAE-K NLL estimate, bits/dim and active units.
 
-Protocol (IWAE-K of Burda et al. 2016; the -D ln 256 dequantization bound of Theis et al. 2016): every number is a per-example value averaged over the examples of the
-split, with its standard error over examples. Values are nats per example, summed over data
+Protocol (IWAE-K of Burda et al. 2016; the -D ln 256 dequantization bound of Theis et al. 2016): every number is
+a per-example value averaged over the examples of the split, with its standard error over examples. Values are nats per example, summed over data
 dimensions; bits/dim = NLL / (D ln 2). For a continuous space (dequantized 8-bit data) the
 reported bounds include the -D ln 256 correction, so they bound the log-probability of the 8-bit
 data. The ELBO is always reported with beta = 1.
@@ -26,6 +26,7 @@ from elbox.models.base import (
     Hierarchical,
     ImportanceWeighted,
     LatentVariableModel,
+    LowerBounded,
 )
 from elbox.system import available_memory_bytes
 

@@ -14,6 +14,7 @@ Data the likelihoods expect (see `elbox.data` data spaces; every space lies in [
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch.distributions import Categorical, Normal
 from elbox.bounds import LOG_2PI
 from elbox.errors import ElboxError
 from elbox.nets import inverse_softplus
+from elbox.options import option
 
 NUM_LEVELS = 256  # 8-bit data
 
@@ -279,6 +281,24 @@ def build_likelihood(name: str, data_shape: tuple[int, ...], sigma: float = 0.1,
         raise ElboxError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
     given = {"sigma": sigma, "n_mixtures": n_mixtures}
     return LIKELIHOODS[name](data_shape, **{key: given[key] for key in LIKELIHOOD_OPTIONS.get(name, ())})
+
+
+@dataclass
+class LikelihoodOptions:
+    """The likelihood options of a model config (VAEConfig and HVAEConfig subclass it; they have data_shape)."""
+
+    likelihood: str = option("bernoulli", "p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
+                             "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit",
+                             choices=tuple(LIKELIHOODS))
+    sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
+    n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
+
+    @staticmethod
+    def upgrade(values: dict) -> dict:
+        return upgrade_likelihood_options(values)
+
+    def build_likelihood(self) -> Likelihood:
+        return build_likelihood(self.likelihood, self.data_shape, sigma=self.sigma, n_mixtures=self.n_mixtures)
 
 
 def upgrade_likelihood_options(values: dict) -> dict:

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbox.data import formats  # readers looked up at call time, so a patch of elbox.data.formats sees every read
+from elbox.data import (
+    formats,  # readers looked up at call time, so a patch of elbox.data.formats sees every read
+)
 from elbox.data.sources import (
     CIFAR_BINARY,
     IDX,

@@ -3,7 +3,8 @@
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
 from elbox.models.diffusion import DiffusionConfig, DiffusionModel
 from elbox.models.gaussian import GaussianConfig, GaussianModel
-from elbox.models.hvae import HVAE, HVAEConfig, LadderHVAE, MarkovHVAE
+from elbox.models.hvae import HVAE, HVAEConfig, MarkovHVAE
+from elbox.models.ladder import LadderHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.vae import VAE, VAEConfig

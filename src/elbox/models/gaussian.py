@@ -101,8 +101,20 @@ class GaussianConfig:
         check_data_shape(self.data_shape)
 
 
+class ContinuousDensity(LatentVariableModel):
+    """Base of the models with an exact density on the dequantized data (the Gaussian and the mixture)."""
+
+    @property
+    def data_space(self) -> str:
+        return "continuous"
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.config.data_shape)
+
+
 @register_model("gaussian", GaussianConfig)
-class GaussianModel(LatentVariableModel):
+class GaussianModel(ContinuousDensity):
     """One Gaussian over the flattened data, fitted in closed form by `fit(x)`.
 
     Buffers (float64): `mean` [D]; `scale_tril` [D, D], the Cholesky factor of Sigma
@@ -122,14 +134,6 @@ class GaussianModel(LatentVariableModel):
         else:
             self.register_buffer("std", torch.ones(d, dtype=f64))
         self.register_buffer("fitted_examples", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def data_space(self) -> str:
-        return "continuous"
-
-    @property
-    def num_dims(self) -> int:
-        return math.prod(self.config.data_shape)
 
     def _flatten(self, x: Tensor) -> Tensor:
         return flatten_data(x, self.config.data_shape, "gaussian").to(self.mean)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from elbox.bounds import (
     standard_normal_log_prob,
 )
 from elbox.errors import ElboxError
-from elbox.likelihoods import LIKELIHOODS, build_likelihood, upgrade_likelihood_options
+from elbox.likelihoods import LikelihoodOptions
 from elbox.models.base import (
     LatentVariableModel,
     per_level_temperatures,
@@ -48,15 +49,10 @@ POSTERIORS = ("residual", "precision")
 
 
 @dataclass
-class HVAEConfig:
+class HVAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", minimum=1, cli=False)
     hvae_type: str = option("ladder", "markov (bottom-up MLP chain) or ladder (top-down, convolutional)", choices=HVAE_TYPES)
     levels: int = option(3, "number of latent levels", minimum=1, metavar="T")
-    likelihood: str = option("bernoulli", "p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
-                             "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit",
-                             choices=tuple(LIKELIHOODS))
-    sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
-    n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
     activation: str = option("relu", "markov: activation of the MLPs (the ladder's residual blocks use GELU)",
                              choices=tuple(ACTIVATIONS))
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
@@ -70,8 +66,6 @@ class HVAEConfig:
     level_downsample: list[int] = option(help="ladder: per level, top first, image size / latent map size (default: "
                                               "top half 4, rest 2)", factory=list, minimum=1, metavar="F")
     posterior: str = option("residual", "ladder: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
-
-    upgrade = staticmethod(upgrade_likelihood_options)
 
     def __post_init__(self):
         check_options(self)
@@ -113,15 +107,24 @@ def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int
 
 @register_model("hvae", HVAEConfig)
 class HVAE(LatentVariableModel):
-    """Hierarchical VAE: builds a MarkovHVAE or a LadderHVAE from the config's hvae_type."""
+    """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, LadderHVAE)."""
+
+    hvae_type: ClassVar[str] = ""
+    types: ClassVar[dict[str, type[HVAE]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        HVAE.types[cls.hvae_type] = cls
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
-        self.likelihood = build_likelihood(config.likelihood, config.data_shape, sigma=config.sigma, n_mixtures=config.n_mixtures)
+        self.likelihood = config.build_likelihood()
 
     @classmethod
     def from_config(cls, config: HVAEConfig) -> HVAE:
-        return (MarkovHVAE if config.hvae_type == "markov" else LadderHVAE)(config)
+        if config.hvae_type not in HVAE.types:  # the ladder registers when elbox.models (or .ladder) is imported
+            raise ElboxError(f"no HVAE class for hvae_type {config.hvae_type!r}; import elbox.models")
+        return HVAE.types[config.hvae_type](config)
 
     @property
     def data_space(self) -> str:
@@ -180,6 +183,8 @@ class HVAE(LatentVariableModel):
 
 class MarkovHVAE(HVAE):
     """Bottom-up Markov chain of T diagonal-Gaussian levels with MLP transitions."""
+
+    hvae_type = "markov"
 
     # the per-level terms below the top are single-sample estimates of E[log q - log p], not KLs: they can be
     # negative, and a free-bits floor on them would cut the gradient of the prior transitions
@@ -262,7 +267,3 @@ def _draw_like(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
     """One reparameterized draw per row of already-sampled parameters: (z, eps), same shape as mean."""
     eps = torch.randn_like(mean)
     return mean + std * eps, eps
-
-
-# The ladder subclasses HVAE, so it is imported once HVAE exists; HVAE.from_config builds it.
-from elbox.models.ladder import LadderHVAE

@@ -61,6 +61,8 @@ class LadderLevel(nn.Module):
 class LadderHVAE(HVAE):
     """Top-down hierarchical VAE on convolutional residual blocks (see the module docstring)."""
 
+    hvae_type = "ladder"
+
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
         cfg = config

@@ -54,8 +54,13 @@ from torch.distributions import Categorical
 
 from elbox.bounds import LOG_2PI, ELBOTerms, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import Callback, LatentVariableModel, register_model
-from elbox.models.gaussian import COVARIANCES, check_data_shape, flatten_data
+from elbox.models.base import Callback, register_model
+from elbox.models.gaussian import (
+    COVARIANCES,
+    ContinuousDensity,
+    check_data_shape,
+    flatten_data,
+)
 from elbox.options import check_options, option
 
 INITS = ("kmeans++", "random")
@@ -217,7 +222,7 @@ def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
 
 
 @register_model("mixture", MixtureConfig)
-class GaussianMixture(LatentVariableModel):
+class GaussianMixture(ContinuousDensity):
     """Mixture of K Gaussians over the flattened data, with a categorical latent z; fitted by `fit(x)`.
 
     Buffers (float64): `log_mixing_weights` (log pi) [K], `means` [K, D], and `scale_tril` [K, D, D],
@@ -241,14 +246,6 @@ class GaussianMixture(LatentVariableModel):
         else:
             self.register_buffer("variances", torch.ones(k, d, dtype=F64))
         self.register_buffer("fitted_examples", torch.zeros((), dtype=torch.int64))
-
-    @property
-    def data_space(self) -> str:
-        return "continuous"
-
-    @property
-    def num_dims(self) -> int:
-        return math.prod(self.config.data_shape)
 
     # -- parameters ---------------------------------------------------------------------------
 

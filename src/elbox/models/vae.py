@@ -24,7 +24,7 @@ from elbox.bounds import (
     standard_normal_log_prob,
 )
 from elbox.errors import ElboxError
-from elbox.likelihoods import LIKELIHOODS, build_likelihood, upgrade_likelihood_options
+from elbox.likelihoods import LikelihoodOptions
 from elbox.models.base import (
     LatentVariableModel,
     per_level_temperatures,
@@ -37,7 +37,7 @@ ARCHITECTURES = ("mlp", "conv")
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", minimum=1, cli=False)
     latent_dim: int = option(32, "latent dimensions", minimum=1)
     hidden_dims: list[int] = option(help="hidden layer widths of the encoder's MLP (the decoder mirrors them; after "
@@ -46,17 +46,10 @@ class VAEConfig:
     conv_channels: list[int] = option(help="conv architecture: channels of each strided convolution",
                                       factory=lambda: [32, 64], minimum=1, metavar="C")
     activation: str = option("relu", "activation function", choices=tuple(ACTIVATIONS))
-    likelihood: str = option("bernoulli", "p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
-                             "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit",
-                             choices=tuple(LIKELIHOODS))
-    sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
-    n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
     min_std: float = option(1e-4, "floor on the posterior standard deviation", above=0)
     # user-written networks, by class name ("module:QualName"); "" = the built-in ones (see VAE)
     encoder: str = option("", "class of a user-written encoder", cli=False)
     decoder: str = option("", "class of a user-written decoder", cli=False)
-
-    upgrade = staticmethod(upgrade_likelihood_options)
 
     def __post_init__(self):
         check_options(self)
@@ -99,7 +92,7 @@ class VAE(LatentVariableModel):
                                      decoder=_class_name(decoder, config.decoder, "decoder"))
         super().__init__(config)
         c = config
-        self.likelihood = build_likelihood(c.likelihood, c.data_shape, sigma=c.sigma, n_mixtures=c.n_mixtures)
+        self.likelihood = c.build_likelihood()
         num_dims = math.prod(c.data_shape)
         n_params = self.likelihood.num_params
         if c.architecture == "mlp":

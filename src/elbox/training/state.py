@@ -4,7 +4,7 @@ as one safetensors file with the JSON in its metadata)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -14,11 +14,8 @@ from elbox.errors import ElboxError
 from elbox.options import config_from_dict
 from elbox.training.config import TrainConfig, config_dict
 
-if TYPE_CHECKING:
-    from elbox.training.trainer import Trainer
 
-
-def pack_training_state(trainer: "Trainer", epoch: int) -> tuple[dict[str, Tensor], dict]:
+def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], dict]:
     """Everything a resumed run needs to continue bit for bit: (tensors, JSON-ready state)."""
     tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     if trainer.ema is not None:
@@ -44,7 +41,7 @@ def pack_training_state(trainer: "Trainer", epoch: int) -> tuple[dict[str, Tenso
     }
     return tensors, state
 
-def unpack_training_state(trainer: "Trainer", tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
+def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
     """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
     def part(prefix: str) -> dict[str, Tensor]:
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
