@@ -29,7 +29,8 @@ from elbox.models import build_model
 from elbox.models.base import LatentVariableModel
 from elbox.options import config_to_dict
 
-FORMAT_VERSION = 1
+# 2: likelihood options are model-config fields (sigma, n_mixtures); version 1 configs are upgraded on load
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"

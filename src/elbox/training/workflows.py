@@ -226,6 +226,9 @@ def fit(
     if isinstance(model, LatentVariableModel):
         if model_values:
             raise ElboxError(f"{', '.join(model_values)}: the model is already built; set these on its config")
+        if tuple(model.config.data_shape) != tuple(train_images.shape[1:]):
+            raise ElboxError(f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has "
+                             f"{tuple(train_images.shape[1:])}")
     else:
         model = cls.from_config(config_from_dict(cls.config_class, {**model_values, "data_shape": tuple(train_images.shape[1:])},
                                                  f"{cls.name} model config"))
