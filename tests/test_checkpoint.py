@@ -26,11 +26,11 @@ from elbox.checkpoint import (
     save_training_state,
 )
 from elbox.cli import main
-from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
+
+from conftest import make_trainer
 
 TIMING_KEYS = ("images_per_s", "epoch_time_s")
 
@@ -41,14 +41,13 @@ MODELS = {
 }
 
 
-def make_trainer(name: str, run_dir: Path, epochs: int = 3) -> Trainer:
-    torch.manual_seed(0)
-    model = build_model(name, MODELS[name])
-    images, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
-    config = TrainConfig(epochs=epochs, batch_size=50, lr=3e-3, ema_decay=0.9, lr_schedule="cosine", log_every=1,
-                         beta_schedule="linear" if name != "diffusion" else "constant", warmup_epochs=1 if name != "diffusion" else 0)
-    return Trainer(model, images[:150], val[:40], get_data_space(model.data_space), config, run_dir, progress=False)
+def stateful_trainer(name: str, run_dir: Path, epochs: int = 3) -> Trainer:
+    """A trainer with every kind of state a resume must restore: an EMA, a cosine learning rate and (but for the
+    diffusion model) a beta warmup; 3 steps per epoch."""
+    warmup = name != "diffusion"
+    return make_trainer(run_dir, name, MODELS[name], n_train=150, n_val=40, epochs=epochs, batch_size=50, lr=3e-3,
+                        ema_decay=0.9, lr_schedule="cosine", log_every=1,
+                        beta_schedule="linear" if warmup else "constant", warmup_epochs=1 if warmup else 0)
 
 
 def without_timing(records: list[dict]) -> list[dict]:
@@ -57,10 +56,10 @@ def without_timing(records: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_resume_continues_bit_for_bit(tmp_path, name):
-    reference = make_trainer(name, tmp_path / "reference")
+    reference = stateful_trainer(name, tmp_path / "reference")
     reference.fit()
 
-    crashed = make_trainer(name, tmp_path / "run")
+    crashed = stateful_trainer(name, tmp_path / "run")
     original = crashed.train_epoch
 
     def crash_in_epoch_3(epoch):
@@ -72,7 +71,7 @@ def test_resume_continues_bit_for_bit(tmp_path, name):
     with pytest.raises(KeyboardInterrupt):
         crashed.fit()
     torch.manual_seed(12345)  # the resumed process starts with other random state
-    resumed = make_trainer(name, tmp_path / "run")
+    resumed = stateful_trainer(name, tmp_path / "run")
     resumed.restore(*load_training_state(tmp_path / "run" / STATE_FILE))
     assert resumed.start_epoch == 3
     resumed.fit()
@@ -85,7 +84,7 @@ def test_resume_continues_bit_for_bit(tmp_path, name):
 
 
 def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
-    trainer = make_trainer("vae", tmp_path, epochs=3)
+    trainer = stateful_trainer("vae", tmp_path, epochs=3)
     best = {}
     original = trainer.save
 
@@ -132,7 +131,7 @@ def test_a_pickle_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
 
 
 def test_bad_training_states_get_a_clear_error(tmp_path):
-    trainer = make_trainer("vae", tmp_path, epochs=1)
+    trainer = stateful_trainer("vae", tmp_path, epochs=1)
     trainer.fit()
     tensors, state = load_training_state(tmp_path / STATE_FILE)
     path = tmp_path / "bad.safetensors"
@@ -143,7 +142,7 @@ def test_bad_training_states_get_a_clear_error(tmp_path):
         else:
             save_file(tensors, path, metadata=metadata)
         with pytest.raises(ElboxError, match=match):
-            make_trainer("vae", tmp_path / "other", epochs=1).restore(*load_training_state(path))
+            stateful_trainer("vae", tmp_path / "other", epochs=1).restore(*load_training_state(path))
 
     wrong_shape = dict(tensors, **{"model.decoder.0.weight": torch.zeros(3, 3)})
     check(wrong_shape, state, "shape")

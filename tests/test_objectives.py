@@ -34,6 +34,8 @@ from elbox.training.objectives import (
 )
 from elbox.training.trainer import Trainer
 
+from conftest import make_trainer
+
 F64 = torch.float64
 ESTIMATORS = ["reparam", "stl", "dreg"]
 
@@ -328,17 +330,14 @@ def test_free_bits_above_the_kl_leave_no_kl_gradient():
     torch.testing.assert_close(flat_grad(low, params), flat_grad(terms.elbo.mean(), params))
 
 
-def make_trainer(tmp_path, seed=0, epochs=1, **train_options):
-    train, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
-    torch.manual_seed(seed)
-    model = build_model("vae", {"latent_dim": 3, "hidden_dims": [32]})
-    config = TrainConfig(epochs=epochs, batch_size=100, seed=seed, log_every=2, **train_options)
-    return Trainer(model, train[:400], val[:100], get_data_space("binary"), config, tmp_path, progress=False)
+def small_trainer(tmp_path, seed=0, epochs=1, **train_options):
+    """A small VAE on 400 training images, 4 steps of 100 per epoch."""
+    return make_trainer(tmp_path, "vae", {"latent_dim": 3, "hidden_dims": [32]}, seed=seed, epochs=epochs,
+                        batch_size=100, log_every=2, **train_options)
 
 
 def small_run(tmp_path, seed=0, epochs=1, **train_options):
-    trainer = make_trainer(tmp_path, seed, epochs, **train_options)
+    trainer = small_trainer(tmp_path, seed, epochs, **train_options)
     return trainer, trainer.fit()
 
 
@@ -352,7 +351,7 @@ def first_step(trainer):
 
 def test_free_bits_do_not_change_the_reported_elbo(tmp_path):
     # the same model (seeded build), batch and draws; only the objective differs
-    values = {fb: first_step(make_trainer(tmp_path / str(fb), free_bits=fb)) for fb in [0.0, 1000.0]}
+    values = {fb: first_step(small_trainer(tmp_path / str(fb), free_bits=fb)) for fb in [0.0, 1000.0]}
     plain, floored = values[0.0], values[1000.0]
     assert floored["elbo"] == plain["elbo"] and floored["kl"] == plain["kl"]
     assert plain["objective"] == pytest.approx(plain["elbo"].item(), rel=1e-6)
@@ -378,7 +377,7 @@ def test_cyclical_beta_schedule():
 def test_cyclical_cycle_shorter_than_two_steps_is_rejected(tmp_path):
     # 4 steps per epoch: a quarter-epoch cycle is 1 step, which would hold beta at 0 forever
     with pytest.raises(ElboxError, match="at least 2"):
-        make_trainer(tmp_path, beta_schedule="cyclical", cycle_epochs=0.25)
+        small_trainer(tmp_path, beta_schedule="cyclical", cycle_epochs=0.25)
 
 
 def test_cyclical_training_logs_beta_and_unweighted_elbo(tmp_path):
@@ -409,7 +408,7 @@ def test_trainer_runs_each_estimator_reproducibly(tmp_path, estimator):
 
 def test_trainer_reports_the_same_values_for_every_estimator(tmp_path):
     # the same model, batch and draws: the estimators change gradients only, not the logged numbers
-    first = {est: first_step(make_trainer(tmp_path / est, objective="iwae", iw_samples=3, estimator=est)) for est in ESTIMATORS}
+    first = {est: first_step(small_trainer(tmp_path / est, objective="iwae", iw_samples=3, estimator=est)) for est in ESTIMATORS}
     for estimator in ["stl", "dreg"]:
         for key in ["objective", "elbo", "reconstruction", "kl"]:
             assert first[estimator][key].item() == pytest.approx(first["reparam"][key].item(), rel=1e-6), (estimator, key)

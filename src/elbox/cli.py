@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 from elbox.atomic import atomic_write_json
-from elbox.checkpoint import load_run, read_json
+from elbox.checkpoint import load_run
 from elbox.data import SPLITS
 from elbox.errors import ElboxError
 from elbox.models import MODELS
 from elbox.options import add_options, option_values
 from elbox.system import keep_freed_memory_in_heap, resolve_device, set_threads
 from elbox.training.config import DataConfig, TrainConfig, train_defaults
+from elbox.training.workflows import run_settings
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "vae"
@@ -64,19 +66,6 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def saved_settings(path: str) -> dict:
-    """The settings of a run's config.json as {"model": name, option name: value}, to replay with --config."""
-    config = read_json(path, "config file")
-    if not isinstance(config, dict) or not isinstance(config.get("model"), str) or config["model"] not in MODELS:
-        raise ElboxError(f"config file {path} names no known model; give a run's config.json")
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    if "name" not in data:
-        raise ElboxError(f"config file {path} trained on images given in memory; elbox train needs a built-in --data")
-    model_config = {k: v for k, v in (config.get("model_config") or {}).items() if k != "data_shape"}
-    return {**model_config, **(config.get("train") or {}), "model": config["model"], "data": data["name"],
-            "data_dir": data.get("data_dir"), "limit_train": data.get("limit_train")}
-
-
 def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParser, list, list]:
     """The parser of `elbox train [MODEL]`: run, data and training options, and MODEL's own options."""
     name = model or DEFAULT_MODEL
@@ -100,7 +89,7 @@ def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParse
 def cmd_train(argv: list[str]) -> int:
     model = argv[0] if argv and not argv[0].startswith("-") else flag_value(argv, "--model")
     config_path = flag_value(argv, "--config")
-    saved = saved_settings(config_path) if config_path else {}
+    saved = run_settings(config_path) if config_path else {}
     model = model or saved.get("model")
     if model is not None and model not in MODELS:
         raise ElboxError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}")
@@ -125,7 +114,12 @@ def cmd_train(argv: list[str]) -> int:
         data = options.pop("data")
         run = elbox.fit(args.model, data, out=args.out, data_dir=options.pop("data_dir"), limit_train=options.pop("limit_train"),
                         device=args.device, progress=not args.no_progress, **options)
-    print(f"elbox: trained {run.model.name}; run dir {run.directory}", file=sys.stderr)
+    last = next((r for r in reversed(run.history) if r.get("kind") == "epoch"), {})
+    value = {k: v for k, v in last.items() if k in ("val_elbo", "val_log_likelihood")}
+    if os.environ.get("RANK", "0") == "0":  # torchrun: process 0 speaks
+        print(f"elbox: trained {run.model.name} for {last.get('epoch', 0)} epoch(s); "
+              + "".join(f"{k.removeprefix('val_').replace('_', '-')} on validation {v:.2f} nats per example; " for k, v in value.items())
+              + f"run dir {run.directory}")
     return 0
 
 

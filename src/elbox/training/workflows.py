@@ -31,6 +31,7 @@ from elbox.checkpoint import (
     WEIGHTS_FILE,
     load_run,
     load_training_state,
+    read_json,
     read_run_config,
     remove_stale_temporaries,
     save_weights,
@@ -41,7 +42,13 @@ from elbox.data.formats import to_8bit_tensor
 from elbox.errors import ElboxError
 from elbox.evaluation import evaluate as evaluate_on
 from elbox.evaluation import log_prob_per_example
-from elbox.models.base import Callback, LatentVariableModel, build_model, model_class
+from elbox.models.base import (
+    Callback,
+    LatentVariableModel,
+    build_model,
+    model_class,
+    model_config,
+)
 from elbox.options import config_from_dict, config_to_dict, short_repr
 from elbox.plots import save_image_grid
 from elbox.system import resolve_device
@@ -187,6 +194,23 @@ def new_run_directory(out: str | os.PathLike | None) -> Path | None:
         raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another output directory, or "
                          f"continue it with elbox train --resume {out} (elbox.resume in Python)")
     return out
+
+
+def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
+    """The settings of a run's config.json as keywords of fit(): {"model": name, "data": dataset, "data_dir": ...,
+    "limit_train": ..., and every model-config and training option}, validated (and upgraded from older formats).
+    elbox.fit(**run_settings(path), out=NEW) trains the same run again, bit for bit on CPU."""
+    config = read_json(config_path, "config file")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise ElboxError(f"config file {config_path} names no model; give a run's config.json")
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    if "name" not in data:
+        raise ElboxError(f"config file {config_path} trained on images given in memory; give the data again")
+    values = config_to_dict(model_config(config["model"], config.get("model_config") or {}))
+    values.pop("data_shape")
+    train = config_to_dict(config_from_dict(TrainConfig, config.get("train") or {}, "training settings"))
+    return {**values, **train, "model": config["model"], "data": data["name"], "data_dir": data.get("data_dir"),
+            "limit_train": data.get("limit_train")}
 
 
 def fit(
