@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_trainer
 from safetensors.torch import load_file, save_file
 
 from elbox.checkpoint import (
@@ -29,8 +30,6 @@ from elbox.cli import main
 from elbox.errors import ElboxError
 from elbox.models import build_model
 from elbox.training.trainer import Trainer
-
-from conftest import make_trainer
 
 TIMING_KEYS = ("images_per_s", "epoch_time_s")
 

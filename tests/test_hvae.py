@@ -7,17 +7,15 @@ import math
 
 import pytest
 import torch
+from conftest import make_trainer
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from elbox.bounds import kl_diag_gaussians, kl_monte_carlo, mean_and_stderr
 from elbox.checkpoint import load_weights
 from elbox.cli import main
-from elbox.data import get_data_space, load_split
 from elbox.errors import ElboxError
 from elbox.evaluation import elbo_per_example, evaluate, iwae_by_k_per_example
 from elbox.models import LadderHVAE, MarkovHVAE, build_model
-from elbox.training.config import TrainConfig
-from elbox.training.trainer import Trainer
 
 # 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
 TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}
@@ -222,12 +220,9 @@ def test_ladder_levels_share_resolutions_and_report_per_level():
 
 
 def train_run(tmp_path, model_config, steps=50, **train_options):
-    train, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
-    torch.manual_seed(0)
-    model = build_model("hvae", model_config)
-    config = TrainConfig(epochs=1, batch_size=train[: 8 * steps].shape[0] // steps, seed=0, log_every=1, **train_options)
-    trainer = Trainer(model, train[: 8 * steps], val[:40], get_data_space("binary"), config, tmp_path, progress=False)
+    """Train an HVAE (seed 0) for one epoch of `steps` steps of 8 images: (the training records, the trainer)."""
+    trainer = make_trainer(tmp_path, "hvae", model_config, n_train=8 * steps, n_val=40, epochs=1, batch_size=8,
+                           log_every=1, **train_options)
     trainer.fit()
     return [r for r in trainer.records if r["kind"] == "train"], trainer
 
@@ -256,7 +251,7 @@ def test_updates_above_the_gradient_threshold_are_skipped_and_counted(tmp_path):
     assert trainer.skipped_large_grad == 10 and records == []
     epoch = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert epoch["skipped_large_grad"] == 10
-    torch.manual_seed(0)  # the same seed as train_run: the initial weights, which no update changed
+    torch.manual_seed(0)  # the seed train_run builds its model with: the initial weights, which no update changed
     initial = build_model("hvae", SMALL_LADDER)
     for (name, p), q in zip(trainer.model.named_parameters(), initial.parameters()):
         assert torch.equal(p, q), name

@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from elbox.bounds import (
     DETACHED_POSTERIOR_ESTIMATORS,
@@ -33,8 +34,6 @@ from elbox.training.objectives import (
     iwae_training_objective,
 )
 from elbox.training.trainer import Trainer
-
-from conftest import make_trainer
 
 F64 = torch.float64
 ESTIMATORS = ["reparam", "stl", "dreg"]

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from elbox import evaluation as evaluate_module
 from elbox.checkpoint import STATE_FILE, load_training_state
@@ -23,7 +24,6 @@ from elbox.evaluation import (
 )
 from elbox.models import build_model
 from elbox.system import bf16_is_native, set_threads
-from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 
 VAE = ("vae", {"latent_dim": 4, "hidden_dims": [64]})
@@ -31,12 +31,8 @@ DIFFUSION = ("diffusion", {"channels": [8, 16]})
 
 
 def trainer_for(tmp_path, name, config, **options) -> Trainer:
-    train, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
-    torch.manual_seed(0)
-    model = build_model(name, config)
-    return Trainer(model, train[:64], val[:32], get_data_space(model.data_space),
-                   TrainConfig(epochs=1, batch_size=32, **options), tmp_path, progress=False)
+    """One epoch of two steps of 32 images."""
+    return make_trainer(tmp_path, name, config, n_train=64, n_val=32, epochs=1, batch_size=32, **options)
 
 
 def loss_and_grads(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:

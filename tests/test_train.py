@@ -7,23 +7,19 @@ import math
 
 import pytest
 import torch
+from conftest import make_trainer
 
 from elbox.checkpoint import STATE_FILE, load_training_state
-from elbox.data import get_data_space, load_split
+from elbox.data import load_split
 from elbox.errors import ElboxError
-from elbox.models import build_model
 from elbox.training.config import TrainConfig
 from elbox.training.objectives import beta_at
-from elbox.training.trainer import Trainer
 
 
 def small_run(tmp_path, seed=0, epochs=2, **train_options):
-    train, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
-    torch.manual_seed(seed)
-    model = build_model("vae", {"latent_dim": 3, "hidden_dims": [32]})
-    config = TrainConfig(epochs=epochs, batch_size=100, seed=seed, log_every=2, **train_options)
-    trainer = Trainer(model, train[:400], val[:100], get_data_space("binary"), config, tmp_path, progress=False)
+    """Train a small VAE on 400 images, 4 steps of 100 per epoch: (the trainer, its last epoch's record)."""
+    trainer = make_trainer(tmp_path, "vae", {"latent_dim": 3, "hidden_dims": [32]}, seed=seed, epochs=epochs,
+                           batch_size=100, log_every=2, **train_options)
     return trainer, trainer.fit()
 
 
@@ -98,18 +94,15 @@ def test_bf16_autocast_trains_with_float32_weights_and_bounds(tmp_path, name, co
     """--precision bf16: the first step's loss is within bf16 rounding (1 %) of the float32 one, the weights and
     Adam's moments stay float32, and validation is computed in float32."""
     train, _ = load_split("synthetic", "train")
-    val, _ = load_split("synthetic", "validation")
     losses = {}
     for precision in ("fp32", "bf16"):
-        torch.manual_seed(0)
-        model = build_model(name, config)
-        trainer = Trainer(model, train[:64], val[:32], get_data_space(model.data_space),
-                          TrainConfig(epochs=1, batch_size=32, precision=precision), tmp_path / precision, progress=False)
+        trainer = make_trainer(tmp_path / precision, name, config, n_train=64, n_val=32, epochs=1, batch_size=32,
+                               precision=precision)
         x = trainer.space.train_batch(train[:32], torch.Generator().manual_seed(0))
         torch.manual_seed(1)
         losses[precision] = trainer.training_step(x, 1.0)["elbo"].item()
         record = trainer.fit()
-        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
         assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
         assert math.isfinite(record["val_elbo"])
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.01)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import inspect
+import io
 import math
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from elbox.atomic import atomic_write_bytes
 from elbox.data import get_data_space
 from elbox.data.formats import read_images, to_8bit_tensor
 from elbox.errors import ElboxError
@@ -101,10 +103,6 @@ def reconstruction_grid(model: LatentVariableModel, x: Tensor, nrow: int = 8) ->
 
 def save_features(path: str | Path, features: dict[str, np.ndarray], names: list[str]) -> None:
     """features and names as an .npz, written atomically."""
-    import io
-
-    from elbox.atomic import atomic_write_bytes
-
     buffer = io.BytesIO()
     np.savez(buffer, names=np.array(names), **features)
     atomic_write_bytes(path, buffer.getvalue())

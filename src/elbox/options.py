@@ -7,7 +7,11 @@
 The field's annotation gives the type (bool, int, float, str, list[int], list[float], tuple[int, ...], dict,
 or any of them | None). `check_options(config)`, called by each config's __post_init__, validates and normalizes
 every field against its declaration with one message style; the command line (elbox.cli) is generated from
-the same declarations, so names, defaults, choices and help cannot disagree.
+the same declarations by `add_options`, so names, defaults, choices and help cannot disagree.
+
+Why argparse and not tyro or jsonargparse: both generate nested, prefixed flags from nested dataclasses
+(--model.latent-dim), which would rename every existing option, and tyro's errors are multi-line panels; the
+argparse options generated here keep the flat names and the one-line errors ("argument --lr: must be > 0, got -1").
 """
 
 from __future__ import annotations
