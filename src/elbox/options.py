@@ -240,6 +240,8 @@ def add_options(parser: Any, config_class: type, defaults: dict[str, Any] | None
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value)) if value else "none"
     return str(value)
