@@ -257,3 +257,15 @@ def test_a_model_class_of_your_own_gets_training_evaluation_scoring_and_reports(
         assert main(["report", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "report.html").is_file()
     finally:
         MODELS.pop("tiny-test-vae")
+
+
+def test_no_submodule_shadows_a_public_function():
+    """Importing elbox.X sets the attribute elbox.X to the module: a submodule named like a public function (e.g. a
+    module elbox/score.py beside elbox.score) would replace the function once anything imports it."""
+    import pkgutil
+
+    import elbox.cli  # noqa: F401  (imports every command's module)
+
+    modules = {m.name for m in pkgutil.iter_modules(elbox.__path__)}
+    assert not set(elbox.__all__) & modules
+    assert all(callable(getattr(elbox, name)) for name in ("fit", "resume", "evaluate", "load", "sample", "score", "encode"))

@@ -13,15 +13,28 @@ import os
 import sys
 from pathlib import Path
 
+import elbox
 from elbox.atomic import atomic_write_json
 from elbox.checkpoint import load_run
 from elbox.data import SPLITS
 from elbox.errors import ElboxError
+from elbox.evaluation import format_table
+from elbox.inference import (
+    encode,
+    reconstruction_grid,
+    sample,
+    save_features,
+    score,
+    write_scores_csv,
+)
 from elbox.models import MODELS
 from elbox.options import add_options, option_values
+from elbox.plots import save_image_grid
+from elbox.report import write_report
 from elbox.system import keep_freed_memory_in_heap, resolve_device, set_threads
+from elbox.tighten import format_gap_table, tighten_run
 from elbox.training.config import DataConfig, TrainConfig, train_defaults
-from elbox.training.workflows import run_settings
+from elbox.training.workflows import data_in_space, run_settings
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "vae"
@@ -90,6 +103,8 @@ def cmd_train(argv: list[str]) -> int:
     model = argv[0] if argv and not argv[0].startswith("-") else flag_value(argv, "--model")
     config_path = flag_value(argv, "--config")
     saved = run_settings(config_path) if config_path else {}
+    if saved and model not in (None, saved["model"]):
+        raise ElboxError(f"--config {config_path} is a {saved['model']} run; it cannot configure a {model} model")
     model = model or saved.get("model")
     if model is not None and model not in MODELS:
         raise ElboxError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}")
@@ -100,7 +115,6 @@ def cmd_train(argv: list[str]) -> int:
     if args.model_flag not in (None, args.model):
         raise ElboxError(f"two models given: {args.model} and --model {args.model_flag}")
     set_threads(args.threads)
-    import elbox
 
     if args.resume:
         given = sorted(k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k))
@@ -136,9 +150,6 @@ def print_and_save(title: str, table: str, result: dict, json_path: str | Path) 
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import elbox
-    from elbox.evaluation import format_table
-
     result = elbox.evaluate(args.run_dir, None, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
                             progress=not args.no_progress)
@@ -147,9 +158,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from elbox.inference import sample
-    from elbox.plots import save_image_grid
-
     model, _ = load_run(args.run_dir, resolve_device(args.device))
     images = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed)
     print(f"wrote {save_image_grid(images, args.out or Path(args.run_dir) / 'samples.png')}")
@@ -157,9 +165,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from elbox.inference import score
-    from elbox.score import write_scores_csv
-
     model, _ = load_run(args.run_dir, resolve_device(args.device))
     values, names, estimate = score(model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
@@ -173,8 +178,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from elbox.inference import encode, save_features
-
     model, _ = load_run(args.run_dir, resolve_device(args.device))
     features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed)
     save_features(args.out, features, names)
@@ -183,18 +186,12 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from elbox.report import write_report
-
     html_path, md_path = write_report(args.run_dir, resolve_device(args.device), args.out, args.seed)
     print(f"wrote {html_path} and {md_path}")
     return 0
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from elbox.inference import reconstruction_grid
-    from elbox.plots import save_image_grid
-    from elbox.training.workflows import data_in_space
-
     model, config = load_run(args.run_dir, resolve_device(args.device))
     if "name" not in config["data"]:
         raise ElboxError("this model directory names no built-in dataset to take test images from")
@@ -204,8 +201,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_tighten(args: argparse.Namespace) -> int:
-    from elbox.tighten import format_gap_table, tighten_run
-
     result = tighten_run(args.run_dir, resolve_device(args.device), split=args.split, limit=args.limit, steps=args.steps,
                          lr=args.lr, refit_epochs=args.refit_epochs, iw_samples=args.iw_samples,
                          elbo_samples=args.elbo_samples, seed=args.seed)

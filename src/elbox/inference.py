@@ -1,8 +1,9 @@
 """Using a trained model: samples, per-image scores, features and reconstructions (the public API behind
-`elbox sample`, `score`, `encode` and `reconstruct`). Everything runs without autograd."""
+`elbox sample`, `score` (with its CSV), `encode` and `reconstruct`). Everything runs without autograd."""
 
 from __future__ import annotations
 
+import csv
 import inspect
 import io
 import math
@@ -106,3 +107,14 @@ def save_features(path: str | Path, features: dict[str, np.ndarray], names: list
     buffer = io.BytesIO()
     np.savez(buffer, names=np.array(names), **features)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int, estimate: str) -> None:
+    """One row per image: name, log-likelihood estimate (nats), bits/dim, the estimate used. Atomic write."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["index", "name", "log_likelihood_nats", "bits_per_dim", "estimate"])
+    bits = num_dims * math.log(2)
+    for i, (name, value) in enumerate(zip(names, log_likelihood.tolist())):
+        writer.writerow([i, name, f"{value:.6f}", f"{-value / bits:.6f}", estimate])
+    atomic_write_bytes(path, buffer.getvalue().encode())
