@@ -25,10 +25,13 @@ import torch
 from torch import Tensor
 
 from elbox.bounds import LOG_2PI, mean_and_stderr, sample_diag_gaussian
+from elbox.checkpoint import load_run
 from elbox.data import DataSpace, get_data_space, iterate_batches
+from elbox.data.inputs import training_data
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
+from elbox.training.workflows import data_in_space
 
 
 def check_tightenable(model: LatentVariableModel) -> None:
@@ -189,9 +192,6 @@ def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: 
                 lr: float = 0.05, refit_epochs: int = 3, iw_samples: int = 1000, elbo_samples: int = 100, seed: int = 0) -> dict:
     """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on its
     training split (0: no refit). Returns the JSON-ready result."""
-    from elbox.checkpoint import load_run
-    from elbox.training.workflows import data_in_space, training_data
-
     model, config = load_run(run_dir, device)
     check_tightenable(model)
     data = config["data"]
