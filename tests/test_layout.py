@@ -1,0 +1,55 @@
+"""The layout stays as docs/guide.md's code map describes it: small modules, a thin command line, no import cycles,
+and capabilities checked through the model interface rather than hasattr."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "elbox"
+
+
+def modules() -> dict[str, Path]:
+    return {".".join(("elbox", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): p for p in SRC.rglob("*.py")}
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The elbox modules a file imports (at the top or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("elbox"):
+            found.update(t for t in [node.module, *(f"{node.module}.{a.name}" for a in node.names)] if t in known)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+    return found
+
+
+def test_module_sizes():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in modules().items()}
+    assert sizes["elbox.cli"] < 300
+    assert max(sizes.values()) <= 450, {k: v for k, v in sizes.items() if v > 450}
+
+
+def test_no_import_cycles():
+    """Depth-first search over the import graph (a package's imports of its own submodules are re-exports, left out)."""
+    mods = modules()
+    graph = {m: {t for t in imports(p, set(mods)) if t != m and not t.startswith(m + ".")} for m, p in mods.items()}
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            assert state.get(t) != "open", "import cycle: " + " -> ".join([*path[path.index(t):], t]) if t in path else t
+            if t not in state:
+                visit(t, [*path, t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+
+
+def test_no_hasattr_capability_checks():
+    offenders = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "hasattr(" in line]
+    assert not offenders
