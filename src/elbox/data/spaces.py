@@ -24,21 +24,24 @@ class DataSpace:
 
     name: str = ""
 
-    def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Transform a training batch; random spaces draw fresh randomness each call."""
-        return self._transform(self._check(x), generator)
+    def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                    part: tuple[int, int] | None = None) -> torch.Tensor:
+        """Transform a training batch; random spaces draw fresh randomness each call. part = (start, rows): x is
+        rows start, start + 1, ... of a global batch of `rows` rows (one process's share under torchrun); the
+        randomness is drawn for the global batch and sliced, so each share gets what one process would draw."""
+        return self._transform(self._check(x), generator, part)
 
     def eval_data(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Transform evaluation data deterministically: same seed -> identical tensor."""
         x = self._check(x)
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        return self._transform(x, generator)
+        return self._transform(x, generator, None)
 
     def log_prob_offset(self, num_dims: int) -> float:
         """Nats to add to a model's log-density to get a log-probability of the 8-bit data."""
         return 0.0
 
-    def _transform(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _transform(self, x: torch.Tensor, generator: torch.Generator | None, part: tuple[int, int] | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +49,14 @@ class DataSpace:
             got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
             raise ElboxError(f"data space {self.name!r} expects a uint8 tensor of 8-bit images, got {got}")
         return x
+
+
+def _noise(draw, x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
+    """draw(shape) for x's shape, or for the global batch that x is rows part[0].. of (then sliced)."""
+    if part is None:
+        return draw(x.shape)
+    start, rows = part
+    return draw((rows, *x.shape[1:]))[start : start + x.shape[0]]
 
 
 DATA_SPACES: dict[str, type[DataSpace]] = {}
@@ -62,9 +73,9 @@ class BinarySpace(DataSpace):
 
     name = "binary"
 
-    def _transform(self, x, generator):
+    def _transform(self, x, generator, part):
         # u uniform on {0..254}: P(u < k) = k/255 exactly, and integer draws are twice as fast as bernoulli()
-        u = torch.randint(0, 255, x.shape, generator=generator, device=x.device, dtype=torch.uint8)
+        u = _noise(lambda shape: torch.randint(0, 255, shape, generator=generator, device=x.device, dtype=torch.uint8), x, part)
         return (u < x).float()
 
 
@@ -80,8 +91,8 @@ class ContinuousSpace(DataSpace):
 
     name = "continuous"
 
-    def _transform(self, x, generator):
-        u = torch.rand(x.shape, generator=generator, device=x.device)
+    def _transform(self, x, generator, part):
+        u = _noise(lambda shape: torch.rand(shape, generator=generator, device=x.device), x, part)
         return _dequantize(x.float(), u)
 
     def log_prob_offset(self, num_dims: int) -> float:
@@ -95,7 +106,7 @@ class DiscreteSpace(DataSpace):
 
     name = "discrete"
 
-    def _transform(self, x, generator):
+    def _transform(self, x, generator, part):
         return x.float() / 255
 
 

@@ -45,6 +45,15 @@ from elbox.evaluation import elbo_per_example
 from elbox.loggers import TensorBoardLog
 from elbox.models.base import Callback, ImportanceSampled, LatentVariableModel
 from elbox.system import bf16_is_native
+from elbox.training.batches import (
+    Images,
+    example_shape,
+    gather,
+    num_examples,
+    share,
+    stack_images,
+    validation_chunks,
+)
 from elbox.training.config import TrainConfig
 from elbox.training.objectives import TrainingObjective, beta_at
 from elbox.training.state import pack_training_state, unpack_training_state
@@ -55,20 +64,26 @@ def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
+
+
 class Trainer:
     """Trains one model on one dataset and writes the run directory as it goes."""
 
     def __init__(
         self,
         model: LatentVariableModel,
-        train_data: Tensor,
-        val_data: Tensor,
+        train_data: Images,
+        val_data: Images,
         space: DataSpace,
         config: TrainConfig,
         run_dir: str | Path | None,
         progress: bool = True,
         callback: Callback | None = None,
+        workers: int = 0,
     ):
+        """train_data, val_data: uint8 images [N, C, H, W] in memory, or Datasets of uint8 [C, H, W] read on demand
+        by `workers` DataLoader processes (elbox.training.batches)."""
         if config.objective == "iwae" and not isinstance(model, ImportanceSampled):
             raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
         if config.free_bits > 0 and not model.kl_terms_are_kls:
@@ -78,19 +93,25 @@ class Trainer:
             )
         if model.trains_on_surrogate and (config.beta_schedule != "constant" or config.beta != 1 or config.free_bits > 0 or config.objective != "elbo"):
             raise ElboxError(f"the {type(model).__name__} trains on its own surrogate loss; beta, its schedules, free bits and the iwae objective do not apply")
-        if train_data.shape[0] == 0:
+        if num_examples(train_data) == 0:
             raise ElboxError("the training set is empty")
-        if val_data.shape[0] == 0:
+        if num_examples(val_data) == 0:
             raise ElboxError("the validation set is empty")
         self.model = model
         self.device = model.device
         if config.precision == "bf16" and not bf16_is_native(self.device):
             warnings.warn(f"--precision bf16: this {self.device.type} has no native bfloat16 matrix units, so PyTorch "
                           "emulates them and training will be much slower than fp32 (measured 5-12x on an AVX2 CPU)", stacklevel=2)
-        self.train_data = train_data.to(self.device)
+        self.train_data = train_data.to(self.device) if isinstance(train_data, Tensor) else train_data
+        self.workers = workers
         self.space = space
-        self.val_x = space.eval_data(val_data.to(self.device), seed=config.seed)
-        self.num_dims = math.prod(train_data.shape[1:])
+        # validation data in the data space when held in memory; streamed ones are read (and transformed, chunk by
+        # chunk) at each validation, and val_x holds their first examples for pictures
+        self.val_data = None if isinstance(val_data, Tensor) else val_data
+        self.val_x = space.eval_data(val_data.to(self.device) if isinstance(val_data, Tensor) else
+                                     stack_images([val_data[i] for i in range(min(PREVIEW, len(val_data)))]).to(self.device),
+                                     seed=config.seed)
+        self.num_dims = math.prod(example_shape(train_data))
         self.offset = space.log_prob_offset(self.num_dims)
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -111,7 +132,7 @@ class Trainer:
             # static shapes: the epoch's last, smaller batch gets its own graph (one recompilation)
             self.objective = torch.compile(self.objective, dynamic=False)
         self.optimizer = make_optimizer(model, config.lr)
-        self.steps_per_epoch = math.ceil(train_data.shape[0] / config.batch_size)
+        self.steps_per_epoch = math.ceil(num_examples(train_data) / config.batch_size)
         self.scheduler = None
         if config.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs * self.steps_per_epoch)
@@ -205,22 +226,24 @@ class Trainer:
         n_done = n_interval = 0
         nonfinite_in_a_row = 0
         start = interval_start = time.perf_counter()
-        batches = iterate_batches(self.train_data.shape[0], self.config.batch_size, True, self.shuffle_generator)
+        # a last batch too small to share is skipped by every process
+        batches = [idx for idx in iterate_batches(num_examples(self.train_data), self.config.batch_size, True,
+                                                  self.shuffle_generator) if idx.numel() >= self.world_size]
+        # each process reads its share of every global batch; the data randomness is drawn for the global batch
+        # (DataSpace.train_batch's part), so it is that of one process with the global batch
+        parts = [share(idx.numel(), self.rank, self.world_size) for idx in batches]
+        images = gather(self.train_data, [idx[a:b] for idx, (a, b) in zip(batches, parts)], self.device, self.workers)
         bar = tqdm(
-            batches,
-            total=self.steps_per_epoch,
+            zip(batches, parts, images),
+            total=len(batches),
             desc=f"epoch {epoch}/{self.config.epochs}",
             unit="batch",
             disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
             leave=True,
         )
-        for idx in bar:
-            if idx.numel() < self.world_size:  # a last batch too small to share: every process skips it
-                continue
-            # every process draws the same global batch (same generators), then takes its share: the data
-            # randomness is that of one process with the global batch
-            x = self.local_part(self.space.train_batch(self.train_data[idx.to(self.device)], self.generator))
+        for idx, (first, _), local_images in bar:
+            x = self.space.train_batch(local_images, self.generator, part=(first, idx.numel()))
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)
@@ -270,14 +293,22 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation ELBO (and KL per latent group when there are several) of the evaluation weights."""
         self.eval_model.eval()
-        terms = elbo_per_example(self.eval_model, self.local_part(self.val_x), self.config.eval_batch_size, final=False)
-        groups = [key for key in terms if key.startswith("kl/")]
+        if self.val_data is None:
+            parts = [elbo_per_example(self.eval_model, self.local_part(self.val_x), self.config.eval_batch_size, final=False)]
+        else:  # streamed: each chunk in the data space with the seed + its first row (deterministic for the chunking)
+            parts = [elbo_per_example(self.eval_model, self.space.eval_data(images, seed=self.config.seed + first),
+                                      self.config.eval_batch_size, final=False)
+                     for first, images in validation_chunks(self.val_data, self.config.eval_batch_size, self.rank,
+                                                            self.world_size, self.device, self.workers)]
+        if not parts:
+            raise ElboxError(f"the validation set has fewer examples than the {self.world_size} processes")
+        groups = [key for key in parts[0] if key.startswith("kl/")]
         keys = ["elbo", "reconstruction", "kl", *(groups if len(groups) > 1 else [])]
-        sums = torch.stack([terms[k].sum() for k in keys])
+        sums = torch.stack([sum(part[k].sum() for part in parts) for k in keys])
         if self.world_size > 1:  # each process validated a share; sum the shares
             sums = sums.to(self.device)
             dist.all_reduce(sums)
-        means = (sums.cpu() / self.val_x.shape[0]).tolist()
+        means = (sums.cpu() / num_examples(self.val_data if self.val_data is not None else self.val_x)).tolist()
         record = {f"val_{k}": v for k, v in zip(keys, means)}
         record["val_elbo"] += self.offset
         record["val_reconstruction"] += self.offset
