@@ -279,7 +279,7 @@ def test_sample_moments_match_within_standard_errors(fitted_5d):
 
 def test_protocol_capabilities(fitted_5d):
     assert fitted_5d.trains_by_gradient is False
-    assert fitted_5d.data_space == "continuous"
+    assert fitted_5d.data_space == "real"  # vectors (data_shape (5,)) are standardized real numbers
     assert isinstance(fitted_5d, GaussianMixture)
     for present in (ExactLikelihood, ImportanceWeighted, Encoder, ClosedFormFit):
         assert isinstance(fitted_5d, present)

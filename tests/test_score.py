@@ -35,7 +35,7 @@ SHAPE = (1, 28, 28)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("score") / "run"
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--batch-size", "50", "--latent-dim", "2",
                  "--hidden-dims", "16", "--out", str(run), "--no-progress"]) == 0
     return run
 
@@ -273,7 +273,7 @@ def test_corrupted_safetensors_files_never_crash(tmp_path, cut, flip):
 @pytest.mark.parametrize("model", [[], ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "3", "2", "--hidden-dims", "16"]])
 def test_encode_writes_posterior_means_and_variances(tmp_path, model):
     run = tmp_path / "run"
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
+    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--batch-size", "50", "--latent-dim", "2",
                  "--hidden-dims", "16", *model, "--out", str(run), "--no-progress"]) == 0
     np.save(tmp_path / "x.npy", images())
     assert main(["encode", str(run), "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "f.npz")]) == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import elbox
 from elbox.atomic import atomic_write_json
 from elbox.checkpoint import load_run
-from elbox.data import SPLITS
+from elbox.data import SPLITS, space_from_record
 from elbox.errors import ElboxError
 from elbox.evaluation import format_table
 from elbox.inference import (
@@ -125,8 +125,7 @@ def cmd_train(argv: list[str]) -> int:
         if args.out is None:
             raise ElboxError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
         options = {**option_values(args, general), **option_values(args, own)}
-        data = options.pop("data")
-        run = elbox.fit(args.model, data, out=args.out, data_dir=options.pop("data_dir"), limit_train=options.pop("limit_train"),
+        run = elbox.fit(args.model, options.pop("data"), validation=options.pop("validation"), out=args.out,
                         device=args.device, progress=not args.no_progress, **options)
     last = next((r for r in reversed(run.history) if r.get("kind") == "epoch"), {})
     value = {k: v for k, v in last.items() if k in ("val_elbo", "val_log_likelihood")}
@@ -150,11 +149,11 @@ def print_and_save(title: str, table: str, result: dict, json_path: str | Path) 
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = elbox.evaluate(args.run_dir, None, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
+    result = elbox.evaluate(args.run_dir, args.data, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
                             progress=not args.no_progress)
-    title = f"{result['model']} on {result['dataset']} {args.split} [{result['data_space']}]"
-    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / f"eval-{args.split}.json")
+    title = f"{result['model']} on {result['dataset']} ({result['split']}) [{result['data_space']}]"
+    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / f"eval-{result['split']}.json")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -165,9 +164,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    model, _ = load_run(args.run_dir, resolve_device(args.device))
+    model, config = load_run(args.run_dir, resolve_device(args.device))
     values, names, estimate = score(model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+                                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                                    space=space_from_record(config["data"]))
     out = Path(args.out or Path(args.run_dir) / "scores.csv")
     num_dims = math.prod(model.config.data_shape)
     write_scores_csv(out, names, values, num_dims, estimate)
@@ -178,8 +178,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    model, _ = load_run(args.run_dir, resolve_device(args.device))
-    features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed)
+    model, config = load_run(args.run_dir, resolve_device(args.device))
+    features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed, space=space_from_record(config["data"]))
     save_features(args.out, features, names)
     print(f"encoded {len(names)} images: {', '.join(f'{k} {v.shape}' for k, v in features.items())}; wrote {args.out}")
     return 0
@@ -208,14 +208,16 @@ def cmd_tighten(args: argparse.Namespace) -> int:
     return print_and_save(title, format_gap_table(result), result, args.json or Path(args.run_dir) / f"tighten-{args.split}.json")
 
 
-INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of PNGs"))
+INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of images"))
 SEED = ("--seed", dict(type=int, default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
 BATCH = ("--batch-size", dict(type=positive_int, default=500, help="examples per pass (default: 500)"))
 SPLIT = ("--split", dict(choices=SPLITS, default="test", help="default: test"))
 IW = ("--iw-samples", dict(type=positive_int, default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
 COMMANDS = {  # name: (function, help, options)
     "evaluate": (cmd_evaluate, "bounds, NLL, bits/dim and active units on a split", [
-        SPLIT, ("--iw-samples", dict(type=positive_int, nargs="+", default=[1, 10, 100, 1000], metavar="K",
+        SPLIT, ("--data", dict(default=None, metavar="NAME|PATH", help="other data in the run's data space: a built-in "
+                               "dataset (its --split) or a path (default: the run's own test split, or its validation data)")),
+        ("--iw-samples", dict(type=positive_int, nargs="+", default=[1, 10, 100, 1000], metavar="K",
                 help="importance samples K, one or several (one stream of max K samples serves all); 5000 compares "
                      "with IWAE/VampPrior tables (default: 1 10 100 1000)")),
         ("--elbo-samples", dict(type=positive_int, default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
@@ -272,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         set_threads(args.threads)
         return args.func(args)
-    except ElboxError as e:
-        print(f"elbox: error: {e}", file=sys.stderr)
+    except ElboxError as e:  # raised in a DataLoader worker, the message carries the worker's traceback: keep its end
+        print(f"elbox: error: {str(e).rsplit('ElboxError: ', 1)[-1].strip()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("elbox: interrupted", file=sys.stderr)

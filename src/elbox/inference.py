@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from elbox.atomic import atomic_write_bytes
-from elbox.data import get_data_space
+from elbox.data import DataSpace, get_data_space
 from elbox.data.formats import read_images, to_8bit_tensor
+from elbox.data.inputs import as_examples
+from elbox.data.user import open_source
 from elbox.errors import ElboxError
 from elbox.evaluation import score_per_example
 from elbox.models.base import Encoder, LatentVariableModel, Reconstructs
@@ -52,9 +54,17 @@ def sample(model: LatentVariableModel, n: int = 64, *, temperature: float | list
         return model.sample(n, **options).clamp(0, 1).cpu()
 
 
-def user_images(model: LatentVariableModel, data: Any, seed: int) -> tuple[Tensor, list[str]]:
-    """A user's 8-bit images (a .npy/.npz file or a folder of PNGs, or an array or tensor) checked against the
-    model's data shape and put in its data space: (x, a name per image)."""
+def user_images(model: LatentVariableModel, data: Any, seed: int, space: DataSpace | None = None) -> tuple[Tensor, list[str]]:
+    """A user's 8-bit images (a .npy/.npz file or a folder of images, or an array or tensor), or for a model of real
+    vectors a user's vectors (an array or table file, or an array), checked against the model's data shape and put
+    in its data space (the run's: space_from_record; by default the model's): (x, a name per example)."""
+    space = space or get_data_space(model.data_space)
+    if space.name == "real":
+        vectors = as_examples(open_source(data) if isinstance(data, (str, os.PathLike)) else data, f"input {data}"
+                              if isinstance(data, (str, os.PathLike)) else "input array")
+        if tuple(vectors.shape[1:]) != tuple(model.config.data_shape):
+            raise ElboxError(f"the input has vectors of {vectors.shape[1]} values; the model takes {model.config.data_shape[0]}")
+        return space.eval_data(vectors.to(model.device)), [str(i) for i in range(vectors.shape[0])]
     if isinstance(data, (str, os.PathLike)):
         array, names = read_images(data)
         what = f"input {data}"
@@ -62,16 +72,18 @@ def user_images(model: LatentVariableModel, data: Any, seed: int) -> tuple[Tenso
         array = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
         names, what = [str(i) for i in range(len(array))] if array.ndim else [], "input array"
     images = to_8bit_tensor(array, tuple(model.config.data_shape), what)
-    return get_data_space(model.data_space).eval_data(images.to(model.device), seed=seed), names
+    return space.eval_data(images.to(model.device), seed=seed), names
 
 
 @torch.no_grad()
 def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
-          seed: int = 0, progress: bool = False) -> tuple[Tensor, list[str], str]:
-    """Per-image log-likelihood estimates of the 8-bit images (nats, float64 [N]), their names, and which estimate
-    it is: the exact log p(x) where the model has it, else IWAE-K, else the ELBO."""
-    x, names = user_images(model, data, seed)
-    offset = get_data_space(model.data_space).log_prob_offset(math.prod(x.shape[1:]))
+          seed: int = 0, progress: bool = False, space: DataSpace | None = None) -> tuple[Tensor, list[str], str]:
+    """Per-example log-likelihood estimates (nats, float64 [N]; of the 8-bit images, or of vectors in their original
+    units), their names, and which estimate it is: the exact log p(x) where the model has it, else IWAE-K, else the
+    ELBO. space: the run's data space (needed for real vectors)."""
+    space = space or get_data_space(model.data_space)
+    x, names = user_images(model, data, seed, space)
+    offset = space.log_prob_offset(math.prod(x.shape[1:]))
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         values, estimate = score_per_example(model, x, offset, iw_samples, batch_size, elbo_samples, progress=progress)
@@ -79,11 +91,12 @@ def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo
 
 
 @torch.no_grad()
-def encode(model: LatentVariableModel, data: Any, *, batch_size: int = 500, seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+def encode(model: LatentVariableModel, data: Any, *, batch_size: int = 500, seed: int = 0,
+           space: DataSpace | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Posterior means ("mean" [N, d]) and, where the model has them, variances ("variance") of the images."""
     if not isinstance(model, Encoder):
         raise ElboxError(f"the {model.name} model has no encoder")
-    x, names = user_images(model, data, seed)
+    x, names = user_images(model, data, seed, space)
     parts: dict[str, list[Tensor]] = {}
     for s in range(0, x.shape[0], batch_size):
         mean, variance = model.encode_moments(x[s : s + batch_size])

@@ -5,9 +5,10 @@ dimension) into log p(x|z) of shape [...], in nats, summed over the data dimensi
 [..., *data_shape] and broadcasts against the leading dims, so K importance samples [K, B, ...] can
 be scored against a batch [B, ...] without copying it.
 
-Data the likelihoods expect (see `elbox.data` data spaces; every space lies in [0, 1]):
+Data the likelihoods expect (see `elbox.data` data spaces; every image space lies in [0, 1]):
 - bernoulli: binary x in {0, 1}.
-- gaussian, gaussian-learned: continuous x (dequantized 8-bit data (k + u) / 256).
+- gaussian, gaussian-learned: continuous x (dequantized 8-bit data (k + u) / 256), or with real=True real
+  numbers (standardized vectors, the 'real' space): then means and draws are not clamped to [0, 1].
 - discretized-logistic, categorical: 8-bit x = k / 255, k in {0..255}.
 """
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Normal
 
 from elbox.bounds import LOG_2PI
+from elbox.data.spaces import model_data_space
 from elbox.errors import ElboxError
 from elbox.nets import inverse_softplus
 from elbox.options import option
@@ -39,11 +41,13 @@ def _bin_index(x: Tensor) -> Tensor:
 
 
 class Likelihood(nn.Module):
-    """Base class. Subclasses set `name`, `data_space` and `num_params` (P)."""
+    """Base class. Subclasses set `name`, `data_space` (the space of images) and `num_params` (P). `real` is True
+    for a likelihood of real numbers (the 'real' space of vectors, unbounded; only the gaussian ones can be)."""
 
     name: str = ""
     data_space: str = ""
     num_params: int = 1
+    real: bool = False
 
     def __init__(self, data_shape: tuple[int, ...]):
         super().__init__()
@@ -64,7 +68,7 @@ class Likelihood(nn.Module):
         """Raise ElboxError when x lies outside the space this likelihood models."""
         if not torch.isfinite(x).all():
             raise ElboxError(f"{what} contains NaN or infinite values")
-        if x.min() < 0 or x.max() > 1:
+        if not self.real and (x.min() < 0 or x.max() > 1):
             raise ElboxError(
                 f"{what} has values in [{x.min().item():.4g}, {x.max().item():.4g}]; "
                 f"the {self.name} likelihood expects values in [0, 1]"
@@ -112,11 +116,12 @@ class GaussianLikelihood(Likelihood):
     name = "gaussian"
     data_space = "continuous"
 
-    def __init__(self, data_shape: tuple[int, ...], sigma: float = 0.1):
+    def __init__(self, data_shape: tuple[int, ...], sigma: float = 0.1, real: bool = False):
         super().__init__(data_shape)
         if not sigma > 0:
             raise ElboxError(f"the gaussian likelihood's sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
+        self.real = bool(real)
 
     def constant(self) -> float:
         """The additive constant of log p(x|z) that squared error leaves out, in nats."""
@@ -129,11 +134,11 @@ class GaussianLikelihood(Likelihood):
         return -squared_error / (2 * self.sigma**2) + self.constant()
 
     def mean(self, params: Tensor) -> Tensor:
-        return params.squeeze(-self.n_data_dims - 1).clamp(0, 1)
+        return _in_range(params.squeeze(-self.n_data_dims - 1), self.real)
 
     def sample(self, params: Tensor) -> Tensor:
         mu = params.squeeze(-self.n_data_dims - 1)
-        return (mu + self.sigma * torch.randn_like(mu)).clamp(0, 1)
+        return _in_range(mu + self.sigma * torch.randn_like(mu), self.real)
 
 
 class LearnedGaussianLikelihood(Likelihood):
@@ -142,11 +147,12 @@ class LearnedGaussianLikelihood(Likelihood):
     name = "gaussian-learned"
     data_space = "continuous"
 
-    def __init__(self, data_shape: tuple[int, ...], sigma_init: float = 0.1, sigma_floor: float = 1e-3):
+    def __init__(self, data_shape: tuple[int, ...], sigma_init: float = 0.1, sigma_floor: float = 1e-3, real: bool = False):
         super().__init__(data_shape)
         if not 0 <= sigma_floor < sigma_init:
             raise ElboxError(f"need 0 <= sigma_floor < sigma_init, got floor {sigma_floor}, init {sigma_init}")
         self.sigma_floor = float(sigma_floor)
+        self.real = bool(real)
         self.raw_sigma = nn.Parameter(torch.full(self.data_shape, inverse_softplus(sigma_init - sigma_floor)))
 
     @property
@@ -160,10 +166,16 @@ class LearnedGaussianLikelihood(Likelihood):
         return _sum_data_dims(self._normal(params).log_prob(x), self.n_data_dims)
 
     def mean(self, params: Tensor) -> Tensor:
-        return params.squeeze(-self.n_data_dims - 1).clamp(0, 1)
+        return _in_range(params.squeeze(-self.n_data_dims - 1), self.real)
 
     def sample(self, params: Tensor) -> Tensor:
-        return self._normal(params).sample().clamp(0, 1)
+        return _in_range(self._normal(params).sample(), self.real)
+
+
+def _in_range(values: Tensor, real: bool) -> Tensor:
+    """Means and draws of a gaussian likelihood in its data space: clamped to the images' [0, 1], or as they are
+    for real numbers."""
+    return values if real else values.clamp(0, 1)
 
 
 class _EightBitLikelihood(Likelihood):
@@ -271,15 +283,19 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-# the options each likelihood takes from a model config (the others ignore them)
-LIKELIHOOD_OPTIONS = {"gaussian": ("sigma",), "discretized-logistic": ("n_mixtures",)}
+# the options each likelihood takes from a model config (the others ignore them); `real` (real-valued data) is set
+# from the data space the config's data_shape implies (LikelihoodOptions.data_space)
+LIKELIHOOD_OPTIONS = {"gaussian": ("sigma", "real"), "gaussian-learned": ("real",), "discretized-logistic": ("n_mixtures",)}
 
 
-def build_likelihood(name: str, data_shape: tuple[int, ...], sigma: float = 0.1, n_mixtures: int = 1) -> Likelihood:
+def build_likelihood(name: str, data_shape: tuple[int, ...], sigma: float = 0.1, n_mixtures: int = 1,
+                     real: bool = False) -> Likelihood:
     """Construct a likelihood by name, with the options of LIKELIHOOD_OPTIONS that it takes."""
     if name not in LIKELIHOODS:
         raise ElboxError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
-    given = {"sigma": sigma, "n_mixtures": n_mixtures}
+    if real and "real" not in LIKELIHOOD_OPTIONS.get(name, ()):
+        raise ElboxError(f"the {name} likelihood models 8-bit images, not real numbers")
+    given = {"sigma": sigma, "n_mixtures": n_mixtures, "real": real}
     return LIKELIHOODS[name](data_shape, **{key: given[key] for key in LIKELIHOOD_OPTIONS.get(name, ())})
 
 
@@ -288,7 +304,8 @@ class LikelihoodOptions:
     """The likelihood options of a model config (VAEConfig and HVAEConfig subclass it; they have data_shape)."""
 
     likelihood: str = option("bernoulli", "p(x|z); picks the data space: bernoulli=binary (dynamic binarization), "
-                             "gaussian*=continuous (dequantized), discretized-logistic/categorical=8-bit",
+                             "gaussian*=continuous (dequantized; vectors: real, standardized), "
+                             "discretized-logistic/categorical=8-bit",
                              choices=tuple(LIKELIHOODS))
     sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
     n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
@@ -297,8 +314,14 @@ class LikelihoodOptions:
     def upgrade(values: dict) -> dict:
         return upgrade_likelihood_options(values)
 
+    def data_space(self) -> str:
+        """The data space of the model's inputs: the likelihood's for images, 'real' for vectors (data_shape (D,)) with
+        a gaussian likelihood; ElboxError for another likelihood on vectors (elbox.data.model_data_space)."""
+        return model_data_space(LIKELIHOODS[self.likelihood].data_space, self.data_shape, f"the {self.likelihood} likelihood")
+
     def build_likelihood(self) -> Likelihood:
-        return build_likelihood(self.likelihood, self.data_shape, sigma=self.sigma, n_mixtures=self.n_mixtures)
+        return build_likelihood(self.likelihood, self.data_shape, sigma=self.sigma, n_mixtures=self.n_mixtures,
+                                real=self.data_space() == "real")
 
 
 def upgrade_likelihood_options(values: dict) -> dict:

@@ -19,7 +19,8 @@ import torch
 
 from elbox.atomic import atomic_write_bytes
 from elbox.checkpoint import METRICS_FILE, load_run
-from elbox.data import get_data_space, load_split
+from elbox.data import load_split, space_from_record
+from elbox.data.inputs import as_examples, first, run_data
 from elbox.evaluation import evaluate, format_table
 from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
 from elbox.plots import image_grid
@@ -109,13 +110,23 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def title_of(config: dict, run_dir: Path) -> str:
+    data = config["data"]
+    return f"elbox report: {config['model']} on {data.get('name', data.get('path', 'your data'))} ({run_dir.name})"
+
+
 def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tuple[str, list[tuple[str, str, bytes]], dict]:
     """(title, sections [(heading, text, png bytes or b"")], evaluation result) for a run."""
     run_dir = Path(run_dir)
     model, config = load_run(run_dir, device)
     data = config["data"]
-    images, labels = load_split(data["name"], "test", data.get("data_dir"))
-    space = get_data_space(data["space"])
+    if "name" in data:
+        images, labels = load_split(data["name"], "test", data.get("data_dir"))
+    else:  # your own data: the run's validation examples, unlabelled
+        _, val, _ = run_data(data, config.get("train", {}).get("seed", 0))
+        images = as_examples(first(val, QUICK_EVAL_EXAMPLES), "validation data")
+        labels = torch.zeros(images.shape[0], dtype=torch.long)
+    space = space_from_record(data)
     num_dims = math.prod(images.shape[1:])
     x = space.eval_data(images[:QUICK_EVAL_EXAMPLES].to(device), seed=seed)
     eval_path = run_dir / "eval-test.json"
@@ -134,18 +145,19 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
     samples = run_dir / "samples.png"
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        grid = samples.read_bytes() if samples.is_file() else _grid_png(model.sample(64))
-        sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
-        if isinstance(model, Reconstructs):
-            pairs = torch.cat([t for i in range(0, 32, 8) for t in (x[i : i + 8], model.reconstruct(x[i : i + 8]))])
-            sections.append(("Reconstructions", "Rows alternate: test images, then the means of p(x | E[z|x]).", _grid_png(pairs, nrow=8)))
-        if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
-            sections.append(("Latent interpolations", "Decoded straight lines between the posterior means of pairs of test images.",
-                             interpolations_png(model, x)))
-        if isinstance(model, Encoder) and result.get("latent_dim") == 2:
-            sections.append(("Latent space", "Posterior means of test images, coloured by class label.",
-                             scatter_png(model, x, labels[: x.shape[0]])))
-    title = f"elbox report: {config['model']} on {data['name']} ({run_dir.name})"
+        if images.dim() == 4:  # pictures of images (none for vectors)
+            grid = samples.read_bytes() if samples.is_file() else _grid_png(model.sample(64))
+            sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
+            if isinstance(model, Reconstructs):
+                pairs = torch.cat([t for i in range(0, 32, 8) for t in (x[i : i + 8], model.reconstruct(x[i : i + 8]))])
+                sections.append(("Reconstructions", "Rows alternate: test images, then the means of p(x | E[z|x]).", _grid_png(pairs, nrow=8)))
+            if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
+                sections.append(("Latent interpolations", "Decoded straight lines between the posterior means of pairs of test images.",
+                                 interpolations_png(model, x)))
+            if isinstance(model, Encoder) and result.get("latent_dim") == 2:
+                sections.append(("Latent space", "Posterior means of test images, coloured by class label.",
+                                 scatter_png(model, x, labels[: x.shape[0]])))
+    title = title_of(config, run_dir)
     settings = json.dumps({"model": config["model"], "model_config": config["model_config"], "train": config.get("train", {})}, indent=1)
     sections.insert(0, ("Run", f"Run directory: {run_dir}\n\n{settings}", b""))
     return title, sections, result

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from elbox.bounds import LOG_2PI, mean_and_stderr, sample_diag_gaussian
 from elbox.checkpoint import load_run
-from elbox.data import DataSpace, get_data_space, iterate_batches
+from elbox.data import DataSpace, iterate_batches, space_from_record
 from elbox.data.inputs import training_data
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
@@ -200,10 +200,10 @@ def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: 
     x, offset, _ = data_in_space(model, data["name"], split, data.get("data_dir"), seed, limit)
     refit = None
     if refit_epochs:
-        train_images, val_images, _ = training_data(data["name"], None, data.get("data_dir"), None, seed)
+        train_images, _, _ = training_data(data["name"], None, data.get("data_dir"), None, seed)
         val_x, _, _ = data_in_space(model, data["name"], "validation", data.get("data_dir"), seed, None)
         print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen", file=sys.stderr)
-        refit, history = refit_encoder(model, train_images.to(device), val_x, get_data_space(model.data_space),
+        refit, history = refit_encoder(model, train_images.to(device), val_x, space_from_record(data),
                                        epochs=refit_epochs, seed=seed)
         for record in history:
             print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Reading file formats: IDX files, CIFAR-10 binary batches, and the images users give to `elbox score`.
+"""Reading file formats: IDX files, CIFAR-10 binary batches, users' .npy/.npz arrays and the images users give
+to `elbox score`.
 
 IDX files (fashion-mnist, mnist): uint8 arrays, plain or gzipped (recognized by the gzip magic bytes;
 a file named .gz must be gzipped), checked structurally: header, dtype, dims against the payload size.
@@ -7,10 +8,14 @@ CIFAR-10 binary batches (the binary version's .bin files; the Python version is 
 is ever unpickled): fixed-size records of one label byte and the image's pixel bytes, checked for whole
 records, the expected record count and labels 0-9.
 
-User input (`read_images`), all holding 8-bit images:
-  FILE.npy              one array, loaded without pickle
-  FILE.npz              one array, or the array named "x" or "images"; loaded without pickle
-  DIRECTORY             every *.png in it (sorted by name), grayscale or RGB
+Users' arrays (`open_array`): .npy files and .npz archives, never unpickled, their headers checked against the
+file before anything is allocated, memory-mapped where stored uncompressed. 8-bit values are checked chunk by
+chunk (`check_8bit_values`), so that a large memory-mapped array is never read whole.
+
+User input to `elbox score` (`read_images`), all holding 8-bit images:
+  FILE.npy              one array
+  FILE.npz              one array, or the array named "x" or "images"
+  DIRECTORY             every image file under it, as elbox.data.user_images.ImageFolder reads them
 Arrays may be integers 0..255, or floats in [0, 1] on the 8-bit grid k/255 (binary {0, 1} arrays included),
 shaped [N, C, H, W], [N, H, W] (one channel) or [N, H, W, C] (channels last); `to_8bit_tensor` checks them
 against a model's data shape. The images then go through the run's data space exactly as test images do
@@ -20,18 +25,22 @@ against a model's data shape. The images then go through the run's data space ex
 from __future__ import annotations
 
 import gzip
-import io
 import math
 import os
+import struct
+import tokenize
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from elbox.data.user_images import ImageFolder, one_line
 from elbox.errors import ElboxError
+from elbox.options import short_repr
+from elbox.system import available_memory_bytes
 
 # ---------------------------------------------------------------------------
 # IDX files
@@ -133,66 +142,195 @@ def _parse_cifar_batch(data: bytes, path: Path, image_shape: tuple[int, ...], ex
 
 
 # ---------------------------------------------------------------------------
-# User input: .npy, .npz, a folder of PNGs
+# Users' arrays (.npy, .npz) and images (`elbox score`)
 
 NPZ_KEYS = ("x", "images")
+CHUNK_ELEMENTS = 1 << 22  # values checked per step: a memory-mapped array is read once in pieces, never whole
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+_NOT_AN_ARRAY = "is corrupt, truncated or not a plain numeric array (pickled objects are never loaded)"
+# what numpy's header parser and zipfile raise on broken bytes
+_ARRAY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError,
+                 NotImplementedError, struct.error, SyntaxError, TypeError, OverflowError, tokenize.TokenError)
+
+
+def open_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
+    """The array of a .npy file or .npz archive (told apart by their magic bytes, not by name), never unpickled.
+
+    Memory-mapped (an np.memmap, read on demand) from a .npy file or an uncompressed .npz member (np.savez); a
+    compressed member (np.savez_compressed) is read whole, after checking that it fits in memory. The header's
+    shape and dtype are checked against the bytes the file holds before anything is mapped or allocated. In an
+    .npz, `key` names the array; without it, the only array or the one named "x" or "images"."""
+    path = Path(path)
+    if not path.is_file():
+        raise ElboxError(f"input {path} " + ("is not a file" if path.exists() else "does not exist"))
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+            if magic == _NPY_MAGIC:
+                f.seek(0)
+                shape, fortran, dtype, header = _read_npy_header(f, f"input {path}")
+                _check_size(shape, dtype, path.stat().st_size - header, f"input {path}")
+                return _map(path, shape, fortran, dtype, header)
+        if magic.startswith(_ZIP_MAGIC):
+            return _open_npz(path, key)
+    except ElboxError:
+        raise
+    except _ARRAY_ERRORS as e:
+        raise ElboxError(f"input {path} {_NOT_AN_ARRAY}: {one_line(e)}") from None
+    raise ElboxError(f"input {path} {_NOT_AN_ARRAY}: it is neither a .npy file nor a .npz archive")
+
+
+def _read_npy_header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, header length in bytes) of the .npy stream `f`, read from its start."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ElboxError(f"{what} is a .npy file of version {version}; versions 1.0 and 2.0 are read")
+    if dtype.hasobject:
+        raise ElboxError(f"{what} holds pickled Python objects (dtype {short_repr(str(dtype))}); "
+                         "pickled objects are never loaded")
+    if any(d < 0 for d in shape):
+        raise ElboxError(f"{what} {_NOT_AN_ARRAY}: negative dimension in shape {short_repr(shape)}")
+    return tuple(shape), bool(fortran), dtype, f.tell()
+
+
+def _check_size(shape: tuple[int, ...], dtype: np.dtype, available: int, what: str) -> None:
+    need = math.prod(shape) * dtype.itemsize
+    if need > available:
+        raise ElboxError(f"{what} is truncated: its header declares shape {short_repr(shape)} of {dtype} "
+                         f"({format_bytes(need)}) but the file holds {format_bytes(max(available, 0))} of data")
+
+
+def _map(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, offset: int) -> np.ndarray:
+    if math.prod(shape) == 0:
+        return np.empty(shape, dtype)  # an empty file part cannot be mapped
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _open_npz(path: Path, key: str | None) -> np.ndarray:
+    with zipfile.ZipFile(path) as archive:
+        names = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+        info = archive.getinfo(_pick_npz_array(names, key, path) + ".npy")
+        what = f"input {path} (array {info.filename.removesuffix('.npy')!r})"
+        if info.flag_bits & 1:
+            raise ElboxError(f"{what} is encrypted")
+        with archive.open(info) as f:
+            shape, fortran, dtype, header = _read_npy_header(f, what)
+        _check_size(shape, dtype, info.file_size - header, what)
+        if info.compress_type == zipfile.ZIP_STORED:  # the member's bytes lie as they are in the file: map them
+            with open(path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)  # the member's local header: name and extra field lengths at bytes 26-29
+            if len(local) < 30 or local[:4] != _ZIP_MAGIC:
+                raise ElboxError(f"{what} {_NOT_AN_ARRAY}: bad local zip header")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            return _map(path, shape, fortran, dtype, info.header_offset + 30 + name_len + extra_len + header)
+        need, free = math.prod(shape) * dtype.itemsize, available_memory_bytes(torch.device("cpu"))
+        if need > free:
+            raise ElboxError(f"{what} is compressed and would take {format_bytes(need)} in memory, "
+                             f"{format_bytes(free)} is free; store it uncompressed (np.save, np.savez) to read it on demand")
+        with archive.open(info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
+    if key is not None:
+        if key not in names:
+            raise ElboxError(f"input {path} has no array named {short_repr(key)}; it holds {short_repr(names)}")
+        return key
+    if len(names) == 1:
+        return names[0]
+    for name in NPZ_KEYS:
+        if name in names:
+            return name
+    if not names:
+        raise ElboxError(f"input {path} holds no arrays")
+    raise ElboxError(f"input {path} holds arrays {short_repr(names)}; pick one by key, or name the images (or "
+                     f"vectors) {' or '.join(repr(k) for k in NPZ_KEYS)}, or store one array")
+
+
+def format_bytes(n: float) -> str:
+    """A size for a message: 4.7 KB, 1 TB."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return ""  # not reached
+
+
+def row_chunks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) in pieces of about CHUNK_ELEMENTS values, each read into memory."""
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(array.shape[1:])))
+    for start in range(0, len(array), step):
+        yield start, np.asarray(array[start:start + step])
+
+
+def first_true(mask: np.ndarray, start: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(index in the chunk, index in the whole array) of the first True of a chunk's mask, in C order."""
+    local = tuple(int(i) for i in np.unravel_index(int(mask.argmax()), mask.shape))
+    return local, (start + local[0], *local[1:])
+
+
+def _refuse_first(mask: np.ndarray, chunk: np.ndarray, start: int, what: str, problem: str) -> None:
+    if mask.any():
+        local, index = first_true(mask, start)
+        raise ElboxError(f"{what} has the value {chunk[local]:.6g} at index {index}{problem}")
+
+
+def check_8bit_values(array: np.ndarray, what: str) -> None:
+    """Integers 0..255, or floats in [0, 1] on the 8-bit grid k/255; else ElboxError naming the first bad index.
+    uint8 and bool arrays pass unread; others are read once, chunk by chunk."""
+    if array.dtype.kind == "b" or array.dtype == np.uint8:
+        return
+    for start, chunk in row_chunks(array):
+        if array.dtype.kind == "f":
+            _refuse_first(~np.isfinite(chunk), chunk, start, what, "; give finite values (NaN or infinite found)")
+            _refuse_first((chunk < 0) | (chunk > 1), chunk, start, what, "; floats must lie in [0, 1] (k/255)")
+            scaled = chunk.astype(np.float64) * 255
+            _refuse_first(np.abs(scaled - np.round(scaled)) > 1e-3, chunk, start, what,
+                          ", off the 8-bit grid k/255 of 8-bit images")
+        else:
+            _refuse_first((chunk < 0) | (chunk > 255), chunk, start, what, "; 8-bit images need integers 0..255")
+
+
+def as_uint8(array: np.ndarray) -> np.ndarray:
+    """Checked 8-bit values (see check_8bit_values) as a new C-contiguous uint8 array: floats k/255 become k, and
+    booleans, like floats 0 and 1, become 0 and 255."""
+    if array.dtype.kind in "fb":
+        return np.rint(array.astype(np.float64) * 255).astype(np.uint8, order="C")
+    return array.astype(np.uint8, order="C")
+
+
+def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
+    """(C, H, W) of one image in an array of images [N, H, W], [N, C, H, W] or [N, H, W, C] (C = 1 or 3)."""
+    if len(shape) == 3:
+        return (1, *shape[1:])
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return tuple(shape[1:])
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return (shape[3], shape[1], shape[2])
+    raise ElboxError(f"{what} has shape {short_repr(tuple(shape))}; give images as [N, H, W], [N, C, H, W] or "
+                     "[N, H, W, C] with 1 or 3 channels")
 
 
 def read_images(path: str | Path) -> tuple[np.ndarray, list[str]]:
-    """The images in `path` as an array (not yet checked) and a name for each (file name or index)."""
+    """The images in `path` as an array (not yet checked) and a name for each (relative file path or index):
+    a .npy/.npz file (memory-mapped where it can be), or a folder of images read as `ImageFolder` reads it."""
     path = Path(path)
     if path.is_dir():
-        return _read_png_folder(path)
-    if not path.is_file():
+        folder = ImageFolder(path)
+        return np.stack([folder[i].numpy() for i in range(len(folder))]), list(folder.names)
+    if not path.exists():
         raise ElboxError(f"input {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file or a folder of PNG images")
-    try:
-        loaded = np.load(path, allow_pickle=False)  # numpy picks .npy or .npz by the file's magic bytes, not its name
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                array = _pick_npz_array(loaded, path)
-        else:
-            array = loaded
-    except ElboxError:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, RuntimeError) as e:
-        raise ElboxError(f"input {path} is corrupt, truncated or not a plain numeric array "
-                         f"(pickled objects are never loaded): {e}") from None
+        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file or a folder of images")
+    array = open_array(path)
     return array, [str(i) for i in range(len(array))] if array.ndim > 0 else []
-
-
-def _pick_npz_array(archive, path: Path) -> np.ndarray:
-    names = list(archive.files)
-    if len(names) == 1:
-        return archive[names[0]]
-    for key in NPZ_KEYS:
-        if key in names:
-            return archive[key]
-    raise ElboxError(f"input {path} holds arrays {names}; name the images {' or '.join(repr(k) for k in NPZ_KEYS)}, or store one array")
-
-
-def _read_png_folder(path: Path) -> tuple[np.ndarray, list[str]]:
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".png" and p.is_file())
-    if not files:
-        raise ElboxError(f"input folder {path} has no .png files")
-    images = []
-    for file in files:
-        try:
-            with Image.open(io.BytesIO(file.read_bytes())) as image:
-                if image.mode not in ("L", "RGB", "1", "P", "RGBA", "LA"):
-                    raise ElboxError(f"image {file} has mode {image.mode}; give 8-bit grayscale or RGB PNGs")
-                channels = "L" if image.mode in ("L", "1", "LA") else "RGB"
-                array = np.asarray(image.convert(channels))
-        except ElboxError:
-            raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-            raise ElboxError(f"image {file} is not a readable PNG: {e}") from None
-        if images and array.shape != images[0].shape:
-            raise ElboxError(f"image {file} has shape {array.shape}, but {files[0].name} has {images[0].shape}; all must match")
-        images.append(array)
-    return np.stack(images), [f.name for f in files]
 
 
 def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) -> torch.Tensor:
@@ -204,24 +342,12 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
         raise ElboxError(f"{what} is empty: no images to score")
     c, h, w = data_shape
     shape = array.shape[1:]
-    if shape == (c, h, w):
-        pass
-    elif c == 1 and shape == (h, w):
-        array = array[:, None]
-    elif shape == (h, w, c):
-        array = np.moveaxis(array, -1, 1)
-    else:
-        raise ElboxError(f"{what} has images of shape {shape}; the model takes {(c, h, w)}"
+    if shape not in ((c, h, w), (h, w, c)) and not (c == 1 and shape == (h, w)):
+        raise ElboxError(f"{what} has images of shape {short_repr(shape)}; the model takes {(c, h, w)}"
                          + (f" or {(h, w)}" if c == 1 else f" or channels last {(h, w, c)}"))
-    if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise ElboxError(f"{what} contains NaN or infinite values")
-        if array.min() < 0 or array.max() > 1:
-            raise ElboxError(f"{what} has float values in [{array.min():.4g}, {array.max():.4g}]; floats must lie in [0, 1] (k/255)")
-        scaled = array.astype(np.float64) * 255
-        if np.abs(scaled - np.round(scaled)).max() > 1e-3:
-            raise ElboxError(f"{what} has float values off the 8-bit grid k/255; the model scores 8-bit images")
-        array = np.round(scaled)
-    elif array.min() < 0 or array.max() > 255:
-        raise ElboxError(f"{what} has integer values in [{array.min()}, {array.max()}]; 8-bit images need 0..255")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
+    check_8bit_values(array, what)  # before the layout changes, so that the index named is the array's own
+    if c == 1 and shape == (h, w):
+        array = array[:, None]
+    elif shape != (c, h, w):
+        array = np.moveaxis(array, -1, 1)
+    return torch.from_numpy(as_uint8(array))

@@ -1,17 +1,28 @@
-"""Feeding a model: data spaces turn uint8 images into model inputs, `iterate_batches` makes the batches.
+"""Feeding a model: data spaces turn data into model inputs, `iterate_batches` makes the batches.
 
 Data spaces turn uint8 images into the float32 values in [0, 1] a model sees:
   "binary"      dynamic binarization, x ~ Bernoulli(k/255)
   "continuous"  uniform dequantization, y = (k + u)/256, u ~ U[0, 1)
   "discrete"    x = k/255, no randomness
+and real-valued vectors [N, D] into standardized ones:
+  "real"        y = (x - mean) / std per dimension, mean and std fitted on the training data (fit_real_space)
+
+Which space a model takes follows from its image space and its data_shape (`model_data_space`: vectors, a 1-D
+data_shape (D,), go to "real"). A run records its space in config.json's "data" record (`space_record`):
+    {"space": "binary"}                                              the image spaces have no parameters
+    {"space": "real", "scaling": {"mean": [m_1, ...], "std": [s_1, ...]}}   D floats each, original units
+and `space_from_record(config["data"])` rebuilds it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from elbox.errors import ElboxError
 
@@ -20,7 +31,8 @@ from elbox.errors import ElboxError
 
 
 class DataSpace:
-    """How uint8 images [B, C, H, W] become the float32 values in [0, 1] a model sees."""
+    """How data become the float32 values a model sees: uint8 images [B, C, H, W] become values in [0, 1] (the
+    image spaces), float vectors [B, D] standardized ones ('real')."""
 
     name: str = ""
 
@@ -38,8 +50,19 @@ class DataSpace:
         return self._transform(x, generator, None)
 
     def log_prob_offset(self, num_dims: int) -> float:
-        """Nats to add to a model's log-density to get a log-probability of the 8-bit data."""
+        """Nats to add to a model's log-density to get a log-probability (or density) of the data as given."""
         return 0.0
+
+    def to_record(self) -> dict:
+        """The parameters that rebuild this space with from_record (JSON-ready); none for the image spaces."""
+        return {}
+
+    @classmethod
+    def from_record(cls, record: dict) -> DataSpace:
+        """The space from its parameters (to_record's dict)."""
+        if record:
+            raise ElboxError(f"data space {cls.name!r} takes no parameters, got {', '.join(map(str, record))}")
+        return cls()
 
     def _transform(self, x: torch.Tensor, generator: torch.Generator | None, part: tuple[int, int] | None) -> torch.Tensor:
         raise NotImplementedError
@@ -110,11 +133,184 @@ class DiscreteSpace(DataSpace):
         return x.float() / 255
 
 
-def get_data_space(name: str) -> DataSpace:
+@_register
+class RealSpace(DataSpace):
+    """Real-valued vectors [B, D], standardized per dimension: y = (x - mean) / std, no randomness.
+
+    mean and std [D] (float64) are fitted on the training data (fit_real_space) and stored with the run. A model's
+    density p_y of the standardized data is a density of the original data by the change of variables
+        log p_x(x) = log p_y(y) - sum_d log std_d,
+    so log_prob_offset = -sum_d log std_d, and every log p(x), bound and score reported is in the original units.
+    Inputs are float tensors [B, D] of finite values; the model sees float32.
+    """
+
+    name = "real"
+
+    def __init__(self, mean: Sequence[float] | Tensor | None = None, std: Sequence[float] | Tensor | None = None):
+        if mean is None or std is None:
+            given = [name for name, value in (("mean", mean), ("std", std)) if value is not None]
+            raise ElboxError(_real_scaling_needed(", ".join(given) or "nothing"))
+        self.mean = _scaling_vector(mean, "mean")
+        self.std = _scaling_vector(std, "std")
+        if self.mean.shape != self.std.shape:
+            raise ElboxError(f"the 'real' space's mean has {self.mean.numel()} values and its std {self.std.numel()}")
+        bad = (self.std <= 0).nonzero().flatten().tolist()
+        if bad:
+            raise ElboxError(f"the 'real' space's std must be > 0; it is {self.std[bad[0]].item():g} in column {bad[0]}")
+
+    @property
+    def num_dims(self) -> int:
+        return self.mean.numel()
+
+    def _check(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise ElboxError(f"data space 'real' expects a float tensor of vectors [N, {self.num_dims}], got {got}")
+        if x.dim() != 2 or x.shape[1] != self.num_dims:
+            raise ElboxError(f"data space 'real' expects vectors [N, {self.num_dims}], got shape {tuple(x.shape)}")
+        check_finite(x)
+        return x
+
+    def _transform(self, x, generator, part):
+        return ((x.double() - self.mean.to(x.device)) / self.std.to(x.device)).float()
+
+    def log_prob_offset(self, num_dims: int) -> float:
+        # the log-determinant of the inverse scaling x = mean + std * y
+        if num_dims != self.num_dims:
+            raise ElboxError(f"the 'real' space scales {self.num_dims} dimensions, not {num_dims}")
+        return -self.std.log().sum().item()
+
+    def unstandardize(self, y: Tensor) -> Tensor:
+        """Model values y [N, D] (samples, reconstructions) back in the original units, in y's dtype."""
+        return (y.double() * self.std.to(y.device) + self.mean.to(y.device)).to(y.dtype)
+
+    def to_record(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_record(cls, record: dict) -> RealSpace:
+        if not isinstance(record, dict) or set(record) != {"mean", "std"}:
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise ElboxError(_real_scaling_needed(keys or "nothing"))
+        return cls(record["mean"], record["std"])
+
+
+def _real_scaling_needed(got: str) -> str:
+    return ("the 'real' data space standardizes with a mean and std fitted to the training data, "
+            f"{{\"mean\": [...], \"std\": [...]}} (got {got}): build it with fit_real_space(batches), or a run's "
+            "with space_from_record(config['data'])")
+
+
+def _scaling_vector(values: Any, what: str) -> Tensor:
+    """A non-empty, finite float64 vector [D] from a list or a tensor (the 'real' space's mean or std)."""
     try:
-        return DATA_SPACES[name]()
-    except KeyError:
-        raise ElboxError(f"unknown data space {name!r}; valid data spaces: {', '.join(DATA_SPACES)}") from None
+        vector = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        raise ElboxError(f"the 'real' space's {what} must be a list of numbers, got {str(values)[:60]}") from None
+    if vector.dim() != 1 or vector.numel() == 0:
+        raise ElboxError(f"the 'real' space's {what} must be a non-empty list of numbers, got shape {tuple(vector.shape)}")
+    bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
+    if bad:
+        raise ElboxError(f"the 'real' space's {what} is {vector[bad[0]].item()} in column {bad[0]}; it must be finite")
+    return vector.clone()
+
+
+def check_finite(x: Tensor, first_row: int = 0) -> None:
+    """ElboxError naming the row (counted from first_row) and column of the first NaN or infinite value of x [N, D]."""
+    if torch.isfinite(x.sum()):  # one cheap reduction on the happy path
+        return
+    bad = (~torch.isfinite(x)).nonzero()
+    if bad.numel():
+        row, column = bad[0].tolist()
+        raise ElboxError(f"the data have a non-finite value ({x[row, column].item()}) in row {first_row + row}, "
+                         f"column {column}")
+
+
+def fit_real_space(batches: Iterable[Tensor | np.ndarray]) -> RealSpace:
+    """The 'real' space of data given as batches of vectors [B, D]: mean and std (1/N, the maximum-likelihood
+    std) per column in one streaming float64 pass (batch statistics merged by Chan et al.'s update), so the data
+    need not fit in memory. ElboxError for no data or one example, a non-float batch, a shape that changes, a NaN
+    or infinite value (naming its row and column) and a constant column (naming it)."""
+    n, mean, m2, low, high = 0, None, None, None, None
+    for batch in batches:
+        x = _float_batch(batch, mean)
+        check_finite(x, n)
+        x = x.detach().to(torch.float64)
+        b = x.shape[0]
+        if b == 0:
+            continue
+        batch_mean = x.mean(0)
+        batch_m2 = (x - batch_mean).square().sum(0)
+        if mean is None:
+            mean, m2, low, high = batch_mean, batch_m2, x.amin(0), x.amax(0)
+        else:
+            delta = batch_mean - mean
+            mean = mean + delta * (b / (n + b))
+            m2 = m2 + batch_m2 + delta.square() * (n * b / (n + b))
+            low, high = torch.minimum(low, x.amin(0)), torch.maximum(high, x.amax(0))
+        n += b
+    if n < 2:
+        raise ElboxError(f"cannot standardize vectors from {n} example(s): need at least 2")
+    constant = (low == high).nonzero().flatten().tolist()
+    if constant:
+        columns = ", ".join(map(str, constant[:10])) + (", ..." if len(constant) > 10 else "")
+        raise ElboxError(f"column(s) {columns} of the data are constant (value {low[constant[0]].item():g} in column "
+                         f"{constant[0]}); a constant column has no density: drop it")
+    return RealSpace(mean, (m2 / n).sqrt())
+
+
+def _float_batch(batch: Any, mean: Tensor | None) -> Tensor:
+    """A batch of fit_real_space as a float tensor [B, D], D the same as the batches before (mean's length)."""
+    x = torch.from_numpy(batch) if isinstance(batch, np.ndarray) else batch
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise ElboxError(f"fit_real_space needs batches of float vectors [B, D], got {got}")
+    if x.dim() != 2 or (mean is not None and x.shape[1] != mean.numel()):
+        want = f"[B, {mean.numel()}]" if mean is not None else "[B, D]"
+        raise ElboxError(f"fit_real_space needs batches of vectors {want}, got shape {tuple(x.shape)}")
+    return x
+
+
+def get_data_space(name: str, **params: Any) -> DataSpace:
+    """A data space by name; params are the space's own ('real': mean and std, see RealSpace)."""
+    if name not in DATA_SPACES:
+        raise ElboxError(f"unknown data space {str(name)[:40]!r}; valid data spaces: {', '.join(DATA_SPACES)}")
+    return DATA_SPACES[name].from_record(params)
+
+
+def space_record(space: DataSpace) -> dict:
+    """The entries of a run's config.json "data" record that rebuild its space: {"space": name} and, for a space with
+    parameters ('real'), "scaling": its parameters (see the module docstring)."""
+    scaling = space.to_record()
+    return {"space": space.name, **({"scaling": scaling} if scaling else {})}
+
+
+def space_from_record(data_record: dict) -> DataSpace:
+    """The data space of a run from its config.json "data" record (space_record's entries)."""
+    if not isinstance(data_record, dict) or not isinstance(data_record.get("space"), str):
+        raise ElboxError("the run's data record names no data space (config.json: \"data\": {\"space\": ...})")
+    scaling = data_record.get("scaling", {})
+    if not isinstance(scaling, dict):
+        raise ElboxError(f"the run's data scaling must be a JSON object, got {type(scaling).__name__}")
+    return get_data_space(data_record["space"], **scaling)
+
+
+def model_data_space(image_space: str, data_shape: Sequence[int], what: str) -> str:
+    """The data space of a model whose images come from image_space, for examples of data_shape.
+
+    The one rule for vectors: a 1-D data_shape (D,) holds real numbers, which a model with a continuous density
+    (image space "continuous") takes standardized, in the "real" space; other models cannot take them (ElboxError
+    naming `what`, e.g. "the bernoulli likelihood"). Images keep image_space."""
+    if len(data_shape) != 1:
+        return image_space
+    if image_space == "continuous":
+        return "real"
+    raise ElboxError(f"{what} models 8-bit images (the {image_space!r} space), not vectors of real numbers "
+                     f"(data_shape {tuple(data_shape)}); vectors go to {VECTOR_MODELS}")
+
+
+# where model_data_space and image-only models send vectors, in words
+VECTOR_MODELS = "the gaussian, mixture and linear models and the mlp vae with the gaussian or gaussian-learned likelihood"
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from elbox.bounds import ELBOTerms
+from elbox.data.spaces import VECTOR_MODELS
 from elbox.errors import ElboxError
 from elbox.options import config_from_dict
 
@@ -63,7 +64,8 @@ class LatentVariableModel(nn.Module):
 
     @property
     def data_space(self) -> str:
-        """Name of the elbox.data space the model's inputs must come from."""
+        """Name of the elbox.data space the model's inputs must come from (vectors, a data_shape (D,), come from the
+        'real' space; the rule is elbox.data.model_data_space)."""
         raise NotImplementedError
 
     def sample(self, n: int) -> Tensor:
@@ -188,6 +190,13 @@ def build_model(name: str, config: dict[str, Any] | Any, **modules: nn.Module) -
     if isinstance(config, dict):
         config = model_config(name, config)
     return cls.from_config(config, **modules) if modules else cls.from_config(config)
+
+
+def check_image_shape(data_shape: Sequence[int], what: str) -> None:
+    """ElboxError unless data_shape is an image's (channels, height, width): for the models that take images only."""
+    if len(data_shape) != 3:
+        hint = f"; vectors (D,) go to {VECTOR_MODELS}" if len(data_shape) == 1 else ""
+        raise ElboxError(f"{what} takes images: data_shape must be (channels, height, width), got {tuple(data_shape)}{hint}")
 
 
 def per_level_temperatures(temperature: float | Sequence[float], levels: int) -> list[float]:

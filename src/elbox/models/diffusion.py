@@ -29,7 +29,7 @@ from torch import Tensor
 
 from elbox.bounds import ELBOTerms, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel, register_model
+from elbox.models.base import LatentVariableModel, check_image_shape, register_model
 from elbox.models.schedules import SCHEDULES, build_schedule
 from elbox.nets import ConditionedUNet
 from elbox.options import check_options, option
@@ -120,8 +120,8 @@ class DiffusionConfig:
 
     def __post_init__(self):
         check_options(self)
+        check_image_shape(self.data_shape, "the diffusion model")
         checks = [
-            (len(self.data_shape) == 3, f"data_shape must be (channels, height, width), got {self.data_shape}"),
             (self.gamma_min < self.gamma_max, f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"),
             (bool(self.channels), "channels must be a non-empty list of positive widths"),
             (not (self.loss == "simple" and self.schedule.startswith("learned")),

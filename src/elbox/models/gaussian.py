@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from elbox.bounds import LOG_2PI, check_count
+from elbox.data.spaces import model_data_space
 from elbox.errors import ElboxError
 from elbox.models.base import Callback, LatentVariableModel, register_model
 from elbox.options import check_options, option
@@ -58,8 +59,8 @@ def flatten_data(x, data_shape: tuple[int, ...], model: str) -> Tensor:
         raise ElboxError(f"{model} model: x must be a torch tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ElboxError(
-            f"{model} model: x must be float data in the 'continuous' space, got dtype {x.dtype} "
-            "(dequantize 8-bit images with elbox.data.get_data_space('continuous'))"
+            f"{model} model: x must be float data in the 'continuous' space (images) or the 'real' space (vectors), "
+            f"got dtype {x.dtype} (dequantize 8-bit images with elbox.data.get_data_space('continuous'))"
         )
     if x.dim() < 2 or math.prod(x.shape[1:]) != num_dims or (x.dim() > 2 and tuple(x.shape[1:]) != data_shape):
         raise ElboxError(
@@ -102,11 +103,12 @@ class GaussianConfig:
 
 
 class ContinuousDensity(LatentVariableModel):
-    """Base of the models with an exact density on the dequantized data (the Gaussian and the mixture)."""
+    """Base of the models with an exact density on the dequantized images or the standardized vectors (the Gaussian
+    and the mixture)."""
 
     @property
     def data_space(self) -> str:
-        return "continuous"
+        return model_data_space("continuous", self.config.data_shape, f"the {self.name} model")
 
     @property
     def num_dims(self) -> int:

@@ -38,6 +38,7 @@ from elbox.errors import ElboxError
 from elbox.likelihoods import LikelihoodOptions
 from elbox.models.base import (
     LatentVariableModel,
+    check_image_shape,
     per_level_temperatures,
     register_model,
 )
@@ -69,8 +70,7 @@ class HVAEConfig(LikelihoodOptions):
 
     def __post_init__(self):
         check_options(self)
-        if len(self.data_shape) != 3:
-            raise ElboxError(f"data_shape must be (channels, height, width), got {self.data_shape}")
+        check_image_shape(self.data_shape, "the hvae")
         if self.hvae_type == "markov":
             if not self.latent_dims:
                 self.latent_dims = [max(2, 32 >> t) for t in range(self.levels)]

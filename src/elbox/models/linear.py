@@ -40,6 +40,7 @@ from elbox.bounds import (
     kl_full_gaussians,
     standard_normal_log_prob,
 )
+from elbox.data.spaces import model_data_space
 from elbox.errors import ElboxError
 from elbox.models.base import Callback, LatentVariableModel, register_model
 from elbox.nets import inverse_softplus
@@ -111,7 +112,7 @@ class LinearGaussian(LatentVariableModel):
 
     @property
     def data_space(self) -> str:
-        return "continuous"
+        return model_data_space("continuous", self.config.data_shape, "the linear model")
 
     @property
     def trains_by_gradient(self) -> bool:

@@ -1,7 +1,7 @@
 """Training and validation batches, from images held in memory or streamed from disk.
 
-Training data are either a uint8 tensor [N, C, H, W] (gathered by index on the device) or a map-style torch
-Dataset of uint8 [C, H, W] items (users' files, read on demand by DataLoader worker processes, so memory does not
+Training data are either a tensor (uint8 images [N, C, H, W] or float32 vectors [N, D], gathered by index on the
+device) or a map-style torch Dataset of such items (users' files, read on demand by DataLoader worker processes, so memory does not
 grow with the dataset). Both follow one order: elbox.data.iterate_batches over the shuffle generator, so a run
 on a Dataset sees the same batches as on the same images in memory, and resuming restores the order with the
 generator's state. Under torchrun every process reads only its contiguous share of each global batch.
@@ -40,7 +40,7 @@ def share(rows: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def gather(data: Images, batches: list[Tensor], device: torch.device, workers: int) -> Iterator[Tensor]:
-    """The uint8 images of each index batch, on the device, in order: index gathers in memory, or a DataLoader
+    """The examples of each index batch, on the device, in order: index gathers in memory, or a DataLoader
     reading the files with `workers` processes (0: in this process)."""
     if isinstance(data, Tensor):
         data = data.to(device)
@@ -48,21 +48,22 @@ def gather(data: Images, batches: list[Tensor], device: torch.device, workers: i
     # its own generator: a DataLoader draws its workers' base seed, which must not consume the global random
     # stream that the model's sampling uses (the run would then differ from the same images in memory)
     loader = DataLoader(data, batch_sampler=[idx.tolist() for idx in batches], num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=stack_images, generator=torch.Generator().manual_seed(0))
+                        pin_memory=device.type == "cuda", collate_fn=stack_examples, generator=torch.Generator().manual_seed(0))
     return (images.to(device, non_blocking=True) for images in loader)
 
 
-def stack_images(items: list) -> Tensor:
-    """A batch of uint8 images from a Dataset's items (an image, or an (image, label) pair)."""
-    images = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
-    if not all(isinstance(x, Tensor) and x.dtype == torch.uint8 for x in images):
-        raise ElboxError("a training Dataset must give uint8 image tensors [C, H, W] (or (image, label) pairs)")
-    return torch.stack(images)
+def stack_examples(items: list) -> Tensor:
+    """A batch from a Dataset's items (an example, or an (example, label) pair): uint8 images or float vectors."""
+    examples = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+    if not all(isinstance(x, Tensor) and x.dtype in (torch.uint8, torch.float32) for x in examples):
+        raise ElboxError("a training Dataset must give uint8 image tensors [C, H, W] or float32 vectors [D] "
+                         "(or (example, label) pairs)")
+    return torch.stack(examples)
 
 
 def validation_chunks(data: Images, batch_size: int, rank: int, world: int, device: torch.device,
                       workers: int) -> Iterator[tuple[int, Tensor]]:
-    """(first row, uint8 images) of this process's share of the validation data, in chunks of batch_size."""
+    """(first row, examples) of this process's share of the validation data, in chunks of batch_size."""
     start, stop = share(num_examples(data), rank, world)
     firsts = range(start, stop, batch_size)
     batches = [torch.arange(first, min(first + batch_size, stop)) for first in firsts]

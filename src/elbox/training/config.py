@@ -98,15 +98,27 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Which built-in dataset a run trains on (the "data" section of config.json adds its data space)."""
+    """What a run trains on (the "data" section of config.json records it with its data space)."""
 
-    data: str = option("fashion-mnist", "built-in dataset", choices=tuple(dataset_names()))
-    data_dir: str | None = option(None, "directory with the dataset's files (else $ELBOX_DATA, the user cache, the "
-                                        "system's data packages, a download)", metavar="DIR")
-    limit_train: int | None = option(None, "use only the first N training images", minimum=1, metavar="N")
+    data: str | None = option("fashion-mnist", f"a built-in dataset ({', '.join(dataset_names())}) or a path: a folder of "
+                                               "images, an .npy/.npz array, a .csv/.parquet table (None: given in memory)",
+                              metavar="NAME|PATH")
+    validation: str | None = option(None, "your own validation data, in the same form as --data (default: hold out "
+                                          "--validation-fraction of it at random)", metavar="PATH")
+    validation_fraction: float = option(0.1, "fraction of your own data held out at random (seeded) for validation",
+                                        above=0, below=1)
+    data_dir: str | None = option(None, "directory with a built-in dataset's files (else $ELBOX_DATA, the user cache, "
+                                        "the system's data packages, a download)", metavar="DIR")
+    limit_train: int | None = option(None, "use only the first N training examples", minimum=1, metavar="N")
+    image_size: list[int] | None = option(None, "resize (shorter side) and center-crop a folder's images to this size: "
+                                                "S or H W (default: all images one size)", minimum=1, metavar="S")
+    columns: list[str] | None = option(None, "table columns to model, in this order (default: every column)", metavar="NAME")
+    workers: int = option(1, "DataLoader processes reading files from disk (0: read in the training process)", minimum=0)
 
     def __post_init__(self):
         check_options(self)
+        if self.image_size is not None and len(self.image_size) not in (1, 2):
+            raise ElboxError(f"image_size takes one size S or two, H W; got {self.image_size}")
 
 
 def train_defaults(model: str | type) -> dict[str, Any]:

@@ -51,7 +51,7 @@ from elbox.training.batches import (
     gather,
     num_examples,
     share,
-    stack_images,
+    stack_examples,
     validation_chunks,
 )
 from elbox.training.config import TrainConfig
@@ -82,8 +82,8 @@ class Trainer:
         callback: Callback | None = None,
         workers: int = 0,
     ):
-        """train_data, val_data: uint8 images [N, C, H, W] in memory, or Datasets of uint8 [C, H, W] read on demand
-        by `workers` DataLoader processes (elbox.training.batches)."""
+        """train_data, val_data: uint8 images [N, C, H, W] or float32 vectors [N, D] in memory, or Datasets of such
+        examples read on demand by `workers` DataLoader processes (elbox.training.batches)."""
         if config.objective == "iwae" and not isinstance(model, ImportanceSampled):
             raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
         if config.free_bits > 0 and not model.kl_terms_are_kls:
@@ -109,7 +109,7 @@ class Trainer:
         # chunk) at each validation, and val_x holds their first examples for pictures
         self.val_data = None if isinstance(val_data, Tensor) else val_data
         self.val_x = space.eval_data(val_data.to(self.device) if isinstance(val_data, Tensor) else
-                                     stack_images([val_data[i] for i in range(min(PREVIEW, len(val_data)))]).to(self.device),
+                                     stack_examples([val_data[i] for i in range(min(PREVIEW, len(val_data)))]).to(self.device),
                                      seed=config.seed)
         self.num_dims = math.prod(example_shape(train_data))
         self.offset = space.log_prob_offset(self.num_dims)

@@ -35,8 +35,16 @@ from elbox.checkpoint import (
     save_weights,
     write_run_config,
 )
-from elbox.data import get_data_space, load_split
-from elbox.data.inputs import as_images, training_data
+from elbox.data import (
+    fit_real_space,
+    get_data_space,
+    iterate_batches,
+    load_split,
+    space_from_record,
+    space_record,
+)
+from elbox.data.inputs import as_examples, is_builtin, is_path, run_data, training_data
+from elbox.data.user import open_source
 from elbox.errors import ElboxError
 from elbox.evaluation import evaluate as evaluate_on
 from elbox.evaluation import log_prob_per_example
@@ -50,7 +58,8 @@ from elbox.models.base import (
 from elbox.options import config_from_dict, config_to_dict
 from elbox.plots import save_image_grid
 from elbox.system import resolve_device
-from elbox.training.config import TrainConfig, config_dict, train_config
+from elbox.training.batches import example_shape, gather, num_examples
+from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
 from elbox.training.trainer import Trainer, epoch_summary
 
 EVAL_IW_SAMPLES = (1, 10, 100, 1000)
@@ -76,34 +85,53 @@ class Run:
 
 
 def data_in_space(model: LatentVariableModel, data: Any, split: str, data_dir: str | None, seed: int,
-                  limit: int | None) -> tuple[Tensor, float, str]:
-    """Evaluation data in the model's data space (deterministic for the seed), its log-probability offset, and
-    a name for it."""
-    if isinstance(data, str):
+                  limit: int | None, space=None) -> tuple[Tensor, float, str]:
+    """Evaluation data in the model's data space (deterministic for the seed), its log-probability offset, and a name
+    for it. data: a built-in dataset's name (its `split`), a path (read whole), or examples in memory. space: the
+    run's data space (space_from_record), needed for real vectors; by default the model's."""
+    if is_builtin(data):
         images, _ = load_split(data, split, data_dir)
         name = f"{data} {split}"
+    elif is_path(data):
+        images, name = as_examples(open_source(data), f"data {data}"), str(data)
     else:
-        images, name = as_images(data, "data"), "data given in memory"
+        images, name = as_examples(data, "data"), "data given in memory"
     if tuple(images.shape[1:]) != tuple(model.config.data_shape):
-        raise ElboxError(f"{name} has images of shape {tuple(images.shape[1:])}; the model takes {tuple(model.config.data_shape)}")
+        raise ElboxError(f"{name} has examples of shape {tuple(images.shape[1:])}; the model takes {tuple(model.config.data_shape)}")
     images = images[:limit] if limit else images
-    space = get_data_space(model.data_space)
+    space = space or get_data_space(model.data_space)
     return space.eval_data(images.to(model.device), seed=seed), space.log_prob_offset(math.prod(images.shape[1:])), name
 
 
 # -- fit ---------------------------------------------------------------------------------------------------------
 
 
-def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict]:
-    """Keyword options of fit() as (model config values, training settings); a name both declare (the mixture's
-    seed) goes to both."""
-    model_fields = {f.name for f in dataclasses.fields(model_cls.config_class)}
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(options) - model_fields - train_fields)
+def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Keyword options of fit() as (model config values, training settings, data options); a name two declare
+    (the mixture's seed) goes to both."""
+    fields = [{f.name for f in dataclasses.fields(c)} for c in (model_cls.config_class, TrainConfig, DataConfig)]
+    fields[2] -= {"data", "validation"}  # fit's own arguments
+    unknown = sorted(set(options) - set.union(*fields))
     if unknown:
         raise ElboxError(f"unknown option(s) {', '.join(unknown)} for the {model_cls.name} model; its options: "
-                         f"{', '.join(sorted(model_fields - {'data_shape'}))}; training options: {', '.join(sorted(train_fields))}")
-    return ({k: v for k, v in options.items() if k in model_fields}, {k: v for k, v in options.items() if k in train_fields})
+                         f"{', '.join(sorted(fields[0] - {'data_shape'}))}; training options: {', '.join(sorted(fields[1]))}; "
+                         f"data options: {', '.join(sorted(fields[2]))}")
+    return tuple({k: v for k, v in options.items() if k in names} for names in fields)
+
+
+def fit_space(model: LatentVariableModel, train_data, batch_size: int):
+    """The model's data space; for real vectors, the standardization fitted on the training data in one streamed
+    pass (stored with the run: every reported number is in the data's original units)."""
+    if model.data_space != "real":
+        return get_data_space(model.data_space)
+    batches = iterate_batches(num_examples(train_data), max(batch_size, 4096), False, None)
+    return fit_real_space(gather(train_data, list(batches), torch.device("cpu"), workers=0))
+
+
+def check_batches(train_data, batch_size: int) -> None:
+    if num_examples(train_data) < batch_size:
+        raise ElboxError(f"the training data have {num_examples(train_data)} examples, fewer than one batch of {batch_size}; "
+                         "give more data or a smaller batch size")
 
 
 def is_main_process() -> bool:
@@ -141,13 +169,16 @@ def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("model"), str):
         raise ElboxError(f"config file {config_path} names no model; give a run's config.json")
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    if "name" not in data:
+    if "name" not in data and "path" not in data:
         raise ElboxError(f"config file {config_path} trained on images given in memory; give the data again")
     values = config_to_dict(model_config(config["model"], config.get("model_config") or {}))
     values.pop("data_shape")
     train = config_to_dict(config_from_dict(TrainConfig, config.get("train") or {}, "training settings"))
-    return {**values, **train, "model": config["model"], "data": data["name"], "data_dir": data.get("data_dir"),
-            "limit_train": data.get("limit_train")}
+    own_validation = "path" in data and "validation_fraction" not in data
+    return {**values, **train, "model": config["model"], "data": data.get("name", data.get("path")),
+            "validation": data.get("validation") if own_validation else None,
+            "validation_fraction": data.get("validation_fraction", DataConfig.validation_fraction),
+            **{key: data.get(key) for key in ("data_dir", "limit_train", "image_size", "columns")}}
 
 
 def fit(
@@ -156,8 +187,6 @@ def fit(
     *,
     out: str | os.PathLike | None = None,
     validation: Any = None,
-    data_dir: str | None = None,
-    limit_train: int | None = None,
     device: str = "auto",
     progress: bool = True,
     verbose: bool = True,
@@ -167,10 +196,12 @@ def fit(
     """Train a model (or fit it in closed form / by EM) and return the Run.
 
     model: a registered name ("vae", "hvae", "diffusion", "linear", "gaussian", "mixture") or a model object.
-    data: a built-in dataset name, or 8-bit images as a tensor, a NumPy array or a torch Dataset (then
-      `validation` gives the validation images; without it 10 % are held out at random, seeded).
-    options: model config fields (latent_dim=16, likelihood="gaussian", ...) and TrainConfig fields (epochs=5,
-      lr=1e-3, seed=0, ...), one flat set of keywords; each defaults as declared on its dataclass.
+    data: a built-in dataset name; a path (a folder of images, an .npy/.npz array, a .csv/.parquet table), read
+      on demand; or 8-bit images as a tensor, a NumPy array or a torch Dataset. `validation` gives your own
+      validation data in the same form; without it a seeded random fraction is held out (recorded in the run).
+    options: model config fields (latent_dim=16, likelihood="gaussian", ...), TrainConfig fields (epochs=5,
+      lr=1e-3, seed=0, ...) and DataConfig fields (image_size=64, columns=[...], workers=2, limit_train=...), one
+      flat set of keywords; each defaults as declared on its dataclass.
     out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
     progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
     callback: called with each epoch's record (each fit record for closed-form models)."""
@@ -180,28 +211,35 @@ def fit(
     if dist.is_initialized():
         dist.barrier()  # every process has checked `out` before process 0 writes into it
     cls = type(model) if isinstance(model, LatentVariableModel) else model_class(model)
-    model_values, train_values = split_options(cls, options)
+    model_values, train_values, data_values = split_options(cls, options)
     config = train_config(cls, train_values)
-    train_images, val_images, data_record = training_data(data, validation, data_dir, limit_train, config.seed)
+    named = {"data": data if isinstance(data, (str, os.PathLike)) else None,
+             "validation": validation if isinstance(validation, (str, os.PathLike)) else None}
+    data_config = config_from_dict(DataConfig, {**data_values, **{k: str(v) if v is not None else None for k, v in named.items()}},
+                                   "data options")
+    train_images, val_images, data_record = training_data(
+        data, validation, data_config.data_dir, data_config.limit_train, config.seed, data_config.validation_fraction,
+        data_config.image_size, data_config.columns)
+    shape = example_shape(train_images)
     torch.manual_seed(config.seed)
     if isinstance(model, LatentVariableModel):
         if model_values:
             raise ElboxError(f"{', '.join(model_values)}: the model is already built; set these on its config")
-        if tuple(model.config.data_shape) != tuple(train_images.shape[1:]):
-            raise ElboxError(f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has "
-                             f"{tuple(train_images.shape[1:])}")
+        if tuple(model.config.data_shape) != shape:
+            raise ElboxError(f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has {shape}")
     else:
-        model = cls.from_config(config_from_dict(cls.config_class, {**model_values, "data_shape": tuple(train_images.shape[1:])},
-                                                 f"{cls.name} model config"))
+        model = cls.from_config(config_from_dict(cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config"))
     model = model.to(device)
-    space = get_data_space(model.data_space)
-    data_record["space"] = space.name
+    space = fit_space(model, train_images, config.batch_size)
+    data_record.update(space_record(space))
+    if model.trains_by_gradient and "name" not in data_record:  # your own data (a built-in's --limit-train may be small)
+        check_batches(train_images, config.batch_size)
     run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
         "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
     if is_main_process() and verbose:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"elbox: training {model.name} ({n_params:,} parameters) on {data_record.get('name', 'your data')} "
-              f"[{space.name}] with {train_images.shape[0]} training and {val_images.shape[0]} validation images on "
+        print(f"elbox: training {model.name} ({n_params:,} parameters) on {data_record.get('name', data_record.get('path', 'your data'))} "
+              f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
               f"{device}" + (f"; run dir {out}" if out else ""), file=sys.stderr)
     if not model.trains_by_gradient:
         if dist.is_initialized():
@@ -209,7 +247,8 @@ def fit(
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
         return finish(Run(model, history, run_config, out))
     initialize_from_data(model, space, train_images, config.seed)
-    trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback)
+    trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback,
+                      workers=data_config.workers)
     if dist.is_initialized() and is_main_process():
         world = dist.get_world_size()
         print(f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
@@ -245,8 +284,10 @@ def with_summaries(callback: Callback | None) -> Callback:
 
 def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
                           out: Path | None, callback: Callback | None) -> list[dict]:
-    """Closed-form or EM fit on the (dequantized) training split. Densities of dequantized data become
-    log-probabilities of the 8-bit data (the offset is added to every record)."""
+    """Closed-form or EM fit on the whole training split, held in memory (read whole where it is streamed). Densities
+    of dequantized data become log-probabilities of the 8-bit data, of standardized vectors densities in the original
+    units (the space's offset is added to every record)."""
+    train_images, val_images = as_examples(train_images, "training data"), as_examples(val_images, "validation data")
     offset = space.log_prob_offset(math.prod(train_images.shape[1:]))
 
     def on_record(record: dict) -> None:
@@ -269,13 +310,13 @@ def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_
 
 
 def finish(run: Run) -> Run:
-    """Leave the process group; process 0 writes samples.png from the saved weights."""
+    """Leave the process group; process 0 writes samples.png (images) from the saved weights."""
     if dist.is_initialized():
         main_process = is_main_process()
         dist.destroy_process_group()
         if not main_process:
             return run
-    if run.directory is not None:
+    if run.directory is not None and len(run.model.config.data_shape) == 3:  # pictures of images only
         with torch.no_grad():
             save_image_grid(run.model.sample(64).clamp(0, 1).cpu(), run.directory / "samples.png")
     return run
@@ -294,10 +335,8 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
     if not model.trains_by_gradient:
         raise ElboxError(f"the {model.name} model is fitted in one go; there is no training to resume")
     data = config["data"]
-    if "name" not in data:
-        raise ElboxError(f"run {out} was trained on images given in memory; resume it from Python with the same data")
-    train_images, val_images, _ = training_data(data["name"], None, data.get("data_dir"), data.get("limit_train"), settings.seed)
-    space = get_data_space(data["space"])
+    train_images, val_images, _ = run_data(data, settings.seed)
+    space = space_from_record(data)
     initialize_from_data(model, space, train_images, settings.seed)  # as the new run did (a restored state overwrites it)
     trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
     if is_main_process():
@@ -342,14 +381,18 @@ def evaluate(
         model = model.to(resolve_device(device))
     if not isinstance(model, LatentVariableModel):
         raise ElboxError(f"evaluate takes a Run, a model or a run directory, got {type(model).__name__}")
-    run_data = config.get("data", {})
-    if data is None:
-        if "name" not in run_data:
-            raise ElboxError("give the data to evaluate on: this model names no built-in dataset it was trained on")
-        data, data_dir = run_data["name"], run_data.get("data_dir")
-    x, offset, _ = data_in_space(model, data, split, data_dir, seed, limit)
+    record = config.get("data", {})
+    own_validation = data is None and "path" in record
+    if data is None and "name" in record:
+        data, data_dir = record["name"], record.get("data_dir")
+    elif own_validation:  # your own data: the run's validation examples
+        _, data, _ = run_data(record, config.get("train", {}).get("seed", 0))
+    elif data is None:
+        raise ElboxError("give the data to evaluate on: this model names no data it was trained on")
+    x, offset, name = data_in_space(model, data, split, data_dir, seed, limit, space_from_record(record) if record else None)
     result = evaluate_on(model, x, offset, iw_samples=list([iw_samples] if isinstance(iw_samples, int) else iw_samples),
                          batch_size=batch_size, elbo_samples=elbo_samples, seed=seed, progress=progress)
-    result.update(split=split if isinstance(data, str) else "given", dataset=data if isinstance(data, str) else "data given in memory",
+    name = f"{record['path']} (the run's validation data)" if own_validation else name
+    result.update(split=split if is_builtin(data) else ("validation" if own_validation else "given"), dataset=name,
                   data_space=model.data_space, model=model.name)
     return result

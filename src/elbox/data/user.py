@@ -1,0 +1,73 @@
+"""Users' own data, by path, as a map-style torch Dataset that reads on demand: `open_source`.
+
+  a folder                  ImageFolder (elbox.data.user_images): every image file under it, decoded per item
+  FILE.npy, FILE.npz        ImageArray for images [N, H, W], [N, C, H, W], [N, H, W, C]; VectorArray for (N, D)
+                            (elbox.data.user_arrays), memory-mapped where stored uncompressed
+  FILE.csv, .tsv, .parquet  Table (elbox.data.user_tables): numeric columns as vectors, loaded whole
+
+Every dataset has `kind` ("images": items uint8 [C, H, W]; "vectors": items float32 [D]), `shape` (one item's) and
+`path`. Bad input (a missing path, an empty folder, an unreadable image, a wrong rank, NaN, ...) is one ElboxError
+naming the input and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from elbox.data.formats import open_array
+from elbox.data.user_arrays import ImageArray, VectorArray
+from elbox.data.user_images import IMAGE_SUFFIXES, ImageFolder, parse_image_size
+from elbox.data.user_tables import TABLE_SUFFIXES, Table
+from elbox.errors import ElboxError
+from elbox.options import short_repr
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+
+
+def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
+                columns: list[str] | None = None) -> Dataset:
+    """The dataset at `path`, its reader picked by what the path is (see the module's docstring).
+
+    `image_size` (an int S for S x S, or (H, W)) resizes and center-crops a folder's images; an array's images
+    must already have that size. `columns` picks a table's columns.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ElboxError(f"data {path} does not exist")
+    name = path.name.lower()
+    if path.is_dir():
+        _refuse_columns(columns, path, "a folder of images")
+        return ImageFolder(path, image_size)
+    if name.endswith(ARRAY_SUFFIXES):
+        _refuse_columns(columns, path, "an array")
+        array = open_array(path)
+        if array.ndim == 2:
+            if image_size is not None:
+                raise ElboxError(f"data {path} holds vectors (N, D); an image size applies to images only")
+            return VectorArray(path, array=array)
+        if array.ndim not in (3, 4):
+            raise ElboxError(f"data {path} has rank {array.ndim}, shape {short_repr(array.shape)}; give vectors "
+                             "(N, D) or images [N, H, W], [N, C, H, W] or [N, H, W, C]")
+        images = ImageArray(path, array=array)
+        size = parse_image_size(image_size)
+        if size is not None and size != images.shape[1:]:
+            raise ElboxError(f"data {path} holds images of {images.shape[1]}x{images.shape[2]}, not the image size "
+                             f"{size[0]}x{size[1]}; only folders of image files are resized: resize the array first")
+        return images
+    if name.endswith(TABLE_SUFFIXES):
+        if image_size is not None:
+            raise ElboxError(f"data {path} is a table; an image size applies to images only")
+        return Table(path, columns)
+    suffix = "".join(path.suffixes[-2:]) or "(none)"
+    hint = "; for images, give the folder that holds them" if path.suffix.lower() in IMAGE_SUFFIXES else ""
+    raise ElboxError(f"data {path}: unsupported file type {suffix}; give a folder of images, a .npy or .npz array, "
+                     f"or a .csv, .tsv or .parquet table{hint}")
+
+
+def _refuse_columns(columns: Any, path: Path, what: str) -> None:
+    if columns is not None:
+        raise ElboxError(f"data {path} is {what}; columns pick the columns of a table (.csv, .tsv, .parquet)")
