@@ -98,3 +98,15 @@ def test_bad_own_data_gets_one_clear_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["train", "vae", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r3"), "--no-progress"]) == 1
     assert "elbox: error:" in capsys.readouterr().err
+
+
+def test_table_run_from_the_command_line_evaluates_scores_and_reports(tmp_path, capsys):
+    write_table(tmp_path / "t.csv")
+    run = tmp_path / "run"
+    assert main(["train", "mixture", "--data", str(tmp_path / "t.csv"), "--n-components", "2", "--out", str(run),
+                 "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "t.csv"), "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert "original units" in capsys.readouterr().out
+    assert main(["score", str(run), "--input", str(tmp_path / "t.csv"), "--out", str(tmp_path / "s.csv"), "--no-progress"]) == 0
+    assert len((tmp_path / "s.csv").read_text().splitlines()) == 401
+    assert main(["report", str(run)]) == 0 and (run / "report.html").is_file()

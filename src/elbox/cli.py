@@ -172,7 +172,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     num_dims = math.prod(model.config.data_shape)
     write_scores_csv(out, names, values, num_dims, estimate)
     mean = values.mean().item()
-    print(f"scored {len(names)} images: mean log-likelihood {mean:.3f} nats ({-mean / (num_dims * math.log(2)):.4f} bits/dim), "
+    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats ({-mean / (num_dims * math.log(2)):.4f} bits/dim), "
           f"{estimate}; wrote {out}")
     return 0
 

@@ -364,6 +364,8 @@ def format_table(result: dict) -> str:
         for name, n in result.get("active_units_by_level", {}).items():
             rows.append((f"  active[{name}]", f"{n} / {result['latent_dim_by_level'][name]}"))
     if result.get("log_prob_offset"):
-        rows.append(("dequantization", f"{result['log_prob_offset']:.2f} nats included (-D ln 256)"))
+        rows.append(("standardization", f"{result['log_prob_offset']:.2f} nats included (-sum log std: original units)")
+                    if result.get("data_space") == "real" else
+                    ("dequantization", f"{result['log_prob_offset']:.2f} nats included (-D ln 256)"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

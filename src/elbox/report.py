@@ -137,7 +137,7 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
         source = (f"a quick evaluation of the first {x.shape[0]} test images with K = {QUICK_EVAL_K} made by elbox report; "
                   "run elbox evaluate for the full protocol")
     sections = []
-    records = _records(run_dir)
+    records = [r for r in _records(run_dir) if "step" in r]  # gradient training (closed-form fits have no steps)
     if records:
         sections.append(("Training curves", "Per logged step (training batches, the β = 1 ELBO) and per epoch (validation).",
                          curves_png(records, num_dims * math.log(2))))
