@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load, save
 
 import elbox.models.mixture as mixture
+import elbox.models.mixture_em as mixture_em
 from elbox.bounds import iwae_bound
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example
@@ -126,7 +127,7 @@ def test_em_recovers_a_known_mixture(covariance):
 def test_kmeans_plus_plus_seeds_one_point_per_separated_cluster():
     x, z = draw_mixture(3000, TRUE_WEIGHTS, TRUE_MEANS, TRUE_COVS, seed=0)
     for seed in range(5):
-        seeds = mixture.kmeans_plus_plus(x, 3, torch.Generator().manual_seed(seed))
+        seeds = mixture_em.kmeans_plus_plus(x, 3, torch.Generator().manual_seed(seed))
         assert sorted(z[seeds].tolist()) == [0, 1, 2]
 
 
@@ -148,8 +149,8 @@ def test_chunked_matmuls_give_the_same_values(monkeypatch):
     x = overlapping_data()
     model.fit(x)
     whole = model.log_prob(x)
-    monkeypatch.setattr(mixture, "CHUNK_ELEMENTS", 7 * 3 * 5)  # 7 rows per chunk
-    monkeypatch.setattr(mixture, "MIN_CHUNK_ROWS", 1)
+    monkeypatch.setattr(mixture_em, "CHUNK_ELEMENTS", 7 * 3 * 5)  # 7 rows per chunk
+    monkeypatch.setattr(mixture_em, "MIN_CHUNK_ROWS", 1)
     assert torch.allclose(model.log_prob(x), whole, rtol=0, atol=1e-12)
     refit = make(d=5, max_iter=5)
     refit.fit(x)
@@ -179,7 +180,7 @@ def test_fit_warns_when_the_elbo_drops(monkeypatch):
 
     def bad_m_step(x, q, previous, covariance, floor):
         params = real_m_step(x, q, previous, covariance, floor)
-        return mixture.MixtureParams(params.log_mixing_weights, params.means + 3.0, params.scale)
+        return mixture_em.MixtureParams(params.log_mixing_weights, params.means + 3.0, params.scale)
 
     monkeypatch.setattr(mixture, "m_step", bad_m_step)
     with pytest.warns(RuntimeWarning, match="lowered the objective"):
@@ -229,7 +230,7 @@ def test_elbo_equals_log_prob(fitted_5d):
     assert torch.allclose(terms.elbo, log_p, rtol=0, atol=1e-10)
     assert torch.all(terms.kl["z"] >= -1e-12)
     # reconstruction = E_q log N(x; mu_z, Sigma_z) <= max_k log N(x; mu_k, Sigma_k)
-    densities = mixture.component_log_densities(x, fitted_5d.params, "full")
+    densities = mixture_em.component_log_densities(x, fitted_5d.params, "full")
     assert torch.all(terms.reconstruction <= densities.amax(1) + 1e-12)
 
 
@@ -255,7 +256,7 @@ def test_encode_and_posterior(fitted_5d):
     assert isinstance(posterior, torch.distributions.Categorical)
     assert torch.allclose(posterior.probs, q, atol=1e-12)
     # Bayes' rule by hand
-    joint = mixture.component_log_densities(x, fitted_5d.params, "full") + fitted_5d.log_mixing_weights
+    joint = mixture_em.component_log_densities(x, fitted_5d.params, "full") + fitted_5d.log_mixing_weights
     assert torch.allclose(q, torch.softmax(joint, 1), atol=1e-12)
 
 
@@ -331,14 +332,14 @@ def test_identical_points(init):
 
 def test_empty_component_keeps_its_parameters():
     x = torch.cat([torch.zeros(20, 2, dtype=F64), torch.ones(20, 2, dtype=F64)])
-    previous = mixture.MixtureParams(
+    previous = mixture_em.MixtureParams(
         torch.zeros(3, dtype=F64), torch.tensor([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]], dtype=F64),
         (2 * torch.eye(2, dtype=F64)).repeat(3, 1, 1),
     )
     q = torch.zeros(40, 3, dtype=F64)
     q[:20, 0] = 1
     q[20:, 1] = 1
-    params = mixture.m_step(x, q, previous, "full", 1e-3)
+    params = mixture_em.m_step(x, q, previous, "full", 1e-3)
     assert torch.equal(params.means[2], previous.means[2]) and torch.equal(params.scale[2], previous.scale[2])
     assert torch.isfinite(params.log_mixing_weights).all() and params.log_mixing_weights[2] < -700
     assert torch.allclose(params.log_mixing_weights[:2].exp(), torch.tensor([0.5, 0.5], dtype=F64))
@@ -410,3 +411,15 @@ def test_save_load_round_trip(covariance):
     restored.load_state_dict(load(weights))
     x = overlapping_data(100, seed=4)
     assert torch.equal(restored.log_prob(x), model.log_prob(x))
+
+
+def test_n_init_keeps_the_best_of_its_runs():
+    x = overlapping_data(n=600)
+    singles = []
+    for seed in range(3):
+        model = GaussianMixture(MixtureConfig(data_shape=(x.shape[1],), n_components=4, seed=seed, max_iter=30))
+        singles.append(model.fit(x)[-1]["log_likelihood"])
+    best = GaussianMixture(MixtureConfig(data_shape=(x.shape[1],), n_components=4, seed=0, max_iter=30, n_init=3))
+    records = best.fit(x)
+    assert sorted({r["restart"] for r in records}) == [0, 1, 2]
+    assert best.log_prob(x).mean().item() == pytest.approx(max(singles), abs=1e-9)

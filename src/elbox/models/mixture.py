@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical
 
-from elbox.bounds import LOG_2PI, ELBOTerms, check_count
+from elbox.bounds import ELBOTerms, check_count
 from elbox.errors import ElboxError
 from elbox.models.base import Callback, register_model
 from elbox.models.gaussian import (
@@ -61,21 +61,19 @@ from elbox.models.gaussian import (
     check_data_shape,
     flatten_data,
 )
+from elbox.models.mixture_em import (
+    F64,
+    MixtureParams,
+    kmeans_plus_plus,
+    log_joint,
+    logsumexp_rows,
+    m_step,
+)
 from elbox.options import check_options, option
 
 INITS = ("kmeans++", "random")
-F64 = torch.float64
-# Expected number of points below which a component counts as empty (its mean and covariance
-# are kept). Far below one point, and far above the underflow range of float64 responsibilities.
-EMPTY_COUNT = 1e-200
 # fit warns when the ELBO or the log-likelihood drops by more than this, relative to 1 + |value|
 ROUNDING_SLACK = 1e-9
-# Rows per chunk of the E-step and M-step matmuls: CHUNK_ELEMENTS / (K * D), so that the [rows, K * D]
-# float64 temporary is 8 MiB (2048 rows for K = 10, D = 50: measured fastest on PCA-50 Fashion-MNIST,
-# 8192 rows was 4x slower in the M-step), but at least MIN_CHUNK_ROWS, so that for large D the
-# [D, K * D] accumulator is not re-read for every few rows (D = 784: 1024 rows 15 % faster than 133).
-CHUNK_ELEMENTS = 2**20
-MIN_CHUNK_ROWS = 1024
 
 
 @dataclass
@@ -90,135 +88,12 @@ class MixtureConfig:
                               "iteration (0: run all max_iter iterations)", minimum=0)
     covariance_floor: float = option(1e-3, "added to each covariance diagonal (full) or floor on the variances (diag)", above=0)
     seed: int = option(0, "seed of the EM initialization", minimum=0)
+    n_init: int = option(1, "EM runs from initializations seeded seed, seed + 1, ...; the one with the highest "
+                            "final log-likelihood is kept (as scikit-learn's n_init)", minimum=1)
 
     def __post_init__(self):
         check_options(self)
         check_data_shape(self.data_shape)
-
-
-@dataclass
-class MixtureParams:
-    """theta: log pi [K], means [K, D], and scale_tril [K, D, D] ("full") or variances [K, D] ("diag")."""
-
-    log_mixing_weights: Tensor
-    means: Tensor
-    scale: Tensor
-
-
-# ----------------------------------------------------------------------------------------------
-# The two steps, on flattened float64 data x [N, D]
-
-
-def _chunks(n: int, k: int, d: int):
-    rows = max(1, CHUNK_ELEMENTS // (k * d), min(n, MIN_CHUNK_ROWS))
-    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
-
-
-def component_log_densities(x: Tensor, params: MixtureParams, covariance: str) -> Tensor:
-    """log N(x_n; mu_k, Sigma_k) for every example and component [N, K]."""
-    means, scale = params.means, params.scale
-    k, d = means.shape
-    out = torch.empty(x.shape[0], k, dtype=x.dtype, device=x.device)
-    if covariance == "full":
-        # With W_k = L_k^-1 (L_k the Cholesky factor of Sigma_k), the Mahalanobis distance is
-        # ||W_k x - W_k mu_k||^2 and -1/2 log det Sigma_k = sum log diag W_k.
-        eye = torch.eye(d, dtype=x.dtype, device=x.device)
-        precision_tril = torch.linalg.solve_triangular(scale, eye.expand(k, d, d), upper=False)
-        # x @ stacked = [W_1 x, ..., W_K x] for all rows at once: block k of the columns is W_k^T
-        stacked = precision_tril.transpose(1, 2).permute(1, 0, 2).reshape(d, k * d)
-        shift = (precision_tril @ means.unsqueeze(-1)).squeeze(-1)  # W_k mu_k [K, D]
-        constant = precision_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1) - 0.5 * d * LOG_2PI
-        for start, end in _chunks(x.shape[0], k, d):
-            whitened = (x[start:end] @ stacked).view(-1, k, d).sub_(shift)
-            out[start:end] = constant - 0.5 * whitened.square_().sum(-1)
-    else:
-        # sum_d (x_d - mu_kd)^2 / s_kd = x^2 . (1/s_k) - 2 x . (mu_k / s_k) + mu_k^2 . (1/s_k)
-        precision = scale.reciprocal()
-        scaled_means = means * precision
-        constant = -0.5 * (d * LOG_2PI + scale.log().sum(-1) + (means * scaled_means).sum(-1))
-        for start, end in _chunks(x.shape[0], k, d):
-            rows = x[start:end]
-            out[start:end] = constant - 0.5 * (rows.square() @ precision.T) + rows @ scaled_means.T
-    return out
-
-
-def logsumexp_rows(values: Tensor) -> Tensor:
-    """logsumexp over dim 1 of finite values [N, K]; measured 10x faster than torch.logsumexp for K = 10."""
-    top = values.amax(1, keepdim=True)
-    return (values - top).exp().sum(1).log() + top.squeeze(1)
-
-
-def log_joint(x: Tensor, params: MixtureParams, covariance: str) -> Tensor:
-    """log pi_k + log N(x_n; mu_k, Sigma_k) [N, K]."""
-    return component_log_densities(x, params, covariance).add_(params.log_mixing_weights)
-
-
-def m_step(x: Tensor, q: Tensor, previous: MixtureParams, covariance: str, floor: float) -> MixtureParams:
-    """theta maximizing the ELBO for responsibilities q [N, K] (see the module docstring)."""
-    n, d = x.shape
-    k = q.shape[1]
-    counts = q.sum(0)  # N_k
-    safe_counts = counts.clamp_min(torch.finfo(x.dtype).tiny)
-    means = (q.T @ x) / safe_counts[:, None]
-    empty = counts < EMPTY_COUNT
-    if covariance == "full":
-        # second moments sum_n q_nk x_n x_n^T for all k in one matmul per chunk: x^T [q_n1 x_n, ..., q_nK x_n]
-        moments = torch.zeros(d, k * d, dtype=x.dtype, device=x.device)
-        for start, end in _chunks(n, k, d):
-            rows = x[start:end]
-            weighted = (q[start:end, :, None] * rows[:, None, :]).reshape(-1, k * d)
-            moments.addmm_(rows.T, weighted)
-        moments = moments.view(d, k, d).permute(1, 0, 2)
-        # data are centered by fit, so E_q[x x^T] - mu mu^T loses no digits that matter in float64
-        cov = moments / safe_counts[:, None, None] - means[:, :, None] * means[:, None, :]
-        cov.diagonal(dim1=-2, dim2=-1).add_(floor)
-        scale, info = torch.linalg.cholesky_ex(cov)
-        failed = (info != 0) & ~empty
-        if failed.any():
-            raise ElboxError(
-                f"mixture EM: the covariance of component(s) {failed.nonzero().flatten().tolist()} is not "
-                f"positive definite after adding covariance_floor={floor}; increase covariance_floor"
-            )
-        scale = torch.where(empty[:, None, None], previous.scale, scale)
-    else:
-        second = (q.T @ x.square()) / safe_counts[:, None]
-        scale = (second - means.square()).clamp_min(floor)
-        scale = torch.where(empty[:, None], previous.scale, scale)
-    means = torch.where(empty[:, None], previous.means, means)
-    log_weights = safe_counts.log() - counts.sum().log()
-    return MixtureParams(log_weights, means, scale)
-
-
-def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
-    """Indices [k] of greedy k-means++ seeds (Arthur and Vassilvitskii 2007).
-
-    The first seed is uniform. Each next one: draw 2 + floor(ln k) candidates with probability
-    proportional to their squared distance to the nearest seed so far, keep the candidate that
-    leaves the smallest sum of those squared distances. (scikit-learn's kmeans_plusplus uses the same
-    number of candidates; the greedy choice makes two seeds in one cluster much less likely.)
-    """
-    n = x.shape[0]
-    n_candidates = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=generator, device=x.device))
-    chosen = [first]
-    nearest = (x - x[first]).square().sum(1)  # squared distance to the nearest seed [N]
-    for _ in range(1, k):
-        total = nearest.sum()
-        if total > 0:
-            candidates = torch.multinomial(nearest / total, n_candidates, replacement=True, generator=generator)
-        else:  # every point sits on a seed already (duplicated data): any point will do
-            candidates = torch.randint(n, (n_candidates,), generator=generator, device=x.device)
-        # [candidates, N] squared distances, then the nearest-seed distances each candidate would leave
-        distances = torch.cdist(x[candidates], x).square()
-        updated = torch.minimum(nearest, distances)
-        best = int(updated.sum(1).argmin())
-        chosen.append(int(candidates[best]))
-        nearest = updated[best]
-    return torch.tensor(chosen, device=x.device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
 
 
 @register_model("mixture", MixtureConfig)
@@ -286,11 +161,11 @@ class GaussianMixture(ContinuousDensity):
         shift = x.mean(0)
         return x.sub_(shift), shift
 
-    def _initial_params(self, x: Tensor) -> MixtureParams:
-        """theta_0 from seeds chosen by config.init, on centered float64 data x."""
+    def _initial_params(self, x: Tensor, restart: int = 0) -> MixtureParams:
+        """theta_0 from seeds chosen by config.init (seeded seed + restart), on centered float64 data x."""
         c = self.config
         n, d = x.shape
-        generator = torch.Generator(device=x.device).manual_seed(c.seed)
+        generator = torch.Generator(device=x.device).manual_seed(c.seed + restart)
         if c.init == "kmeans++":
             seeds = kmeans_plus_plus(x, c.n_components, generator)
         else:
@@ -323,11 +198,21 @@ class GaussianMixture(ContinuousDensity):
         and theta_t after the M-step, "log_likelihood": mean log p(x_n; theta_t), "time_s": seconds
         this iteration took}, nats per example (a density on the data space: no -D ln 256 offset).
         The last record also has "converged": whether EM stopped because the ELBO improved by less
-        than tol (never with tol = 0, which runs all max_iter iterations).
+        than tol (never with tol = 0, which runs all max_iter iterations). With n_init > 1 the records of every
+        run follow each other, each with "restart": r, and the model keeps the run of the highest final
+        log-likelihood.
         """
-        c = self.config
         x, shift = self._centered_data(x)
-        params = self._initial_params(x)
+        runs = [self._run_em(x, self._initial_params(x, r), callback, r if self.config.n_init > 1 else None)
+                for r in range(self.config.n_init)]
+        params, _ = max(runs, key=lambda run: run[1][-1]["log_likelihood"])
+        self._store(params, shift, x.shape[0])
+        return [record for _, records in runs for record in records]
+
+    def _run_em(self, x: Tensor, params: MixtureParams, callback: Callback | None,
+                restart: int | None) -> tuple[MixtureParams, list[dict]]:
+        """EM from params on centered data x until convergence or max_iter: (final params, records)."""
+        c = self.config
         # E-step for theta_0: log q = log p(x, z) - log p(x)
         joint = log_joint(x, params, c.covariance)
         log_evidence = logsumexp_rows(joint)
@@ -349,7 +234,7 @@ class GaussianMixture(ContinuousDensity):
             log_likelihood = log_evidence.mean().item()
             self._warn_if_decreased(iteration, "E-step", "ELBO", elbo, "log-likelihood", log_likelihood)
             record = {"iteration": iteration, "elbo": elbo, "log_likelihood": log_likelihood,
-                      "time_s": time.perf_counter() - start}
+                      "time_s": time.perf_counter() - start, **({"restart": restart} if restart is not None else {})}
             converged = c.tol > 0 and elbo - previous_elbo < c.tol
             previous_elbo = elbo
             if converged or iteration == c.max_iter:
@@ -359,8 +244,7 @@ class GaussianMixture(ContinuousDensity):
                 callback(record)
             if converged:
                 break
-        self._store(params, shift, x.shape[0])
-        return records
+        return params, records
 
     @staticmethod
     def _warn_if_decreased(iteration: int, step: str, name_before: str, before: float, name_after: str, after: float):
