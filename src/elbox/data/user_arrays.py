@@ -35,7 +35,7 @@ class _ArrayDataset(Dataset):
     map is reopened in the worker, never copied into the pickle."""
 
     def __init__(self, path: str | os.PathLike, key: str | None, array: np.ndarray | None, what: str):
-        self.path, self.key = Path(path), key
+        self.path, self.key, self._fd = Path(path), key, None
         self.array = open_array(self.path, key) if array is None else array
         self._what = f"{what} {self.path}" + (f" (array {key!r})" if key is not None else "")
         if self.array.dtype.kind not in "uifb":
@@ -45,14 +45,36 @@ class _ArrayDataset(Dataset):
         return len(self.array)
 
     def rows(self, indices: list[int]) -> np.ndarray:
-        """The rows at `indices` (negative ones count from the end; IndexError outside), in one read."""
-        return self.array[np.asarray(indices, dtype=np.int64).reshape(-1)]
+        """The rows at `indices` (negative ones count from the end; IndexError outside), in one read. From a
+        memory-mapped file each row is read with pread into a new array: reading through the mapping would leave
+        every page it touched resident in this process (an epoch over a 3 GB file: 3 GB of RSS)."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not isinstance(self.array, np.memmap) or not self.array.flags.c_contiguous:
+            return self.array[index]
+        n = len(self.array)
+        if ((index < -n) | (index >= n)).any():
+            raise IndexError(f"row index out of range for {n} rows")
+        index = np.where(index < 0, index + n, index)
+        out = np.empty((len(index), *self.array.shape[1:]), dtype=self.array.dtype)
+        row_bytes = out[0].nbytes if len(out) else 0
+        flat = out.reshape(len(index), -1).view(np.uint8)
+        if self._fd is None:
+            self._fd = os.open(self.array.filename, os.O_RDONLY)
+        for j, i in enumerate(index.tolist()):
+            if os.preadv(self._fd, [flat[j]], self.array.offset + i * row_bytes) != row_bytes:
+                raise ElboxError(f"{self._what}: the file is shorter than its header says (row {i})")
+        return out
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
+        state["_fd"] = None  # each process opens its own
         if isinstance(self.array, np.memmap):
             state["array"] = None
         return state
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
