@@ -3,13 +3,16 @@ randomness as the same images held in memory, validates chunk by chunk, and resu
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 from torch.utils.data import Dataset
 
 from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.data import get_data_space, load_split
 from elbox.models import build_model
-from elbox.training.batches import share
+from elbox.training.batches import read_ahead, share
 from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 
@@ -84,3 +87,26 @@ def test_shares_split_every_row_once():
             assert parts[0][0] == 0 and parts[-1][1] == rows
             assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
             assert [b - a for a, b in parts] == [len(t) for t in torch.tensor_split(torch.arange(rows), world)]
+
+
+def test_read_ahead_keeps_order_raises_errors_and_stops_when_closed():
+    assert list(read_ahead(iter(range(10)))) == list(range(10))
+
+    def failing():
+        yield 1
+        raise ValueError("unreadable row 7")
+
+    with pytest.raises(ValueError, match="row 7"):
+        list(read_ahead(failing()))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    reader = read_ahead(endless(), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()
+    assert not any(t.name == "elbox-read-ahead" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # read at most `depth` (and the one in hand) ahead

@@ -5,11 +5,18 @@ device) or a map-style torch Dataset of such items (users' files, read on demand
 grow with the dataset). Both follow one order: elbox.data.iterate_batches over the shuffle generator, so a run
 on a Dataset sees the same batches as on the same images in memory, and resuming restores the order with the
 generator's state. Under torchrun every process reads only its contiguous share of each global batch.
+
+With no worker processes the batches are still read ahead: one thread of this process reads the next batches while
+the current one trains. Reading a file waits on the disk with the interpreter lock released, and costs little CPU,
+so it overlaps with the math instead of adding to it (a worker process would compete with the training threads
+for the cores).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -49,7 +56,48 @@ def gather(data: Images, batches: list[Tensor], device: torch.device, workers: i
     # stream that the model's sampling uses (the run would then differ from the same images in memory)
     loader = DataLoader(data, batch_sampler=[idx.tolist() for idx in batches], num_workers=workers,
                         pin_memory=device.type == "cuda", collate_fn=stack_examples, generator=torch.Generator().manual_seed(0))
-    return (images.to(device, non_blocking=True) for images in loader)
+    return (images.to(device, non_blocking=True) for images in (read_ahead(loader) if workers == 0 else loader))
+
+
+def read_ahead(batches: Iterable[Tensor], depth: int = 2) -> Iterator[Tensor]:
+    """The items of `batches`, produced by a background thread that stays up to `depth` items ahead. An error in
+    the thread is raised here; closing this generator early stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def offer(entry: tuple) -> bool:
+        """Put `entry` in the queue unless the consumer has stopped; False once it has."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                if not offer((item, None)):
+                    return
+            offer((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            offer((done, error))
+
+    thread = threading.Thread(target=produce, name="elbox-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def stack_examples(items: list) -> Tensor:
