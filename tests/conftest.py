@@ -6,6 +6,11 @@ puts tests/ on sys.path and registers this file as the module `conftest`, so the
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -44,3 +49,49 @@ def make_trainer(run_dir: Path, model: str = "vae", model_config: dict | None = 
     built = build_model(model, {} if model_config is None else model_config)
     config = TrainConfig(seed=seed, **train_options)
     return Trainer(built, train[:n_train], val[:n_val], get_data_space(built.data_space), config, run_dir, progress=False)
+
+
+def snapshot(*roots: Path) -> dict[str, tuple]:
+    """Every entry under `roots` (the roots included, symlinks not followed): its kind, and for regular files
+    their bytes' hash and mode; for symlinks their target. What a hostile-input test compares before and after."""
+    entries: dict[str, tuple] = {}
+    for root in roots:
+        paths = [root, *root.rglob("*")] if root.is_dir() and not root.is_symlink() else [root]
+        for path in paths:
+            if path.is_symlink():
+                entries[str(path)] = ("link", os.readlink(path))
+            elif path.is_file():
+                entries[str(path)] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
+            elif path.exists():
+                entries[str(path)] = ("other", path.stat().st_mode)
+    return entries
+
+
+def run_cli_expecting_error(argv: list[str], untouched: list[Path] = (), seconds: int = 60, match: str | None = None) -> str:
+    """Run `elbox ARGV` in this process and assert it fails as the CLI promises: a non-zero exit, exactly one line on
+    stderr, "elbox: error: ...", no exception escaping main (that would be a traceback), within `seconds` (SIGALRM
+    stops a hang), and no change under any `untouched` path (files elbox did not create). Returns the message."""
+    from elbox.cli import main
+
+    before = snapshot(*untouched)
+    out, err = io.StringIO(), io.StringIO()
+
+    def hang(signum, frame):
+        raise TimeoutError(f"elbox {' '.join(argv)} ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert code != 0, f"elbox {argv} exited 0; stdout {out.getvalue()!r}"
+    assert len(lines) == 1 and lines[0].startswith("elbox: error: "), f"elbox {argv}: stderr {err.getvalue()!r}"
+    assert len(lines[0]) < 600, f"elbox {argv}: an over-long message ({len(lines[0])} characters)"
+    if match is not None:
+        assert match in lines[0], f"elbox {argv}: {lines[0]!r} does not say {match!r}"
+    assert snapshot(*untouched) == before, f"elbox {argv} changed files it did not create"
+    return lines[0]

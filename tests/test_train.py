@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from elbox.checkpoint import STATE_FILE, load_training_state
+from elbox.checkpoint import STATE_FILE, WEIGHTS_FILE, load_training_state
 from elbox.data import load_split
 from elbox.errors import ElboxError
 from elbox.training.config import TrainConfig
@@ -61,7 +62,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
         for p in trainer.model.decoder.parameters():
             p.fill_(float("nan"))
     encoder_before = {k: v.clone() for k, v in trainer.model.encoder.state_dict().items()}
-    with pytest.raises(ElboxError, match="3 non-finite losses or gradients in a row"):
+    with pytest.raises(ElboxError, match="3 of the last 6 steps had a non-finite loss"):
         trainer.train_epoch(2)
     assert trainer.skipped_steps == 3
     # no update was applied: the finite encoder weights are untouched by the skipped steps
@@ -70,6 +71,39 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     # the last good checkpoint (after epoch 1) is intact and finite
     tensors, state = load_training_state(tmp_path / STATE_FILE)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
+
+
+def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path):
+    trainer, _ = small_run(tmp_path, epochs=1)
+    good_weights, good_state = (tmp_path / WEIGHTS_FILE).read_bytes(), (tmp_path / STATE_FILE).read_bytes()
+    trainer.config = dataclasses.replace(trainer.config, epochs=3)
+    trainer.start_epoch = 2
+    trainer.optimizer.param_groups[0]["lr"] = 1e30  # as --lr 1e30 would: weights blow up, steps turn non-finite
+    with pytest.raises(ElboxError, match=r"diverged.*last good checkpoint, epoch 1, is in") as error:
+        trainer.fit()
+    assert "--lr SMALLER" in str(error.value)
+    assert (tmp_path / WEIGHTS_FILE).read_bytes() == good_weights and (tmp_path / STATE_FILE).read_bytes() == good_state
+
+
+def test_a_run_that_diverges_at_once_saves_no_weights(tmp_path):
+    with pytest.raises(ElboxError, match="no epoch finished with finite values"):
+        small_run(tmp_path, epochs=2, lr=1e30)
+    assert not (tmp_path / WEIGHTS_FILE).exists() and not (tmp_path / STATE_FILE).exists()
+
+
+def test_non_finite_steps_are_counted_across_epochs_and_resumes(tmp_path):
+    trainer, _ = small_run(tmp_path, epochs=1, max_nonfinite=5)
+    trainer.recent_nonfinite.extend([True] * 4)  # four of the last steps failed, below the limit of 5
+    tensors, state = trainer.training_state(1)
+    resumed, _ = small_run(tmp_path / "other", epochs=1, max_nonfinite=5)
+    resumed.restore(tensors, state)
+    assert list(resumed.recent_nonfinite) == list(trainer.recent_nonfinite)
+    with torch.no_grad():
+        for p in resumed.model.decoder.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(ElboxError, match="5 of the last 9 steps"):
+        resumed.train_epoch(2)
+    assert resumed.skipped_steps == 1  # the first failed step of the new epoch reached the limit
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0)])

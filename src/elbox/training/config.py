@@ -48,7 +48,8 @@ class TrainConfig:
                                 "Monte Carlo KL)", minimum=1, metavar="K")
     estimator: str = option("reparam", "gradient estimator of the iwae objective: reparam, stl (sticking the landing) "
                                        "or dreg (doubly reparameterized)", choices=IWAE_ESTIMATORS)
-    max_nonfinite: int = option(20, "stop after this many non-finite steps in a row", minimum=1)
+    max_nonfinite: int = option(20, "stop when this many of the last 2N optimizer steps had a non-finite loss or "
+                                        "gradient (counted across epochs)", minimum=1, metavar="N")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)", minimum=0)
     grad_skip_threshold: float = option(0.0, "skip updates whose gradient norm exceeds this (counted and logged; 0: off)",
                                         minimum=0, metavar="NORM")

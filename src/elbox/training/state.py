@@ -34,6 +34,7 @@ def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], di
         "skipped_steps": trainer.skipped_steps,
         "skipped_large_grad": trainer.skipped_large_grad,
         "best_val_elbo": trainer.best_val_elbo,
+        "recent_nonfinite": [int(x) for x in trainer.recent_nonfinite],
         "optimizer_param_groups": optimizer["param_groups"],
         "lr_scheduler": trainer.scheduler.state_dict() if trainer.scheduler is not None else None,
         "train_config": config_dict(trainer.config),
@@ -66,6 +67,9 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         trainer.step, trainer.start_epoch = int(state["step"]), int(state["epoch"]) + 1
         trainer.skipped_steps, trainer.skipped_large_grad = int(state["skipped_steps"]), int(state["skipped_large_grad"])
         trainer.best_val_elbo = float(state["best_val_elbo"])
+        trainer.recent_nonfinite.clear()
+        trainer.recent_nonfinite.extend(bool(x) for x in state.get("recent_nonfinite", []))  # absent in older states
+        trainer.saved_epoch = trainer.start_epoch - 1
         trainer.records = list(state["records"])
     except ElboxError:
         raise

@@ -14,12 +14,18 @@ group (each level of a hierarchical model is a group), gradient-norm clipping (g
 whose gradient norm is non-finite or above grad_skip_threshold (both counted and logged), a cosine learning-
 rate decay, and an exponential moving average (EMA) of the weights: with ema_decay > 0, validation and the
 saved model.safetensors use the EMA weights.
+
+Divergence guard: training stops when max_nonfinite of the last 2 * max_nonfinite optimizer steps were non-finite
+(counted across epochs, and kept in the training state), and after an epoch whose weights or validation ELBO are
+not finite. Non-finite weights are never saved, so the run directory keeps the last good epoch, which the message
+names.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 import warnings
 from pathlib import Path
 
@@ -151,6 +157,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0  # non-finite loss or gradient norm
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
+        self.recent_nonfinite: deque[bool] = deque(maxlen=2 * config.max_nonfinite)  # of the last steps, across epochs
+        self.saved_epoch = 0  # the last epoch written to the run directory
         self.records: list[dict] = []
         self.start_epoch = 1
         self.best_val_elbo = -math.inf
@@ -224,7 +232,6 @@ class Trainer:
         sums: dict[str, float] = {}
         interval: dict[str, float] = {}
         n_done = n_interval = 0
-        nonfinite_in_a_row = 0
         start = interval_start = time.perf_counter()
         # a last batch too small to share is skipped by every process
         batches = [idx for idx in iterate_batches(num_examples(self.train_data), self.config.batch_size, True,
@@ -250,20 +257,19 @@ class Trainer:
             self.step += 1
             if self.scheduler is not None:  # the schedule follows the step count, skipped steps included
                 self.scheduler.step()
+            self.recent_nonfinite.append(values == "nonfinite")
             if values == "large_grad":
                 self.skipped_large_grad += 1
                 continue
             if values == "nonfinite":
                 self.skipped_steps += 1
-                nonfinite_in_a_row += 1
-                if nonfinite_in_a_row >= self.config.max_nonfinite:
+                if sum(self.recent_nonfinite) >= self.config.max_nonfinite:
                     raise ElboxError(
-                        f"training stopped at step {self.step}: {nonfinite_in_a_row} non-finite losses or gradients "
-                        f"in a row (limit {self.config.max_nonfinite}); {self.last_good_checkpoint()}. "
-                        "Try a lower learning rate or gradient clipping (--grad-clip)."
+                        f"training diverged: {sum(self.recent_nonfinite)} of the last {len(self.recent_nonfinite)} "
+                        f"steps had a non-finite loss or gradient (stopped at step {self.step}, limit "
+                        f"{self.config.max_nonfinite}); {self.last_good_checkpoint()}. {RETRY}"
                     )
                 continue
-            nonfinite_in_a_row = 0
             values = {k: v.item() for k, v in values.items()}
             n = idx.numel()
             n_done += n
@@ -325,7 +331,24 @@ class Trainer:
         unpack_training_state(self, tensors, state, what)
 
     def last_good_checkpoint(self) -> str:
-        return f"the last good checkpoint is in {self.run_dir}" if self.run_dir is not None else "no run directory was written"
+        """Where the run's last finite checkpoint is, in words."""
+        if self.run_dir is None:
+            return "no run directory was written"
+        if self.saved_epoch == 0:
+            return f"no epoch finished with finite values, so {self.run_dir} holds no weights"
+        return f"the last good checkpoint, epoch {self.saved_epoch}, is in {self.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
+
+    def check_finite(self, record: dict) -> None:
+        """ElboxError (before anything is saved) when the epoch's validation ELBO or weights are not finite."""
+        tensors = [*self.model.state_dict().values(), *self.eval_model.state_dict().values()]
+        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+            problem = "the weights hold NaN or infinite values"
+        elif not math.isfinite(record["val_elbo"]):
+            problem = f"the validation ELBO is {record['val_elbo']}"
+        else:
+            return
+        raise ElboxError(f"training diverged in epoch {record['epoch']}: {problem}; nothing of that epoch was saved, "
+                         f"{self.last_good_checkpoint()}. {RETRY}")
 
     def save(self, epoch: int, is_best: bool) -> None:
         """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
@@ -339,6 +362,7 @@ class Trainer:
         if self.config.logger != "none":
             atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
         save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
+        self.saved_epoch = epoch
 
     def fit(self) -> dict:
         """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs; after each
@@ -351,6 +375,7 @@ class Trainer:
             record.update(self.validate())
             record["skipped_steps"] = self.skipped_steps
             record["skipped_large_grad"] = self.skipped_large_grad
+            self.check_finite(record)
             self.records.append(record)
             is_best = record["val_elbo"] > self.best_val_elbo
             self.best_val_elbo = max(self.best_val_elbo, record["val_elbo"])
@@ -365,6 +390,10 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
+
+
+RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
+         "--lr SMALLER --grad-clip 100 --out NEW_DIR.")
 
 
 def epoch_summary(record: dict) -> str:
