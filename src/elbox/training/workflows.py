@@ -31,7 +31,6 @@ from elbox.checkpoint import (
     load_training_state,
     read_json,
     read_run_config,
-    remove_stale_temporaries,
     save_weights,
     write_run_config,
 )
@@ -57,6 +56,7 @@ from elbox.models.base import (
 )
 from elbox.options import config_from_dict, config_to_dict
 from elbox.plots import save_image_grid
+from elbox.rundir import remove_stale_temporaries, run_directory
 from elbox.system import resolve_device
 from elbox.training.batches import example_shape, gather, num_examples
 from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
@@ -151,14 +151,9 @@ def init_distributed(device_name: str) -> torch.device:
     return device
 
 
-def new_run_directory(out: str | os.PathLike | None) -> Path | None:
-    if out is None:
-        return None
-    out = Path(out)
-    if (out / CONFIG_FILE).exists():
-        raise ElboxError(f"{out} already holds a run ({CONFIG_FILE} exists); choose another output directory, or "
-                         f"continue it with elbox train --resume {out} (elbox.resume in Python)")
-    return out
+def first_process() -> bool:
+    """Process 0 of a torchrun job (read before the process group exists), or a single process."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
@@ -206,7 +201,15 @@ def fit(
     progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
     callback: called with each epoch's record (each fit record for closed-form models)."""
     callback = with_summaries(callback) if verbose else callback
-    out = new_run_directory(out)
+    if out is None:
+        return fit_into(None, model, data, validation, device, progress, verbose, callback, options)
+    with run_directory(Path(out), new=True, lock=first_process()) as directory:
+        return fit_into(directory, model, data, validation, device, progress, verbose, callback, options)
+
+
+def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, validation: Any, device: str, progress: bool,
+             verbose: bool, callback: Callback | None, options: dict[str, Any]) -> Run:
+    """fit() once its run directory (if any) is locked."""
     device = init_distributed(device)
     if dist.is_initialized():
         dist.barrier()  # every process has checked `out` before process 0 writes into it
@@ -324,16 +327,30 @@ def finish(run: Run) -> Run:
 
 def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True, verbose: bool = True,
            callback: Callback | None = None) -> Run:
-    """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU."""
-    callback = with_summaries(callback) if verbose else callback
+    """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU.
+    A model fitted in one go (a mixture fit killed part-way) is fitted again from the start."""
     out = Path(run_dir)
-    config = read_run_config(out)
+    with run_directory(out, new=False, lock=first_process()):
+        config = read_run_config(out)
+        if not model_class(config["model"]).trains_by_gradient:
+            if (out / WEIGHTS_FILE).exists():
+                raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
+            if verbose:
+                print(f"elbox: fitting {out} again from the start (a {config['model']} fit has no checkpoint to continue from)",
+                      file=sys.stderr)
+            settings = run_settings(out / CONFIG_FILE)
+            name, data, validation = settings.pop("model"), settings.pop("data"), settings.pop("validation")
+            return fit_into(out, name, data, validation, device, progress, verbose,
+                            with_summaries(callback) if verbose else callback, settings)
+        return resume_training(out, config, device, progress, verbose, with_summaries(callback) if verbose else callback)
+
+
+def resume_training(out: Path, config: dict, device: str, progress: bool, verbose: bool, callback: Callback | None) -> Run:
+    """resume() of a model trained by gradient, once its directory is locked."""
     device = init_distributed(device)
     settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
     torch.manual_seed(settings.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
     model = build_model(config["model"], config["model_config"]).to(device)
-    if not model.trains_by_gradient:
-        raise ElboxError(f"the {model.name} model is fitted in one go; there is no training to resume")
     data = config["data"]
     train_images, val_images, _ = run_data(data, settings.seed)
     space = space_from_record(data)
