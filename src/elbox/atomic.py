@@ -1,12 +1,19 @@
-"""Atomic file writes: a crash at any moment leaves the previous file or the new one, never a partial file."""
+"""Atomic file writes: a crash at any moment leaves the previous file or the new one, never a partial file.
+
+elbox writes only regular files: a path that exists as anything else (a symbolic link, a device, a FIFO, a
+directory) is refused, never replaced or written through. Every OS error of a write is an ElboxError naming the path.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from elbox.errors import ElboxError
 
 
 def _current_umask() -> int:
@@ -16,16 +23,72 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+_KINDS = [(stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket")]
+
+
+def shown(text: str | Path, limit: int = 200) -> str:
+    """A path (or any user text) as a one-line message shows it: odd characters escaped, the middle of a long one
+    cut (its start and its end, e.g. the file name, stay)."""
+    text = str(text)
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[1 - limit // 2 :]
+
+
+def write_error(path: str | Path, error: OSError) -> ElboxError:
+    """The one-line error of a failed write: 'cannot write PATH: <strerror>'."""
+    return ElboxError(f"cannot write {shown(path)}: {error.strerror or error}")
+
+
+def refuse_non_regular(path: str | Path) -> None:
+    """ElboxError unless `path` is absent or a regular file (lstat: a symlink is refused, not followed)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:  # ENAMETOOLONG, ENOTDIR, EACCES, ...
+        raise write_error(path, e) from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise ElboxError(f"cannot write {shown(path)}: it is {kind}; elbox writes only regular files")
+
+
+def _temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside `path`, named .NAME.*.tmp (NAME cut so that a long name still fits)."""
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
+
+
+def check_output_file(path: str | Path) -> Path:
+    """For an output file the user names, checked before any work: ElboxError unless `path` is absent or a regular
+    file, its directory exists, and a file can be created there (a probe file, removed at once)."""
+    path = Path(path)
+    refuse_non_regular(path)
+    if not path.parent.is_dir():
+        problem = "is not a directory" if path.parent.exists() else "does not exist"
+        raise ElboxError(f"cannot write {shown(path)}: its directory {shown(path.parent)} {problem}")
+    try:
+        fd, tmp = _temporary(path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:  # a read-only file system, no permission, no inodes left
+        raise ElboxError(f"cannot write {shown(path)}: no file can be created in {shown(path.parent)} "
+                         f"({e.strerror or e})") from None
+    return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+    """Write to a temporary file in the same directory (created if missing), fsync, then rename over `path`.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. ElboxError, with the
+    previous file intact and no temporary file left, if `path` is not a regular file or any step fails.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    refuse_non_regular(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _temporary(path)
+    except OSError as e:
+        raise write_error(path, e) from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -33,12 +96,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    """fsync a directory so that a rename in it survives a crash (skipped where the file system cannot)."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(dir_fd)
+    except OSError:
+        pass  # the file is in place; some file systems cannot sync a directory
     finally:
         os.close(dir_fd)
 

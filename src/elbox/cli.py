@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import elbox
-from elbox.atomic import atomic_write_json
+from elbox.atomic import atomic_write_json, shown
 from elbox.checkpoint import load_run
+from elbox.cli_types import SEED_MAX, Parser, UsageError, integer, output_file, real, report_file
 from elbox.data import SPLITS, space_from_record
 from elbox.errors import ElboxError
 from elbox.evaluation import format_table
@@ -42,26 +43,14 @@ DEFAULT_MODEL = "vae"
 RESUME_OPTIONS = {"device", "no_progress", "threads", "resume"}
 
 
-def number(kind: type, minimum: float, strict: bool = False):
-    """argparse type: a finite number of `kind` >= minimum (> minimum when strict)."""
-
-    def parse(text: str):
-        value = kind(text)
-        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
-            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {minimum}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-positive_int, non_negative_int, positive_float = number(int, 1), number(int, 0), number(float, 0, strict=True)
+# ranges that fit the machine: a value beyond them would overflow, allocate until failure or run for days
+N_IMAGES, MAX_K, MAX_ELBO_SAMPLES, MAX_BATCH, MAX_STEPS, MAX_THREADS = 10_000, 100_000, 10_000, 10_000, 100_000, 1024
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto = cuda, mps, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None, metavar="N",
                    help="CPU threads for PyTorch (default: $OMP_NUM_THREADS, else every usable core shared among "
                         "the processes on this machine)")
 
@@ -82,7 +71,7 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParser, list, list]:
     """The parser of `elbox train [MODEL]`: run, data and training options, and MODEL's own options."""
     name = model or DEFAULT_MODEL
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
         epilog=None if model else f"models: {', '.join(sorted(MODELS))}; `elbox train MODEL --help` lists a model's options")
     p.add_argument("model", nargs="?", choices=sorted(MODELS), default=name, help=argparse.SUPPRESS)
@@ -209,50 +198,50 @@ def cmd_tighten(args: argparse.Namespace) -> int:
 
 
 INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of images"))
-SEED = ("--seed", dict(type=int, default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
-BATCH = ("--batch-size", dict(type=positive_int, default=500, help="examples per pass (default: 500)"))
+SEED = ("--seed", dict(type=integer(0, SEED_MAX), default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
+BATCH = ("--batch-size", dict(type=integer(1, MAX_BATCH), default=500, help="examples per pass (default: 500)"))
 SPLIT = ("--split", dict(choices=SPLITS, default="test", help="default: test"))
-IW = ("--iw-samples", dict(type=positive_int, default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
+IW = ("--iw-samples", dict(type=integer(1, MAX_K), default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
 COMMANDS = {  # name: (function, help, options)
     "evaluate": (cmd_evaluate, "bounds, NLL, bits/dim and active units on a split", [
         SPLIT, ("--data", dict(default=None, metavar="NAME|PATH", help="other data in the run's data space: a built-in "
                                "dataset (its --split) or a path (default: the run's own test split, or its validation data)")),
-        ("--iw-samples", dict(type=positive_int, nargs="+", default=[1, 10, 100, 1000], metavar="K",
+        ("--iw-samples", dict(type=integer(1, MAX_K), nargs="+", default=[1, 10, 100, 1000], metavar="K",
                 help="importance samples K, one or several (one stream of max K samples serves all); 5000 compares "
                      "with IWAE/VampPrior tables (default: 1 10 100 1000)")),
-        ("--elbo-samples", dict(type=positive_int, default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
-        ("--limit", dict(type=positive_int, default=None, metavar="N", help="evaluate the first N examples only")), BATCH, SEED,
-        ("--json", dict(default=None, metavar="FILE", help="where to write the JSON result (default RUN_DIR/eval-SPLIT.json)"))]),
+        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
+        ("--limit", dict(type=integer(1, 10**9), default=None, metavar="N", help="evaluate the first N examples only")), BATCH, SEED,
+        ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default RUN_DIR/eval-SPLIT.json)"))]),
     "sample": (cmd_sample, "a PNG grid of samples from the prior", [
-        ("--n", dict(type=positive_int, default=64, help="default: 64")),
-        ("--out", dict(default=None, metavar="FILE.png", help="default RUN_DIR/samples.png")), SEED,
-        ("--temperature", dict(type=positive_float, nargs="+", default=[1.0], metavar="T",
+        ("--n", dict(type=integer(1, N_IMAGES), default=64, help="default: 64")),
+        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="default RUN_DIR/samples.png")), SEED,
+        ("--temperature", dict(type=real(0, 100), nargs="+", default=[1.0], metavar="T",
          help="scale of the prior's standard deviation: one value, or one per level z1, z2, ... (hvae)")),
         ("--draw", dict(action="store_true", help="draw x ~ p(x|z) instead of showing its mean")),
-        ("--steps", dict(type=positive_int, default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
+        ("--steps", dict(type=integer(1, MAX_STEPS), default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
     "score": (cmd_score, "per-image log-likelihood estimates of your images, as CSV", [
-        INPUT, BATCH, SEED, ("--out", dict(default=None, metavar="FILE.csv", help="default RUN_DIR/scores.csv")), IW,
-        ("--elbo-samples", dict(type=positive_int, default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
+        INPUT, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="default RUN_DIR/scores.csv")), IW,
+        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
     "encode": (cmd_encode, "posterior means and variances of your images, as features in an .npz", [
-        INPUT, BATCH, SEED, ("--out", dict(required=True, metavar="FILE.npz"))]),
+        INPUT, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz"))]),
     "report": (cmd_report, "an HTML page (and Markdown) with curves, the evaluation and image grids", [
-        ("--out", dict(default=None, metavar="FILE.html", help="default RUN_DIR/report.html (the .md goes beside it)")), SEED]),
+        ("--out", dict(type=report_file, default=None, metavar="FILE.html", help="default RUN_DIR/report.html (the .md goes beside it)")), SEED]),
     "reconstruct": (cmd_reconstruct, "a grid of test images and their reconstructions", [
-        ("--n", dict(type=positive_int, default=32, help="default: 32")), SPLIT,
-        ("--out", dict(default=None, metavar="FILE.png", help="default RUN_DIR/reconstructions.png")), SEED]),
+        ("--n", dict(type=integer(1, N_IMAGES), default=32, help="default: 32")), SPLIT,
+        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="default RUN_DIR/reconstructions.png")), SEED]),
     "tighten": (cmd_tighten, "split the inference gap into approximation and amortization parts (Cremer et al. 2018)", [
-        SPLIT, ("--limit", dict(type=positive_int, default=200, metavar="N", help="examples to optimize (default: 200)")),
-        ("--steps", dict(type=positive_int, default=300, help="Adam steps of the per-example optimization (default: 300)")),
-        ("--lr", dict(type=positive_float, default=0.05, help="learning rate of the per-example optimization (default: 0.05)")),
-        ("--refit-epochs", dict(type=non_negative_int, default=3,
+        SPLIT, ("--limit", dict(type=integer(1, 10_000), default=200, metavar="N", help="examples to optimize (default: 200)")),
+        ("--steps", dict(type=integer(1, MAX_STEPS), default=300, help="Adam steps of the per-example optimization (default: 300)")),
+        ("--lr", dict(type=real(0, 10), default=0.05, help="learning rate of the per-example optimization (default: 0.05)")),
+        ("--refit-epochs", dict(type=integer(0, 1000), default=3,
          help="epochs to refit the encoder on the training split (0: skip; default: 3)")), IW,
-        ("--elbo-samples", dict(type=positive_int, default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
-        ("--json", dict(default=None, metavar="FILE", help="default RUN_DIR/tighten-SPLIT.json"))]),
+        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
+        ("--json", dict(type=output_file, default=None, metavar="FILE", help="default RUN_DIR/tighten-SPLIT.json"))]),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elbox", description="Generative models trained by maximizing the ELBO.")
+    parser = Parser(prog="elbox", description="Generative models trained by maximizing the ELBO.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train a model and write a run directory (elbox train MODEL --help)", add_help=False)
     for name, (func, help_text, options) in COMMANDS.items():
@@ -275,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         return args.func(args)
     except ElboxError as e:  # raised in a DataLoader worker, the message carries the worker's traceback: keep its end
-        print(f"elbox: error: {str(e).rsplit('ElboxError: ', 1)[-1].strip()}", file=sys.stderr)
+        print(f"elbox: error: {shown(' '.join(str(e).rsplit('ElboxError: ', 1)[-1].split()), 500)}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    except OSError as e:  # a file the commands did not check (each write is checked): still one line
+        print(f"elbox: error: {shown(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("elbox: interrupted", file=sys.stderr)
