@@ -79,9 +79,10 @@ def test_resume_deletes_only_its_own_temporary_files(tmp_path):
 def test_divergence_stops_the_run_without_saving_non_finite_weights(tmp_path):
     out = tmp_path / "run"
     message = run_cli_expecting_error([*TRAIN, "--epochs", "2", "--lr", "1e30", "--out", out], untouched=[tmp_path / "x"])
-    assert "diverged" in message and "holds no weights" in message and "--lr SMALLER" in message
-    assert not (out / WEIGHTS_FILE).exists() and not (out / STATE_FILE).exists()
-    # the run saved nothing worth keeping: a new run may start in the same directory
+    assert "diverged" in message and "no checkpoint was saved" in message and "--lr SMALLER" in message
+    assert not out.exists()  # the run saved nothing worth keeping: its directory went with it
+    out.mkdir()
+    (out / CONFIG_FILE).write_text("{}")  # as a run killed in its first epoch leaves it: a new run may start there
     assert main([*TRAIN, "--out", out]) == 0 and (out / WEIGHTS_FILE).exists()
 
 

@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -21,12 +22,15 @@ from elbox.atomic import atomic_write_bytes
 from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import load_split, space_from_record
 from elbox.data.inputs import as_examples, first, run_data
+from elbox.data.user_images import one_line
 from elbox.evaluation import evaluate, format_table
 from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
+from elbox.options import short_repr
 from elbox.plots import image_grid
 
 QUICK_EVAL_EXAMPLES = 1000
 QUICK_EVAL_K = [1, 100]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _png(figure) -> bytes:
@@ -66,7 +70,7 @@ def curves_png(records: list[dict], bits: float) -> bytes:
     ax.grid(alpha=0.3)
     ax = axes[1]
     for key in sorted({k for r in epochs for k in r if k.startswith("val_kl")}):
-        ax.plot([r["step"] for r in epochs], [r[key] / bits for r in epochs], "o-", label=key[4:])
+        ax.plot([r["step"] for r in epochs], [r.get(key, math.nan) / bits for r in epochs], "o-", label=key[4:])
     ax.plot([r["step"] for r in epochs], [-r["val_elbo"] / bits for r in epochs], "o-", label="-ELBO")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("bits per dimension (validation)")
@@ -105,9 +109,91 @@ def scatter_png(model, x: torch.Tensor, labels: torch.Tensor) -> bytes:
     return _png(fig)
 
 
+def warn(message: str) -> None:
+    """One line on stderr: the report goes on without what the message names."""
+    print(f"elbox: warning: {message}", file=sys.stderr)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _record_problem(line: bytes) -> tuple[dict | None, str | None]:
+    """(the metrics record on `line`, None), or (None, what is wrong with it): not JSON, not an object, or a value
+    the training curves plot that is missing, not a number or not finite."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, a number too long, nesting too deep
+        return None, "is damaged"
+    if not isinstance(record, dict):
+        return None, "is not a JSON object"
+    kind = record.get("kind")
+    plotted = {"train": ["elbo", "reconstruction"], "epoch": ["val_elbo", *(k for k in record if k.startswith("val_kl"))]}
+    if "step" in record:
+        for key in ["step", *(plotted.get(kind, []) if isinstance(kind, str) else [])]:
+            if not _is_number(record.get(key)):
+                return None, f"has a bad {key} ({short_repr(record.get(key), 30)})"
+    return record, None
+
+
 def _records(run_dir: Path) -> list[dict]:
+    """The records of metrics.jsonl; damaged lines (a killed run can leave one) are skipped, with one warning."""
     path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        warn(f"cannot read {path} ({e.strerror or e}); the report has no training curves")
+        return []
+    records, damaged = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record, problem = _record_problem(line)
+        if problem:
+            damaged.append((number, problem))
+        else:
+            records.append(record)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more lines)" if len(damaged) > 1 else ""
+        warn(f"{path} line {damaged[0][0]} {damaged[0][1]}{more}; skipped")
+    return records
+
+
+def _saved_evaluation(path: Path) -> dict | None:
+    """The result `elbox evaluate` saved at `path`, or None: when there is none, or (with a warning) when it is
+    damaged. Its types are checked by formatting it as the report will."""
+    if not path.exists():
+        return None
+    instead = "the report makes a quick evaluation instead"
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        warn(f"cannot read {path} ({e.strerror or e}); {instead}")
+        return None
+    try:
+        result = json.loads(text)
+        format_table(result)
+        return result
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as e:
+        warn(f"{path} is damaged ({one_line(e, 60)}); {instead}")
+        return None
+
+
+def _saved_samples(path: Path) -> bytes | None:
+    """The PNG of samples `elbox train` saved, or None (with a warning where it is there but damaged)."""
+    if not path.exists():
+        return None
+    try:
+        png = path.read_bytes()
+    except OSError as e:
+        warn(f"cannot read {path} ({e.strerror or e}); the report draws new samples")
+        return None
+    if not png.startswith(PNG_MAGIC):
+        warn(f"{path} is not a PNG image; the report draws new samples")
+        return None
+    return png
 
 
 def title_of(config: dict, run_dir: Path) -> str:
@@ -130,8 +216,9 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
     num_dims = math.prod(images.shape[1:])
     x = space.eval_data(images[:QUICK_EVAL_EXAMPLES].to(device), seed=seed)
     eval_path = run_dir / "eval-test.json"
-    if eval_path.is_file():
-        result, source = json.loads(eval_path.read_text()), f"from {eval_path.name} (elbox evaluate)"
+    result = _saved_evaluation(eval_path)
+    if result is not None:
+        source = f"from {eval_path.name} (elbox evaluate)"
     else:
         result = evaluate(model, x, space.log_prob_offset(num_dims), iw_samples=QUICK_EVAL_K, seed=seed)
         source = (f"a quick evaluation of the first {x.shape[0]} test images with K = {QUICK_EVAL_K} made by elbox report; "
@@ -142,11 +229,11 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
         sections.append(("Training curves", "Per logged step (training batches, the β = 1 ELBO) and per epoch (validation).",
                          curves_png(records, num_dims * math.log(2))))
     sections.append(("Evaluation", f"{source}\n\n{format_table(result)}", b""))
-    samples = run_dir / "samples.png"
+    saved_samples = _saved_samples(run_dir / "samples.png")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         if images.dim() == 4:  # pictures of images (none for vectors)
-            grid = samples.read_bytes() if samples.is_file() else _grid_png(model.sample(64))
+            grid = saved_samples or _grid_png(model.sample(64))
             sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
             if isinstance(model, Reconstructs):
                 pairs = torch.cat([t for i in range(0, 32, 8) for t in (x[i : i + 8], model.reconstruct(x[i : i + 8]))])

@@ -56,7 +56,8 @@ def check_new_run_directory(out: Path) -> None:
 def run_directory(out: Path, new: bool, lock: bool = True) -> Iterator[Path]:
     """`out` locked for this process (lock=False: under torchrun, for the processes other than the first, which
     write nothing). new: create it (with its parents) and check that it may take a new run; an error inside the
-    block removes the directories this call created again, those still empty. Otherwise it must exist."""
+    block before the run saved a checkpoint removes what the run wrote and the directories this call created.
+    Otherwise `out` must exist."""
     if not lock:
         yield out
         return
@@ -76,12 +77,24 @@ def run_directory(out: Path, new: bool, lock: bool = True) -> Iterator[Path]:
             check_new_run_directory(out)
         yield out
     except BaseException:
-        with contextlib.suppress(OSError):
-            for path in reversed(created):
-                path.rmdir()  # only if still empty: what was written stays
+        if new:
+            remove_unfinished_run(out, created)
         raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def remove_unfinished_run(out: Path, created: list[Path]) -> None:
+    """After a new run failed: if it saved no checkpoint, remove what it wrote (its config.json, metrics), and the
+    directories `created` for it that are then empty. A run with a checkpoint is left whole, for --resume."""
+    with contextlib.suppress(OSError):
+        if any((out / name).exists() for name in TRAINED_FILES):
+            return
+        for path in out.iterdir():
+            if (path.name in TRAINING_FILES or _TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink():
+                path.unlink()
+        for path in reversed(created):
+            path.rmdir()  # only if empty
 
 
 def lock_directory(fd: int, out: Path) -> None:

@@ -2,7 +2,8 @@
 to `elbox score`.
 
 IDX files (fashion-mnist, mnist): uint8 arrays, plain or gzipped (recognized by the gzip magic bytes;
-a file named .gz must be gzipped), checked structurally: header, dtype, dims against the payload size.
+a file named .gz must be gzipped), checked structurally: header, dtype, dims against the payload size. The
+header's dims fix how many bytes are read, so a gzip bomb is refused without being expanded.
 
 CIFAR-10 binary batches (the binary version's .bin files; the Python version is never read, so nothing
 is ever unpickled): fixed-size records of one label byte and the image's pixel bytes, checked for whole
@@ -33,6 +34,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -47,11 +49,16 @@ from elbox.system import available_memory_bytes
 
 _IDX_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
 _GZIP_MAGIC = b"\x1f\x8b"
+_READ_PIECE = 1 << 20  # bytes read from a stream at a time
 
 
 def _read_bytes(path: Path, kind: str) -> bytes:
-    """Whole file contents; `kind` ("IDX file") names the file in error messages."""
+    """Whole file contents; `kind` ("CIFAR batch file") names the file in error messages. A file larger than the
+    free memory is refused before reading."""
     try:
+        size, free = path.stat().st_size, available_memory_bytes(torch.device("cpu"))
+        if size > free:
+            raise ElboxError(f"{kind} {path} is {format_bytes(size)}, more than the {format_bytes(free)} of free memory")
         return path.read_bytes()
     except FileNotFoundError:
         raise ElboxError(f"{kind} not found: {path}") from None
@@ -59,27 +66,64 @@ def _read_bytes(path: Path, kind: str) -> bytes:
         raise ElboxError(f"cannot read {kind} {path}: {e.strerror or e}") from None
 
 
+def _read_at_most(stream: BinaryIO, n: int) -> bytes:
+    """Up to n bytes of `stream`, read in pieces: no more memory is taken than the bytes that arrive."""
+    pieces = []
+    while n > 0 and (piece := stream.read(min(n, _READ_PIECE))):
+        pieces.append(piece)
+        n -= len(piece)
+    return b"".join(pieces)
+
+
 def _read_file_bytes(path: Path) -> bytes:
-    """Whole IDX file contents, decompressed if gzipped."""
-    raw = _read_bytes(path, "IDX file")
-    if not raw:
-        raise ElboxError(f"IDX file {path} is empty")
-    is_gzip = raw[:2] == _GZIP_MAGIC
-    if path.name.endswith(".gz") and not is_gzip:
-        raise ElboxError(f"IDX file {path} is named .gz but is not a gzip file")
-    if not is_gzip:
-        return raw
+    """An IDX file's header and payload, decompressed if gzipped. The header's dims fix the payload's size, and
+    at most one byte more is read: a file holding more (a gzip bomb) is refused without being expanded."""
     try:
-        data = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise ElboxError(f"IDX file {path} is a corrupt gzip stream ({e or type(e).__name__})") from None
-    if not data:
+        with open(path, "rb") as raw:
+            is_gzip = raw.read(2) == _GZIP_MAGIC
+            size = None if is_gzip else os.fstat(raw.fileno()).st_size
+            if size == 0:
+                raise ElboxError(f"IDX file {path} is empty")
+            if path.name.endswith(".gz") and not is_gzip:
+                raise ElboxError(f"IDX file {path} is named .gz but is not a gzip file")
+            raw.seek(0)
+            if not is_gzip:
+                return _read_idx_stream(raw, path, size)
+            try:
+                return _read_idx_stream(gzip.GzipFile(fileobj=raw), path, None)
+            except (OSError, EOFError, zlib.error) as e:
+                raise ElboxError(f"IDX file {path} is a corrupt gzip stream ({one_line(e)})") from None
+    except FileNotFoundError:
+        raise ElboxError(f"IDX file not found: {path}") from None
+    except OSError as e:
+        raise ElboxError(f"cannot read IDX file {path}: {e.strerror or e}") from None
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> bytes:
+    """Header and payload from an IDX stream; `size` is the file's size for a plain file, None for a gzip stream."""
+    header = _read_at_most(stream, 4)
+    if not header:
         raise ElboxError(f"IDX file {path} is empty (after decompression)")
-    return data
+    if len(header) == 4:
+        header += _read_at_most(stream, 4 * header[3])
+    dims = _idx_dims(header, path)
+    expected = math.prod(dims)
+    if size is not None and size != len(header) + expected:  # a plain file: its size is known before reading
+        _check_payload_size(size - len(header), expected, dims, path)
+    free = available_memory_bytes(torch.device("cpu"))
+    if expected > free:
+        raise ElboxError(f"IDX file {path} declares dims {short_repr(dims)}, {format_bytes(expected)} of data, "
+                         f"more than the {format_bytes(free)} of free memory")
+    payload = _read_at_most(stream, expected + 1)
+    if len(payload) > expected:
+        raise ElboxError(f"IDX file {path} holds more than the {expected} bytes of data its dims {short_repr(dims)} "
+                         "declare (read after decompression); refused as corrupt or a decompression bomb")
+    _check_payload_size(len(payload), expected, dims, path)
+    return header + payload
 
 
-def _parse_idx(data: bytes, path: Path) -> np.ndarray:
-    """Parse IDX bytes (header + payload) into a read-only array."""
+def _idx_dims(data: bytes, path: Path) -> tuple[int, ...]:
+    """The dims an IDX header (the start of `data`) declares, after checking its magic number and dtype."""
     if len(data) < 4:
         raise ElboxError(f"IDX file {path} is truncated: {len(data)} bytes, too short for a header")
     if data[:2] != b"\x00\x00":
@@ -91,13 +135,21 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
         raise ElboxError(f"IDX file {path} is truncated: header needs {header_len} bytes for {ndim} dims, file has {len(data)}")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = math.prod(dims)
-    found = len(data) - header_len
+    return tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+
+
+def _check_payload_size(found: int, expected: int, dims: tuple[int, ...], path: Path) -> None:
     if found < expected:
-        raise ElboxError(f"IDX file {path} is truncated: dims {dims} need {expected} data bytes, found {found}")
+        raise ElboxError(f"IDX file {path} is truncated: dims {short_repr(dims)} need {expected} data bytes, found {found}")
     if found > expected:
-        raise ElboxError(f"IDX file {path} has {found - expected} trailing bytes after the data for dims {dims}")
+        raise ElboxError(f"IDX file {path} has {found - expected} trailing bytes after the data for dims {short_repr(dims)}")
+
+
+def _parse_idx(data: bytes, path: Path) -> np.ndarray:
+    """Parse IDX bytes (header + payload) into a read-only array."""
+    dims = _idx_dims(data, path)
+    header_len = 4 + 4 * len(dims)
+    _check_payload_size(len(data) - header_len, math.prod(dims), dims, path)
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
 
 
@@ -205,6 +257,12 @@ def _check_size(shape: tuple[int, ...], dtype: np.dtype, available: int, what: s
                          f"({format_bytes(need)}) but the file holds {format_bytes(max(available, 0))} of data")
 
 
+def _refuse_extra(extra: int, shape: tuple[int, ...], what: str) -> None:
+    if extra > 0:
+        raise ElboxError(f"{what} holds more bytes than its header's shape {short_repr(shape)} declares; refused as "
+                         "corrupt or a decompression bomb")
+
+
 def _map(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, offset: int) -> np.ndarray:
     if math.prod(shape) == 0:
         return np.empty(shape, dtype)  # an empty file part cannot be mapped
@@ -221,6 +279,7 @@ def _open_npz(path: Path, key: str | None) -> np.ndarray:
         with archive.open(info) as f:
             shape, fortran, dtype, header = _read_npy_header(f, what)
         _check_size(shape, dtype, info.file_size - header, what)
+        _refuse_extra(info.file_size - header - math.prod(shape) * dtype.itemsize, shape, what)
         if info.compress_type == zipfile.ZIP_STORED:  # the member's bytes lie as they are in the file: map them
             with open(path, "rb") as f:
                 f.seek(info.header_offset)
@@ -234,7 +293,9 @@ def _open_npz(path: Path, key: str | None) -> np.ndarray:
             raise ElboxError(f"{what} is compressed and would take {format_bytes(need)} in memory, "
                              f"{format_bytes(free)} is free; store it uncompressed (np.save, np.savez) to read it on demand")
         with archive.open(info) as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
+            array = np.lib.format.read_array(f, allow_pickle=False)  # reads only the bytes the shape declares
+            _refuse_extra(len(f.read(1)), shape, what)  # one byte more means it expands beyond: stop there
+            return array
 
 
 def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:

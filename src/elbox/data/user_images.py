@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import operator
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +94,29 @@ def _channels(image: Image.Image, file: Path) -> int:
     raise ElboxError(f"image {file} has the pixel mode {mode}; give 8-bit grayscale or RGB images")
 
 
+def open_image(file: Path) -> Image.Image:
+    """Image.open on a regular file, refusing an image with more pixels than Pillow's decompression-bomb limit
+    (PIL.Image.MAX_IMAGE_PIXELS) from its header, before any pixel is decoded. A FIFO or a device would block or
+    never end: refused."""
+    info = os.stat(file)  # follows links: a link loop raises OSError
+    if not stat.S_ISREG(info.st_mode):
+        raise ElboxError(f"image {file} is not a regular file")
+    if info.st_size == 0:
+        raise ElboxError(f"image {file} is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow warns from 1x the limit, fails at 2x
+        try:
+            return Image.open(file)
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            size = str(e).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+            raise ElboxError(f"image {file} is too large to decode safely: {cut(size, 90)} "
+                             "(PIL.Image.MAX_IMAGE_PIXELS)") from None
+
+
 def _probe(file: Path) -> tuple[tuple[int, int], int]:
     """((height, width), channels) from the file's header; the pixels are not decoded."""
     try:
-        with Image.open(file) as image:
+        with open_image(file) as image:
             return (image.height, image.width), _channels(image, file)
     except ElboxError:
         raise
@@ -146,7 +167,7 @@ class ImageFolder(Dataset):
         file = self.path / self.names[item_index(index, len(self))]
         c, h, w = self.shape
         try:
-            with Image.open(file) as image:
+            with open_image(file) as image:
                 if _channels(image, file) > c:
                     raise ElboxError(f"image {file} is in color now but was grayscale when {self.path} was opened")
                 resize = self.image_size is not None and image.size != (w, h)

@@ -23,6 +23,7 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")  # compression is recognized by pyarrow from the name
 TABLE_SUFFIXES = CSV_SUFFIXES + PARQUET_SUFFIXES
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+CSV_BLOCK = 1 << 20  # bytes pyarrow parses at a time (its default): the longest line a CSV may have
 
 
 def _picked(names: list[str], columns: Any, what: str) -> list[int]:
@@ -79,7 +80,8 @@ class Table(Dataset):
                 schema, table = pyarrow.parquet.read_schema(self.path), None
             else:
                 delimiter = "\t" if self.path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
-                table = pyarrow.csv.read_csv(self.path, parse_options=pyarrow.csv.ParseOptions(delimiter=delimiter))
+                table = pyarrow.csv.read_csv(self.path, pyarrow.csv.ReadOptions(block_size=CSV_BLOCK),
+                                             pyarrow.csv.ParseOptions(delimiter=delimiter))
                 schema = table.schema
             if table is not None and table.num_rows == 0:
                 raise ElboxError(f"{what} has no rows")
@@ -98,6 +100,8 @@ class Table(Dataset):
         except ElboxError:
             raise
         except (pyarrow.ArrowException, OSError, ValueError, EOFError) as e:
+            if not parquet and "block" in str(e) and self.path.stat().st_size > CSV_BLOCK:  # a line must fit in a block
+                raise ElboxError(f"{what} has a line longer than {CSV_BLOCK >> 20} MB, the longest read") from None
             raise ElboxError(f"{what} is not a readable {'Parquet' if parquet else 'CSV'} file: {one_line(e)}") from None
         self.names = self.columns = [names[i] for i in picked]
         self.shape = (len(picked),)

@@ -335,7 +335,7 @@ class Trainer:
         if self.run_dir is None:
             return "no run directory was written"
         if self.saved_epoch == 0:
-            return f"no epoch finished with finite values, so {self.run_dir} holds no weights"
+            return "no epoch finished with finite values, so no checkpoint was saved"
         return f"the last good checkpoint, epoch {self.saved_epoch}, is in {self.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
 
     def check_finite(self, record: dict) -> None:
