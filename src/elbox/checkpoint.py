@@ -24,10 +24,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from elbox.atomic import atomic_write_bytes, atomic_write_json
+from elbox.data.spaces import space_from_record
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.base import LatentVariableModel
-from elbox.options import config_to_dict
+from elbox.models.base import LatentVariableModel, check_model_size, model_class, model_config
+from elbox.options import check_value, config_from_dict, config_to_dict, option_specs, short_repr
+from elbox.training.config import DataConfig, TrainConfig
 
 # 2: likelihood options are model-config fields (sigma, n_mixtures); version 1 configs are upgraded on load
 FORMAT_VERSION = 2
@@ -40,13 +42,27 @@ STATE_METADATA_KEY = "elbox_training_state"
 
 
 def read_json(path: str | Path, what: str) -> Any:
+    """The JSON value of a file; ElboxError if it is missing, unreadable, not UTF-8 or not JSON (nested too deeply,
+    a number too long: json raises RecursionError, ValueError)."""
     path = Path(path)
     if not path.is_file():
         raise ElboxError(f"{what} {path} is missing")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ElboxError(f"{what} {path} is not valid JSON: {e}") from None
+        return parse_json(path.read_text(encoding="utf-8"), f"{what} {path} is not valid JSON")
+    except UnicodeDecodeError as e:
+        raise ElboxError(f"{what} {path} is not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ElboxError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+
+
+def parse_json(text: str, problem: str) -> Any:
+    """json.loads(text); ElboxError "PROBLEM: why" for malformed JSON, nesting too deep or a number too long."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ElboxError(f"{problem}: nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError, and int() of more than 4300 digits
+        raise ElboxError(f"{problem}: {str(e)[:120]}") from None
 
 
 def save_weights(path: str | Path, model: torch.nn.Module) -> None:
@@ -81,10 +97,18 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tenso
         raise ElboxError(f"{what} {path} is corrupt or not a safetensors file: {e}") from None
 
 
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """ElboxError naming the first floating-point tensor that holds a NaN or infinite value."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ElboxError(f"{what} holds NaN or infinite values (tensor {short_repr(name)}); it cannot be used")
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load safetensors weights into `model`, checking names, shapes and dtypes first."""
+    """Load safetensors weights into `model`, checking names, shapes, dtypes and finite values first."""
     tensors, _ = read_safetensors(path, "weights file")
     check_tensors(tensors, model.state_dict(), f"weights file {path}")
+    check_finite_tensors(tensors, f"weights file {path}")
     model.load_state_dict(tensors)
 
 
@@ -96,19 +120,19 @@ def save_training_state(path: str | Path, tensors: dict[str, torch.Tensor], stat
 
 
 def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, state) written by save_training_state; ElboxError if missing, corrupt or from a newer format."""
+    """(tensors, state) written by save_training_state; ElboxError if missing, corrupt, from a newer format or holding
+    non-finite values. The state's fields are checked where they are used (elbox.training.state)."""
     tensors, metadata = read_safetensors(path, "training state")
     if STATE_METADATA_KEY not in metadata:
         raise ElboxError(f"training state {path} has no {STATE_METADATA_KEY!r} metadata; it was not written by elbox train")
     version = metadata.get("format_version", "")
     if not version.isdigit() or int(version) > FORMAT_VERSION:
-        raise ElboxError(f"training state {path} has format version {version!r}; this elbox reads up to {FORMAT_VERSION}")
-    try:
-        state = json.loads(metadata[STATE_METADATA_KEY])
-    except json.JSONDecodeError as e:
-        raise ElboxError(f"training state {path} has malformed JSON metadata: {e}") from None
+        raise ElboxError(f"training state {path} has format version {short_repr(version)}; this elbox reads up to "
+                         f"{FORMAT_VERSION}")
+    state = parse_json(metadata[STATE_METADATA_KEY], f"training state {path} has malformed JSON metadata")
     if not isinstance(state, dict):
         raise ElboxError(f"training state {path}: the metadata must be a JSON object")
+    check_finite_tensors(tensors, f"training state {path}")
     return tensors, state
 
 
@@ -142,24 +166,53 @@ def save_pretrained(model: LatentVariableModel, directory: str | os.PathLike, da
 
 
 def read_run_config(run_dir: str | Path) -> dict:
+    """The run's config.json, every field checked (checked_run_config)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ElboxError(f"run directory {run_dir} does not exist")
-    config = read_json(run_dir / CONFIG_FILE, "run config")
+    return checked_run_config(read_json(run_dir / CONFIG_FILE, "run config"), f"run config {run_dir / CONFIG_FILE}")
+
+
+def checked_run_config(config: Any, what: str) -> dict:
+    """A run config (config.json's JSON value), returned when every field has its type and range: format_version, the
+    model's name and config, the data record with its data space, the training settings. Otherwise ElboxError, one
+    line starting with `what` that names the field (format_version first: a newer elbox's run says so)."""
     if not isinstance(config, dict):
-        raise ElboxError(f"run config {run_dir / CONFIG_FILE} must be a JSON object")
+        raise ElboxError(f"{what} must be a JSON object, got {short_repr(config)}")
     version = config.get("format_version")
-    if not isinstance(version, int):
-        raise ElboxError(f"run config {run_dir / CONFIG_FILE} has no integer format_version")
+    if type(version) is not int or version < 1:
+        raise ElboxError(f"{what}: format_version must be a whole number >= 1, got {short_repr(version)}")
     if version > FORMAT_VERSION:
-        raise ElboxError(
-            f"run directory {run_dir} has format version {version}, newer than this elbox supports "
-            f"({FORMAT_VERSION}); upgrade elbox"
-        )
-    for key in ("model", "model_config", "data"):
-        if key not in config:
-            raise ElboxError(f"run config {run_dir / CONFIG_FILE} lacks the key {key!r}")
+        raise ElboxError(f"{what} has format version {version}, newer than this elbox supports ({FORMAT_VERSION}); "
+                         "upgrade elbox")
+    missing = [key for key in ("model", "model_config", "data") if key not in config]
+    if missing:
+        raise ElboxError(f"{what} lacks the key {missing[0]!r}")
+    if not isinstance(config["model"], str):
+        raise ElboxError(f"{what}: model must be a model's name, got {short_repr(config['model'])}")
+    sections = [("model_config", lambda: check_model_size(model_class(config["model"]),
+                                                         model_config(config["model"], config["model_config"]))),
+                ("data", lambda: check_data_record(config["data"])),
+                ("train", lambda: config_from_dict(TrainConfig, config.get("train", {}), "training settings"))]
+    for section, check in sections:
+        try:
+            check()
+        except ElboxError as e:
+            raise ElboxError(f"{what}: {section}: {e}") from None
     return config
+
+
+def check_data_record(record: Any) -> None:
+    """ElboxError unless a run's "data" record is a JSON object with a valid data space and well-typed entries."""
+    if not isinstance(record, dict):
+        raise ElboxError(f"must be a JSON object, got {short_repr(record)}")
+    space_from_record(record)
+    for key in ("name", "path", "kind", "source", "validation"):
+        if not isinstance(record.get(key, ""), str):
+            raise ElboxError(f"{key} must be a string, got {short_repr(record[key])}")
+    for spec in option_specs(DataConfig):
+        if spec.name in record:
+            check_value(spec, record[spec.name])
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **modules: torch.nn.Module) -> tuple[LatentVariableModel, dict]:

@@ -17,7 +17,9 @@ argparse options generated here keep the flat names and the one-line errors ("ar
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import reprlib
 import typing
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -26,6 +28,8 @@ from typing import Any
 from elbox.errors import ElboxError
 
 MISSING = dataclasses.MISSING
+MAX_SEED = 2**63 - 1  # seeds, and every whole-number option, fit a signed 64-bit integer
+MAX_ITEMS = 1000  # values of a list option, unless its declaration says otherwise
 
 
 def option(
@@ -38,15 +42,18 @@ def option(
     maximum: float | None = None,
     above: float | None = None,
     below: float | None = None,
+    max_items: int = MAX_ITEMS,
     aliases: Sequence[str] = (),
     metavar: str | None = None,
     cli: bool = True,
 ) -> Any:
     """A dataclass field with its command-line declaration. minimum/maximum are inclusive bounds, above/below
-    exclusive ones (for numbers, and for each element of a list). aliases: extra command-line flags (e.g. an
-    older name). cli=False: a field the command line does not set (e.g. data_shape, taken from the data)."""
+    exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
+    extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
+    data_shape, taken from the data)."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "maximum": maximum,
-                "above": above, "below": below, "aliases": tuple(aliases), "metavar": metavar, "cli": cli}
+                "above": above, "below": below, "max_items": max_items, "aliases": tuple(aliases), "metavar": metavar,
+                "cli": cli}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -68,6 +75,7 @@ class OptionSpec:
     maximum: float | None
     above: float | None
     below: float | None
+    max_items: int
     aliases: tuple[str, ...]
     metavar: str | None
     cli: bool
@@ -77,9 +85,13 @@ class OptionSpec:
         return "--" + self.name.replace("_", "-")
 
     def range_text(self) -> str:
-        parts = [f">= {self.minimum:g}" if self.minimum is not None else "", f"> {self.above:g}" if self.above is not None else "",
-                 f"<= {self.maximum:g}" if self.maximum is not None else "", f"< {self.below:g}" if self.below is not None else ""]
-        return " and ".join(p for p in parts if p)
+        bounds = [(">=", self.minimum), (">", self.above), ("<=", self.maximum), ("<", self.below)]
+        return " and ".join(f"{sign} {_number_text(bound)}" for sign, bound in bounds if bound is not None)
+
+
+def _number_text(value: float) -> str:
+    """A bound as written: whole numbers in full (2**63 - 1 is 9223372036854775807), others by :g."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 _KINDS = {bool: "bool", int: "int", float: "float", str: "str", dict: "dict"}
@@ -111,14 +123,22 @@ def option_specs(config_class: type) -> tuple[OptionSpec, ...]:
         kind, sequence, optional = _kind_of(hints[f.name], f.name)
         default = f.default_factory() if f.default_factory is not MISSING else f.default
         meta = dict(f.metadata) or {"help": "", "choices": None, "minimum": None, "maximum": None, "above": None,
-                                    "below": None, "aliases": (), "metavar": None, "cli": True}
+                                    "below": None, "max_items": MAX_ITEMS, "aliases": (), "metavar": None, "cli": True}
         specs.append(OptionSpec(f.name, kind, sequence, optional, default, **meta))
     return tuple(specs)
 
 
+_REPR = reprlib.Repr()  # looks at the first items and levels only: fast and shallow for any input
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 4, 200, 200, 200
+
+
 def short_repr(value: Any, limit: int = 60) -> str:
-    """repr() cut to `limit` characters, so that a message stays one short line even for a huge input."""
-    text = repr(value)
+    """repr() cut to `limit` characters, so that a message stays one short line even for a huge or deeply nested
+    input."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int too long to print, a nesting too deep
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -142,9 +162,11 @@ def _check_scalar(spec: OptionSpec, value: Any, what: str) -> Any:
     if isinstance(value, bool) or not number_ok:
         raise ElboxError(f"{what} must be {'a whole number' if kind == 'int' else 'a number'}, got {short_repr(value)}")
     if kind == "float":
-        value = float(value)
+        value = float(value) if isinstance(value, float) or abs(value) < 1e308 else math.inf  # float(10**400) raises
         if not math.isfinite(value):
             raise ElboxError(f"{what} must be finite, got {value}")
+    elif abs(value) > MAX_SEED:
+        raise ElboxError(f"{what} must fit a 64-bit integer, got {short_repr(value)}")
     bounds = [(spec.minimum, lambda v, b: v >= b), (spec.maximum, lambda v, b: v <= b),
               (spec.above, lambda v, b: v > b), (spec.below, lambda v, b: v < b)]
     if not all(bound is None or holds(value, bound) for bound, holds in bounds):
@@ -161,6 +183,8 @@ def check_value(spec: OptionSpec, value: Any) -> Any:
         return _check_scalar(spec, value, spec.name)
     if not isinstance(value, (list, tuple)):
         raise ElboxError(f"{spec.name} must be a list, got {short_repr(value)}")
+    if len(value) > spec.max_items:
+        raise ElboxError(f"{spec.name} takes at most {spec.max_items} values, got {len(value)}")
     items = [_check_scalar(spec, v, f"each of {spec.name}") for v in value]
     return tuple(items) if spec.sequence == "tuple" else items
 
@@ -179,7 +203,10 @@ def config_from_dict(config_class: type, values: Any, what: str | None = None) -
     known = [f.name for f in dataclasses.fields(config_class)]
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ElboxError(f"unknown {what} fields {short_repr(unknown)}; known fields: {', '.join(known)}")
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        names = ", ".join(known)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields: {names[:150]}{'...' if len(names) > 150 else ''}"
+        raise ElboxError(f"unknown {what} fields {short_repr(unknown)}; {hint}")
     try:
         return config_class(**values)
     except (TypeError, ValueError, OverflowError) as e:

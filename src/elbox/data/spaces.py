@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from elbox.errors import ElboxError
+from elbox.options import short_repr
 
 # ---------------------------------------------------------------------------
 # Data spaces
@@ -61,7 +62,7 @@ class DataSpace:
     def from_record(cls, record: dict) -> DataSpace:
         """The space from its parameters (to_record's dict)."""
         if record:
-            raise ElboxError(f"data space {cls.name!r} takes no parameters, got {', '.join(map(str, record))}")
+            raise ElboxError(f"data space {cls.name!r} takes no parameters, got {', '.join(map(str, record))[:100]}")
         return cls()
 
     def _transform(self, x: torch.Tensor, generator: torch.Generator | None, part: tuple[int, int] | None) -> torch.Tensor:
@@ -190,7 +191,7 @@ class RealSpace(DataSpace):
     @classmethod
     def from_record(cls, record: dict) -> RealSpace:
         if not isinstance(record, dict) or set(record) != {"mean", "std"}:
-            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            keys = ", ".join(map(str, record))[:100] if isinstance(record, dict) else type(record).__name__
             raise ElboxError(_real_scaling_needed(keys or "nothing"))
         return cls(record["mean"], record["std"])
 
@@ -203,10 +204,12 @@ def _real_scaling_needed(got: str) -> str:
 
 def _scaling_vector(values: Any, what: str) -> Tensor:
     """A non-empty, finite float64 vector [D] from a list or a tensor (the 'real' space's mean or std)."""
+    if isinstance(values, (list, tuple)) and any(isinstance(v, bool) for v in values):
+        raise ElboxError(f"the 'real' space's {what} must be a list of numbers, got {short_repr(values)}")
     try:
         vector = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
-    except (TypeError, ValueError, RuntimeError):
-        raise ElboxError(f"the 'real' space's {what} must be a list of numbers, got {str(values)[:60]}") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ElboxError(f"the 'real' space's {what} must be a list of numbers, got {short_repr(values)}") from None
     if vector.dim() != 1 or vector.numel() == 0:
         raise ElboxError(f"the 'real' space's {what} must be a non-empty list of numbers, got shape {tuple(vector.shape)}")
     bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()

@@ -23,7 +23,9 @@ the evaluator, trainer and commands dispatch with isinstance(model, Protocol):
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -33,10 +35,17 @@ from torch import Tensor, nn
 from elbox.bounds import ELBOTerms
 from elbox.data.spaces import VECTOR_MODELS
 from elbox.errors import ElboxError
-from elbox.options import config_from_dict
+from elbox.options import config_from_dict, short_repr
 
 MODELS: dict[str, type["LatentVariableModel"]] = {}
 Callback = Callable[[dict], None]
+
+# Size bounds of the model options: generous, yet what one machine can hold (build_model also counts the parameters)
+MAX_DATA_SIZE = 2**28  # values of one example (data_shape's product): 1 GiB in float32
+MAX_DATA_DIMS = 4  # dimensions of data_shape
+MAX_WIDTH = 10**6  # a latent dimension, a layer's width, a number of channels
+MAX_DEPTH = 100  # latent levels, residual blocks per level
+DATA_SHAPE_LIMITS = {"minimum": 1, "maximum": MAX_DATA_SIZE, "max_items": MAX_DATA_DIMS, "cli": False}  # option(**...)
 
 
 class LatentVariableModel(nn.Module):
@@ -185,11 +194,48 @@ def model_config(name: str, values: dict[str, Any]) -> Any:
 
 
 def build_model(name: str, config: dict[str, Any] | Any, **modules: nn.Module) -> LatentVariableModel:
-    """Build a registered model from a config dataclass or its JSON dict (and the user-written networks it names)."""
+    """Build a registered model from a config dataclass or its JSON dict (and the user-written networks it names),
+    after checking that its parameters fit in this machine's memory."""
     cls = model_class(name)
     if isinstance(config, dict):
         config = model_config(name, config)
+    check_model_size(cls, config, **modules)
     return cls.from_config(config, **modules) if modules else cls.from_config(config)
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine; None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_model_size(cls: type[LatentVariableModel], config: Any, **modules: nn.Module) -> None:
+    """ElboxError when the model's parameters and buffers, at 4 bytes each, exceed this machine's physical memory:
+    counted on the meta device, which allocates nothing."""
+    memory = physical_memory()
+    if memory is None:
+        return
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, **modules) if modules else cls.from_config(config)
+    except Exception:  # not buildable on the meta device (or without its user-written networks): the real build decides
+        return
+    count = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
+    if 4 * count > memory:
+        raise ElboxError(f"the {cls.name} model config asks for {count:,} parameters ({4 * count / 2**30:,.1f} GiB), "
+                         f"more than this machine's memory ({memory / 2**30:,.1f} GiB)")
+
+
+def check_data_shape(data_shape: Sequence[int]) -> None:
+    """ElboxError unless data_shape names a dimension and MAX_DATA_SIZE values at most (its declaration,
+    DATA_SHAPE_LIMITS, bounds each dimension and their number)."""
+    if not data_shape:
+        raise ElboxError("data_shape must name at least one dimension")
+    if math.prod(data_shape) > MAX_DATA_SIZE:
+        raise ElboxError(f"data_shape {short_repr(tuple(data_shape))} has {math.prod(data_shape):,} values per example; "
+                         f"at most {MAX_DATA_SIZE:,} are supported")
 
 
 def check_image_shape(data_shape: Sequence[int], what: str) -> None:

@@ -29,7 +29,15 @@ from torch import Tensor
 
 from elbox.bounds import ELBOTerms, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import LatentVariableModel, check_image_shape, register_model
+from elbox.models.base import (
+    DATA_SHAPE_LIMITS,
+    MAX_DEPTH,
+    MAX_WIDTH,
+    LatentVariableModel,
+    check_data_shape,
+    check_image_shape,
+    register_model,
+)
 from elbox.models.schedules import SCHEDULES, build_schedule
 from elbox.nets import ConditionedUNet
 from elbox.options import check_options, option
@@ -38,6 +46,7 @@ DIFFUSION_LOSSES = ("elbo", "simple")
 NUM_LEVELS = 256
 # Upper bound on elements of the [*, 256] logits of the categorical reconstruction computed at once.
 MAX_LOGIT_ELEMENTS = 2**24
+MAX_TIMESTEPS = 10**6
 GAMMA_LIMIT = 30.0  # |gamma| bound: sigmoid(-30) = 9e-14, already below float32's resolution next to 1
 
 
@@ -104,8 +113,9 @@ PARAMETERIZATIONS = tuple(PARAMETERIZATION_CLASSES)
 
 @dataclass
 class DiffusionConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one image (channels, height, width)", minimum=1, cli=False)
-    timesteps: int = option(0, "number of steps T of the discrete-time model; 0 = continuous time", minimum=0, metavar="T")
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one image (channels, height, width)", **DATA_SHAPE_LIMITS)
+    timesteps: int = option(0, "number of steps T of the discrete-time model; 0 = continuous time", minimum=0,
+                            maximum=MAX_TIMESTEPS, metavar="T")
     schedule: str = option("learned-linear", "noise schedule gamma(t) = -log SNR(t)", choices=SCHEDULES)
     gamma_min: float = option(-13.3, "gamma(0) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
     gamma_max: float = option(5.0, "gamma(1) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
@@ -114,12 +124,14 @@ class DiffusionConfig:
     loss: str = option("elbo", "train on the ELBO, or on the simple unweighted noise-prediction loss (reports are "
                                "always the ELBO)", choices=DIFFUSION_LOSSES, aliases=("--diffusion-loss",))
     channels: list[int] = option(help="U-Net width per resolution level (each further level halves the image)",
-                                 factory=lambda: [16, 32, 64], minimum=1, aliases=("--unet-channels",), metavar="C")
-    blocks_per_level: int = option(1, "U-Net residual blocks per resolution", minimum=1)
+                                 factory=lambda: [16, 32, 64], minimum=1, maximum=MAX_WIDTH, max_items=MAX_DEPTH,
+                                 aliases=("--unet-channels",), metavar="C")
+    blocks_per_level: int = option(1, "U-Net residual blocks per resolution", minimum=1, maximum=MAX_DEPTH)
     fourier_features: bool = option(True, "feed Fourier features of z_t to the U-Net")
 
     def __post_init__(self):
         check_options(self)
+        check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the diffusion model")
         checks = [
             (self.gamma_min < self.gamma_max, f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"),

@@ -33,7 +33,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal
 from elbox.bounds import LOG_2PI, check_count
 from elbox.data.spaces import model_data_space
 from elbox.errors import ElboxError
-from elbox.models.base import Callback, LatentVariableModel, register_model
+from elbox.models.base import DATA_SHAPE_LIMITS, Callback, LatentVariableModel, check_data_shape, register_model
 from elbox.options import check_options, option
 
 COVARIANCES = ("full", "diag")
@@ -41,11 +41,6 @@ COVARIANCES = ("full", "diag")
 
 # ----------------------------------------------------------------------------------------------
 # Input checks shared with models/mixture.py
-
-
-def check_data_shape(shape: tuple[int, ...]) -> None:
-    if not shape:
-        raise ElboxError("data_shape must name at least one dimension")
 
 
 def flatten_data(x, data_shape: tuple[int, ...], model: str) -> Tensor:
@@ -93,7 +88,7 @@ def gram_matrix(centered: Tensor) -> Tensor:
 
 @dataclass
 class GaussianConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
     covariance: str = option("full", "covariance structure", choices=COVARIANCES)
     ridge: float = option(1e-3, "added to the diagonal of the fitted covariance (see the module docstring)", minimum=0)
 

@@ -37,13 +37,18 @@ from elbox.bounds import (
 from elbox.errors import ElboxError
 from elbox.likelihoods import LikelihoodOptions
 from elbox.models.base import (
+    DATA_SHAPE_LIMITS,
+    MAX_DATA_SIZE,
+    MAX_DEPTH,
+    MAX_WIDTH,
     LatentVariableModel,
+    check_data_shape,
     check_image_shape,
     per_level_temperatures,
     register_model,
 )
 from elbox.nets import ACTIVATIONS, apply_flat, mlp
-from elbox.options import check_options, option
+from elbox.options import check_options, option, short_repr
 
 HVAE_TYPES = ("markov", "ladder")
 POSTERIORS = ("residual", "precision")
@@ -51,31 +56,35 @@ POSTERIORS = ("residual", "precision")
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", minimum=1, cli=False)
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS)
     hvae_type: str = option("ladder", "markov (bottom-up MLP chain) or ladder (top-down, convolutional)", choices=HVAE_TYPES)
-    levels: int = option(3, "number of latent levels", minimum=1, metavar="T")
+    levels: int = option(3, "number of latent levels", minimum=1, maximum=MAX_DEPTH, metavar="T")
     activation: str = option("relu", "markov: activation of the MLPs (the ladder's residual blocks use GELU)",
                              choices=tuple(ACTIVATIONS))
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
     latent_dims: list[int] = option(help="markov: latent size per level, z_1 (next to x) first (default: 32, 16, 8, "
-                                         "... halving per level, at least 2)", factory=list, minimum=1, metavar="D")
-    hidden_dims: list[int] = option(help="markov: widths of every MLP transition", factory=lambda: [512], minimum=1, metavar="H")
-    channels: int = option(64, "ladder: width of the bottom-up and top-down residual state", minimum=1)
-    latent_channels: int = option(8, "ladder: channels of each level's latent map", minimum=1)
+                                         "... halving per level, at least 2)", factory=list, minimum=1, maximum=MAX_WIDTH,
+                                    max_items=MAX_DEPTH, metavar="D")
+    hidden_dims: list[int] = option(help="markov: widths of every MLP transition", factory=lambda: [512], minimum=1,
+                                    maximum=MAX_WIDTH, metavar="H")
+    channels: int = option(64, "ladder: width of the bottom-up and top-down residual state", minimum=1, maximum=MAX_WIDTH)
+    latent_channels: int = option(8, "ladder: channels of each level's latent map", minimum=1, maximum=MAX_WIDTH)
     blocks_per_level: int = option(1, "ladder: residual blocks after each level (top-down) and per resolution "
-                                      "(bottom-up)", minimum=1)
+                                      "(bottom-up)", minimum=1, maximum=MAX_DEPTH)
     level_downsample: list[int] = option(help="ladder: per level, top first, image size / latent map size (default: "
-                                              "top half 4, rest 2)", factory=list, minimum=1, metavar="F")
+                                              "top half 4, rest 2)", factory=list, minimum=1, maximum=MAX_DATA_SIZE,
+                                         max_items=MAX_DEPTH, metavar="F")
     posterior: str = option("residual", "ladder: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
 
     def __post_init__(self):
         check_options(self)
+        check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the hvae")
         if self.hvae_type == "markov":
             if not self.latent_dims:
                 self.latent_dims = [max(2, 32 >> t) for t in range(self.levels)]
             if len(self.latent_dims) != self.levels:
-                raise ElboxError(f"latent_dims must give a size for each of the {self.levels} levels, got {self.latent_dims}")
+                raise ElboxError(f"latent_dims must give a size for each of the {self.levels} levels, got {short_repr(self.latent_dims)}")
         else:
             if not self.level_downsample:
                 self.level_downsample = default_level_downsample(self.levels, self.data_shape)
@@ -84,14 +93,14 @@ class HVAEConfig(LikelihoodOptions):
     def _check_ladder_resolutions(self) -> None:
         factors, (_, h, w) = self.level_downsample, self.data_shape
         if len(factors) != self.levels:
-            raise ElboxError(f"level_downsample must give one factor per level ({self.levels}), got {factors}")
+            raise ElboxError(f"level_downsample must give one factor per level ({self.levels}), got {short_repr(factors)}")
         for f in factors:
             if f < 1 or f & (f - 1) or h % f or w % f:
                 raise ElboxError(
-                    f"level_downsample factors must be powers of 2 that divide the image size {h}x{w}, got {factors}"
+                    f"level_downsample factors must be powers of 2 that divide the image size {h}x{w}, got {short_repr(factors)}"
                 )
         if any(a < b for a, b in zip(factors, factors[1:])):
-            raise ElboxError(f"level_downsample must not increase from the top level down (coarse to fine), got {factors}")
+            raise ElboxError(f"level_downsample must not increase from the top level down (coarse to fine), got {short_repr(factors)}")
 
 
 def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int]:

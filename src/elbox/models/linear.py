@@ -42,7 +42,7 @@ from elbox.bounds import (
 )
 from elbox.data.spaces import model_data_space
 from elbox.errors import ElboxError
-from elbox.models.base import Callback, LatentVariableModel, register_model
+from elbox.models.base import DATA_SHAPE_LIMITS, MAX_WIDTH, Callback, LatentVariableModel, check_data_shape, register_model
 from elbox.nets import inverse_softplus
 from elbox.options import check_options, option
 
@@ -53,8 +53,8 @@ FITS = ("closed-form", "elbo")
 
 @dataclass
 class LinearGaussianConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
-    latent_dim: int = option(20, "latent dimensions (fewer than the data dimensions)", minimum=1)
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
+    latent_dim: int = option(20, "latent dimensions (fewer than the data dimensions)", minimum=1, maximum=MAX_WIDTH)
     noise: str = option("isotropic", "observation noise: isotropic, one sigma (probabilistic PCA), or diagonal, a sigma "
                                      "per dimension (factor analysis)", choices=NOISE_MODELS)
     encoder: str = option("amortized", "q(z|x): the exact posterior, or an amortized diagonal Gaussian (linear mean, "
@@ -64,8 +64,7 @@ class LinearGaussianConfig:
 
     def __post_init__(self):
         check_options(self)
-        if not self.data_shape:
-            raise ElboxError("data_shape must name at least one dimension")
+        check_data_shape(self.data_shape)
         x_dim = math.prod(self.data_shape)
         if not self.latent_dim < x_dim:
             raise ElboxError(f"latent_dim must be smaller than the data dimension {x_dim}, got {self.latent_dim}")

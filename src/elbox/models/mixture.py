@@ -54,11 +54,10 @@ from torch.distributions import Categorical
 
 from elbox.bounds import ELBOTerms, check_count
 from elbox.errors import ElboxError
-from elbox.models.base import Callback, register_model
+from elbox.models.base import DATA_SHAPE_LIMITS, Callback, check_data_shape, register_model
 from elbox.models.gaussian import (
     COVARIANCES,
     ContinuousDensity,
-    check_data_shape,
     flatten_data,
 )
 from elbox.models.mixture_em import (
@@ -69,27 +68,29 @@ from elbox.models.mixture_em import (
     logsumexp_rows,
     m_step,
 )
-from elbox.options import check_options, option
+from elbox.options import MAX_SEED, check_options, option
 
 INITS = ("kmeans++", "random")
+MAX_COMPONENTS = 10**5
+MAX_INITS = 1000
 # fit warns when the ELBO or the log-likelihood drops by more than this, relative to 1 + |value|
 ROUNDING_SLACK = 1e-9
 
 
 @dataclass
 class MixtureConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", minimum=1, cli=False)
-    n_components: int = option(10, "number of mixture components", minimum=1, aliases=("--components",))
+    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
+    n_components: int = option(10, "number of mixture components", minimum=1, maximum=MAX_COMPONENTS, aliases=("--components",))
     covariance: str = option("full", "covariance structure", choices=COVARIANCES)
     init: str = option("kmeans++", "EM initialization (see the module docstring)", choices=INITS)
-    max_iter: int = option(100, "EM iterations at most", minimum=1)
+    max_iter: int = option(100, "EM iterations at most", minimum=1, maximum=10**6)
     # absolute, like scikit-learn's tol on the mean log-likelihood
     tol: float = option(1e-4, "stop when the mean ELBO improves by less than this many nats per example over one "
                               "iteration (0: run all max_iter iterations)", minimum=0)
     covariance_floor: float = option(1e-3, "added to each covariance diagonal (full) or floor on the variances (diag)", above=0)
-    seed: int = option(0, "seed of the EM initialization", minimum=0)
+    seed: int = option(0, "seed of the EM initialization", minimum=0, maximum=MAX_SEED - MAX_INITS)
     n_init: int = option(1, "EM runs from initializations seeded seed, seed + 1, ...; the one with the highest "
-                            "final log-likelihood is kept (as scikit-learn's n_init)", minimum=1)
+                            "final log-likelihood is kept (as scikit-learn's n_init)", minimum=1, maximum=MAX_INITS)
 
     def __post_init__(self):
         check_options(self)

@@ -26,13 +26,16 @@ from elbox.bounds import (
 from elbox.errors import ElboxError
 from elbox.likelihoods import LikelihoodOptions
 from elbox.models.base import (
+    DATA_SHAPE_LIMITS,
+    MAX_WIDTH,
     LatentVariableModel,
+    check_data_shape,
     check_image_shape,
     per_level_temperatures,
     register_model,
 )
 from elbox.nets import ACTIVATIONS, apply_flat, conv_decoder, conv_encoder, mlp
-from elbox.options import check_options, option
+from elbox.options import check_options, option, short_repr
 
 ARCHITECTURES = ("mlp", "conv")
 
@@ -40,13 +43,13 @@ ARCHITECTURES = ("mlp", "conv")
 @dataclass
 class VAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example: (channels, height, width), or (D,) for "
-                                         "vectors (mlp architecture)", minimum=1, cli=False)
-    latent_dim: int = option(32, "latent dimensions", minimum=1)
+                                         "vectors (mlp architecture)", **DATA_SHAPE_LIMITS)
+    latent_dim: int = option(32, "latent dimensions", minimum=1, maximum=MAX_WIDTH)
     hidden_dims: list[int] = option(help="hidden layer widths of the encoder's MLP (the decoder mirrors them; after "
-                                         "the convolutions for conv)", factory=lambda: [512], minimum=1, metavar="H")
+                                         "the convolutions for conv)", factory=lambda: [512], minimum=1, maximum=MAX_WIDTH, metavar="H")
     architecture: str = option("mlp", "encoder and decoder networks", choices=ARCHITECTURES)
     conv_channels: list[int] = option(help="conv architecture: channels of each strided convolution",
-                                      factory=lambda: [32, 64], minimum=1, metavar="C")
+                                      factory=lambda: [32, 64], minimum=1, maximum=MAX_WIDTH, metavar="C")
     activation: str = option("relu", "activation function", choices=tuple(ACTIVATIONS))
     min_std: float = option(1e-4, "floor on the posterior standard deviation", above=0)
     # user-written networks, by class name ("module:QualName"); "" = the built-in ones (see VAE)
@@ -55,10 +58,11 @@ class VAEConfig(LikelihoodOptions):
 
     def __post_init__(self):
         check_options(self)
+        check_data_shape(self.data_shape)
         if self.architecture == "conv":
             check_image_shape(self.data_shape, "the conv architecture")
         elif len(self.data_shape) not in (1, 3):
-            raise ElboxError(f"data_shape must be (channels, height, width) for images or (D,) for vectors, got {self.data_shape}")
+            raise ElboxError(f"data_shape must be (channels, height, width) for images or (D,) for vectors, got {short_repr(self.data_shape)}")
         self.data_space()  # a likelihood that cannot model the data (bernoulli on vectors, ...) is refused here
         if self.architecture == "conv" and not self.conv_channels:
             raise ElboxError("conv_channels must be a non-empty list of positive sizes")

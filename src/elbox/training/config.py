@@ -16,19 +16,25 @@ from elbox.data import dataset_names
 from elbox.errors import ElboxError
 from elbox.loggers import LOGGERS
 from elbox.models.base import model_class
-from elbox.options import check_options, config_from_dict, option
+from elbox.options import MAX_SEED, check_options, config_from_dict, option
 
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 OBJECTIVES = ("elbo", "iwae")
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
-MAX_SEED = 2**63 - 1
+# Size bounds: generous, yet what one machine can run
+MAX_EPOCHS = 10**6
+MAX_BATCH = 10**6  # examples per batch
+MAX_SAMPLES = 10**5  # Monte Carlo or importance samples per example
+MAX_IMAGE_SIZE = 8192
+MAX_WORKERS = 256
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = option(10, "passes over the training set", minimum=1)
-    batch_size: int = option(128, "examples per optimizer step (the global batch under torchrun)", minimum=1)
+    epochs: int = option(10, "passes over the training set", minimum=1, maximum=MAX_EPOCHS)
+    batch_size: int = option(128, "examples per optimizer step (the global batch under torchrun)", minimum=1,
+                             maximum=MAX_BATCH)
     lr: float = option(1e-3, "Adam learning rate", above=0)
     seed: int = option(0, "seed of the initialization, the batches and the data randomness", minimum=0, maximum=MAX_SEED)
     objective: str = option("elbo", "training objective: elbo (beta-weighted, optional free bits) or iwae (IWAE-K; "
@@ -36,28 +42,28 @@ class TrainConfig:
     beta: float = option(1.0, "KL weight of the elbo training objective (reports always use 1)", minimum=0)
     beta_schedule: str = option("constant", "linear: beta rises from 0 over --warmup-epochs; cyclical: see --cycle-epochs",
                                 choices=BETA_SCHEDULES)
-    warmup_epochs: float = option(0.0, "epochs of linear beta warm-up", minimum=0)
+    warmup_epochs: float = option(0.0, "epochs of linear beta warm-up", minimum=0, maximum=MAX_EPOCHS)
     cycle_epochs: float = option(0.0, "length in epochs of one cycle of the cyclical beta schedule (required with "
-                                      "--beta-schedule cyclical)", minimum=0)
+                                      "--beta-schedule cyclical)", minimum=0, maximum=MAX_EPOCHS)
     cycle_ramp_fraction: float = option(0.5, "fraction of each cycle over which beta rises from 0 to --beta (cyclical)",
                                         above=0, maximum=1)
     free_bits: float = option(0.0, "floor in nats on the batch-mean KL of each latent group (the whole z for the VAE); "
                                    "elbo objective only", minimum=0, metavar="NATS")
-    n_samples: int = option(1, "Monte Carlo samples of z per example while training", minimum=1)
+    n_samples: int = option(1, "Monte Carlo samples of z per example while training", minimum=1, maximum=MAX_SAMPLES)
     iw_samples: int = option(1, "importance samples K per example of the iwae training objective (K=1: ELBO with a "
-                                "Monte Carlo KL)", minimum=1, metavar="K")
+                                "Monte Carlo KL)", minimum=1, maximum=MAX_SAMPLES, metavar="K")
     estimator: str = option("reparam", "gradient estimator of the iwae objective: reparam, stl (sticking the landing) "
                                        "or dreg (doubly reparameterized)", choices=IWAE_ESTIMATORS)
     max_nonfinite: int = option(20, "stop when this many of the last 2N optimizer steps had a non-finite loss or "
-                                        "gradient (counted across epochs)", minimum=1, metavar="N")
+                                        "gradient (counted across epochs)", minimum=1, maximum=10**6, metavar="N")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)", minimum=0)
     grad_skip_threshold: float = option(0.0, "skip updates whose gradient norm exceeds this (counted and logged; 0: off)",
                                         minimum=0, metavar="NORM")
     lr_schedule: str = option("constant", "cosine: decay the learning rate to 0 over the run", choices=LR_SCHEDULES)
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights (e.g. 0.999) for validation and "
                                    "the saved model; 0: off", minimum=0, below=1, metavar="DECAY")
-    eval_batch_size: int = option(1000, "examples per validation pass", minimum=1)
-    log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1)
+    eval_batch_size: int = option(1000, "examples per validation pass", minimum=1, maximum=MAX_BATCH)
+    log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1, maximum=10**9)
     logger: str = option("jsonl", "training curves: metrics.jsonl (jsonl), plus TensorBoard events in "
                                   "RUN_DIR/tensorboard (tensorboard), or neither (none; they stay in the checkpoint "
                                   "state)", choices=LOGGERS)
@@ -112,9 +118,12 @@ class DataConfig:
                                         "the system's data packages, a download)", metavar="DIR")
     limit_train: int | None = option(None, "use only the first N training examples", minimum=1, metavar="N")
     image_size: list[int] | None = option(None, "resize (shorter side) and center-crop a folder's images to this size: "
-                                                "S or H W (default: all images one size)", minimum=1, metavar="S")
-    columns: list[str] | None = option(None, "table columns to model, in this order (default: every column)", metavar="NAME")
-    workers: int = option(1, "DataLoader processes reading files from disk (0: read in the training process)", minimum=0)
+                                                "S or H W (default: all images one size)", minimum=1,
+                                          maximum=MAX_IMAGE_SIZE, max_items=2, metavar="S")
+    columns: list[str] | None = option(None, "table columns to model, in this order (default: every column)",
+                                       max_items=10**6, metavar="NAME")
+    workers: int = option(1, "DataLoader processes reading files from disk (0: read in the training process)", minimum=0,
+                          maximum=MAX_WORKERS)
 
     def __post_init__(self):
         check_options(self)

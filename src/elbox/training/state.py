@@ -4,6 +4,8 @@ as one safetensors file with the JSON in its metadata)."""
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import torch
@@ -11,8 +13,13 @@ from torch import Tensor
 
 from elbox.checkpoint import check_tensors
 from elbox.errors import ElboxError
-from elbox.options import config_from_dict
+from elbox.options import MAX_SEED, config_from_dict, short_repr
 from elbox.training.config import TrainConfig, config_dict
+
+COUNTS = ("epoch", "step", "skipped_steps", "skipped_large_grad")
+# entries a saved state must share with this run's optimizer and schedule: they follow from its config, not its progress
+ADAM_SETTINGS = ("params", "betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr")
+SCHEDULE_SETTINGS = ("T_max", "eta_min", "base_lrs")
 
 
 def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], dict]:
@@ -48,8 +55,9 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
-        if config_from_dict(TrainConfig, state["train_config"]) != trainer.config:  # fields added later take defaults
+        if saved_train_config(state, what) != trainer.config:  # fields added later take defaults
             raise ElboxError(f"{what} was written with other training settings than the run's config.json")
+        check_state(trainer, state, what)
         check_tensors(part("model."), trainer.model.state_dict(), f"{what} (model tensors)")
         trainer.model.load_state_dict(part("model."))
         if trainer.ema is not None:
@@ -74,7 +82,83 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
     except ElboxError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise ElboxError(f"{what} is incomplete or does not fit this run: {type(e).__name__}: {e}") from None
+        reason = " ".join(str(e).split())[:200]  # torch's messages span lines
+        raise ElboxError(f"{what} is incomplete or does not fit this run: {type(e).__name__}: {reason}") from None
+
+
+def saved_train_config(state: dict, what: str) -> TrainConfig:
+    values = field(state, "train_config", what)
+    try:
+        return config_from_dict(TrainConfig, values, "train_config")
+    except ElboxError as e:
+        raise ElboxError(f"{what}: {e}") from None
+
+
+def field(state: dict, key: str, what: str) -> Any:
+    if key not in state:
+        raise ElboxError(f"{what} is incomplete: it lacks the field {key!r}")
+    return state[key]
+
+
+def check_state(trainer: Any, state: dict, what: str) -> None:
+    """ElboxError naming the field unless every field of a saved state has its type and range and fits the trainer's
+    optimizer and schedule (the state's JSON is read before any of it is used)."""
+    for key in COUNTS:
+        value = field(state, key, what)
+        if type(value) is not int or not 0 <= value <= MAX_SEED:
+            raise ElboxError(f"{what}: {key} must be a whole number >= 0, got {short_repr(value)}")
+    best = field(state, "best_val_elbo", what)
+    if _kind(best) not in ("int", "float") and best != -math.inf:
+        raise ElboxError(f"{what}: best_val_elbo must be a finite number (or -Infinity), got {short_repr(best)}")
+    recent = state.get("recent_nonfinite", [])
+    if not isinstance(recent, list) or not all(type(x) is int and x in (0, 1) for x in recent):
+        raise ElboxError(f"{what}: recent_nonfinite must be a list of 0s and 1s, got {short_repr(recent)}")
+    records = field(state, "records", what)
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in records):
+        raise ElboxError(f"{what}: records must be a list of JSON objects with a \"kind\", got {short_repr(records)}")
+    current = _as_json(trainer.optimizer.state_dict()["param_groups"])
+    groups = field(state, "optimizer_param_groups", what)
+    if not isinstance(groups, list) or len(groups) != len(current):
+        raise ElboxError(f"{what}: optimizer_param_groups must be a list of {len(current)}, got {short_repr(groups)}")
+    for group, want in zip(groups, current):
+        _check_entries(group, want, ADAM_SETTINGS, f"{what}: optimizer_param_groups")
+    schedule = field(state, "lr_scheduler", what)
+    if trainer.scheduler is None and schedule is not None:
+        raise ElboxError(f"{what}: lr_scheduler must be null (a constant learning rate), got {short_repr(schedule)}")
+    if trainer.scheduler is not None:
+        _check_entries(schedule, _as_json(trainer.scheduler.state_dict()), SCHEDULE_SETTINGS, f"{what}: lr_scheduler")
+        if schedule.get("last_epoch", state["step"]) != state["step"]:  # the schedule follows the step count
+            raise ElboxError(f"{what}: lr_scheduler's last_epoch {short_repr(schedule['last_epoch'])} is not the step "
+                             f"count {state['step']}")
+
+
+def _check_entries(saved: Any, current: dict, settings: tuple[str, ...], what: str) -> None:
+    """ElboxError unless `saved` is a JSON object whose keys `current` has, with the same values for `settings` and
+    values of the same JSON types, numbers >= 0, for the others."""
+    if not isinstance(saved, dict):
+        raise ElboxError(f"{what} must be a JSON object, got {short_repr(saved)}")
+    for key, value in saved.items():
+        value = list(value) if isinstance(value, tuple) else value  # a state not read from JSON (Trainer.restore)
+        fits = key in current and (value == current[key] if key in settings else _kind(value) == _kind(current[key]))
+        numbers = value if isinstance(value, list) else [value]
+        if not fits or any(_kind(v) in ("int", "float") and v < 0 for v in numbers):
+            raise ElboxError(f"{what}: {short_repr(key)} is {short_repr(value)}, which does not fit this run")
+
+
+def _kind(value: Any) -> str | list[str]:
+    """The JSON type of a value ("int", "float", "bool", "NoneType", "str", ...; "non-finite" for NaN and infinities),
+    a list's as the list of its items' types (one level: deeper nesting is never a fit)."""
+    if isinstance(value, list):
+        return [type(v).__name__ if isinstance(v, (list, dict)) else _kind(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "non-finite"
+    return type(value).__name__
+
+
+def _as_json(value: Any) -> Any:
+    """A state dict as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
 
 def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], what: str) -> dict[int, dict[str, Tensor]]:
     """{parameter index: {name: tensor}} from "index.name" keys, each moment shaped like its parameter."""

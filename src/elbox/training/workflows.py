@@ -27,6 +27,7 @@ from elbox.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
+    checked_run_config,
     load_run,
     load_training_state,
     read_json,
@@ -51,6 +52,7 @@ from elbox.models.base import (
     Callback,
     LatentVariableModel,
     build_model,
+    check_model_size,
     model_class,
     model_config,
 )
@@ -160,7 +162,7 @@ def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
     """The settings of a run's config.json as keywords of fit(): {"model": name, "data": dataset, "data_dir": ...,
     "limit_train": ..., and every model-config and training option}, validated (and upgraded from older formats).
     elbox.fit(**run_settings(path), out=NEW) trains the same run again, bit for bit on CPU."""
-    config = read_json(config_path, "config file")
+    config = checked_run_config(read_json(config_path, "config file"), f"config file {config_path}")
     if not isinstance(config, dict) or not isinstance(config.get("model"), str):
         raise ElboxError(f"config file {config_path} names no model; give a run's config.json")
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
@@ -231,7 +233,9 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
         if tuple(model.config.data_shape) != shape:
             raise ElboxError(f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has {shape}")
     else:
-        model = cls.from_config(config_from_dict(cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config"))
+        model_settings = config_from_dict(cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config")
+        check_model_size(cls, model_settings)
+        model = cls.from_config(model_settings)
     model = model.to(device)
     space = fit_space(model, train_images, config.batch_size)
     data_record.update(space_record(space))
