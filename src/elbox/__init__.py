@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import os
 
+from elbox.threads import apply_wait_policy
+
+apply_wait_policy()  # before anything imports torch (elbox.threads explains why)
+
 from elbox.checkpoint import load_run, save_pretrained
 from elbox.errors import ElboxError
 from elbox.inference import encode, sample, score
