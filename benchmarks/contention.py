@@ -14,7 +14,7 @@ streaming from disk with DataLoader workers, under each thread and wait policy.
 Policies are environments for the child processes, set before they import torch:
     before   the defaults elbox had before issue 17: libgomp's own spin-wait (GOMP_SPINCOUNT=300000, which is
              what libgomp uses when OMP_WAIT_POLICY is unset) and one thread per core (--threads CORES);
-    elbox    nothing set: what elbox chooses when it is imported (elbox.threads);
+    elbox    nothing set: what elbox chooses when it is imported (elbox.threads: GOMP_SPINCOUNT=1000);
     passive  OMP_WAIT_POLICY=PASSIVE, one thread per core;  one-thread  --threads 1, libgomp's default wait;
     spin-N   GOMP_SPINCOUNT=N (a waiting thread spins N times, then sleeps), one thread per core.
 Writes results/contention_<cpu>-<cores>c_<date>.json and .md.

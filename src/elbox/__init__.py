@@ -16,7 +16,7 @@ import os
 
 from elbox.threads import apply_wait_policy
 
-apply_wait_policy()  # before anything imports torch (elbox.threads explains why)
+wait_policy_in_effect = apply_wait_policy()  # before anything imports torch (elbox.threads explains why)
 
 from elbox.checkpoint import load_run, save_pretrained
 from elbox.errors import ElboxError
