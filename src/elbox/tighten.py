@@ -14,12 +14,18 @@ A model supports tightening when it has
     posterior_params(x) -> (mean, std)   its amortized diagonal Gaussian q(z|x)
     log_joint(x, z) -> [S, B]            log p(x, z) for latents z [S, B, d]
     encoder_parameters() -> parameters   what "refit the encoder" may change
+
+tighten_run refits the encoder on a subset tied to its limit: the first max(REFIT_PER_EXAMPLE * limit,
+REFIT_MIN_EXAMPLES) training images (all of them without a limit), and selects the best epoch on as many validation
+images (at most the whole validation split). Each stage shows a progress bar (progress=True): the refit epochs, the
+IWAE or exact log p(x), and the per-example optimization.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -31,13 +37,18 @@ from elbox.data.inputs import training_data
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
+from elbox.training.progress import progress_bar
 from elbox.training.workflows import data_in_space
+
+REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
+REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)
 
 
 def check_tightenable(model: LatentVariableModel) -> None:
     if not isinstance(model, Tightenable):
-        raise ElboxError(f"the {model.name} model cannot be tightened: it has no amortized Gaussian encoder "
-                         "q(z|x) to refit (tighten works on the vae and linear models)")
+        raise ElboxError(f"tighten does not apply to the {model.name} model: it splits the gap of an amortized Gaussian "
+                         "encoder q(z|x), which the vae model has (and the linear model trained with --encoder "
+                         "amortized); use elbox evaluate for the others' bounds")
 
 
 def gaussian_q_elbo(model: LatentVariableModel, x: Tensor, mean: Tensor, std: Tensor, n_samples: int) -> Tensor:
@@ -48,7 +59,8 @@ def gaussian_q_elbo(model: LatentVariableModel, x: Tensor, mean: Tensor, std: Te
 
 
 def optimize_per_example_q(
-    model: LatentVariableModel, x: Tensor, steps: int = 300, lr: float = 0.05, n_samples: int = 16
+    model: LatentVariableModel, x: Tensor, steps: int = 300, lr: float = 0.05, n_samples: int = 16,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Best diagonal Gaussian q per example (semi-amortized: starts at the encoder's q), decoder fixed.
 
@@ -56,6 +68,7 @@ def optimize_per_example_q(
     learning-rate decay, so the iterates settle instead of jittering around the optimum; the examples are
     independent, so one optimizer over the batch is the same as one per example. Each example keeps the
     optimized q only where it beats the encoder's q on a common set of 64 samples (paired comparison).
+    on_step(done, steps) is called after each step.
     """
     with torch.no_grad():
         mean0, std0 = model.posterior_params(x)
@@ -63,11 +76,13 @@ def optimize_per_example_q(
     log_std = std0.log().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([mean, log_std], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    for _ in range(steps):
+    for step in range(steps):
         loss = -gaussian_q_elbo(model, x, mean, log_std.exp(), n_samples).sum()
         mean.grad, log_std.grad = torch.autograd.grad(loss, [mean, log_std])  # the model's .grad untouched
         optimizer.step()
         schedule.step()
+        if on_step is not None:
+            on_step(step + 1, steps)
     mean, std = mean.detach(), log_std.detach().exp()
     with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
         state = torch.random.get_rng_state()
@@ -92,12 +107,14 @@ def refit_encoder(
     lr: float = 1e-3,
     batch_size: int = 128,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[LatentVariableModel, list[dict]]:
     """A copy of the model whose amortized encoder is retrained on the ELBO with the decoder frozen.
 
     The validation ELBO (val_x, already in the data space) is measured before training and after each
     epoch, and the best encoder is kept: in exact arithmetic the refit can only shrink KL(q || p(z|x)),
     and model selection keeps optimizer noise from undoing that. Returns (model, per-epoch records).
+    progress: a bar per epoch over its batches.
     """
     check_tightenable(model)
     refit = copy.deepcopy(model)
@@ -116,12 +133,15 @@ def refit_encoder(
     records = [{"epoch": 0, "val_elbo": best_elbo}]
     for epoch in range(1, epochs + 1):
         refit.train()
-        for idx in iterate_batches(train_data.shape[0], batch_size, True, shuffle):
-            x = space.train_batch(train_data[idx.to(train_data.device)], generator)
-            loss = -refit.elbo(x).elbo.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        batches = list(iterate_batches(train_data.shape[0], batch_size, True, shuffle))
+        with progress_bar(len(batches), f"refit epoch {epoch}/{epochs}", progress, unit="batch") as shown:
+            for idx in batches:
+                x = space.train_batch(train_data[idx.to(train_data.device)], generator)
+                loss = -refit.elbo(x).elbo.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                shown.update(1)
         with torch.random.fork_rng(devices=[val_x.device] if val_x.device.type == "cuda" else []):
             torch.manual_seed(seed)  # the same samples for every epoch's validation ELBO: a paired comparison
             val_elbo = _mean_elbo(refit.eval(), val_x)
@@ -145,8 +165,10 @@ def gap_split(
     batch_size: int = 100,
     log_prob_offset: float = 0.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """The approximation / amortization split of the gap on x, in nats per example, with standard errors."""
+    """The approximation / amortization split of the gap on x, in nats per example, with standard errors.
+    progress: bars over the IWAE estimate of log p(x) and over the per-example optimization's steps."""
     check_tightenable(model)
     model.eval()
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -154,17 +176,20 @@ def gap_split(
         if isinstance(model, ExactLikelihood):
             log_px, source = log_prob_per_example(model, x, batch_size), "exact"
         else:
-            log_px, source = iwae_per_example(model, x, iw_samples, batch_size), f"IWAE-{iw_samples}"
+            log_px, source = iwae_per_example(model, x, iw_samples, batch_size, progress=progress), f"IWAE-{iw_samples}"
         amortized, best, refitted = [], [], []
-        for s in range(0, x.shape[0], batch_size):
+        starts = range(0, x.shape[0], batch_size)
+        shown = progress_bar(len(starts) * steps, f"per-example q ({x.shape[0]} examples)", progress)
+        for s in starts:
             xb = x[s : s + batch_size]
             with torch.no_grad():
                 amortized.append(gaussian_q_elbo(model, xb, *model.posterior_params(xb), elbo_samples).double().cpu())
                 if refit is not None:
                     refitted.append(gaussian_q_elbo(refit, xb, *refit.posterior_params(xb), elbo_samples).double().cpu())
-            mean, std = optimize_per_example_q(model, xb, steps, lr)
+            mean, std = optimize_per_example_q(model, xb, steps, lr, on_step=lambda done, total: shown.update(1))
             with torch.no_grad():
                 best.append(gaussian_q_elbo(model, xb, mean, std, elbo_samples).double().cpu())
+        shown.close()
     log_px = log_px + log_prob_offset
     elbo_amortized = torch.cat(amortized) + log_prob_offset
     elbo_best = torch.cat(best) + log_prob_offset
@@ -188,10 +213,17 @@ def gap_split(
     return result
 
 
+def refit_size(limit: int | None) -> int | None:
+    """Training images of the encoder refit for `limit` tightened examples (None: all)."""
+    return None if limit is None else max(REFIT_PER_EXAMPLE * limit, REFIT_MIN_EXAMPLES)
+
+
 def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: int | None = 200, steps: int = 300,
-                lr: float = 0.05, refit_epochs: int = 3, iw_samples: int = 1000, elbo_samples: int = 100, seed: int = 0) -> dict:
-    """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on its
-    training split (0: no refit). Returns the JSON-ready result."""
+                lr: float = 0.05, refit_epochs: int = 3, iw_samples: int = 1000, elbo_samples: int = 100, seed: int = 0,
+                progress: bool = True) -> dict:
+    """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on the
+    first refit_size(limit) images of its training split (0: no refit; validated on as many validation images).
+    Progress bars on stderr for each stage (progress=False: none). Returns the JSON-ready result."""
     model, config = load_run(run_dir, device)
     check_tightenable(model)
     data = config["data"]
@@ -200,16 +232,21 @@ def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: 
     x, offset, _ = data_in_space(model, data["name"], split, data.get("data_dir"), seed, limit)
     refit = None
     if refit_epochs:
-        train_images, _, _ = training_data(data["name"], None, data.get("data_dir"), None, seed)
-        val_x, _, _ = data_in_space(model, data["name"], "validation", data.get("data_dir"), seed, None)
-        print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen", file=sys.stderr)
+        train_images, _, _ = training_data(data["name"], None, data.get("data_dir"), refit_size(limit), seed)
+        val_x, _, _ = data_in_space(model, data["name"], "validation", data.get("data_dir"), seed, refit_size(limit))
+        rule = "all of them" if limit is None else f"{REFIT_PER_EXAMPLE} per example of --limit, at least {REFIT_MIN_EXAMPLES}"
+        print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen on the first "
+              f"{train_images.shape[0]} training images ({rule}), keeping the epoch best on {val_x.shape[0]} validation "
+              "images", file=sys.stderr)
         refit, history = refit_encoder(model, train_images.to(device), val_x, space_from_record(data),
-                                       epochs=refit_epochs, seed=seed)
+                                       epochs=refit_epochs, seed=seed, progress=progress)
         for record in history:
             print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
     result = gap_split(model, x, refit, steps=steps, lr=lr, iw_samples=iw_samples, elbo_samples=elbo_samples,
-                       log_prob_offset=offset, seed=seed)
+                       log_prob_offset=offset, seed=seed, progress=progress)
     result.update(split=split, refit_epochs=refit_epochs, dataset=data["name"], model=config["model"])
+    if refit_epochs:
+        result["refit_examples"] = train_images.shape[0]
     return result
 
 

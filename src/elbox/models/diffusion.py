@@ -21,6 +21,7 @@ equivalent predictions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -401,11 +402,12 @@ class DiffusionModel(LatentVariableModel):
         return f"continuous time: diffusion term estimated with {n_samples} time sample(s) per example (stratified), one noise draw each"
 
     @torch.no_grad()
-    def sample(self, n: int, steps: int | None = None) -> Tensor:
+    def sample(self, n: int, steps: int | None = None, on_step: Callable[[int, int], None] | None = None) -> Tensor:
         """Ancestral sampling with `steps` steps (default: the model's T, or 256 in continuous time), from
         z_1 ~ N(0, I) through p(z_s|z_t) (eq. (9); VDM App. A.4):
             z_s = alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps,  c = -expm1(gamma_s - gamma_t),
-        then x ~ p(x|z_0). Returns images in [0, 1] (k/255)."""
+        then x ~ p(x|z_0). Returns images in [0, 1] (k/255). on_step(done, steps) is called after each step (a
+        progress bar: elbox.training.progress.step_bar); it draws no random numbers."""
         steps = (self.config.timesteps or 256) if steps is None else steps
         check_count(n)
         check_count(steps, "the number of steps")
@@ -420,6 +422,8 @@ class DiffusionModel(LatentVariableModel):
             alpha_t, sigma_t = alpha_sigma(_per_example(gamma_t, ndim))
             alpha_s, sigma_s = alpha_sigma(_per_example(gamma_s, ndim))
             z = alpha_s / alpha_t * (z - sigma_t * c * eps_hat) + sigma_s * c.sqrt() * torch.randn_like(z)
+            if on_step is not None:
+                on_step(steps - i + 1, steps)
         gamma_0, _ = self.schedule.endpoints()
         u = z / alpha_sigma(gamma_0)[0]
         k = torch.cat([torch.distributions.Categorical(logits=self.decoder_logits(u[i : i + 1], gamma_0)).sample() for i in range(n)])

@@ -63,6 +63,17 @@ class TrainConfig:
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights (e.g. 0.999) for validation and "
                                    "the saved model; 0: off", minimum=0, below=1, metavar="DECAY")
     eval_batch_size: int = option(1000, "examples per validation pass", minimum=1, maximum=MAX_BATCH)
+    max_steps: int | None = option(None, "quick runs: stop after N optimizer steps in all (the epoch reaching N ends "
+                                         "there, is validated and checkpointed; the run is then complete)", minimum=1,
+                                   maximum=MAX_SEED, metavar="N")
+    val_limit: int | None = option(None, "quick runs: validate on the first N validation examples only (default: all)",
+                                   minimum=1, metavar="N")
+    val_every: int = option(1, "validate every N epochs and after the last; epochs in between are still checkpointed "
+                               "(model.safetensors, state.safetensors; best.safetensors changes on validated epochs "
+                               "only) and recorded in metrics.jsonl as kind train_epoch", minimum=1, maximum=MAX_EPOCHS,
+                            metavar="N")
+    samples: bool = option(True, "write samples.png at the end of a run on images (a diffusion model samples with 256 "
+                                 "steps or its T)")
     log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1, maximum=10**9)
     logger: str = option("jsonl", "training curves: metrics.jsonl (jsonl), plus TensorBoard events in "
                                   "RUN_DIR/tensorboard (tensorboard), or neither (none; they stay in the checkpoint "

@@ -1,5 +1,14 @@
 """The training loop: Adam on a training objective, validation ELBO each epoch, atomic run files.
 
+Quick runs: max_steps ends the run after that many optimizer steps (the epoch it falls in ends there, validated and
+checkpointed as a last epoch; a cosine schedule spans max_steps); val_limit validates on the first N validation
+examples; val_every validates every N epochs and after the last. An epoch not validated is still checkpointed
+(model.safetensors, state.safetensors, metrics.jsonl) and recorded with kind "train_epoch" (no val_* values);
+best.safetensors changes on validated epochs only.
+
+Progress (process 0): a bar per epoch on stderr whose description carries the time left in the whole run ("run ETA",
+at the pace of the steps so far, validations included), and a bar over the validation examples.
+
 Mixed precision: precision="bf16" runs the training forward pass under torch.autocast(bfloat16) (on GPUs, and on
 CPUs with bf16 matrix units); weights, Adam's state and every validation or evaluation number stay float32. The
 training-batch ELBO logged under bf16 is the autocast forward's value, so it carries bf16 rounding.
@@ -25,8 +34,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
 import warnings
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -47,7 +56,6 @@ from elbox.checkpoint import (
 )
 from elbox.data import DataSpace, iterate_batches
 from elbox.errors import ElboxError
-from elbox.evaluation import elbo_per_example
 from elbox.loggers import TensorBoardLog
 from elbox.models.base import Callback, ImportanceSampled, LatentVariableModel
 from elbox.system import bf16_is_native
@@ -58,11 +66,12 @@ from elbox.training.batches import (
     num_examples,
     share,
     stack_examples,
-    validation_chunks,
 )
 from elbox.training.config import TrainConfig
 from elbox.training.objectives import TrainingObjective, beta_at
+from elbox.training.progress import time_left
 from elbox.training.state import pack_training_state, unpack_training_state
+from elbox.training.validation import validate
 
 
 def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimizer:
@@ -70,6 +79,7 @@ def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimiz
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
 
 
@@ -141,7 +151,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(num_examples(train_data) / config.batch_size)
         self.scheduler = None
         if config.lr_schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs * self.steps_per_epoch)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
         # the weights validated and saved: an EMA copy, or the trained model itself
         self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
         self.eval_model = self.ema.module if self.ema is not None else model
@@ -162,6 +172,7 @@ class Trainer:
         self.records: list[dict] = []
         self.start_epoch = 1
         self.best_val_elbo = -math.inf
+        self.clock = (time.perf_counter(), 0)  # (time, step) at the start of fit(): the pace for the run ETA
         writes = self.run_dir is not None and self.rank == 0
         self.tensorboard = TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and writes else None
 
@@ -236,6 +247,8 @@ class Trainer:
         # a last batch too small to share is skipped by every process
         batches = [idx for idx in iterate_batches(num_examples(self.train_data), self.config.batch_size, True,
                                                   self.shuffle_generator) if idx.numel() >= self.world_size]
+        if self.config.max_steps is not None:  # max_steps ends the run inside this epoch
+            batches = batches[: max(0, self.config.max_steps - self.step)]
         # each process reads its share of every global batch; the data randomness is drawn for the global batch
         # (DataSpace.train_batch's part), so it is that of one process with the global batch
         parts = [share(idx.numel(), self.rank, self.world_size) for idx in batches]
@@ -243,13 +256,14 @@ class Trainer:
         bar = tqdm(
             zip(batches, parts, images),
             total=len(batches),
-            desc=f"epoch {epoch}/{self.config.epochs}",
+            desc=self.epoch_label(epoch),
             unit="batch",
             disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
             leave=True,
         )
         for idx, (first, _), local_images in bar:
+            bar.set_description_str(self.epoch_label(epoch), refresh=False)
             x = self.space.train_batch(local_images, self.generator, part=(first, idx.numel()))
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
@@ -296,29 +310,16 @@ class Trainer:
         summary.update(images_per_s=n_done / elapsed, epoch_time_s=elapsed)
         return summary
 
+    def epoch_label(self, epoch: int) -> str:
+        """The epoch bar's description: the epoch and the estimated time left in the whole run."""
+        started, first_step = self.clock
+        left = time_left(time.perf_counter() - started, self.step - first_step, self.total_steps - self.step)
+        return f"epoch {epoch}/{self.config.epochs} (run ETA {left})"
+
     def validate(self) -> dict[str, float]:
-        """Validation ELBO (and KL per latent group when there are several) of the evaluation weights."""
-        self.eval_model.eval()
-        if self.val_data is None:
-            parts = [elbo_per_example(self.eval_model, self.local_part(self.val_x), self.config.eval_batch_size, final=False)]
-        else:  # streamed: each chunk in the data space with the seed + its first row (deterministic for the chunking)
-            parts = [elbo_per_example(self.eval_model, self.space.eval_data(images, seed=self.config.seed + first),
-                                      self.config.eval_batch_size, final=False)
-                     for first, images in validation_chunks(self.val_data, self.config.eval_batch_size, self.rank,
-                                                            self.world_size, self.device, self.workers)]
-        if not parts:
-            raise ElboxError(f"the validation set has fewer examples than the {self.world_size} processes")
-        groups = [key for key in parts[0] if key.startswith("kl/")]
-        keys = ["elbo", "reconstruction", "kl", *(groups if len(groups) > 1 else [])]
-        sums = torch.stack([sum(part[k].sum() for part in parts) for k in keys])
-        if self.world_size > 1:  # each process validated a share; sum the shares
-            sums = sums.to(self.device)
-            dist.all_reduce(sums)
-        means = (sums.cpu() / num_examples(self.val_data if self.val_data is not None else self.val_x)).tolist()
-        record = {f"val_{k}": v for k, v in zip(keys, means)}
-        record["val_elbo"] += self.offset
-        record["val_reconstruction"] += self.offset
-        return record
+        """Validation ELBO (and KL per latent group when there are several) of the evaluation weights, on all the
+        validation examples or the first val_limit (elbox.training.validation)."""
+        return validate(self)
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -343,7 +344,7 @@ class Trainer:
         tensors = [*self.model.state_dict().values(), *self.eval_model.state_dict().values()]
         if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
             problem = "the weights hold NaN or infinite values"
-        elif not math.isfinite(record["val_elbo"]):
+        elif not math.isfinite(record.get("val_elbo", 0.0)):
             problem = f"the validation ELBO is {record['val_elbo']}"
         else:
             return
@@ -364,21 +365,41 @@ class Trainer:
         save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
         self.saved_epoch = epoch
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: its epochs, or max_steps if fewer."""
+        return min(self.config.epochs * self.steps_per_epoch, self.config.max_steps or MAX_STEPS)
+
+    @property
+    def steps_capped(self) -> bool:
+        """Whether max_steps has ended the run."""
+        return self.config.max_steps is not None and self.step >= self.config.max_steps
+
+    @property
+    def is_complete(self) -> bool:
+        """Whether the run has done its epochs, or its max_steps."""
+        return self.start_epoch > self.config.epochs or self.steps_capped
+
+    def validates(self, epoch: int) -> bool:
+        """Whether this epoch ends with a validation: every val_every epochs and after the last (max_steps included)."""
+        return epoch % self.config.val_every == 0 or epoch == self.config.epochs or self.steps_capped
+
     def fit(self) -> dict:
-        """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs; after each
-        epoch validate and checkpoint. Returns the last epoch record."""
+        """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs or max_steps;
+        after each epoch validate (see validates) and checkpoint. Returns the last epoch record."""
         record: dict = {}
+        self.clock = (time.perf_counter(), self.step)
         for epoch in range(self.start_epoch, self.config.epochs + 1):
-            record = {"kind": "epoch", "epoch": epoch}
-            record.update(self.train_epoch(epoch))
-            record["step"] = self.step
-            record.update(self.validate())
-            record["skipped_steps"] = self.skipped_steps
-            record["skipped_large_grad"] = self.skipped_large_grad
+            if self.steps_capped:
+                break
+            record = {"epoch": epoch, **self.train_epoch(epoch), "step": self.step}
+            validated = self.validates(epoch)
+            record = {"kind": "epoch" if validated else "train_epoch", **record, **(self.validate() if validated else {}),
+                      "skipped_steps": self.skipped_steps, "skipped_large_grad": self.skipped_large_grad}
             self.check_finite(record)
             self.records.append(record)
-            is_best = record["val_elbo"] > self.best_val_elbo
-            self.best_val_elbo = max(self.best_val_elbo, record["val_elbo"])
+            is_best = validated and record["val_elbo"] > self.best_val_elbo
+            self.best_val_elbo = max(self.best_val_elbo, record.get("val_elbo", -math.inf))
             self.save(epoch, is_best)
             if self.rank != 0:
                 continue
@@ -395,10 +416,3 @@ class Trainer:
 RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
          "--lr SMALLER --grad-clip 100 --out NEW_DIR.")
 
-
-def epoch_summary(record: dict) -> str:
-    """One line for an epoch record of Trainer.fit."""
-    return (f"epoch {record['epoch']}: train ELBO {record.get('train_elbo', math.nan):.2f} "
-            f"(objective {record.get('train_objective', math.nan):.2f}), validation ELBO {record['val_elbo']:.2f} nats "
-            f"(rec {record['val_reconstruction']:.2f}, KL {record['val_kl']:.2f}), {record['images_per_s']:.0f} img/s, "
-            f"skipped steps {record['skipped_steps']} non-finite, {record['skipped_large_grad']} large gradient")

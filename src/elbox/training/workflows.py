@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from elbox.atomic import atomic_write_jsonl
 from elbox.checkpoint import (
@@ -62,7 +61,9 @@ from elbox.rundir import remove_stale_temporaries, run_directory
 from elbox.system import resolve_device
 from elbox.training.batches import example_shape, gather, num_examples
 from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
-from elbox.training.trainer import Trainer, epoch_summary
+from elbox.training.messages import model_size, with_summaries
+from elbox.training.progress import sample_with_progress
+from elbox.training.trainer import Trainer
 
 EVAL_IW_SAMPLES = (1, 10, 100, 1000)
 
@@ -197,7 +198,7 @@ def fit(
       on demand; or 8-bit images as a tensor, a NumPy array or a torch Dataset. `validation` gives your own
       validation data in the same form; without it a seeded random fraction is held out (recorded in the run).
     options: model config fields (latent_dim=16, likelihood="gaussian", ...), TrainConfig fields (epochs=5,
-      lr=1e-3, seed=0, ...) and DataConfig fields (image_size=64, columns=[...], workers=2, limit_train=...), one
+      lr=1e-3, seed=0, ...; quick runs: max_steps=N, val_limit=N, val_every=N, samples=False) and DataConfig fields (image_size=64, columns=[...], workers=2, limit_train=...), one
       flat set of keywords; each defaults as declared on its dataclass.
     out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
     progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
@@ -244,15 +245,14 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
     run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
         "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
     if is_main_process() and verbose:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"elbox: training {model.name} ({n_params:,} parameters) on {data_record.get('name', data_record.get('path', 'your data'))} "
+        print(f"elbox: training {model.name} ({model_size(model)}) on {data_record.get('name', data_record.get('path', 'your data'))} "
               f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
               f"{device}" + (f"; run dir {out}" if out else ""), file=sys.stderr)
     if not model.trains_by_gradient:
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
-        return finish(Run(model, history, run_config, out))
+        return finish(Run(model, history, run_config, out), progress)
     initialize_from_data(model, space, train_images, config.seed)
     trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback,
                       workers=data_config.workers)
@@ -262,7 +262,7 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
               f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
               file=sys.stderr)
     trainer.fit()
-    return finish(Run(trainer.eval_model, trainer.records, run_config, out))
+    return finish(Run(trainer.eval_model, trainer.records, run_config, out), progress)
 
 
 def initialize_from_data(model: LatentVariableModel, space, train_images: Tensor, seed: int) -> None:
@@ -271,22 +271,6 @@ def initialize_from_data(model: LatentVariableModel, space, train_images: Tensor
     if type(model).initialize_from_data is not LatentVariableModel.initialize_from_data:
         with torch.no_grad():
             model.initialize_from_data(space.eval_data(train_images.to(model.device), seed=seed))
-
-
-def with_summaries(callback: Callback | None) -> Callback:
-    """The callback, after printing a one-line summary of each record to stderr (process 0 only)."""
-
-    def report(record: dict) -> None:
-        if is_main_process():
-            if record.get("kind") == "epoch" and "val_elbo" in record:
-                tqdm.write(epoch_summary(record), file=sys.stderr)
-            else:
-                tqdm.write("fit: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in record.items() if k != "kind"), file=sys.stderr)
-        if callback is not None:
-            callback(record)
-
-    return report
 
 
 def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
@@ -316,16 +300,19 @@ def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_
     return [*records, summary]
 
 
-def finish(run: Run) -> Run:
-    """Leave the process group; process 0 writes samples.png (images) from the saved weights."""
+def finish(run: Run, progress: bool) -> Run:
+    """Leave the process group; process 0 writes samples.png (images, unless the run's samples option is off) from
+    the saved weights, with a progress bar for a sampler of many steps."""
     if dist.is_initialized():
         main_process = is_main_process()
         dist.destroy_process_group()
         if not main_process:
             return run
-    if run.directory is not None and len(run.model.config.data_shape) == 3:  # pictures of images only
+    wanted = run.config.get("train", {}).get("samples", True)
+    if wanted and run.directory is not None and len(run.model.config.data_shape) == 3:  # pictures of images only
         with torch.no_grad():
-            save_image_grid(run.model.sample(64).clamp(0, 1).cpu(), run.directory / "samples.png")
+            images = sample_with_progress(run.model, 64, progress)
+        save_image_grid(images.clamp(0, 1).cpu(), run.directory / "samples.png")
     return run
 
 
@@ -364,12 +351,13 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
         remove_stale_temporaries(out)
     if (out / STATE_FILE).exists():
         trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
-    if trainer.start_epoch > settings.epochs:
-        raise ElboxError(f"run {out} is complete: all {settings.epochs} epochs are done")
+    if trainer.is_complete:
+        done = f"all {settings.epochs} epochs" if trainer.start_epoch > settings.epochs else f"its {settings.max_steps} steps (max_steps)"
+        raise ElboxError(f"run {out} is complete: {done} are done")
     if is_main_process() and verbose:
         print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
-    return finish(Run(trainer.eval_model, trainer.records, config, out))
+    return finish(Run(trainer.eval_model, trainer.records, config, out), progress)
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------------
