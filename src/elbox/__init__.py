@@ -8,22 +8,28 @@ The public API:
     elbox.save_pretrained(model, directory)               config.json + model.safetensors
     elbox.sample / score / encode                         using a trained model (elbox.inference)
 Model names and config classes: elbox.models.
+
+The names load on first use (a module __getattr__): `import elbox` and `elbox --help` do not import torch.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
 from elbox.threads import apply_wait_policy
 
 wait_policy_in_effect = apply_wait_policy()  # before anything imports torch (elbox.threads explains why)
 
-from elbox.checkpoint import load_run, save_pretrained
-from elbox.errors import ElboxError
-from elbox.inference import encode, sample, score
-from elbox.models import MODELS, LatentVariableModel, register_model
-from elbox.training.config import TrainConfig
-from elbox.training.workflows import Run, evaluate, fit, resume
+from elbox.errors import ElboxError  # (no torch)
+
+if TYPE_CHECKING:
+    from elbox.checkpoint import save_pretrained
+    from elbox.inference import encode, sample, score
+    from elbox.models import MODELS, LatentVariableModel, register_model
+    from elbox.training.config import TrainConfig
+    from elbox.training.workflows import Run, evaluate, fit, resume
 
 __version__ = "0.1.0"
 __all__ = [
@@ -31,9 +37,30 @@ __all__ = [
     "load", "register_model", "resume", "sample", "save_pretrained", "score",
 ]
 
+_LAZY = {  # public name -> the module that defines it, imported when the name is first used
+    "save_pretrained": "elbox.checkpoint", "encode": "elbox.inference", "sample": "elbox.inference",
+    "score": "elbox.inference", "MODELS": "elbox.models", "LatentVariableModel": "elbox.models",
+    "register_model": "elbox.models", "TrainConfig": "elbox.training.config", "Run": "elbox.training.workflows",
+    "evaluate": "elbox.training.workflows", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'elbox' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later uses find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 def load(directory: str | os.PathLike, device: str = "cpu", **modules):
     """Load a model saved by `elbox.save_pretrained` or trained by `elbox train` / `elbox.fit` (a run directory), in
     eval mode. Reads safetensors and JSON only; never unpickles. modules: the user-written networks a model was
     built with (e.g. encoder=..., decoder=... for a VAE with custom networks), which the config names."""
+    from elbox.checkpoint import load_run
+
     return load_run(directory, device, **modules)[0]

@@ -3,6 +3,7 @@
 It parses, calls the public API (elbox.fit, resume, evaluate, elbox.inference, elbox.tighten) and prints. The
 options of `elbox train` are generated from the config dataclasses (elbox.options): `elbox train MODEL --help`
 lists exactly that model's. Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code.
+Modules that import torch load only when a command runs (cli_types.lazy): `elbox --help` and `--version` start at once.
 """
 
 from __future__ import annotations
@@ -15,28 +16,24 @@ from pathlib import Path
 
 import elbox
 from elbox.atomic import atomic_write_json, shown
-from elbox.checkpoint import load_run
-from elbox.cli_types import SEED_MAX, Parser, UsageError, integer, output_file, real, report_file
-from elbox.data import SPLITS, space_from_record
+from elbox.cli_types import SEED_MAX, Parser, UsageError, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
-from elbox.evaluation import format_table
-from elbox.inference import (
-    encode,
-    reconstruction_grid,
-    sample,
-    save_features,
-    score,
-    write_scores_csv,
-)
-from elbox.models import MODELS
-from elbox.options import add_options, option_values
-from elbox.plots import save_image_grid
-from elbox.report import write_report
-from elbox.system import keep_freed_memory_in_heap, resolve_device, set_threads
-from elbox.tighten import format_gap_table, tighten_run
-from elbox.training.config import DataConfig, TrainConfig, train_defaults
-from elbox.training.workflows import data_in_space, run_settings
+from elbox.options import add_options, did_you_mean, option_values
 
+# the commands' working parts, imported when a command runs (they import torch)
+load_run = lazy("elbox.checkpoint", "load_run")
+space_from_record = lazy("elbox.data", "space_from_record")
+format_table = lazy("elbox.evaluation", "format_table")
+encode, sample, score, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
+    "encode", "sample", "score", "reconstruction_grid", "save_features", "write_scores_csv"))
+save_image_grid = lazy("elbox.plots", "save_image_grid")
+write_report = lazy("elbox.report", "write_report")
+keep_freed_memory_in_heap, resolve_device, set_threads = (lazy("elbox.system", name) for name in (
+    "keep_freed_memory_in_heap", "resolve_device", "set_threads"))
+format_gap_table, tighten_run = lazy("elbox.tighten", "format_gap_table"), lazy("elbox.tighten", "tighten_run")
+data_in_space, run_settings = lazy("elbox.training.workflows", "data_in_space"), lazy("elbox.training.workflows", "run_settings")
+
+SPLITS = ("train", "validation", "train-full", "test")  # elbox.data.SPLITS, without importing torch (a test compares)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "vae"
 # options that --resume may be given with; every other one comes from the run's config.json
@@ -70,6 +67,9 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 
 def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParser, list, list]:
     """The parser of `elbox train [MODEL]`: run, data and training options, and MODEL's own options."""
+    from elbox.models import MODELS
+    from elbox.training.config import DataConfig, TrainConfig, train_defaults
+
     name = model or DEFAULT_MODEL
     p = Parser(
         prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
@@ -77,7 +77,7 @@ def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParse
     p.add_argument("model", nargs="?", choices=sorted(MODELS), default=name, help=argparse.SUPPRESS)
     p.add_argument("--model", dest="model_flag", choices=sorted(MODELS), default=None, help=f"the model (default: {DEFAULT_MODEL})")
     p.add_argument("--config", default=None, metavar="FILE", help="start from a run's config.json (options given override it)")
-    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--out", default=None, metavar="RUN_DIR", help="run directory to create (required for a new run)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its last good checkpoint with the run's own settings (bit-exact on CPU)")
     add_common(p)
@@ -89,6 +89,9 @@ def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParse
 
 
 def cmd_train(argv: list[str]) -> int:
+    from elbox.models import MODELS
+
+    keep_freed_memory_in_heap()
     model = argv[0] if argv and not argv[0].startswith("-") else flag_value(argv, "--model")
     config_path = flag_value(argv, "--config")
     saved = run_settings(config_path) if config_path else {}
@@ -96,7 +99,7 @@ def cmd_train(argv: list[str]) -> int:
         raise ElboxError(f"--config {config_path} is a {saved['model']} run; it cannot configure a {model} model")
     model = model or saved.get("model")
     if model is not None and model not in MODELS:
-        raise ElboxError(f"unknown model {model!r}; choose one of {', '.join(sorted(MODELS))}")
+        raise ElboxError(f"unknown model {shown(repr(model), 60)}; {did_you_mean(model, MODELS)}choose one of {', '.join(sorted(MODELS))}")
     if model is None and flag_value(argv, "--resume") is None and not {"-h", "--help"} & set(argv):
         model = DEFAULT_MODEL
     parser, general, own = train_parser(model, saved)
@@ -185,14 +188,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if "name" not in config["data"]:
         raise ElboxError("this model directory names no built-in dataset to take test images from")
     x, _, _ = data_in_space(model, config["data"]["name"], args.split, config["data"].get("data_dir"), args.seed, args.n)
-    print(f"wrote {save_image_grid(reconstruction_grid(model, x), args.out or Path(args.run_dir) / 'reconstructions.png', nrow=8)}")
+    grid = reconstruction_grid(model, x)  # rows alternate: inputs, reconstructions
+    out = save_image_grid(grid, args.out or Path(args.run_dir) / "reconstructions.png", nrow=8, row_labels=("input", "reconstruction"))
+    print(f"wrote {out}")
     return 0
 
 
 def cmd_tighten(args: argparse.Namespace) -> int:
     result = tighten_run(args.run_dir, resolve_device(args.device), split=args.split, limit=args.limit, steps=args.steps,
                          lr=args.lr, refit_epochs=args.refit_epochs, iw_samples=args.iw_samples,
-                         elbo_samples=args.elbo_samples, seed=args.seed)
+                         elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress)
     title = f"{result['model']} on {result['dataset']} {args.split}: where the gap log p(x) - ELBO comes from"
     return print_and_save(title, format_gap_table(result), result, args.json or Path(args.run_dir) / f"tighten-{args.split}.json")
 
@@ -200,7 +205,7 @@ def cmd_tighten(args: argparse.Namespace) -> int:
 INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of images"))
 SEED = ("--seed", dict(type=integer(0, SEED_MAX), default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
 BATCH = ("--batch-size", dict(type=integer(1, MAX_BATCH), default=500, help="examples per pass (default: 500)"))
-SPLIT = ("--split", dict(choices=SPLITS, default="test", help="default: test"))
+SPLIT = ("--split", dict(choices=SPLITS, default="test", help="the split of the run's dataset (default: test)"))
 IW = ("--iw-samples", dict(type=integer(1, MAX_K), default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
 COMMANDS = {  # name: (function, help, options)
     "evaluate": (cmd_evaluate, "bounds, NLL, bits/dim and active units on a split", [
@@ -210,38 +215,39 @@ COMMANDS = {  # name: (function, help, options)
                 help="importance samples K, one or several (one stream of max K samples serves all); 5000 compares "
                      "with IWAE/VampPrior tables (default: 1 10 100 1000)")),
         ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
-        ("--limit", dict(type=integer(1, 10**9), default=None, metavar="N", help="evaluate the first N examples only")), BATCH, SEED,
-        ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default RUN_DIR/eval-SPLIT.json)"))]),
+        ("--limit", dict(type=integer(1, 10**9), default=None, metavar="N", help="evaluate the first N examples only (default: all)")),
+        BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)"))]),
     "sample": (cmd_sample, "a PNG grid of samples from the prior", [
-        ("--n", dict(type=integer(1, N_IMAGES), default=64, help="default: 64")),
-        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="default RUN_DIR/samples.png")), SEED,
+        ("--n", dict(type=integer(1, N_IMAGES), default=64, help="how many samples (default: 64)")),
+        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: RUN_DIR/samples.png)")), SEED,
         ("--temperature", dict(type=real(0, 100), nargs="+", default=[1.0], metavar="T",
-         help="scale of the prior's standard deviation: one value, or one per level z1, z2, ... (hvae)")),
+         help="scale of the prior's standard deviation: one value, or one per level z1, z2, ... (hvae) (default: 1)")),
         ("--draw", dict(action="store_true", help="draw x ~ p(x|z) instead of showing its mean")),
         ("--steps", dict(type=integer(1, MAX_STEPS), default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
     "score": (cmd_score, "per-image log-likelihood estimates of your images, as CSV", [
-        INPUT, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="default RUN_DIR/scores.csv")), IW,
+        INPUT, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="where to write the scores (default: RUN_DIR/scores.csv)")), IW,
         ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
     "encode": (cmd_encode, "posterior means and variances of your images, as features in an .npz", [
-        INPUT, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz"))]),
+        INPUT, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz", help="where to write the features"))]),
     "report": (cmd_report, "an HTML page (and Markdown) with curves, the evaluation and image grids", [
-        ("--out", dict(type=report_file, default=None, metavar="FILE.html", help="default RUN_DIR/report.html (the .md goes beside it)")), SEED]),
+        ("--out", dict(type=report_file, default=None, metavar="FILE.html", help="where to write the page, the .md beside it (default: RUN_DIR/report.html)")), SEED]),
     "reconstruct": (cmd_reconstruct, "a grid of test images and their reconstructions", [
-        ("--n", dict(type=integer(1, N_IMAGES), default=32, help="default: 32")), SPLIT,
-        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="default RUN_DIR/reconstructions.png")), SEED]),
+        ("--n", dict(type=integer(1, N_IMAGES), default=32, help="how many images (default: 32)")), SPLIT,
+        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: RUN_DIR/reconstructions.png)")), SEED]),
     "tighten": (cmd_tighten, "split the inference gap into approximation and amortization parts (Cremer et al. 2018)", [
         SPLIT, ("--limit", dict(type=integer(1, 10_000), default=200, metavar="N", help="examples to optimize (default: 200)")),
         ("--steps", dict(type=integer(1, MAX_STEPS), default=300, help="Adam steps of the per-example optimization (default: 300)")),
         ("--lr", dict(type=real(0, 10), default=0.05, help="learning rate of the per-example optimization (default: 0.05)")),
         ("--refit-epochs", dict(type=integer(0, 1000), default=3,
-         help="epochs to refit the encoder on the training split (0: skip; default: 3)")), IW,
+         help="epochs to refit the encoder on the training split, 0: skip (default: 3)")), IW,
         ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
-        ("--json", dict(type=output_file, default=None, metavar="FILE", help="default RUN_DIR/tighten-SPLIT.json"))]),
+        ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/tighten-SPLIT.json)"))]),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="elbox", description="Generative models trained by maximizing the ELBO.")
+    parser.add_argument("--version", action="version", version=f"elbox {elbox.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("train", help="train a model and write a run directory (elbox train MODEL --help)", add_help=False)
     for name, (func, help_text, options) in COMMANDS.items():
@@ -256,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    keep_freed_memory_in_heap()
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
+        keep_freed_memory_in_heap()
         set_threads(args.threads)
         return args.func(args)
     except ElboxError as e:  # raised in a DataLoader worker, the message carries the worker's traceback: keep its end

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
+from elbox.atomic import shown
 from elbox.errors import ElboxError
 
 MISSING = dataclasses.MISSING
@@ -142,7 +143,18 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_scalar(spec: OptionSpec, value: Any, what: str) -> Any:
+def did_you_mean(word: Any, choices: Sequence[str], quote: bool = True) -> str:
+    """"did you mean 'X'? " with the choice nearest to a mistyped word (difflib; leading dashes of options ignored),
+    or "" when none is near."""
+    names = {str(c).lstrip("-"): str(c) for c in choices}
+    close = difflib.get_close_matches(str(word).lstrip("-"), list(names), n=1)
+    return "" if not close else f"did you mean {names[close[0]]!r}? " if quote else f"did you mean {names[close[0]]}? "
+
+
+def _check_scalar(spec: OptionSpec, value: Any, what: str, given: str | None = None) -> Any:
+    """The value checked against the declaration; ElboxError "WHAT must be ..., got GIVEN" (GIVEN: what the user
+    wrote, by default the value's repr)."""
+    given = short_repr(value) if given is None else given
     kind = spec.kind
     if kind == "bool":
         if not isinstance(value, bool):
@@ -152,7 +164,8 @@ def _check_scalar(spec: OptionSpec, value: Any, what: str) -> Any:
         if not isinstance(value, str):
             raise ElboxError(f"{what} must be a string, got {short_repr(value)}")
         if spec.choices and value not in spec.choices:
-            raise ElboxError(f"unknown {what} {short_repr(value)}; choose one of {', '.join(spec.choices)}")
+            raise ElboxError(f"unknown {what} {short_repr(value)}; {did_you_mean(value, spec.choices)}"
+                             f"choose one of {', '.join(spec.choices)}")
         return value
     if kind == "dict":
         if not isinstance(value, dict):
@@ -164,13 +177,13 @@ def _check_scalar(spec: OptionSpec, value: Any, what: str) -> Any:
     if kind == "float":
         value = float(value) if isinstance(value, float) or abs(value) < 1e308 else math.inf  # float(10**400) raises
         if not math.isfinite(value):
-            raise ElboxError(f"{what} must be finite, got {value}")
+            raise ElboxError(f"{what} must be finite, got {given}")
     elif abs(value) > MAX_SEED:
-        raise ElboxError(f"{what} must fit a 64-bit integer, got {short_repr(value)}")
+        raise ElboxError(f"{what} must fit a 64-bit integer, got {given}")
     bounds = [(spec.minimum, lambda v, b: v >= b), (spec.maximum, lambda v, b: v <= b),
               (spec.above, lambda v, b: v > b), (spec.below, lambda v, b: v < b)]
     if not all(bound is None or holds(value, bound) for bound, holds in bounds):
-        raise ElboxError(f"{what} must be {spec.range_text()}, got {short_repr(value)}")
+        raise ElboxError(f"{what} must be {spec.range_text()}, got {given}")
     return value
 
 
@@ -221,7 +234,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def _parse_scalar(spec: OptionSpec) -> Callable[[str], Any]:
-    """argparse type of one value of the option: parsed and checked against the declaration."""
+    """argparse type of one value of the option: parsed and checked against the declaration, with the message of
+    check_options (one message per rule: --lr 0, --lr -1 and --lr=-1e-3 all say "must be > 0", and echo the text)."""
     import argparse
 
     def parse(text: str) -> Any:
@@ -231,9 +245,9 @@ def _parse_scalar(spec: OptionSpec) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(f"must be {'a whole number' if spec.kind == 'int' else 'a number'}, "
                                              f"got {short_repr(text)}") from None
         try:
-            return _check_scalar(spec, value, "the value")
+            return _check_scalar(spec, value, "value", shown(text, 40))
         except ElboxError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix("the value ")) from None
+            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
 
     parse.__name__ = spec.kind
     return parse
@@ -253,7 +267,8 @@ def add_options(parser: Any, config_class: type, defaults: dict[str, Any] | None
             continue
         taken.update(flags)
         default = (defaults or {}).get(spec.name, spec.default)
-        help_text = (spec.help + f" (default: {_show(default)})").replace("%", "%%")
+        shown_default = "" if "(default:" in spec.help else f" (default: {_show(default)})"  # help that explains it
+        help_text = (spec.help + shown_default).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": spec.name, "default": default, "help": help_text}
         if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction

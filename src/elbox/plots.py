@@ -1,20 +1,23 @@
-"""Images: grids of samples and reconstructions."""
+"""Images: grids of samples and reconstructions (rows optionally labelled, e.g. "input" / "reconstruction")."""
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from elbox.atomic import atomic_write_bytes
 from elbox.errors import ElboxError
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 2) -> Image.Image:
-    """Tile images [N, C, H, W] with values in [0, 1] (C = 1 or 3) into one PIL image."""
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 2,
+               row_labels: Sequence[str] = ()) -> Image.Image:
+    """Tile images [N, C, H, W] with values in [0, 1] (C = 1 or 3) into one PIL image, nrow images per row. row_labels:
+    text written left of the rows, taken in turn (("input", "reconstruction") labels alternating rows)."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ElboxError(f"image grid needs [N, 1 or 3, H, W] images, got shape {tuple(images.shape)}")
     n, c, h, w = images.shape
@@ -27,16 +30,30 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, 
         grid[:, top : top + h, left : left + w] = img
     array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(array.squeeze(-1) if c == 1 else array, mode="L" if c == 1 else "RGB")
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST) if scale > 1 else picture
+    return label_rows(picture, row_labels, ncol) if row_labels else picture
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2) -> Path:
+def label_rows(picture: Image.Image, labels: Sequence[str], rows: int) -> Image.Image:
+    """The picture with a white margin on its left holding a label for each of its `rows` rows (labels in turn)."""
+    font = ImageFont.load_default(size=14)
+    margin = 8 + max(round(ImageDraw.Draw(picture).textlength(label, font=font)) for label in labels)
+    labelled = Image.new(picture.mode, (picture.width + margin, picture.height), "white")
+    labelled.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(labelled)
+    for row in range(rows):
+        draw.text((margin - 4, (row + 0.5) * picture.height / rows), labels[row % len(labels)], fill="black", font=font, anchor="rm")
+    return labelled
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 2,
+                    row_labels: Sequence[str] = ()) -> Path:
     """Write an image grid as PNG, atomically."""
     path = Path(path)
     buffer = io.BytesIO()
-    image_grid(images, nrow=nrow, scale=scale).save(buffer, format="PNG")
+    image_grid(images, nrow=nrow, scale=scale, row_labels=row_labels).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-__all__ = ["image_grid", "save_image_grid"]
+__all__ = ["image_grid", "label_rows", "save_image_grid"]

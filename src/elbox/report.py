@@ -1,29 +1,35 @@
 """`elbox report RUN_DIR`: one self-contained HTML page (images inlined as PNG data URIs) and a Markdown twin.
 
-Contents: the run's model and settings; training curves (ELBO terms per logged step, the validation bound per
-epoch); the evaluation table (from RUN_DIR/eval-test.json, or a quick evaluation of the first test images when
-there is none, said so on the page); sample and reconstruction grids; latent interpolations (models with a
-decoder); and, for 2-D latents, a scatter of test encodings coloured by label.
+It leads with the result: the headline bound(s) with units and standard errors (from RUN_DIR/eval-test.json, or a
+quick evaluation of the first test images when there is none, and it says which, with K and the number of
+examples), the model in one line, the training time, the elbox version and the date. Then: training curves (the
+bound and the KL on separate panels); the evaluation table; sample and reconstruction grids (rows labelled); latent
+interpolations (models with a decoder); for 2-D latents, a scatter of test encodings coloured by label; and last,
+folded, the run's settings.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
 import math
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from elbox import __version__
 from elbox.atomic import atomic_write_bytes
 from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import load_split, space_from_record
 from elbox.data.inputs import as_examples, first, run_data
 from elbox.data.user_images import one_line
 from elbox.evaluation import evaluate, format_table
+from elbox.inference import reconstruction_grid
 from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
 from elbox.options import short_repr
 from elbox.plots import image_grid
@@ -42,14 +48,20 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _grid_png(images: torch.Tensor, nrow: int | None = None) -> bytes:
+def _grid_png(images: torch.Tensor, nrow: int | None = None, row_labels: tuple[str, ...] = ()) -> bytes:
     buffer = io.BytesIO()
-    image_grid(images.clamp(0, 1).cpu(), nrow=nrow).save(buffer, format="PNG")
+    image_grid(images.clamp(0, 1).cpu(), nrow=nrow, row_labels=row_labels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
 def curves_png(records: list[dict], bits: float) -> bytes:
-    """Training ELBO terms per logged step and the validation ELBO per epoch, in nats and bits/dim."""
+    return _png(curves_figure(records, bits))
+
+
+def curves_figure(records: list[dict], bits: float):
+    """Two panels, so that neither squeezes the other: the bound (-ELBO of training batches and of validation, and
+    -reconstruction) in nats per example with bits/dim on the right axis; the KL terms (validation, per latent
+    group, and of training batches) in nats per example, on a log axis only when they span more than 100x."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,28 +69,30 @@ def curves_png(records: list[dict], bits: float) -> bytes:
 
     train = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    ax = axes[0]
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
         ax.plot(steps, [-r["elbo"] for r in train], label="-ELBO (training batches)", alpha=0.7)
-        ax.plot(steps, [-r["reconstruction"] for r in train], label="-reconstruction", alpha=0.7)
+        ax.plot(steps, [-r["reconstruction"] for r in train], label="-reconstruction (training batches)", alpha=0.7)
     ax.plot([r["step"] for r in epochs], [-r["val_elbo"] for r in epochs], "o-", label="-ELBO (validation)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("nats per example")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax = axes[1]
-    for key in sorted({k for r in epochs for k in r if k.startswith("val_kl")}):
-        ax.plot([r["step"] for r in epochs], [r.get(key, math.nan) / bits for r in epochs], "o-", label=key[4:])
-    ax.plot([r["step"] for r in epochs], [-r["val_elbo"] / bits for r in epochs], "o-", label="-ELBO")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("bits per dimension (validation)")
-    ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="nats per example", title="the bound (lower is better)")
+    ax.secondary_yaxis("right", functions=(lambda n: n / bits, lambda b: b * bits)).set_ylabel("bits per dimension")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    kls = []
+    for key in sorted({k for r in epochs for k in r if k.startswith("val_kl")}):
+        kls += [r[key] for r in epochs if key in r]
+        kl_ax.plot([r["step"] for r in epochs], [r.get(key, math.nan) for r in epochs], "o-", label=key[4:] + " (validation)")
+    if train and all(_is_number(r.get("kl")) for r in train):
+        kls += [r["kl"] for r in train]
+        kl_ax.plot([r["step"] for r in train], [r["kl"] for r in train], alpha=0.7, label="kl (training batches)")
+    if kls and min(kls) > 0 and max(kls) > 100 * min(kls):
+        kl_ax.set_yscale("log")
+    kl_ax.set(xlabel="optimizer step", ylabel="nats per example", title="KL terms (the rate)")
+    kl_ax.legend(fontsize=8)
+    kl_ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
 @torch.no_grad()
@@ -175,6 +189,7 @@ def _saved_evaluation(path: Path) -> dict | None:
     try:
         result = json.loads(text)
         format_table(result)
+        headline_of(result)
         return result
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as e:
         warn(f"{path} is damaged ({one_line(e, 60)}); {instead}")
@@ -201,34 +216,131 @@ def title_of(config: dict, run_dir: Path) -> str:
     return f"elbox report: {config['model']} on {data.get('name', data.get('path', 'your data'))} ({run_dir.name})"
 
 
-def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tuple[str, list[tuple[str, str, bytes]], dict]:
-    """(title, sections [(heading, text, png bytes or b"")], evaluation result) for a run."""
+def _nats(result: dict, key: str) -> str:
+    return f"{result[key]:.2f} ± {result[key + '_stderr']:.2f} nats"
+
+
+def headline_of(result: dict) -> tuple[str, str]:
+    """(the headline: the best bound on the negative log-likelihood and bits/dim, with standard errors; the next
+    line: the ELBO and the gap between the two, with theirs), from an evaluation result."""
+    best = ""
+    if "nll_exact" in result:
+        best = f"NLL = {_nats(result, 'nll_exact')} per example (exact) · "
+    elif "nll_iw" in result:
+        best = f"NLL ≤ {_nats(result, 'nll_iw')} per example (IWAE bound, K = {result['iw_samples']}) · "
+    elif "elbo" in result:
+        best = f"NLL ≤ {-result['elbo']:.2f} ± {result['elbo_stderr']:.2f} nats per example (-ELBO) · "
+    if "bpd" in result:
+        best += f"{result['bpd']:.4f} ± {result['bpd_stderr']:.4f} bits/dim" + ("" if best else f" ({result['bpd_source']})")
+    detail = []
+    if "elbo" in result:
+        detail.append(f"ELBO {_nats(result, 'elbo')} (reconstruction {result['reconstruction']:.2f}, KL {result['kl']:.2f})")
+    if "gap_elbo" in result:
+        detail.append(f"gap -ELBO - NLL {_nats(result, 'gap_elbo')}")
+    elif "gap_elbo_iw" in result:
+        detail.append(f"gap -ELBO - NLL_K (K = {result['iw_samples']}) {_nats(result, 'gap_elbo_iw')}")
+    return best.removesuffix(" · ") or "no bound in this evaluation", "; ".join(detail)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def training_line(records: list[dict]) -> str:
+    """e.g. "36 epochs, 15,120 optimizer steps, 5 min 3 s of optimization (validation not counted)", from the
+    epoch records; for a closed-form or EM fit, the time of the fit."""
+    epochs = [r for r in records if r.get("kind") in ("epoch", "train_epoch") and _is_number(r.get("epoch_time_s"))]
+    if epochs:
+        steps = f", {epochs[-1]['step']:,} optimizer steps" if _is_number(epochs[-1].get("step")) else ""
+        return (f"{len(epochs)} epoch{'s' if len(epochs) > 1 else ''}{steps}, "
+                f"{_duration(sum(r['epoch_time_s'] for r in epochs))} of optimization (validation not counted)")
+    fits = [r["time_s"] for r in records if r.get("kind") == "fit" and _is_number(r.get("time_s"))]
+    return f"fitted in {_duration(sum(fits))} (closed form or EM)" if fits else "training time not recorded"
+
+
+def model_line(model, config: dict) -> str:
+    """The model in one line, e.g. "VAE, latent 32, MLP 784-512, Bernoulli likelihood, 407,080 parameters": its
+    class, the sizes its config declares, its likelihood, and how many numbers it learned."""
+    c = config["model_config"]
+    parts = [type(model).__name__]
+    if "hvae_type" in c:
+        parts.append(f"{c['hvae_type']}, {c['levels']} levels")
+    for key, text in (("latent_dim", "latent {}"), ("n_components", "{} components"), ("covariance", "{} covariance")):
+        if key in c:
+            parts.append(text.format(c[key]))
+    if c.get("architecture") == "mlp":
+        parts.append("MLP " + "-".join(map(str, [math.prod(c["data_shape"]), *c["hidden_dims"]])))
+    elif c.get("architecture") == "conv":
+        parts.append("conv " + "-".join(map(str, c["conv_channels"])))
+    elif isinstance(c.get("channels"), list):
+        parts.append("U-Net " + "-".join(map(str, c["channels"])))
+    if "timesteps" in c:
+        parts.append(f"T = {c['timesteps']}" if c["timesteps"] else "continuous time")
+    if "likelihood" in c:
+        parts.append(f"{c['likelihood'][:1].upper()}{c['likelihood'][1:]} likelihood")
+    if model.trains_by_gradient:
+        parts.append(f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    else:
+        parts.append(f"{sum(t.numel() for t in model.state_dict().values()):,} fitted numbers")
+    return ", ".join(parts)
+
+
+@dataclasses.dataclass
+class Report:
+    """What the page shows, in order: the title; the headline bound and its detail line; facts [(label, text)]
+    (where the numbers come from, the model, the training, the data, elbox and the date); sections [(heading, text,
+    png bytes or b"")]; the run's settings as JSON (folded at the end). result: the evaluation shown."""
+
+    title: str
+    headline: str
+    detail: str
+    facts: list[tuple[str, str]]
+    sections: list[tuple[str, str, bytes]]
+    settings: str
+    result: dict
+
+
+def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Report:
     run_dir = Path(run_dir)
     model, config = load_run(run_dir, device)
     data = config["data"]
     if "name" in data:
         images, labels = load_split(data["name"], "test", data.get("data_dir"))
+        examples = "test images"
     else:  # your own data: the run's validation examples, unlabelled
         _, val, _ = run_data(data, config.get("train", {}).get("seed", 0))
         images = as_examples(first(val, QUICK_EVAL_EXAMPLES), "validation data")
         labels = torch.zeros(images.shape[0], dtype=torch.long)
+        examples = "validation examples"
     space = space_from_record(data)
     num_dims = math.prod(images.shape[1:])
     x = space.eval_data(images[:QUICK_EVAL_EXAMPLES].to(device), seed=seed)
     eval_path = run_dir / "eval-test.json"
     result = _saved_evaluation(eval_path)
+    ks = ", ".join(map(str, result.get("nll_iw_by_k", {}))) if result is not None else ""
     if result is not None:
-        source = f"from {eval_path.name} (elbox evaluate)"
+        source = (f"from {eval_path.name} (elbox evaluate): {result['n_examples']} examples of {result.get('dataset', 'the test split')}"
+                  + (f", K = {ks} importance samples" if ks else ""))
     else:
         result = evaluate(model, x, space.log_prob_offset(num_dims), iw_samples=QUICK_EVAL_K, seed=seed)
-        source = (f"a quick evaluation of the first {x.shape[0]} test images with K = {QUICK_EVAL_K} made by elbox report; "
-                  "run elbox evaluate for the full protocol")
+        ks = ", ".join(map(str, result.get("nll_iw_by_k", {})))
+        source = (f"from a quick evaluation made by elbox report: the first {x.shape[0]:,} {examples}"
+                  + (f", K = {ks} importance samples" if ks else "") + "; run elbox evaluate for the full protocol")
+    records = _records(run_dir)
+    trained = datetime.fromtimestamp((run_dir / "config.json").stat().st_mtime, timezone.utc)
+    headline, detail = headline_of(result)
+    facts = [("result", source), ("model", model_line(model, config)), ("training", training_line(records)),
+             ("data", f"{data.get('name', data.get('path', 'your data'))} [{data.get('space', space.name)}], {num_dims:,} dimensions"),
+             ("elbox", f"{__version__}; run started {trained:%Y-%m-%d}, report made {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")]
     sections = []
-    records = [r for r in _records(run_dir) if "step" in r]  # gradient training (closed-form fits have no steps)
-    if records:
+    curves = [r for r in records if "step" in r]  # gradient training (closed-form fits have no steps)
+    if curves:
         sections.append(("Training curves", "Per logged step (training batches, the β = 1 ELBO) and per epoch (validation).",
-                         curves_png(records, num_dims * math.log(2))))
-    sections.append(("Evaluation", f"{source}\n\n{format_table(result)}", b""))
+                         curves_png(curves, num_dims * math.log(2))))
+    sections.append(("Evaluation", f"Numbers {source}.\n\n{format_table(result)}", b""))
     saved_samples = _saved_samples(run_dir / "samples.png")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -236,18 +348,18 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> tu
             grid = saved_samples or _grid_png(model.sample(64))
             sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
             if isinstance(model, Reconstructs):
-                pairs = torch.cat([t for i in range(0, 32, 8) for t in (x[i : i + 8], model.reconstruct(x[i : i + 8]))])
-                sections.append(("Reconstructions", "Rows alternate: test images, then the means of p(x | E[z|x]).", _grid_png(pairs, nrow=8)))
+                pairs = reconstruction_grid(model, x[:32], nrow=8)
+                sections.append(("Reconstructions", "Rows alternate: input images, then their reconstructions (the means of "
+                                 "p(x | E[z|x])).", _grid_png(pairs, nrow=8, row_labels=("input", "reconstruction"))))
             if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
                 sections.append(("Latent interpolations", "Decoded straight lines between the posterior means of pairs of test images.",
                                  interpolations_png(model, x)))
             if isinstance(model, Encoder) and result.get("latent_dim") == 2:
                 sections.append(("Latent space", "Posterior means of test images, coloured by class label.",
                                  scatter_png(model, x, labels[: x.shape[0]])))
-    title = title_of(config, run_dir)
-    settings = json.dumps({"model": config["model"], "model_config": config["model_config"], "train": config.get("train", {})}, indent=1)
-    sections.insert(0, ("Run", f"Run directory: {run_dir}\n\n{settings}", b""))
-    return title, sections, result
+    settings = json.dumps({"run_dir": str(run_dir), "model": config["model"], "model_config": config["model_config"],
+                           "data": data, "train": config.get("train", {})}, indent=1)
+    return Report(title_of(config, run_dir), headline, detail, facts, sections, settings, result)
 
 
 # The page reports, in <body data-images-loaded="n/m">, how many of its images decoded (checked by the tests).
@@ -260,34 +372,56 @@ window.addEventListener("load", () => {
 </script>"""
 
 
-def to_html(title: str, sections: list[tuple[str, str, bytes]]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;} pre{background:#f6f6f6;padding:1em;"
-             "overflow-x:auto;} img{max-width:100%;image-rendering:pixelated;}</style>", _IMAGE_CHECK, "</head><body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for heading, text, png in sections:
+_STYLE = """<style>
+body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;}
+h1{font-size:1.4em;margin:0 0 .5em;}
+#headline{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin-bottom:1.5em;background:#fafafa;}
+#headline .bound{font-size:1.5em;font-weight:bold;margin:.2em 0;}
+#headline .detail{margin:.2em 0 .6em;}
+#headline th{text-align:left;padding-right:1em;vertical-align:top;color:#555;font-weight:normal;}
+pre{background:#f6f6f6;padding:1em;overflow-x:auto;} img{max-width:100%;image-rendering:pixelated;}
+</style>"""
+
+
+def to_html(report: Report) -> str:
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>", _STYLE, _IMAGE_CHECK,
+             "</head><body>", f"<h1>{e(report.title)}</h1>", "<section id='headline'>",
+             f"<p class='bound'>{e(report.headline)}</p>", f"<p class='detail'>{e(report.detail)}</p>",
+             "<table>" + "".join(f"<tr><th>{e(label)}</th><td>{e(text)}</td></tr>" for label, text in report.facts) + "</table>",
+             "</section>"]
+    for heading, text, png in report.sections:
         slug = heading.lower().replace(" ", "-")
-        parts.append(f"<h2 id='{slug}'>{html.escape(heading)}</h2><pre>{html.escape(text)}</pre>")
+        parts.append(f"<h2 id='{slug}'>{e(heading)}</h2><pre>{e(text)}</pre>")
         if png:
-            parts.append(f"<img alt='{html.escape(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
-    parts.append("</body></html>")
+            parts.append(f"<img alt='{e(heading)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+    parts += ["<h2 id='run-settings'>Run settings</h2>",
+              f"<details><summary>model, data and training settings (config.json)</summary><pre>{e(report.settings)}</pre></details>",
+              "</body></html>"]
     return "\n".join(parts)
 
 
-def write_report(run_dir: str | Path, device: torch.device, out: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md with its images in RUN_DIR/report/."""
-    run_dir = Path(run_dir)
-    title, sections, _ = build_report(run_dir, device, seed)
-    html_path = Path(out) if out else run_dir / "report.html"
-    atomic_write_bytes(html_path, to_html(title, sections).encode())
-    image_dir = html_path.parent / "report"
-    lines = [f"# {title}", ""]
-    for heading, text, png in sections:
+def to_markdown(report: Report, image_dir: Path) -> str:
+    """The Markdown twin, in the same order; its images are written to image_dir (linked as report/NAME.png)."""
+    lines = [f"# {report.title}", "", f"**{report.headline}**", "", report.detail, ""]
+    lines += [f"- {label}: {text}" for label, text in report.facts] + [""]
+    for heading, text, png in report.sections:
         lines += [f"## {heading}", "", "```", text, "```", ""]
         if png:
             name = heading.lower().replace(" ", "-") + ".png"
             atomic_write_bytes(image_dir / name, png)
             lines += [f"![{heading}](report/{name})", ""]
+    lines += ["## Run settings", "", "<details><summary>model, data and training settings (config.json)</summary>", "",
+              "```json", report.settings, "```", "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path, device: torch.device, out: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md with its images in RUN_DIR/report/."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir, device, seed)
+    html_path = Path(out) if out else run_dir / "report.html"
+    atomic_write_bytes(html_path, to_html(report).encode())
     md_path = html_path.with_suffix(".md")
-    atomic_write_bytes(md_path, "\n".join(lines).encode())
+    atomic_write_bytes(md_path, to_markdown(report, html_path.parent / "report").encode())
     return html_path, md_path
