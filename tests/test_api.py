@@ -24,21 +24,6 @@ from elbox.training.config import DataConfig, TrainConfig, train_defaults
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_snippet_runs(tmp_path, monkeypatch):
-    """The README's Python section, run as written (in a scratch directory): train, evaluate IWAE-K, sample."""
-    text = README.read_text()
-    section = text[text.index("## Python"):]
-    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert "elbox.cli" not in snippet and len([line for line in snippet.splitlines() if line.strip()]) <= 6
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
-    result, images = namespace["result"], namespace["images"]
-    assert result["nll_iw"] < -result["elbo"] + 1e-6 and 150 < result["nll_iw"] < 400  # nats, binarized Fashion-MNIST
-    assert images.shape == (64, 1, 28, 28) and not images.requires_grad
-    assert (tmp_path / "runs" / "vae-py" / "model.safetensors").is_file()
-
-
 class ConvEncoder(nn.Module):
     """A user-written encoder: x [B, 1, 8, 8] -> [B, 2 * latent] (means, then pre-softplus standard deviations)."""
 

@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
+import elbox
 from elbox.checkpoint import load_training_state, load_weights, read_json
 from elbox.cli import main
+from elbox.data import get_data_space
 from elbox.data.formats import (
     _parse_cifar_batch,
     _parse_idx,
@@ -27,6 +29,7 @@ from elbox.data.formats import (
 )
 from elbox.errors import ElboxError
 from elbox.evaluation import retry_on_out_of_memory
+from elbox.inference import BINARIZATIONS, model_inputs, score_with_stderr
 from elbox.models import build_model
 
 SHAPE = (1, 28, 28)
@@ -73,11 +76,114 @@ def test_npy_npz_png_and_layouts_give_the_same_scores(run_dir, tmp_path):
     results["png"] = scores(out)
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert rows[0]["name"] == "img00.png" and rows[0]["estimate"] == "IWAE lower bound, K=20"
+    assert rows[0]["name"] == "img00.png"
+    assert rows[0]["estimate"] == ("IWAE-20 lower bound; importance samples and binarization seeded per image from its "
+                                   "pixels and seed 0; binary model: grey images scored by the mean over 16 "
+                                   "binarizations (s.e. in column log_likelihood_stderr_nats)")
     assert float(rows[0]["bits_per_dim"]) == pytest.approx(-float(rows[0]["log_likelihood_nats"]) / (784 * np.log(2)), rel=1e-5)
     assert len(results["npy"]) == 6 and all(v < 0 for v in results["npy"])
     for name, values in results.items():
         assert values == results["npy"], name
+
+
+# ----------------------------------------------------------------------------------------------
+# An image's score is its own: its randomness is seeded from its pixels and the seed
+
+
+def test_an_image_scores_the_same_alone_in_any_file_at_any_position_format_batch_size_and_call(run_dir, tmp_path):
+    model = elbox.load(run_dir)
+    target, others = images(1, seed=1)[0], images(3, seed=2)
+
+    def score(data, **options):
+        values, stderr, _, _ = score_with_stderr(model, data, iw_samples=10, **options)
+        return values.tolist(), stderr.tolist()
+
+    (alone,), (alone_se,) = score(target[None])
+    assert alone_se > 0  # grey: the mean over 16 binarizations, with its standard error
+    for position in range(4):  # (b) inside a file of 4, at every position
+        np.save(tmp_path / f"at{position}.npy", np.insert(others, position, target, axis=0))
+        values, stderr = score(tmp_path / f"at{position}.npy")
+        assert (values[position], stderr[position]) == (alone, alone_se), position
+    folder = tmp_path / "pngs"  # (c) .npy (above), a PNG folder, one PNG file, grey stored as RGB
+    folder.mkdir()
+    for i, image in enumerate(np.insert(others, 3, target, axis=0)):
+        Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+    Image.fromarray(target, mode="L").save(tmp_path / "one.png")
+    Image.fromarray(np.repeat(target[..., None], 3, axis=-1), mode="RGB").save(tmp_path / "rgb.png")
+    assert score(folder)[0][3] == alone
+    assert score(tmp_path / "one.png")[0] == score(tmp_path / "rgb.png")[0] == score(target)[0] == [alone]
+    torch.manual_seed(123)  # (d) every call, whatever the global generator's state, which stays as it was
+    state = torch.random.get_rng_state()
+    assert score(target[None]) == ([alone], [alone_se]) and torch.equal(torch.random.get_rng_state(), state)
+    for batch_size in (1, 3):  # (e) any batch size
+        assert score(folder, batch_size=batch_size)[0][3] == alone
+    assert score(target[None], seed=1)[0] != [alone]  # the user's seed still matters
+    out = tmp_path / "one.csv"  # the command line: one PNG file, its row
+    assert main(["score", str(run_dir), "--input", str(tmp_path / "one.png"), "--iw-samples", "10", "--out", str(out),
+                 "--no-progress"]) == 0
+    with open(out) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["name"] == "one.png" and float(row["log_likelihood_nats"]) == pytest.approx(alone, abs=1e-6)
+
+
+def test_binary_images_are_scored_as_given_and_grey_ones_by_their_binarizations(run_dir):
+    model = elbox.load(run_dir)
+    grey = images(1, seed=1)
+    binary = np.where(grey > 127, 255, 0).astype(np.uint8)
+    values, stderr, _, estimate = score_with_stderr(model, np.concatenate([grey, binary]), iw_samples=10)
+    assert stderr[0] > 0 and stderr[1].isnan()  # one estimate for the binary image: no standard error to give
+    assert estimate.endswith("(s.e. in column log_likelihood_stderr_nats), binary images as given")
+    alone, stderr, _, estimate = score_with_stderr(model, binary, iw_samples=10)
+    assert alone[0] == values[1] and "binariz" not in estimate and stderr.isnan().all()
+    single, _, _, _ = score_with_stderr(model, grey, iw_samples=10, binarizations=1)
+    assert single[0] != score_with_stderr(model, grey, iw_samples=10)[0][0]
+
+
+def test_the_binarization_standard_error_matches_the_spread_over_seeds(run_dir):
+    """Each seed gives the mean over 16 binarizations of one grey image and its standard error; over 20 seeds the
+    means scatter by that standard error. The sample s.d. of n = 20 draws has a relative standard error of
+    1 / sqrt(2 (n - 1)) = 0.16; the test allows 4 of them."""
+    model = elbox.load(run_dir)
+    grey = images(1, seed=1)
+    values, stderr = zip(*[(v.item(), e.item()) for v, e, _, _ in
+                           (score_with_stderr(model, grey, iw_samples=5, seed=seed) for seed in range(20))])
+    ratio = np.std(values, ddof=1) / np.sqrt(np.mean(np.square(stderr)))
+    assert abs(ratio - 1) < 4 / np.sqrt(2 * 19), ratio
+
+
+@pytest.mark.parametrize("model", ["diffusion", "diffusion-T", "gaussian"])
+def test_elbo_and_exact_scores_belong_to_the_image_too(model):
+    """The diffusion ELBO's time and noise draws (continuous time, and T = 10 steps) and the exact model's
+    dequantization are seeded per image as well."""
+    x = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    config = {"data_shape": [1, 8, 8], "channels": [4], "timesteps": 10 if model == "diffusion-T" else 0}
+    if model == "gaussian":
+        built = build_model("gaussian", {"data_shape": [1, 8, 8]})
+        built.fit(get_data_space("continuous").eval_data(torch.from_numpy(x)[:, None].repeat(4, 1, 1, 1)))
+    else:
+        built = build_model("diffusion", config)
+    values, stderr, _, estimate = score_with_stderr(built.eval(), x, elbo_samples=4)
+    alone, _, _, _ = score_with_stderr(built, x[2:3], elbo_samples=4)
+    assert values[2].item() == pytest.approx(alone.item(), abs=1e-4 if model == "gaussian" else 0)  # batched float32
+    assert stderr.isnan().all()
+    assert ("dequantization seeded per image" in estimate) == (model == "gaussian")
+    assert ("ELBO draws seeded per image" in estimate) == (model != "gaussian")
+
+
+def test_rgb_images_go_to_rgb_models_and_are_refused_by_grey_ones_with_the_shapes(run_dir, tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "rgb.png")
+    model = build_model("vae", {"data_shape": [3, 8, 8], "latent_dim": 2, "hidden_dims": [8]}).eval()
+    from_png, _, _ = elbox.score(model, tmp_path / "rgb.png", iw_samples=3)
+    assert from_png.tolist() == elbox.score(model, rgb, iw_samples=3)[0].tolist()  # one image, channels last
+    assert from_png.tolist() == elbox.score(model, rgb.transpose(2, 0, 1)[None], iw_samples=3)[0].tolist()
+    grey = rgb[..., 0]  # a grey image to an RGB model: the same picture, repeated over the channels
+    assert elbox.score(model, grey, iw_samples=3)[0].tolist() == elbox.score(model, np.stack([grey] * 3), iw_samples=3)[0].tolist()
+    with pytest.raises(ElboxError, match=r"^input array has RGB images \(image 0: shape \(3, 28, 28\)\); the model takes grayscale images \(1, 28, 28\)"):
+        elbox.score(elbox.load(run_dir), np.zeros((2, 3, 28, 28), np.uint8) + np.arange(3)[:, None, None])
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8) + np.arange(3, dtype=np.uint8), mode="RGB").save(tmp_path / "c.png")
+    with pytest.raises(ElboxError, match=r"input .*c.png has RGB images .*the model takes grayscale images \(1, 28, 28\)"):
+        elbox.encode(elbox.load(run_dir), tmp_path / "c.png")
 
 
 class _RunsCode:
@@ -282,8 +388,8 @@ def test_encode_writes_posterior_means_and_variances(tmp_path, model):
     d = 2 if not model else 5
     assert f["mean"].shape == (6, d) and f["variance"].shape == (6, d) and (f["variance"] > 0).all()
     assert list(f["names"]) == [str(i) for i in range(6)]
-    import elbox
-    from elbox.data import get_data_space
-
-    x = get_data_space("binary").eval_data(torch.from_numpy(images())[:, None], seed=0)  # what encode saw
-    torch.testing.assert_close(torch.from_numpy(f["mean"]), elbox.load(run).encode(x).detach(), rtol=1e-5, atol=1e-6)
+    # what encode saw: 16 binarizations of each grey image, seeded from its pixels; the features are their mean
+    x, counts, _ = model_inputs(torch.from_numpy(images())[:, None], get_data_space("binary"), 0, BINARIZATIONS)
+    assert counts == [BINARIZATIONS] * 6
+    means = elbox.load(run).encode(x).detach().reshape(6, BINARIZATIONS, d)
+    torch.testing.assert_close(torch.from_numpy(f["mean"]), means.mean(1), rtol=1e-5, atol=1e-6)

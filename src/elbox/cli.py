@@ -24,8 +24,8 @@ from elbox.options import add_options, did_you_mean, option_values
 load_run = lazy("elbox.checkpoint", "load_run")
 space_from_record = lazy("elbox.data", "space_from_record")
 format_table = lazy("elbox.evaluation", "format_table")
-encode, sample, score, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
-    "encode", "sample", "score", "reconstruction_grid", "save_features", "write_scores_csv"))
+encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
+    "encode", "sample", "score_with_stderr", "reconstruction_grid", "save_features", "write_scores_csv"))
 save_image_grid = lazy("elbox.plots", "save_image_grid")
 write_report = lazy("elbox.report", "write_report")
 keep_freed_memory_in_heap, resolve_device, set_threads = (lazy("elbox.system", name) for name in (
@@ -150,19 +150,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     model, _ = load_run(args.run_dir, resolve_device(args.device))
-    images = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed)
+    images = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed,
+                    progress=not args.no_progress)
     print(f"wrote {save_image_grid(images, args.out or Path(args.run_dir) / 'samples.png')}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     model, config = load_run(args.run_dir, resolve_device(args.device))
-    values, names, estimate = score(model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-                                    space=space_from_record(config["data"]))
+    values, stderr, names, estimate = score_with_stderr(
+        model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples, batch_size=args.batch_size,
+        seed=args.seed, progress=not args.no_progress, space=space_from_record(config["data"]))
     out = Path(args.out or Path(args.run_dir) / "scores.csv")
     num_dims = math.prod(model.config.data_shape)
-    write_scores_csv(out, names, values, num_dims, estimate)
+    write_scores_csv(out, names, values, num_dims, estimate, stderr)
     mean = values.mean().item()
     print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats ({-mean / (num_dims * math.log(2)):.4f} bits/dim), "
           f"{estimate}; wrote {out}")
@@ -202,7 +203,7 @@ def cmd_tighten(args: argparse.Namespace) -> int:
     return print_and_save(title, format_gap_table(result), result, args.json or Path(args.run_dir) / f"tighten-{args.split}.json")
 
 
-INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one) or a folder of images"))
+INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one), a folder of images, or one image file"))
 SEED = ("--seed", dict(type=integer(0, SEED_MAX), default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
 BATCH = ("--batch-size", dict(type=integer(1, MAX_BATCH), default=500, help="examples per pass (default: 500)"))
 SPLIT = ("--split", dict(choices=SPLITS, default="test", help="the split of the run's dataset (default: test)"))

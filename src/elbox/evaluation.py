@@ -5,10 +5,14 @@ a per-example value averaged over the examples of the split, with its standard e
 dimensions; bits/dim = NLL / (D ln 2). For a continuous space (dequantized 8-bit data) the
 reported bounds include the -D ln 256 correction, so they bound the log-probability of the 8-bit
 data. The ELBO is always reported with beta = 1.
+
+Per-example scores (`score_per_example`, behind `elbox score`) draw each example's samples from a generator seeded
+for that example alone, so a score does not depend on the other examples scored with it.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -188,31 +192,79 @@ def retry_on_out_of_memory(run, what: str):
             print(f"elbox: {what} ran out of memory; retrying with chunks 1/{divisor} the size", file=sys.stderr)
 
 
+# Samples x examples x elements of one scoring pass: fixed, not read from the memory free now, because how many
+# samples a pass draws changes the draws; so an image's score is the same on every call (on one kind of device).
+SCORE_PASS_ELEMENTS = CPU_MAX_DECODER_ELEMENTS
+
+
+@torch.no_grad()
 def score_per_example(
     model: LatentVariableModel,
     x: Tensor,
+    counts: list[int],
+    seeds: list[int],
     log_prob_offset: float,
     iw_samples: int,
     batch_size: int,
     elbo_samples: int = 1,
-    max_decoder_elements: int | None = None,
     progress: bool = False,
-) -> tuple[Tensor, str]:
-    """The tightest per-example estimate of log p(x) the model has ([N] float64 nats) and its name: the exact
-    log p(x), else IWAE-K, else the ELBO. Retries with smaller chunks when memory runs out."""
+) -> tuple[Tensor, Tensor, str]:
+    """The tightest per-example estimate of log p(x) the model has, and its name: the exact log p(x), else IWAE-K,
+    else the ELBO. x holds the model inputs of N examples, counts[i] consecutive rows for example i (its
+    binarizations; else one row). Each example's importance samples (or ELBO samples) are drawn from the global
+    generator seeded with seeds[i], one example at a time with all its rows and samples batched into passes of a
+    fixed size (SCORE_PASS_ELEMENTS), so its value depends on nothing else in x; models without randomness
+    (exact log p(x)) run in batches of batch_size rows. Returns (mean over each example's rows [N] float64 nats,
+    standard error of that mean [N] (NaN for one row), the name). Retries with smaller passes when memory runs out
+    (smaller passes draw other samples)."""
     model.eval()
-    bound = pass_bound(model, x, max_decoder_elements)
     if isinstance(model, ExactLikelihood):
         values = retry_on_out_of_memory(lambda d: log_prob_per_example(model, x, max(1, batch_size // d)), "scoring")
-        return values + log_prob_offset, "exact log p(x)"
-    if isinstance(model, ImportanceWeighted):
-        values = retry_on_out_of_memory(lambda d: iwae_per_example(
-            model, x, iw_samples, max(1, batch_size // d), max(1, bound // d), progress), "scoring")
-        return values + log_prob_offset, f"IWAE lower bound, K={iw_samples}"
-    values = retry_on_out_of_memory(
-        lambda d: elbo_per_example(model, x, max(1, batch_size // d), elbo_samples, progress,
-                                   max_decoder_elements=max(1, bound // d))["elbo"], "scoring")
-    return values + log_prob_offset, f"ELBO lower bound ({model.elbo_protocol(elbo_samples)})"
+        name = "exact log p(x)"
+    else:
+        iw = isinstance(model, ImportanceWeighted)
+        name = f"IWAE-{iw_samples} lower bound" if iw else f"ELBO lower bound ({model.elbo_protocol(elbo_samples)})"
+
+        def one(rows: Tensor, seed: int, divisor: int) -> Tensor:
+            torch.manual_seed(seed)
+            bound = max(1, SCORE_PASS_ELEMENTS // divisor)
+            if iw:
+                return iwae_per_example(model, rows, iw_samples, rows.shape[0], bound)
+            return elbo_per_example(model, rows, rows.shape[0], elbo_samples, max_decoder_elements=bound)["elbo"]
+
+        parts, starts = [], [0, *itertools.accumulate(counts)]
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            for i in examples_progress(len(counts), 1, name.split(" ")[0], progress):
+                rows = x[starts[i] : starts[i + 1]]
+                parts.append(retry_on_out_of_memory(lambda d: one(rows, seeds[i], d), "scoring"))  # noqa: B023
+        values = torch.cat(parts)
+    groups = (values + log_prob_offset).split(counts)
+    means = torch.stack([g.mean() for g in groups])
+    stderr = torch.stack([g.std() / math.sqrt(len(g)) if len(g) > 1 else g.new_tensor(math.nan) for g in groups])
+    return means, stderr, name
+
+
+def check_model_input(model: LatentVariableModel, x: Tensor, what: str = "data") -> Tensor:
+    """x as the model takes it, float32 [N, *data_shape] in its data space (finite; 0 or 1 for a binary model; in
+    [0, 1] for the other image spaces); one ElboxError naming what is wrong otherwise."""
+    shape, space = tuple(model.config.data_shape), model.data_space
+    wanted = f"float tensor [N, {', '.join(map(str, shape))}] in the model's {space} data space"
+    hint = "; give 8-bit images (uint8) to elbox.evaluate, elbox.score or elbox.encode, which transform them"
+    if not isinstance(x, Tensor):
+        raise ElboxError(f"{what} is a {type(x).__name__}; the evaluator takes a {wanted}{hint}")
+    if not x.is_floating_point():
+        raise ElboxError(f"{what} has dtype {x.dtype}; the evaluator takes a {wanted}{hint if space != 'real' else ''}")
+    if tuple(x.shape[1:]) != shape:
+        raise ElboxError(f"{what} has shape {tuple(x.shape)}; the model takes a {wanted}")
+    if not torch.isfinite(x).all():
+        raise ElboxError(f"{what} contains NaN or infinite values")
+    if space == "binary" and not ((x == 0) | (x == 1)).all():
+        raise ElboxError(f"{what} has values other than 0 and 1 (grey values?); the {model.name} model's Bernoulli "
+                         f"likelihood needs binary data{hint} (binarized with a seed)")
+    if space in ("continuous", "discrete") and x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ElboxError(f"{what} has values in [{x.min().item():.4g}, {x.max().item():.4g}]; the model's {space} "
+                         "data space lies in [0, 1]")
+    return x.float()
 
 
 @torch.no_grad()
@@ -245,6 +297,7 @@ def evaluate(
     named in `bpd_source`), and `bpd_<part>` splits -ELBO in bits/dim into its terms (recon and each group).
     """
     ks = sorted(set([iw_samples] if isinstance(iw_samples, int) else iw_samples))
+    x = check_model_input(model, x)
     if x.shape[0] == 0:
         raise ElboxError("cannot evaluate on an empty dataset")
     if not ks or ks[0] < 1:
@@ -349,9 +402,9 @@ def format_table(result: dict) -> str:
     if "gap_elbo" in result:
         rows.append(("-ELBO - NLL_exact", nats("gap_elbo") + "  (mean KL(q || p(z|x)))"))
     for k, v in result.get("gap_elbo_iw_by_k", {}).items():
-        rows.append((f"-ELBO - NLL_K (K={k})", f"{v:.3f} nats"))
+        rows.append((f"-ELBO - NLL_K (K={k})", f"{v:.3f} ± {result['gap_elbo_iw_stderr_by_k'][k]:.3f} nats"))
     for k, v in result.get("gap_iw_by_k", {}).items():
-        rows.append((f"NLL_K - NLL_exact (K={k})", f"{v:.3f} nats"))
+        rows.append((f"NLL_K - NLL_exact (K={k})", f"{v:.3f} ± {result['gap_iw_stderr_by_k'][k]:.3f} nats"))
     if "bpd" in result:
         also_elbo = f"; {result['bpd_elbo']:.4f} (ELBO)" if "bpd_elbo" in result and result["bpd_source"] != "ELBO" else ""
         rows.append(("bits/dim", f"{result['bpd']:.4f} ± {result['bpd_stderr']:.4f} ({result['bpd_source']})" + also_elbo))

@@ -1,9 +1,18 @@
 """Using a trained model: samples, per-image scores, features and reconstructions (the public API behind
-`elbox sample`, `score` (with its CSV), `encode` and `reconstruct`). Everything runs without autograd."""
+`elbox sample`, `score` (with its CSV), `encode` and `reconstruct`). Everything runs without autograd.
+
+Scores belong to the example alone: each example's randomness (its binarization or dequantization, its importance
+samples or ELBO draws) comes from a generator seeded with a hash of its own bytes and the user's seed
+(`example_seed`), so an image scores the same alone or among others, at any position, in any batch size, from any
+file format, on every call. A binary (Bernoulli) model cannot score a grey image as such: it scores the mean over
+BINARIZATIONS Bernoulli binarizations of it, x_d ~ Bernoulli(k_d/255) (the dynamic binarization it was trained on,
+Salakhutdinov & Murray 2008), with the standard error of that mean.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import inspect
 import io
 import math
@@ -14,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from elbox.atomic import atomic_write_bytes
+from elbox.bounds import check_count
 from elbox.data import DataSpace, get_data_space
 from elbox.data.formats import read_images, to_8bit_tensor
 from elbox.data.inputs import as_examples
@@ -23,6 +34,11 @@ from elbox.data.user import open_source
 from elbox.errors import ElboxError
 from elbox.evaluation import score_per_example
 from elbox.models.base import Encoder, LatentVariableModel, Reconstructs
+
+# Binarizations of a grey image a binary model averages over: the standard error of their mean is a quarter of the
+# spread between single binarizations, for 16 times the model evaluations of one binary image.
+BINARIZATIONS = 16
+STDERR_COLUMN = "log_likelihood_stderr_nats"
 
 
 def sample_options(model: LatentVariableModel, temperature: float | list[float] = 1.0, draw: bool = False,
@@ -45,65 +61,150 @@ def sample_options(model: LatentVariableModel, temperature: float | list[float] 
 
 @torch.no_grad()
 def sample(model: LatentVariableModel, n: int = 64, *, temperature: float | list[float] = 1.0, draw: bool = False,
-           steps: int | None = None, seed: int = 0) -> Tensor:
-    """n samples [n, C, H, W] in [0, 1], on the CPU: means of p(x|z) (draw=True: draws from it). temperature
-    scales the prior's standard deviation (one value, or one per level); steps: diffusion sampling steps."""
+           steps: int | None = None, seed: int = 0, progress: bool = False) -> Tensor:
+    """n samples [n, C, H, W] in [0, 1], on the CPU, not requiring gradients: means of p(x|z) (draw=True: draws
+    from it). temperature scales the prior's standard deviation (one value, or one per level); steps: diffusion
+    sampling steps; progress: a bar over the sampling steps of models that take several (diffusion)."""
+    from elbox.training.progress import sample_with_progress
+
+    check_model(model)
+    n, seed = check_count(n), check_count(seed, "the seed", minimum=0)
     options = sample_options(model, temperature, draw, steps)
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return model.sample(n, **options).clamp(0, 1).cpu()
+        return sample_with_progress(model, n, progress, **options).detach().clamp(0, 1).cpu()
 
 
-def user_images(model: LatentVariableModel, data: Any, seed: int, space: DataSpace | None = None) -> tuple[Tensor, list[str]]:
-    """A user's 8-bit images (a .npy/.npz file or a folder of images, or an array or tensor), or for a model of real
-    vectors a user's vectors (an array or table file, or an array), checked against the model's data shape and put
-    in its data space (the run's: space_from_record; by default the model's): (x, a name per example)."""
-    space = space or get_data_space(model.data_space)
+def check_model(model: Any) -> None:
+    if not isinstance(model, LatentVariableModel):
+        raise ElboxError(f"give a model (elbox.load(run_dir), or run.model for a Run), got {type(model).__name__}")
+
+
+def example_seed(example: Tensor, seed: int) -> int:
+    """The seed of one example's randomness: 63 bits of the BLAKE2b hash of the user's seed and the example's bytes
+    (uint8 pixels [C, H, W], or float32 values), so that its draws belong to it alone."""
+    data = example.detach().cpu().contiguous().numpy().tobytes()
+    digest = hashlib.blake2b(int(seed).to_bytes(8, "little", signed=True) + data, digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def user_examples(model: LatentVariableModel, data: Any, space: DataSpace) -> tuple[Tensor, list[str]]:
+    """A user's examples as given, checked against the model, and a name for each: 8-bit images uint8
+    [N, *data_shape] (a .npy/.npz file, a folder of images, one image file, or an array, tensor or Dataset; see
+    formats.to_8bit_tensor), or for a model of real vectors float32 [N, D] (an array or table file, or an array)."""
+    is_path = isinstance(data, (str, os.PathLike))
+    what = f"input {data}" if is_path else "input " + ("Dataset" if isinstance(data, Dataset) else "array")
     if space.name == "real":
-        vectors = as_examples(open_source(data) if isinstance(data, (str, os.PathLike)) else data, f"input {data}"
-                              if isinstance(data, (str, os.PathLike)) else "input array")
+        vectors = as_examples(open_source(data) if is_path else data, what)
         if tuple(vectors.shape[1:]) != tuple(model.config.data_shape):
-            raise ElboxError(f"the input has vectors of {vectors.shape[1]} values; the model takes {model.config.data_shape[0]}")
-        return space.eval_data(vectors.to(model.device)), [str(i) for i in range(vectors.shape[0])]
-    if isinstance(data, (str, os.PathLike)):
+            raise ElboxError(f"{what} has examples of shape {tuple(vectors.shape[1:])}; the model takes vectors of "
+                             f"{model.config.data_shape[0]} values")
+        return vectors, [str(i) for i in range(vectors.shape[0])]
+    names: list[str] = []
+    if is_path:
         array, names = read_images(data)
-        what = f"input {data}"
+    elif isinstance(data, Tensor):
+        array = data.detach().cpu().numpy()
     else:
-        array = data.detach().cpu().numpy() if isinstance(data, Tensor) else np.asarray(data)
-        names, what = [str(i) for i in range(len(array))] if array.ndim else [], "input array"
+        array = as_examples(data, what).numpy() if isinstance(data, Dataset) else np.asarray(data)
     images = to_8bit_tensor(array, tuple(model.config.data_shape), what)
-    return space.eval_data(images.to(model.device), seed=seed), names
+    return images, names or [str(i) for i in range(images.shape[0])]
+
+
+def model_inputs(examples: Tensor, space: DataSpace, seed: int, binarizations: int) -> tuple[Tensor, list[int], list[int]]:
+    """The examples in the data space, each transformed with its own randomness (example_seed), on the CPU:
+    (rows, rows per example, seeds). A grey image (a pixel other than 0 and 255) in the binary space gives
+    `binarizations` rows, its binarizations; every other example one row (binary images binarize to themselves)."""
+    seeds = [example_seed(e, seed) for e in examples]
+    grey = ((examples != 0) & (examples != 255)).flatten(1).any(1).tolist() if space.name == "binary" else []
+    counts = [binarizations if g else 1 for g in grey] or [1] * len(seeds)
+    rows = [space.eval_data(examples[i : i + 1].expand(n, *examples.shape[1:]), seed=s)
+            for i, (n, s) in enumerate(zip(counts, seeds))]
+    return torch.cat(rows), counts, seeds
+
+
+def check_options(batch_size: Any, seed: Any, binarizations: Any, iw_samples: Any = 1, elbo_samples: Any = 1) -> None:
+    check_count(batch_size, "batch_size")
+    check_count(seed, "the seed", minimum=0)
+    check_count(binarizations, "binarizations")
+    check_count(iw_samples, "iw_samples (importance samples K)")
+    check_count(elbo_samples, "elbo_samples")
+
+
+def estimate_text(method: str, space: DataSpace, seed: int, counts: list[int], binarizations: int) -> str:
+    """How scores were computed, in words: the method, what was drawn and how it was seeded, how a binary model
+    treated grey images, and the dequantization correction."""
+    grey = sum(n > 1 for n in counts)
+    drawn = [] if method == "exact log p(x)" else ["importance samples" if method.startswith("IWAE") else "ELBO draws"]
+    drawn += {"binary": ["binarization"] if grey else [], "continuous": ["dequantization"]}.get(space.name, [])
+    unit = "vector from its values" if space.name == "real" else "image from its pixels"
+    parts = [method] + ([f"{' and '.join(drawn)} seeded per {unit} and seed {seed}"] if drawn else [])
+    if grey:
+        parts.append(f"binary model: grey images scored by the mean over {binarizations} binarizations (s.e. in "
+                     f"column {STDERR_COLUMN})" + (", binary images as given" if grey < len(counts) else ""))
+    if space.name == "continuous":
+        parts.append("dequantized images, -D ln 256 included")
+    return "; ".join(parts)
 
 
 @torch.no_grad()
-def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
-          seed: int = 0, progress: bool = False, space: DataSpace | None = None) -> tuple[Tensor, list[str], str]:
-    """Per-example log-likelihood estimates (nats, float64 [N]; of the 8-bit images, or of vectors in their original
-    units), their names, and which estimate it is: the exact log p(x) where the model has it, else IWAE-K, else the
-    ELBO. space: the run's data space (needed for real vectors)."""
+def score_with_stderr(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8,
+                      batch_size: int = 500, seed: int = 0, progress: bool = False, space: DataSpace | None = None,
+                      binarizations: int = BINARIZATIONS) -> tuple[Tensor, Tensor, list[str], str]:
+    """score(), with the standard error of each value [N] float64 (over a grey image's binarizations; NaN where a
+    value is one estimate): (values, standard errors, names, estimate)."""
+    check_model(model)
+    check_options(batch_size, seed, binarizations, iw_samples, elbo_samples)
     space = space or get_data_space(model.data_space)
-    x, names = user_images(model, data, seed, space)
+    examples, names = user_examples(model, data, space)
+    x, counts, seeds = model_inputs(examples, space, seed, binarizations)
     offset = space.log_prob_offset(math.prod(x.shape[1:]))
-    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        values, estimate = score_per_example(model, x, offset, iw_samples, batch_size, elbo_samples, progress=progress)
+    values, stderr, method = score_per_example(model, x.to(model.device), counts, seeds, offset, iw_samples, batch_size,
+                                               elbo_samples, progress)
+    return values, stderr, names, estimate_text(method, space, seed, counts, binarizations)
+
+
+def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
+          seed: int = 0, progress: bool = False, space: DataSpace | None = None,
+          binarizations: int = BINARIZATIONS) -> tuple[Tensor, list[str], str]:
+    """Per-example log-likelihood estimates (nats, float64 [N]; of the 8-bit images, or of vectors in their original
+    units), their names, and how they were computed (the `estimate` text): the exact log p(x) where the model has
+    it, else IWAE-K, else the ELBO. Each example's randomness is its own (see the module's docstring); a binary model
+    scores a grey image by the mean over `binarizations` binarizations (score_with_stderr adds standard errors).
+    data: a path (.npy/.npz, a folder of images, one image file; a table for vectors), or an array, tensor or
+    Dataset. space: the run's data space (needed for real vectors)."""
+    values, _, names, estimate = score_with_stderr(model, data, iw_samples=iw_samples, elbo_samples=elbo_samples,
+                                                   batch_size=batch_size, seed=seed, progress=progress, space=space,
+                                                   binarizations=binarizations)
     return values, names, estimate
 
 
 @torch.no_grad()
 def encode(model: LatentVariableModel, data: Any, *, batch_size: int = 500, seed: int = 0,
-           space: DataSpace | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Posterior means ("mean" [N, d]) and, where the model has them, variances ("variance") of the images."""
+           space: DataSpace | None = None, binarizations: int = BINARIZATIONS) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Posterior means ("mean" [N, d]) and, where the model has them, variances ("variance") of the examples (data
+    as for score), as NumPy arrays, and their names. A binary model encodes a grey image by the mixture
+    (1/M) sum_m q(z|b_m) over its M = `binarizations` binarizations b_m: the mean of their means, and the mean of
+    their variances plus the variance of their means."""
+    check_model(model)
     if not isinstance(model, Encoder):
         raise ElboxError(f"the {model.name} model has no encoder")
-    x, names = user_images(model, data, seed, space)
+    check_options(batch_size, seed, binarizations)
+    space = space or get_data_space(model.data_space)
+    examples, names = user_examples(model, data, space)
+    x, counts, _ = model_inputs(examples, space, seed, binarizations)
     parts: dict[str, list[Tensor]] = {}
     for s in range(0, x.shape[0], batch_size):
-        mean, variance = model.encode_moments(x[s : s + batch_size])
-        parts.setdefault("mean", []).append(mean.cpu())
+        mean, variance = model.encode_moments(x[s : s + batch_size].to(model.device))
+        parts.setdefault("mean", []).append(mean.detach().double().cpu())
         if variance is not None:
-            parts.setdefault("variance", []).append(variance.cpu())
-    return {k: torch.cat(v).numpy() for k, v in parts.items()}, names
+            parts.setdefault("variance", []).append(variance.detach().double().cpu())
+    means = torch.cat(parts["mean"]).split(counts)
+    features = {"mean": torch.stack([m.mean(0) for m in means])}
+    if "variance" in parts:
+        variances = torch.cat(parts["variance"]).split(counts)
+        features["variance"] = torch.stack([v.mean(0) + m.var(0, unbiased=False) for m, v in zip(means, variances)])
+    return {k: v.float().numpy() for k, v in features.items()}, names
 
 
 @torch.no_grad()
@@ -122,12 +223,16 @@ def save_features(path: str | Path, features: dict[str, np.ndarray], names: list
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int, estimate: str) -> None:
-    """One row per image: name, log-likelihood estimate (nats), bits/dim, the estimate used. Atomic write."""
+def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int, estimate: str,
+                     stderr: Tensor | None = None) -> None:
+    """One row per example: name, log-likelihood estimate (nats), its standard error where there is one (a grey
+    image's binarizations; else empty), bits/dim, how the estimate was computed. Atomic write."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["index", "name", "log_likelihood_nats", "bits_per_dim", "estimate"])
+    writer.writerow(["index", "name", "log_likelihood_nats", STDERR_COLUMN, "bits_per_dim", "estimate"])
     bits = num_dims * math.log(2)
-    for i, (name, value) in enumerate(zip(names, log_likelihood.tolist())):
-        writer.writerow([i, name, f"{value:.6f}", f"{-value / bits:.6f}", estimate])
+    errors = stderr.tolist() if stderr is not None else [math.nan] * len(names)
+    for i, (name, value, error) in enumerate(zip(names, log_likelihood.tolist(), errors)):
+        writer.writerow([i, name, f"{value:.6f}", "" if math.isnan(error) else f"{error:.6f}", f"{-value / bits:.6f}",
+                         estimate])
     atomic_write_bytes(path, buffer.getvalue().encode())

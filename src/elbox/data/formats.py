@@ -17,10 +17,11 @@ User input to `elbox score` (`read_images`), all holding 8-bit images:
   FILE.npy              one array
   FILE.npz              one array, or the array named "x" or "images"
   DIRECTORY             every image file under it, as elbox.data.user_images.ImageFolder reads them
+  FILE.png, .jpg, ...   one image file, read the same way
 Arrays may be integers 0..255, or floats in [0, 1] on the 8-bit grid k/255 (binary {0, 1} arrays included),
 shaped [N, C, H, W], [N, H, W] (one channel) or [N, H, W, C] (channels last); `to_8bit_tensor` checks them
-against a model's data shape. The images then go through the run's data space exactly as test images do
-(binarized or dequantized with the given seed, or k/255).
+against a model's data shape. The images then go through the run's data space (binarized or dequantized with
+randomness seeded from each image's own pixels and the given seed, or k/255: elbox.inference).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from elbox.data.user_images import ImageFolder, one_line
+from elbox.data.user_images import ImageFolder, is_image_file, one_line
 from elbox.errors import ElboxError
 from elbox.options import short_repr
 from elbox.system import available_memory_bytes
@@ -353,7 +354,7 @@ def check_8bit_values(array: np.ndarray, what: str) -> None:
             _refuse_first((chunk < 0) | (chunk > 1), chunk, start, what, "; floats must lie in [0, 1] (k/255)")
             scaled = chunk.astype(np.float64) * 255
             _refuse_first(np.abs(scaled - np.round(scaled)) > 1e-3, chunk, start, what,
-                          ", off the 8-bit grid k/255 of 8-bit images")
+                          ", off the 8-bit grid k/255 of 8-bit images (round them to it: (x * 255).round() / 255)")
         else:
             _refuse_first((chunk < 0) | (chunk > 255), chunk, start, what, "; 8-bit images need integers 0..255")
 
@@ -380,35 +381,58 @@ def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
 
 def read_images(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """The images in `path` as an array (not yet checked) and a name for each (relative file path or index):
-    a .npy/.npz file (memory-mapped where it can be), or a folder of images read as `ImageFolder` reads it."""
+    a .npy/.npz file (memory-mapped where it can be), a folder of images or one image file, read as `ImageFolder`
+    reads them."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or is_image_file(path):
         folder = ImageFolder(path)
         return np.stack([folder[i].numpy() for i in range(len(folder))]), list(folder.names)
     if not path.exists():
         raise ElboxError(f"input {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file or a folder of images")
+        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file, a folder "
+                         "of images or an image file (.png, .jpg, ...)")
     array = open_array(path)
     return array, [str(i) for i in range(len(array))] if array.ndim > 0 else []
 
 
+def _layouts(c: int, h: int, w: int) -> dict[tuple[int, ...], str]:
+    """One image's accepted array shapes for a model of images (c, h, w): shape -> layout ("chw", "hwc", "hw")."""
+    shapes = {(c, h, w): "chw", (h, w, c): "hwc"}
+    shapes.update({(1, h, w): "chw", (h, w, 1): "hwc", (h, w): "hw"} if c in (1, 3) else {})
+    shapes.update({(3, h, w): "chw", (h, w, 3): "hwc"} if c == 1 else {})
+    return shapes
+
+
 def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) -> torch.Tensor:
-    """Check an array of images against the model's data shape and the 8-bit range; return uint8 [N, *data_shape]."""
+    """Check an array of images against the model's data shape and the 8-bit range; return uint8 [N, *data_shape].
+
+    Images may be [N, C, H, W], [N, H, W, C] or (one channel) [N, H, W]; one image alone may drop the N. Grayscale
+    images given to a 3-channel model are repeated over the channels (the same picture). RGB images given to a
+    1-channel model are taken when their three channels are equal (grayscale stored as RGB) and refused otherwise:
+    converting colors would score another image than the one given."""
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "uifb":
         kind = getattr(array, "dtype", type(array))
         raise ElboxError(f"{what} has dtype {kind}; give integers 0..255 or floats in [0, 1]")
+    c, h, w = data_shape
+    layouts = _layouts(c, h, w)
+    if tuple(array.shape) in ((c, h, w), (h, w, c)) or (array.ndim == 2 and tuple(array.shape) in layouts):
+        array = array[None]  # one image
     if array.ndim == 0 or array.shape[0] == 0:
         raise ElboxError(f"{what} is empty: no images to score")
-    c, h, w = data_shape
-    shape = array.shape[1:]
-    if shape not in ((c, h, w), (h, w, c)) and not (c == 1 and shape == (h, w)):
+    shape = tuple(array.shape[1:])
+    if shape not in layouts:
         raise ElboxError(f"{what} has images of shape {short_repr(shape)}; the model takes {(c, h, w)}"
                          + (f" or {(h, w)}" if c == 1 else f" or channels last {(h, w, c)}"))
     check_8bit_values(array, what)  # before the layout changes, so that the index named is the array's own
-    if c == 1 and shape == (h, w):
-        array = array[:, None]
-    elif shape != (c, h, w):
-        array = np.moveaxis(array, -1, 1)
-    return torch.from_numpy(as_uint8(array))
+    array = {"hw": lambda a: a[:, None], "hwc": lambda a: np.moveaxis(a, -1, 1), "chw": lambda a: a}[layouts[shape]](array)
+    images = torch.from_numpy(as_uint8(array))
+    if images.shape[1] == 3 and c == 1:
+        unequal = (images[:, 1:] != images[:, :1]).flatten(1).any(1)
+        if unequal.any():
+            raise ElboxError(f"{what} has RGB images (image {int(unequal.nonzero()[0])}: shape {short_repr(shape)}); "
+                             f"the model takes grayscale images {(c, h, w)}: convert them first (e.g. Pillow's "
+                             "Image.convert('L'))")
+        images = images[:, :1].contiguous()
+    return images.expand(-1, c, -1, -1).contiguous() if images.shape[1] != c else images

@@ -1,6 +1,7 @@
 """Users' own data, by path, as a map-style torch Dataset that reads on demand: `open_source`.
 
   a folder                  ImageFolder (elbox.data.user_images): every image file under it, decoded per item
+  FILE.png, .jpg, ...       ImageFolder of that one image (IMAGE_SUFFIXES)
   FILE.npy, FILE.npz        ImageArray for images [N, H, W], [N, C, H, W], [N, H, W, C]; VectorArray for (N, D)
                             (elbox.data.user_arrays), memory-mapped where stored uncompressed
   FILE.csv, .tsv, .parquet  Table (elbox.data.user_tables): numeric columns as vectors, loaded whole
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 
 from elbox.data.formats import open_array
 from elbox.data.user_arrays import ImageArray, VectorArray
-from elbox.data.user_images import IMAGE_SUFFIXES, ImageFolder, parse_image_size
+from elbox.data.user_images import ImageFolder, is_image_file, parse_image_size
 from elbox.data.user_tables import TABLE_SUFFIXES, Table
 from elbox.errors import ElboxError
 from elbox.options import short_repr
@@ -39,8 +40,8 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
     if not path.exists():
         raise ElboxError(f"data {path} does not exist")
     name = path.name.lower()
-    if path.is_dir():
-        _refuse_columns(columns, path, "a folder of images")
+    if path.is_dir() or is_image_file(path):
+        _refuse_columns(columns, path, "a folder of images" if path.is_dir() else "an image")
         return ImageFolder(path, image_size)
     if name.endswith(ARRAY_SUFFIXES):
         _refuse_columns(columns, path, "an array")
@@ -63,9 +64,8 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
             raise ElboxError(f"data {path} is a table; an image size applies to images only")
         return Table(path, columns)
     suffix = "".join(path.suffixes[-2:]) or "(none)"
-    hint = "; for images, give the folder that holds them" if path.suffix.lower() in IMAGE_SUFFIXES else ""
-    raise ElboxError(f"data {path}: unsupported file type {suffix}; give a folder of images, a .npy or .npz array, "
-                     f"or a .csv, .tsv or .parquet table{hint}")
+    raise ElboxError(f"data {path}: unsupported file type {suffix}; give a folder of images, an image file "
+                     "(.png, .jpg, ...), a .npy or .npz array, or a .csv, .tsv or .parquet table")
 
 
 def _refuse_columns(columns: Any, path: Path, what: str) -> None:

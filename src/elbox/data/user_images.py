@@ -74,6 +74,11 @@ def find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+def is_image_file(path: Path) -> bool:
+    """True for an existing file (not a folder) whose suffix names an image format (IMAGE_SUFFIXES)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and not path.is_dir()
+
+
 def _unreadable(file: Path, error: BaseException) -> ElboxError:
     kind = IMAGE_SUFFIXES.get(file.suffix.lower(), "image")
     return ElboxError(f"image {file} is not a readable {kind}: {one_line(error)}")
@@ -125,8 +130,8 @@ def _probe(file: Path) -> tuple[tuple[int, int], int]:
 
 
 class ImageFolder(Dataset):
-    """Every image file under `path` (searched recursively, sorted by relative path; see IMAGE_SUFFIXES), decoded
-    on demand: item i is a uint8 tensor [C, H, W].
+    """Every image file under `path` (searched recursively, sorted by relative path; see IMAGE_SUFFIXES), or the
+    one image file `path` is, decoded on demand: item i is a uint8 tensor [C, H, W].
 
     C is 3 if any image is in color (grayscale images are then repeated over the three channels), else 1. Alpha
     channels are dropped, palette images become grayscale when their palette is gray and RGB otherwise, and 16-bit
@@ -141,16 +146,19 @@ class ImageFolder(Dataset):
 
     def __init__(self, path: str | os.PathLike, image_size: int | tuple[int, int] | None = None):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise ElboxError(f"image folder {self.path} " + ("is not a folder" if self.path.exists() else "does not exist"))
         self.image_size = parse_image_size(image_size)
-        self.names = find_images(self.path)
+        if is_image_file(self.path):  # one image: a folder of one
+            self._root, self.names = self.path.parent, [self.path.name]
+        elif not self.path.is_dir():
+            raise ElboxError(f"image folder {self.path} " + ("is not a folder" if self.path.exists() else "does not exist"))
+        else:
+            self._root, self.names = self.path, find_images(self.path)
         if not self.names:
             others = ", ".join(sorted({s for s in IMAGE_SUFFIXES if s != ".png"}))
             raise ElboxError(f"input folder {self.path} has no image files (no .png files, nor {others})")
         channels, first = 1, None
         for name in self.names:
-            size, c = _probe(self.path / name)
+            size, c = _probe(self._root / name)
             channels = max(channels, c)
             if first is None:
                 first = (name, size)
@@ -164,7 +172,7 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        file = self.path / self.names[item_index(index, len(self))]
+        file = self._root / self.names[item_index(index, len(self))]
         c, h, w = self.shape
         try:
             with open_image(file) as image:
