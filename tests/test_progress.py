@@ -251,3 +251,25 @@ def test_a_run_prints_no_raw_records(tmp_path, capsys):
     lines = [part.strip() for line in (captured.out + captured.err).split("\n") for part in line.split("\r")]
     assert not [line for line in lines if line.startswith(("{", "fit:")) or "kind" in line or "val_" in line]
     assert sum(line.startswith("elbox: trained") for line in lines) == 2
+
+
+def test_the_iwae_bar_moves_with_each_pass_of_samples_not_each_batch(monkeypatch):
+    from elbox import evaluation
+
+    updates: list[float] = []
+
+    class Recorder(evaluation.tqdm):
+        def update(self, n=1):
+            updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(evaluation, "tqdm", Recorder)
+    torch.manual_seed(0)
+    model = build_model("vae", {"latent_dim": 2, "hidden_dims": [8], "data_shape": (1, 4, 4)})
+    x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.5))
+    per_sample = evaluation.elements_per_sample(model)
+    # one batch of 6 examples; 10 samples per pass under this bound: K = 100 takes 10 passes
+    bounds = evaluation.iwae_by_k_per_example(model, x, [100], batch_size=6, max_decoder_elements=6 * 10 * per_sample,
+                                              progress=True)
+    assert bounds[100].shape == (6,)
+    assert len(updates) == 10 and math.isclose(sum(updates), 6)

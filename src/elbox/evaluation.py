@@ -146,12 +146,22 @@ def iwae_by_k_per_example(
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
     max_decoder_elements = pass_bound(model, x, max_decoder_elements)
-    for start in examples_progress(x.shape[0], batch_size, f"IWAE-{max(ks)}", progress):
-        xb = x[start : start + batch_size]
-        chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
-        draw = model.log_weights_sampler(xb)
-        for k, v in iwae_bounds(draw, list(parts), chunk).items():
-            parts[k].append(v.cpu())
+    k_max = max(parts)
+    # the bar counts examples, and moves with each pass of samples: a batch at K = 5000 takes minutes
+    with tqdm(total=x.shape[0], desc=f"IWAE-{k_max}", unit="ex", disable=not progress, dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]") as bar:
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size]
+            chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
+            sampler = model.log_weights_sampler(xb)
+
+            def draw(n: int, sampler=sampler, rows: int = xb.shape[0]) -> Tensor:
+                log_w = sampler(n)
+                bar.update(rows * n / k_max)
+                return log_w
+
+            for k, v in iwae_bounds(draw, list(parts), chunk).items():
+                parts[k].append(v.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
