@@ -98,3 +98,18 @@ def run_cli_expecting_error(argv: list[str], untouched: list[Path] = (), seconds
         assert match in message, f"elbox {argv}: {message!r} does not say {match!r}"
     assert snapshot(*untouched) == before, f"elbox {argv} changed files it did not create"
     return message
+
+
+def interrupt_in_epoch(trainer: Trainer, epoch: int) -> None:
+    """Run trainer.fit() as if the process were killed when `epoch` starts (KeyboardInterrupt there): the run
+    directory keeps the checkpoint of the epoch before."""
+    original = trainer.train_epoch
+
+    def crash(e):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return original(e)
+
+    trainer.train_epoch = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()

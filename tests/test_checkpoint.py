@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import interrupt_in_epoch, make_trainer
 from safetensors.torch import load_file, save_file
 
 from elbox.checkpoint import (
@@ -59,16 +59,7 @@ def test_resume_continues_bit_for_bit(tmp_path, name):
     reference.fit()
 
     crashed = stateful_trainer(name, tmp_path / "run")
-    original = crashed.train_epoch
-
-    def crash_in_epoch_3(epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(epoch)
-
-    crashed.train_epoch = crash_in_epoch_3
-    with pytest.raises(KeyboardInterrupt):
-        crashed.fit()
+    interrupt_in_epoch(crashed, 3)
     torch.manual_seed(12345)  # the resumed process starts with other random state
     resumed = stateful_trainer(name, tmp_path / "run")
     resumed.restore(*load_training_state(tmp_path / "run" / STATE_FILE))

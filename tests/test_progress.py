@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import interrupt_in_epoch, make_trainer
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
@@ -146,16 +146,7 @@ def test_resume_with_max_steps_and_val_every_is_bit_for_bit(tmp_path):
     assert [(r["kind"], r["epoch"], r["step"]) for r in reference.records if "epoch" in r and r["kind"] != "train"] == [
         ("train_epoch", 1, 3), ("epoch", 2, 6), ("epoch", 3, 7)]
     crashed = trainer(tmp_path / "run")
-    original = crashed.train_epoch
-
-    def crash_in_epoch_3(epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return original(epoch)
-
-    crashed.train_epoch = crash_in_epoch_3
-    with pytest.raises(KeyboardInterrupt):
-        crashed.fit()
+    interrupt_in_epoch(crashed, 3)
     torch.manual_seed(12345)
     resumed = trainer(tmp_path / "run")
     resumed.restore(*load_training_state(tmp_path / "run" / STATE_FILE))

@@ -27,8 +27,19 @@ from elbox.atomic import atomic_write_bytes, atomic_write_json
 from elbox.data.spaces import space_from_record
 from elbox.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.base import LatentVariableModel, check_model_size, model_class, model_config
-from elbox.options import check_value, config_from_dict, config_to_dict, option_specs, short_repr
+from elbox.models.base import (
+    LatentVariableModel,
+    check_model_size,
+    model_class,
+    model_config,
+)
+from elbox.options import (
+    check_value,
+    config_from_dict,
+    config_to_dict,
+    option_specs,
+    short_repr,
+)
 from elbox.training.config import DataConfig, TrainConfig
 
 # 2: likelihood options are model-config fields (sigma, n_mixtures); version 1 configs are upgraded on load
@@ -134,12 +145,6 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise ElboxError(f"training state {path}: the metadata must be a JSON object")
     check_finite_tensors(tensors, f"training state {path}")
     return tensors, state
-
-
-def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete temporary files left by writes that a crash interrupted (atomic_write_bytes names them .NAME.*.tmp)."""
-    for tmp in Path(run_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
 
 
 def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict, train: dict) -> dict:

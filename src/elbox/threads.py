@@ -4,11 +4,11 @@ PyTorch's CPU build runs its intra-op threads on GNU OpenMP (libgomp). By defaul
 its part of an operation spins on the CPU, checking 300,000 times (GOMP_SPINCOUNT) for the next one, before it
 sleeps. On a machine of its own that costs nothing. With more runnable threads than cores (several training runs, a
 data loader beside the training threads, a shared server) the spinning threads take the cores that the threads they
-wait for need: measured on 2 cores, five default-VAE runs together trained at 1,257 images/s in total, against
-15,190 for one alone. With GOMP_SPINCOUNT=1000 a waiting thread spins briefly (a few microseconds, enough to catch
-the next operation of a busy training loop) and then sleeps: one run alone keeps its speed (-2 %, within the
-noise), and five together reach about 15,000 images/s in total. OMP_WAIT_POLICY=PASSIVE (sleep at once) did as
-well under load but cost 12 % alone (benchmarks/contention.py; figures in benchmarks/README.md).
+wait for need: measured on 2 cores, five default-VAE runs together trained at 2,061 images/s in total, 0.16 of
+one run alone (12,536). With GOMP_SPINCOUNT=1000 a waiting thread spins briefly (a few microseconds, enough to catch
+the next operation of a busy training loop) and then sleeps: five runs together reach 14,167 images/s, 1.09 of one
+alone, and one run alone keeps its speed (median -2.8 % over three interleaved rounds). OMP_WAIT_POLICY=PASSIVE
+(sleep at once) did as well under load but cost 9 % alone (benchmarks/contention.py; benchmarks/README.md).
 
 libgomp reads its environment once, when it is loaded, so the setting must be in the environment before `import
 torch`: `import elbox` first does it, and so does every `elbox` command. A user's own choice is kept: when any of
