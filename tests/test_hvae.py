@@ -15,11 +15,14 @@ from elbox.checkpoint import load_weights
 from elbox.cli import main
 from elbox.errors import ElboxError
 from elbox.evaluation import elbo_per_example, evaluate, iwae_by_k_per_example
-from elbox.models import LadderHVAE, MarkovHVAE, build_model
+from elbox.models import LadderHVAE, MarkovHVAE, MLPLadderHVAE, build_model
 
 # 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
 TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}
 SMALL_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 8, "latent_channels": 2}  # 28x28, for training
+TINY_MLP_LADDER = {"hvae_type": "mlp-ladder", "levels": 3, "latent_dims": [2, 3, 4], "hidden_dims": [24, 16],
+                   "data_shape": (1, 8, 8)}
+LADDERS = [TINY_LADDER, TINY_MLP_LADDER]
 
 
 def binary_images(n: int, seed: int = 0, size: int = 8) -> torch.Tensor:
@@ -101,18 +104,20 @@ def test_linear_gaussian_two_levels_elbo_below_log_px_and_iwae_approaches_it():
 # Ladder HVAE
 
 
-def test_ladder_prior_starts_at_standard_normal():
-    model = build_model("hvae", TINY_LADDER)
+@pytest.mark.parametrize("config", LADDERS)
+def test_ladder_prior_starts_at_standard_normal(config):
+    model = build_model("hvae", config)
     for mu_q, std_q, mu_p, std_p in model.level_distributions(binary_images(4)):
         assert torch.equal(mu_p, torch.zeros_like(mu_p))
         torch.testing.assert_close(std_p, torch.full_like(std_p, 1 + model.config.min_std))
 
 
 @pytest.mark.parametrize("posterior", ["residual", "precision"])
-def test_ladder_analytic_kl_per_level_matches_monte_carlo(posterior):
+@pytest.mark.parametrize("config", LADDERS)
+def test_ladder_analytic_kl_per_level_matches_monte_carlo(config, posterior):
     torch.manual_seed(0)
-    model = build_model("hvae", {**TINY_LADDER, "posterior": posterior}).double()
-    perturb(model, 0.3, seed=1)
+    model = build_model("hvae", {**config, "posterior": posterior}).double()
+    perturb(model, 0.3 if config["hvae_type"] == "ladder" else 1.0, seed=1)  # a KL > 0.1 nats at every level
     x = binary_images(3).double()
     torch.manual_seed(7)
     levels = model.level_distributions(x)
@@ -121,7 +126,8 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(posterior):
     for (mu_q, std_q, mu_p, std_p), name in zip(levels, model.level_names):
         analytic = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1)
         torch.testing.assert_close(kl_from_draw[name][0], analytic)
-        q, p = Independent(Normal(mu_q, std_q), 3), Independent(Normal(mu_p, std_p), 3)
+        event_dims = mu_q.dim() - 1  # (C, H, W) maps or vectors
+        q, p = Independent(Normal(mu_q, std_q), event_dims), Independent(Normal(mu_p, std_p), event_dims)
         estimate, stderr = kl_monte_carlo(q, p, 20000)
         assert analytic.min() > 0.1  # a non-trivial KL at every level
         assert ((estimate - analytic).abs() < 4 * stderr).all(), (name, estimate, analytic, stderr)
@@ -129,7 +135,7 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(posterior):
 
 @pytest.mark.parametrize(
     "config",
-    [TINY_LADDER, {**TINY_LADDER, "posterior": "precision"},
+    [TINY_LADDER, {**TINY_LADDER, "posterior": "precision"}, TINY_MLP_LADDER, {**TINY_MLP_LADDER, "posterior": "precision"},
      {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)}],
 )
 @torch.no_grad()
@@ -167,9 +173,10 @@ def test_stl_and_dreg_forms_are_refused():
         model.log_weights(binary_images(2), 3, detach_posterior_params=True)
 
 
-def test_sample_temperature_per_level():
+@pytest.mark.parametrize("config", LADDERS)
+def test_sample_temperature_per_level(config):
     torch.manual_seed(0)
-    model = build_model("hvae", TINY_LADDER)
+    model = build_model("hvae", config)
     perturb(model, 0.05, seed=3)
     torch.manual_seed(1)
     a = model.sample(8, temperature=[1.0, 1.0, 1.0])
@@ -195,6 +202,8 @@ def test_sample_temperature_per_level():
         ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4, 3]}, "powers of 2"),
         ({"hvae_type": "ladder", "levels": 2, "level_downsample": [2, 4]}, "must not increase"),
         ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4]}, "one factor per level"),
+        ({"hvae_type": "mlp-ladder", "levels": 2, "latent_dims": [4, 8, 16]}, "latent_dims"),
+        ({"hvae_type": "mlp-ladder", "hidden_dims": []}, "at least one hidden width"),
         ({"hvae_type": "tree"}, "unknown hvae_type"),
         ({"levels": 0}, "levels must be >= 1"),
         ({"posterior": "mean-field"}, "unknown posterior"),
@@ -213,6 +222,23 @@ def test_ladder_levels_share_resolutions_and_report_per_level():
     result = evaluate(model, binary_images(20), iw_samples=[1, 5], batch_size=10)
     assert set(result["kl_by_group"]) == set(result["active_units_by_level"]) == {"z1", "z2", "z3", "z4"}
     assert result["elbo"] == pytest.approx(result["reconstruction"] - sum(result["kl_by_group"].values()))
+
+
+def test_mlp_ladder_shapes_and_every_level_sees_x():
+    """Latent sizes per level as configured (z_1 the top level), the deepest bottom-up features go to the top level,
+    and every level's posterior depends on x (its gradient with respect to x is non-zero)."""
+    torch.manual_seed(0)
+    model = build_model("hvae", TINY_MLP_LADDER)
+    assert isinstance(model, MLPLadderHVAE)
+    assert build_model("hvae", {"hvae_type": "mlp-ladder", "levels": 3}).config.latent_dims == [8, 16, 32]
+    x = binary_images(4).requires_grad_()
+    features = model.prepare(x)
+    assert torch.equal(features[0], model.bottom_up[2](model.bottom_up[1](model.bottom_up[0](model.stem(x)))))
+    levels = model.level_distributions(x)
+    assert [mu_q.shape for mu_q, *_ in levels] == [torch.Size([4, d]) for d in (2, 3, 4)]
+    for mu_q, std_q, _, _ in levels:
+        (grad,) = torch.autograd.grad(mu_q.sum() + std_q.sum(), x, retain_graph=True)
+        assert grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +309,7 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     [
         ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32"],
         ["--hvae-type", "ladder", "--levels", "2", "--channels", "8", "--latent-channels", "2", "--posterior", "precision"],
+        ["--hvae-type", "mlp-ladder", "--levels", "2", "--latent-dims", "3", "6", "--hidden-dims", "32", "--free-bits", "0.1"],
     ],
 )
 def test_cli_trains_evaluates_and_samples_both_families(tmp_path, capsys, flags):
@@ -293,7 +320,7 @@ def test_cli_trains_evaluates_and_samples_both_families(tmp_path, capsys, flags)
     assert main(["evaluate", str(out), "--iw-samples", "1", "10", "--limit", "20", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "[z1]" in printed and "[z2]" in printed and "active[z2]" in printed
-    assert ("KL[z1]" in printed) == (flags[1] == "ladder")  # markov lower levels are log q - log p estimates
+    assert ("KL[z1]" in printed) == (flags[1] != "markov")  # markov lower levels are log q - log p estimates
     result = json.loads((out / "eval-test.json").read_text())
     assert set(result["kl_by_group"]) == {"z1", "z2"}
     assert main(["sample", str(out), "--n", "4", "--temperature", "0.8", "--out", str(tmp_path / "s.png")]) == 0

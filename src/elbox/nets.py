@@ -76,6 +76,22 @@ def conv_decoder(
     return nn.Sequential(*layers), (rev[0], h // scale, w // scale)
 
 
+class ResidualMLP(nn.Module):
+    """x + branch(x) on vectors, branch = act -> Linear(width, hidden) -> act -> Linear(hidden, width) (pre-activation
+    residual block). The last layer's bias starts at zero and its weight scaled by residual_scale (VDVAE, Child 2021)."""
+
+    def __init__(self, width: int, hidden: int, act: str, residual_scale: float = 1.0):
+        super().__init__()
+        # the first activation must not work in place: its input is the skip path
+        self.branch = nn.Sequential(ACTIVATIONS[act](), nn.Linear(width, hidden), activation(act), nn.Linear(hidden, width))
+        with torch.no_grad():
+            self.branch[-1].weight.mul_(residual_scale)
+            self.branch[-1].bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch(x)
+
+
 def apply_flat(net: nn.Module, x: Tensor, n_event_dims: int) -> Tensor:
     """Run a net that takes [N, *event] on x of shape [*batch, *event], keeping the batch dims."""
     batch = x.shape[: x.dim() - n_event_dims]

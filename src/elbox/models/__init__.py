@@ -4,7 +4,7 @@ from elbox.models.base import MODELS, LatentVariableModel, build_model, register
 from elbox.models.diffusion import DiffusionConfig, DiffusionModel
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 from elbox.models.hvae import HVAE, HVAEConfig, MarkovHVAE
-from elbox.models.ladder import LadderHVAE
+from elbox.models.ladder import LadderHVAE, MLPLadderHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.vae import VAE, VAEConfig
@@ -26,6 +26,7 @@ __all__ = [
     "HVAEConfig",
     "MarkovHVAE",
     "LadderHVAE",
+    "MLPLadderHVAE",
     "DiffusionModel",
     "DiffusionConfig",
 ]

@@ -1,5 +1,6 @@
-"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain here, the top-down ladder in
-elbox.models.ladder (LadderHVAE, hvae_type="ladder"). HVAE builds either from its config.
+"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain here, the top-down ladders in
+elbox.models.ladder (convolutional LadderHVAE, hvae_type="ladder"; fully connected MLPLadderHVAE,
+hvae_type="mlp-ladder"). HVAE builds any of them from its config.
 
 Markovian HVAE (Luo 2022, "Understanding Diffusion Models: A Unified Perspective", §Hierarchical Variational
 Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP transitions:
@@ -50,41 +51,49 @@ from elbox.models.base import (
 from elbox.nets import ACTIVATIONS, apply_flat, mlp
 from elbox.options import check_options, option, short_repr
 
-HVAE_TYPES = ("markov", "ladder")
+HVAE_TYPES = ("markov", "ladder", "mlp-ladder")
 POSTERIORS = ("residual", "precision")
 
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS)
-    hvae_type: str = option("ladder", "markov (bottom-up MLP chain) or ladder (top-down, convolutional)", choices=HVAE_TYPES)
+    hvae_type: str = option("ladder", "markov (bottom-up MLP chain), ladder (top-down, convolutional) or mlp-ladder "
+                                      "(top-down, fully connected)", choices=HVAE_TYPES)
     levels: int = option(3, "number of latent levels", minimum=1, maximum=MAX_DEPTH, metavar="T")
-    activation: str = option("relu", "markov: activation of the MLPs (the ladder's residual blocks use GELU)",
+    activation: str = option("relu", "markov and mlp-ladder: activation of the MLPs (the convolutional ladder's "
+                                     "residual blocks use GELU)",
                              choices=tuple(ACTIVATIONS))
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
-    latent_dims: list[int] = option(help="markov: latent size per level, z_1 (next to x) first (default: 32, 16, 8, "
-                                         "... halving per level, at least 2)", factory=list, minimum=1, maximum=MAX_WIDTH,
+    latent_dims: list[int] = option(help="markov and mlp-ladder: latent size per level z_1, z_2, ... (markov: z_1 is "
+                                         "next to x; mlp-ladder: z_1 is the top level); default 32 next to x, halving "
+                                         "per level up, at least 2", factory=list, minimum=1, maximum=MAX_WIDTH,
                                     max_items=MAX_DEPTH, metavar="D")
-    hidden_dims: list[int] = option(help="markov: widths of every MLP transition", factory=lambda: [512], minimum=1,
+    hidden_dims: list[int] = option(help="markov: widths of every MLP transition; mlp-ladder: widths of the bottom-up "
+                                         "MLP from x, the last one that of the features, the top-down state and the "
+                                         "residual blocks", factory=lambda: [512], minimum=1,
                                     maximum=MAX_WIDTH, metavar="H")
     channels: int = option(64, "ladder: width of the bottom-up and top-down residual state", minimum=1, maximum=MAX_WIDTH)
     latent_channels: int = option(8, "ladder: channels of each level's latent map", minimum=1, maximum=MAX_WIDTH)
-    blocks_per_level: int = option(1, "ladder: residual blocks after each level (top-down) and per resolution "
-                                      "(bottom-up)", minimum=1, maximum=MAX_DEPTH)
+    blocks_per_level: int = option(1, "ladders: residual blocks after each level (top-down) and per resolution "
+                                      "(bottom-up; per level for mlp-ladder)", minimum=1, maximum=MAX_DEPTH)
     level_downsample: list[int] = option(help="ladder: per level, top first, image size / latent map size (default: "
                                               "top half 4, rest 2)", factory=list, minimum=1, maximum=MAX_DATA_SIZE,
                                          max_items=MAX_DEPTH, metavar="F")
-    posterior: str = option("residual", "ladder: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
+    posterior: str = option("residual", "ladders: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
 
     def __post_init__(self):
         check_options(self)
         check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the hvae")
-        if self.hvae_type == "markov":
+        if self.hvae_type in ("markov", "mlp-ladder"):
             if not self.latent_dims:
-                self.latent_dims = [max(2, 32 >> t) for t in range(self.levels)]
+                next_to_x_first = [max(2, 32 >> t) for t in range(self.levels)]
+                self.latent_dims = next_to_x_first if self.hvae_type == "markov" else next_to_x_first[::-1]
             if len(self.latent_dims) != self.levels:
                 raise ElboxError(f"latent_dims must give a size for each of the {self.levels} levels, got {short_repr(self.latent_dims)}")
+            if self.hvae_type == "mlp-ladder" and not self.hidden_dims:
+                raise ElboxError("the mlp-ladder needs at least one hidden width (hidden_dims), the width of its features and state")
         else:
             if not self.level_downsample:
                 self.level_downsample = default_level_downsample(self.levels, self.data_shape)
@@ -123,7 +132,8 @@ class HVAE(LatentVariableModel):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        HVAE.types[cls.hvae_type] = cls
+        if cls.hvae_type:  # not the shared bases
+            HVAE.types[cls.hvae_type] = cls
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)

@@ -1,9 +1,11 @@
-"""Top-down (ladder) hierarchical VAE (Sønderby et al. 2016, LVAE; Vahdat & Kautz 2020, NVAE; Child 2021, VDVAE),
-convolutional; built by elbox.models.hvae.HVAE for hvae_type="ladder":
+"""Top-down (ladder) hierarchical VAEs (Sønderby et al. 2016, LVAE; Vahdat & Kautz 2020, NVAE; Child 2021, VDVAE),
+convolutional (LadderHVAE, hvae_type="ladder") or fully connected (MLPLadderHVAE, hvae_type="mlp-ladder"); built
+by elbox.models.hvae.HVAE from its config:
 
     p(x, z_1..L) = p(z_1) prod_{l=2}^L p(z_l|z_<l) p(x|z_<=L),   q(z_1..L|x) = prod_l q(z_l|x, z_<l)
 
-z_1 is the top (coarsest) level. A deterministic bottom-up pass computes features of x at each resolution;
+z_1 is the top (coarsest) level. A deterministic bottom-up pass computes features of x for each level (at
+each resolution for the convolutional ladder, at each depth of the MLP for the fully connected one);
 the top-down path carries a state h that starts from a learned constant. At each level the prior's
 parameters come from h and the posterior's from h and the bottom-up features, either
   "residual"  (NVAE's residual normal distribution, Vahdat & Kautz 2020):  q = N(mu_p + dmu, (sigma_p * dsigma)^2)
@@ -30,7 +32,7 @@ from elbox.bounds import (
     kl_diag_gaussians,
 )
 from elbox.models.hvae import HVAE, HVAEConfig
-from elbox.nets import ResBlock, inverse_softplus
+from elbox.nets import ACTIVATIONS, ResBlock, ResidualMLP, inverse_softplus, mlp
 
 # softplus(0 + SOFTPLUS_ONE) = 1: a zero network output means a standard deviation (or ratio) of 1
 SOFTPLUS_ONE = inverse_softplus(1.0)
@@ -43,90 +45,45 @@ def gaussian_params(raw: Tensor, min_std: float, dim: int) -> tuple[Tensor, Tens
     return mean, F.softplus(raw_std + SOFTPLUS_ONE) + min_std
 
 
-class LadderLevel(nn.Module):
-    """One top-down level: prior head, posterior head, latent projection into the state, residual blocks."""
+class TopDownHVAE(HVAE):
+    """What both ladders share: the top-down pass over `levels_td` (each level with `prior`, `posterior`, `z_proj`
+    and `blocks` modules), the posterior forms, and the model interface on top of it. A subclass builds the
+    networks and defines prepare() (bottom-up features, one per level, top first), _initial_state and _at_level."""
 
-    def __init__(self, config: HVAEConfig, residual_scale: float):
-        super().__init__()
-        c, zc = config.channels, config.latent_channels
-        mid = max(c // 4, 8)
-        self.prior = ResBlock.bottleneck(c, mid, 2 * zc, zero_last=True)
-        self.posterior = ResBlock.bottleneck(2 * c, mid, 2 * zc)
-        self.z_proj = nn.Conv2d(zc, c, 1)
-        with torch.no_grad():
-            self.z_proj.weight.mul_(residual_scale)
-        self.blocks = nn.Sequential(*[ResBlock.bottleneck(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)])
+    levels_td: nn.ModuleList
+    out: nn.Module
 
+    def _initial_state(self, rows: int) -> Tensor:
+        """The top-down state before the top level: a learned constant repeated for `rows` rows."""
+        return self.h_top.expand(rows, *self.h_top.shape[1:])
 
-class LadderHVAE(HVAE):
-    """Top-down hierarchical VAE on convolutional residual blocks (see the module docstring)."""
-
-    hvae_type = "ladder"
-
-    def __init__(self, config: HVAEConfig):
-        super().__init__(config)
-        cfg = config
-        c_data, h, w = cfg.data_shape
-        c = cfg.channels
-        mid = max(c // 4, 8)
-        self.factors = list(cfg.level_downsample)
-        self.resolutions = sorted(set(self.factors))  # fine to coarse
-        n_blocks = cfg.blocks_per_level * (len(self.resolutions) + cfg.levels) + cfg.levels
-        scale = 1 / math.sqrt(n_blocks)
-        self.stem = nn.Conv2d(c_data, c, 3, padding=1)
-        self.bottom_up = nn.ModuleList(
-            [nn.Sequential(*[ResBlock.bottleneck(c, mid, c, scale) for _ in range(cfg.blocks_per_level)]) for _ in self.resolutions]
-        )
-        top = self.factors[0]
-        self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
-        self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
-        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
-
-    @property
-    def activation_elements(self) -> int:
-        """Per-sample activation elements that bound IWAE evaluation passes: the top-down state upsampled to the
-        image size, and the same again twice over for the temporaries around it (concatenations, heads)."""
-        _, h, w = self.config.data_shape
-        return 3 * self.config.channels * h * w
-
-    # -- the two passes --------------------------------------------------------------------------
-
-    def prepare(self, x: Tensor) -> dict[int, Tensor]:
-        """Bottom-up features of x at each level resolution: {downsample factor: [B, C, H/f, W/f]}."""
-        h = self.stem(x)
-        features, factor = {}, 1
-        for target, blocks in zip(self.resolutions, self.bottom_up):
-            h = _resize(h, factor, target)
-            factor = target
-            h = blocks(h)
-            features[target] = h
-        return features
+    def _at_level(self, h: Tensor, i: int) -> Tensor:
+        """The state moved to where level i works (i = number of levels: where the output head works)."""
+        return h
 
     def _top_down(
         self,
-        features: dict[int, Tensor] | None,
+        features: list[Tensor] | None,
         n: int,
         batch: int,
         pick: Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor],
     ) -> Tensor:
-        """The top-down path for n draws of `batch` rows; returns the final state [n * batch, C, H, W].
+        """The top-down path for n draws of `batch` rows; returns the final state [n * batch, ...].
 
         At each level, pick(level, mu_q, std_q, mu_p, std_p) chooses z (posterior and prior parameters, the
         posterior ones None when features is None, i.e. when sampling from the prior)."""
-        h = self.h_top.expand(n * batch, -1, -1, -1)
-        factor = self.factors[0]
+        h = self._initial_state(n * batch)
         for i, level in enumerate(self.levels_td):
-            h = _resize(h, factor, self.factors[i])
-            factor = self.factors[i]
+            h = self._at_level(h, i)
             mu_p, std_p = gaussian_params(level.prior(h), self.config.min_std, dim=1)
             mu_q = std_q = None
             if features is not None:
-                f = features[factor]
+                f = features[i]
                 f = f.unsqueeze(0).expand(n, *f.shape).reshape(n * batch, *f.shape[1:])
                 mu_q, std_q = self._posterior(level.posterior(torch.cat([h, f], dim=1)), mu_p, std_p)
             z = pick(i, mu_q, std_q, mu_p, std_p)
             h = level.blocks(h + level.z_proj(z))
-        return _resize(h, factor, 1)
+        return self._at_level(h, len(self.levels_td))
 
     def _posterior(self, raw: Tensor, mu_p: Tensor, std_p: Tensor) -> tuple[Tensor, Tensor]:
         a, b = gaussian_params(raw, self.config.min_std, dim=1)
@@ -141,7 +98,7 @@ class LadderHVAE(HVAE):
 
     # -- the model interface ---------------------------------------------------------------------
 
-    def draw(self, prepared: dict[int, Tensor], x: Tensor, n: int):
+    def draw(self, prepared: list[Tensor], x: Tensor, n: int):
         """n draws z_1..L ~ q(z|x). Returns (log p(x|z) [n, B], analytic KL per level {name: [n, B]},
         log weights [n, B])."""
         batch = x.shape[0]
@@ -192,6 +149,124 @@ class LadderHVAE(HVAE):
             return mu_p + temperatures[i] * std_p * torch.randn_like(mu_p)
 
         return self._decode_state(self._top_down(None, 1, n, pick), (n,))
+
+
+class LadderLevel(nn.Module):
+    """One convolutional top-down level: prior head, posterior head, latent projection into the state, residual blocks."""
+
+    def __init__(self, config: HVAEConfig, residual_scale: float):
+        super().__init__()
+        c, zc = config.channels, config.latent_channels
+        mid = max(c // 4, 8)
+        self.prior = ResBlock.bottleneck(c, mid, 2 * zc, zero_last=True)
+        self.posterior = ResBlock.bottleneck(2 * c, mid, 2 * zc)
+        self.z_proj = nn.Conv2d(zc, c, 1)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(residual_scale)
+        self.blocks = nn.Sequential(*[ResBlock.bottleneck(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)])
+
+
+class LadderHVAE(TopDownHVAE):
+    """Top-down hierarchical VAE on convolutional residual blocks (see the module docstring)."""
+
+    hvae_type = "ladder"
+
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        cfg = config
+        c_data, h, w = cfg.data_shape
+        c = cfg.channels
+        mid = max(c // 4, 8)
+        self.factors = list(cfg.level_downsample)
+        self.resolutions = sorted(set(self.factors))  # fine to coarse
+        n_blocks = cfg.blocks_per_level * (len(self.resolutions) + cfg.levels) + cfg.levels
+        scale = 1 / math.sqrt(n_blocks)
+        self.stem = nn.Conv2d(c_data, c, 3, padding=1)
+        self.bottom_up = nn.ModuleList(
+            [nn.Sequential(*[ResBlock.bottleneck(c, mid, c, scale) for _ in range(cfg.blocks_per_level)]) for _ in self.resolutions]
+        )
+        top = self.factors[0]
+        self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
+        self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
+        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
+
+    @property
+    def activation_elements(self) -> int:
+        """Per-sample activation elements that bound IWAE evaluation passes: the top-down state upsampled to the
+        image size, and the same again twice over for the temporaries around it (concatenations, heads)."""
+        _, h, w = self.config.data_shape
+        return 3 * self.config.channels * h * w
+
+    def prepare(self, x: Tensor) -> list[Tensor]:
+        """Bottom-up features of x at each level's resolution, top level first: [B, C, H/f, W/f] for its factor f
+        (levels that share a resolution share the tensor)."""
+        h = self.stem(x)
+        features, factor = {}, 1
+        for target, blocks in zip(self.resolutions, self.bottom_up):
+            h = _resize(h, factor, target)
+            factor = target
+            h = blocks(h)
+            features[target] = h
+        return [features[f] for f in self.factors]
+
+    def _at_level(self, h: Tensor, i: int) -> Tensor:
+        source = self.factors[max(i - 1, 0)]
+        return _resize(h, source, self.factors[i] if i < len(self.factors) else 1)
+
+
+class MLPLadderLevel(nn.Module):
+    """One top-down level on vectors: prior head, posterior head (from [state, bottom-up features]), latent
+    projection into the state, residual MLP blocks."""
+
+    def __init__(self, width: int, latent_dim: int, config: HVAEConfig, residual_scale: float):
+        super().__init__()
+        act = config.activation
+        self.prior = nn.Sequential(ACTIVATIONS[act](), nn.Linear(width, 2 * latent_dim))
+        nn.init.zeros_(self.prior[-1].weight)
+        nn.init.zeros_(self.prior[-1].bias)
+        self.posterior = nn.Sequential(ACTIVATIONS[act](), mlp(2 * width, [width // 2], 2 * latent_dim, act))
+        self.z_proj = nn.Linear(latent_dim, width)
+        with torch.no_grad():
+            self.z_proj.weight.mul_(residual_scale)
+        self.blocks = nn.Sequential(*[ResidualMLP(width, width, act, residual_scale) for _ in range(config.blocks_per_level)])
+
+
+class MLPLadderHVAE(TopDownHVAE):
+    """Top-down hierarchical VAE on fully connected residual blocks, the original LVAE shape (Sønderby et al. 2016)
+    with a residual top-down state (as in the convolutional ladder): a deterministic bottom-up MLP
+    x -> hidden_dims -> W (W = the last hidden width) followed by blocks_per_level residual MLP blocks per level, one
+    feature vector per level (the deepest for the top level); a top-down state of width W, from a learned constant,
+    that each level's z_l enters through a linear projection and residual blocks; p(x|z) from the final state
+    through the hidden widths in reverse. Every layer is a matrix product over the batch: it trains near the
+    machine's matrix-product rate on a CPU (benchmarks/likelihood_fmnist.py)."""
+
+    hvae_type = "mlp-ladder"
+
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        cfg = config
+        num_dims = math.prod(cfg.data_shape)
+        width = cfg.hidden_dims[-1]
+        scale = 1 / math.sqrt(2 * cfg.blocks_per_level * cfg.levels + cfg.levels)
+        self.stem = nn.Sequential(nn.Flatten(), mlp(num_dims, cfg.hidden_dims[:-1], width, cfg.activation))
+        self.bottom_up = nn.ModuleList(
+            [nn.Sequential(*[ResidualMLP(width, width, cfg.activation, scale) for _ in range(cfg.blocks_per_level)])
+             for _ in range(cfg.levels)]
+        )
+        self.h_top = nn.Parameter(torch.zeros(1, width))
+        self.levels_td = nn.ModuleList([MLPLadderLevel(width, d, cfg, scale) for d in cfg.latent_dims])
+        self.out = nn.Sequential(
+            ACTIVATIONS[cfg.activation](),
+            mlp(width, list(reversed(cfg.hidden_dims[:-1])), self.likelihood.num_params * num_dims, cfg.activation),
+        )
+
+    def prepare(self, x: Tensor) -> list[Tensor]:
+        """Bottom-up features [B, W], one per level, top level (the deepest features) first."""
+        h, features = self.stem(x), []
+        for blocks in self.bottom_up:
+            h = blocks(h)
+            features.append(h)
+        return features[::-1]
 
 
 def _resize(h: Tensor, factor: int, target: int) -> Tensor:
