@@ -1,16 +1,22 @@
-"""Likelihood benchmark: train a configuration on dynamically binarized Fashion-MNIST, then IWAE-5000.
+"""Likelihood benchmark: models trained on dynamically binarized Fashion-MNIST with the same wall-clock budget, then
+their test NLL by IWAE.
 
-Protocol (IWAE-5000 NLL, Burda et al. 2016): train on the first 55,000 official training images with dynamic binarization,
-validate on the last 5,000; evaluate the official 10,000 test images, binarized once with seed 0, with
-IWAE-K (K = 1, 100, 1000, 5000 from one stream of 5000 samples per image). Figures are nats per image.
+Protocol (IWAE NLL, Burda et al. 2016): train on the first 55,000 official training images with dynamic binarization,
+validate on the last 5,000; evaluate the official 10,000 test images, binarized once with seed 0, with IWAE-K for
+several K from one stream of max K samples per image. Figures are nats per image.
 
-The script runs the CLI, so the commands it records are exactly what a user would type:
+The script runs the CLI, so the commands it records are exactly what a user would type. Training and evaluation are
+separate phases, so that several configurations can train side by side with the same budget and be evaluated one
+at a time afterwards:
 
-    .venv/bin/python benchmarks/likelihood_fmnist.py vae [--threads 1] [--epochs N] [--eval-limit N] [--iw-samples K ...]
+    .venv/bin/python benchmarks/likelihood_fmnist.py CONFIG --phase train [--threads 1] [--epochs N]
+    .venv/bin/python benchmarks/likelihood_fmnist.py CONFIG --phase evaluate [--threads 2] [--iw-samples K ...]
+    .venv/bin/python benchmarks/likelihood_fmnist.py --table        # the Markdown table of every result
 
-It writes benchmarks/results/likelihood_<config>.json (commands, thread count, training wall time,
-the per-epoch validation curve, the final evaluation) and likelihood_<config>.png (validation ELBO against
-training time).
+`--phase all` (the default) does both. Training writes benchmarks/results/likelihood_<config>.json (commands, thread
+count, training wall time, images/s, the per-epoch validation curve with per-level KL) and likelihood_<config>.png
+(validation and training -ELBO against training time); evaluation adds the test evaluation (IWAE-K, ELBO, per-level
+KL and active units, evaluation time) and sample grids at several temperatures (likelihood_<config>_samples_t<T>.png).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -29,27 +36,46 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
-# name -> (training arguments, default epochs)
+# name -> (description, training arguments, default epochs). The epochs of the first four fill about 80 minutes each
+# when the four train side by side with one thread each on the 2-core CPU (half a core each).
 CONFIGS = {
     "vae": (
+        "MLP VAE 784-512-512-32",
         ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32",
          "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"],
-        120,
+        210,
     ),
     "hvae-markov": (
+        "2-level Markov HVAE, latents 32 and 16, MLPs 512-512, 5-epoch KL warm-up",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
          "--hidden-dims", "512", "512", "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
          "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        120,
+        140,
+    ),
+    "hvae-mlp-ladder": (
+        "3-level MLP ladder, latents 8/16/32 (top first), width 512, residual posterior, 5-epoch KL warm-up",
+        ["--model", "hvae", "--hvae-type", "mlp-ladder", "--levels", "3", "--latent-dims", "8", "16", "32",
+         "--hidden-dims", "512", "--posterior", "residual", "--batch-size", "256", "--lr", "2e-3",
+         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        75,
+    ),
+    "hvae-mlp-ladder-4": (
+        "4-level MLP ladder, latents 4/8/16/32 (top first), otherwise as hvae-mlp-ladder",
+        ["--model", "hvae", "--hvae-type", "mlp-ladder", "--levels", "4", "--latent-dims", "4", "8", "16", "32",
+         "--hidden-dims", "512", "--posterior", "residual", "--batch-size", "256", "--lr", "2e-3",
+         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        62,
     ),
     "hvae-ladder": (
+        "3-level convolutional ladder, 64 channels",
         ["--model", "hvae", "--hvae-type", "ladder", "--levels", "3",
          "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
          "--grad-clip", "200", "--grad-skip-threshold", "1000", "--beta-schedule", "linear", "--warmup-epochs", "1"],
         40,
     ),
 }
-IW_SAMPLES = [1, 100, 1000, 5000]
+IW_SAMPLES = [1, 100, 1000]
+TEMPERATURES = [1.0, 0.8, 0.6]
 
 
 def run(command: list[str], env: dict) -> float:
@@ -60,90 +86,162 @@ def run(command: list[str], env: dict) -> float:
     return time.perf_counter() - start
 
 
+def machine() -> dict:
+    info = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
+    flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.MULTILINE) or ["", ""])[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": model.group(1).strip() if model else platform.processor(), "cores": len(os.sched_getaffinity(0)),
+            "flags": [f for f in wanted if f in flags], "python": platform.python_version()}
+
+
 def plot_curve(epochs: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seconds = [sum(e["epoch_time_s"] for e in epochs[: i + 1]) / 60 for i in range(len(epochs))]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(seconds, [-e["val_elbo"] for e in epochs], label="validation -ELBO")
-    ax.plot(seconds, [-e["train_elbo"] for e in epochs], label="training -ELBO (running)", alpha=0.6)
+    minutes = [sum(e["epoch_time_s"] for e in epochs[: i + 1]) / 60 for i in range(len(epochs))]
+    validated = [(m, e) for m, e in zip(minutes, epochs) if e.get("val_elbo") is not None]
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    ax.plot([m for m, _ in validated], [-e["val_elbo"] for _, e in validated], label="validation -ELBO")
+    ax.plot(minutes, [-e["train_elbo"] for e in epochs], label="training -ELBO (running)", alpha=0.6)
     ax.set_xlabel("training time (minutes)")
     ax.set_ylabel("nats per image")
     ax.set_title(title)
-    low = min(-e["val_elbo"] for e in epochs)
+    low = min(-e["val_elbo"] for _, e in validated)
     ax.set_ylim(low - 5, low + 40)
     ax.grid(alpha=0.3)
     ax.legend()
+    levels = sorted({k for _, e in validated for k in e if k.startswith("val_kl/")})
+    for key in levels or ["val_kl"]:
+        kl_ax.plot([m for m, _ in validated], [e.get(key) for _, e in validated], label=key.replace("val_kl/", "KL ").replace("val_kl", "KL"))
+    kl_ax.set_xlabel("training time (minutes)")
+    kl_ax.set_ylabel("validation KL (nats per image)")
+    kl_ax.set_title("KL per level")
+    kl_ax.grid(alpha=0.3)
+    kl_ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", choices=sorted(CONFIGS))
-    parser.add_argument("--epochs", type=int, default=None, help="default: the configuration's")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (OMP_NUM_THREADS)")
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test images only (default: all 10000)")
-    parser.add_argument("--iw-samples", type=int, nargs="+", default=IW_SAMPLES, metavar="K",
-                        help="IWAE K values, one stream of max K samples (default 1 100 1000 5000)")
-    parser.add_argument("--run-dir", default=None, help="default runs/likelihood-<config>")
-    parser.add_argument("--skip-training", action="store_true", help="evaluate an existing run directory")
-    args = parser.parse_args()
-
-    train_args, default_epochs = CONFIGS[args.config]
+def train_phase(name: str, args, run_dir: Path, env: dict, elbox: list[str]) -> dict:
+    _, train_args, default_epochs = CONFIGS[name]
     epochs = args.epochs or default_epochs
-    run_dir = Path(args.run_dir or REPO_ROOT / "runs" / f"likelihood-{args.config}")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    elbox = [str(Path(sys.executable).parent / "elbox")]
-    train_cmd = elbox + ["train", *train_args, "--epochs", str(epochs), "--out", str(run_dir), "--no-progress"]
-    k_max = max(args.iw_samples)
-    eval_json = run_dir / f"eval-test-iwae{k_max}.json"
-    eval_cmd = elbox + ["evaluate", str(run_dir), "--split", "test", "--iw-samples", *map(str, args.iw_samples), "--json", str(eval_json)]
-    if args.eval_limit:
-        eval_cmd += ["--limit", str(args.eval_limit)]
-
-    train_s = None if args.skip_training else run(train_cmd, env)
-    eval_s = run(eval_cmd, env)
+    command = elbox + ["train", *train_args, "--epochs", str(epochs), "--threads", str(args.threads), "--out",
+                       str(run_dir), "--no-progress", "--no-samples"]
+    wall = run(command, env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epoch_records = [r for r in records if r["kind"] == "epoch"]
-    evaluation = json.loads(eval_json.read_text())
-    result = {
-        "config": args.config,
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)",
-        "threads": args.threads,
-        "protocol": "dynamically binarized Fashion-MNIST; train = first 55000, validation = last 5000 official training "
-                    f"images; test = official test images (first {args.eval_limit or 10000}) binarized once with seed 0; "
-                    f"IWAE-K for K in {args.iw_samples} from one stream of {k_max} samples",
-        "units": "nats per image",
-        "commands": {"train": shlex.join(train_cmd), "evaluate": shlex.join(eval_cmd)},
+    plot_curve(epoch_records, RESULTS / f"likelihood_{name}.png", f"{name}: Fashion-MNIST (binarized)")
+    train_s = sum(r["epoch_time_s"] for r in epoch_records)
+    return {
+        "train_command": shlex.join(command),
+        "train_threads": args.threads,
+        "side_by_side": args.side_by_side,
         "epochs": epochs,
-        "train_wall_s": train_s,
-        "train_epoch_time_s": sum(r["epoch_time_s"] for r in epoch_records),
-        "eval_wall_s": eval_s,
+        "train_wall_s": wall,
+        "train_epoch_time_s": train_s,
+        "train_images_per_s": sum(r["images_per_s"] * r["epoch_time_s"] for r in epoch_records) / train_s,
+        "curve": [
+            {key: r.get(key) for key in ("epoch", "step", "epoch_time_s", "images_per_s", "train_elbo", "val_elbo", "val_kl",
+                                         "skipped_steps", "skipped_large_grad")}
+            | {k: v for k, v in r.items() if k.startswith(("val_kl/", "train_kl/"))}
+            for r in epoch_records
+        ],
+    }
+
+
+def evaluate_phase(name: str, args, run_dir: Path, env: dict, elbox: list[str]) -> dict:
+    k_max = max(args.iw_samples)
+    eval_json = run_dir / f"eval-test-iwae{k_max}.json"
+    command = elbox + ["evaluate", str(run_dir), "--split", "test", "--iw-samples", *map(str, args.iw_samples),
+                       "--threads", str(args.threads), "--json", str(eval_json), "--no-progress"]
+    if args.eval_limit:
+        command += ["--limit", str(args.eval_limit)]
+    wall = run(command, env)
+    evaluation = json.loads(eval_json.read_text())
+    grids = {}
+    for t in TEMPERATURES:
+        grid = RESULTS / f"likelihood_{name}_samples_t{t:g}.png"
+        run(elbox + ["sample", str(run_dir), "--n", "64", "--temperature", str(t), "--out", str(grid)], env)
+        grids[str(t)] = grid.name
+    return {
+        "eval_command": shlex.join(command),
+        "eval_threads": args.threads,
+        "eval_wall_s": wall,
         "test_examples": evaluation["n_examples"],
         "iw_samples": k_max,
         "test_nll_iw": evaluation.get("nll_iw"),
         "test_nll_iw_stderr": evaluation.get("nll_iw_stderr"),
         "test_elbo": evaluation.get("elbo"),
         "evaluation": evaluation,
-        "curve": [
-            {key: r.get(key) for key in ("epoch", "step", "epoch_time_s", "train_elbo", "val_elbo", "val_kl", "skipped_steps", "skipped_large_grad")}
-            | {k: v for k, v in r.items() if k.startswith("val_kl/")}
-            for r in epoch_records
-        ],
+        "sample_grids": grids,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+
+
+def table(results: list[dict]) -> str:
+    """The README table: one row per configuration, nats per image."""
+    lines = ["| config | model | training (side by side, threads) | epochs | test −ELBO | test NLL, IWAE-K (K) | "
+             "KL per level (nats) | active units per level | IWAE evaluation |", "|---" * 9 + "|"]
+    for r in results:
+        e = r.get("evaluation", {})
+        kl = ", ".join(f"{k} {v:.1f}" for k, v in (e.get("kl_by_group") or {"z": e.get("kl", float("nan"))}).items())
+        dims = e.get("latent_dim_by_level") or {"z": e.get("latent_dim")}
+        active = ", ".join(f"{k} {v}/{dims.get(k, '?')}" for k, v in (e.get("active_units_by_level") or {"z": e.get("active_units")}).items())
+        nll = f"**{r['test_nll_iw']:.2f} ± {r['test_nll_iw_stderr']:.2f}** ({r['iw_samples']})" if "test_nll_iw" in r else "—"
+        elbo = f"{-r['test_elbo']:.2f}" if "test_elbo" in r else "—"
+        evaluation = f"{r['eval_wall_s'] / 60:.1f} min, {r['eval_threads']} threads" if "eval_wall_s" in r else "—"
+        lines.append(f"| `{r['config']}` | {r['description']} | {r['train_epoch_time_s'] / 60:.1f} min ({r.get('side_by_side', 1)}, "
+                     f"{r['train_threads']}) | {r['epochs']} | {elbo} | {nll} | {kl} | {active} | {evaluation} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", choices=sorted(CONFIGS))
+    parser.add_argument("--phase", choices=("train", "evaluate", "all"), default="all")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the configuration's")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of this phase")
+    parser.add_argument("--side-by-side", type=int, default=1, help="how many trainings share the machine (recorded)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test images only (default: all 10000)")
+    parser.add_argument("--iw-samples", type=int, nargs="+", default=IW_SAMPLES, metavar="K",
+                        help="IWAE K values, one stream of max K samples (default 1 100 1000)")
+    parser.add_argument("--run-dir", default=None, help="default runs/likelihood-<config>")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of every saved result and exit")
+    args = parser.parse_args()
+    if args.table:
+        print(table([json.loads(p.read_text()) for p in sorted(RESULTS.glob("likelihood_*.json"))]))
+        return 0
+    if args.config is None:
+        parser.error("name a configuration, or pass --table")
+
+    run_dir = Path(args.run_dir or REPO_ROOT / "runs" / f"likelihood-{args.config}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    elbox = [str(Path(sys.executable).parent / "elbox")]
     out = RESULTS / f"likelihood_{args.config}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot_curve(epoch_records, RESULTS / f"likelihood_{args.config}.png", f"{args.config}: Fashion-MNIST (binarized)")
-    print(f"{args.config}: test NLL (IWAE-{k_max}, {result['test_examples']} test images) "
-          f"{result['test_nll_iw']:.2f} ± {result['test_nll_iw_stderr']:.2f} nats, "
-          f"ELBO {result['test_elbo']:.2f}; training {result['train_epoch_time_s'] / 60:.1f} min; wrote {out}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = json.loads(out.read_text()) if args.phase == "evaluate" and out.exists() else {}
+    result.update({
+        "config": args.config,
+        "description": CONFIGS[args.config][0],
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "protocol": "dynamically binarized Fashion-MNIST; train = first 55000, validation = last 5000 official training "
+                    f"images; test = official test images (first {args.eval_limit or 10000}) binarized once with seed 0; "
+                    f"IWAE-K for K in {args.iw_samples} from one stream of {max(args.iw_samples)} samples",
+        "units": "nats per image",
+    })
+    if args.phase in ("train", "all"):
+        result.update(train_phase(args.config, args, run_dir, env, elbox))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.phase in ("evaluate", "all"):
+        result.update(evaluate_phase(args.config, args, run_dir, env, elbox))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{args.config}: test NLL (IWAE-{result['iw_samples']}, {result['test_examples']} test images) "
+              f"{result['test_nll_iw']:.2f} ± {result['test_nll_iw_stderr']:.2f} nats, ELBO {result['test_elbo']:.2f}; "
+              f"evaluation {result['eval_wall_s'] / 60:.1f} min; wrote {out}")
     return 0
 
 

@@ -151,8 +151,8 @@ def test_progress_counts_examples():
 
 
 def test_train_defaults_depend_on_the_model():
-    """The VAE's defaults are the measured time-to-quality ones; other models keep the general defaults; options
-    given on the command line win."""
+    """The VAE's defaults are the measured time-to-quality ones, the HVAE's the measured likelihood recipe; other
+    models keep the general defaults; options given on the command line win."""
     from elbox.cli import train_parser
 
     def filled(model, *argv):
@@ -161,6 +161,7 @@ def test_train_defaults_depend_on_the_model():
         return args.epochs, args.lr, args.lr_schedule, getattr(args, "latent_dim", None)
 
     assert filled("vae") == (36, 3e-3, "cosine", 32)
-    assert filled("hvae") == (10, 1e-3, "constant", None)
+    assert filled("hvae") == (75, 2e-3, "cosine", None)
+    assert filled("diffusion") == (10, 1e-3, "constant", None)
     assert filled("linear") == (10, 1e-3, "constant", 20)
     assert filled("vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)

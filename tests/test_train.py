@@ -140,3 +140,22 @@ def test_bf16_autocast_trains_with_float32_weights_and_bounds(tmp_path, name, co
         assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
         assert math.isfinite(record["val_elbo"])
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.01)
+
+
+def test_ema_decay_warms_up():
+    """The EMA after n updates follows e_n = d_n e_(n-1) + (1 - d_n) w_n with d_n = min(decay, n / (9 + n)) (the decay
+    after n - 1 earlier updates), starting from the first weights: the early, nearly random weights fade quickly."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from elbox.training.trainer import ema_update_with_warmup
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=ema_update_with_warmup(0.9), use_buffers=True)
+    expected = None
+    for n in range(1, 40):
+        with torch.no_grad():
+            model.weight.fill_(float(n))
+        ema.update_parameters(model)
+        d = min(0.9, n / (9 + n))
+        expected = float(n) if expected is None else d * expected + (1 - d) * n
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)

@@ -61,7 +61,8 @@ class TrainConfig:
                                         minimum=0, metavar="NORM")
     lr_schedule: str = option("constant", "cosine: decay the learning rate to 0 over the run", choices=LR_SCHEDULES)
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights (e.g. 0.999) for validation and "
-                                   "the saved model; 0: off", minimum=0, below=1, metavar="DECAY")
+                                   "the saved model, its decay warmed up as min(DECAY, (1 + n) / (10 + n)) after n "
+                                   "steps; 0: off", minimum=0, below=1, metavar="DECAY")
     eval_batch_size: int = option(1000, "examples per validation pass", minimum=1, maximum=MAX_BATCH)
     max_steps: int | None = option(None, "quick runs: stop after N optimizer steps in all (the epoch reaching N ends "
                                          "there, is validated and checkpointed; the run is then complete)", minimum=1,

@@ -83,6 +83,19 @@ MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
 
 
+def ema_update_with_warmup(decay: float):
+    """The EMA update of AveragedModel with the decay warmed up: after n updates it is min(decay, (1 + n) / (10 + n)).
+    With a constant decay the weights after the first step (close to the random initialization) would keep a
+    weight of decay^steps: still 12 % after 2,000 steps at 0.999, a validation ELBO tens of nats worse than the
+    trained weights' in a short run."""
+
+    def update(ema_params, params, num_averaged) -> None:
+        n = int(num_averaged)
+        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(ema_params, params, num_averaged)
+
+    return update
+
+
 class Trainer:
     """Trains one model on one dataset and writes the run directory as it goes."""
 
@@ -153,7 +166,7 @@ class Trainer:
         if config.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
         # the weights validated and saved: an EMA copy, or the trained model itself
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
+        self.ema = AveragedModel(model, multi_avg_fn=ema_update_with_warmup(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
         self.eval_model = self.ema.module if self.ema is not None else model
         if self.rank > 0:  # model noise (reparameterization, diffusion times) differs between processes
             torch.manual_seed(config.seed + 1_000_003 * self.rank)
