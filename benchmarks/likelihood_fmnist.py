@@ -48,8 +48,8 @@ CONFIGS = {
     "hvae-markov": (
         "2-level Markov HVAE, latents 32 and 16, MLPs 512-512, 5-epoch KL warm-up",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
-         "--beta-schedule", "linear", "--warmup-epochs", "5"],
+         "--hidden-dims", "512", "512", "--batch-size", "256", "--lr", "1e-3", "--lr-schedule", "cosine",
+         "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         140,
     ),
     "hvae-mlp-ladder": (
@@ -192,9 +192,10 @@ def table(results: list[dict]) -> str:
         active = ", ".join(f"{k} {v}/{dims.get(k, '?')}" for k, v in (e.get("active_units_by_level") or {"z": e.get("active_units")}).items())
         nll = f"**{r['test_nll_iw']:.2f} ± {r['test_nll_iw_stderr']:.2f}** ({r['iw_samples']})" if "test_nll_iw" in r else "—"
         elbo = f"{-r['test_elbo']:.2f}" if "test_elbo" in r else "—"
-        evaluation = f"{r['eval_wall_s'] / 60:.1f} min, {r['eval_threads']} threads" if "eval_wall_s" in r else "—"
-        lines.append(f"| `{r['config']}` | {r['description']} | {r['train_epoch_time_s'] / 60:.1f} min ({r.get('side_by_side', 1)}, "
-                     f"{r['train_threads']}) | {r['epochs']} | {elbo} | {nll} | {kl} | {active} | {evaluation} |")
+        evaluation = f"{r['eval_wall_s'] / 60:.1f} min, {r.get('eval_threads', '?')} threads" if "eval_wall_s" in r else "—"
+        lines.append(f"| `{r['config']}` | {r.get('description', '')} | {r['train_epoch_time_s'] / 60:.1f} min "
+                     f"({r.get('side_by_side', '?')}, {r.get('train_threads', r.get('threads', '?'))}) | {r['epochs']} | "
+                     f"{elbo} | {nll} | {kl} | {active} | {evaluation} |")
     return "\n".join(lines)
 
 

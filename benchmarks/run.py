@@ -264,7 +264,7 @@ def run_family(family: str, device: torch.device, seconds: float) -> dict:
     result: dict = {"family": family, "device": device.type,
                     "command": " ".join(["elbox train --model", model_name, *flags(model_values)])}
     flops, trainer = training_flops_per_image(family, images, val_images, device)
-    conv = model_name != "vae" or trainer.model.config.architecture != "mlp"
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in trainer.model.modules())
     result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
     result["train_gflop_per_image"] = flops / 1e9
     runs = [measure_training(family, images, val_images, device, seconds)]

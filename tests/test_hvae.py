@@ -241,6 +241,38 @@ def test_mlp_ladder_shapes_and_every_level_sees_x():
         assert grad.abs().sum() > 0
 
 
+def test_each_ladder_level_reads_its_own_bottom_up_features():
+    """Changing the features of level i changes the posterior of level i and leaves every level above it as it was."""
+    torch.manual_seed(0)
+    model = build_model("hvae", TINY_MLP_LADDER)
+    perturb(model, 0.1, seed=4)
+    x = binary_images(3)
+
+    def posterior_means(features):
+        found = []
+        model._top_down(features, 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: found.append(mu_q) or mu_q)
+        return found
+
+    features = model.prepare(x)
+    before = posterior_means(features)
+    for i in range(len(features)):
+        changed = [f + 1.0 if j == i else f for j, f in enumerate(features)]
+        after = posterior_means(changed)
+        assert all(torch.equal(a, b) for a, b in zip(after[:i], before[:i]))
+        assert not torch.allclose(after[i], before[i])
+
+
+def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
+    from elbox.training.config import train_defaults
+
+    with pytest.raises(ElboxError, match="does not use channels"):
+        build_model("hvae", {"channels": 32})  # the default type is the mlp-ladder
+    with pytest.raises(ElboxError, match="does not use hidden_dims, latent_dims"):
+        build_model("hvae", {"hvae_type": "ladder", "latent_dims": [4, 4, 4], "hidden_dims": [64]})
+    assert train_defaults("hvae", {})["batch_size"] == 256
+    assert train_defaults("hvae", {"hvae_type": "markov"}) == {}
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 

@@ -156,12 +156,13 @@ def test_train_defaults_depend_on_the_model():
     from elbox.cli import train_parser
 
     def filled(model, *argv):
-        parser, _, _ = train_parser(model, {})
+        parser, _, _ = train_parser(model, {}, argv)
         args = parser.parse_args(["--out", "x", *argv])
         return args.epochs, args.lr, args.lr_schedule, getattr(args, "latent_dim", None)
 
     assert filled("vae") == (36, 3e-3, "cosine", 32)
     assert filled("hvae") == (75, 2e-3, "cosine", None)
+    assert filled("hvae", "--hvae-type", "markov") == (10, 1e-3, "constant", None)  # the recipe is the mlp-ladder's
     assert filled("diffusion") == (10, 1e-3, "constant", None)
     assert filled("linear") == (10, 1e-3, "constant", 20)
     assert filled("vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)

@@ -9,9 +9,11 @@ Modules that import torch load only when a command runs (cli_types.lazy): `elbox
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import elbox
@@ -65,8 +67,9 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParser, list, list]:
-    """The parser of `elbox train [MODEL]`: run, data and training options, and MODEL's own options."""
+def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tuple[argparse.ArgumentParser, list, list]:
+    """The parser of `elbox train [MODEL]`: run, data and training options, and MODEL's own options. The training
+    defaults may depend on the model's options (an HVAE's type), read from `argv` and `saved` before parsing."""
     from elbox.models import MODELS
     from elbox.training.config import DataConfig, TrainConfig, train_defaults
 
@@ -83,7 +86,10 @@ def train_parser(model: str | None, saved: dict) -> tuple[argparse.ArgumentParse
     add_common(p)
     taken: set[str] = set()
     general = add_options(p.add_argument_group("data"), DataConfig, saved, taken)
-    general += add_options(p.add_argument_group("training"), TrainConfig, {**train_defaults(name), **saved}, taken)
+    config_fields = [f.name for f in dataclasses.fields(MODELS[name].config_class)]
+    chosen = {k: saved[k] for k in config_fields if k in saved}
+    chosen.update({k: v for k in config_fields if (v := flag_value(argv, "--" + k.replace("_", "-"))) is not None})
+    general += add_options(p.add_argument_group("training"), TrainConfig, {**train_defaults(name, chosen), **saved}, taken)
     own = add_options(p.add_argument_group(f"{name} model"), MODELS[name].config_class, saved, taken) if model else []
     return p, general, own
 
@@ -102,7 +108,7 @@ def cmd_train(argv: list[str]) -> int:
         raise ElboxError(f"unknown model {shown(repr(model), 60)}; {did_you_mean(model, MODELS)}choose one of {', '.join(sorted(MODELS))}")
     if model is None and flag_value(argv, "--resume") is None and not {"-h", "--help"} & set(argv):
         model = DEFAULT_MODEL
-    parser, general, own = train_parser(model, saved)
+    parser, general, own = train_parser(model, saved, argv)
     args = parser.parse_args(argv)
     if args.model_flag not in (None, args.model):
         raise ElboxError(f"two models given: {args.model} and --model {args.model_flag}")

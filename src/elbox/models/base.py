@@ -53,7 +53,7 @@ class LatentVariableModel(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
-    # training options whose default differs for this model (elbox.training.config.default_train_config)
+    # training options whose default differs for this model (see training_defaults)
     train_defaults: ClassVar[dict[str, Any]] = {}
     # False for models fitted by their own `fit(x, callback) -> list[dict]` (closed form, EM)
     trains_by_gradient: bool = True
@@ -65,6 +65,12 @@ class LatentVariableModel(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def training_defaults(cls, model_values: dict[str, Any]) -> dict[str, Any]:
+        """The TrainConfig values this model defaults to differently, given the model options chosen so far (a
+        model whose recipe depends on its options, e.g. the HVAE's type, overrides this)."""
+        return dict(cls.train_defaults)
 
     @classmethod
     def from_config(cls, config: Any) -> "LatentVariableModel":

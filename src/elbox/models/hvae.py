@@ -11,12 +11,13 @@ Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP 
   single-sample estimate log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}); the top level's KL(q(z_T|z_{T-1}) || N(0, I))
   is analytic.
 
-Both families: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
+Every type: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
 takes a temperature per level (the standard deviations of p(z_l|.) are scaled by it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,13 +53,20 @@ from elbox.nets import ACTIVATIONS, apply_flat, mlp
 from elbox.options import check_options, option, short_repr
 
 HVAE_TYPES = ("markov", "ladder", "mlp-ladder")
+DEFAULT_HVAE_TYPE = "mlp-ladder"
+# the options each type reads (the others must keep their defaults, so that none is silently ignored)
+TYPE_OPTIONS = {
+    "markov": {"latent_dims", "hidden_dims", "activation"},
+    "mlp-ladder": {"latent_dims", "hidden_dims", "activation", "blocks_per_level", "posterior"},
+    "ladder": {"channels", "latent_channels", "blocks_per_level", "level_downsample", "posterior"},
+}
 POSTERIORS = ("residual", "precision")
 
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS)
-    hvae_type: str = option("mlp-ladder", "markov (bottom-up MLP chain), ladder (top-down, convolutional) or mlp-ladder "
+    hvae_type: str = option(DEFAULT_HVAE_TYPE, "markov (bottom-up MLP chain), ladder (top-down, convolutional) or mlp-ladder "
                                       "(top-down, fully connected)", choices=HVAE_TYPES)
     levels: int = option(3, "number of latent levels", minimum=1, maximum=MAX_DEPTH, metavar="T")
     activation: str = option("relu", "markov and mlp-ladder: activation of the MLPs (the convolutional ladder's "
@@ -86,6 +94,7 @@ class HVAEConfig(LikelihoodOptions):
         check_options(self)
         check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the hvae")
+        self._check_options_of_other_types()
         if self.hvae_type in ("markov", "mlp-ladder"):
             if not self.latent_dims:
                 next_to_x_first = [max(2, 32 >> t) for t in range(self.levels)]
@@ -99,6 +108,15 @@ class HVAEConfig(LikelihoodOptions):
                 self.level_downsample = default_level_downsample(self.levels, self.data_shape)
             self._check_ladder_resolutions()
 
+    def _check_options_of_other_types(self) -> None:
+        """Refuse an option of another type set away from its default (e.g. --channels for the mlp-ladder)."""
+        others = set.union(*TYPE_OPTIONS.values()) - TYPE_OPTIONS[self.hvae_type]
+        foreign = sorted(name for name in others if getattr(self, name) != _default(name))
+        if foreign:
+            uses = "; ".join(f"{name}: {' and '.join(t for t, names in TYPE_OPTIONS.items() if name in names)}" for name in foreign)
+            raise ElboxError(f"hvae_type {self.hvae_type!r} does not use {', '.join(foreign)} ({uses}); "
+                             "choose the type with --hvae-type, or drop them")
+
     def _check_ladder_resolutions(self) -> None:
         factors, (_, h, w) = self.level_downsample, self.data_shape
         if len(factors) != self.levels:
@@ -110,6 +128,12 @@ class HVAEConfig(LikelihoodOptions):
                 )
         if any(a < b for a, b in zip(factors, factors[1:])):
             raise ElboxError(f"level_downsample must not increase from the top level down (coarse to fine), got {short_repr(factors)}")
+
+
+def _default(name: str) -> Any:
+    """The declared default of an HVAEConfig field."""
+    f = next(f for f in dataclasses.fields(HVAEConfig) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int]:
@@ -125,15 +149,20 @@ def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int
 
 @register_model("hvae", HVAEConfig)
 class HVAE(LatentVariableModel):
-    """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, LadderHVAE)."""
+    """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, LadderHVAE,
+    MLPLadderHVAE)."""
 
     hvae_type: ClassVar[str] = ""
     types: ClassVar[dict[str, type[HVAE]]] = {}
-    # the recipe measured on binarized Fashion-MNIST with the default mlp-ladder (benchmarks/likelihood_fmnist.py):
-    # batch 256 keeps its matrix products near the CPU's rate, the 5-epoch linear KL warm-up and the EMA of the
-    # weights; every level stays active without free bits
+    # the mlp-ladder's recipe, measured on binarized Fashion-MNIST (benchmarks/likelihood_fmnist.py): batch 256 keeps
+    # its matrix products near the CPU's rate; 5-epoch linear KL warm-up; EMA of the weights. Every level stays
+    # active without free bits. The other types keep the general defaults.
     train_defaults: ClassVar[dict[str, Any]] = {"epochs": 75, "batch_size": 256, "lr": 2e-3, "lr_schedule": "cosine",
                                                  "ema_decay": 0.999, "beta_schedule": "linear", "warmup_epochs": 5.0}
+
+    @classmethod
+    def training_defaults(cls, model_values: dict[str, Any]) -> dict[str, Any]:
+        return dict(cls.train_defaults) if model_values.get("hvae_type", DEFAULT_HVAE_TYPE) == "mlp-ladder" else {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

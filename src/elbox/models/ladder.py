@@ -13,7 +13,8 @@ parameters come from h and the posterior's from h and the bottom-up features, ei
               1/sigma_q^2 = 1/sigma^^2 + 1/sigma_p^2,  mu_q = (mu^/sigma^^2 + mu_p/sigma_p^2) sigma_q^2
 Both are diagonal Gaussians, so every level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) is analytic (the expectation
 over z_<l is the single sample the top-down pass drew). Several levels may share a resolution (latent
-groups). Initialization: every prior head's last layer is zero, so the prior starts at N(0, I) exactly,
+groups). Initialization: every prior head's last layer is zero, so the prior starts at N(0, I) (standard
+deviations 1 + min_std),
 and every residual branch's last layer is scaled by 1/sqrt(number of residual blocks) (VDVAE).
 """
 
@@ -224,7 +225,7 @@ class MLPLadderLevel(nn.Module):
         self.prior = nn.Sequential(ACTIVATIONS[act](), nn.Linear(width, 2 * latent_dim))
         nn.init.zeros_(self.prior[-1].weight)
         nn.init.zeros_(self.prior[-1].bias)
-        self.posterior = nn.Sequential(ACTIVATIONS[act](), mlp(2 * width, [width // 2], 2 * latent_dim, act))
+        self.posterior = nn.Sequential(ACTIVATIONS[act](), mlp(2 * width, [max(1, width // 2)], 2 * latent_dim, act))
         self.z_proj = nn.Linear(latent_dim, width)
         with torch.no_grad():
             self.z_proj.weight.mul_(residual_scale)
@@ -259,6 +260,12 @@ class MLPLadderHVAE(TopDownHVAE):
             ACTIVATIONS[cfg.activation](),
             mlp(width, list(reversed(cfg.hidden_dims[:-1])), self.likelihood.num_params * num_dims, cfg.activation),
         )
+
+    @property
+    def activation_elements(self) -> int:
+        """Per-sample activation elements that bound IWAE evaluation passes: the state, the repeated features, their
+        concatenation and the residual blocks' temporaries, about 8 vectors of width W."""
+        return 8 * self.config.hidden_dims[-1]
 
     def prepare(self, x: Tensor) -> list[Tensor]:
         """Bottom-up features [B, W], one per level, top level (the deepest features) first."""

@@ -2,7 +2,8 @@
 
 Every option is declared once here, with its default, range, choices and help; `elbox train` generates its
 command line from these declarations. A model may default some training options differently
-(LatentVariableModel.train_defaults: the VAE's were chosen by time to quality, benchmarks/README.md).
+(LatentVariableModel.training_defaults: the VAE's were chosen by time to quality, the mlp-ladder HVAE's by
+likelihood in the same time, benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -143,15 +144,18 @@ class DataConfig:
             raise ElboxError(f"image_size takes one size S or two, H W; got {self.image_size}")
 
 
-def train_defaults(model: str | type) -> dict[str, Any]:
-    """The TrainConfig values that `model` (a registered name or a model class) defaults to differently."""
+def train_defaults(model: str | type, model_values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The TrainConfig values that `model` (a registered name or a model class), with the model options
+    `model_values`, defaults to differently."""
     cls = model_class(model) if isinstance(model, str) else model
-    return dict(getattr(cls, "train_defaults", {}))
+    return cls.training_defaults(model_values or {}) if hasattr(cls, "training_defaults") else {}
 
 
-def train_config(model: str | type, values: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from the model's training defaults overridden by `values` (JSON or keyword values)."""
-    return config_from_dict(TrainConfig, {**train_defaults(model), **(values or {})}, "training settings")
+def train_config(model: str | type, values: dict[str, Any] | None = None,
+                 model_values: dict[str, Any] | None = None) -> TrainConfig:
+    """TrainConfig from the model's training defaults (given its options `model_values`) overridden by `values`
+    (JSON or keyword values)."""
+    return config_from_dict(TrainConfig, {**train_defaults(model, model_values), **(values or {})}, "training settings")
 
 
 def config_dict(config: Any) -> dict:

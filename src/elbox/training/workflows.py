@@ -218,7 +218,8 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
         dist.barrier()  # every process has checked `out` before process 0 writes into it
     cls = type(model) if isinstance(model, LatentVariableModel) else model_class(model)
     model_values, train_values, data_values = split_options(cls, options)
-    config = train_config(cls, train_values)
+    chosen = dataclasses.asdict(model.config) if isinstance(model, LatentVariableModel) else model_values
+    config = train_config(cls, train_values, chosen)
     named = {"data": data if isinstance(data, (str, os.PathLike)) else None,
              "validation": validation if isinstance(validation, (str, os.PathLike)) else None}
     data_config = config_from_dict(DataConfig, {**data_values, **{k: str(v) if v is not None else None for k, v in named.items()}},
