@@ -48,7 +48,7 @@ CONFIGS = {
     "hvae-markov": (
         "2-level Markov HVAE, latents 32 and 16, MLPs 512-512, 5-epoch KL warm-up",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--batch-size", "256", "--lr", "1e-3", "--lr-schedule", "cosine",
+         "--hidden-dims", "512", "512", "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine",
          "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         140,
     ),
