@@ -148,7 +148,7 @@ def train_defaults(model: str | type, model_values: dict[str, Any] | None = None
     """The TrainConfig values that `model` (a registered name or a model class), with the model options
     `model_values`, defaults to differently."""
     cls = model_class(model) if isinstance(model, str) else model
-    return cls.training_defaults(model_values or {}) if hasattr(cls, "training_defaults") else {}
+    return cls.training_defaults(model_values or {})
 
 
 def train_config(model: str | type, values: dict[str, Any] | None = None,
