@@ -238,8 +238,8 @@ class MLPLadderHVAE(TopDownHVAE):
     x -> hidden_dims -> W (W = the last hidden width) followed by blocks_per_level residual MLP blocks per level, one
     feature vector per level (the deepest for the top level); a top-down state of width W, from a learned constant,
     that each level's z_l enters through a linear projection and residual blocks; p(x|z) from the final state
-    through the hidden widths in reverse. Every layer is a matrix product over the batch: it trains near the
-    machine's matrix-product rate on a CPU (benchmarks/likelihood_fmnist.py)."""
+    through the hidden widths in reverse. Every layer is a matrix product over the batch: it trains at about half the
+    machine's matrix-product rate on a CPU (benchmarks/run.py, family hvae)."""
 
     hvae_type = "mlp-ladder"
 
