@@ -64,7 +64,8 @@ from bench_vae import CpuMonitor, sync  # noqa: E402  (the sibling benchmark's p
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (model, model config values other than its defaults); "vae-784-512-20" is the size the CPU targets name
 FAMILIES = {"vae": ("vae", {}), "vae-784-512-20": ("vae", {"latent_dim": 20}), "hvae": ("hvae", {}),
-            "hvae-conv-ladder": ("hvae", {"hvae_type": "ladder"}), "diffusion": ("diffusion", {})}
+            "hvae-mlp-ladder": ("hvae", {"hvae_type": "mlp-ladder"}), "hvae-conv-ladder": ("hvae", {"hvae_type": "ladder"}),
+            "diffusion": ("diffusion", {})}
 EVAL_EXAMPLES = {"vae": 500, "hvae": 4, "diffusion": 200}  # test images evaluated on a CPU; x20 on a GPU
 IW_SAMPLES = 5000
 DIFFUSION_TIME_SAMPLES = 4

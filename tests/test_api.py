@@ -108,7 +108,8 @@ def test_command_line_agrees_with_the_config_dataclasses(name):
 def test_every_default_config_is_valid():
     for cls in MODELS.values():
         cls.config_class()
-    assert HVAEConfig(hvae_type="markov").latent_dims == [32, 16, 8]
+    assert HVAEConfig(hvae_type="markov").latent_dims == [32, 16]  # the measured default: 2 levels
+    assert HVAEConfig(hvae_type="markov", levels=3).latent_dims == [32, 16, 8]
 
 
 def test_bad_option_values_name_the_option(capsys):

@@ -265,12 +265,13 @@ def test_each_ladder_level_reads_its_own_bottom_up_features():
 def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
     from elbox.training.config import train_defaults
 
-    with pytest.raises(ElboxError, match="does not use channels"):
-        build_model("hvae", {"channels": 32})  # the default type is the mlp-ladder
+    with pytest.raises(ElboxError, match="does not use channels, posterior"):
+        build_model("hvae", {"channels": 32, "posterior": "precision"})  # the default type is the markov chain
     with pytest.raises(ElboxError, match="does not use hidden_dims, latent_dims"):
         build_model("hvae", {"hvae_type": "ladder", "latent_dims": [4, 4, 4], "hidden_dims": [64]})
-    assert train_defaults("hvae", {})["batch_size"] == 256
-    assert train_defaults("hvae", {"hvae_type": "markov"}) == {}
+    build_model("hvae", {"hvae_type": "ladder", "channels": 8, "hidden_dims": [512]})  # as configs saved before record it
+    assert train_defaults("hvae", {})["epochs"] == 140 and train_defaults("hvae", {"hvae_type": "mlp-ladder"})["batch_size"] == 256
+    assert train_defaults("hvae", {"hvae_type": "ladder"}) == {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ class MLPLadderHVAE(TopDownHVAE):
     feature vector per level (the deepest for the top level); a top-down state of width W, from a learned constant,
     that each level's z_l enters through a linear projection and residual blocks; p(x|z) from the final state
     through the hidden widths in reverse. Every layer is a matrix product over the batch: it trains at about half the
-    machine's matrix-product rate on a CPU (benchmarks/run.py, family hvae)."""
+    machine's matrix-product rate on a CPU (benchmarks/run.py, family hvae-mlp-ladder)."""
 
     hvae_type = "mlp-ladder"
 
