@@ -17,7 +17,6 @@ takes a temperature per level (the standard deviations of p(z_l|.) are scaled by
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from elbox.models.base import (
     register_model,
 )
 from elbox.nets import ACTIVATIONS, apply_flat, mlp
-from elbox.options import check_options, option, short_repr
+from elbox.options import check_options, option, option_specs, short_repr
 
 HVAE_TYPES = ("markov", "ladder", "mlp-ladder")
 DEFAULT_HVAE_TYPE = "markov"
@@ -118,7 +117,8 @@ class HVAEConfig(LikelihoodOptions):
     def _check_options_of_other_types(self) -> None:
         """Refuse an option of another type set away from its default (e.g. --channels for the mlp-ladder)."""
         others = set.union(*TYPE_OPTIONS.values()) - TYPE_OPTIONS[self.hvae_type]
-        foreign = sorted(name for name in others if getattr(self, name) not in (_default(name), LEGACY_DEFAULTS.get(name)))
+        defaults = {spec.name: spec.default for spec in option_specs(HVAEConfig)}
+        foreign = sorted(name for name in others if getattr(self, name) not in (defaults[name], LEGACY_DEFAULTS.get(name)))
         if foreign:
             uses = "; ".join(f"{name}: {' and '.join(t for t, names in TYPE_OPTIONS.items() if name in names)}" for name in foreign)
             raise ElboxError(f"hvae_type {self.hvae_type!r} does not use {', '.join(foreign)} ({uses}); "
@@ -135,12 +135,6 @@ class HVAEConfig(LikelihoodOptions):
                 )
         if any(a < b for a, b in zip(factors, factors[1:])):
             raise ElboxError(f"level_downsample must not increase from the top level down (coarse to fine), got {short_repr(factors)}")
-
-
-def _default(name: str) -> Any:
-    """The declared default of an HVAEConfig field."""
-    f = next(f for f in dataclasses.fields(HVAEConfig) if f.name == name)
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
 
 
 def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int]:

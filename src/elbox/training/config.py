@@ -2,7 +2,7 @@
 
 Every option is declared once here, with its default, range, choices and help; `elbox train` generates its
 command line from these declarations. A model may default some training options differently
-(LatentVariableModel.training_defaults: the VAE's were chosen by time to quality, the mlp-ladder HVAE's by
+(LatentVariableModel.training_defaults: the VAE's were chosen by time to quality, the HVAE's (per type) by
 likelihood in the same time, benchmarks/README.md).
 """
 
