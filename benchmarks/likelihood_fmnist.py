@@ -127,7 +127,7 @@ def plot_curve(epochs: list[dict], path: Path, title: str) -> None:
 
 
 def train_phase(name: str, args, run_dir: Path, env: dict, elbox: list[str]) -> dict:
-    _, train_args, default_epochs = CONFIGS[name]
+    _, train_args, default_epochs = CONFIGS[args.config]
     epochs = args.epochs or default_epochs
     command = elbox + ["train", *train_args, "--epochs", str(epochs), "--threads", str(args.threads), "--out",
                        str(run_dir), "--no-progress", "--no-samples"]
@@ -193,7 +193,7 @@ def table(results: list[dict]) -> str:
         nll = f"**{r['test_nll_iw']:.2f} ± {r['test_nll_iw_stderr']:.2f}** ({r['iw_samples']})" if "test_nll_iw" in r else "—"
         elbo = f"{-r['test_elbo']:.2f}" if "test_elbo" in r else "—"
         evaluation = f"{r['eval_wall_s'] / 60:.1f} min, {r.get('eval_threads', '?')} threads" if "eval_wall_s" in r else "—"
-        lines.append(f"| `{r['config']}` | {r.get('description', '')} | {r['train_epoch_time_s'] / 60:.1f} min "
+        lines.append(f"| `{r['config']}`{' (' + r['tag'] + ')' if r.get('tag') else ''} | {r.get('description', '')} | {r['train_epoch_time_s'] / 60:.1f} min "
                      f"({r.get('side_by_side', '?')}, {r.get('train_threads', r.get('threads', '?'))}) | {r['epochs']} | "
                      f"{elbo} | {nll} | {kl} | {active} | {evaluation} |")
     return "\n".join(lines)
@@ -209,7 +209,9 @@ def main() -> int:
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test images only (default: all 10000)")
     parser.add_argument("--iw-samples", type=int, nargs="+", default=IW_SAMPLES, metavar="K",
                         help="IWAE K values, one stream of max K samples (default 1 100 1000)")
-    parser.add_argument("--run-dir", default=None, help="default runs/likelihood-<config>")
+    parser.add_argument("--tag", default="", help="a budget's name (e.g. 2h): results likelihood_<config>_<tag>.*, so "
+                        "runs of one configuration with different budgets sit side by side")
+    parser.add_argument("--run-dir", default=None, help="default runs/likelihood-<config>[-<tag>]")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of every saved result and exit")
     args = parser.parse_args()
     if args.table:
@@ -218,14 +220,16 @@ def main() -> int:
     if args.config is None:
         parser.error("name a configuration, or pass --table")
 
-    run_dir = Path(args.run_dir or REPO_ROOT / "runs" / f"likelihood-{args.config}")
+    name = f"{args.config}_{args.tag}" if args.tag else args.config
+    run_dir = Path(args.run_dir or REPO_ROOT / "runs" / f"likelihood-{name.replace('_', '-')}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     elbox = [str(Path(sys.executable).parent / "elbox")]
-    out = RESULTS / f"likelihood_{args.config}.json"
+    out = RESULTS / f"likelihood_{name}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = json.loads(out.read_text()) if args.phase == "evaluate" and out.exists() else {}
     result.update({
         "config": args.config,
+        "tag": args.tag,
         "description": CONFIGS[args.config][0],
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
@@ -235,12 +239,12 @@ def main() -> int:
         "units": "nats per image",
     })
     if args.phase in ("train", "all"):
-        result.update(train_phase(args.config, args, run_dir, env, elbox))
+        result.update(train_phase(name, args, run_dir, env, elbox))
         out.write_text(json.dumps(result, indent=2) + "\n")
     if args.phase in ("evaluate", "all"):
-        result.update(evaluate_phase(args.config, args, run_dir, env, elbox))
+        result.update(evaluate_phase(name, args, run_dir, env, elbox))
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{args.config}: test NLL (IWAE-{result['iw_samples']}, {result['test_examples']} test images) "
+        print(f"{name}: test NLL (IWAE-{result['iw_samples']}, {result['test_examples']} test images) "
               f"{result['test_nll_iw']:.2f} ± {result['test_nll_iw_stderr']:.2f} nats, ELBO {result['test_elbo']:.2f}; "
               f"evaluation {result['eval_wall_s'] / 60:.1f} min; wrote {out}")
     return 0
