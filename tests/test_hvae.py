@@ -173,6 +173,34 @@ def test_stl_and_dreg_forms_are_refused():
         model.log_weights(binary_images(2), 3, detach_posterior_params=True)
 
 
+TINY_MARKOV = {"hvae_type": "markov", "levels": 2, "latent_dims": [4, 2], "hidden_dims": [16], "data_shape": (1, 8, 8)}
+
+
+@pytest.mark.parametrize("config", [*LADDERS, TINY_MARKOV])
+def test_importance_samples_are_the_log_weights_and_train_every_parameter(config):
+    """The IWAE training objective's draws: the same log weights as log_weights for the same seed, and its gradient
+    reaches every parameter that the ELBO's gradient reaches."""
+    torch.manual_seed(0)
+    model = build_model("hvae", config)
+    perturb(model, 0.02, seed=2)
+    x = binary_images(3)
+    torch.manual_seed(1)
+    samples = model.importance_samples(x, 5)
+    torch.manual_seed(1)
+    torch.testing.assert_close(samples.log_w, model.log_weights(x, 5))
+    assert samples.log_w.shape == (5, 3) and samples.z is None
+    assert set(samples.terms.kl) == set(model.level_names)
+
+    def gradient_reached(objective):
+        model.zero_grad()
+        objective.backward()
+        return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    reached_by_elbo = gradient_reached(model.elbo(x).elbo.mean())
+    reached_by_iwae = gradient_reached(torch.logsumexp(model.importance_samples(x, 5).log_w, 0).mean())
+    assert reached_by_elbo and reached_by_elbo <= reached_by_iwae
+
+
 @pytest.mark.parametrize("config", LADDERS)
 def test_sample_temperature_per_level(config):
     torch.manual_seed(0)
@@ -298,6 +326,16 @@ def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config, free_b
     assert len(a) == 50
     assert [r["objective"] for r in a] == [r["objective"] for r in b]
     assert [r["kl/z2"] for r in a] == [r["kl/z2"] for r in b]
+
+
+def test_the_iwae_objective_trains_an_hvae_and_dreg_is_refused_up_front(tmp_path):
+    markov = {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}
+    records, _ = train_run(tmp_path / "iwae", markov, steps=30, objective="iwae", iw_samples=4, beta_schedule="constant")
+    objectives = [r["objective"] for r in records]
+    assert len(objectives) == 30 and all(math.isfinite(v) for v in objectives)
+    assert sum(objectives[-5:]) > sum(objectives[:5])  # 30 steps of Adam from initialization improve the bound
+    with pytest.raises(ElboxError, match="dreg estimator is not available for the MarkovHVAE"):
+        train_run(tmp_path / "dreg", markov, steps=2, objective="iwae", iw_samples=4, estimator="dreg", beta_schedule="constant")
 
 
 def test_free_bits_are_refused_for_the_markov_chain(tmp_path):

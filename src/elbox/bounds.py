@@ -272,12 +272,13 @@ class ImportanceSamples:
     """K reparameterized samples per example and what the training objectives need from them.
 
     log_w: [K, B] log p(x, z_k) - log q(z_k|x)
-    z:     [K, B, d] the draws z_k that log_w was computed from (DReG rescales the gradient reaching them)
+    z:     [K, B, d] the draws z_k that log_w was computed from (DReG rescales the gradient reaching them), or
+           None for models whose draws are several tensors and which refuse DReG (hierarchical VAEs)
     terms: ELBOTerms for reporting (not for gradients): reconstruction averaged over the K draws, analytic KL
     """
 
     log_w: Tensor
-    z: Tensor
+    z: Tensor | None
     terms: ELBOTerms
 
 

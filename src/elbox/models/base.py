@@ -61,6 +61,8 @@ class LatentVariableModel(nn.Module):
     kl_terms_are_kls: bool = True
     # True when elbo() returns ELBOTerms.objective, a surrogate to train on instead of the ELBO
     trains_on_surrogate: bool = False
+    # False when importance_samples refuses q's parameters detached (no STL or DReG estimator: hierarchical VAEs)
+    detachable_posterior: bool = True
 
     def __init__(self, config: Any):
         super().__init__()

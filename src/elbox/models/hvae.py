@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from elbox.bounds import (
     ELBOTerms,
+    ImportanceSamples,
     check_count,
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
@@ -155,6 +156,7 @@ class HVAE(LatentVariableModel):
 
     hvae_type: ClassVar[str] = ""
     types: ClassVar[dict[str, type[HVAE]]] = {}
+    detachable_posterior = False  # q(z_l|.) depends on the draws below it: no STL or DReG (see log_weights_sampler)
     # the training recipes measured on binarized Fashion-MNIST with the same hour of training (benchmarks/README.md,
     # likelihood_fmnist.py: the markov default scored 229.67 nats, the mlp-ladder 230.79, the VAE 231.74): cosine
     # learning rate, EMA of the weights, 5-epoch linear KL warm-up; batch 256 keeps the ladder's matrix products near
@@ -207,10 +209,18 @@ class HVAE(LatentVariableModel):
 
         detach_posterior_params (the STL/DReG form) is refused: q(z_l|.) depends on the earlier draws z_<l, and
         detaching its parameters would also cut the gradient through z_<l, biasing the estimator."""
-        if detach_posterior_params:
-            raise ElboxError("the STL and DReG estimators are not available for hierarchical VAEs; use the reparam estimator")
+        _refuse_detached_posterior(detach_posterior_params)
         prepared = self.prepare(x)
         return lambda n: self.draw(prepared, x, n)[2]
+
+    def importance_samples(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> ImportanceSamples:
+        """k joint draws per example with their log weights, for the IWAE training objective (the reparam
+        estimator only, see log_weights_sampler). The terms average the reconstruction and each level's KL
+        term over the k draws; z is None, since DReG, the one estimator that reweights the draws, is refused."""
+        check_count(k, "the number of importance samples K")
+        _refuse_detached_posterior(detach_posterior_params)
+        log_px, kl, log_w = self.draw(self.prepare(x), x, k)
+        return ImportanceSamples(log_w=log_w, z=None, terms=ELBOTerms(log_px.mean(0), {n: v.mean(0) for n, v in kl.items()}))
 
     def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
         """Each level's posterior mean {name: [B, d_l]} (see level_moments)."""
@@ -320,6 +330,11 @@ class MarkovHVAE(HVAE):
             mean, std = self._prior(t, z)
             z = mean + temperatures[t] * std * torch.randn_like(mean)
         return self.decode(z)
+
+
+def _refuse_detached_posterior(detach_posterior_params: bool) -> None:
+    if detach_posterior_params:
+        raise ElboxError("the STL and DReG estimators are not available for hierarchical VAEs; use the reparam estimator")
 
 
 def _draw_like(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:

@@ -46,6 +46,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from elbox.atomic import atomic_write_jsonl
+from elbox.bounds import DETACHED_POSTERIOR_ESTIMATORS
 from elbox.checkpoint import (
     BEST_WEIGHTS_FILE,
     METRICS_FILE,
@@ -115,6 +116,9 @@ class Trainer:
         examples read on demand by `workers` DataLoader processes (elbox.training.batches)."""
         if config.objective == "iwae" and not isinstance(model, ImportanceSampled):
             raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
+        if config.objective == "iwae" and config.estimator in DETACHED_POSTERIOR_ESTIMATORS and not model.detachable_posterior:
+            raise ElboxError(f"the {config.estimator} estimator is not available for the {type(model).__name__}: its posterior's "
+                             "parameters depend on earlier draws and cannot be detached; use --estimator reparam")
         if config.free_bits > 0 and not model.kl_terms_are_kls:
             raise ElboxError(
                 f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s per-level terms below "
