@@ -136,7 +136,9 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(config, posterior):
 @pytest.mark.parametrize(
     "config",
     [TINY_LADDER, {**TINY_LADDER, "posterior": "precision"}, TINY_MLP_LADDER, {**TINY_MLP_LADDER, "posterior": "precision"},
-     {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)}],
+     {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)},
+     {"hvae_type": "markov", "levels": 2, "latent_dims": [4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8),
+      "top_prior": "vamp", "pseudo_inputs": 5}],
 )
 @torch.no_grad()
 def test_log_weights_average_to_the_elbo(config):
@@ -174,9 +176,10 @@ def test_stl_and_dreg_forms_are_refused():
 
 
 TINY_MARKOV = {"hvae_type": "markov", "levels": 2, "latent_dims": [4, 2], "hidden_dims": [16], "data_shape": (1, 8, 8)}
+TINY_VAMP = {**TINY_MARKOV, "top_prior": "vamp", "pseudo_inputs": 3}
 
 
-@pytest.mark.parametrize("config", [*LADDERS, TINY_MARKOV])
+@pytest.mark.parametrize("config", [*LADDERS, TINY_MARKOV, TINY_VAMP])
 def test_importance_samples_are_the_log_weights_and_train_every_parameter(config):
     """The IWAE training objective's draws: the same log weights as log_weights for the same seed, and its gradient
     reaches every parameter that the ELBO's gradient reaches."""
@@ -199,6 +202,28 @@ def test_importance_samples_are_the_log_weights_and_train_every_parameter(config
     reached_by_elbo = gradient_reached(model.elbo(x).elbo.mean())
     reached_by_iwae = gradient_reached(torch.logsumexp(model.importance_samples(x, 5).log_w, 0).mean())
     assert reached_by_elbo and reached_by_elbo <= reached_by_iwae
+    assert ("pseudo_inputs" in reached_by_elbo) == (config.get("top_prior") == "vamp")
+
+
+@torch.no_grad()
+def test_vamp_prior_is_the_mixture_of_top_posteriors_at_the_pseudo_inputs():
+    """log p(z_T) = log (1/K) sum_k N(z_T; m_k, s_k^2), with (m_k, s_k) the top level of level_moments at pseudo-input
+    u_k; at temperature 0 the samples are the K components' means decoded along the prior's chain of means."""
+    torch.manual_seed(0)
+    model = build_model("hvae", TINY_VAMP).double()
+    perturb(model, 0.3, seed=4)
+    mean, var = model.level_moments(model.pseudo_inputs)["z2"]
+    z = torch.randn(50, 2, dtype=torch.float64)
+    components = Normal(mean, var.sqrt()).log_prob(z[:, None, :]).sum(-1)  # [50, K]
+    expected = torch.logsumexp(components, 1) - math.log(3)
+    torch.testing.assert_close(model.vamp_prior().log_prob(z), expected)
+
+    samples = model.sample(60, temperature=1e-12).flatten(1)
+    z1_means = model._prior(0, mean)[0]
+    decoded = model.likelihood.mean(model.decode(z1_means)).flatten(1)
+    distances = torch.cdist(samples, decoded)  # every sample is one of the K decoded component means
+    assert (distances.min(1).values < 1e-6).all()
+    assert distances.argmin(1).unique().numel() > 1  # and more than one component is drawn
 
 
 @pytest.mark.parametrize("config", LADDERS)
@@ -235,6 +260,9 @@ def test_sample_temperature_per_level(config):
         ({"hvae_type": "tree"}, "unknown hvae_type"),
         ({"levels": 0}, "levels must be >= 1"),
         ({"posterior": "mean-field"}, "unknown posterior"),
+        ({"pseudo_inputs": 10}, "applies to top_prior 'vamp' only"),
+        ({"hvae_type": "mlp-ladder", "top_prior": "vamp"}, "does not use top_prior"),
+        ({"top_prior": "flow"}, "unknown top_prior"),
     ],
 )
 def test_bad_configs_are_refused(bad, message):
@@ -379,6 +407,8 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     "flags",
     [
         ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32"],
+        ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32", "--top-prior", "vamp",
+         "--pseudo-inputs", "4"],
         ["--hvae-type", "ladder", "--levels", "2", "--channels", "8", "--latent-channels", "2", "--posterior", "precision"],
         ["--hvae-type", "mlp-ladder", "--levels", "2", "--latent-dims", "3", "6", "--hidden-dims", "32", "--free-bits", "0.1"],
     ],

@@ -10,6 +10,10 @@ Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP 
   different conditioning, so they cannot be paired into an analytic KL: level t < T contributes the
   single-sample estimate log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}); the top level's KL(q(z_T|z_{T-1}) || N(0, I))
   is analytic.
+  top_prior="vamp" replaces N(0, I) by a VampPrior (Tomczak & Welling 2018): p(z_T) = (1/K) sum_k
+  N(z_T; m_k, diag s_k^2), where (m_k, s_k) is the top posterior reached along the chain of posterior means from
+  a learned pseudo-input u_k (q(z_1|u_k), q(z_2|E z_1), ...). The top level's KL term is then the single-sample
+  log q(z_T|z_{T-1}) - log p(z_T) too.
 
 Every type: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
 takes a temperature per level (the standard deviations of p(z_l|.) are scaled by it).
@@ -25,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from elbox.bounds import (
     ELBOTerms,
@@ -56,11 +61,13 @@ HVAE_TYPES = ("markov", "ladder", "mlp-ladder")
 DEFAULT_HVAE_TYPE = "markov"
 # the options each type reads (the others must keep their defaults, so that none is silently ignored)
 TYPE_OPTIONS = {
-    "markov": {"latent_dims", "hidden_dims", "activation"},
+    "markov": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs"},
     "mlp-ladder": {"latent_dims", "hidden_dims", "activation", "blocks_per_level", "posterior"},
     "ladder": {"channels", "latent_channels", "blocks_per_level", "level_downsample", "posterior"},
 }
 POSTERIORS = ("residual", "precision")
+TOP_PRIORS = ("standard", "vamp")
+DEFAULT_PSEUDO_INPUTS = 100
 # configs saved before the per-type defaults record hidden_dims [512] for every type
 LEGACY_DEFAULTS = {"hidden_dims": [512]}
 
@@ -92,12 +99,19 @@ class HVAEConfig(LikelihoodOptions):
                                               "top half 4, rest 2)", factory=list, minimum=1, maximum=MAX_DATA_SIZE,
                                          max_items=MAX_DEPTH, metavar="F")
     posterior: str = option("residual", "ladders: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
+    top_prior: str = option("standard", "markov: prior of the top level, standard (N(0, I)) or vamp (VampPrior: a mixture "
+                                        "of the top posteriors at learned pseudo-inputs)", choices=TOP_PRIORS)
+    pseudo_inputs: int = option(DEFAULT_PSEUDO_INPUTS, "markov with --top-prior vamp: number of pseudo-inputs (mixture "
+                                "components); each training step also runs them through the encoder chain",
+                                minimum=1, maximum=MAX_WIDTH, metavar="K")
 
     def __post_init__(self):
         check_options(self)
         check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the hvae")
         self._check_options_of_other_types()
+        if self.top_prior != "vamp" and self.pseudo_inputs != DEFAULT_PSEUDO_INPUTS:
+            raise ElboxError(f"pseudo_inputs={self.pseudo_inputs} applies to top_prior 'vamp' only; set --top-prior vamp or drop it")
         if self.levels is None:
             self.levels = 2 if self.hvae_type == "markov" else 3
         if self.hvae_type in ("markov", "mlp-ladder"):
@@ -274,6 +288,23 @@ class MarkovHVAE(HVAE):
             [mlp(dims[0], rev, self.likelihood.num_params * num_dims, c.activation)]
             + [mlp(dims[t], rev, 2 * dims[t - 1], c.activation) for t in range(1, c.levels)]
         )
+        if c.top_prior == "vamp":  # small noise around 0, inside every data space; training moves them
+            self.pseudo_inputs = nn.Parameter(0.01 * torch.randn(c.pseudo_inputs, *c.data_shape))
+
+    @property
+    def activation_elements(self) -> int:
+        """Per-sample elements of the VampPrior's log density, [K components, d_T] and its temporaries (else 0)."""
+        return 3 * self.config.pseudo_inputs * self.config.latent_dims[-1] if self.config.top_prior == "vamp" else 0
+
+    def vamp_prior(self) -> MixtureSameFamily:
+        """The VampPrior p(z_T): the mixture of the top posteriors along the chain of means from each pseudo-input
+        (module docstring)."""
+        inputs = self.pseudo_inputs
+        for t in range(self.config.levels):
+            mean, std = self._posterior(t, inputs)
+            inputs = mean
+        weights = Categorical(logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype))
+        return MixtureSameFamily(weights, Independent(Normal(mean, std), 1))
 
     def _posterior(self, t: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of q(z_{t+1}|.) (0-based t) from its input: x for t = 0, else z_t."""
@@ -304,12 +335,12 @@ class MarkovHVAE(HVAE):
             z, eps = sample_diag_gaussian(mean, std, n) if t == 0 else _draw_like(mean, std)
             zs.append(z)
             log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
-        top_kl = kl_diag_gaussians(mean, std).sum(-1)
         log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(levels - 1)]
-        log_p.append(standard_normal_log_prob(zs[-1]))
+        log_p.append(standard_normal_log_prob(zs[-1]) if self.config.top_prior == "standard" else self.vamp_prior().log_prob(zs[-1]))
         log_px = self.likelihood.log_prob(self.decode(zs[0]), x)
-        kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names[:-1])}
-        kl[self.level_names[-1]] = top_kl.reshape(-1, x.shape[0])  # [1, B] when T = 1: q(z_1|x) is shared by the n draws
+        kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names)}
+        if self.config.top_prior == "standard":  # the top level's KL in closed form
+            kl[self.level_names[-1]] = kl_diag_gaussians(mean, std).sum(-1).reshape(-1, x.shape[0])  # [1, B] when T = 1
         return log_px, kl, log_px + sum(log_p) - sum(log_q)
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -324,8 +355,15 @@ class MarkovHVAE(HVAE):
         return self.decode(self.encode_levels(x)["z1"])
 
     def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
-        ref = next(self.parameters())
-        z = temperatures[-1] * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)
+        """Top level first; a VampPrior's temperature scales the standard deviation of the drawn component."""
+        if self.config.top_prior == "standard":
+            ref = next(self.parameters())
+            z = temperatures[-1] * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)
+        else:
+            prior = self.vamp_prior()
+            k = prior.mixture_distribution.sample((n,))
+            component = prior.component_distribution.base_dist
+            z = component.loc[k] + temperatures[-1] * component.scale[k] * torch.randn_like(component.loc[k])
         for t in reversed(range(self.config.levels - 1)):
             mean, std = self._prior(t, z)
             z = mean + temperatures[t] * std * torch.randn_like(mean)
