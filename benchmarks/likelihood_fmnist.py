@@ -52,6 +52,21 @@ CONFIGS = {
          "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         140,
     ),
+    "hvae-markov-vamp": (
+        "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--top-prior", "vamp", "--pseudo-inputs", "100", "--batch-size", "128",
+         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear",
+         "--warmup-epochs", "5"],
+        110,
+    ),
+    "hvae-markov-iwae": (
+        "hvae-markov trained on IWAE-4 (reparam estimator; no KL term, so no warm-up)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--objective", "iwae", "--iw-samples", "4", "--batch-size", "128",
+         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "constant"],
+        50,
+    ),
     "hvae-mlp-ladder": (
         "3-level MLP ladder, latents 8/16/32 (top first), width 512, residual posterior, 5-epoch KL warm-up",
         ["--model", "hvae", "--hvae-type", "mlp-ladder", "--levels", "3", "--latent-dims", "8", "16", "32",
