@@ -303,8 +303,10 @@ class MarkovHVAE(HVAE):
         for t in range(self.config.levels):
             mean, std = self._posterior(t, inputs)
             inputs = mean
-        weights = Categorical(logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype))
-        return MixtureSameFamily(weights, Independent(Normal(mean, std), 1))
+        # no argument validation: a non-finite draw must reach the trainer's non-finite step counting, not raise here
+        weights = Categorical(logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False)
+        components = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
+        return MixtureSameFamily(weights, components, validate_args=False)
 
     def _posterior(self, t: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of q(z_{t+1}|.) (0-based t) from its input: x for t = 0, else z_t."""
