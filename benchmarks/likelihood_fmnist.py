@@ -36,8 +36,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
-# name -> (description, training arguments, default epochs). The epochs of the first four fill about 80 minutes each
-# when the four train side by side with one thread each on the 2-core CPU (half a core each).
+# name -> (description, training arguments, default epochs). The epochs of vae, hvae-markov and the two MLP ladders
+# fill about an hour each when they train side by side with one thread each on the 2-core CPU; the VampPrior and
+# IWAE-4 variants of hvae-markov cost about 1.5x its time per image (benchmarks/README.md), hence 95 epochs.
 CONFIGS = {
     "vae": (
         "MLP VAE 784-512-512-32",
@@ -58,14 +59,14 @@ CONFIGS = {
          "--hidden-dims", "512", "512", "--top-prior", "vamp", "--pseudo-inputs", "100", "--batch-size", "128",
          "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear",
          "--warmup-epochs", "5"],
-        110,
+        95,
     ),
     "hvae-markov-iwae": (
         "hvae-markov trained on IWAE-4 (reparam estimator; no KL term, so no warm-up)",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
          "--hidden-dims", "512", "512", "--objective", "iwae", "--iw-samples", "4", "--batch-size", "128",
          "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "constant"],
-        50,
+        95,
     ),
     "hvae-mlp-ladder": (
         "3-level MLP ladder, latents 8/16/32 (top first), width 512, residual posterior, 5-epoch KL warm-up",
