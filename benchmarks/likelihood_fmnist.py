@@ -53,6 +53,19 @@ CONFIGS = {
          "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         140,
     ),
+    "vae-ar": (
+        "vae with the bernoulli-ar likelihood (local autoregressive pixels: 7x7 masked window, 32 hidden channels)",
+        ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32", "--likelihood", "bernoulli-ar",
+         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"],
+        100,
+    ),
+    "hvae-markov-ar": (
+        "hvae-markov with the bernoulli-ar likelihood (as vae-ar)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--likelihood", "bernoulli-ar", "--batch-size", "128", "--lr", "1e-3",
+         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        80,
+    ),
     "hvae-markov-vamp": (
         "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
