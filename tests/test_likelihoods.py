@@ -10,6 +10,7 @@ from torch.distributions import Normal
 from elbox.errors import ElboxError
 from elbox.likelihoods import (
     LIKELIHOODS,
+    AutoregressiveBernoulliLikelihood,
     BernoulliLikelihood,
     CategoricalLikelihood,
     DiscretizedLogisticLikelihood,
@@ -58,6 +59,113 @@ def test_bernoulli_broadcasts_samples_against_batch():
         torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
     # mean is sigmoid(logits), in [0, 1]
     torch.testing.assert_close(lik.mean(logits), torch.sigmoid(logits[:, :, 0]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Autoregressive Bernoulli
+
+
+def random_ar(data_shape, ar_channels=4, ar_kernel=3, seed=0):
+    """A bernoulli-ar likelihood in float64 with every weight random (the trained-model case; at init g is zero)."""
+    torch.manual_seed(seed)
+    lik = AutoregressiveBernoulliLikelihood(data_shape, ar_channels=ar_channels, ar_kernel=ar_kernel).double()
+    for p in lik.parameters():
+        torch.nn.init.normal_(p, std=1.5)
+    return lik
+
+
+def every_binary_image(data_shape):
+    d = math.prod(data_shape)
+    bits = (torch.arange(2**d)[:, None] >> torch.arange(d - 1, -1, -1)) & 1
+    return bits.to(F64).reshape(-1, *data_shape)
+
+
+def test_bernoulli_ar_starts_as_bernoulli():
+    lik = AutoregressiveBernoulliLikelihood(SHAPE)
+    x = torch.bernoulli(torch.full((3, *SHAPE), 0.5))
+    params = torch.randn(3, 1, *SHAPE)
+    torch.testing.assert_close(lik.log_prob(params, x), BernoulliLikelihood(SHAPE).log_prob(params, x))
+
+
+@pytest.mark.parametrize("data_shape, kernel", [((1, 3, 4), 3), ((2, 2, 3), 3), ((1, 3, 3), 5)])
+def test_bernoulli_ar_is_normalized(data_shape, kernel):
+    """exp(log p(x|z)) sums to 1 over every binary image, with random weights: the mask lets no pixel see itself or
+    a later pixel (a leak would make the sum differ from 1)."""
+    lik = random_ar(data_shape, ar_kernel=kernel)
+    xs = every_binary_image(data_shape)
+    params = torch.randn(1, 1, *data_shape, dtype=F64)
+    total = lik.log_prob(params.expand(len(xs), *params.shape[1:]), xs).exp().sum()
+    torch.testing.assert_close(total, torch.tensor(1.0, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_bernoulli_ar_logit_depends_only_on_earlier_pixels_in_the_window():
+    data_shape, kernel = (1, 6, 7), 5
+    lik = random_ar(data_shape, ar_kernel=kernel, seed=1)
+    x = torch.bernoulli(torch.full((1, *data_shape), 0.5, dtype=F64))
+    base = lik.context_logits(x)
+    _, h, w = data_shape
+    for j in range(h * w):
+        flipped = x.clone()
+        flipped.view(-1)[j] = 1 - flipped.view(-1)[j]
+        changed = (lik.context_logits(flipped) != base).view(-1).nonzero().squeeze(1).tolist()
+        rj, cj = divmod(j, w)
+        for i in changed:
+            ri, ci = divmod(i, w)
+            assert i > j, f"pixel {i} depends on the later pixel {j}"
+            assert ri - rj <= kernel // 2 and abs(ci - cj) <= kernel // 2, f"pixel {i} sees {j} outside its window"
+
+
+def test_bernoulli_ar_scores_importance_samples_like_single_ones():
+    """params [K, B, ...] against x [B, ...] gives what each sample gives alone, and the gradient reaches g."""
+    lik = random_ar(SHAPE, seed=2)
+    x = torch.bernoulli(torch.full((3, *SHAPE), 0.5, dtype=F64))
+    params = torch.randn(5, 3, 1, *SHAPE, dtype=F64)
+    batched = lik.log_prob(params, x)
+    assert batched.shape == (5, 3)
+    for k in range(5):
+        torch.testing.assert_close(batched[k], lik.log_prob(params[k], x))
+    batched.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lik.parameters())
+
+
+def test_bernoulli_ar_draws_follow_log_prob():
+    """Frequencies of sample() over all 64 images of 2 x 3 pixels match exp(log_prob): a chi-square statistic within
+    5 standard deviations of its mean (63 degrees of freedom)."""
+    data_shape = (1, 2, 3)
+    lik = random_ar(data_shape, seed=3)
+    params = torch.randn(1, 1, *data_shape, dtype=F64)
+    torch.manual_seed(4)
+    n = 100_000
+    draws = lik.sample(params.expand(n, *params.shape[1:]))
+    assert draws.shape == (n, *data_shape)
+    codes = (draws.reshape(n, -1).long() << torch.arange(5, -1, -1)).sum(1)
+    observed = torch.bincount(codes, minlength=64).to(F64)
+    expected = n * lik.log_prob(params.expand(64, *params.shape[1:]), every_binary_image(data_shape)).exp()
+    chi2 = ((observed - expected) ** 2 / expected).sum().item()
+    assert chi2 < 63 + 5 * math.sqrt(2 * 63), chi2
+
+
+def test_bernoulli_ar_mean_feeds_probabilities_forward():
+    """mean() is the sequential mean-field pass: pixel i's value is sigmoid(l_i + g(m)_i) with m the values before
+    it, so the result is a fixed point of that map."""
+    lik = random_ar((1, 4, 4), seed=5)
+    params = torch.randn(2, 1, 1, 4, 4, dtype=F64)
+    m = lik.mean(params)
+    torch.testing.assert_close(m, torch.sigmoid(params.squeeze(1) + lik.context_logits(m)))
+    assert not torch.allclose(m, torch.sigmoid(params.squeeze(1)))
+
+
+def test_bernoulli_ar_refuses_bad_shapes_and_options():
+    with pytest.raises(ElboxError, match=r"images \[C, H, W\]"):
+        AutoregressiveBernoulliLikelihood((12,))
+    for kernel in (1, 4):
+        with pytest.raises(ElboxError, match="ar_kernel"):
+            AutoregressiveBernoulliLikelihood(SHAPE, ar_kernel=kernel)
+    with pytest.raises(ElboxError, match="ar_channels"):
+        AutoregressiveBernoulliLikelihood(SHAPE, ar_channels=0)
+    # a config's options reach the likelihood
+    lik = build_likelihood("bernoulli-ar", SHAPE, ar_channels=5, ar_kernel=5)
+    assert lik.hidden.out_features == 5 and lik.kernel == 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +482,7 @@ def test_check_data_rejects_non_8bit(cls):
 
 
 def test_build_likelihood():
-    names = ["bernoulli", "gaussian", "gaussian-learned", "discretized-logistic", "categorical"]
+    names = ["bernoulli", "bernoulli-ar", "gaussian", "gaussian-learned", "discretized-logistic", "categorical"]
     assert sorted(LIKELIHOODS) == sorted(names)
     assert isinstance(build_likelihood("gaussian", SHAPE, sigma=0.2), GaussianLikelihood)
     assert build_likelihood("gaussian", SHAPE, sigma=0.2).sigma == 0.2
