@@ -15,6 +15,7 @@ from elbox.data import load_split
 from elbox.errors import ElboxError
 from elbox.training.config import TrainConfig
 from elbox.training.objectives import beta_at
+from elbox.training.trainer import make_optimizer
 
 
 def small_run(tmp_path, seed=0, epochs=2, **train_options):
@@ -106,7 +107,31 @@ def test_non_finite_steps_are_counted_across_epochs_and_resumes(tmp_path):
     assert resumed.skipped_steps == 1  # the first failed step of the new epoch reached the limit
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0)])
+def test_weight_decay_is_decoupled_and_survives_resume(tmp_path):
+    """--weight-decay w makes Adam AdamW: a first step with a zero gradient (no Adam update) shrinks every weight by
+    exactly (1 - lr * w); a resumed run accepts the saved optimizer settings, and one without the decay refuses them."""
+    trainer, _ = small_run(tmp_path / "decay", epochs=1, weight_decay=0.5, lr=1e-2)
+    assert [(g["weight_decay"], g["decoupled_weight_decay"]) for g in trainer.optimizer.param_groups] == [(0.5, True)]
+    model = torch.nn.Linear(3, 2)
+    optimizer = make_optimizer(model, lr=1e-2, weight_decay=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(p.detach(), b * (1 - 1e-2 * 0.5))
+    resumed = make_trainer(tmp_path / "decay", "vae", {"latent_dim": 3, "hidden_dims": [32]}, epochs=1,
+                           batch_size=100, log_every=2, weight_decay=0.5, lr=1e-2)
+    resumed.restore(*load_training_state(tmp_path / "decay" / STATE_FILE))
+    assert resumed.start_epoch == 2
+    plain = make_trainer(tmp_path / "plain", "vae", {"latent_dim": 3, "hidden_dims": [32]}, epochs=1,
+                         batch_size=100, log_every=2, lr=1e-2)
+    with pytest.raises(ElboxError, match="does not fit|other training settings"):
+        plain.restore(*load_training_state(tmp_path / "decay" / STATE_FILE))
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0),
+                                 dict(weight_decay=-0.1), dict(weight_decay=2.0)])
 def test_bad_train_config(bad):
     with pytest.raises(ElboxError):
         TrainConfig(**bad)

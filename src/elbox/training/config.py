@@ -37,6 +37,8 @@ class TrainConfig:
     batch_size: int = option(128, "examples per optimizer step (the global batch under torchrun)", minimum=1,
                              maximum=MAX_BATCH)
     lr: float = option(1e-3, "Adam learning rate", above=0)
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW): each step shrinks every weight by lr times "
+                                      "this; 0: plain Adam", minimum=0, maximum=1)
     seed: int = option(0, "seed of the initialization, the batches and the data randomness", minimum=0, maximum=MAX_SEED)
     objective: str = option("elbo", "training objective: elbo (beta-weighted, optional free bits) or iwae (IWAE-K; "
                                     "see --iw-samples, --estimator)", choices=OBJECTIVES)

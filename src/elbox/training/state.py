@@ -18,7 +18,7 @@ from elbox.training.config import TrainConfig, config_dict
 
 COUNTS = ("epoch", "step", "skipped_steps", "skipped_large_grad")
 # entries a saved state must share with this run's optimizer and schedule: they follow from its config, not its progress
-ADAM_SETTINGS = ("params", "betas", "eps", "weight_decay", "amsgrad", "maximize", "initial_lr")
+ADAM_SETTINGS = ("params", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize", "initial_lr")
 SCHEDULE_SETTINGS = ("T_max", "eta_min", "base_lrs")
 
 

@@ -75,8 +75,12 @@ from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
 
 
-def make_optimizer(model: LatentVariableModel, lr: float) -> torch.optim.Optimizer:
-    """Adam with the fused multi-tensor kernel (one kernel for all parameters per step)."""
+def make_optimizer(model: LatentVariableModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam with the fused multi-tensor kernel (one kernel for all parameters per step); weight_decay > 0 makes it
+    AdamW (decoupled weight decay on every parameter, Loshchilov & Hutter 2019)."""
+    if weight_decay > 0:
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True,
+                                fused=True)
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
@@ -164,7 +168,7 @@ class Trainer:
         if config.compile:
             # static shapes: the epoch's last, smaller batch gets its own graph (one recompilation)
             self.objective = torch.compile(self.objective, dynamic=False)
-        self.optimizer = make_optimizer(model, config.lr)
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay)
         self.steps_per_epoch = math.ceil(num_examples(train_data) / config.batch_size)
         self.scheduler = None
         if config.lr_schedule == "cosine":
