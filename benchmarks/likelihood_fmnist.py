@@ -66,6 +66,22 @@ CONFIGS = {
          "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         80,
     ),
+    "hvae-markov-ar-vamp": (
+        "hvae-markov-ar with a VampPrior on the top level (100 pseudo-inputs)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--likelihood", "bernoulli-ar", "--top-prior", "vamp", "--pseudo-inputs", "100",
+         "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
+         "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        62,
+    ),
+    "hvae-markov-ar-wd": (
+        "hvae-markov-ar with decoupled weight decay 0.05 (AdamW)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--likelihood", "bernoulli-ar", "--weight-decay", "0.05", "--batch-size", "128",
+         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear",
+         "--warmup-epochs", "5"],
+        80,
+    ),
     "hvae-markov-vamp": (
         "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
