@@ -74,13 +74,19 @@ CONFIGS = {
          "--beta-schedule", "linear", "--warmup-epochs", "5"],
         62,
     ),
-    "hvae-markov-ar-wd": (
-        "hvae-markov-ar with decoupled weight decay 0.05 (AdamW)",
+    "hvae-markov-wd": (
+        "hvae-markov with decoupled weight decay 0.05 (AdamW)",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--likelihood", "bernoulli-ar", "--weight-decay", "0.05", "--batch-size", "128",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear",
-         "--warmup-epochs", "5"],
-        80,
+         "--hidden-dims", "512", "512", "--weight-decay", "0.05", "--batch-size", "128", "--lr", "1e-3",
+         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        140,
+    ),
+    "hvae-markov-wd2": (
+        "hvae-markov with decoupled weight decay 0.2 (AdamW)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
+         "--hidden-dims", "512", "512", "--weight-decay", "0.2", "--batch-size", "128", "--lr", "1e-3",
+         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        140,
     ),
     "hvae-markov-vamp": (
         "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
