@@ -88,6 +88,13 @@ CONFIGS = {
          "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
         140,
     ),
+    "hvae-markov-z64": (
+        "hvae-markov with latents 64 and 32 (twice the latent units per level)",
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "64", "32",
+         "--hidden-dims", "512", "512", "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine",
+         "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        140,
+    ),
     "hvae-markov-vamp": (
         "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
         ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
