@@ -44,7 +44,8 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 def test_markov_with_one_level_is_the_vae():
     vae = build_model("vae", {"latent_dim": 6, "hidden_dims": [32, 16], "data_shape": (1, 8, 8)})
-    hvae = build_model("hvae", {"hvae_type": "markov", "levels": 1, "latent_dims": [6], "hidden_dims": [32, 16], "data_shape": (1, 8, 8)})
+    hvae = build_model("hvae", {"hvae_type": "markov", "levels": 1, "latent_dims": [6], "hidden_dims": [32, 16],
+                                "data_shape": (1, 8, 8), "activation": vae.config.activation})
     assert isinstance(hvae, MarkovHVAE)
     renamed = {k.replace("encoder.", "encoders.0.", 1).replace("decoder.", "decoders.0.", 1): v for k, v in vae.state_dict().items()}
     hvae.load_state_dict(renamed)  # strict: the same parameters, nothing more
@@ -325,7 +326,14 @@ def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
         build_model("hvae", {"channels": 32, "posterior": "precision"})  # the default type is the markov chain
     with pytest.raises(ElboxError, match="does not use hidden_dims, latent_dims"):
         build_model("hvae", {"hvae_type": "ladder", "latent_dims": [4, 4, 4], "hidden_dims": [64]})
-    build_model("hvae", {"hvae_type": "ladder", "channels": 8, "hidden_dims": [512]})  # as configs saved before record it
+    # as configs saved before the per-type defaults record them
+    build_model("hvae", {"hvae_type": "ladder", "channels": 8, "hidden_dims": [512], "activation": "relu"})
+    with pytest.raises(ElboxError, match="does not use activation"):
+        build_model("hvae", {"hvae_type": "ladder", "channels": 8, "activation": "tanh"})
+    markov, ladder = build_model("hvae", {}), build_model("hvae", {"hvae_type": "mlp-ladder"})
+    assert (markov.config.activation, ladder.config.activation) == ("gelu", "relu")
+    assert isinstance(markov.encoders[0][1][1], torch.nn.GELU)
+    assert build_model("hvae", {"activation": "relu"}).config.activation == "relu"
     assert train_defaults("hvae", {})["epochs"] == 140 and train_defaults("hvae", {"hvae_type": "mlp-ladder"})["batch_size"] == 256
     assert train_defaults("hvae", {"hvae_type": "ladder"}) == {}
 

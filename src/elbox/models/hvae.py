@@ -68,8 +68,11 @@ TYPE_OPTIONS = {
 POSTERIORS = ("residual", "precision")
 TOP_PRIORS = ("standard", "vamp")
 DEFAULT_PSEUDO_INPUTS = 100
-# configs saved before the per-type defaults record hidden_dims [512] for every type
-LEGACY_DEFAULTS = {"hidden_dims": [512]}
+# configs saved before the per-type defaults record hidden_dims [512] and activation relu for every type
+LEGACY_DEFAULTS = {"hidden_dims": [512], "activation": "relu"}
+# the Markov chain's MLPs train better with GELU than ReLU (benchmarks/README.md, issue 19); the MLP ladder was
+# measured with ReLU only
+DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu"}
 
 
 @dataclass
@@ -79,9 +82,9 @@ class HVAEConfig(LikelihoodOptions):
                                       "(top-down, fully connected)", choices=HVAE_TYPES)
     levels: int | None = option(None, "number of latent levels (default: 2 for markov, 3 for the ladders)", minimum=1,
                                 maximum=MAX_DEPTH, metavar="T")
-    activation: str = option("relu", "markov and mlp-ladder: activation of the MLPs (the convolutional ladder's "
-                                     "residual blocks use GELU)",
-                             choices=tuple(ACTIVATIONS))
+    activation: str | None = option(None, "markov and mlp-ladder: activation of the MLPs (default: gelu for markov, "
+                                          "relu for mlp-ladder; the convolutional ladder's residual blocks use GELU)",
+                                    choices=tuple(ACTIVATIONS))
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
     latent_dims: list[int] = option(help="markov and mlp-ladder: latent size per level z_1, z_2, ... (markov: z_1 is "
                                          "next to x; mlp-ladder: z_1 is the top level); default 32 next to x, halving "
@@ -115,6 +118,8 @@ class HVAEConfig(LikelihoodOptions):
         if self.levels is None:
             self.levels = 2 if self.hvae_type == "markov" else 3
         if self.hvae_type in ("markov", "mlp-ladder"):
+            if self.activation is None:
+                self.activation = DEFAULT_ACTIVATION[self.hvae_type]
             if self.hidden_dims is None:
                 self.hidden_dims = [512, 512] if self.hvae_type == "markov" else [512]
             if not self.latent_dims:
