@@ -36,100 +36,58 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "results"
 
+
+def vae_args(*extra: str, activation: str = "relu") -> list[str]:
+    """`elbox train` options of the MLP VAE 784-512-512-32 recipe, with extra options before the recipe's."""
+    return ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32", "--activation", activation, *extra,
+            "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"]
+
+
+def markov_args(*extra: str, latent_dims: tuple[str, str] = ("32", "16"), activation: str = "relu", lr: str = "1e-3",
+                warmup: bool = True) -> list[str]:
+    """`elbox train` options of the 2-level Markov HVAE recipe (MLPs 512-512, batch 128, cosine lr, EMA, 5-epoch KL
+    warm-up unless warmup is False), with extra options before the recipe's. ReLU is the activation these
+    configurations first ran with; `elbox train --model hvae` now defaults to GELU, which is hvae-markov-gelu."""
+    kl_schedule = ["--beta-schedule", "linear", "--warmup-epochs", "5"] if warmup else ["--beta-schedule", "constant"]
+    return ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", *latent_dims,
+            "--hidden-dims", "512", "512", "--activation", activation, *extra, "--batch-size", "128", "--lr", lr,
+            "--lr-schedule", "cosine", "--ema-decay", "0.999", *kl_schedule]
+
+
 # name -> (description, training arguments, default epochs). The epochs of vae, hvae-markov and the two MLP ladders
-# fill about an hour each when they train side by side with one thread each on the 2-core CPU; the VampPrior and
-# IWAE-4 variants of hvae-markov cost about 1.5x its time per image (benchmarks/README.md), hence 95 epochs.
-# The Markov configurations other than hvae-markov-gelu name --activation relu, the default when they first ran;
-# `elbox train --model hvae` now defaults to GELU, which is hvae-markov-gelu.
+# fill about an hour each when they train side by side with one thread each on the 2-core CPU. The VampPrior and
+# IWAE-4 variants of hvae-markov cost about 1.5x its time per image when timed alone (benchmarks/README.md), hence 95
+# epochs; IWAE-4 measured 2.2x side by side in the fifth run.
 CONFIGS = {
-    "vae": (
-        "MLP VAE 784-512-512-32",
-        ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"],
-        210,
-    ),
-    "hvae-markov": (
-        "2-level Markov HVAE, latents 32 and 16, MLPs 512-512, 5-epoch KL warm-up",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine",
-         "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
-    ),
+    "vae": ("MLP VAE 784-512-512-32", vae_args(), 210),
+    "hvae-markov": ("2-level Markov HVAE, latents 32 and 16, MLPs 512-512, 5-epoch KL warm-up", markov_args(), 140),
     "vae-ar": (
         "vae with the bernoulli-ar likelihood (local autoregressive pixels: 7x7 masked window, 32 hidden channels)",
-        ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32", "--likelihood", "bernoulli-ar",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"],
+        vae_args("--likelihood", "bernoulli-ar"),
         100,
     ),
-    "hvae-markov-ar": (
-        "hvae-markov with the bernoulli-ar likelihood (as vae-ar)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--likelihood", "bernoulli-ar", "--batch-size", "128", "--lr", "1e-3",
-         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        80,
-    ),
+    "hvae-markov-ar": ("hvae-markov with the bernoulli-ar likelihood (as vae-ar)", markov_args("--likelihood", "bernoulli-ar"), 80),
     "hvae-markov-ar-vamp": (
         "hvae-markov-ar with a VampPrior on the top level (100 pseudo-inputs)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--likelihood", "bernoulli-ar", "--top-prior", "vamp", "--pseudo-inputs", "100",
-         "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999",
-         "--beta-schedule", "linear", "--warmup-epochs", "5"],
+        markov_args("--likelihood", "bernoulli-ar", "--top-prior", "vamp", "--pseudo-inputs", "100"),
         62,
     ),
-    "hvae-markov-wd": (
-        "hvae-markov with decoupled weight decay 0.05 (AdamW)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--weight-decay", "0.05", "--batch-size", "128", "--lr", "1e-3",
-         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
-    ),
-    "hvae-markov-wd2": (
-        "hvae-markov with decoupled weight decay 0.2 (AdamW)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--weight-decay", "0.2", "--batch-size", "128", "--lr", "1e-3",
-         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
-    ),
+    "hvae-markov-wd": ("hvae-markov with decoupled weight decay 0.05 (AdamW)", markov_args("--weight-decay", "0.05"), 140),
+    "hvae-markov-wd2": ("hvae-markov with decoupled weight decay 0.2 (AdamW)", markov_args("--weight-decay", "0.2"), 140),
     "hvae-markov-z64": (
-        "hvae-markov with latents 64 and 32 (twice the latent units per level)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "64", "32",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--batch-size", "128", "--lr", "1e-3", "--lr-schedule", "cosine",
-         "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
+        "hvae-markov with latents 64 and 32 (twice the latent units per level)", markov_args(latent_dims=("64", "32")), 140,
     ),
-    "hvae-markov-gelu": (
-        "hvae-markov with GELU activations in every MLP",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "gelu", "--batch-size", "128", "--lr", "1e-3",
-         "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
-    ),
-    "hvae-markov-lr2e-3": (
-        "hvae-markov with learning rate 2e-3",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--batch-size", "128", "--lr", "2e-3", "--lr-schedule", "cosine",
-         "--ema-decay", "0.999", "--beta-schedule", "linear", "--warmup-epochs", "5"],
-        140,
-    ),
-    "vae-gelu": (
-        "vae with GELU activations",
-        ["--model", "vae", "--hidden-dims", "512", "512", "--latent-dim", "32", "--activation", "gelu",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999"],
-        210,
-    ),
+    "hvae-markov-gelu": ("hvae-markov with GELU activations in every MLP", markov_args(activation="gelu"), 140),
+    "hvae-markov-lr2e-3": ("hvae-markov with learning rate 2e-3", markov_args(lr="2e-3"), 140),
+    "vae-gelu": ("vae with GELU activations", vae_args(activation="gelu"), 210),
     "hvae-markov-vamp": (
         "hvae-markov with a VampPrior on the top level (100 pseudo-inputs)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--top-prior", "vamp", "--pseudo-inputs", "100", "--batch-size", "128",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "linear",
-         "--warmup-epochs", "5"],
+        markov_args("--top-prior", "vamp", "--pseudo-inputs", "100"),
         95,
     ),
     "hvae-markov-iwae": (
         "hvae-markov trained on IWAE-4 (reparam estimator; no KL term, so no warm-up)",
-        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "32", "16",
-         "--hidden-dims", "512", "512", "--activation", "relu", "--objective", "iwae", "--iw-samples", "4", "--batch-size", "128",
-         "--lr", "1e-3", "--lr-schedule", "cosine", "--ema-decay", "0.999", "--beta-schedule", "constant"],
+        markov_args("--objective", "iwae", "--iw-samples", "4", warmup=False),
         95,
     ),
     "hvae-mlp-ladder": (
