@@ -15,7 +15,7 @@ import elbox
 from elbox import atomic
 from elbox.atomic import atomic_write_bytes
 from elbox.cli import build_parser, main
-from elbox.cli_types import SEED_MAX
+from elbox.options import MAX_SEED as SEED_MAX
 from elbox.data import load_split
 from elbox.errors import ElboxError
 

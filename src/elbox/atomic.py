@@ -76,6 +76,44 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
+# What marks a file as one elbox wrote, by the start of its bytes (within the first 64 KiB): the image grids carry a
+# PNG text chunk "Software: elbox", the score CSVs their header, the feature archives their `names` array, the JSON
+# results and reports their own keys and headings.
+PNG_SOFTWARE = "elbox"
+_OWN_MARKS = {
+    ".png": (b"\x89PNG\r\n\x1a\n", b"Software\x00" + PNG_SOFTWARE.encode()),
+    ".csv": (b"index,name,log_likelihood_nats,",),
+    ".npz": (b"PK", b"names.npy"),
+    ".json": (b"{", b'"model":', b'"dataset":'),
+    ".html": (b"<!doctype html>", b"id='run-settings'"),
+    ".md": (b"# ", b"## Run settings"),
+}
+
+
+def written_by_elbox(path: Path) -> bool:
+    """True if the regular file at `path` is one of elbox's outputs (an image grid, scores, features, a JSON result, a
+    report), recognized by its content (_OWN_MARKS), so that elbox may replace it."""
+    marks = _OWN_MARKS.get(path.suffix.lower())
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return marks is not None and head.startswith(marks[0]) and all(mark in head for mark in marks[1:])
+
+
+def check_replaceable(path: str | Path, overwrite: bool = False) -> Path:
+    """ElboxError if `path` is a file elbox did not write (written_by_elbox) and `overwrite` is not given: elbox never
+    replaces a user's file by mistake. Absent paths pass; so does anything with overwrite (refuse_non_regular still
+    guards symbolic links, devices and directories)."""
+    path = Path(path)
+    refuse_non_regular(path)
+    if overwrite or not path.exists() or written_by_elbox(path):
+        return path
+    raise ElboxError(f"{shown(path)} exists and is not a file elbox wrote; elbox will not replace it: choose another "
+                     "name, or give --overwrite (overwrite=True in Python) to replace it")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same directory (created if missing), fsync, then rename over `path`.
 

@@ -24,8 +24,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from elbox.atomic import atomic_write_bytes, atomic_write_json
+from elbox.data.preprocessing import Preprocessing
 from elbox.data.spaces import space_from_record
 from elbox.errors import ElboxError
+from elbox.system import resolve_device
 from elbox.models import build_model
 from elbox.models.base import (
     LatentVariableModel,
@@ -162,12 +164,52 @@ def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict
 def save_pretrained(model: LatentVariableModel, directory: str | os.PathLike, data: dict[str, Any] | None = None) -> Path:
     """Write a model as a run directory (config.json + model.safetensors: what `elbox.load` and the `elbox`
     commands read; no pickle). `data` describes the training data ({"name": "fashion-mnist", ...}) so that
-    `elbox evaluate` knows which dataset to use; the data space is always recorded."""
+    `elbox evaluate` knows which dataset to use; the model's preprocessing (its data space, with a table's
+    standardization and columns, an image size) is always recorded.
+
+    Like `elbox train --out`, it writes only into a new or empty directory, or over an earlier save_pretrained
+    output (config.json and model.safetensors alone): never over a training run or a user's files."""
+    if not isinstance(model, LatentVariableModel):
+        raise ElboxError(f"save_pretrained takes a model (run.model for a Run), got {type(model).__name__}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    record = {**(data or {}), **preprocessing_record(model)}
+    check_data_record(record)
+    check_pretrained_directory(directory)
     save_weights(directory / WEIGHTS_FILE, model)
-    write_run_config(directory, model, {**(data or {}), "space": model.data_space}, train={})
+    write_run_config(directory, model, record, train={})
     return directory
+
+
+def preprocessing_record(model: LatentVariableModel) -> dict[str, Any]:
+    """The "data" entries that rebuild the model's preprocessing: its own, or else its data space's (a model of
+    vectors needs the standardization its run fitted)."""
+    if model.preprocessing is not None:
+        return model.preprocessing.to_record()
+    if model.data_space == "real":
+        raise ElboxError(f"this {model.name} model of vectors has no standardization to save with it: save the model "
+                         "of a run (elbox.load(run_dir), or run.model), which carries the one fitted on its data")
+    return {"space": model.data_space}
+
+
+def check_pretrained_directory(directory: Path) -> None:
+    """ElboxError unless `directory` may take save_pretrained's files (see save_pretrained); it is created if absent."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = sorted(p.name for p in directory.iterdir())
+    except OSError as e:
+        raise ElboxError(f"cannot write the model to {directory}: {e.strerror or e}") from None
+    if not entries:
+        return
+    if set(entries) <= {CONFIG_FILE, WEIGHTS_FILE}:
+        try:
+            earlier = read_json(directory / CONFIG_FILE, "config")
+        except ElboxError:
+            earlier = None
+        if isinstance(earlier, dict) and earlier.get("train") == {} and "format_version" in earlier:
+            return  # an earlier save_pretrained output: replaced
+    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ElboxError(f"cannot save the model in {directory}: it holds files that are not an earlier save_pretrained "
+                     f"output ({listed}); elbox writes a model only into a new or empty directory")
 
 
 def read_run_config(run_dir: str | Path) -> dict:
@@ -215,18 +257,33 @@ def check_data_record(record: Any) -> None:
     for key in ("name", "path", "kind", "source", "validation"):
         if not isinstance(record.get(key, ""), str):
             raise ElboxError(f"{key} must be a string, got {short_repr(record[key])}")
+    names = record.get("column_names", [])
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ElboxError(f"column_names must be a list of column names, got {short_repr(names)}")
     for spec in option_specs(DataConfig):
         if spec.name in record:
             check_value(spec, record[spec.name])
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", **modules: torch.nn.Module) -> tuple[LatentVariableModel, dict]:
-    """Rebuild a trained model from its run directory. Returns (model in eval mode, run config). modules: user-written
+WEIGHTS = {"last": WEIGHTS_FILE, "best": BEST_WEIGHTS_FILE}  # which weights of a run to load
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "last",
+             **modules: torch.nn.Module) -> tuple[LatentVariableModel, dict]:
+    """Rebuild a trained model from its run directory. Returns (model in eval mode, run config). weights: "last" (the
+    last epoch's, model.safetensors) or "best" (the best on validation, best.safetensors). modules: user-written
     networks the model's config names (a VAE's encoder and decoder), passed to its from_config."""
+    if weights not in WEIGHTS:
+        raise ElboxError(f"weights must be one of {', '.join(WEIGHTS)}, got {short_repr(weights)}")
+    device = resolve_device(device) if isinstance(device, str) else device
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     model = build_model(config["model"], config["model_config"], **modules)
-    if not (run_dir / WEIGHTS_FILE).is_file():
-        raise ElboxError(f"run directory {run_dir} is incomplete: {WEIGHTS_FILE} is missing (did training finish an epoch?)")
-    load_weights(run_dir / WEIGHTS_FILE, model)
+    path = run_dir / WEIGHTS[weights]
+    if not path.is_file():
+        why = "(did training finish an epoch?)" if weights == "last" else "(only models trained by gradient keep one)"
+        raise ElboxError(f"run directory {run_dir} has no {WEIGHTS[weights]} {why}")
+    load_weights(path, model)
+    model.preprocessing = Preprocessing.from_record(config["data"])
     return model.to(device).eval(), config
+

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import elbox
-from elbox.atomic import atomic_write_json, shown
-from elbox.cli_types import SEED_MAX, Parser, UsageError, integer, lazy, output_file, real, report_file
+from elbox.atomic import atomic_write_json, check_replaceable, shown
+from elbox.cli_types import Parser, UsageError, count, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
+from elbox.limits import TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
 # the commands' working parts, imported when a command runs (they import torch)
 load_run = lazy("elbox.checkpoint", "load_run")
-space_from_record = lazy("elbox.data", "space_from_record")
 format_table = lazy("elbox.evaluation", "format_table")
 encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
     "encode", "sample", "score_with_stderr", "reconstruction_grid", "save_features", "write_scores_csv"))
@@ -33,7 +33,7 @@ write_report = lazy("elbox.report", "write_report")
 keep_freed_memory_in_heap, resolve_device, set_threads = (lazy("elbox.system", name) for name in (
     "keep_freed_memory_in_heap", "resolve_device", "set_threads"))
 format_gap_table, tighten_run = lazy("elbox.tighten", "format_gap_table"), lazy("elbox.tighten", "tighten_run")
-data_in_space, run_settings = lazy("elbox.training.workflows", "data_in_space"), lazy("elbox.training.workflows", "run_settings")
+data_in_space, own_data, run_settings = (lazy("elbox.training.workflows", name) for name in ("data_in_space", "own_data", "run_settings"))
 
 SPLITS = ("train", "validation", "train-full", "test")  # elbox.data.SPLITS, without importing torch (a test compares)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -42,14 +42,11 @@ DEFAULT_MODEL = "vae"
 RESUME_OPTIONS = {"device", "no_progress", "threads", "resume"}
 
 
-# ranges that fit the machine: a value beyond them would overflow, allocate until failure or run for days
-N_IMAGES, MAX_K, MAX_ELBO_SAMPLES, MAX_BATCH, MAX_STEPS, MAX_THREADS = 10_000, 100_000, 10_000, 10_000, 100_000, 1024
-
 
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto = cuda, mps, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="do not show progress bars")
-    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=None, metavar="N",
+    p.add_argument("--threads", type=count("threads"), default=None, metavar="N",
                    help="CPU threads for PyTorch (default: $OMP_NUM_THREADS, else every usable core shared among "
                         "the processes on this machine)")
 
@@ -137,117 +134,139 @@ def cmd_train(argv: list[str]) -> int:
 # -- the other commands ------------------------------------------------------------------------------------------
 
 
-def print_and_save(title: str, table: str, result: dict, json_path: str | Path) -> int:
+def output(given: Path | None, default: Path, args: argparse.Namespace) -> Path:
+    """A command's output file: the one named (--out, --json), else `default` in the run directory. Checked before any
+    work: a file elbox did not write is refused unless --overwrite is given."""
+    return check_replaceable(given or default, args.overwrite)
+
+
+def print_and_save(title: str, table: str, result: dict, json_path: Path, args: argparse.Namespace) -> int:
     """Print a result table and write the result as JSON (atomically)."""
     print(title)
     print(table)
-    atomic_write_json(json_path, result)
+    atomic_write_json(output(json_path, json_path, args), result)
     print(f"wrote {json_path}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.json:
+        output(args.json, args.json, args)
     result = elbox.evaluate(args.run_dir, args.data, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, weights=args.weights)
     title = f"{result['model']} on {result['dataset']} ({result['split']}) [{result['data_space']}]"
-    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / f"eval-{result['split']}.json")
+    name = f"eval-{result['split']}{'-best' if args.weights == 'best' else ''}.json"
+    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / name, args)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    out = output(args.out, Path(args.run_dir) / "samples.png", args)
     model, _ = load_run(args.run_dir, resolve_device(args.device))
     images = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed,
                     progress=not args.no_progress)
-    print(f"wrote {save_image_grid(images, args.out or Path(args.run_dir) / 'samples.png')}")
+    print(f"wrote {save_image_grid(images, out)}")
     return 0
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    model, config = load_run(args.run_dir, resolve_device(args.device))
+    out = output(args.out, Path(args.run_dir) / "scores.csv", args)
+    model, _ = load_run(args.run_dir, resolve_device(args.device))
     values, stderr, names, estimate = score_with_stderr(
         model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples, batch_size=args.batch_size,
-        seed=args.seed, progress=not args.no_progress, space=space_from_record(config["data"]))
-    out = Path(args.out or Path(args.run_dir) / "scores.csv")
-    num_dims = math.prod(model.config.data_shape)
+        seed=args.seed, progress=not args.no_progress, id_column=args.id_column)
+    num_dims = None if model.preprocessing.space.name == "real" else math.prod(model.config.data_shape)  # bits: 8-bit data
     write_scores_csv(out, names, values, num_dims, estimate, stderr)
     mean = values.mean().item()
-    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats ({-mean / (num_dims * math.log(2)):.4f} bits/dim), "
-          f"{estimate}; wrote {out}")
+    bits = f" ({-mean / (num_dims * math.log(2)):.4f} bits/dim)" if num_dims else ""
+    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats{bits}, {estimate}; wrote {out}")
     return 0
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    model, config = load_run(args.run_dir, resolve_device(args.device))
-    features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed, space=space_from_record(config["data"]))
-    save_features(args.out, features, names)
-    print(f"encoded {len(names)} images: {', '.join(f'{k} {v.shape}' for k, v in features.items())}; wrote {args.out}")
+    out = output(args.out, args.out, args)
+    model, _ = load_run(args.run_dir, resolve_device(args.device))
+    features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed, id_column=args.id_column)
+    save_features(out, features, names)
+    print(f"encoded {len(names)} examples: {', '.join(f'{k} {v.shape}' for k, v in features.items())}; wrote {out}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), args.out, args.seed)
+    html_path = output(args.out, Path(args.run_dir) / "report.html", args)
+    output(html_path.with_suffix(".md"), html_path.with_suffix(".md"), args)
+    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), html_path, args.seed)
     print(f"wrote {html_path} and {md_path}")
     return 0
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    out = output(args.out, Path(args.run_dir) / "reconstructions.png", args)
     model, config = load_run(args.run_dir, resolve_device(args.device))
-    if "name" not in config["data"]:
-        raise ElboxError("this model directory names no built-in dataset to take test images from")
-    x, _, _ = data_in_space(model, config["data"]["name"], args.split, config["data"].get("data_dir"), args.seed, args.n)
+    data, data_dir, _ = own_data(config, args.split, args.seed)
+    x, _, _ = data_in_space(model, data, args.split, data_dir, args.seed, args.n)
+    if x.dim() != 4:
+        raise ElboxError(f"the {model.name} model's run holds vectors, not images: a reconstruction grid shows images")
     grid = reconstruction_grid(model, x)  # rows alternate: inputs, reconstructions
-    out = save_image_grid(grid, args.out or Path(args.run_dir) / "reconstructions.png", nrow=8, row_labels=("input", "reconstruction"))
-    print(f"wrote {out}")
+    print(f"wrote {save_image_grid(grid, out, nrow=8, row_labels=('input', 'reconstruction'))}")
     return 0
 
 
 def cmd_tighten(args: argparse.Namespace) -> int:
+    json_path = output(args.json, Path(args.run_dir) / f"tighten-{args.split}.json", args)
     result = tighten_run(args.run_dir, resolve_device(args.device), split=args.split, limit=args.limit, steps=args.steps,
                          lr=args.lr, refit_epochs=args.refit_epochs, iw_samples=args.iw_samples,
                          elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress)
     title = f"{result['model']} on {result['dataset']} {args.split}: where the gap log p(x) - ELBO comes from"
-    return print_and_save(title, format_gap_table(result), result, args.json or Path(args.run_dir) / f"tighten-{args.split}.json")
+    return print_and_save(title, format_gap_table(result), result, json_path, args)
 
 
-INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one), a folder of images, or one image file"))
-SEED = ("--seed", dict(type=integer(0, SEED_MAX), default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
-BATCH = ("--batch-size", dict(type=integer(1, MAX_BATCH), default=500, help="examples per pass (default: 500)"))
-SPLIT = ("--split", dict(choices=SPLITS, default="test", help="the split of the run's dataset (default: test)"))
-IW = ("--iw-samples", dict(type=integer(1, MAX_K), default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
-COMMANDS = {  # name: (function, help, options)
+INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one), a "
+                         "folder of images, one image file, or for a model of vectors a .csv/.parquet table (its columns "
+                         "taken by the names the run was trained on)"))
+ID_COLUMN = ("--id-column", dict(default=None, metavar="NAME", help="a table's column whose values name the rows in the "
+                                 "output (default: row numbers)"))
+SEED = ("--seed", dict(type=count("seed"), default=0, help="seed of binarization/dequantization and of any sampling (default: 0)"))
+BATCH = ("--batch-size", dict(type=count("batch_size"), default=500, help="examples per pass (default: 500)"))
+SPLIT = ("--split", dict(choices=SPLITS, default="test", help="the split of the run's dataset (default: test; a run on "
+                         "your own data: its validation examples)"))
+IW = ("--iw-samples", dict(type=count("iw_samples"), default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
+COMMANDS = {  # name: (function, help, options); every command with an output file also takes --overwrite
     "evaluate": (cmd_evaluate, "bounds, NLL, bits/dim and active units on a split", [
         SPLIT, ("--data", dict(default=None, metavar="NAME|PATH", help="other data in the run's data space: a built-in "
                                "dataset (its --split) or a path (default: the run's own test split, or its validation data)")),
-        ("--iw-samples", dict(type=integer(1, MAX_K), nargs="+", default=[1, 10, 100, 1000], metavar="K",
+        ("--iw-samples", dict(type=count("iw_samples"), nargs="+", default=[1, 10, 100, 1000], metavar="K",
                 help="importance samples K, one or several (one stream of max K samples serves all); 5000 compares "
                      "with IWAE/VampPrior tables (default: 1 10 100 1000)")),
-        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
-        ("--limit", dict(type=integer(1, 10**9), default=None, metavar="N", help="evaluate the first N examples only (default: all)")),
+        ("--elbo-samples", dict(type=count("elbo_samples"), default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
+        ("--limit", dict(type=count("limit"), default=None, metavar="N", help="evaluate the first N examples only (default: all)")),
+        ("--weights", dict(choices=("last", "best"), default="last", help="the last epoch's weights, or the best on "
+                           "validation (best.safetensors) (default: last)")),
         BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)"))]),
     "sample": (cmd_sample, "a PNG grid of samples from the prior", [
-        ("--n", dict(type=integer(1, N_IMAGES), default=64, help="how many samples (default: 64)")),
+        ("--n", dict(type=count("n"), default=64, help="how many samples (default: 64)")),
         ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: RUN_DIR/samples.png)")), SEED,
-        ("--temperature", dict(type=real(0, 100), nargs="+", default=[1.0], metavar="T",
+        ("--temperature", dict(type=real(*TEMPERATURE), nargs="+", default=[1.0], metavar="T",
          help="scale of the prior's standard deviation: one value, or one per level z1, z2, ... (hvae) (default: 1)")),
         ("--draw", dict(action="store_true", help="draw x ~ p(x|z) instead of showing its mean")),
-        ("--steps", dict(type=integer(1, MAX_STEPS), default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
-    "score": (cmd_score, "per-image log-likelihood estimates of your images, as CSV", [
-        INPUT, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="where to write the scores (default: RUN_DIR/scores.csv)")), IW,
-        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
-    "encode": (cmd_encode, "posterior means and variances of your images, as features in an .npz", [
-        INPUT, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz", help="where to write the features"))]),
+        ("--steps", dict(type=count("steps"), default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
+    "score": (cmd_score, "per-example log-likelihood estimates of your images or table rows, as CSV", [
+        INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="where to write the scores (default: RUN_DIR/scores.csv)")), IW,
+        ("--elbo-samples", dict(type=count("elbo_samples"), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
+    "encode": (cmd_encode, "posterior means and variances of your images or table rows, as features in an .npz", [
+        INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz", help="where to write the features"))]),
     "report": (cmd_report, "an HTML page (and Markdown) with curves, the evaluation and image grids", [
         ("--out", dict(type=report_file, default=None, metavar="FILE.html", help="where to write the page, the .md beside it (default: RUN_DIR/report.html)")), SEED]),
     "reconstruct": (cmd_reconstruct, "a grid of test images and their reconstructions", [
-        ("--n", dict(type=integer(1, N_IMAGES), default=32, help="how many images (default: 32)")), SPLIT,
+        ("--n", dict(type=count("n"), default=32, help="how many images (default: 32)")), SPLIT,
         ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: RUN_DIR/reconstructions.png)")), SEED]),
     "tighten": (cmd_tighten, "split the inference gap into approximation and amortization parts (Cremer et al. 2018)", [
         SPLIT, ("--limit", dict(type=integer(1, 10_000), default=200, metavar="N", help="examples to optimize (default: 200)")),
-        ("--steps", dict(type=integer(1, MAX_STEPS), default=300, help="Adam steps of the per-example optimization (default: 300)")),
+        ("--steps", dict(type=count("steps"), default=300, help="Adam steps of the per-example optimization (default: 300)")),
         ("--lr", dict(type=real(0, 10), default=0.05, help="learning rate of the per-example optimization (default: 0.05)")),
         ("--refit-epochs", dict(type=integer(0, 1000), default=3,
          help="epochs to refit the encoder on the training split, 0: skip (default: 3)")), IW,
-        ("--elbo-samples", dict(type=integer(1, MAX_ELBO_SAMPLES), default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
+        ("--elbo-samples", dict(type=count("elbo_samples"), default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
         ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/tighten-SPLIT.json)"))]),
 }
 
@@ -262,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir")
         for flag, kwargs in options:
             p.add_argument(flag, **kwargs)
+        p.add_argument("--overwrite", action="store_true", help="replace an output file that elbox did not write")
         add_common(p)
         p.set_defaults(func=func)
     return parser

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from elbox.atomic import check_output_file, refuse_non_regular, shown
 from elbox.errors import ElboxError
+from elbox.limits import COUNTS
 from elbox.options import did_you_mean
 
-SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64 bits; numpy's generators take any non-negative int
 
 
 class UsageError(ElboxError):
@@ -84,6 +84,11 @@ def integer(low: int, high: int):
 
     parse.__name__ = "int"
     return parse
+
+
+def count(name: str):
+    """argparse type of the whole-number option `name` of elbox.limits.COUNTS (the range the Python API checks too)."""
+    return integer(*COUNTS[name])
 
 
 def real(above: float, high: float):

@@ -26,12 +26,13 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from elbox.atomic import atomic_write_bytes
-from elbox.bounds import check_count
 from elbox.data import DataSpace, get_data_space
 from elbox.data.formats import read_images, to_8bit_tensor
+from elbox.data.user_tables import TABLE_SUFFIXES
 from elbox.data.inputs import as_examples
 from elbox.data.user import open_source
 from elbox.errors import ElboxError
+from elbox.limits import check_count_option, check_temperature
 from elbox.evaluation import score_per_example
 from elbox.models.base import Encoder, LatentVariableModel, Reconstructs
 
@@ -60,24 +61,36 @@ def sample_options(model: LatentVariableModel, temperature: float | list[float] 
 
 
 @torch.no_grad()
-def sample(model: LatentVariableModel, n: int = 64, *, temperature: float | list[float] = 1.0, draw: bool = False,
+def sample(model: Any, n: int = 64, *, temperature: float | list[float] = 1.0, draw: bool = False,
            steps: int | None = None, seed: int = 0, progress: bool = False) -> Tensor:
     """n samples [n, C, H, W] in [0, 1], on the CPU, not requiring gradients: means of p(x|z) (draw=True: draws
-    from it). temperature scales the prior's standard deviation (one value, or one per level); steps: diffusion
-    sampling steps; progress: a bar over the sampling steps of models that take several (diffusion)."""
+    from it). model: a model, a Run or a run directory. temperature scales the prior's standard deviation (one value,
+    or one per level); steps: diffusion sampling steps; progress: a bar over the sampling steps of models that take
+    several (diffusion)."""
     from elbox.training.progress import sample_with_progress
 
-    check_model(model)
-    n, seed = check_count(n), check_count(seed, "the seed", minimum=0)
+    model = as_model(model)
+    n, seed = check_count_option(n, "n"), check_count_option(seed, "seed")
+    temperature = check_temperature(temperature)
+    steps = None if steps is None else check_count_option(steps, "steps")
     options = sample_options(model, temperature, draw, steps)
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         return sample_with_progress(model, n, progress, **options).detach().clamp(0, 1).cpu()
 
 
-def check_model(model: Any) -> None:
+def as_model(model: Any) -> LatentVariableModel:
+    """A model given as itself, as a Run (its model) or as a run directory (loaded, on the CPU)."""
+    from elbox.checkpoint import load_run
+    from elbox.training.workflows import Run
+
+    if isinstance(model, (str, os.PathLike)):
+        return load_run(model)[0]
+    model = model.model if isinstance(model, Run) else model
     if not isinstance(model, LatentVariableModel):
-        raise ElboxError(f"give a model (elbox.load(run_dir), or run.model for a Run), got {type(model).__name__}")
+        raise ElboxError(f"give a model, a Run or a run directory (elbox.load(run_dir) loads one), got "
+                         f"{type(model).__name__}")
+    return model
 
 
 def example_seed(example: Tensor, seed: int) -> int:
@@ -88,21 +101,32 @@ def example_seed(example: Tensor, seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def user_examples(model: LatentVariableModel, data: Any, space: DataSpace) -> tuple[Tensor, list[str]]:
-    """A user's examples as given, checked against the model, and a name for each: 8-bit images uint8
-    [N, *data_shape] (a .npy/.npz file, a folder of images, one image file, or an array, tensor or Dataset; see
-    formats.to_8bit_tensor), or for a model of real vectors float32 [N, D] (an array or table file, or an array)."""
+def user_examples(model: LatentVariableModel, data: Any, space: DataSpace,
+                  id_column: str | None = None) -> tuple[Tensor, list[str]]:
+    """A user's examples as given, read as the model's run read its data (model.preprocessing: a folder's image size,
+    a table's columns by name), checked against the model, and a name for each: 8-bit images uint8 [N, *data_shape]
+    (a .npy/.npz file, a folder of images, one image file, or an array, tensor or Dataset; see
+    formats.to_8bit_tensor), or for a model of real vectors [N, D] (an array or table file, or an array; a table's
+    id_column names its rows)."""
     is_path = isinstance(data, (str, os.PathLike))
     what = f"input {data}" if is_path else "input " + ("Dataset" if isinstance(data, Dataset) else "array")
+    if id_column is not None and not is_path:
+        raise ElboxError(f"{what}: an ID column names the rows of a table file; give the table's path")
+    preprocessing = model.preprocessing
     if space.name == "real":
-        vectors = as_examples(open_source(data) if is_path else data, what)
+        source = (preprocessing.open(data, id_column) if preprocessing is not None else
+                  open_source(data, id_column=id_column)) if is_path else data
+        vectors = as_examples(source, what)
         if tuple(vectors.shape[1:]) != tuple(model.config.data_shape):
             raise ElboxError(f"{what} has examples of shape {tuple(vectors.shape[1:])}; the model takes vectors of "
                              f"{model.config.data_shape[0]} values")
-        return vectors, [str(i) for i in range(vectors.shape[0])]
+        names = getattr(source, "row_names", None) or [str(i) for i in range(vectors.shape[0])]
+        return vectors, names
     names: list[str] = []
     if is_path:
-        array, names = read_images(data)
+        if str(data).lower().endswith(TABLE_SUFFIXES):
+            raise ElboxError(f"{what} is a table; the {model.name} model takes 8-bit images")
+        array, names = read_images(data, preprocessing.image_size if preprocessing is not None else None)
     elif isinstance(data, Tensor):
         array = data.detach().cpu().numpy()
     else:
@@ -124,11 +148,9 @@ def model_inputs(examples: Tensor, space: DataSpace, seed: int, binarizations: i
 
 
 def check_options(batch_size: Any, seed: Any, binarizations: Any, iw_samples: Any = 1, elbo_samples: Any = 1) -> None:
-    check_count(batch_size, "batch_size")
-    check_count(seed, "the seed", minimum=0)
-    check_count(binarizations, "binarizations")
-    check_count(iw_samples, "iw_samples (importance samples K)")
-    check_count(elbo_samples, "elbo_samples")
+    for value, name in ((batch_size, "batch_size"), (seed, "seed"), (binarizations, "binarizations"),
+                        (iw_samples, "iw_samples"), (elbo_samples, "elbo_samples")):
+        check_count_option(value, name)
 
 
 def estimate_text(method: str, space: DataSpace, seed: int, counts: list[int], binarizations: int) -> str:
@@ -147,16 +169,28 @@ def estimate_text(method: str, space: DataSpace, seed: int, counts: list[int], b
     return "; ".join(parts)
 
 
+def model_space(model: LatentVariableModel, space: DataSpace | None) -> DataSpace:
+    """The data space to read input in: the one given, else the model's run's (its preprocessing), else the model's."""
+    if space is not None:
+        return space
+    if model.preprocessing is not None:
+        return model.preprocessing.space
+    if model.data_space == "real":
+        raise ElboxError(f"this {model.name} model of vectors carries no standardization: give a run's model "
+                         "(elbox.load(run_dir), run.model, or the run itself), or space=")
+    return get_data_space(model.data_space)
+
+
 @torch.no_grad()
-def score_with_stderr(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8,
+def score_with_stderr(model: Any, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8,
                       batch_size: int = 500, seed: int = 0, progress: bool = False, space: DataSpace | None = None,
-                      binarizations: int = BINARIZATIONS) -> tuple[Tensor, Tensor, list[str], str]:
+                      binarizations: int = BINARIZATIONS, id_column: str | None = None) -> tuple[Tensor, Tensor, list[str], str]:
     """score(), with the standard error of each value [N] float64 (over a grey image's binarizations; NaN where a
     value is one estimate): (values, standard errors, names, estimate)."""
-    check_model(model)
+    model = as_model(model)
     check_options(batch_size, seed, binarizations, iw_samples, elbo_samples)
-    space = space or get_data_space(model.data_space)
-    examples, names = user_examples(model, data, space)
+    space = model_space(model, space)
+    examples, names = user_examples(model, data, space, id_column)
     x, counts, seeds = model_inputs(examples, space, seed, binarizations)
     offset = space.log_prob_offset(math.prod(x.shape[1:]))
     values, stderr, method = score_per_example(model, x.to(model.device), counts, seeds, offset, iw_samples, batch_size,
@@ -164,34 +198,36 @@ def score_with_stderr(model: LatentVariableModel, data: Any, *, iw_samples: int 
     return values, stderr, names, estimate_text(method, space, seed, counts, binarizations)
 
 
-def score(model: LatentVariableModel, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
+def score(model: Any, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8, batch_size: int = 500,
           seed: int = 0, progress: bool = False, space: DataSpace | None = None,
-          binarizations: int = BINARIZATIONS) -> tuple[Tensor, list[str], str]:
+          binarizations: int = BINARIZATIONS, id_column: str | None = None) -> tuple[Tensor, list[str], str]:
     """Per-example log-likelihood estimates (nats, float64 [N]; of the 8-bit images, or of vectors in their original
     units), their names, and how they were computed (the `estimate` text): the exact log p(x) where the model has
     it, else IWAE-K, else the ELBO. Each example's randomness is its own (see the module's docstring); a binary model
     scores a grey image by the mean over `binarizations` binarizations (score_with_stderr adds standard errors).
     data: a path (.npy/.npz, a folder of images, one image file; a table for vectors), or an array, tensor or
-    Dataset. space: the run's data space (needed for real vectors)."""
+    Dataset. model: a model, a Run or a run directory; it reads the input as its run read its data (standardization,
+    table columns by name, image size). space: another data space to read it in. id_column: a table's column whose
+    values name the rows."""
     values, _, names, estimate = score_with_stderr(model, data, iw_samples=iw_samples, elbo_samples=elbo_samples,
                                                    batch_size=batch_size, seed=seed, progress=progress, space=space,
-                                                   binarizations=binarizations)
+                                                   binarizations=binarizations, id_column=id_column)
     return values, names, estimate
 
 
 @torch.no_grad()
-def encode(model: LatentVariableModel, data: Any, *, batch_size: int = 500, seed: int = 0,
-           space: DataSpace | None = None, binarizations: int = BINARIZATIONS) -> tuple[dict[str, np.ndarray], list[str]]:
+def encode(model: Any, data: Any, *, batch_size: int = 500, seed: int = 0, space: DataSpace | None = None,
+           binarizations: int = BINARIZATIONS, id_column: str | None = None) -> tuple[dict[str, np.ndarray], list[str]]:
     """Posterior means ("mean" [N, d]) and, where the model has them, variances ("variance") of the examples (data
     as for score), as NumPy arrays, and their names. A binary model encodes a grey image by the mixture
     (1/M) sum_m q(z|b_m) over its M = `binarizations` binarizations b_m: the mean of their means, and the mean of
-    their variances plus the variance of their means."""
-    check_model(model)
+    their variances plus the variance of their means. model: a model, a Run or a run directory, as for score."""
+    model = as_model(model)
     if not isinstance(model, Encoder):
         raise ElboxError(f"the {model.name} model has no encoder")
     check_options(batch_size, seed, binarizations)
-    space = space or get_data_space(model.data_space)
-    examples, names = user_examples(model, data, space)
+    space = model_space(model, space)
+    examples, names = user_examples(model, data, space, id_column)
     x, counts, _ = model_inputs(examples, space, seed, binarizations)
     parts: dict[str, list[Tensor]] = {}
     for s in range(0, x.shape[0], batch_size):
@@ -223,16 +259,17 @@ def save_features(path: str | Path, features: dict[str, np.ndarray], names: list
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int, estimate: str,
+def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int | None, estimate: str,
                      stderr: Tensor | None = None) -> None:
     """One row per example: name, log-likelihood estimate (nats), its standard error where there is one (a grey
-    image's binarizations; else empty), bits/dim, how the estimate was computed. Atomic write."""
+    image's binarizations; else empty), bits/dim (of 8-bit data; empty for real vectors: num_dims None), how the
+    estimate was computed. Atomic write."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["index", "name", "log_likelihood_nats", STDERR_COLUMN, "bits_per_dim", "estimate"])
-    bits = num_dims * math.log(2)
+    bits = num_dims * math.log(2) if num_dims else None
     errors = stderr.tolist() if stderr is not None else [math.nan] * len(names)
     for i, (name, value, error) in enumerate(zip(names, log_likelihood.tolist(), errors)):
-        writer.writerow([i, name, f"{value:.6f}", "" if math.isnan(error) else f"{error:.6f}", f"{-value / bits:.6f}",
-                         estimate])
+        writer.writerow([i, name, f"{value:.6f}", "" if math.isnan(error) else f"{error:.6f}",
+                         "" if bits is None else f"{-value / bits:.6f}", estimate])
     atomic_write_bytes(path, buffer.getvalue().encode())

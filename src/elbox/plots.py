@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from elbox.atomic import atomic_write_bytes
+from elbox.atomic import PNG_SOFTWARE, atomic_write_bytes
 from elbox.errors import ElboxError
 
 
@@ -51,7 +52,9 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
     """Write an image grid as PNG, atomically."""
     path = Path(path)
     buffer = io.BytesIO()
-    image_grid(images, nrow=nrow, scale=scale, row_labels=row_labels).save(buffer, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)  # marks the file as elbox's own: it may replace it (elbox.atomic)
+    image_grid(images, nrow=nrow, scale=scale, row_labels=row_labels).save(buffer, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

@@ -72,14 +72,20 @@ def run_directory(out: Path, new: bool, lock: bool = True) -> Iterator[Path]:
                          ("is not a directory" if out.exists() else "does not exist"))
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        lock_directory(fd, out)
-        if new:
-            check_new_run_directory(out)
-        yield out
-    except BaseException:
-        if new:
-            remove_unfinished_run(out, created)
-        raise
+        try:
+            lock_directory(fd, out)
+            if new:
+                check_new_run_directory(out)
+        except BaseException:  # another process's run, or files that are not ours: touch nothing in it
+            if new:
+                remove_created_directories(created)
+            raise
+        try:
+            yield out
+        except BaseException:
+            if new:
+                remove_unfinished_run(out, created)
+            raise
     finally:
         os.close(fd)  # releases the lock
 
@@ -93,6 +99,12 @@ def remove_unfinished_run(out: Path, created: list[Path]) -> None:
         for path in out.iterdir():
             if (path.name in TRAINING_FILES or _TEMPORARY.fullmatch(path.name)) and path.is_file() and not path.is_symlink():
                 path.unlink()
+    remove_created_directories(created)
+
+
+def remove_created_directories(created: list[Path]) -> None:
+    """Remove the directories `created` for a run, deepest first, where they are empty."""
+    with contextlib.suppress(OSError):
         for path in reversed(created):
             path.rmdir()  # only if empty
 

@@ -33,12 +33,11 @@ from torch import Tensor
 from elbox.bounds import LOG_2PI, mean_and_stderr, sample_diag_gaussian
 from elbox.checkpoint import load_run
 from elbox.data import DataSpace, iterate_batches, space_from_record
-from elbox.data.inputs import training_data
 from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.training.progress import progress_bar
-from elbox.training.workflows import data_in_space
+from elbox.training.workflows import data_in_space, run_examples
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
 REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)
@@ -227,13 +226,12 @@ def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: 
     model, config = load_run(run_dir, device)
     check_tightenable(model)
     data = config["data"]
-    if "name" not in data:
-        raise ElboxError(f"run {run_dir} names no built-in dataset to tighten on")
-    x, offset, _ = data_in_space(model, data["name"], split, data.get("data_dir"), seed, limit)
+    x, offset, name = data_in_space(model, run_examples(config, split, seed, limit), split, None, seed, None)
     refit = None
     if refit_epochs:
-        train_images, _, _ = training_data(data["name"], None, data.get("data_dir"), refit_size(limit), seed)
-        val_x, _, _ = data_in_space(model, data["name"], "validation", data.get("data_dir"), seed, refit_size(limit))
+        train_images = run_examples(config, "train", seed, refit_size(limit))
+        val_x, _, _ = data_in_space(model, run_examples(config, "validation", seed, refit_size(limit)), "validation",
+                                    None, seed, None)
         rule = "all of them" if limit is None else f"{REFIT_PER_EXAMPLE} per example of --limit, at least {REFIT_MIN_EXAMPLES}"
         print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen on the first "
               f"{train_images.shape[0]} training images ({rule}), keeping the epoch best on {val_x.shape[0]} validation "
@@ -244,7 +242,8 @@ def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: 
             print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
     result = gap_split(model, x, refit, steps=steps, lr=lr, iw_samples=iw_samples, elbo_samples=elbo_samples,
                        log_prob_offset=offset, seed=seed, progress=progress)
-    result.update(split=split, refit_epochs=refit_epochs, dataset=data["name"], model=config["model"])
+    result.update(split=split, refit_epochs=refit_epochs, dataset=data.get("name", data.get("path", "data given in memory")),
+                  model=config["model"])
     if refit_epochs:
         result["refit_examples"] = train_images.shape[0]
     return result

@@ -30,16 +30,19 @@ ARRAY_SUFFIXES = (".npy", ".npz")
 
 
 def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
-                columns: list[str] | None = None) -> Dataset:
+                columns: list[str] | None = None, id_column: str | None = None) -> Dataset:
     """The dataset at `path`, its reader picked by what the path is (see the module's docstring).
 
     `image_size` (an int S for S x S, or (H, W)) resizes and center-crops a folder's images; an array's images
-    must already have that size. `columns` picks a table's columns.
+    must already have that size. `columns` picks a table's columns; `id_column` names a table column whose values
+    name the rows (it is not modelled).
     """
     path = Path(path)
     if not path.exists():
         raise ElboxError(f"data {path} does not exist")
     name = path.name.lower()
+    if id_column is not None and not name.endswith(TABLE_SUFFIXES):
+        raise ElboxError(f"data {path} is not a table; an ID column names the rows of a table (.csv, .tsv, .parquet)")
     if path.is_dir() or is_image_file(path):
         _refuse_columns(columns, path, "a folder of images" if path.is_dir() else "an image")
         return ImageFolder(path, image_size)
@@ -62,7 +65,7 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
     if name.endswith(TABLE_SUFFIXES):
         if image_size is not None:
             raise ElboxError(f"data {path} is a table; an image size applies to images only")
-        return Table(path, columns)
+        return Table(path, columns, id_column)
     suffix = "".join(path.suffixes[-2:]) or "(none)"
     raise ElboxError(f"data {path}: unsupported file type {suffix}; give a folder of images, an image file "
                      "(.png, .jpg, ...), a .npy or .npz array, or a .csv, .tsv or .parquet table")

@@ -1,6 +1,6 @@
 """Users' tables (CSV, TSV, Parquet) as torch Datasets of float32 vectors, read with pyarrow.
 
-A table is loaded whole into memory (as float32 [N, D]); Parquet reads only the chosen columns. pyarrow is
+A table is loaded whole into memory (as float64 [N, D]); Parquet reads only the chosen columns. pyarrow is
 imported when a table is first opened, so that commands that read no table do not pay for it.
 """
 
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from elbox.data.formats import first_true
 from elbox.data.user_images import cut, item_index, one_line
+from elbox.atomic import shown
 from elbox.errors import ElboxError
 from elbox.options import short_repr
 
@@ -52,7 +53,7 @@ def _example(column: Any) -> str:
 
 class Table(Dataset):
     """The numeric columns of a CSV (comma-separated; .tsv tab-separated; optionally gzipped) or Parquet file:
-    item i is row i as a float32 tensor [D]. The CSV's first line names the columns.
+    item i is row i as a float64 tensor [D] (elbox.data.spaces standardizes in float64, then the model sees float32). The CSV's first line names the columns.
 
     `columns` picks columns by name, in that order (a name not in the table is an error that lists those there);
     without it every column is taken. A non-numeric column among those taken is an error naming it; integer,
@@ -60,12 +61,16 @@ class Table(Dataset):
     null, ...), infinite values and values too large for float32 are refused by row (counted from 0, the header not
     counted) and column. The table is loaded whole into memory.
 
-    Attributes: path, array (float32 [N, D]), names and columns (the column names), shape (D,), kind "vectors".
+    `id_column` names a column whose values name the rows (row_names; not modelled, any type; empty cells name
+    a row "None").
+
+    Attributes: path, array (float64 [N, D]), names and columns (the column names), row_names (or None), shape (D,),
+    kind "vectors".
     """
 
     kind = "vectors"
 
-    def __init__(self, path: str | os.PathLike, columns: list[str] | None = None):
+    def __init__(self, path: str | os.PathLike, columns: list[str] | None = None, id_column: str | None = None):
         import pyarrow
         import pyarrow.csv
         import pyarrow.parquet
@@ -86,16 +91,24 @@ class Table(Dataset):
             if table is not None and table.num_rows == 0:
                 raise ElboxError(f"{what} has no rows")
             names = list(schema.names)
-            picked = _picked(names, columns, what)
+            if id_column is not None:
+                (id_index,) = _picked(names, [id_column], what)
+                if columns is not None and id_column in columns:
+                    raise ElboxError(f"{what}: the ID column {id_column!r} names the rows; it cannot also be modelled")
+            picked = _picked(names, [n for n in names if n != id_column] if columns is None else columns, what)
             bad = [i for i in picked if not _is_numeric(schema.field(i).type, pyarrow)]
             if bad:
                 examples = [_example(table.column(i)) if table is not None else "" for i in bad]
                 described = ", ".join(f"{names[i]!r} ({schema.field(i).type}{e})" for i, e in zip(bad, examples, strict=True))
                 raise ElboxError(f"{what} has non-numeric columns: {cut(described, 160)}; pick numeric "
-                                 "columns with columns (--columns)")
+                                 "columns when training (--columns, columns= in Python)")
             if parquet:
-                table = pyarrow.parquet.read_table(self.path, columns=[names[i] for i in picked])
+                table = pyarrow.parquet.read_table(self.path, columns=[names[i] for i in picked]
+                                                   + ([id_column] if id_column is not None else []))
+                ids = table.column(id_column) if id_column is not None else None
+                table = table.select(list(range(len(picked))))
             else:
+                ids = table.column(id_index) if id_column is not None else None
                 table = table.select(picked)
         except ElboxError:
             raise
@@ -108,6 +121,7 @@ class Table(Dataset):
         if table.num_rows == 0:
             raise ElboxError(f"{what} has no rows")
         self.array = self._to_array(table, what, pyarrow)
+        self.row_names = None if ids is None else [shown(str(v)) for v in ids.to_pylist()]
 
     def _to_array(self, table: Any, what: str, pyarrow: Any) -> np.ndarray:
         values = np.empty((table.num_rows, table.num_columns), np.float64)
@@ -121,7 +135,7 @@ class Table(Dataset):
             if mask.any():
                 (row, col), _ = first_true(mask, 0)
                 raise ElboxError(f"{what} has {problem} at row {row}, column {self.names[col]!r}; give finite numbers")
-        return values.astype(np.float32)
+        return values  # float64: standardized before any cast (a column's spread may be tiny next to its values)
 
     def __len__(self) -> int:
         return len(self.array)

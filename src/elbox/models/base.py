@@ -63,6 +63,9 @@ class LatentVariableModel(nn.Module):
     trains_on_surrogate: bool = False
     # False when importance_samples refuses q's parameters detached (no STL or DReG estimator: hierarchical VAEs)
     detachable_posterior: bool = True
+    # how new input is read as the training data were (elbox.data.preprocessing.Preprocessing): set on a model that
+    # was trained or loaded with its run; None for a model built from a config alone
+    preprocessing: Any = None
 
     def __init__(self, config: Any):
         super().__init__()

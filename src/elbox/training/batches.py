@@ -103,8 +103,8 @@ def read_ahead(batches: Iterable[Tensor], depth: int = 2) -> Iterator[Tensor]:
 def stack_examples(items: list) -> Tensor:
     """A batch from a Dataset's items (an example, or an (example, label) pair): uint8 images or float vectors."""
     examples = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
-    if not all(isinstance(x, Tensor) and x.dtype in (torch.uint8, torch.float32) for x in examples):
-        raise ElboxError("a training Dataset must give uint8 image tensors [C, H, W] or float32 vectors [D] "
+    if not all(isinstance(x, Tensor) and x.dtype in (torch.uint8, torch.float32, torch.float64) for x in examples):
+        raise ElboxError("a training Dataset must give uint8 image tensors [C, H, W] or float vectors [D] "
                          "(or (example, label) pairs)")
     return torch.stack(examples)
 

@@ -144,6 +144,8 @@ class DataConfig:
         check_options(self)
         if self.image_size is not None and len(self.image_size) not in (1, 2):
             raise ElboxError(f"image_size takes one size S or two, H W; got {self.image_size}")
+        if self.image_size is not None and len(self.image_size) == 1:  # S means S x S
+            self.image_size = [self.image_size[0]] * 2
 
 
 def train_defaults(model: str | type, model_values: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -35,16 +35,18 @@ from elbox.checkpoint import (
     write_run_config,
 )
 from elbox.data import (
+    SPLITS,
     fit_real_space,
     get_data_space,
     iterate_batches,
     load_split,
-    space_from_record,
     space_record,
 )
-from elbox.data.inputs import as_examples, is_builtin, is_path, run_data, training_data
+from elbox.data.inputs import as_examples, first, is_builtin, is_path, run_data, training_data
+from elbox.data.preprocessing import Preprocessing
 from elbox.data.user import open_source
 from elbox.errors import ElboxError
+from elbox.limits import check_count_option
 from elbox.evaluation import evaluate as evaluate_on
 from elbox.evaluation import log_prob_per_example
 from elbox.models.base import (
@@ -55,7 +57,7 @@ from elbox.models.base import (
     model_class,
     model_config,
 )
-from elbox.options import config_from_dict, config_to_dict
+from elbox.options import config_from_dict, config_to_dict, did_you_mean, short_repr
 from elbox.plots import save_image_grid
 from elbox.rundir import remove_stale_temporaries, run_directory
 from elbox.system import resolve_device
@@ -78,6 +80,8 @@ class Run:
     history: list[dict]
     config: dict
     directory: Path | None = None
+    # the validation examples of a run trained on data given in memory (what evaluate(run) uses; not saved)
+    validation_data: Any = dataclasses.field(default=None, repr=False)
 
     def evaluate(self, data: Any = None, **options) -> dict:
         """elbox.evaluate(self.model, data or the run's dataset, **options)."""
@@ -88,22 +92,63 @@ class Run:
 
 
 def data_in_space(model: LatentVariableModel, data: Any, split: str, data_dir: str | None, seed: int,
-                  limit: int | None, space=None) -> tuple[Tensor, float, str]:
+                  limit: int | None) -> tuple[Tensor, float, str]:
     """Evaluation data in the model's data space (deterministic for the seed), its log-probability offset, and a name
-    for it. data: a built-in dataset's name (its `split`), a path (read whole), or examples in memory. space: the
-    run's data space (space_from_record), needed for real vectors; by default the model's."""
+    for it. data: a built-in dataset's name (its `split`), a path (read whole, as the model's run read its data:
+    model.preprocessing), or examples in memory."""
+    preprocessing = model.preprocessing
     if is_builtin(data):
         images, _ = load_split(data, split, data_dir)
         name = f"{data} {split}"
     elif is_path(data):
-        images, name = as_examples(open_source(data), f"data {data}"), str(data)
+        source = preprocessing.open(data) if preprocessing is not None else open_source(data)
+        images, name = as_examples(first(source, limit), f"data {data}"), str(data)
     else:
         images, name = as_examples(data, "data"), "data given in memory"
     if tuple(images.shape[1:]) != tuple(model.config.data_shape):
         raise ElboxError(f"{name} has examples of shape {tuple(images.shape[1:])}; the model takes {tuple(model.config.data_shape)}")
     images = images[:limit] if limit else images
-    space = space or get_data_space(model.data_space)
+    space = preprocessing.space if preprocessing is not None else get_data_space(model.data_space)
     return space.eval_data(images.to(model.device), seed=seed), space.log_prob_offset(math.prod(images.shape[1:])), name
+
+
+def check_evaluate_options(split: Any, iw_samples: Any, elbo_samples: Any, limit: Any, batch_size: Any, seed: Any) -> None:
+    """evaluate()'s options, in the command line's ranges (elbox.limits); ElboxError naming the first out of range."""
+    if split not in SPLITS:
+        raise ElboxError(f"unknown split {short_repr(split)}; {did_you_mean(split, SPLITS)}choose one of {', '.join(SPLITS)}")
+    ks = [iw_samples] if isinstance(iw_samples, int) else iw_samples
+    if not isinstance(ks, (list, tuple)) or not ks:
+        raise ElboxError(f"iw_samples must be a whole number or a non-empty list of them, got {short_repr(iw_samples)}")
+    for value, name in (*((k, "iw_samples") for k in ks), (elbo_samples, "elbo_samples"), (batch_size, "batch_size"),
+                        (seed, "seed"), *(((limit, "limit"),) if limit is not None else ())):
+        check_count_option(value, name)
+
+
+def own_data(config: dict, split: str, seed: int, in_memory: Any = None) -> tuple[Any, str | None, str]:
+    """The data a run is evaluated on by default, (data, data_dir, its name): a built-in dataset's `split`; for a
+    run on your own files, its validation examples (held out at random, or its --validation); for one on data given
+    in memory, `in_memory` (a Run's validation_data)."""
+    record = config.get("data", {})
+    if "name" in record:
+        return record["name"], record.get("data_dir"), f"{record['name']} {split}"
+    training = split in ("train", "train-full")  # your own data have a training and a validation part, no test split
+    if "path" in record:
+        train, validation, _ = run_data(record, config.get("train", {}).get("seed", 0))
+        return (train if training else validation), None, f"{record['path']} (the run's {'training' if training else 'validation'} data)"
+    if training:
+        raise ElboxError("this run was trained on data given in memory; give the data to evaluate on")
+    if in_memory is not None:
+        return in_memory, None, "the validation data given in memory"
+    raise ElboxError("give the data: this model names no data it was trained on (it was trained on data given in memory)")
+
+
+def run_examples(config: dict, split: str, seed: int, limit: int | None) -> Tensor:
+    """The first `limit` examples of a run's own `split` (own_data), as given: uint8 images, or vectors."""
+    data, data_dir, _ = own_data(config, split, seed)
+    if is_builtin(data):
+        images, _ = load_split(data, split, data_dir)
+        return images[:limit] if limit else images
+    return as_examples(first(data, limit), "the run's data")
 
 
 # -- fit ---------------------------------------------------------------------------------------------------------
@@ -241,6 +286,7 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
     model = model.to(device)
     space = fit_space(model, train_images, config.batch_size)
     data_record.update(space_record(space))
+    model.preprocessing = Preprocessing.from_record(data_record)
     if model.trains_by_gradient and "name" not in data_record:  # your own data (a built-in's --limit-train may be small)
         check_batches(train_images, config.batch_size)
     run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
@@ -253,7 +299,7 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
-        return finish(Run(model, history, run_config, out), progress)
+        return finish(Run(model, history, run_config, out, val_images), progress)
     initialize_from_data(model, space, train_images, config.seed)
     trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback,
                       workers=data_config.workers)
@@ -263,7 +309,13 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
               f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
               file=sys.stderr)
     trainer.fit()
-    return finish(Run(trainer.eval_model, trainer.records, run_config, out), progress)
+    return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, run_config, out, val_images), progress)
+
+
+def with_preprocessing(trained: LatentVariableModel, model: LatentVariableModel) -> LatentVariableModel:
+    """The trained model (the trainer's EMA copy, or the model itself), carrying the model's preprocessing."""
+    trained.preprocessing = model.preprocessing
+    return trained
 
 
 def initialize_from_data(model: LatentVariableModel, space, train_images: Tensor, seed: int) -> None:
@@ -324,7 +376,7 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
         config = read_run_config(out)
-        if not model_class(config["model"]).trains_by_gradient:
+        if not build_model(config["model"], config["model_config"]).trains_by_gradient:  # the linear model's fit option
             if (out / WEIGHTS_FILE).exists():
                 raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
             if verbose:
@@ -345,7 +397,8 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
     model = build_model(config["model"], config["model_config"]).to(device)
     data = config["data"]
     train_images, val_images, _ = run_data(data, settings.seed)
-    space = space_from_record(data)
+    model.preprocessing = Preprocessing.from_record(data)
+    space = model.preprocessing.space
     initialize_from_data(model, space, train_images, settings.seed)  # as the new run did (a restored state overwrites it)
     trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
     if is_main_process():
@@ -358,7 +411,7 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
     if is_main_process() and verbose:
         print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
-    return finish(Run(trainer.eval_model, trainer.records, config, out), progress)
+    return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, config, out), progress)
 
 
 # -- evaluate ----------------------------------------------------------------------------------------------------
@@ -377,32 +430,37 @@ def evaluate(
     data_dir: str | None = None,
     device: str | None = None,
     progress: bool = False,
+    weights: str = "last",
 ) -> dict:
-    """Evaluate a model (a Run, a model, or a run directory) on data: a built-in dataset name (its `split`), or
-    8-bit images as a tensor, array or Dataset; by default the run's own dataset. Returns what `elbox evaluate`
+    """Evaluate a model (a Run, a model, or a run directory) on data: a built-in dataset name (its `split`), a path
+    (read as the model's run read its data), or examples as a tensor, array or Dataset; by default the run's own data
+    (a built-in dataset's `split`; for your own data, the run's validation examples). Returns what `elbox evaluate`
     prints and saves: ELBO and its terms, IWAE-K NLL for each K, exact NLL, gaps, bits/dim, active units, each with
-    its standard error, in nats per example of the 8-bit data."""
+    its standard error, in nats per example of the 8-bit data (of vectors: in their units). weights: "best" evaluates
+    a run directory's best-on-validation weights instead of the last epoch's."""
     config: dict = {}
+    in_memory = model.validation_data if isinstance(model, Run) else None
+    if weights != "last" and isinstance(model, Run):
+        if model.directory is None:
+            raise ElboxError("this Run has no directory, so no best weights: evaluate run.model, or fit with out=")
+        model = model.directory
     if isinstance(model, (str, os.PathLike)):
-        model, config = load_run(model, resolve_device(device or "auto"))
+        model, config = load_run(model, resolve_device(device or "auto"), weights=weights)
+    elif weights != "last":
+        raise ElboxError(f"weights={weights!r} picks a run directory's weights; give the run directory or the Run")
     elif isinstance(model, Run):
         model, config = model.model, model.config
-    elif device is not None:
+    elif device is not None and isinstance(model, LatentVariableModel):
         model = model.to(resolve_device(device))
     if not isinstance(model, LatentVariableModel):
         raise ElboxError(f"evaluate takes a Run, a model or a run directory, got {type(model).__name__}")
-    record = config.get("data", {})
-    own_validation = data is None and "path" in record
-    if data is None and "name" in record:
-        data, data_dir = record["name"], record.get("data_dir")
-    elif own_validation:  # your own data: the run's validation examples
-        _, data, _ = run_data(record, config.get("train", {}).get("seed", 0))
-    elif data is None:
-        raise ElboxError("give the data to evaluate on: this model names no data it was trained on")
-    x, offset, name = data_in_space(model, data, split, data_dir, seed, limit, space_from_record(record) if record else None)
+    check_evaluate_options(split, iw_samples, elbo_samples, limit, batch_size, seed)
+    own = data is None
+    if own:
+        data, data_dir, name = own_data(config, split, seed, in_memory)
+    x, offset, given_name = data_in_space(model, data, split, data_dir, seed, limit)
     result = evaluate_on(model, x, offset, iw_samples=list([iw_samples] if isinstance(iw_samples, int) else iw_samples),
                          batch_size=batch_size, elbo_samples=elbo_samples, seed=seed, progress=progress)
-    name = f"{record['path']} (the run's validation data)" if own_validation else name
-    result.update(split=split if is_builtin(data) else ("validation" if own_validation else "given"), dataset=name,
-                  data_space=model.data_space, model=model.name)
+    split = split if is_builtin(data) else (("train" if split in ("train", "train-full") else "validation") if own else "given")
+    result.update(split=split, dataset=name if own else given_name, data_space=model.data_space, model=model.name)
     return result
