@@ -76,7 +76,7 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
-# What marks a file as one elbox wrote, by the start of its bytes (within the first 64 KiB): the image grids carry a
+# What marks a file as one elbox wrote, by its first bytes and marks within its first or last 64 KiB: the image grids carry a
 # PNG text chunk "Software: elbox", the score CSVs their header, the feature archives their `names` array, the JSON
 # results and reports their own keys and headings.
 PNG_SOFTWARE = "elbox"
@@ -97,9 +97,11 @@ def written_by_elbox(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
+            f.seek(max(len(head), os.fstat(f.fileno()).st_size - (1 << 16)))
+            tail = f.read(1 << 16)
     except OSError:
         return False
-    return marks is not None and head.startswith(marks[0]) and all(mark in head for mark in marks[1:])
+    return marks is not None and head.startswith(marks[0]) and all(mark in head + tail for mark in marks[1:])
 
 
 def check_replaceable(path: str | Path, overwrite: bool = False) -> Path:

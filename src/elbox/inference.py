@@ -11,6 +11,7 @@ Salakhutdinov & Murray 2008), with the standard error of that mean.
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import inspect
@@ -34,7 +35,7 @@ from elbox.data.user import open_source
 from elbox.errors import ElboxError
 from elbox.limits import check_count_option, check_temperature
 from elbox.evaluation import score_per_example
-from elbox.models.base import Encoder, LatentVariableModel, Reconstructs
+from elbox.models.base import Encoder, ExactLikelihood, LatentVariableModel, Reconstructs
 
 # Binarizations of a grey image a binary model averages over: the standard error of their mean is a quarter of the
 # spread between single binarizations, for 16 times the model evaluations of one binary image.
@@ -193,6 +194,8 @@ def score_with_stderr(model: Any, data: Any, *, iw_samples: int = 1000, elbo_sam
     examples, names = user_examples(model, data, space, id_column)
     x, counts, seeds = model_inputs(examples, space, seed, binarizations)
     offset = space.log_prob_offset(math.prod(x.shape[1:]))
+    if isinstance(model, ExactLikelihood):  # float64, so that no float32 rounding of a batch's products shows in a score
+        model, x = copy.deepcopy(model).double(), x.double()
     values, stderr, method = score_per_example(model, x.to(model.device), counts, seeds, offset, iw_samples, batch_size,
                                                elbo_samples, progress)
     return values, stderr, names, estimate_text(method, space, seed, counts, binarizations)

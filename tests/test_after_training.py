@@ -1,0 +1,269 @@
+"""Every step after training works on the user's own data (issue 27): a run on a folder, an array or a table is
+evaluated, scored, encoded, reconstructed and tightened, reading new input as the run read its own (image size,
+table columns by name, standardization); and elbox never replaces or deletes a file it did not create. All data are
+written by the tests."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import elbox
+from elbox.cli import main
+from elbox.errors import ElboxError
+
+QUICK = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "2", "--hidden-dims", "16", "--no-progress"]
+
+
+def write_folder(root, n: int = 40, size: tuple[int, int] = (36, 40), seed: int = 0):
+    """n grey PNGs of size (H, W) in two class subfolders."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+def write_csv(path, columns: list[str], rows: np.ndarray, ids: list[str] | None = None):
+    lines = [",".join((["id"] if ids else []) + columns)]
+    lines += [",".join(([ids[i]] if ids else []) + [repr(float(v)) for v in row]) for i, row in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def table_rows(n: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 3)) @ np.array([[2.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]) + [50.0, -2.0, 7.0]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """A VAE trained from the command line on 36x40 images resized to 32x32 (the README's one-number --image-size)."""
+    root = tmp_path_factory.mktemp("folder")
+    folder = write_folder(root / "images")
+    run = root / "run"
+    assert main(["train", "vae", "--data", str(folder), "--image-size", "32", "--out", str(run), *QUICK]) == 0
+    return folder, run
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    """A Gaussian fitted on a table from the command line."""
+    root = tmp_path_factory.mktemp("table")
+    path = write_csv(root / "t.csv", ["a", "b", "c"], table_rows())
+    run = root / "run"
+    assert main(["train", "gaussian", "--data", str(path), "--out", str(run), "--no-progress"]) == 0
+    return path, run
+
+
+def error_of(capsys, argv: list[str]) -> str:
+    assert main(argv) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("elbox: error: ") and "\n" not in err, err
+    return err
+
+
+# -- the README's own example, and the run's preprocessing applied to new input -------------------------------------
+
+
+def test_one_number_image_size_trains_at_that_size(folder_run):
+    _, run = folder_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["model_config"]["data_shape"] == [1, 32, 32] and config["data"]["image_size"] == [32, 32]
+    assert elbox.load(run).preprocessing.image_size == (32, 32)
+
+
+def test_score_and_encode_resize_new_files_as_the_run_did(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    new = write_folder(tmp_path / "new", n=4, size=(50, 44), seed=1)  # another size: resized like the training files
+    assert main(["score", str(run), "--input", str(new), "--iw-samples", "5", "--no-progress",
+                 "--out", str(tmp_path / "s.csv")]) == 0
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[1].split(",")[1] == "a/001.png"
+    assert main(["encode", str(run), "--input", str(new), "--out", str(tmp_path / "f.npz")]) == 0
+    assert np.load(tmp_path / "f.npz")["mean"].shape == (4, 2)
+
+
+def test_reconstruct_tighten_evaluate_and_report_a_folder_run(folder_run, capsys):
+    _, run = folder_run
+    assert main(["reconstruct", str(run), "--n", "4", "--no-progress"]) == 0
+    assert (run / "reconstructions.png").is_file()
+    assert main(["tighten", str(run), "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4",
+                 "--elbo-samples", "2", "--no-progress"]) == 0
+    result = json.loads((run / "tighten-test.json").read_text())
+    assert result["n_examples"] == 3 and result["dataset"].endswith("images")
+    assert main(["evaluate", str(run), "--iw-samples", "1", "4", "--no-progress"]) == 0
+    assert json.loads((run / "eval-validation.json").read_text())["split"] == "validation"
+    assert main(["evaluate", str(run), "--iw-samples", "4", "--weights", "best", "--no-progress"]) == 0
+    assert (run / "eval-validation-best.json").is_file()
+
+
+def test_evaluate_a_run_fitted_on_an_array_in_memory():
+    images = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
+    run = elbox.fit("vae", images, epochs=1, batch_size=16, latent_dim=2, hidden_dims=[8], verbose=False,
+                    progress=False, samples=False)
+    result = elbox.evaluate(run, iw_samples=[1, 4])
+    assert result["split"] == "validation" and result["n_examples"] == 6  # the 10 % fit held out
+    with pytest.raises(ElboxError, match="best weights"):
+        elbox.evaluate(run, weights="best")
+
+
+# -- tables: columns by name, the run's columns remembered, an ID column, standardization in float64 ----------------
+
+
+def test_a_table_in_another_column_order_scores_the_same(table_run, tmp_path):
+    path, run = table_run
+    rows = table_rows()[:5]
+    reordered = write_csv(tmp_path / "r.csv", ["c", "a", "b"], rows[:, [2, 0, 1]])
+    given, _, _ = elbox.score(run, rows)
+    by_name, _, _ = elbox.score(run, reordered)
+    assert torch.equal(given, by_name)
+    renamed = write_csv(tmp_path / "x.csv", ["a", "b", "z"], rows)
+    with pytest.raises(ElboxError, match="has no column 'c'"):
+        elbox.score(run, renamed)
+
+
+def test_a_run_trained_with_columns_scores_the_original_table_with_ids(tmp_path, capsys):
+    rows = table_rows()
+    ids = [f"row-{i}" for i in range(len(rows))]
+    path = write_csv(tmp_path / "t.csv", ["a", "b", "c"], rows, ids)
+    run = tmp_path / "run"
+    assert main(["train", "gaussian", "--data", str(path), "--columns", "c", "a", "--out", str(run), "--no-progress"]) == 0
+    assert main(["score", str(run), "--input", str(path), "--id-column", "id", "--no-progress"]) == 0
+    lines = (run / "scores.csv").read_text().splitlines()
+    assert lines[0].startswith("index,name,log_likelihood_nats") and lines[1].split(",")[:2] == ["0", "row-0"]
+    assert lines[1].split(",")[4] == ""  # no bits/dim for real vectors
+    assert "bits/dim" not in capsys.readouterr().out
+    values, names, _ = elbox.score(run, path, id_column="id")
+    expected, _, _ = elbox.score(run, rows[:, [2, 0]])
+    assert names[:2] == ["row-0", "row-1"] and torch.equal(values, expected)
+
+
+def test_validation_table_with_other_column_names_is_refused(tmp_path):
+    rows = table_rows()
+    train = write_csv(tmp_path / "t.csv", ["a", "b", "c"], rows)
+    validation = write_csv(tmp_path / "v.csv", ["x", "y", "z"], rows[:50])
+    with pytest.raises(ElboxError, match="has no column 'a'"):
+        elbox.fit("gaussian", train, validation=validation, verbose=False, progress=False)
+
+
+def test_score_with_the_model_of_a_run_applies_its_standardization(table_run):
+    _, run_dir = table_run
+    rows = table_rows()[:4]
+    model = elbox.load(run_dir)
+    assert torch.equal(elbox.score(model, rows)[0], elbox.score(run_dir, rows)[0])
+    fitted = elbox.fit("gaussian", rows.repeat(20, 0) + np.random.default_rng(0).normal(size=(80, 3)), verbose=False,
+                       progress=False)
+    assert elbox.score(fitted, rows)[0].shape == (4,) and elbox.score(fitted.model, rows)[0].shape == (4,)
+
+
+def test_standardization_in_float64_keeps_tiny_spreads(tmp_path):
+    """Data c*x + b (timestamps near 1.7e9 spanning an hour) have the log-density of x shifted by -D ln c exactly:
+    quantizing the columns to float32 before standardizing would move it by nats."""
+    x = table_rows(400)
+    c, b = 1e-4, np.array([1.7e9, 1.7e9 + 3600, 4.2e7])
+    fits = [elbox.fit("gaussian", data, verbose=False, progress=False) for data in (x, x * c + b)]
+    first, second = (elbox.score(run, data)[0] for run, data in zip(fits, (x[:50], x[:50] * c + b)))
+    assert torch.allclose(second - first, torch.full_like(first, -3 * math.log(c)), atol=1e-4)
+
+
+def test_exact_scores_do_not_depend_on_the_batch(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 30)) @ rng.normal(size=(30, 30))
+    run = elbox.fit("linear", x, latent_dim=5, verbose=False, progress=False)
+    alone = torch.cat([elbox.score(run, x[i : i + 1])[0] for i in range(5)])
+    batched, _, _ = elbox.score(run, x, batch_size=333)
+    assert (alone - batched[:5]).abs().max() < 1e-9  # float64: far below the CSV's six decimals (float32: 6e-5)
+
+
+# -- never replace or delete a file elbox did not create -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["sample", "--out"], ["score", "--input", "IMAGES", "--iw-samples", "2", "--out"],
+                                     ["encode", "--input", "IMAGES", "--out"], ["evaluate", "--iw-samples", "2", "--json"],
+                                     ["reconstruct", "--n", "2", "--out"], ["report", "--out"]])
+def test_named_outputs_refuse_a_users_file_unless_overwrite(folder_run, tmp_path, capsys, command):
+    folder, run = folder_run
+    suffix = {"sample": ".png", "score": ".csv", "encode": ".npz", "evaluate": ".json", "reconstruct": ".png",
+              "report": ".html"}[command[0]]
+    notes = tmp_path / f"notes{suffix}"
+    notes.write_text("my notes\n")
+    argv = [command[0], str(run), *[str(folder / "a") if a == "IMAGES" else a for a in command[1:]], str(notes),
+            "--no-progress"]
+    assert "--overwrite" in error_of(capsys, argv) and notes.read_text() == "my notes\n"
+    assert main(argv + ["--overwrite"]) == 0 and notes.read_bytes() != b"my notes\n"
+    assert main(argv) == 0  # elbox's own output is replaced without asking
+
+
+def test_save_pretrained_writes_only_where_a_new_run_may_go(folder_run, tmp_path):
+    _, run = folder_run
+    model = elbox.load(run)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(ElboxError, match="not an earlier save_pretrained output"):
+        elbox.save_pretrained(model, mine)
+    assert (mine / "config.json").read_text() == '{"my": "settings"}' and not (mine / "model.safetensors").exists()
+    before = (run / "config.json").read_bytes()
+    with pytest.raises(ElboxError, match="cannot save the model"):
+        elbox.save_pretrained(model, run)
+    assert (run / "config.json").read_bytes() == before
+    saved = elbox.save_pretrained(model, tmp_path / "pretrained")
+    elbox.save_pretrained(model, saved)  # replaces its own earlier output
+    assert elbox.load(saved).preprocessing.image_size == (32, 32)
+    with pytest.raises(ElboxError, match="takes a model"):
+        elbox.save_pretrained("notmodel", tmp_path / "x")
+    with pytest.raises(ElboxError, match="cannot write the model"):
+        elbox.save_pretrained(model, "/dev/null/x")
+
+
+def test_a_refused_second_writer_leaves_the_running_run_whole(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # the first run's, written as it started
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the first run holds its directory
+    try:
+        with pytest.raises(ElboxError, match="in use by another elbox process"):
+            elbox.fit("gaussian", table_rows(), out=out, verbose=False, progress=False)
+    finally:
+        os.close(fd)
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_resume_never_refits_a_finished_closed_form_linear_run(tmp_path):
+    out = tmp_path / "run"
+    elbox.fit("linear", table_rows(), latent_dim=1, out=out, verbose=False, progress=False)
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ElboxError, match="is complete"):
+        elbox.resume(out, verbose=False, progress=False)
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+# -- the Python API checks the command line's ranges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda m: elbox.sample(m, 10**10), "n must be a whole number between 1 and 10000"),
+    (lambda m: elbox.sample(m, 2, temperature=1e308), "temperature must be a number > 0 and <= 100"),
+    (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), limit=-1), "limit must be a whole number"),
+    (lambda m: elbox.score(m, np.zeros((2, 1, 32, 32), np.uint8), iw_samples=10**12), "iw_samples must be"),
+    (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), split="tset"), "did you mean 'test'"),
+])
+def test_the_python_api_enforces_the_command_line_ranges(folder_run, call, fragment):
+    model = elbox.load(folder_run[1])
+    with pytest.raises(ElboxError, match=fragment.replace("(", r"\(")):
+        call(model)
+
+
+def test_load_on_an_unknown_device_is_one_error(folder_run):
+    with pytest.raises(ElboxError, match="unknown device 'tpu'"):
+        elbox.load(folder_run[1], device="tpu")
