@@ -149,13 +149,18 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
     return tensors, state
 
 
-def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict, train: dict) -> dict:
+def write_run_config(run_dir: str | Path, model: LatentVariableModel, data: dict, train: dict,
+                     system: dict | None = None) -> dict:
+    """config.json. system: where the run trained ({"threads": N, "device": ..., "torch": version}): float32 sums
+    are reordered by another thread count, so a run reproduces bit for bit with the same one (resume and --config use
+    it)."""
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.name,
         "model_config": config_to_dict(model.config),
         "data": data,
         "train": train,
+        **({"system": system} if system else {}),
     }
     atomic_write_json(Path(run_dir) / CONFIG_FILE, config)
     return config
@@ -240,7 +245,8 @@ def checked_run_config(config: Any, what: str) -> dict:
     sections = [("model_config", lambda: check_model_size(model_class(config["model"]),
                                                          model_config(config["model"], config["model_config"]))),
                 ("data", lambda: check_data_record(config["data"])),
-                ("train", lambda: config_from_dict(TrainConfig, config.get("train", {}), "training settings"))]
+                ("train", lambda: config_from_dict(TrainConfig, config.get("train", {}), "training settings")),
+                ("system", lambda: recorded_threads(config))]
     for section, check in sections:
         try:
             check()
@@ -287,3 +293,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     model.preprocessing = Preprocessing.from_record(config["data"])
     return model.to(device).eval(), config
 
+
+
+def recorded_threads(config: dict) -> int | None:
+    """The CPU thread count a run trained with (config.json "system"), or None for a run that recorded none."""
+    system = config.get("system", {}) if isinstance(config, dict) else {}
+    if not isinstance(system, dict):
+        raise ElboxError(f"must be a JSON object, got {short_repr(system)}")
+    threads = system.get("threads")
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= 1024):
+        raise ElboxError(f"threads must be a whole number between 1 and 1024, got {short_repr(threads)}")
+    return threads

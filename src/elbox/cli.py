@@ -9,10 +9,12 @@ Modules that import torch load only when a command runs (cli_types.lazy): `elbox
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from elbox.limits import TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
 # the commands' working parts, imported when a command runs (they import torch)
-load_run = lazy("elbox.checkpoint", "load_run")
+load_run, read_json, recorded_threads = (lazy("elbox.checkpoint", name) for name in ("load_run", "read_json", "recorded_threads"))
 format_table = lazy("elbox.evaluation", "format_table")
 encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
     "encode", "sample", "score_with_stderr", "reconstruction_grid", "save_features", "write_scores_csv"))
@@ -109,13 +111,18 @@ def cmd_train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.model_flag not in (None, args.model):
         raise ElboxError(f"two models given: {args.model} and --model {args.model_flag}")
-    set_threads(args.threads)
+    replayed = args.resume and Path(args.resume, "config.json") or config_path
+    set_threads(args.threads or (recorded_threads(read_json(replayed, "run config")) if replayed else None))
 
     if args.resume:
-        given = sorted(k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k))
+        extend = flag_value(argv, "--epochs") is not None
+        given = sorted(k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k)
+                       and not (k == "epochs" and extend))
         if given:
-            raise ElboxError(f"--resume takes every setting from the run's config.json; drop {', '.join('--' + k.replace('_', '-') for k in given)}")
-        run = elbox.resume(args.resume, device=args.device, progress=not args.no_progress)
+            raise ElboxError(f"--resume takes every setting from the run's config.json (only --epochs N extends it); "
+                             f"drop {', '.join('--' + k.replace('_', '-') for k in given)}")
+        run = elbox.resume(args.resume, device=args.device, progress=not args.no_progress,
+                           epochs=args.epochs if extend else None)
     else:
         if args.out is None:
             raise ElboxError("give --out RUN_DIR for a new run, or --resume RUN_DIR to continue one")
@@ -287,8 +294,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """warnings.showwarning for the command line: one "elbox: warning: ..." line, without Python's source line."""
+    print(f"elbox: warning: {shown(' '.join(str(message).split()), 500)}", file=sys.stderr)
+
+
+def interrupted(argv: list[str]) -> str:
+    """What Ctrl-C left: for a training run, the last epoch saved and the command that continues it."""
+    run_dir = flag_value(argv, "--resume") or flag_value(argv, "--out") if argv[:1] == ["train"] else None
+    if run_dir is None:
+        return "elbox: interrupted"
+    epochs = [r.get("epoch") for r in saved_records(Path(run_dir)) if r.get("kind") in ("epoch", "train_epoch", "fit")]
+    if not (Path(run_dir) / "state.safetensors").is_file() or not epochs:
+        return f"elbox: interrupted before the first epoch was saved; nothing to continue in {run_dir}"
+    return (f"elbox: interrupted; {run_dir} holds epoch {epochs[-1]} (the last one saved); continue with: "
+            f"elbox train --resume {run_dir}")
+
+
+def saved_records(run_dir: Path) -> list[dict]:
+    """The run's metrics records as saved (metrics.jsonl; damaged lines skipped)."""
+    import json
+
+    records = []
+    with contextlib.suppress(OSError):
+        for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                records += [record] if isinstance(record, dict) else []
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    with warnings.catch_warnings():  # restores Python's warning display when done (main may run in a Python process)
+        warnings.showwarning = show_warning
+        return run_command(argv)
+
+
+def run_command(argv: list[str]) -> int:
+    """main() once warnings print as one line: run the command, and turn its errors into one line and an exit code."""
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
@@ -303,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elbox: error: {shown(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("elbox: interrupted", file=sys.stderr)
+        print(interrupted(argv), file=sys.stderr)
         return 130
 
 

@@ -185,6 +185,7 @@ class Trainer:
                 f"a cyclical beta cycle of {config.cycle_epochs} epochs is {config.cycle_epochs * self.steps_per_epoch:g} "
                 f"optimizer steps ({self.steps_per_epoch} per epoch); it needs at least 2, or beta stays 0"
             )
+        warn_if_schedule_outlasts_run(config, self.steps_per_epoch, self.total_steps)
         self.step = 0
         self.skipped_steps = 0  # non-finite loss or gradient norm
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
@@ -432,6 +433,20 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
+
+
+def warn_if_schedule_outlasts_run(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> None:
+    """A warning when the KL weight has not reached its final value by the run's last step (a warm-up longer than
+    the run, or a cyclical schedule cut in a ramp): the model was then trained on a different objective than the
+    ELBO it is judged by, and looks worse than it would."""
+    if config.beta_schedule == "constant" or total_steps == 0:
+        return
+    final = beta_at(config, total_steps - 1, steps_per_epoch)
+    if final < config.beta * (1 - 1e-9):
+        length = (f"its {config.warmup_epochs:g}-epoch KL warm-up" if config.beta_schedule == "linear" else
+                  f"its cyclical KL schedule (cycles of {config.cycle_epochs:g} epochs)")
+        warnings.warn(f"the run's {total_steps} steps end inside {length}: the last step trains with beta = {final:.3g}, "
+                      f"not {config.beta:g}; give more --epochs or a shorter --warmup-epochs", stacklevel=3)
 
 
 RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "

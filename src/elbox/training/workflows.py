@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from elbox.atomic import atomic_write_jsonl
+from elbox.atomic import atomic_write_json, atomic_write_jsonl
 from elbox.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -289,12 +289,14 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
     model.preprocessing = Preprocessing.from_record(data_record)
     if model.trains_by_gradient and "name" not in data_record:  # your own data (a built-in's --limit-train may be small)
         check_batches(train_images, config.batch_size)
-    run_config = write_run_config(out, model, data_record, config_dict(config)) if out and is_main_process() else {
+    system = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
+    run_config = write_run_config(out, model, data_record, config_dict(config), system) if out and is_main_process() else {
         "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
     if is_main_process() and verbose:
         print(f"elbox: training {model.name} ({model_size(model)}) on {data_record.get('name', data_record.get('path', 'your data'))} "
               f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
-              f"{device}" + (f"; run dir {out}" if out else ""), file=sys.stderr)
+              f"{device}" + (f" ({system['threads']} threads)" if device.type == "cpu" else "") + (f"; run dir {out}" if out else ""),
+              file=sys.stderr)
     if not model.trains_by_gradient:
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
@@ -370,12 +372,18 @@ def finish(run: Run, progress: bool) -> Run:
 
 
 def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True, verbose: bool = True,
-           callback: Callback | None = None) -> Run:
+           callback: Callback | None = None, epochs: int | None = None) -> Run:
     """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU.
-    A model fitted in one go (a mixture fit killed part-way) is fitted again from the start."""
+    epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics (a run
+    with a constant learning rate and no max_steps; the extended run is the one a new run of that many epochs would
+    have been, bit for bit). A model fitted in one go (a mixture fit killed part-way) is fitted again from the start."""
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
         config = read_run_config(out)
+        extended_from = None
+        if epochs is not None:
+            extended_from = config_from_dict(TrainConfig, config.get("train"), "training settings").epochs
+            config = extended_config(out, config, epochs)
         if not build_model(config["model"], config["model_config"]).trains_by_gradient:  # the linear model's fit option
             if (out / WEIGHTS_FILE).exists():
                 raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
@@ -386,11 +394,33 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
             name, data, validation = settings.pop("model"), settings.pop("data"), settings.pop("validation")
             return fit_into(out, name, data, validation, device, progress, verbose,
                             with_summaries(callback) if verbose else callback, settings)
-        return resume_training(out, config, device, progress, verbose, with_summaries(callback) if verbose else callback)
+        return resume_training(out, config, device, progress, verbose, with_summaries(callback) if verbose else callback,
+                               extended_from)
 
 
-def resume_training(out: Path, config: dict, device: str, progress: bool, verbose: bool, callback: Callback | None) -> Run:
-    """resume() of a model trained by gradient, once its directory is locked."""
+def extended_config(out: Path, config: dict, epochs: Any) -> dict:
+    """The run's config with `epochs` more than it had, written to its config.json (checked: a model trained by
+    gradient, a constant learning rate whose schedule does not depend on the length, no max_steps)."""
+    settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
+    epochs = config_from_dict(TrainConfig, {**config_dict(settings), "epochs": epochs}, "training settings").epochs
+    if not build_model(config["model"], config["model_config"]).trains_by_gradient:
+        raise ElboxError(f"run {out}: the {config['model']} model is fitted in one go; it has no epochs to extend")
+    if epochs <= settings.epochs:
+        raise ElboxError(f"run {out} has {settings.epochs} epochs; give --epochs more than that to extend it")
+    if settings.lr_schedule != "constant" or settings.max_steps is not None:
+        what = "a cosine learning-rate schedule" if settings.lr_schedule != "constant" else f"max_steps {settings.max_steps}"
+        raise ElboxError(f"run {out} has {what}, which depends on the run's length; start a new run with "
+                         f"elbox train --config {out / CONFIG_FILE} --epochs {epochs} --out NEW_DIR")
+    config = {**config, "train": {**config["train"], "epochs": epochs}}
+    if is_main_process():
+        atomic_write_json(out / CONFIG_FILE, config)
+    return config
+
+
+def resume_training(out: Path, config: dict, device: str, progress: bool, verbose: bool, callback: Callback | None,
+                    extended_from: int | None = None) -> Run:
+    """resume() of a model trained by gradient, once its directory is locked (extended_from: the epochs the run had
+    before resume(epochs=...) extended it)."""
     device = init_distributed(device)
     settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
     torch.manual_seed(settings.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
@@ -407,7 +437,11 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
         trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
     if trainer.is_complete:
         done = f"all {settings.epochs} epochs" if trainer.start_epoch > settings.epochs else f"its {settings.max_steps} steps (max_steps)"
-        raise ElboxError(f"run {out} is complete: {done} are done")
+        raise ElboxError(f"run {out} is complete: {done} are done; extend it with elbox train --resume {out} --epochs N "
+                         "(elbox.resume(run_dir, epochs=N))")
+    if extended_from is not None:  # in the metrics: where the run was extended, and from how many epochs
+        trainer.records.append({"kind": "extended", "epoch": trainer.start_epoch - 1, "from_epochs": extended_from,
+                                "to_epochs": settings.epochs})
     if is_main_process() and verbose:
         print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
