@@ -35,7 +35,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -379,13 +379,13 @@ def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
                      "[N, H, W, C] with 1 or 3 channels")
 
 
-def read_images(path: str | Path) -> tuple[np.ndarray, list[str]]:
+def read_images(path: str | Path, image_size: Any = None) -> tuple[np.ndarray, list[str]]:
     """The images in `path` as an array (not yet checked) and a name for each (relative file path or index):
     a .npy/.npz file (memory-mapped where it can be), a folder of images or one image file, read as `ImageFolder`
-    reads them."""
+    reads them (resized and center-cropped to image_size, as a run trained on a folder does)."""
     path = Path(path)
     if path.is_dir() or is_image_file(path):
-        folder = ImageFolder(path)
+        folder = ImageFolder(path, image_size)
         return np.stack([folder[i].numpy() for i in range(len(folder))]), list(folder.names)
     if not path.exists():
         raise ElboxError(f"input {path} does not exist")

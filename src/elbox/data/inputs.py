@@ -16,6 +16,7 @@ from elbox.data.formats import image_shape, to_8bit_tensor
 from elbox.data.sources import dataset_names
 from elbox.data.splits import load_split
 from elbox.data.user import open_source
+from elbox.data.user_tables import Table
 from elbox.errors import ElboxError
 
 BUILTIN_VALIDATION = "last 5000 of the official training set"
@@ -89,13 +90,15 @@ def training_data(data: Any, validation: Any = None, data_dir: str | None = None
     if is_path(data):
         examples = open_source(data, image_size=image_size, columns=columns)
         record = {"path": str(Path(data).resolve()), "kind": examples.kind, "image_size": image_size, "columns": columns}
+        if isinstance(examples, Table):  # new tables are read by these names (elbox.data.preprocessing)
+            record["column_names"] = list(examples.names)
     else:
         examples = as_examples(data, "data")
         record = {"source": "images given in memory"}
     if validation is None:
         given = None
     elif is_path(validation):
-        given = open_source(validation, image_size=image_size, columns=columns)
+        given = open_source(validation, image_size=image_size, columns=record.get("column_names", columns))
     else:
         given = as_examples(validation, "validation data")
     if given is not None:
