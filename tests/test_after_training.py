@@ -65,6 +65,7 @@ def table_run(tmp_path_factory):
 
 
 def error_of(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
     assert main(argv) != 0
     err = capsys.readouterr().err.strip()
     assert err.startswith("elbox: error: ") and "\n" not in err, err
@@ -267,3 +268,75 @@ def test_the_python_api_enforces_the_command_line_ranges(folder_run, call, fragm
 def test_load_on_an_unknown_device_is_one_error(folder_run):
     with pytest.raises(ElboxError, match="unknown device 'tpu'"):
         elbox.load(folder_run[1], device="tpu")
+
+
+# -- runs that say what happened ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_threads():
+    """Commands set torch's thread count for the process: put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_warm_up_longer_than_the_run_is_one_warning_line(tmp_path, capsys):
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    assert main(["train", "hvae", "--data", str(folder), "--epochs", "1", "--batch-size", "16", "--no-progress",
+                 "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and warnings[0].startswith("elbox: warning: the run's 2 steps end inside its 5-epoch KL "
+                                                         "warm-up: the last step trains with beta = 0.1, not 1"), err
+
+
+def test_resume_with_epochs_extends_a_finished_run(tmp_path, capsys):
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--out", str(run)]) == 0
+    assert "--epochs N" in error_of(capsys, ["train", "--resume", str(run), "--no-progress"])
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["epoch", "extended", "epoch"] and records[1]["from_epochs"] == 1
+    assert "drop --lr" in error_of(capsys, ["train", "--resume", str(run), "--epochs", "3", "--lr", "0.1"])
+    assert "more than that" in error_of(capsys, ["train", "--resume", str(run), "--epochs", "2"])
+
+
+def test_ctrl_c_names_the_last_saved_epoch_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    from elbox.training.trainer import Trainer
+
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    run = tmp_path / "run"
+    validate = Trainer.validate
+    calls = []
+
+    def interrupt_second(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupt_second)
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "3", "--out", str(run)]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"{run} holds epoch 1 (the last one saved); continue with: "
+                                                    f"elbox train --resume {run}")
+
+
+def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_path, capsys, torch_threads):
+    """The same settings and thread count give the same numbers; another thread count sums float32 products in
+    another order, so its numbers agree only to rounding."""
+    folder = write_folder(tmp_path / "images", n=40, size=(8, 8))
+    first, again, two = tmp_path / "first", tmp_path / "again", tmp_path / "two"
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "2", "--threads", "1", "--out", str(first)]) == 0
+    assert json.loads((first / "config.json").read_text())["system"]["threads"] == 1
+    torch.set_num_threads(2)
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(again), "--no-progress"]) == 0
+    assert "(1 threads)" in capsys.readouterr().err  # the recorded count, not the machine's
+    timing = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (first / "metrics.jsonl").open()] == \
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (again / "metrics.jsonl").open()]
+    assert main(["train", "--config", str(first / "config.json"), "--threads", "2", "--out", str(two), "--no-progress"]) == 0
+    ours, theirs = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["val_elbo"] for d in (first, two))
+    assert abs(ours - theirs) < 0.01 * abs(ours)

@@ -4,7 +4,6 @@ as one safetensors file with the JSON in its metadata)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from typing import Any
@@ -56,8 +55,7 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
-        # fields added later take defaults; the epochs may differ: a run extended by --resume --epochs N
-        if dataclasses.replace(saved_train_config(state, what), epochs=trainer.config.epochs) != trainer.config:
+        if saved_train_config(state, what) != trainer.config:  # fields added later take defaults
             raise ElboxError(f"{what} was written with other training settings than the run's config.json")
         check_state(trainer, state, what)
         check_tensors(part("model."), trainer.model.state_dict(), f"{what} (model tensors)")

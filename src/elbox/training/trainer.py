@@ -32,6 +32,7 @@ names.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
@@ -352,6 +353,20 @@ class Trainer:
     def restore(self, tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
         """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
         unpack_training_state(self, tensors, state, what)
+
+    def extend(self, epochs: int) -> None:
+        """Make the (restored) run one of `epochs` epochs. A cosine learning rate follows the longer run's cosine from
+        the current step on (Loshchilov & Hutter 2017's annealing over the new length): set to its value at this step
+        (a finished run's rate, near 0, rises to it), then stepped as usual."""
+        self.config = dataclasses.replace(self.config, epochs=epochs)
+        if self.scheduler is not None:
+            self.scheduler.T_max = self.total_steps
+            cosine = (1 + math.cos(math.pi * self.step / self.total_steps)) / 2
+            eta_min = self.scheduler.eta_min
+            rates = [eta_min + (base - eta_min) * cosine for base in self.scheduler.base_lrs]
+            for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"] = lr
+            self.scheduler._last_lr = rates  # what get_last_lr() reports  # noqa: SLF001
 
     def last_good_checkpoint(self) -> str:
         """Where the run's last finite checkpoint is, in words."""

@@ -65,6 +65,7 @@ from elbox.training.batches import example_shape, gather, num_examples
 from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
 from elbox.training.messages import model_size, with_summaries
 from elbox.training.progress import sample_with_progress
+from elbox.training.state import saved_train_config
 from elbox.training.trainer import Trainer
 
 EVAL_IW_SAMPLES = (1, 10, 100, 1000)
@@ -374,9 +375,9 @@ def finish(run: Run, progress: bool) -> Run:
 def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True, verbose: bool = True,
            callback: Callback | None = None, epochs: int | None = None) -> Run:
     """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU.
-    epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics (a run
-    with a constant learning rate and no max_steps; the extended run is the one a new run of that many epochs would
-    have been, bit for bit). A model fitted in one go (a mixture fit killed part-way) is fitted again from the start."""
+    epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics; a
+    cosine learning rate then follows the longer run's cosine from the current step (Trainer.extend). A model fitted
+    in one go (a mixture fit killed part-way) is fitted again from the start."""
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
         config = read_run_config(out)
@@ -400,16 +401,15 @@ def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = Tr
 
 def extended_config(out: Path, config: dict, epochs: Any) -> dict:
     """The run's config with `epochs` more than it had, written to its config.json (checked: a model trained by
-    gradient, a constant learning rate whose schedule does not depend on the length, no max_steps)."""
+    gradient, no max_steps). The trainer extends the restored run to it (Trainer.extend)."""
     settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
     epochs = config_from_dict(TrainConfig, {**config_dict(settings), "epochs": epochs}, "training settings").epochs
     if not build_model(config["model"], config["model_config"]).trains_by_gradient:
         raise ElboxError(f"run {out}: the {config['model']} model is fitted in one go; it has no epochs to extend")
     if epochs <= settings.epochs:
         raise ElboxError(f"run {out} has {settings.epochs} epochs; give --epochs more than that to extend it")
-    if settings.lr_schedule != "constant" or settings.max_steps is not None:
-        what = "a cosine learning-rate schedule" if settings.lr_schedule != "constant" else f"max_steps {settings.max_steps}"
-        raise ElboxError(f"run {out} has {what}, which depends on the run's length; start a new run with "
+    if settings.max_steps is not None:
+        raise ElboxError(f"run {out} ends at max_steps {settings.max_steps}; start a new run with "
                          f"elbox train --config {out / CONFIG_FILE} --epochs {epochs} --out NEW_DIR")
     config = {**config, "train": {**config["train"], "epochs": epochs}}
     if is_main_process():
@@ -430,18 +430,29 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
     model.preprocessing = Preprocessing.from_record(data)
     space = model.preprocessing.space
     initialize_from_data(model, space, train_images, settings.seed)  # as the new run did (a restored state overwrites it)
+    what = f"training state {out / STATE_FILE}"
+    tensors, state = load_training_state(out / STATE_FILE) if (out / STATE_FILE).exists() else ({}, None)
+    # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says
+    saved = saved_train_config(state, what) if state is not None else settings
+    if dataclasses.replace(saved, epochs=settings.epochs) == settings and saved.epochs < settings.epochs:
+        settings, extend_to = saved, settings.epochs
+    else:
+        extend_to = None
     trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
     if is_main_process():
         remove_stale_temporaries(out)
-    if (out / STATE_FILE).exists():
-        trainer.restore(*load_training_state(out / STATE_FILE), what=f"training state {out / STATE_FILE}")
+    if state is not None:
+        trainer.restore(tensors, state, what=what)
+    if extend_to is not None:
+        trainer.extend(extend_to)
+        settings = trainer.config
     if trainer.is_complete:
         done = f"all {settings.epochs} epochs" if trainer.start_epoch > settings.epochs else f"its {settings.max_steps} steps (max_steps)"
         raise ElboxError(f"run {out} is complete: {done} are done; extend it with elbox train --resume {out} --epochs N "
                          "(elbox.resume(run_dir, epochs=N))")
     if extended_from is not None:  # in the metrics: where the run was extended, and from how many epochs
         trainer.records.append({"kind": "extended", "epoch": trainer.start_epoch - 1, "from_epochs": extended_from,
-                                "to_epochs": settings.epochs})
+                                "to_epochs": settings.epochs, "step": trainer.step})
     if is_main_process() and verbose:
         print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
     trainer.fit()
