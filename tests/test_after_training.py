@@ -340,3 +340,34 @@ def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_pat
     assert main(["train", "--config", str(first / "config.json"), "--threads", "2", "--out", str(two), "--no-progress"]) == 0
     ours, theirs = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["val_elbo"] for d in (first, two))
     assert abs(ours - theirs) < 0.01 * abs(ours)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "vae", "--data", "fashion_mnist", "--out", "OUT"], "did you mean 'fashion-mnist'? (a built-in dataset)"),
+    (["train", "gmm", "--out", "OUT"], "did you mean 'mixture'?"),
+    (["train", "vae", "--learning-rate", "0.1", "--out", "OUT"], "did you mean --lr?"),
+])
+def test_names_from_other_libraries_get_a_did_you_mean(tmp_path, capsys, monkeypatch, argv, hint):
+    monkeypatch.chdir(tmp_path)
+    assert hint in error_of(capsys, [str(tmp_path / "o") if a == "OUT" else a for a in argv])
+    assert not (tmp_path / "o").exists()
+
+
+def test_weights_too_large_for_float32_arithmetic_are_refused(folder_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, run = folder_run
+    copy = tmp_path / "copy"
+    elbox.save_pretrained(elbox.load(run), copy)
+    tensors = load_file(copy / "model.safetensors")
+    name = next(iter(tensors))
+    tensors[name] = torch.full_like(tensors[name], 1e38)
+    save_file(tensors, copy / "model.safetensors")
+    with pytest.raises(ElboxError, match="beyond 1e\\+19 in magnitude"):
+        elbox.load(copy)
+
+
+def test_a_folder_run_says_why_its_images_are_binarized(tmp_path, capsys):
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--out", str(tmp_path / "run")]) == 0
+    assert "binarized afresh in each batch" in capsys.readouterr().err

@@ -15,6 +15,7 @@ Loading never unpickles: safetensors and JSON only.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -110,18 +111,26 @@ def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tenso
         raise ElboxError(f"{what} {path} is corrupt or not a safetensors file: {e}") from None
 
 
-def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """ElboxError naming the first floating-point tensor that holds a NaN or infinite value."""
+# Larger than any weight training gives: its square overflows float32 (3.4e38), so a model holding one computes NaN
+MAX_WEIGHT = 1e19
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], what: str, bound: float = math.inf) -> None:
+    """ElboxError naming the first floating-point tensor that holds a NaN or infinite value, or one beyond `bound`
+    in magnitude (MAX_WEIGHT for a model's weights)."""
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ElboxError(f"{what} holds NaN or infinite values (tensor {short_repr(name)}); it cannot be used")
+        if tensor.is_floating_point() and tensor.numel() and tensor.abs().max() > bound:
+            raise ElboxError(f"{what} holds values beyond {bound:g} in magnitude (tensor {short_repr(name)}), "
+                             "which overflow float32 arithmetic; it cannot be used")
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load safetensors weights into `model`, checking names, shapes, dtypes and finite values first."""
     tensors, _ = read_safetensors(path, "weights file")
     check_tensors(tensors, model.state_dict(), f"weights file {path}")
-    check_finite_tensors(tensors, f"weights file {path}")
+    check_finite_tensors(tensors, f"weights file {path}", MAX_WEIGHT)
     model.load_state_dict(tensors)
 
 

@@ -198,6 +198,10 @@ def score_with_stderr(model: Any, data: Any, *, iw_samples: int = 1000, elbo_sam
         model, x = copy.deepcopy(model).double(), x.double()
     values, stderr, method = score_per_example(model, x.to(model.device), counts, seeds, offset, iw_samples, batch_size,
                                                elbo_samples, progress)
+    bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+    if bad:
+        raise ElboxError(f"the {model.name} model gives a non-finite log-likelihood for {len(bad)} of {len(names)} "
+                         f"examples (the first: {names[bad[0]]}); its weights or the input are out of range")
     return values, stderr, names, estimate_text(method, space, seed, counts, binarizations)
 
 

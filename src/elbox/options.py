@@ -143,11 +143,21 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# names users bring from other libraries and papers, and the elbox name each means
+SYNONYMS = {"gmm": "mixture", "mog": "mixture", "ppca": "linear", "pca": "linear", "fa": "linear",
+            "factor-analysis": "linear", "vdm": "diffusion", "ddpm": "diffusion", "lvae": "hvae", "nvae": "hvae",
+            "ladder": "hvae", "learning-rate": "lr", "learning_rate": "lr", "num-epochs": "epochs", "n-epochs": "epochs",
+            "z-dim": "latent-dim", "latent-size": "latent-dim", "latent": "latent-dim", "batch": "batch-size",
+            "bs": "batch-size", "k": "iw-samples", "num-samples": "n", "fmnist": "fashion-mnist"}
+
+
 def did_you_mean(word: Any, choices: Sequence[str], quote: bool = True) -> str:
-    """"did you mean 'X'? " with the choice nearest to a mistyped word (difflib; leading dashes of options ignored),
-    or "" when none is near."""
+    """"did you mean 'X'? " with the choice nearest to a mistyped word (a known synonym, else difflib; leading dashes
+    of options ignored, "_" read as "-"), or "" when none is near."""
     names = {str(c).lstrip("-"): str(c) for c in choices}
-    close = difflib.get_close_matches(str(word).lstrip("-"), list(names), n=1)
+    bare = str(word).lstrip("-").lower()
+    synonym = SYNONYMS.get(bare, SYNONYMS.get(bare.replace("_", "-"), bare.replace("_", "-")))
+    close = [synonym] if synonym in names else difflib.get_close_matches(str(word).lstrip("-"), list(names), n=1)
     return "" if not close else f"did you mean {names[close[0]]!r}? " if quote else f"did you mean {names[close[0]]}? "
 
 

@@ -24,7 +24,7 @@ from elbox.data.user_arrays import ImageArray, VectorArray
 from elbox.data.user_images import ImageFolder, is_image_file, parse_image_size
 from elbox.data.user_tables import TABLE_SUFFIXES, Table
 from elbox.errors import ElboxError
-from elbox.options import short_repr
+from elbox.options import did_you_mean, short_repr
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
@@ -39,7 +39,10 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
     """
     path = Path(path)
     if not path.exists():
-        raise ElboxError(f"data {path} does not exist")
+        from elbox.data.sources import dataset_names
+
+        builtin = did_you_mean(str(path), dataset_names()) if path.parent == Path() else ""
+        raise ElboxError(f"data {path} does not exist" + (f"; {builtin}(a built-in dataset)" if builtin else ""))
     name = path.name.lower()
     if id_column is not None and not name.endswith(TABLE_SUFFIXES):
         raise ElboxError(f"data {path} is not a table; an ID column names the rows of a table (.csv, .tsv, .parquet)")

@@ -293,6 +293,10 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
     system = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
     run_config = write_run_config(out, model, data_record, config_dict(config), system) if out and is_main_process() else {
         "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
+    if is_main_process() and verbose and space.name == "binary" and "name" not in data_record:
+        print("elbox: this model's Bernoulli likelihood takes black-and-white pixels, so your images are binarized "
+              "afresh in each batch (pixel on with probability k/255: dynamic binarization); to model grey levels, "
+              "train with --likelihood discretized-logistic or categorical", file=sys.stderr)
     if is_main_process() and verbose:
         print(f"elbox: training {model.name} ({model_size(model)}) on {data_record.get('name', data_record.get('path', 'your data'))} "
               f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
