@@ -19,9 +19,11 @@ every Sigma_k positive definite when a component owns a single point or duplicat
 the floored variance is the exact maximizer over {sigma2 >= floor}, so the guarantee is exact. For
 "full", adding floor * I (scikit-learn's reg_covar) is not the exact maximizer of the ELBO (that would
 clip the eigenvalues of the scatter matrix at the floor); the two differ by O(floor), so a decrease is
-possible in principle when floor is large against the component's spread. `fit` warns if the ELBO or
-the log-likelihood drops by more than float rounding; none was seen in the tests or on PCA-50
-Fashion-MNIST (smallest step +3e-5 nats, benchmarks/README.md).
+possible when floor is not small against the component's spread. `fit` warns if the ELBO or the
+log-likelihood drops by more than float rounding. None was seen on PCA-50 Fashion-MNIST (smallest step
++3e-5 nats, benchmarks/README.md); one was seen fitting K = 3 to 400 rows of a 2-component mixture in 3-D
+(a component of 8 points whose smallest covariance eigenvalue, 0.002, is twice the floor 1e-3): a drop of
+2.5e-5 nats per example at one iteration, gone with floor 1e-6.
 
 Components that own (almost) no data, N_k < EMPTY_COUNT, keep their previous mean and covariance
 (any value maximizes the ELBO when no point is assigned) and get weight N_k / N, floored at the
@@ -38,6 +40,19 @@ distance to the nearest center so far, best of 2 + ln K candidates); "random" pi
 points uniformly. Every point is then assigned to its nearest center and one M-step on these hard
 assignments gives theta_0 (a center that gets no point, possible only with duplicated data, becomes
 an empty component).
+
+Choosing K (n_components=None, the default): EM is run for every K in CANDIDATE_COMPONENTS that the data can
+support (K = 1 always; larger K when N >= K (D + 1) rows for full covariances, N >= 2 K for diagonal ones: on
+average a component owns enough rows for a nonsingular covariance estimate), each with n_init restarts, and the K of
+the lowest BIC (Schwarz 1978) is kept:
+
+    BIC(K) = -2 log L + p ln N,   p = K - 1 + K D + K D (D + 1) / 2 ("full") or K - 1 + 2 K D ("diag")
+
+with log L the training-set log-likelihood of that K's fit. BIC rather than held-out likelihood: it uses every
+training row, needs no second split, is deterministic given the fits, and leaves the run's validation data unused,
+so the validation log-likelihood reported after the fit is not biased by the choice. It is a large-N approximation
+(to the log marginal likelihood) that counts the floored covariances as free parameters. The chosen K is written
+into the model's config (config.n_components), so a saved model is rebuilt with the right shapes.
 """
 
 from __future__ import annotations
@@ -46,7 +61,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -63,6 +78,8 @@ from elbox.models.gaussian import (
 from elbox.models.mixture_em import (
     F64,
     MixtureParams,
+    bic,
+    free_parameters,
     kmeans_plus_plus,
     log_joint,
     logsumexp_rows,
@@ -71,6 +88,8 @@ from elbox.models.mixture_em import (
 from elbox.options import MAX_SEED, check_options, option
 
 INITS = ("kmeans++", "random")
+# the K tried when n_components is None (the module docstring)
+CANDIDATE_COMPONENTS = (1, 2, 3, 4, 6, 8, 10)
 MAX_COMPONENTS = 10**5
 MAX_INITS = 1000
 # fit warns when the ELBO or the log-likelihood drops by more than this, relative to 1 + |value|
@@ -80,7 +99,12 @@ ROUNDING_SLACK = 1e-9
 @dataclass
 class MixtureConfig:
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
-    n_components: int = option(10, "number of mixture components", minimum=1, maximum=MAX_COMPONENTS, aliases=("--components",))
+    n_components: int | None = option(
+        None, "number of mixture components (default: chosen by BIC, Schwarz 1978, among "
+              f"{', '.join(map(str, CANDIDATE_COMPONENTS))}, each fitted by EM on the training set; K is tried only when "
+              "there are at least K (D + 1) training rows (full covariance) or 2 K (diag); the chosen K is saved "
+              "with the model)",
+        minimum=1, maximum=MAX_COMPONENTS, aliases=("--components",))
     covariance: str = option("full", "covariance structure", choices=COVARIANCES)
     init: str = option("kmeans++", "EM initialization (see the module docstring)", choices=INITS)
     max_iter: int = option(100, "EM iterations at most", minimum=1, maximum=10**6)
@@ -108,20 +132,29 @@ class GaussianMixture(ContinuousDensity):
 
     The posterior q(z|x) is exact, so `elbo(x).elbo == log_prob(x)` and every importance weight
     equals p(x): the bounds can be checked against the truth.
+
+    With config.n_components None, K is chosen by BIC (Schwarz 1978) when `fit` runs (the module docstring):
+    until then the buffers have the shapes of one component; `fit` rebuilds them for the chosen K and replaces
+    `config` by a copy whose n_components is that K, so the saved config rebuilds the fitted shapes (and a later
+    `fit` keeps that K).
     """
 
     trains_by_gradient = False
 
     def __init__(self, config: MixtureConfig):
         super().__init__(config)
-        k, d = config.n_components, math.prod(config.data_shape)
-        self.register_buffer("log_mixing_weights", torch.full((k,), -math.log(k), dtype=F64))
-        self.register_buffer("means", torch.zeros(k, d, dtype=F64))
-        if config.covariance == "full":
-            self.register_buffer("scale_tril", torch.eye(d, dtype=F64).repeat(k, 1, 1))
-        else:
-            self.register_buffer("variances", torch.ones(k, d, dtype=F64))
+        self._allocate(config.n_components or 1, F64, None)
         self.register_buffer("fitted_examples", torch.zeros((), dtype=torch.int64))
+
+    def _allocate(self, k: int, dtype: torch.dtype, device: torch.device | None) -> None:
+        """(Re)register the buffers of K components: equal weights, zero means, identity covariances."""
+        d = math.prod(self.config.data_shape)
+        self.register_buffer("log_mixing_weights", torch.full((k,), -math.log(k), dtype=dtype, device=device))
+        self.register_buffer("means", torch.zeros(k, d, dtype=dtype, device=device))
+        if self.config.covariance == "full":
+            self.register_buffer("scale_tril", torch.eye(d, dtype=dtype, device=device).repeat(k, 1, 1))
+        else:
+            self.register_buffer("variances", torch.ones(k, d, dtype=dtype, device=device))
 
     # -- parameters ---------------------------------------------------------------------------
 
@@ -131,6 +164,11 @@ class GaussianMixture(ContinuousDensity):
         return MixtureParams(self.log_mixing_weights, self.means, scale)
 
     def _store(self, params: MixtureParams, shift: Tensor, n: int) -> None:
+        k = params.means.shape[0]
+        if k != self.means.shape[0]:  # K was chosen by fit
+            self._allocate(k, self.means.dtype, self.means.device)
+        if self.config.n_components != k:
+            self.config = replace(self.config, n_components=k)
         self.log_mixing_weights.copy_(params.log_mixing_weights)
         self.means.copy_(params.means + shift)
         (self.scale_tril if self.config.covariance == "full" else self.variances).copy_(params.scale)
@@ -156,39 +194,42 @@ class GaussianMixture(ContinuousDensity):
         """x flattened to float64 [N, D] minus its mean, and the mean."""
         x = flatten_data(x, self.config.data_shape, "mixture")
         k = self.config.n_components
-        if x.shape[0] < k:
-            raise ElboxError(f"mixture model: x has {x.shape[0]} examples, fewer than n_components={k}")
+        if x.shape[0] < (k or 1):
+            raise ElboxError(f"mixture model: x has {x.shape[0]} examples, fewer than n_components={k or 1}")
         x = x.to(device=self.means.device, dtype=F64, copy=True)
         shift = x.mean(0)
         return x.sub_(shift), shift
 
-    def _initial_params(self, x: Tensor, restart: int = 0) -> MixtureParams:
-        """theta_0 from seeds chosen by config.init (seeded seed + restart), on centered float64 data x."""
+    def _initial_params(self, x: Tensor, k: int, restart: int = 0) -> MixtureParams:
+        """theta_0 of K components from seeds chosen by config.init (seeded seed + restart), on centered float64
+        data x."""
         c = self.config
         n, d = x.shape
         generator = torch.Generator(device=x.device).manual_seed(c.seed + restart)
         if c.init == "kmeans++":
-            seeds = kmeans_plus_plus(x, c.n_components, generator)
+            seeds = kmeans_plus_plus(x, k, generator)
         else:
-            seeds = torch.randperm(n, generator=generator, device=x.device)[: c.n_components]
+            seeds = torch.randperm(n, generator=generator, device=x.device)[:k]
         centers = x[seeds]
         distances = x.square().sum(1, keepdim=True) - 2 * x @ centers.T + centers.square().sum(1)
-        q = torch.nn.functional.one_hot(distances.argmin(1), c.n_components).to(x.dtype)
+        q = torch.nn.functional.one_hot(distances.argmin(1), k).to(x.dtype)
         # what a center that gets no point keeps (possible only with duplicated data): an isotropic
         # Gaussian with the average variance of the data
         variance = x.square().mean() + c.covariance_floor
         if c.covariance == "full":
-            scale = variance.sqrt() * torch.eye(d, dtype=x.dtype, device=x.device).repeat(c.n_components, 1, 1)
+            scale = variance.sqrt() * torch.eye(d, dtype=x.dtype, device=x.device).repeat(k, 1, 1)
         else:
-            scale = variance.expand(c.n_components, d).clone()
-        fallback = MixtureParams(torch.zeros(c.n_components, dtype=x.dtype, device=x.device), centers, scale)
+            scale = variance.expand(k, d).clone()
+        fallback = MixtureParams(torch.zeros(k, dtype=x.dtype, device=x.device), centers, scale)
         return m_step(x, q, fallback, c.covariance, c.covariance_floor)
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set the parameters to theta_0, the EM starting point that `fit(x)` uses."""
+        """Set the parameters to theta_0, the EM starting point that `fit(x)` uses (for a given n_components)."""
+        if self.config.n_components is None:
+            raise ElboxError("mixture model: initialize needs n_components; with None, fit(x) chooses it")
         x, shift = self._centered_data(x)
-        self._store(self._initial_params(x), shift, x.shape[0])
+        self._store(self._initial_params(x, self.config.n_components), shift, x.shape[0])
 
     @torch.no_grad()
     def fit(self, x: Tensor, callback: Callback | None = None) -> list[dict]:
@@ -202,17 +243,65 @@ class GaussianMixture(ContinuousDensity):
         than tol (never with tol = 0, which runs all max_iter iterations). With n_init > 1 the records of every
         run follow each other, each with "restart": r, and the model keeps the run of the highest final
         log-likelihood.
+
+        With n_components None, K is chosen by BIC (module docstring): the EM records of every candidate K follow
+        each other, each with "n_components": K, then one record {"method": a one-line account of the choice,
+        "chosen_components": K, "criterion": "bic", "log_likelihood": the chosen fit's, "candidates": [{
+        "n_components", "parameters", "bic"}, ...]}. Its BIC values are in the units of x (N examples, natural
+        logarithms); their differences, which decide, are the same in any units.
         """
         x, shift = self._centered_data(x)
-        runs = [self._run_em(x, self._initial_params(x, r), callback, r if self.config.n_init > 1 else None)
-                for r in range(self.config.n_init)]
-        params, _ = max(runs, key=lambda run: run[1][-1]["log_likelihood"])
+        if self.config.n_components is not None:
+            params, records, _ = self._fit_components(x, self.config.n_components, callback, False)
+        else:
+            params, records = self._select_components(x, callback)
         self._store(params, shift, x.shape[0])
-        return [record for _, records in runs for record in records]
+        return records
+
+    def candidate_components(self, n: int) -> list[int]:
+        """The K that n_components=None tries on N examples: those of CANDIDATE_COMPONENTS with at least D + 1 rows
+        per component (full covariances) or 2 (diag), and always K = 1."""
+        rows = self.num_dims + 1 if self.config.covariance == "full" else 2
+        return [k for k in CANDIDATE_COMPONENTS if k == 1 or n >= k * rows]
+
+    def _select_components(self, x: Tensor, callback: Callback | None) -> tuple[MixtureParams, list[dict]]:
+        """EM for every candidate K on centered data x; (the params of the lowest BIC, all records)."""
+        n, d = x.shape
+        records, candidates, best = [], [], None
+        for k in self.candidate_components(n):
+            params, em_records, mean_log_likelihood = self._fit_components(x, k, callback, True)
+            records += em_records
+            value = bic(mean_log_likelihood, n, k, d, self.config.covariance)
+            candidates.append({"n_components": k, "parameters": free_parameters(k, d, self.config.covariance), "bic": value})
+            if best is None or value < best[0]:  # keep only the best fit so far (memory: K D^2 numbers each)
+                best = value, k, params, mean_log_likelihood
+        _, k, params, mean_log_likelihood = best
+        tried = [c["n_components"] for c in candidates]
+        largest = "; the largest tried: a larger n_components may fit better" if k == tried[-1] > 1 else ""
+        record = {"method": f"BIC chose {k} component{'s' if k > 1 else ''} of {', '.join(map(str, tried))}{largest}",
+                  "chosen_components": k, "criterion": "bic", "log_likelihood": mean_log_likelihood,
+                  "candidates": candidates}
+        records.append(record)
+        if callback is not None:
+            callback(record)
+        return params, records
+
+    def _fit_components(self, x: Tensor, k: int, callback: Callback | None,
+                        tag: bool) -> tuple[MixtureParams, list[dict], float]:
+        """EM with K components from n_init starts on centered data x: (the params of the highest final mean
+        log-likelihood, the records of every run (with tag, each has "n_components": K), that log-likelihood)."""
+        restarts = self.config.n_init
+        runs = [self._run_em(x, self._initial_params(x, k, r), callback,
+                             {**({"n_components": k} if tag else {}), **({"restart": r} if restarts > 1 else {})})
+                for r in range(restarts)]
+        params, _, log_likelihood = max(runs, key=lambda run: run[2])
+        return params, [record for _, records, _ in runs for record in records], log_likelihood
 
     def _run_em(self, x: Tensor, params: MixtureParams, callback: Callback | None,
-                restart: int | None) -> tuple[MixtureParams, list[dict]]:
-        """EM from params on centered data x until convergence or max_iter: (final params, records)."""
+                tags: dict) -> tuple[MixtureParams, list[dict], float]:
+        """EM from params on centered data x until convergence or max_iter: (final params, records, each with
+        the entries of tags, the final mean log-likelihood in the units of x: the callback may change the
+        records' values, e.g. add an offset)."""
         c = self.config
         # E-step for theta_0: log q = log p(x, z) - log p(x)
         joint = log_joint(x, params, c.covariance)
@@ -235,7 +324,7 @@ class GaussianMixture(ContinuousDensity):
             log_likelihood = log_evidence.mean().item()
             self._warn_if_decreased(iteration, "E-step", "ELBO", elbo, "log-likelihood", log_likelihood)
             record = {"iteration": iteration, "elbo": elbo, "log_likelihood": log_likelihood,
-                      "time_s": time.perf_counter() - start, **({"restart": restart} if restart is not None else {})}
+                      "time_s": time.perf_counter() - start, **tags}
             converged = c.tol > 0 and elbo - previous_elbo < c.tol
             previous_elbo = elbo
             if converged or iteration == c.max_iter:
@@ -245,7 +334,7 @@ class GaussianMixture(ContinuousDensity):
                 callback(record)
             if converged:
                 break
-        return params, records
+        return params, records, log_likelihood
 
     @staticmethod
     def _warn_if_decreased(iteration: int, step: str, name_before: str, before: float, name_after: str, after: float):
@@ -322,7 +411,7 @@ class GaussianMixture(ContinuousDensity):
         eps = torch.randn(n, self.num_dims, generator=generator, dtype=self.means.dtype, device=self.means.device)
         if self.config.covariance == "full":
             noise = torch.empty_like(eps)
-            for k in range(self.config.n_components):  # not a hot path: one matmul per component
+            for k in range(self.means.shape[0]):  # not a hot path: one matmul per component
                 rows = z == k
                 noise[rows] = eps[rows] @ self.scale_tril[k].T
         else:

@@ -117,6 +117,19 @@ def m_step(x: Tensor, q: Tensor, previous: MixtureParams, covariance: str, floor
     return MixtureParams(log_weights, means, scale)
 
 
+def free_parameters(k: int, d: int, covariance: str) -> int:
+    """Free parameters of a K-component mixture in D dimensions: K - 1 weights, K D means, and K D (D + 1) / 2
+    covariance entries ("full") or K D variances ("diag")."""
+    per_covariance = d * (d + 1) // 2 if covariance == "full" else d
+    return k - 1 + k * d + k * per_covariance
+
+
+def bic(mean_log_likelihood: float, n: int, k: int, d: int, covariance: str) -> float:
+    """The Bayesian information criterion of Schwarz (1978), -2 log L + p ln N (lower is better), for a fit whose
+    mean log-likelihood over N examples is mean_log_likelihood (log L = N times it) and p = free_parameters."""
+    return -2 * n * mean_log_likelihood + free_parameters(k, d, covariance) * math.log(n)
+
+
 def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """Indices [k] of greedy k-means++ seeds (Arthur and Vassilvitskii 2007).
 
