@@ -7,8 +7,10 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import elbox
 from elbox.cli import main
@@ -22,16 +24,25 @@ MEASURE = """<script>window.addEventListener("load", () => {
   const box = document.getElementById("headline").getBoundingClientRect();
   document.body.setAttribute("data-headline-box", [box.top, box.bottom, window.innerHeight].join(" "));
 });</script>"""
+# the same for the page's width: wider than the window means the page scrolls sideways
+MEASURE_WIDTH = """<script>window.addEventListener("load", () => {
+  document.body.setAttribute("data-scroll-width", document.scrollingElement.scrollWidth);
+});</script>"""
 
 
-def render(html_path, tmp_path=None) -> str:
+def chromium() -> str | None:
+    return next((b for b in map(shutil.which, BROWSERS) if b), None)
+
+
+def render(html_path, tmp_path=None, measure: str = MEASURE) -> str:
     """The DOM after the page loaded, from headless Chromium (installed by scripts/get-chromium.sh) in a 1280 x 800
-    window. With tmp_path, a copy of the page that records the headline's box in <body data-headline-box>."""
-    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
+    window. With tmp_path, a copy of the page with the script `measure` (by default: it records the headline's box
+    in <body data-headline-box>)."""
+    browser = chromium()
     assert browser, "headless Chromium is needed for this test: run scripts/get-chromium.sh (Debian package chromium)"
     if tmp_path is not None:
         page = tmp_path / "measured.html"
-        page.write_text(html_path.read_text().replace("</body>", MEASURE + "</body>"))
+        page.write_text(html_path.read_text().replace("</body>", measure + "</body>"))
         html_path = page
     result = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={SCREEN[0]},{SCREEN[1]}",
@@ -59,9 +70,10 @@ def test_report_leads_with_the_result_and_renders_with_all_images(tmp_path, eval
     assert re.search(rf"NLL ≤ \d+\.\d\d ± \d+\.\d\d nats per example \(IWAE bound, K = {k}\) · \d\.\d+ ± \d\.\d+ bits/dim", headline)
     assert re.search(rf"gap -ELBO - NLL_K \(K = {k}\) -?\d+\.\d\d ± \d+\.\d\d nats", headline)  # the gap with its ±
     if evaluated:
-        assert "from eval-test.json (elbox evaluate): 50 examples" in headline and "K = 1, 10 importance" in headline
+        assert "from eval-test.json (elbox evaluate, the test split): 50 examples of synthetic test" in headline
+        assert "K = 1, 10 importance" in headline and "quick" not in headline
     else:
-        assert "quick evaluation made by elbox report: the first 200 test images, K = 1, 100 importance" in headline
+        assert "quick evaluation made by elbox report: the first 200 test images of synthetic, K = 1, 100 importance" in headline
     parameters = sum(p.numel() for p in elbox.load(run).parameters())
     assert f"VAE, latent 2, MLP 784-32, Bernoulli likelihood, {parameters:,} parameters" in headline
     assert "2 epochs" in headline and f"<td>{elbox.__version__}; run started 20" in headline
@@ -89,6 +101,60 @@ def test_report_for_a_diffusion_run_and_a_hierarchical_run(tmp_path):
         n = 2 if model[1] == "diffusion" else 3  # curves, samples (+ reconstructions)
         assert f'data-images-loaded="{n}/{n}"' in dom
         assert "NLL ≤" in dom and "bits/dim" in dom
+
+
+def write_folder(root, n: int = 60, size: int = 8):
+    """n grayscale PNGs of a bright square at a random place: a user's own data."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        image = np.full((size, size), 20, dtype=np.uint8)
+        r, c = rng.integers(0, size - 3, 2)
+        image[r : r + 4, c : c + 4] = 230
+        Image.fromarray(image).save(root / f"{i:03d}.png")
+    return root.resolve()
+
+
+def test_report_on_own_data_uses_the_saved_validation_evaluation_names_the_data_and_fits_the_window(tmp_path):
+    """Own data have no test split: `elbox evaluate` saves eval-validation.json, which the report must use (a quick
+    evaluation only before there is one); captions name the validation images of the data's path, not "test
+    images"; and a long path (one word) must not make the page scroll sideways."""
+    folder = write_folder(tmp_path / ("my-images-" + "x" * 150))
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--data", str(folder), "--epochs", "1", "--batch-size", "16", "--latent-dim", "2",
+                 "--hidden-dims", "16", "--workers", "1", "--out", str(run), "--no-progress"]) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "quick.html")]) == 0
+    page = (tmp_path / "quick.html").read_text()
+    assert f"quick evaluation made by elbox report: the first 6 validation images of {folder}, K = 1, 100" in page
+    assert f"Posterior means of validation images of {folder} (unlabelled: one colour)." in page
+    assert f"pairs of validation images of {folder}." in page and "test images" not in page
+
+    assert main(["evaluate", str(run), "--iw-samples", "1", "5", "--no-progress"]) == 0
+    assert (run / "eval-validation.json").is_file() and not (run / "eval-test.json").exists()
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert (f"from eval-validation.json (elbox evaluate, the validation split): 6 examples of {folder} (the run&#x27;s "
+            "validation data), K = 1, 5 importance samples") in page
+    assert "quick" not in page and "NLL (IWAE, K=5)" in page
+    # the page fits a 1280 px window: long words wrap, images shrink, preformatted text scrolls in its own box
+    assert "overflow-wrap:anywhere" in page and "img{max-width:100%;height:auto;" in page
+    assert "table{max-width:100%;" in page and "overflow-x:auto" in page
+    if chromium():
+        dom = render(run / "report.html", tmp_path, MEASURE_WIDTH)
+        width = int(re.search(r'data-scroll-width="(\d+)"', dom).group(1))
+        assert width <= SCREEN[0], width
+
+
+def test_curves_of_a_short_run_have_markers():
+    """One epoch can log one training record: a line through one point draws nothing, so few points get markers."""
+    records = [{"kind": "train", "step": 5, "elbo": -500.0, "reconstruction": -490.0, "kl": 10.0},
+               {"kind": "epoch", "step": 5, "val_elbo": -480.0, "val_kl": 9.0}]
+    lines = [line for ax in curves_figure(records, bits=784 * 0.693).axes for line in ax.get_lines()]
+    assert len(lines) == 5 and all(line.get_marker() not in (None, "", "None") for line in lines)
+    long = [{"kind": "train", "step": s, "elbo": -500.0 + s, "reconstruction": -490.0 + s, "kl": 10.0} for s in range(1, 100)]
+    lines = [line for ax in curves_figure(long, bits=784 * 0.693).axes for line in ax.get_lines()]
+    training = [line for line in lines if "training batches" in line.get_label()]
+    assert len(training) == 3 and all(line.get_marker() in (None, "", "None") for line in training)  # many points: a line
 
 
 def test_kl_and_the_bound_have_separate_axes():

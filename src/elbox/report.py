@@ -1,11 +1,12 @@
 """`elbox report RUN_DIR`: one self-contained HTML page (images inlined as PNG data URIs) and a Markdown twin.
 
-It leads with the result: the headline bound(s) with units and standard errors (from RUN_DIR/eval-test.json, or a
-quick evaluation of the first test images when there is none, and it says which, with K and the number of
-examples), the model in one line, the training time, the elbox version and the date. Then: training curves (the
-bound and the KL on separate panels); the evaluation table; sample and reconstruction grids (rows labelled); latent
-interpolations (models with a decoder); for 2-D latents, a scatter of test encodings coloured by label; and last,
-folded, the run's settings.
+It leads with the result: the headline bound(s) with units and standard errors (from the evaluation `elbox evaluate`
+saved, RUN_DIR/eval-test.json or else RUN_DIR/eval-validation.json (own data are evaluated on their validation
+split), or a quick evaluation of the first test images (own data: validation images) when there is none, and it says
+which, with K and the number of examples), the model in one line, the training time, the elbox version and the date.
+Then: training curves (the bound and the KL on separate panels); the evaluation table; sample and reconstruction grids
+(rows labelled); latent interpolations (models with a decoder); for 2-D latents, a scatter of the encodings of those
+images, coloured by label where they have labels; and last, folded, the run's settings.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ from elbox.plots import image_grid
 
 QUICK_EVAL_EXAMPLES = 1000
 QUICK_EVAL_K = [1, 100]
+# the evaluations `elbox evaluate` saves, in the order the report prefers them: a built-in dataset's test split; own
+# data (no test split) are evaluated on the run's validation examples
+SAVED_EVALUATIONS = ("eval-test.json", "eval-validation.json")
+# curves with this many points or fewer get markers: a line through one point draws nothing
+FEW_POINTS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -52,6 +58,11 @@ def _grid_png(images: torch.Tensor, nrow: int | None = None, row_labels: tuple[s
     buffer = io.BytesIO()
     image_grid(images.clamp(0, 1).cpu(), nrow=nrow, row_labels=row_labels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _markers(n: int) -> dict:
+    """Plot options: a marker on each point of a curve of few points (a short run's line may have only one)."""
+    return {"marker": "o", "markersize": 3} if n <= FEW_POINTS else {}
 
 
 def curves_png(records: list[dict], bits: float) -> bytes:
@@ -72,8 +83,9 @@ def curves_figure(records: list[dict], bits: float):
     fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
-        ax.plot(steps, [-r["elbo"] for r in train], label="-ELBO (training batches)", alpha=0.7)
-        ax.plot(steps, [-r["reconstruction"] for r in train], label="-reconstruction (training batches)", alpha=0.7)
+        ax.plot(steps, [-r["elbo"] for r in train], label="-ELBO (training batches)", alpha=0.7, **_markers(len(train)))
+        ax.plot(steps, [-r["reconstruction"] for r in train], label="-reconstruction (training batches)", alpha=0.7,
+                **_markers(len(train)))
     ax.plot([r["step"] for r in epochs], [-r["val_elbo"] for r in epochs], "o-", label="-ELBO (validation)")
     ax.set(xlabel="optimizer step", ylabel="nats per example", title="the bound (lower is better)")
     ax.secondary_yaxis("right", functions=(lambda n: n / bits, lambda b: b * bits)).set_ylabel("bits per dimension")
@@ -85,7 +97,8 @@ def curves_figure(records: list[dict], bits: float):
         kl_ax.plot([r["step"] for r in epochs], [r.get(key, math.nan) for r in epochs], "o-", label=key[4:] + " (validation)")
     if train and all(_is_number(r.get("kl")) for r in train):
         kls += [r["kl"] for r in train]
-        kl_ax.plot([r["step"] for r in train], [r["kl"] for r in train], alpha=0.7, label="kl (training batches)")
+        kl_ax.plot([r["step"] for r in train], [r["kl"] for r in train], alpha=0.7, label="kl (training batches)",
+                   **_markers(len(train)))
     if kls and min(kls) > 0 and max(kls) > 100 * min(kls):
         kl_ax.set_yscale("log")
     kl_ax.set(xlabel="optimizer step", ylabel="nats per example", title="KL terms (the rate)")
@@ -97,7 +110,7 @@ def curves_figure(records: list[dict], bits: float):
 
 @torch.no_grad()
 def interpolations_png(model, x: torch.Tensor, pairs: int = 4, steps: int = 8) -> bytes:
-    """Decodings of z = (1 - a) E[z|x_i] + a E[z|x_j] for a in [0, 1], one row per pair of test images."""
+    """Decodings of z = (1 - a) E[z|x_i] + a E[z|x_j] for a in [0, 1], one row per pair of images."""
     z = model.encode(x[: 2 * pairs])
     a = torch.linspace(0, 1, steps, device=z.device)[None, :, None]
     path = (1 - a) * z[0::2, None] + a * z[1::2, None]  # [pairs, steps, d]
@@ -106,7 +119,8 @@ def interpolations_png(model, x: torch.Tensor, pairs: int = 4, steps: int = 8) -
 
 
 @torch.no_grad()
-def scatter_png(model, x: torch.Tensor, labels: torch.Tensor) -> bytes:
+def scatter_png(model, x: torch.Tensor, labels: torch.Tensor | None) -> bytes:
+    """Posterior means of x in the plane, coloured by label (one colour where the data have no labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,11 +128,13 @@ def scatter_png(model, x: torch.Tensor, labels: torch.Tensor) -> bytes:
 
     z = model.encode(x).cpu()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=4, alpha=0.7)
-    fig.colorbar(points, ax=ax, label="label")
+    if labels is None:
+        ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.7)
+    else:
+        fig.colorbar(ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=4, alpha=0.7), ax=ax, label="label")
     ax.set_xlabel("E[z_1 | x]")
     ax.set_ylabel("E[z_2 | x]")
-    ax.set_title("test encodings (posterior means)")
+    ax.set_title("encodings (posterior means)")  # of which images: the section's caption says
     fig.tight_layout()
     return _png(fig)
 
@@ -180,7 +196,7 @@ def _saved_evaluation(path: Path) -> dict | None:
     damaged. Its types are checked by formatting it as the report will."""
     if not path.exists():
         return None
-    instead = "the report makes a quick evaluation instead"
+    instead = "the report uses another saved evaluation or makes a quick evaluation instead"
     try:
         text = path.read_bytes()
     except OSError as e:
@@ -194,6 +210,24 @@ def _saved_evaluation(path: Path) -> dict | None:
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as e:
         warn(f"{path} is damaged ({one_line(e, 60)}); {instead}")
         return None
+
+
+def _full_evaluation(run_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
+    """(the path, the result) of the first evaluation of SAVED_EVALUATIONS in run_dir that is there and sound."""
+    for path in (run_dir / name for name in SAVED_EVALUATIONS):
+        result = _saved_evaluation(path)
+        if result is not None:
+            return path, result
+    return None, None
+
+
+def evaluated_on(data: dict, kind: str) -> str:
+    """What the report evaluates and shows when it draws its own examples, e.g. "test images of mnist" (a built-in
+    dataset's test split) or "validation images of /data/faces" (own data have no test split: the run's validation
+    examples, held out of its data or from the validation path it was given)."""
+    if "name" in data:
+        return f"test {kind} of {data['name']}"
+    return f"validation {kind} of {data['path'] if 'validation_fraction' in data else data.get('validation', data['path'])}"
 
 
 def _saved_samples(path: Path) -> bytes | None:
@@ -309,21 +343,19 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Re
     data = config["data"]
     if "name" in data:
         images, labels = load_split(data["name"], "test", data.get("data_dir"))
-        examples = "test images"
     else:  # your own data: the run's validation examples, unlabelled
         _, val, _ = run_data(data, config.get("train", {}).get("seed", 0))
-        images = as_examples(first(val, QUICK_EVAL_EXAMPLES), "validation data")
-        labels = torch.zeros(images.shape[0], dtype=torch.long)
-        examples = "validation examples"
+        images, labels = as_examples(first(val, QUICK_EVAL_EXAMPLES), "validation data"), None
+    examples = evaluated_on(data, "images" if images.dim() == 4 else "examples")
     space = space_from_record(data)
     num_dims = math.prod(images.shape[1:])
     x = space.eval_data(images[:QUICK_EVAL_EXAMPLES].to(device), seed=seed)
-    eval_path = run_dir / "eval-test.json"
-    result = _saved_evaluation(eval_path)
-    ks = ", ".join(map(str, result.get("nll_iw_by_k", {}))) if result is not None else ""
+    eval_path, result = _full_evaluation(run_dir)
     if result is not None:
-        source = (f"from {eval_path.name} (elbox evaluate): {result['n_examples']} examples of {result.get('dataset', 'the test split')}"
-                  + (f", K = {ks} importance samples" if ks else ""))
+        ks = ", ".join(map(str, result.get("nll_iw_by_k", {})))
+        split = result.get("split", eval_path.stem.removeprefix("eval-"))
+        source = (f"from {eval_path.name} (elbox evaluate, the {split} split): {result['n_examples']} examples of "
+                  f"{result.get('dataset', 'the ' + split + ' split')}" + (f", K = {ks} importance samples" if ks else ""))
     else:
         result = evaluate(model, x, space.log_prob_offset(num_dims), iw_samples=QUICK_EVAL_K, seed=seed)
         ks = ", ".join(map(str, result.get("nll_iw_by_k", {})))
@@ -349,14 +381,15 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Re
             sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
             if isinstance(model, Reconstructs):
                 pairs = reconstruction_grid(model, x[:32], nrow=8)
-                sections.append(("Reconstructions", "Rows alternate: input images, then their reconstructions (the means of "
-                                 "p(x | E[z|x])).", _grid_png(pairs, nrow=8, row_labels=("input", "reconstruction"))))
+                text = f"Rows alternate: input images ({examples}), then their reconstructions (the means of p(x | E[z|x]))."
+                sections.append(("Reconstructions", text, _grid_png(pairs, nrow=8, row_labels=("input", "reconstruction"))))
             if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
-                sections.append(("Latent interpolations", "Decoded straight lines between the posterior means of pairs of test images.",
+                sections.append(("Latent interpolations", f"Decoded straight lines between the posterior means of pairs of {examples}.",
                                  interpolations_png(model, x)))
             if isinstance(model, Encoder) and result.get("latent_dim") == 2:
-                sections.append(("Latent space", "Posterior means of test images, coloured by class label.",
-                                 scatter_png(model, x, labels[: x.shape[0]])))
+                coloured = ", coloured by class label" if labels is not None else " (unlabelled: one colour)"
+                sections.append(("Latent space", f"Posterior means of {examples}{coloured}.",
+                                 scatter_png(model, x, None if labels is None else labels[: x.shape[0]])))
     settings = json.dumps({"run_dir": str(run_dir), "model": config["model"], "model_config": config["model_config"],
                            "data": data, "train": config.get("train", {})}, indent=1)
     return Report(title_of(config, run_dir), headline, detail, facts, sections, settings, result)
@@ -372,14 +405,19 @@ window.addEventListener("load", () => {
 </script>"""
 
 
+# The page fits the window (no sideways scrolling at 1280 px or less): long words (paths of own data) wrap anywhere,
+# images shrink to the column, and the evaluation table and the settings (preformatted) scroll inside their own box.
 _STYLE = """<style>
-body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;}
+*{box-sizing:border-box;}
+body{font-family:sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;overflow-wrap:anywhere;}
 h1{font-size:1.4em;margin:0 0 .5em;}
 #headline{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin-bottom:1.5em;background:#fafafa;}
 #headline .bound{font-size:1.5em;font-weight:bold;margin:.2em 0;}
 #headline .detail{margin:.2em 0 .6em;}
-#headline th{text-align:left;padding-right:1em;vertical-align:top;color:#555;font-weight:normal;}
-pre{background:#f6f6f6;padding:1em;overflow-x:auto;} img{max-width:100%;image-rendering:pixelated;}
+#headline th{text-align:left;padding-right:1em;vertical-align:top;color:#555;font-weight:normal;white-space:nowrap;}
+table{max-width:100%;border-collapse:collapse;}
+pre{background:#f6f6f6;padding:1em;max-width:100%;overflow-x:auto;}
+img{max-width:100%;height:auto;image-rendering:pixelated;}
 </style>"""
 
 
