@@ -513,9 +513,6 @@ def test_the_chosen_components_are_saved_and_loaded(selected, tmp_path):
     assert torch.equal(loaded.log_prob(x), model.log_prob(x))
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=True,
-                   reason="elbox.fit writes config.json before the fit (workflows.fit_into); it must be written again "
-                          "after a fit that settles n_components")
 def test_a_run_records_the_chosen_components(tmp_path):
     x = two_component_data().float()
     run = elbox.fit("mixture", x, out=tmp_path / "run", progress=False, verbose=False)

@@ -264,7 +264,7 @@ def headline_of(result: dict) -> tuple[str, str]:
         best = f"NLL ≤ {_nats(result, 'nll_iw')} per example (IWAE bound, K = {result['iw_samples']}) · "
     elif "elbo" in result:
         best = f"NLL ≤ {-result['elbo']:.2f} ± {result['elbo_stderr']:.2f} nats per example (-ELBO) · "
-    if "bpd" in result:
+    if "bpd" in result and result.get("data_space") != "real":  # bits/dim: of 8-bit data, not of real vectors
         best += f"{result['bpd']:.4f} ± {result['bpd_stderr']:.4f} bits/dim" + ("" if best else f" ({result['bpd_source']})")
     detail = []
     if "elbo" in result:

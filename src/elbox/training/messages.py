@@ -35,6 +35,7 @@ def fit_summary(record: dict) -> str:
         return f"validation log-likelihood {record['val_log_likelihood']:.2f} nats per example (exact)"
     if "iteration" in record:
         step = f"EM iteration {record['iteration']}" + (f" (run {record['restart']})" if "restart" in record else "")
+        step += f" ({record['n_components']} components)" if "n_components" in record else ""
     else:
         step = f"fit ({record['method']})" if "method" in record else "closed-form fit"
     values = ", ".join(f"{name} {record[key]:.2f}" for key, name in (("elbo", "ELBO"), ("log_likelihood", "log-likelihood"))

@@ -306,6 +306,7 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
+        run_config["model_config"] = config_to_dict(model.config)
         return finish(Run(model, history, run_config, out, val_images), progress)
     initialize_from_data(model, space, train_images, config.seed)
     trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback,
@@ -348,6 +349,9 @@ def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_
             callback(record)
 
     records = model.fit(space.eval_data(train_images.to(model.device), seed=seed), callback=on_record)
+    if out is not None:  # the fit may settle model options (the mixture's n_components): config.json, then the weights
+        run_config = read_json(out / CONFIG_FILE, "run config")
+        atomic_write_json(out / CONFIG_FILE, {**run_config, "model_config": config_to_dict(model.config)})
     val_x = space.eval_data(val_images.to(model.device), seed=seed)
     with torch.no_grad():
         val_log_likelihood = log_prob_per_example(model, val_x, 1000).mean().item() + offset
