@@ -371,3 +371,16 @@ def test_a_folder_run_says_why_its_images_are_binarized(tmp_path, capsys):
     folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
     assert main(["train", "vae", "--data", str(folder), *QUICK, "--out", str(tmp_path / "run")]) == 0
     assert "binarized afresh in each batch" in capsys.readouterr().err
+
+
+def test_samples_of_a_table_run_are_rows_in_the_columns_units(table_run, capsys):
+    _, run = table_run
+    assert main(["sample", str(run), "--n", "500", "--no-progress"]) == 0
+    lines = (run / "samples.csv").read_text().splitlines()
+    assert lines[0] == "sample,a,b,c" and len(lines) == 501
+    values = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
+    data = table_rows()
+    stderr = data.std(0) / math.sqrt(500)
+    assert (np.abs(values.mean(0) - data.mean(0)) < 5 * stderr * math.sqrt(2)).all()  # fitted mean, in original units
+    assert main(["sample", str(run), "--n", "3", "--no-progress"]) == 0  # its own CSV is replaced
+    assert elbox.sample(run, 4).shape == (4, 3)

@@ -80,20 +80,19 @@ def check_output_file(path: str | Path) -> Path:
 # PNG text chunk "Software: elbox", the score CSVs their header, the feature archives their `names` array, the JSON
 # results and reports their own keys and headings.
 PNG_SOFTWARE = "elbox"
-_OWN_MARKS = {
-    ".png": (b"\x89PNG\r\n\x1a\n", b"Software\x00" + PNG_SOFTWARE.encode()),
-    ".csv": (b"index,name,log_likelihood_nats,",),
-    ".npz": (b"PK", b"names.npy"),
-    ".json": (b"{", b'"model":', b'"dataset":'),
-    ".html": (b"<!doctype html>", b"id='run-settings'"),
-    ".md": (b"# ", b"## Run settings"),
+_OWN_MARKS = {  # suffix: the marks of each kind of file elbox writes with it
+    ".png": [(b"\x89PNG\r\n\x1a\n", b"Software\x00" + PNG_SOFTWARE.encode())],
+    ".csv": [(b"index,name,log_likelihood_nats,",), (b"sample,",)],  # scores; samples of vectors
+    ".npz": [(b"PK", b"names.npy")],
+    ".json": [(b"{", b'"model":', b'"dataset":')],
+    ".html": [(b"<!doctype html>", b"id='run-settings'")],
+    ".md": [(b"# ", b"## Run settings")],
 }
 
 
 def written_by_elbox(path: Path) -> bool:
     """True if the regular file at `path` is one of elbox's outputs (an image grid, scores, features, a JSON result, a
     report), recognized by its content (_OWN_MARKS), so that elbox may replace it."""
-    marks = _OWN_MARKS.get(path.suffix.lower())
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -101,7 +100,8 @@ def written_by_elbox(path: Path) -> bool:
             tail = f.read(1 << 16)
     except OSError:
         return False
-    return marks is not None and head.startswith(marks[0]) and all(mark in head + tail for mark in marks[1:])
+    return any(head.startswith(first) and all(mark in head + tail for mark in rest)
+               for first, *rest in _OWN_MARKS.get(path.suffix.lower(), []))
 
 
 def check_replaceable(path: str | Path, overwrite: bool = False) -> Path:

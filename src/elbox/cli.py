@@ -28,8 +28,9 @@ from elbox.options import add_options, did_you_mean, option_values
 # the commands' working parts, imported when a command runs (they import torch)
 load_run, read_json, recorded_threads = (lazy("elbox.checkpoint", name) for name in ("load_run", "read_json", "recorded_threads"))
 format_table = lazy("elbox.evaluation", "format_table")
-encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv = (lazy("elbox.inference", name) for name in (
-    "encode", "sample", "score_with_stderr", "reconstruction_grid", "save_features", "write_scores_csv"))
+encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv, write_samples_csv = (
+    lazy("elbox.inference", name) for name in ("encode", "sample", "score_with_stderr", "reconstruction_grid",
+                                               "save_features", "write_scores_csv", "write_samples_csv"))
 save_image_grid = lazy("elbox.plots", "save_image_grid")
 write_report = lazy("elbox.report", "write_report")
 keep_freed_memory_in_heap, resolve_device, set_threads = (lazy("elbox.system", name) for name in (
@@ -168,11 +169,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    out = output(args.out, Path(args.run_dir) / "samples.png", args)
-    model, _ = load_run(args.run_dir, resolve_device(args.device))
-    images = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed,
-                    progress=not args.no_progress)
-    print(f"wrote {save_image_grid(images, out)}")
+    model, config = load_run(args.run_dir, resolve_device(args.device))
+    vectors = model.preprocessing.space.name == "real"  # samples of a table: CSV rows in the columns' own units
+    out = output(args.out, Path(args.run_dir) / ("samples.csv" if vectors else "samples.png"), args)
+    samples = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed,
+                     progress=not args.no_progress)
+    if vectors:
+        write_samples_csv(out, samples, model.preprocessing.column_names)
+    else:
+        save_image_grid(samples, out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -252,7 +258,8 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
         BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)"))]),
     "sample": (cmd_sample, "a PNG grid of samples from the prior", [
         ("--n", dict(type=count("n"), default=64, help="how many samples (default: 64)")),
-        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: RUN_DIR/samples.png)")), SEED,
+        ("--out", dict(type=output_file, default=None, metavar="FILE.png", help="where to write the grid (default: "
+                       "RUN_DIR/samples.png; for a model of a table, the samples as CSV rows: RUN_DIR/samples.csv)")), SEED,
         ("--temperature", dict(type=real(*TEMPERATURE), nargs="+", default=[1.0], metavar="T",
          help="scale of the prior's standard deviation: one value, or one per level z1, z2, ... (hvae) (default: 1)")),
         ("--draw", dict(action="store_true", help="draw x ~ p(x|z) instead of showing its mean")),

@@ -18,6 +18,7 @@ import inspect
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def sample_options(model: LatentVariableModel, temperature: float | list[float] 
 def sample(model: Any, n: int = 64, *, temperature: float | list[float] = 1.0, draw: bool = False,
            steps: int | None = None, seed: int = 0, progress: bool = False) -> Tensor:
     """n samples [n, C, H, W] in [0, 1], on the CPU, not requiring gradients: means of p(x|z) (draw=True: draws
-    from it). model: a model, a Run or a run directory. temperature scales the prior's standard deviation (one value,
+    from it); for a model of real vectors, [n, D] in the data's original units. model: a model, a Run or a run
+    directory. temperature scales the prior's standard deviation (one value,
     or one per level); steps: diffusion sampling steps; progress: a bar over the sampling steps of models that take
     several (diffusion)."""
     from elbox.training.progress import sample_with_progress
@@ -75,9 +77,11 @@ def sample(model: Any, n: int = 64, *, temperature: float | list[float] = 1.0, d
     temperature = check_temperature(temperature)
     steps = None if steps is None else check_count_option(steps, "steps")
     options = sample_options(model, temperature, draw, steps)
+    space = model_space(model, None)  # before sampling: a model of vectors needs its standardization
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return sample_with_progress(model, n, progress, **options).detach().clamp(0, 1).cpu()
+        samples = sample_with_progress(model, n, progress, **options).detach().cpu()
+    return space.unstandardize(samples.double()) if space.name == "real" else samples.clamp(0, 1)
 
 
 def as_model(model: Any) -> LatentVariableModel:
@@ -257,6 +261,15 @@ def reconstruction_grid(model: LatentVariableModel, x: Tensor, nrow: int = 8) ->
         raise ElboxError(f"the {model.name} model has no reconstructions (no encoder to map an image to a latent)")
     recon = model.reconstruct(x)
     return torch.cat([t for i in range(0, x.shape[0], nrow) for t in (x[i : i + nrow], recon[i : i + nrow])]).cpu()
+
+
+def write_samples_csv(path: str | Path, samples: Tensor, columns: Sequence[str] | None) -> None:
+    """Samples of vectors [n, D] as CSV, one row each, under the columns' names (x0, x1, ... without them). Atomic."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["sample", *(columns or [f"x{j}" for j in range(samples.shape[1])])])
+    writer.writerows([i, *(repr(v) for v in row)] for i, row in enumerate(samples.tolist()))
+    atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def save_features(path: str | Path, features: dict[str, np.ndarray], names: list[str]) -> None:
