@@ -236,7 +236,7 @@ def test_npz_members_stored_are_mapped_compressed_are_read(tmp_path):
     packed = ImageArray(tmp_path / "packed.npz")
     assert not isinstance(packed.array, np.memmap) and torch.equal(packed[2][0], torch.from_numpy(x[2]))
     vectors = VectorArray(tmp_path / "plain.npz", key="other")
-    assert isinstance(vectors.array, np.memmap) and torch.equal(vectors[1], torch.from_numpy(y[1]).float())
+    assert isinstance(vectors.array, np.memmap) and torch.equal(vectors[1], torch.from_numpy(y[1]))
     refused(lambda: ImageArray(tmp_path / "plain.npz", key="nope"), "no array named 'nope'", "images", "other")
     np.savez(tmp_path / "two.npz", a=x, b=x)
     refused(lambda: ImageArray(tmp_path / "two.npz"), "['a', 'b']", "key")
@@ -299,7 +299,7 @@ def test_vector_arrays(tmp_path, monkeypatch):
     np.save(tmp_path / "v.npy", v)
     vectors = VectorArray(tmp_path / "v.npy")
     assert isinstance(vectors.array, np.memmap) and vectors.shape == (3,) and vectors.kind == "vectors"
-    assert vectors[7].dtype == torch.float32 and torch.allclose(vectors[7], torch.from_numpy(v[7]).float())
+    assert vectors[7].dtype == torch.float64 and torch.equal(vectors[7], torch.from_numpy(v[7]))  # as stored
     assert torch.equal(torch.stack(vectors.__getitems__([7, 2])), torch.stack([vectors[7], vectors[2]]))
     np.save(tmp_path / "ints.npy", np.arange(6).reshape(3, 2))
     assert VectorArray(tmp_path / "ints.npy")[2].tolist() == [4.0, 5.0]
@@ -325,7 +325,7 @@ def test_csv_and_parquet_tables(tmp_path):
     refused(lambda: Table(tmp_path / "t.csv"), "non-numeric", "'name' (string, e.g. 'x')")
     table = Table(tmp_path / "t.csv", columns=["c", "a"])
     assert table.names == table.columns == ["c", "a"] and table.shape == (2,) and len(table) == 3
-    assert table.kind == "vectors" and table[1].dtype == torch.float32 and table[1].tolist() == [6.0, 4.0]
+    assert table.kind == "vectors" and table[1].dtype == torch.float64 and table[1].tolist() == [6.0, 4.0]
     refused(lambda: Table(tmp_path / "t.csv", columns=["a", "d"]), "no column 'd'", "'a', 'name', 'b', 'c'")
     (tmp_path / "t.tsv").write_text("a\tb\n1\t2\n3\t4\n")
     assert Table(tmp_path / "t.tsv")[1].tolist() == [3.0, 4.0]
@@ -335,7 +335,7 @@ def test_csv_and_parquet_tables(tmp_path):
     assert isinstance(parquet, Table) and parquet[2].tolist() == [2.5, 3.0]
     refused(lambda: Table(tmp_path / "t.parquet"), "non-numeric", "'w' (string)")
     batch = next(iter(DataLoader(parquet, batch_size=3)))
-    assert batch.shape == (3, 2) and batch.dtype == torch.float32 and batch[2].tolist() == [2.5, 3.0]
+    assert batch.shape == (3, 2) and batch.dtype == torch.float64 and batch[2].tolist() == [2.5, 3.0]
 
 
 def test_bad_tables(tmp_path):

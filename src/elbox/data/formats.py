@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import resource
 import struct
 import tokenize
 import zipfile
@@ -55,11 +56,11 @@ _READ_PIECE = 1 << 20  # bytes read from a stream at a time
 
 def _read_bytes(path: Path, kind: str) -> bytes:
     """Whole file contents; `kind` ("CIFAR batch file") names the file in error messages. A file larger than the
-    free memory is refused before reading."""
+    memory this process can allocate (allocatable_bytes) is refused before reading."""
     try:
-        size, free = path.stat().st_size, available_memory_bytes(torch.device("cpu"))
-        if size > free:
-            raise ElboxError(f"{kind} {path} is {format_bytes(size)}, more than the {format_bytes(free)} of free memory")
+        size, (room, limit) = path.stat().st_size, allocatable_bytes()
+        if size > room:
+            raise ElboxError(f"{kind} {path} is {format_bytes(size)}, more than the {format_bytes(room)} of {limit}")
         return path.read_bytes()
     except FileNotFoundError:
         raise ElboxError(f"{kind} not found: {path}") from None
@@ -111,10 +112,10 @@ def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> bytes:
     expected = math.prod(dims)
     if size is not None and size != len(header) + expected:  # a plain file: its size is known before reading
         _check_payload_size(size - len(header), expected, dims, path)
-    free = available_memory_bytes(torch.device("cpu"))
-    if expected > free:
+    room, limit = allocatable_bytes()
+    if expected > room:
         raise ElboxError(f"IDX file {path} declares dims {short_repr(dims)}, {format_bytes(expected)} of data, "
-                         f"more than the {format_bytes(free)} of free memory")
+                         f"more than the {format_bytes(room)} of {limit}")
     payload = _read_at_most(stream, expected + 1)
     if len(payload) > expected:
         raise ElboxError(f"IDX file {path} holds more than the {expected} bytes of data its dims {short_repr(dims)} "
@@ -211,7 +212,8 @@ def open_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
     """The array of a .npy file or .npz archive (told apart by their magic bytes, not by name), never unpickled.
 
     Memory-mapped (an np.memmap, read on demand) from a .npy file or an uncompressed .npz member (np.savez); a
-    compressed member (np.savez_compressed) is read whole, after checking that it fits in memory. The header's
+    compressed member (np.savez_compressed) is read whole, after checking that it fits, with the float32 copy the
+    data space makes of it, in what this process can allocate (free memory, an address-space limit). The header's
     shape and dtype are checked against the bytes the file holds before anything is mapped or allocated. In an
     .npz, `key` names the array; without it, the only array or the one named "x" or "images"."""
     path = Path(path)
@@ -289,14 +291,56 @@ def _open_npz(path: Path, key: str | None) -> np.ndarray:
                 raise ElboxError(f"{what} {_NOT_AN_ARRAY}: bad local zip header")
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             return _map(path, shape, fortran, dtype, info.header_offset + 30 + name_len + extra_len + header)
-        need, free = math.prod(shape) * dtype.itemsize, available_memory_bytes(torch.device("cpu"))
-        if need > free:
-            raise ElboxError(f"{what} is compressed and would take {format_bytes(need)} in memory, "
-                             f"{format_bytes(free)} is free; store it uncompressed (np.save, np.savez) to read it on demand")
+        _check_room(shape, dtype, what)
         with archive.open(info) as f:
-            array = np.lib.format.read_array(f, allow_pickle=False)  # reads only the bytes the shape declares
+            try:
+                array = np.lib.format.read_array(f, allow_pickle=False)  # reads only the bytes the shape declares
+            except MemoryError:
+                raise ElboxError(f"{what} is compressed and its {format_bytes(math.prod(shape) * dtype.itemsize)} "
+                                 f"do not fit in memory; {_STORE_UNCOMPRESSED}") from None
             _refuse_extra(len(f.read(1)), shape, what)  # one byte more means it expands beyond: stop there
             return array
+
+
+_STORE_UNCOMPRESSED = "store it uncompressed (np.save, np.savez) to read it on demand"
+FLOAT32_BYTES = 4  # each value's float32 copy, which the model's data space makes of the array read whole
+
+
+def _check_room(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
+    """ElboxError unless a compressed member read whole fits in what this process can allocate: its decompressed
+    bytes and the float32 copy that the data space makes of them later (4 bytes a value)."""
+    count = math.prod(shape)
+    stored, floats = count * dtype.itemsize, count * FLOAT32_BYTES
+    room, limit = allocatable_bytes()
+    if stored + floats > room:
+        raise ElboxError(f"{what} is compressed and would take {format_bytes(stored + floats)} in memory "
+                         f"({format_bytes(stored)} decompressed, {format_bytes(floats)} as float32), more than the "
+                         f"{format_bytes(room)} of {limit}; {_STORE_UNCOMPRESSED}")
+
+
+def address_space_limit() -> int | None:
+    """This process's address-space limit in bytes (RLIMIT_AS, `ulimit -v`), None where there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _address_space_used() -> int:
+    """Bytes of address space this process takes now (its virtual size), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def allocatable_bytes() -> tuple[int, str]:
+    """(bytes a new allocation can take now, what bounds it in words): the free memory, or, under an address-space
+    limit, the room left below it when that is less (an allocation beyond it fails however much memory is free)."""
+    free, limit = available_memory_bytes(torch.device("cpu")), address_space_limit()
+    left = None if limit is None else max(0, limit - _address_space_used())
+    if left is None or left >= free:
+        return free, "free memory"
+    return left, f"address space left below this process's limit ({format_bytes(limit)}, ulimit -v)"
 
 
 def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
@@ -367,6 +411,14 @@ def as_uint8(array: np.ndarray) -> np.ndarray:
     return array.astype(np.uint8, order="C")
 
 
+def _uint8_shared(array: np.ndarray) -> np.ndarray:
+    """`array` itself where it is already uint8, C-contiguous and writable (no copy of a large array given in
+    memory), else as_uint8's new array (a read-only memory map included)."""
+    if array.dtype == np.uint8 and array.flags.c_contiguous and array.flags.writeable:
+        return array
+    return as_uint8(array)
+
+
 def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
     """(C, H, W) of one image in an array of images [N, H, W], [N, C, H, W] or [N, H, W, C] (C = 1 or 3)."""
     if len(shape) == 3:
@@ -411,7 +463,8 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
     Images may be [N, C, H, W], [N, H, W, C] or (one channel) [N, H, W]; one image alone may drop the N. Grayscale
     images given to a 3-channel model are repeated over the channels (the same picture). RGB images given to a
     1-channel model are taken when their three channels are equal (grayscale stored as RGB) and refused otherwise:
-    converting colors would score another image than the one given."""
+    converting colors would score another image than the one given. uint8 images [N, C, H, W] or [N, H, W] already
+    in the model's channels share the array's memory (if it is writable), not copied."""
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "uifb":
         kind = getattr(array, "dtype", type(array))
         raise ElboxError(f"{what} has dtype {kind}; give integers 0..255 or floats in [0, 1]")
@@ -427,7 +480,7 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
                          + (f" or {(h, w)}" if c == 1 else f" or channels last {(h, w, c)}"))
     check_8bit_values(array, what)  # before the layout changes, so that the index named is the array's own
     array = {"hw": lambda a: a[:, None], "hwc": lambda a: np.moveaxis(a, -1, 1), "chw": lambda a: a}[layouts[shape]](array)
-    images = torch.from_numpy(as_uint8(array))
+    images = torch.from_numpy(_uint8_shared(array))
     if images.shape[1] == 3 and c == 1:
         unequal = (images[:, 1:] != images[:, :1]).flatten(1).any(1)
         if unequal.any():

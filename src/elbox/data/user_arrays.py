@@ -107,9 +107,7 @@ class ImageArray(_ArrayDataset):
         check_8bit_values(self.array, self._what)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        item = self.array[item_index(index, len(self))]
-        item = np.moveaxis(item, -1, 0) if self._channels_last else item.reshape(self.shape)
-        return torch.from_numpy(as_uint8(item))  # a copy: the map is read-only
+        return self.__getitems__([item_index(index, len(self))])[0]  # read as rows are: not through the map
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         """A batch's items in one read (DataLoader asks for them so, instead of one __getitem__ each)."""
@@ -135,7 +133,10 @@ def check_real_values(array: np.ndarray, what: str, columns: list[str] | None = 
 
 
 class VectorArray(_ArrayDataset):
-    """Vectors of real numbers from a .npy or .npz file of shape (N, D): item i is a float32 tensor [D].
+    """Vectors of real numbers from a .npy or .npz file of shape (N, D): item i is a float64 tensor [D], so that the
+    standardization (elbox.data.spaces.RealSpace, in float64) sees the values as stored: cast to float32 first, a
+    column whose spread is small next to its magnitude would be quantized (timestamps near 1.7e9 spanning an hour:
+    float32's spacing there is 128 s, so some 28 levels).
 
     NaN, infinite values and values too large for float32 are refused by row and column. In an .npz, `key` names
     the array. Attributes: path, array, shape (D,), names (the column numbers as strings), kind "vectors".
@@ -157,8 +158,8 @@ class VectorArray(_ArrayDataset):
         check_real_values(self.array, self._what)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.array[item_index(index, len(self))], dtype=np.float32))
+        return self.__getitems__([item_index(index, len(self))])[0]  # read as rows are: not through the map
 
     def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
         """A batch's items in one read (DataLoader asks for them so, instead of one __getitem__ each)."""
-        return list(torch.from_numpy(np.array(self.rows(indices), dtype=np.float32)).unbind(0))
+        return list(torch.from_numpy(np.array(self.rows(indices), dtype=np.float64)).unbind(0))

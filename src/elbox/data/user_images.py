@@ -74,6 +74,12 @@ def find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
+def printable_name(name: str) -> str:
+    """A file name as text that any UTF-8 file can hold: os.fsdecode writes bytes that are not UTF-8 as lone
+    surrogates, which no encoder takes; here they become \\xNN."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def is_image_file(path: Path) -> bool:
     """True for an existing file (not a folder) whose suffix names an image format (IMAGE_SUFFIXES)."""
     return path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and not path.is_dir()
@@ -139,7 +145,9 @@ class ImageFolder(Dataset):
     size; with it (an int S for S x S, or (H, W)) each image is resized (bilinear, antialiased) so that it covers
     H x W and then center-cropped to it.
 
-    Attributes: path, names (the relative paths, in item order), shape (C, H, W), kind "images".
+    C = 3 when only some images are in color is warned about (a UserWarning naming how many and the first), since
+    it makes the model an RGB one. Attributes: path, names (the relative paths, in item order, as printable text:
+    bytes of a file name that are not UTF-8 written as \\xNN), shape (C, H, W), kind "images".
     """
 
     kind = "images"
@@ -148,31 +156,38 @@ class ImageFolder(Dataset):
         self.path = Path(path)
         self.image_size = parse_image_size(image_size)
         if is_image_file(self.path):  # one image: a folder of one
-            self._root, self.names = self.path.parent, [self.path.name]
+            self._root, self._files = self.path.parent, [self.path.name]
         elif not self.path.is_dir():
             raise ElboxError(f"image folder {self.path} " + ("is not a folder" if self.path.exists() else "does not exist"))
         else:
-            self._root, self.names = self.path, find_images(self.path)
-        if not self.names:
+            self._root, self._files = self.path, find_images(self.path)
+        if not self._files:
             others = ", ".join(sorted({s for s in IMAGE_SUFFIXES if s != ".png"}))
             raise ElboxError(f"input folder {self.path} has no image files (no .png files, nor {others})")
-        channels, first = 1, None
-        for name in self.names:
+        self.names = [printable_name(name) for name in self._files]
+        colors, first = [], None
+        for name in self._files:
             size, c = _probe(self._root / name)
-            channels = max(channels, c)
+            if c == 3:
+                colors.append(name)
             if first is None:
                 first = (name, size)
             elif self.image_size is None and size != first[1]:
-                raise ElboxError(f"images in {self.path} differ in size: {first[0]} is {first[1][0]}x{first[1][1]} "
-                                 f"but {name} is {size[0]}x{size[1]} (height x width); all must match, or give an "
+                raise ElboxError(f"images in {self.path} differ in size: {printable_name(first[0])} is "
+                                 f"{first[1][0]}x{first[1][1]} but {printable_name(name)} is {size[0]}x{size[1]} "
+                                 "(height x width); all must match, or give an "
                                  "image size to resize and crop them")
-        self.shape = (channels, *(self.image_size or first[1]))
+        if 0 < len(colors) < len(self._files):
+            warnings.warn(f"{len(colors)} of the {len(self._files)} images in {self.path} are in color (the first: "
+                          f"{self._root / printable_name(colors[0])}): all are read with 3 channels (RGB), the "
+                          "grayscale ones repeated over them", UserWarning, stacklevel=2)
+        self.shape = (3 if colors else 1, *(self.image_size or first[1]))
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        file = self._root / self.names[item_index(index, len(self))]
+        file = self._root / self._files[item_index(index, len(self))]
         c, h, w = self.shape
         try:
             with open_image(file) as image:

@@ -145,6 +145,9 @@ class DiffusionConfig:
                 raise ElboxError(message)
 
 
+FULL_WINDOW = NUM_LEVELS // 2  # a half-width whose window, 2W + 1 values, spans the whole grid
+
+
 def window_half_width(gamma_0: Tensor) -> int:
     """Half-width W (in grid steps) of the window of 2W + 1 grid values that reconstruction_log_prob sums over.
 
@@ -152,10 +155,18 @@ def window_half_width(gamma_0: Tensor) -> int:
     r^2 ((m - 1/2)^2 - 1/4) / 2 lower, r = spacing / sigma = (2/256) e^{-gamma_0/2}. Beyond W the terms fall
     geometrically (ratio <= e^{-r^2}), on both sides, so the values outside the window weigh at most
     2 e^{-r^2 ((W + 1/2)^2 - 1/4) / 2} / (1 - e^{-r^2}) of the nearest one. W makes that <= e^-30: the window's
-    log-sum-exp is low by less than 1e-13 per pixel."""
-    r = (2 / NUM_LEVELS) * math.exp(-0.5 * float(gamma_0))
-    tail = math.log(2 / -math.expm1(-r * r))
-    return max(1, math.ceil(math.sqrt(2 * (30 + tail) / (r * r) + 0.25) - 0.5))
+    log-sum-exp is low by less than 1e-13 per pixel.
+
+    W is at most FULL_WINDOW (a window of 257 >= 256 values: the full softmax), which is also the answer for a
+    gamma_0 that is not a number (diverged training: the loss is then NaN, and the trainer deals with it). log r is
+    clamped to [-20, 20], beyond which W is FULL_WINDOW, or 1, either way."""
+    gamma = float(gamma_0)
+    if math.isnan(gamma):
+        return FULL_WINDOW
+    log_r = min(max(math.log(2 / NUM_LEVELS) - 0.5 * gamma, -20.0), 20.0)
+    r_sq = math.exp(2 * log_r)
+    tail = math.log(2 / -math.expm1(-r_sq))
+    return min(FULL_WINDOW, max(1, math.ceil(math.sqrt(2 * (30 + tail) / r_sq + 0.25) - 0.5)))
 
 
 def bin_indices(x: Tensor) -> Tensor:

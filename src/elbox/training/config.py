@@ -127,8 +127,8 @@ class DataConfig:
                               metavar="NAME|PATH")
     validation: str | None = option(None, "your own validation data, in the same form as --data (default: hold out "
                                           "--validation-fraction of it at random)", metavar="PATH")
-    validation_fraction: float = option(0.1, "fraction of your own data held out at random (seeded) for validation",
-                                        above=0, below=1)
+    validation_fraction: float = option(0.1, "fraction of your own data held out at random (seeded) for validation; "
+                                             "0: none, the training data serve as validation data", minimum=0, below=1)
     data_dir: str | None = option(None, "directory with a built-in dataset's files (else $ELBOX_DATA, the user cache, "
                                         "the system's data packages, a download)", metavar="DIR")
     limit_train: int | None = option(None, "use only the first N training examples", minimum=1, metavar="N")

@@ -161,15 +161,42 @@ def _as_json(value: Any) -> Any:
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], what: str) -> dict[int, dict[str, Tensor]]:
-    """{parameter index: {name: tensor}} from "index.name" keys, each moment shaped like its parameter."""
+    """{parameter index: {name: tensor}} from "index.name" keys: for each parameter that has a state, Adam's step
+    count (a single float32 whole number >= 0) and moments (its parameter's shape and dtype), and nothing else."""
+    groups = [group for group in optimizer.param_groups for _ in group["params"]]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
         if not index.isdigit() or int(index) >= len(params):
             raise ElboxError(f"{what}: optimizer tensor {key!r} names no parameter of this model")
-        if name != "step" and value.shape != params[int(index)].shape:
-            raise ElboxError(f"{what}: optimizer tensor {key!r} has shape {tuple(value.shape)}, "
-                             f"its parameter {tuple(params[int(index)].shape)}")
         state.setdefault(int(index), {})[name] = value
+    for index, values in state.items():
+        expected = _adam_state_names(groups[index])
+        if set(values) != expected:
+            raise ElboxError(f"{what}: the optimizer state of parameter {index} has the tensors {sorted(values)}; "
+                             f"Adam keeps {sorted(expected)}")
+        for name, value in values.items():
+            _check_optimizer_tensor(value, params[index], f"{what}: optimizer tensor '{index}.{name}'", name == "step")
     return state
+
+
+def _adam_state_names(group: dict) -> set[str]:
+    """The tensors Adam keeps for each parameter of a param group (Kingma & Ba 2015, Algorithm 1; AMSGrad's running
+    maximum, Reddi et al. 2018)."""
+    return {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+
+
+def _check_optimizer_tensor(value: Tensor, param: Tensor, what: str, is_step: bool) -> None:
+    """ElboxError unless `value` is what Adam keeps: a step count (one float32 whole number >= 0), or a moment of
+    `param`'s shape and dtype."""
+    if is_step:
+        if value.shape != () or value.dtype != torch.float32:
+            raise ElboxError(f"{what} has shape {tuple(value.shape)} {value.dtype}; Adam's step count is one float32 "
+                             "number, shape ()")
+        count = value.item()
+        if not (math.isfinite(count) and count >= 0 and count == int(count)):
+            raise ElboxError(f"{what} is {count}; Adam's step count is a whole number >= 0")
+    elif value.shape != param.shape or value.dtype != param.dtype:
+        raise ElboxError(f"{what} has shape {tuple(value.shape)} {value.dtype}; its parameter's moments need "
+                         f"{tuple(param.shape)} {param.dtype}")
