@@ -55,13 +55,14 @@ def test_bad_tensors_get_the_command_lines_messages(vae):
     refused(lambda: elbox.score(vae, np.array(["a", "b"])), "input array has dtype <U1")
     refused(lambda: elbox.score(vae, torch.full((2, *SHAPE), float("nan"))), "input array", "NaN")
     refused(lambda: elbox.score(vae, np.zeros((0, *SHAPE), np.uint8)), "input array is empty")
-    refused(lambda: elbox.score(vae, x, iw_samples=0), "iw_samples (importance samples K) must be >= 1, got 0")
-    refused(lambda: elbox.score(vae, x, batch_size=0), "batch_size must be >= 1, got 0")
-    refused(lambda: elbox.score(vae, x, seed="a"), "the seed must be a whole number, got 'a'")
-    refused(lambda: elbox.encode(vae, x, binarizations=0), "binarizations must be >= 1, got 0")
-    refused(lambda: elbox.sample(vae, 2.5), "the number of samples must be a whole number, got 2.5")
-    refused(lambda: elbox.sample(vae, 2, seed=-1), "the seed must be >= 0, got -1")
-    refused(lambda: elbox.sample("runs/vae", 2), "give a model", "got str")
+    refused(lambda: elbox.score(vae, x, iw_samples=0), "iw_samples must be a whole number between 1 and 100000, got 0")
+    refused(lambda: elbox.score(vae, x, batch_size=0), "batch_size must be a whole number between 1 and 10000, got 0")
+    refused(lambda: elbox.score(vae, x, seed="a"), "seed must be a whole number between 0 and 9223372036854775807, got 'a'")
+    refused(lambda: elbox.encode(vae, x, binarizations=0), "binarizations must be a whole number between 1 and 10000, got 0")
+    refused(lambda: elbox.sample(vae, 2.5), "n must be a whole number between 1 and 10000, got 2.5")
+    refused(lambda: elbox.sample(vae, 2, seed=-1), "seed must be a whole number between 0 and 9223372036854775807, got -1")
+    refused(lambda: elbox.sample("runs/vae", 2), "run directory runs/vae does not exist")  # a path is a run directory
+    refused(lambda: elbox.sample(3, 2), "give a model, a Run or a run directory", "got int")
     refused(lambda: elbox.score(vae, x[:, :, :, :5]), "input array has images of shape (1, 28, 5)")
 
 

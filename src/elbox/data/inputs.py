@@ -136,11 +136,6 @@ class ExampleRows(Dataset):
         """The rows as one new tensor."""
         return self.examples[self.indices]
 
-    def to(self, device: torch.device | str) -> Tensor:
-        """The rows as one tensor on `device`, for code that takes the split whole as it takes a tensor (a model's
-        initialization from the data)."""
-        return self.gathered().to(device)
-
 
 def is_builtin(data: Any) -> bool:
     return isinstance(data, str) and data in dataset_names()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from elbox.data.inputs import ExampleRows
 from elbox.errors import ElboxError
 
 Images = Tensor | Dataset
@@ -52,6 +53,9 @@ def gather(data: Images, batches: list[Tensor], device: torch.device, workers: i
     if isinstance(data, Tensor):
         data = data.to(device)
         return (data[idx.to(device)] for idx in batches)
+    if isinstance(data, ExampleRows):  # rows of examples in memory: gathered on the device, no DataLoader
+        examples, rows = data.examples.to(device), data.indices.to(device)
+        return (examples[rows[idx.to(device)]] for idx in batches)
     # its own generator: a DataLoader draws its workers' base seed, which must not consume the global random
     # stream that the model's sampling uses (the run would then differ from the same images in memory)
     loader = DataLoader(data, batch_sampler=[idx.tolist() for idx in batches], num_workers=workers,

@@ -326,12 +326,13 @@ def with_preprocessing(trained: LatentVariableModel, model: LatentVariableModel)
     return trained
 
 
-def initialize_from_data(model: LatentVariableModel, space, train_images: Tensor, seed: int) -> None:
+def initialize_from_data(model: LatentVariableModel, space, train_images: Any, seed: int) -> None:
     """The model's data-dependent initialization, for models that have one (the whole training set is put in the
     data space only then)."""
     if type(model).initialize_from_data is not LatentVariableModel.initialize_from_data:
         with torch.no_grad():
-            model.initialize_from_data(space.eval_data(train_images.to(model.device), seed=seed))
+            examples = train_images if isinstance(train_images, Tensor) else as_examples(train_images, "training data")
+            model.initialize_from_data(space.eval_data(examples.to(model.device), seed=seed))
 
 
 def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
