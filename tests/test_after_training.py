@@ -99,8 +99,8 @@ def test_reconstruct_tighten_evaluate_and_report_a_folder_run(folder_run, capsys
     assert (run / "reconstructions.png").is_file()
     assert main(["tighten", str(run), "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4",
                  "--elbo-samples", "2", "--no-progress"]) == 0
-    result = json.loads((run / "tighten-test.json").read_text())
-    assert result["n_examples"] == 3 and result["dataset"].endswith("images")
+    result = json.loads((run / "tighten-validation.json").read_text())  # own data: measured on the validation part
+    assert result["n_examples"] == 3 and result["dataset"].endswith("images") and result["split"] == "validation"
     assert main(["evaluate", str(run), "--iw-samples", "1", "4", "--no-progress"]) == 0
     assert json.loads((run / "eval-validation.json").read_text())["split"] == "validation"
     assert main(["evaluate", str(run), "--iw-samples", "4", "--weights", "best", "--no-progress"]) == 0
@@ -377,10 +377,74 @@ def test_samples_of_a_table_run_are_rows_in_the_columns_units(table_run, capsys)
     _, run = table_run
     assert main(["sample", str(run), "--n", "500", "--no-progress"]) == 0
     lines = (run / "samples.csv").read_text().splitlines()
-    assert lines[0] == "sample,a,b,c" and len(lines) == 501
+    assert lines[0] == "elbox_sample,a,b,c" and len(lines) == 501
     values = np.array([[float(v) for v in line.split(",")[1:]] for line in lines[1:]])
     data = table_rows()
     stderr = data.std(0) / math.sqrt(500)
     assert (np.abs(values.mean(0) - data.mean(0)) < 5 * stderr * math.sqrt(2)).all()  # fitted mean, in original units
     assert main(["sample", str(run), "--n", "3", "--no-progress"]) == 0  # its own CSV is replaced
     assert elbox.sample(run, 4).shape == (4, 3)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("mine.csv", b"sample,gene1\nS1,0.5\n"),  # a user's table whose first column is called "sample"
+    ("mine.json", b'{"model": "resnet50", "dataset": "imagenet"}'),
+    ("mine.html", b"<!doctype html><p id='run-settings'>my page</p>"),
+])
+def test_files_that_merely_look_like_elbox_outputs_are_refused(folder_run, table_run, tmp_path, capsys, name, content):
+    folder, run = folder_run
+    path = tmp_path / name
+    path.write_bytes(content)
+    argv = {".csv": ["score", str(table_run[1]), "--input", str(table_run[0]), "--out", str(path)],
+            ".json": ["evaluate", str(run), "--iw-samples", "2", "--json", str(path)],
+            ".html": ["report", str(run), "--out", str(path)]}[path.suffix]
+    assert "--overwrite" in error_of(capsys, argv + ["--no-progress"]) and path.read_bytes() == content
+
+
+def test_a_users_npz_with_a_names_array_is_refused(folder_run, tmp_path, capsys):
+    folder, run = folder_run
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, x=np.zeros(3), names=np.array(["a", "b", "c"]))
+    before = mine.read_bytes()
+    assert "--overwrite" in error_of(capsys, ["encode", str(run), "--input", str(folder / "a"), "--out", str(mine)])
+    assert mine.read_bytes() == before
+
+
+def test_outputs_an_earlier_elbox_left_unmarked_in_its_run_directory_are_replaced(folder_run, tmp_path):
+    _, run = folder_run
+    (run / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\n an unmarked grid of an earlier elbox")
+    assert main(["sample", str(run), "--n", "4", "--no-progress"]) == 0
+
+
+def test_an_output_named_with_another_suffix_is_refused(folder_run, table_run, tmp_path, capsys):
+    assert "name it FILE.csv" in error_of(capsys, ["sample", str(table_run[1]), "--out", str(tmp_path / "x.png")])
+    assert "name it FILE.png" in error_of(capsys, ["sample", str(folder_run[1]), "--out", str(tmp_path / "x.csv")])
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_id_column_keeps_its_text(table_run, tmp_path):
+    rows = table_rows()[:3]
+    path = write_csv(tmp_path / "ids.csv", ["a", "b", "c"], rows, ids=["00042", "1e5", "007"])
+    _, names, _ = elbox.score(table_run[1], path, id_column="id")
+    assert names == ["00042", "1e5", "007"]
+
+
+def test_omp_num_threads_wins_over_the_recorded_count_with_a_warning(tmp_path, capsys, monkeypatch, torch_threads):
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    first = tmp_path / "first"
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--threads", "2", "--out", str(first)]) == 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    capsys.readouterr()
+    assert main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "(1 threads)" in err and "elbox: warning: the run trained with 2 threads" in err
+
+
+def test_an_extended_run_does_not_repeat_an_outgrown_warm_up_warning(tmp_path, capsys):
+    folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--data", str(folder), *QUICK, "--beta-schedule", "linear", "--warmup-epochs", "2",
+                 "--out", str(run)]) == 0
+    assert "KL warm-up" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err

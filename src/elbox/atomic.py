@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -76,23 +77,31 @@ def check_output_file(path: str | Path) -> Path:
     return path
 
 
-# What marks a file as one elbox wrote, by its first bytes and marks within its first or last 64 KiB: the image grids carry a
-# PNG text chunk "Software: elbox", the score CSVs their header, the feature archives their `names` array, the JSON
-# results and reports their own keys and headings.
+# What marks a file as one elbox wrote, by its first bytes and marks within its first or last 64 KiB. Each output
+# carries its mark: the image grids a PNG text chunk "Software: elbox", the CSVs their full header (the samples' first
+# column is "elbox_sample"), the feature archives and JSON results a "written_by" entry, the reports a generator tag.
 PNG_SOFTWARE = "elbox"
+WRITTEN_BY = "elbox"  # the value of the written_by entry
+SCORES_HEADER = ("index", "name", "log_likelihood_nats", "log_likelihood_stderr_nats", "bits_per_dim", "estimate")
+SAMPLES_FIRST_COLUMN = "elbox_sample"
 _OWN_MARKS = {  # suffix: the marks of each kind of file elbox writes with it
     ".png": [(b"\x89PNG\r\n\x1a\n", b"Software\x00" + PNG_SOFTWARE.encode())],
-    ".csv": [(b"index,name,log_likelihood_nats,",), (b"sample,",)],  # scores; samples of vectors
-    ".npz": [(b"PK", b"names.npy")],
-    ".json": [(b"{", b'"model":', b'"dataset":')],
-    ".html": [(b"<!doctype html>", b"id='run-settings'")],
-    ".md": [(b"# ", b"## Run settings")],
+    ".csv": [((",".join(SCORES_HEADER) + "\r\n").encode(),), (SAMPLES_FIRST_COLUMN.encode() + b",",)],
+    ".npz": [(b"PK", b"written_by.npy")],
+    ".json": [(b"{", f'"written_by": "{WRITTEN_BY}'.encode())],
+    ".html": [(b"<!doctype html>", f"<meta name='generator' content='{WRITTEN_BY}'>".encode())],
+    ".md": [(f"<!-- generator: {WRITTEN_BY} -->".encode(),)],
 }
+# The outputs earlier elbox versions wrote into a run directory without a mark: still elbox's own there
+RUN_OUTPUTS = re.compile(r"samples\.(png|csv)|reconstructions\.png|scores\.csv|(eval|tighten)-[a-z-]+\.json|report\.(html|md)")
 
 
 def written_by_elbox(path: Path) -> bool:
     """True if the regular file at `path` is one of elbox's outputs (an image grid, scores, features, a JSON result, a
-    report), recognized by its content (_OWN_MARKS), so that elbox may replace it."""
+    report), recognized by its content (_OWN_MARKS) or, in a run directory, by its name (RUN_OUTPUTS), so that elbox
+    may replace it."""
+    if RUN_OUTPUTS.fullmatch(path.name) and (path.parent / "config.json").is_file() and (path.parent / "model.safetensors").is_file():
+        return True
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -112,8 +121,8 @@ def check_replaceable(path: str | Path, overwrite: bool = False) -> Path:
     refuse_non_regular(path)
     if overwrite or not path.exists() or written_by_elbox(path):
         return path
-    raise ElboxError(f"{shown(path)} exists and is not a file elbox wrote; elbox will not replace it: choose another "
-                     "name, or give --overwrite (overwrite=True in Python) to replace it")
+    raise ElboxError(f"{shown(path)} exists and is not an output elbox wrote; elbox will not replace it: choose another "
+                     "name, or give --overwrite to replace it")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -207,6 +207,8 @@ def preprocessing_record(model: LatentVariableModel) -> dict[str, Any]:
 
 def check_pretrained_directory(directory: Path) -> None:
     """ElboxError unless `directory` may take save_pretrained's files (see save_pretrained); it is created if absent."""
+    if directory.exists() and not directory.is_dir():
+        raise ElboxError(f"cannot write the model to {directory}: it is a file, not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         entries = sorted(p.name for p in directory.iterdir())

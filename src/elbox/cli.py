@@ -13,30 +13,33 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import elbox
-from elbox.atomic import atomic_write_json, check_replaceable, shown
+from elbox.atomic import WRITTEN_BY, atomic_write_json, check_replaceable, shown
 from elbox.cli_types import Parser, UsageError, count, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
 from elbox.limits import TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
 # the commands' working parts, imported when a command runs (they import torch)
-load_run, read_json, recorded_threads = (lazy("elbox.checkpoint", name) for name in ("load_run", "read_json", "recorded_threads"))
+load_run, read_json, read_run_config, recorded_threads = (lazy("elbox.checkpoint", name) for name in (
+    "load_run", "read_json", "read_run_config", "recorded_threads"))
 format_table = lazy("elbox.evaluation", "format_table")
 encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv, write_samples_csv = (
     lazy("elbox.inference", name) for name in ("encode", "sample", "score_with_stderr", "reconstruction_grid",
                                                "save_features", "write_scores_csv", "write_samples_csv"))
 save_image_grid = lazy("elbox.plots", "save_image_grid")
 write_report = lazy("elbox.report", "write_report")
-keep_freed_memory_in_heap, resolve_device, set_threads = (lazy("elbox.system", name) for name in (
-    "keep_freed_memory_in_heap", "resolve_device", "set_threads"))
+keep_freed_memory_in_heap, resolve_device, set_threads, usable_cores = (lazy("elbox.system", name) for name in (
+    "keep_freed_memory_in_heap", "resolve_device", "set_threads", "usable_cores"))
 format_gap_table, tighten_run = lazy("elbox.tighten", "format_gap_table"), lazy("elbox.tighten", "tighten_run")
-data_in_space, own_data, run_settings = (lazy("elbox.training.workflows", name) for name in ("data_in_space", "own_data", "run_settings"))
+data_in_space, evaluation_split, own_data, run_settings = (lazy("elbox.training.workflows", name) for name in (
+    "data_in_space", "evaluation_split", "own_data", "run_settings"))
 
 SPLITS = ("train", "validation", "train-full", "test")  # elbox.data.SPLITS, without importing torch (a test compares)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -74,8 +77,8 @@ def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tu
     from elbox.training.config import DataConfig, TrainConfig, train_defaults
 
     name = model or DEFAULT_MODEL
-    p = Parser(
-        prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
+    p = Parser(  # whole option names only: --resume reads --epochs, and Ctrl-C --out / --resume, from the argv as given
+        allow_abbrev=False, prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
         epilog=None if model else f"models: {', '.join(sorted(MODELS))}; `elbox train MODEL --help` lists a model's options")
     p.add_argument("model", nargs="?", choices=sorted(MODELS), default=name, help=argparse.SUPPRESS)
     p.add_argument("--model", dest="model_flag", choices=sorted(MODELS), default=None, help=f"the model (default: {DEFAULT_MODEL})")
@@ -92,6 +95,20 @@ def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tu
     general += add_options(p.add_argument_group("training"), TrainConfig, {**train_defaults(name, chosen), **saved}, taken)
     own = add_options(p.add_argument_group(f"{name} model"), MODELS[name].config_class, saved, taken) if model else []
     return p, general, own
+
+
+def replayed_threads(config: dict) -> int | None:
+    """The thread count a resumed or replayed run uses by default: the one it recorded (so that it reproduces bit for
+    bit), unless $OMP_NUM_THREADS sets one (torchrun does) or the machine has fewer usable cores; a warning says
+    when the run then uses another count than it recorded."""
+    recorded = recorded_threads(config)
+    if recorded is None:
+        return None
+    chosen = None if os.environ.get("OMP_NUM_THREADS", "").isdigit() else min(recorded, usable_cores())
+    if chosen != recorded:
+        warnings.warn(f"the run trained with {recorded} threads; with another count ({'$OMP_NUM_THREADS' if chosen is None else chosen}) "
+                      "its numbers agree with the recorded ones only to float32 rounding", stacklevel=2)
+    return chosen
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -113,7 +130,7 @@ def cmd_train(argv: list[str]) -> int:
     if args.model_flag not in (None, args.model):
         raise ElboxError(f"two models given: {args.model} and --model {args.model_flag}")
     replayed = args.resume and Path(args.resume, "config.json") or config_path
-    set_threads(args.threads or (recorded_threads(read_json(replayed, "run config")) if replayed else None))
+    set_threads(args.threads or (replayed_threads(read_json(replayed, "run config")) if replayed else None))
 
     if args.resume:
         extend = flag_value(argv, "--epochs") is not None
@@ -144,28 +161,31 @@ def cmd_train(argv: list[str]) -> int:
 
 def output(given: Path | None, default: Path, args: argparse.Namespace) -> Path:
     """A command's output file: the one named (--out, --json), else `default` in the run directory. Checked before any
-    work: a file elbox did not write is refused unless --overwrite is given."""
-    return check_replaceable(given or default, args.overwrite)
+    work: it must end like the default (elbox writes that format, and knows its own files by it), and a file elbox
+    did not write is refused unless --overwrite is given."""
+    path = Path(given or default)
+    if path.suffix.lower() != default.suffix:
+        raise ElboxError(f"cannot write {shown(path)}: this output is a {default.suffix} file; name it FILE{default.suffix}")
+    return check_replaceable(path, args.overwrite)
 
 
-def print_and_save(title: str, table: str, result: dict, json_path: Path, args: argparse.Namespace) -> int:
-    """Print a result table and write the result as JSON (atomically)."""
+def print_and_save(title: str, table: str, result: dict, json_path: Path) -> int:
+    """Print a result table and write the result as JSON (atomically), marked as elbox's (elbox.atomic)."""
     print(title)
     print(table)
-    atomic_write_json(output(json_path, json_path, args), result)
+    atomic_write_json(json_path, {**result, "written_by": WRITTEN_BY})
     print(f"wrote {json_path}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.json:
-        output(args.json, args.json, args)
+    split = evaluation_split(read_run_config(args.run_dir)["data"], args.data, args.split)
+    json_path = output(args.json, Path(args.run_dir) / f"eval-{split}{'-best' if args.weights == 'best' else ''}.json", args)
     result = elbox.evaluate(args.run_dir, args.data, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
                             progress=not args.no_progress, weights=args.weights)
     title = f"{result['model']} on {result['dataset']} ({result['split']}) [{result['data_space']}]"
-    name = f"eval-{result['split']}{'-best' if args.weights == 'best' else ''}.json"
-    return print_and_save(title, format_table(result), result, args.json or Path(args.run_dir) / name, args)
+    return print_and_save(title, format_table(result), result, json_path)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -197,7 +217,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    out = output(args.out, args.out, args)
+    out = output(args.out, Path("features.npz"), args)
     model, _ = load_run(args.run_dir, resolve_device(args.device))
     features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed, id_column=args.id_column)
     save_features(out, features, names)
@@ -226,12 +246,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def cmd_tighten(args: argparse.Namespace) -> int:
-    json_path = output(args.json, Path(args.run_dir) / f"tighten-{args.split}.json", args)
+    split = evaluation_split(read_run_config(args.run_dir)["data"], None, args.split)
+    json_path = output(args.json, Path(args.run_dir) / f"tighten-{split}.json", args)
     result = tighten_run(args.run_dir, resolve_device(args.device), split=args.split, limit=args.limit, steps=args.steps,
                          lr=args.lr, refit_epochs=args.refit_epochs, iw_samples=args.iw_samples,
                          elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress)
     title = f"{result['model']} on {result['dataset']} {args.split}: where the gap log p(x) - ELBO comes from"
-    return print_and_save(title, format_gap_table(result), result, json_path, args)
+    return print_and_save(title, format_gap_table(result), result, json_path)
 
 
 INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one), a "
@@ -315,7 +336,7 @@ def interrupted(argv: list[str]) -> str:
     if not (Path(run_dir) / "state.safetensors").is_file() or not epochs:
         return f"elbox: interrupted before the first epoch was saved; nothing to continue in {run_dir}"
     return (f"elbox: interrupted; {run_dir} holds epoch {epochs[-1]} (the last one saved); continue with: "
-            f"elbox train --resume {run_dir}")
+            f"elbox train --resume {shlex.quote(run_dir)}")
 
 
 def saved_records(run_dir: Path) -> list[dict]:

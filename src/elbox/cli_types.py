@@ -45,7 +45,8 @@ class Parser(argparse.ArgumentParser):
             if token == "--" or (self.commands is not None and not token.startswith("-")):
                 break  # the rest belongs to positional arguments, or to the command and its own parser
             flag = token.split("=", 1)[0]
-            if flag.startswith("--") and not any(known.startswith(flag) for known in flags):  # prefixes: argparse's
+            known = (lambda name: name.startswith(flag)) if self.allow_abbrev else (lambda name: name == flag)
+            if flag.startswith("--") and not any(known(name) for name in flags):  # prefixes where argparse takes them
                 hint = did_you_mean(flag, flags, quote=False)
                 self.error(f"unrecognized arguments: {shown(flag, 60)}" + (f"; {hint.strip()}" if hint else ""))
         return super().parse_known_args(args, namespace)

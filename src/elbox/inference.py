@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from elbox.atomic import atomic_write_bytes
-from elbox.data import DataSpace, get_data_space
+from elbox.atomic import SAMPLES_FIRST_COLUMN, SCORES_HEADER, WRITTEN_BY, atomic_write_bytes
+from elbox.data import DataSpace
 from elbox.data.formats import read_images, to_8bit_tensor
 from elbox.data.user_tables import TABLE_SUFFIXES
 from elbox.data.inputs import as_examples
-from elbox.data.user import open_source
+from elbox.data.preprocessing import input_space, open_input
 from elbox.errors import ElboxError
 from elbox.limits import check_count_option, check_temperature
 from elbox.evaluation import score_per_example
@@ -41,7 +41,7 @@ from elbox.models.base import Encoder, ExactLikelihood, LatentVariableModel, Rec
 # Binarizations of a grey image a binary model averages over: the standard error of their mean is a quarter of the
 # spread between single binarizations, for 16 times the model evaluations of one binary image.
 BINARIZATIONS = 16
-STDERR_COLUMN = "log_likelihood_stderr_nats"
+STDERR_COLUMN = SCORES_HEADER[3]  # "log_likelihood_stderr_nats"
 
 
 def sample_options(model: LatentVariableModel, temperature: float | list[float] = 1.0, draw: bool = False,
@@ -77,7 +77,7 @@ def sample(model: Any, n: int = 64, *, temperature: float | list[float] = 1.0, d
     temperature = check_temperature(temperature)
     steps = None if steps is None else check_count_option(steps, "steps")
     options = sample_options(model, temperature, draw, steps)
-    space = model_space(model, None)  # before sampling: a model of vectors needs its standardization
+    space = input_space(model)  # before sampling: a model of vectors needs its standardization
     with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         samples = sample_with_progress(model, n, progress, **options).detach().cpu()
@@ -119,8 +119,7 @@ def user_examples(model: LatentVariableModel, data: Any, space: DataSpace,
         raise ElboxError(f"{what}: an ID column names the rows of a table file; give the table's path")
     preprocessing = model.preprocessing
     if space.name == "real":
-        source = (preprocessing.open(data, id_column) if preprocessing is not None else
-                  open_source(data, id_column=id_column)) if is_path else data
+        source = open_input(model, data, id_column) if is_path else data
         vectors = as_examples(source, what)
         if tuple(vectors.shape[1:]) != tuple(model.config.data_shape):
             raise ElboxError(f"{what} has examples of shape {tuple(vectors.shape[1:])}; the model takes vectors of "
@@ -174,18 +173,6 @@ def estimate_text(method: str, space: DataSpace, seed: int, counts: list[int], b
     return "; ".join(parts)
 
 
-def model_space(model: LatentVariableModel, space: DataSpace | None) -> DataSpace:
-    """The data space to read input in: the one given, else the model's run's (its preprocessing), else the model's."""
-    if space is not None:
-        return space
-    if model.preprocessing is not None:
-        return model.preprocessing.space
-    if model.data_space == "real":
-        raise ElboxError(f"this {model.name} model of vectors carries no standardization: give a run's model "
-                         "(elbox.load(run_dir), run.model, or the run itself), or space=")
-    return get_data_space(model.data_space)
-
-
 @torch.no_grad()
 def score_with_stderr(model: Any, data: Any, *, iw_samples: int = 1000, elbo_samples: int = 8,
                       batch_size: int = 500, seed: int = 0, progress: bool = False, space: DataSpace | None = None,
@@ -194,7 +181,7 @@ def score_with_stderr(model: Any, data: Any, *, iw_samples: int = 1000, elbo_sam
     value is one estimate): (values, standard errors, names, estimate)."""
     model = as_model(model)
     check_options(batch_size, seed, binarizations, iw_samples, elbo_samples)
-    space = model_space(model, space)
+    space = input_space(model, space)
     examples, names = user_examples(model, data, space, id_column)
     x, counts, seeds = model_inputs(examples, space, seed, binarizations)
     offset = space.log_prob_offset(math.prod(x.shape[1:]))
@@ -237,7 +224,7 @@ def encode(model: Any, data: Any, *, batch_size: int = 500, seed: int = 0, space
     if not isinstance(model, Encoder):
         raise ElboxError(f"the {model.name} model has no encoder")
     check_options(batch_size, seed, binarizations)
-    space = model_space(model, space)
+    space = input_space(model, space)
     examples, names = user_examples(model, data, space, id_column)
     x, counts, _ = model_inputs(examples, space, seed, binarizations)
     parts: dict[str, list[Tensor]] = {}
@@ -267,7 +254,7 @@ def write_samples_csv(path: str | Path, samples: Tensor, columns: Sequence[str] 
     """Samples of vectors [n, D] as CSV, one row each, under the columns' names (x0, x1, ... without them). Atomic."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["sample", *(columns or [f"x{j}" for j in range(samples.shape[1])])])
+    writer.writerow([SAMPLES_FIRST_COLUMN, *(columns or [f"x{j}" for j in range(samples.shape[1])])])
     writer.writerows([i, *(repr(v) for v in row)] for i, row in enumerate(samples.tolist()))
     atomic_write_bytes(path, buffer.getvalue().encode())
 
@@ -275,7 +262,7 @@ def write_samples_csv(path: str | Path, samples: Tensor, columns: Sequence[str] 
 def save_features(path: str | Path, features: dict[str, np.ndarray], names: list[str]) -> None:
     """features and names as an .npz, written atomically."""
     buffer = io.BytesIO()
-    np.savez(buffer, names=np.array(names), **features)
+    np.savez(buffer, names=np.array(names), written_by=np.array(WRITTEN_BY), **features)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -286,7 +273,7 @@ def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor,
     estimate was computed. Atomic write."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["index", "name", "log_likelihood_nats", STDERR_COLUMN, "bits_per_dim", "estimate"])
+    writer.writerow(SCORES_HEADER)
     bits = num_dims * math.log(2) if num_dims else None
     errors = stderr.tolist() if stderr is not None else [math.nan] * len(names)
     for i, (name, value, error) in enumerate(zip(names, log_likelihood.tolist(), errors)):

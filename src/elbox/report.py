@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from elbox import __version__
-from elbox.atomic import atomic_write_bytes
+from elbox.atomic import WRITTEN_BY, atomic_write_bytes
 from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import load_split, space_from_record
 from elbox.data.inputs import as_examples, first, run_data
@@ -423,7 +423,8 @@ img{max-width:100%;height:auto;image-rendering:pixelated;}
 
 def to_html(report: Report) -> str:
     e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report.title)}</title>", _STYLE, _IMAGE_CHECK,
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><meta name='generator' content='{WRITTEN_BY}'>"
+             f"<title>{e(report.title)}</title>", _STYLE, _IMAGE_CHECK,
              "</head><body>", f"<h1>{e(report.title)}</h1>", "<section id='headline'>",
              f"<p class='bound'>{e(report.headline)}</p>", f"<p class='detail'>{e(report.detail)}</p>",
              "<table>" + "".join(f"<tr><th>{e(label)}</th><td>{e(text)}</td></tr>" for label, text in report.facts) + "</table>",
@@ -441,7 +442,7 @@ def to_html(report: Report) -> str:
 
 def to_markdown(report: Report, image_dir: Path) -> str:
     """The Markdown twin, in the same order; its images are written to image_dir (linked as report/NAME.png)."""
-    lines = [f"# {report.title}", "", f"**{report.headline}**", "", report.detail, ""]
+    lines = [f"<!-- generator: {WRITTEN_BY} -->", f"# {report.title}", "", f"**{report.headline}**", "", report.detail, ""]
     lines += [f"- {label}: {text}" for label, text in report.facts] + [""]
     for heading, text, png in report.sections:
         lines += [f"## {heading}", "", "```", text, "```", ""]

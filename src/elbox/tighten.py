@@ -37,7 +37,7 @@ from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.training.progress import progress_bar
-from elbox.training.workflows import data_in_space, run_examples
+from elbox.training.workflows import data_in_space, evaluation_split, run_examples
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
 REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)
@@ -217,32 +217,45 @@ def refit_size(limit: int | None) -> int | None:
     return None if limit is None else max(REFIT_PER_EXAMPLE * limit, REFIT_MIN_EXAMPLES)
 
 
+def refit_examples(config: dict, seed: int, n: int | None) -> tuple[Tensor, Tensor, str]:
+    """(examples to refit the encoder on, examples to choose its best epoch on, what those are): a built-in dataset's
+    first n training and n validation images; for your own data, whose validation part is what tighten measures, the
+    first n training examples and the next n (half each when there are fewer than 2n)."""
+    if "name" in config["data"]:
+        return (run_examples(config, "train", seed, n), run_examples(config, "validation", seed, n),
+                "validation images")
+    rows = run_examples(config, "train", seed, None)
+    n = min(n or rows.shape[0] // 2, rows.shape[0] // 2)
+    return rows[:n], rows[n : 2 * n], "training examples it did not refit on"
+
+
 def tighten_run(run_dir: str, device: torch.device, split: str = "test", limit: int | None = 200, steps: int = 300,
                 lr: float = 0.05, refit_epochs: int = 3, iw_samples: int = 1000, elbo_samples: int = 100, seed: int = 0,
                 progress: bool = True) -> dict:
     """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on the
-    first refit_size(limit) images of its training split (0: no refit; validated on as many validation images).
-    Progress bars on stderr for each stage (progress=False: none). Returns the JSON-ready result."""
+    first refit_size(limit) examples of its training split (0: no refit), keeping the epoch best on as many examples
+    it did not fit and does not measure: a built-in dataset's validation split, or for your own data (measured on
+    its validation part) the training examples after those of the refit. Progress bars on stderr for each stage
+    (progress=False: none). Returns the JSON-ready result."""
     model, config = load_run(run_dir, device)
     check_tightenable(model)
     data = config["data"]
-    x, offset, name = data_in_space(model, run_examples(config, split, seed, limit), split, None, seed, None)
+    x, offset, _ = data_in_space(model, run_examples(config, split, seed, limit), split, None, seed, None)
     refit = None
     if refit_epochs:
-        train_images = run_examples(config, "train", seed, refit_size(limit))
-        val_x, _, _ = data_in_space(model, run_examples(config, "validation", seed, refit_size(limit)), "validation",
-                                    None, seed, None)
+        train_images, val_images, chosen_on = refit_examples(config, seed, refit_size(limit))
+        val_x, _, _ = data_in_space(model, val_images, "validation", None, seed, None)
         rule = "all of them" if limit is None else f"{REFIT_PER_EXAMPLE} per example of --limit, at least {REFIT_MIN_EXAMPLES}"
         print(f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen on the first "
-              f"{train_images.shape[0]} training images ({rule}), keeping the epoch best on {val_x.shape[0]} validation "
-              "images", file=sys.stderr)
+              f"{train_images.shape[0]} training examples ({rule}, or as many as there are), keeping the epoch best on "
+              f"{val_x.shape[0]} {chosen_on}", file=sys.stderr)
         refit, history = refit_encoder(model, train_images.to(device), val_x, space_from_record(data),
                                        epochs=refit_epochs, seed=seed, progress=progress)
         for record in history:
             print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
     result = gap_split(model, x, refit, steps=steps, lr=lr, iw_samples=iw_samples, elbo_samples=elbo_samples,
                        log_prob_offset=offset, seed=seed, progress=progress)
-    result.update(split=split, refit_epochs=refit_epochs, dataset=data.get("name", data.get("path", "data given in memory")),
+    result.update(split=evaluation_split(data, None, split), refit_epochs=refit_epochs, dataset=data.get("name", data.get("path", "data given in memory")),
                   model=config["model"])
     if refit_epochs:
         result["refit_examples"] = train_images.shape[0]

@@ -18,10 +18,11 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from elbox.data.spaces import DataSpace, space_from_record, space_record
+from elbox.data.spaces import DataSpace, get_data_space, space_from_record, space_record
 from elbox.data.user import open_source
 from elbox.data.user_images import parse_image_size
 from elbox.data.user_tables import TABLE_SUFFIXES
+from elbox.errors import ElboxError
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,23 @@ class Preprocessing:
         table = str(path).lower().endswith(TABLE_SUFFIXES)
         return open_source(path, image_size=self.image_size if not table else None,
                            columns=list(self.column_names) if table and self.column_names else None, id_column=id_column)
+
+
+def input_space(model: Any, space: DataSpace | None = None) -> DataSpace:
+    """The data space to read a model's input in: `space` if given, else its run's (model.preprocessing), else the
+    model's own (a model of vectors has none without its run's standardization)."""
+    if space is not None:
+        return space
+    if model.preprocessing is not None:
+        return model.preprocessing.space
+    if model.data_space == "real":
+        raise ElboxError(f"this {model.name} model of vectors carries no standardization: give a run's model "
+                         "(elbox.load(run_dir), run.model, or the run itself), or space=")
+    return get_data_space(model.data_space)
+
+
+def open_input(model: Any, path: str | os.PathLike, id_column: str | None = None) -> Dataset:
+    """The data at `path` read as the model's run read its data (model.preprocessing), or as they are."""
+    if model.preprocessing is not None:
+        return model.preprocessing.open(path, id_column)
+    return open_source(path, id_column=id_column)

@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 
 from elbox.data.formats import first_true
 from elbox.data.user_images import cut, item_index, one_line
-from elbox.atomic import shown
 from elbox.errors import ElboxError
 from elbox.options import short_repr
 
@@ -85,8 +84,11 @@ class Table(Dataset):
                 schema, table = pyarrow.parquet.read_schema(self.path), None
             else:
                 delimiter = "\t" if self.path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
+                # an ID column is read as text: "00042" stays "00042"
+                types = {id_column: pyarrow.string()} if id_column is not None else {}
                 table = pyarrow.csv.read_csv(self.path, pyarrow.csv.ReadOptions(block_size=CSV_BLOCK),
-                                             pyarrow.csv.ParseOptions(delimiter=delimiter))
+                                             pyarrow.csv.ParseOptions(delimiter=delimiter),
+                                             pyarrow.csv.ConvertOptions(column_types=types))
                 schema = table.schema
             if table is not None and table.num_rows == 0:
                 raise ElboxError(f"{what} has no rows")
@@ -121,7 +123,7 @@ class Table(Dataset):
         if table.num_rows == 0:
             raise ElboxError(f"{what} has no rows")
         self.array = self._to_array(table, what, pyarrow)
-        self.row_names = None if ids is None else [shown(str(v)) for v in ids.to_pylist()]
+        self.row_names = None if ids is None else [str(v) for v in ids.to_pylist()]
 
     def _to_array(self, table: Any, what: str, pyarrow: Any) -> np.ndarray:
         values = np.empty((table.num_rows, table.num_columns), np.float64)

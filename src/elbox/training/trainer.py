@@ -186,7 +186,6 @@ class Trainer:
                 f"a cyclical beta cycle of {config.cycle_epochs} epochs is {config.cycle_epochs * self.steps_per_epoch:g} "
                 f"optimizer steps ({self.steps_per_epoch} per epoch); it needs at least 2, or beta stays 0"
             )
-        warn_if_schedule_outlasts_run(config, self.steps_per_epoch, self.total_steps)
         self.step = 0
         self.skipped_steps = 0  # non-finite loss or gradient norm
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
@@ -425,6 +424,7 @@ class Trainer:
         """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs or max_steps;
         after each epoch validate (see validates) and checkpoint. Returns the last epoch record."""
         record: dict = {}
+        warn_if_schedule_outlasts_run(self.config, self.steps_per_epoch, self.total_steps)  # after any extend()
         self.clock = (time.perf_counter(), self.step)
         for epoch in range(self.start_epoch, self.config.epochs + 1):
             if self.steps_capped:

@@ -43,8 +43,7 @@ from elbox.data import (
     space_record,
 )
 from elbox.data.inputs import as_examples, first, is_builtin, is_path, run_data, training_data
-from elbox.data.preprocessing import Preprocessing
-from elbox.data.user import open_source
+from elbox.data.preprocessing import Preprocessing, input_space, open_input
 from elbox.errors import ElboxError
 from elbox.limits import check_count_option
 from elbox.evaluation import evaluate as evaluate_on
@@ -97,20 +96,28 @@ def data_in_space(model: LatentVariableModel, data: Any, split: str, data_dir: s
     """Evaluation data in the model's data space (deterministic for the seed), its log-probability offset, and a name
     for it. data: a built-in dataset's name (its `split`), a path (read whole, as the model's run read its data:
     model.preprocessing), or examples in memory."""
-    preprocessing = model.preprocessing
+    space = input_space(model)
     if is_builtin(data):
         images, _ = load_split(data, split, data_dir)
         name = f"{data} {split}"
     elif is_path(data):
-        source = preprocessing.open(data) if preprocessing is not None else open_source(data)
-        images, name = as_examples(first(source, limit), f"data {data}"), str(data)
+        images, name = as_examples(first(open_input(model, data), limit), f"data {data}"), str(data)
     else:
         images, name = as_examples(data, "data"), "data given in memory"
     if tuple(images.shape[1:]) != tuple(model.config.data_shape):
         raise ElboxError(f"{name} has examples of shape {tuple(images.shape[1:])}; the model takes {tuple(model.config.data_shape)}")
     images = images[:limit] if limit else images
-    space = preprocessing.space if preprocessing is not None else get_data_space(model.data_space)
     return space.eval_data(images.to(model.device), seed=seed), space.log_prob_offset(math.prod(images.shape[1:])), name
+
+
+def evaluation_split(record: dict, data: Any, split: str) -> str:
+    """The split an evaluation reports (and names its JSON after): a built-in dataset's `split`; for a run's own data
+    (data None) its "train" or "validation" part; "given" for other data."""
+    if data is not None and not is_builtin(data):
+        return "given"
+    if data is not None or "name" in record:
+        return split
+    return "train" if split in ("train", "train-full") else "validation"
 
 
 def check_evaluate_options(split: Any, iw_samples: Any, elbo_samples: Any, limit: Any, batch_size: Any, seed: Any) -> None:
@@ -140,7 +147,8 @@ def own_data(config: dict, split: str, seed: int, in_memory: Any = None) -> tupl
         raise ElboxError("this run was trained on data given in memory; give the data to evaluate on")
     if in_memory is not None:
         return in_memory, None, "the validation data given in memory"
-    raise ElboxError("give the data: this model names no data it was trained on (it was trained on data given in memory)")
+    raise ElboxError("give the data: this model carries no record of the data it was trained on (a Run or a run "
+                     "directory has it; one trained on data given in memory needs them again)")
 
 
 def run_examples(config: dict, split: str, seed: int, limit: int | None) -> Tensor:
@@ -416,10 +424,10 @@ def extended_config(out: Path, config: dict, epochs: Any) -> dict:
     if not build_model(config["model"], config["model_config"]).trains_by_gradient:
         raise ElboxError(f"run {out}: the {config['model']} model is fitted in one go; it has no epochs to extend")
     if epochs <= settings.epochs:
-        raise ElboxError(f"run {out} has {settings.epochs} epochs; give --epochs more than that to extend it")
+        raise ElboxError(f"run {out} has {settings.epochs} epoch(s); give --epochs more than that to extend it")
     if settings.max_steps is not None:
-        raise ElboxError(f"run {out} ends at max_steps {settings.max_steps}; start a new run with "
-                         f"elbox train --config {out / CONFIG_FILE} --epochs {epochs} --out NEW_DIR")
+        raise ElboxError(f"run {out} is a quick run that ends at max_steps {settings.max_steps}; it cannot be extended "
+                         "by epochs: train a new run without --max-steps")
     config = {**config, "train": {**config["train"], "epochs": epochs}}
     if is_main_process():
         atomic_write_json(out / CONFIG_FILE, config)
@@ -515,6 +523,6 @@ def evaluate(
     x, offset, given_name = data_in_space(model, data, split, data_dir, seed, limit)
     result = evaluate_on(model, x, offset, iw_samples=list([iw_samples] if isinstance(iw_samples, int) else iw_samples),
                          batch_size=batch_size, elbo_samples=elbo_samples, seed=seed, progress=progress)
-    split = split if is_builtin(data) else (("train" if split in ("train", "train-full") else "validation") if own else "given")
-    result.update(split=split, dataset=name if own else given_name, data_space=model.data_space, model=model.name)
+    result.update(split=evaluation_split(config.get("data", {}), None if own else data, split),
+                  dataset=name if own else given_name, data_space=model.data_space, model=model.name)
     return result
