@@ -448,3 +448,89 @@ def test_an_extended_run_does_not_repeat_an_outgrown_warm_up_warning(tmp_path, c
     assert "KL warm-up" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--epochs", "4", "--no-progress"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_users_file_under_an_output_name_in_a_run_directory_is_refused(table_run, tmp_path, capsys):
+    _, run = table_run
+    (run / "samples.csv").write_text("my,own\n1,2\n")
+    assert "--overwrite" in error_of(capsys, ["sample", str(run), "--n", "3"])
+    assert (run / "samples.csv").read_text() == "my,own\n1,2\n"
+    (run / "samples.csv").unlink()
+
+
+def test_report_images_beside_a_named_page_are_never_a_users(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    (tmp_path / "report").mkdir()
+    mine = tmp_path / "report" / "samples.png"
+    mine.write_bytes(b"my picture")
+    assert "--overwrite" in error_of(capsys, ["report", str(run), "--out", str(tmp_path / "page.html")])
+    assert mine.read_bytes() == b"my picture" and not (tmp_path / "page.html").exists()
+
+
+@pytest.fixture(scope="module")
+def own_runs(tmp_path_factory):
+    """Runs on an .npy array file of images (a VAE) and on a table (an MLP VAE with a Gaussian likelihood), from the
+    command line, with the inputs to give the commands."""
+    root = tmp_path_factory.mktemp("own")
+    images = np.random.default_rng(0).integers(0, 256, (48, 1, 8, 8), dtype=np.uint8)
+    np.save(root / "images.npy", images)
+    table = write_csv(root / "t.csv", ["a", "b", "c"], table_rows(200))
+    runs = {"array": (root / "array", root / "images.npy"), "table": (root / "table", table)}
+    assert main(["train", "vae", "--data", str(root / "images.npy"), "--out", str(runs["array"][0]), *QUICK]) == 0
+    assert main(["train", "vae", "--data", str(table), "--likelihood", "gaussian-learned", "--out",
+                 str(runs["table"][0]), *QUICK]) == 0
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["array", "table"])
+@pytest.mark.parametrize("command", [["evaluate", "--iw-samples", "1", "4"], ["score", "--input", "IN", "--iw-samples", "4"],
+                                     ["encode", "--input", "IN", "--out", "OUT.npz"], ["sample", "--n", "4"], ["report"],
+                                     ["tighten", "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4",
+                                      "--elbo-samples", "2"]])
+def test_every_command_runs_on_an_array_file_run_and_a_table_run(own_runs, kind, command, tmp_path):
+    run, given = own_runs[kind]
+    argv = [command[0], str(run), *[str(given) if a == "IN" else str(tmp_path / a) if a.startswith("OUT") else a
+                                    for a in command[1:]], "--no-progress"]
+    assert main(argv) == 0
+    if command[0] == "encode":
+        features = np.load(tmp_path / "OUT.npz")
+        assert features["mean"].shape == (48 if kind == "array" else 200, 2) and features["variance"].shape == features["mean"].shape
+
+
+def test_evaluate_best_weights_are_the_best_checkpoint(own_runs):
+    from elbox.checkpoint import load_weights
+
+    run = own_runs["array"][0]
+    best = elbox.evaluate(run, iw_samples=[4], weights="best")
+    model = elbox.load(run)
+    load_weights(run / "best.safetensors", model)
+    direct = elbox.evaluate(model, own_validation(run), iw_samples=[4])
+    timing = ("time_s", "split", "dataset")
+    assert {k: v for k, v in best.items() if k not in timing} == {k: v for k, v in direct.items() if k not in timing}
+
+
+def own_validation(run) -> torch.Tensor:
+    from elbox.checkpoint import read_run_config
+    from elbox.training.workflows import run_examples
+
+    return run_examples(read_run_config(run), "validation", 0, None)
+
+
+def test_the_python_api_takes_a_run_a_run_directory_or_a_model(own_runs):
+    run_dir, images = own_runs["array"]
+    model = elbox.load(run_dir)
+    x = np.load(images)[:5]
+    assert torch.equal(elbox.score(run_dir, x, iw_samples=4)[0], elbox.score(model, x, iw_samples=4)[0])
+    assert np.array_equal(elbox.encode(run_dir, x)[0]["mean"], elbox.encode(model, x)[0]["mean"])
+    assert torch.equal(elbox.sample(run_dir, 3), elbox.sample(model, 3))
+
+
+def test_resume_with_epochs_from_python(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8)
+    out = tmp_path / "run"
+    np.save(tmp_path / "x.npy", images)
+    elbox.fit("vae", tmp_path / "x.npy", out=out, epochs=1, batch_size=16, latent_dim=2, hidden_dims=[8], verbose=False,
+              progress=False, samples=False)
+    run = elbox.resume(out, epochs=2, verbose=False, progress=False)
+    assert [r["epoch"] for r in run.history if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2

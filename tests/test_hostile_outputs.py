@@ -129,7 +129,7 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary(run_dir, im
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(atomic.os, "fsync", full)
-    run_cli_expecting_error([*commands(run_dir, images)[command], out], untouched=[tmp_path, run_dir],
+    run_cli_expecting_error([*commands(run_dir, images)[command], out, "--overwrite"], untouched=[tmp_path, run_dir],
                             match=f"cannot write {out}: No space left on device")
     assert out.read_bytes() == b"the previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no .tmp left, no report files beside it
@@ -159,7 +159,7 @@ def test_default_outputs_in_the_run_dir_are_checked_too(run_dir, tmp_path):
 def test_outputs_still_replace_a_regular_file(run_dir, tmp_path):
     out = tmp_path / "s.png"
     out.write_bytes(b"old")
-    assert main(["sample", str(run_dir), "--n", "4", "--out", str(out)]) == 0
+    assert main(["sample", str(run_dir), "--n", "4", "--out", str(out), "--overwrite"]) == 0
     assert out.read_bytes().startswith(b"\x89PNG") and os.listdir(tmp_path) == ["s.png"]
 
 

@@ -92,16 +92,21 @@ _OWN_MARKS = {  # suffix: the marks of each kind of file elbox writes with it
     ".html": [(b"<!doctype html>", f"<meta name='generator' content='{WRITTEN_BY}'>".encode())],
     ".md": [(f"<!-- generator: {WRITTEN_BY} -->".encode(),)],
 }
-# The outputs earlier elbox versions wrote into a run directory without a mark: still elbox's own there
-RUN_OUTPUTS = re.compile(r"samples\.(png|csv)|reconstructions\.png|scores\.csv|(eval|tighten)-[a-z-]+\.json|report\.(html|md)")
+# The outputs earlier elbox versions wrote into a run directory without a mark, by name: still elbox's own there
+# when they have that output's format (its first bytes, and a key of its content)
+_EARLIER_OUTPUTS = [(re.compile(r"samples\.png|reconstructions\.png"), (b"\x89PNG\r\n\x1a\n",)),
+                    (re.compile(r"scores\.csv"), (b"index,name,log_likelihood_nats,",)),
+                    (re.compile(r"(eval|tighten)-[a-z-]+\.json"), (b"{", b'"model":')),
+                    (re.compile(r"report\.html"), (b"<!doctype html>",)), (re.compile(r"report\.md"), (b"# ",))]
 
 
 def written_by_elbox(path: Path) -> bool:
     """True if the regular file at `path` is one of elbox's outputs (an image grid, scores, features, a JSON result, a
-    report), recognized by its content (_OWN_MARKS) or, in a run directory, by its name (RUN_OUTPUTS), so that elbox
-    may replace it."""
-    if RUN_OUTPUTS.fullmatch(path.name) and (path.parent / "config.json").is_file() and (path.parent / "model.safetensors").is_file():
-        return True
+    report), recognized by its content (_OWN_MARKS) or, in a run directory, as an earlier elbox's unmarked output of
+    that name and format (_EARLIER_OUTPUTS), so that elbox may replace it."""
+    marks = list(_OWN_MARKS.get(path.suffix.lower(), []))
+    if (path.parent / "config.json").is_file() and (path.parent / "model.safetensors").is_file():
+        marks += [mark for name, mark in _EARLIER_OUTPUTS if name.fullmatch(path.name)]
     try:
         with open(path, "rb") as f:
             head = f.read(1 << 16)
@@ -109,8 +114,7 @@ def written_by_elbox(path: Path) -> bool:
             tail = f.read(1 << 16)
     except OSError:
         return False
-    return any(head.startswith(first) and all(mark in head + tail for mark in rest)
-               for first, *rest in _OWN_MARKS.get(path.suffix.lower(), []))
+    return any(head.startswith(first) and all(mark in head + tail for mark in rest) for first, *rest in marks)
 
 
 def check_replaceable(path: str | Path, overwrite: bool = False) -> Path:

@@ -228,7 +228,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     html_path = output(args.out, Path(args.run_dir) / "report.html", args)
     output(html_path.with_suffix(".md"), html_path.with_suffix(".md"), args)
-    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), html_path, args.seed)
+    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), html_path, args.seed, args.overwrite)
     print(f"wrote {html_path} and {md_path}")
     return 0
 

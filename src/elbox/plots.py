@@ -51,12 +51,17 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
                     row_labels: Sequence[str] = ()) -> Path:
     """Write an image grid as PNG, atomically."""
     path = Path(path)
-    buffer = io.BytesIO()
-    info = PngInfo()
-    info.add_text("Software", PNG_SOFTWARE)  # marks the file as elbox's own: it may replace it (elbox.atomic)
-    image_grid(images, nrow=nrow, scale=scale, row_labels=row_labels).save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, grid_png(images, nrow=nrow, scale=scale, row_labels=row_labels))
     return path
 
 
-__all__ = ["image_grid", "label_rows", "save_image_grid"]
+def grid_png(images: torch.Tensor, nrow: int | None = None, scale: int = 2, row_labels: Sequence[str] = ()) -> bytes:
+    """An image grid as PNG bytes, tagged "Software: elbox" (elbox's own file: it may replace it, elbox.atomic)."""
+    buffer = io.BytesIO()
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    image_grid(images, nrow=nrow, scale=scale, row_labels=row_labels).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+__all__ = ["grid_png", "image_grid", "label_rows", "save_image_grid"]

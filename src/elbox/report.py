@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from elbox import __version__
-from elbox.atomic import WRITTEN_BY, atomic_write_bytes
+from elbox.atomic import PNG_SOFTWARE, WRITTEN_BY, atomic_write_bytes, check_replaceable
 from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import load_split, space_from_record
 from elbox.data.inputs import as_examples, first, run_data
@@ -33,7 +33,7 @@ from elbox.evaluation import evaluate, format_table
 from elbox.inference import reconstruction_grid
 from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
 from elbox.options import short_repr
-from elbox.plots import image_grid
+from elbox.plots import grid_png
 
 QUICK_EVAL_EXAMPLES = 1000
 QUICK_EVAL_K = [1, 100]
@@ -47,7 +47,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
+    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})  # elbox's own (elbox.atomic)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -55,9 +55,7 @@ def _png(figure) -> bytes:
 
 
 def _grid_png(images: torch.Tensor, nrow: int | None = None, row_labels: tuple[str, ...] = ()) -> bytes:
-    buffer = io.BytesIO()
-    image_grid(images.clamp(0, 1).cpu(), nrow=nrow, row_labels=row_labels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return grid_png(images.clamp(0, 1).cpu(), nrow=nrow, row_labels=row_labels)
 
 
 def _markers(n: int) -> dict:
@@ -110,7 +108,9 @@ def curves_figure(records: list[dict], bits: float):
 
 @torch.no_grad()
 def interpolations_png(model, x: torch.Tensor, pairs: int = 4, steps: int = 8) -> bytes:
-    """Decodings of z = (1 - a) E[z|x_i] + a E[z|x_j] for a in [0, 1], one row per pair of images."""
+    """Decodings of z = (1 - a) E[z|x_i] + a E[z|x_j] for a in [0, 1], one row per pair of images (as many pairs as
+    x holds, up to `pairs`)."""
+    pairs = min(pairs, x.shape[0] // 2)
     z = model.encode(x[: 2 * pairs])
     a = torch.linspace(0, 1, steps, device=z.device)[None, :, None]
     path = (1 - a) * z[0::2, None] + a * z[1::2, None]  # [pairs, steps, d]
@@ -383,7 +383,7 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Re
                 pairs = reconstruction_grid(model, x[:32], nrow=8)
                 text = f"Rows alternate: input images ({examples}), then their reconstructions (the means of p(x | E[z|x]))."
                 sections.append(("Reconstructions", text, _grid_png(pairs, nrow=8, row_labels=("input", "reconstruction"))))
-            if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical):  # one latent
+            if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical) and x.shape[0] >= 2:
                 sections.append(("Latent interpolations", f"Decoded straight lines between the posterior means of pairs of {examples}.",
                                  interpolations_png(model, x)))
             if isinstance(model, Encoder) and result.get("latent_dim") == 2:
@@ -440,27 +440,38 @@ def to_html(report: Report) -> str:
     return "\n".join(parts)
 
 
-def to_markdown(report: Report, image_dir: Path) -> str:
-    """The Markdown twin, in the same order; its images are written to image_dir (linked as report/NAME.png)."""
+def image_name(heading: str) -> str:
+    """The file name of a section's image beside the Markdown (in report/)."""
+    return heading.lower().replace(" ", "-") + ".png"
+
+
+def to_markdown(report: Report) -> str:
+    """The Markdown twin, in the same order; its images are linked as report/NAME.png (write_report writes them)."""
     lines = [f"<!-- generator: {WRITTEN_BY} -->", f"# {report.title}", "", f"**{report.headline}**", "", report.detail, ""]
     lines += [f"- {label}: {text}" for label, text in report.facts] + [""]
     for heading, text, png in report.sections:
         lines += [f"## {heading}", "", "```", text, "```", ""]
         if png:
-            name = heading.lower().replace(" ", "-") + ".png"
-            atomic_write_bytes(image_dir / name, png)
-            lines += [f"![{heading}](report/{name})", ""]
+            lines += [f"![{heading}](report/{image_name(heading)})", ""]
     lines += ["## Run settings", "", "<details><summary>model, data and training settings (config.json)</summary>", "",
               "```json", report.settings, "```", "", "</details>", ""]
     return "\n".join(lines)
 
 
-def write_report(run_dir: str | Path, device: torch.device, out: str | Path | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md with its images in RUN_DIR/report/."""
+def write_report(run_dir: str | Path, device: torch.device, out: str | Path | None = None, seed: int = 0,
+                 overwrite: bool = False) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.html (self-contained) and RUN_DIR/report.md with its images in RUN_DIR/report/ (beside
+    `out` when given). An image file there that elbox did not write is refused before anything is written, unless
+    `overwrite` (elbox.atomic.check_replaceable)."""
     run_dir = Path(run_dir)
     report = build_report(run_dir, device, seed)
     html_path = Path(out) if out else run_dir / "report.html"
-    atomic_write_bytes(html_path, to_html(report).encode())
     md_path = html_path.with_suffix(".md")
-    atomic_write_bytes(md_path, to_markdown(report, html_path.parent / "report").encode())
+    images = {html_path.parent / "report" / image_name(heading): png for heading, _, png in report.sections if png}
+    for path in images:
+        check_replaceable(path, overwrite)
+    atomic_write_bytes(html_path, to_html(report).encode())
+    for path, png in images.items():
+        atomic_write_bytes(path, png)
+    atomic_write_bytes(md_path, to_markdown(report).encode())
     return html_path, md_path
