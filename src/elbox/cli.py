@@ -180,7 +180,8 @@ def print_and_save(title: str, table: str, result: dict, json_path: Path) -> int
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     split = evaluation_split(read_run_config(args.run_dir)["data"], args.data, args.split)
-    json_path = output(args.json, Path(args.run_dir) / f"eval-{split}{'-best' if args.weights == 'best' else ''}.json", args)
+    suffix = "-best" if args.weights == "best" else "-last" if args.weights == "last" else ""  # default: no suffix
+    json_path = output(args.json, Path(args.run_dir) / f"eval-{split}{suffix}.json", args)
     result = elbox.evaluate(args.run_dir, args.data, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
                             limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
                             progress=not args.no_progress, weights=args.weights)
@@ -274,8 +275,8 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
                      "with IWAE/VampPrior tables (default: 1 10 100 1000)")),
         ("--elbo-samples", dict(type=count("elbo_samples"), default=1, help="Monte Carlo samples per example for the ELBO (default: 1)")),
         ("--limit", dict(type=count("limit"), default=None, metavar="N", help="evaluate the first N examples only (default: all)")),
-        ("--weights", dict(choices=("last", "best"), default="last", help="the last epoch's weights, or the best on "
-                           "validation (best.safetensors) (default: last)")),
+        ("--weights", dict(choices=("last", "best"), default=None, help="the last epoch's weights, or the best on "
+                           "validation (best.safetensors) (default: best for a run trained with early stopping, else last)")),
         BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/eval-SPLIT.json)"))]),
     "sample": (cmd_sample, "a PNG grid of samples from the prior", [
         ("--n", dict(type=count("n"), default=64, help="how many samples (default: 64)")),

@@ -36,14 +36,61 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name](inplace=True) if name in ("relu", "silu", "elu") else ACTIVATIONS[name]()
 
 
+GATED = "gated"  # hidden layers h = (W x + b) * sigmoid(V x + c) instead of act(W x + b): GatedDense
+MLP_ACTIVATIONS = (*ACTIVATIONS, GATED)  # what an MLP's hidden layers may be
+WEIGHT_INITS = ("default", "he")
+
+
+class GatedDense(nn.Module):
+    """h = (W x + b) * sigmoid(V x + c): a dense layer with a learned sigmoid gate and no other nonlinearity
+    (Dauphin et al. 2017's gated linear unit on dense layers, as in Tomczak & Welling 2018's VampPrior networks)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.h = nn.Linear(in_dim, out_dim)
+        self.g = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def hidden_layer(in_dim: int, out_dim: int, act: str) -> list[nn.Module]:
+    """One hidden layer of an MLP: a GatedDense layer, or a Linear layer and its activation."""
+    return [GatedDense(in_dim, out_dim)] if act == GATED else [nn.Linear(in_dim, out_dim), activation(act)]
+
+
 def mlp(in_dim: int, hidden_dims: list[int], out_dim: int, act: str = "relu") -> nn.Sequential:
-    """in_dim -> hidden_dims... -> out_dim, with the activation between layers and none at the end."""
+    """in_dim -> hidden_dims... -> out_dim, with the activation between layers (or gated hidden layers: act "gated")
+    and none at the end."""
     layers: list[nn.Module] = []
     dims = [in_dim, *hidden_dims]
     for d_in, d_out in itertools.pairwise(dims):
-        layers += [nn.Linear(d_in, d_out), activation(act)]
+        layers += hidden_layer(d_in, d_out, act)
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
+
+
+def check_logvar_bounds(bounds: list[float] | None) -> None:
+    if bounds is not None and (len(bounds) != 2 or not bounds[0] < bounds[1]):
+        raise ElboxError(f"logvar_bounds takes two numbers LOW < HIGH, got {bounds}")
+
+
+def posterior_std(raw: Tensor, bounds: list[float] | None, min_std: float) -> Tensor:
+    """A Gaussian's standard deviation from a network's raw output: exp(hardtanh(raw, LOW, HIGH) / 2) with log-variance
+    bounds (Tomczak & Welling 2018), else softplus(raw) + min_std."""
+    if bounds is not None:
+        return (0.5 * F.hardtanh(raw, bounds[0], bounds[1])).exp()
+    return F.softplus(raw) + min_std
+
+
+@torch.no_grad()
+def initialize_weights(module: nn.Module, scheme: str) -> None:
+    """"he": every Linear layer's weight ~ N(0, 2 / fan_in) (He et al. 2015; biases keep PyTorch's default), as the
+    VampPrior networks are initialized; "default": PyTorch's own initialization, unchanged."""
+    if scheme == "he":
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.normal_(0.0, math.sqrt(2.0 / layer.in_features))
 
 
 def conv_encoder(data_shape: tuple[int, int, int], channels: list[int], act: str) -> tuple[nn.Sequential, int]:

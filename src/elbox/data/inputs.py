@@ -190,7 +190,7 @@ def check_same_shape(train: Images, val: Images, data: Any, validation: Any) -> 
 
 def training_data(data: Any, validation: Any = None, data_dir: str | None = None, limit_train: int | None = None,
                   seed: int = 0, validation_fraction: float = HELD_OUT_FRACTION, image_size: Any = None,
-                  columns: list[str] | None = None) -> tuple[Images, Images, dict]:
+                  columns: list[str] | None = None, validation_size: int | None = None) -> tuple[Images, Images, dict]:
     """(training data, validation data, the "data" record of config.json). data: a built-in dataset's name (its
     own validation split); a path (a folder of images, an .npy/.npz array, a .csv/.parquet table: read on demand,
     elbox.data.user); or images given in memory. For paths and images in memory, `validation` gives the validation
@@ -201,9 +201,11 @@ def training_data(data: Any, validation: Any = None, data_dir: str | None = None
         if validation is not None:
             raise ElboxError(f"the built-in dataset {data} has its own validation split; give a validation set only "
                              "with your own data")
-        train, _ = load_split(data, "train", data_dir)
-        val, _ = load_split(data, "validation", data_dir)
-        record = {"name": data, "data_dir": data_dir, "validation": BUILTIN_VALIDATION, "limit_train": limit_train}
+        train, _ = load_split(data, "train", data_dir, validation_size)
+        val, _ = load_split(data, "validation", data_dir, validation_size)
+        described = BUILTIN_VALIDATION if validation_size is None else BUILTIN_VALIDATION.replace("5000", str(len(val)))
+        record = {"name": data, "data_dir": data_dir, "validation": described, "limit_train": limit_train,
+                  **({"validation_size": validation_size} if validation_size is not None else {})}
         return first(train, limit_train), val, record
     if is_path(data):
         examples = open_source(data, image_size=image_size, columns=columns)
@@ -237,7 +239,8 @@ def run_data(record: dict, seed: int) -> tuple[Images, Images, dict]:
     """A run's training and validation data again, from the "data" record of its config.json (a built-in dataset or
     paths, with the same held-out examples for the same seed)."""
     if "name" in record:
-        return training_data(record["name"], None, record.get("data_dir"), record.get("limit_train"), seed)
+        return training_data(record["name"], None, record.get("data_dir"), record.get("limit_train"), seed,
+                             validation_size=record.get("validation_size"))
     if "path" in record:
         validation = None if "validation_fraction" in record else record.get("validation")
         return training_data(record["path"], validation, None, record.get("limit_train"), seed,

@@ -137,19 +137,25 @@ def _check_split(split: str) -> None:
         raise ElboxError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
-def load_split(name: str, split: str, root: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(name: str, split: str, root: str | os.PathLike | None = None,
+               validation_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 [N, C, H, W] (contiguous, a fresh copy) and labels as int64 [N].
 
-    C, H, W = 1, 28, 28 for the IDX datasets and "synthetic", 3, 32, 32 for "cifar-10".
+    C, H, W = 1, 28, 28 for the IDX datasets and "synthetic", 3, 32, 32 for "cifar-10". validation_size: how many of
+    the official training images, the last ones, form the validation split (default: the dataset's 5000; e.g. 10000
+    for the 50,000 / 10,000 split of the VampPrior and Exemplar VAE papers); "train" is the rest.
     """
     _check_split(split)
     if name == SYNTHETIC:
         return _synthetic_split(split)
     spec = get_dataset_spec(name)
+    size = spec.validation_size if validation_size is None else validation_size
+    if not 0 < size < spec.train_size:
+        raise ElboxError(f"validation_size must be between 1 and {spec.train_size - 1} for {name}, got {size}")
     directory = find_dataset_dir(name, root)
     part = "test" if split == "test" else "train"
     images, labels = _load_part(spec, directory, part)
-    first_validation = spec.train_size - spec.validation_size
+    first_validation = spec.train_size - size
     rows = {
         "train": slice(0, first_validation),
         "validation": slice(first_validation, spec.train_size),

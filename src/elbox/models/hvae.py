@@ -54,17 +54,19 @@ from elbox.models.base import (
     per_level_temperatures,
     register_model,
 )
-from elbox.nets import ACTIVATIONS, apply_flat, mlp
+from elbox.nets import GATED, MLP_ACTIVATIONS, WEIGHT_INITS, apply_flat, check_logvar_bounds, mlp
 from elbox.options import check_options, option, option_specs, short_repr
 
-HVAE_TYPES = ("markov", "ladder", "mlp-ladder")
+HVAE_TYPES = ("markov", "ladder", "mlp-ladder", "skip")
 DEFAULT_HVAE_TYPE = "markov"
 # the options each type reads (the others must keep their defaults, so that none is silently ignored)
 TYPE_OPTIONS = {
     "markov": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs"},
     "mlp-ladder": {"latent_dims", "hidden_dims", "activation", "blocks_per_level", "posterior"},
     "ladder": {"channels", "latent_channels", "blocks_per_level", "level_downsample", "posterior"},
+    "skip": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs", "logvar_bounds", "weight_init"},
 }
+SKIP_DEFAULTS = {"latent_dims": [40, 40], "hidden_dims": [300], "activation": "gated"}  # Tomczak & Welling 2018
 POSTERIORS = ("residual", "precision")
 TOP_PRIORS = ("standard", "vamp")
 DEFAULT_PSEUDO_INPUTS = 100
@@ -72,19 +74,20 @@ DEFAULT_PSEUDO_INPUTS = 100
 LEGACY_DEFAULTS = {"hidden_dims": [512], "activation": "relu"}
 # the Markov chain's MLPs train better with GELU than ReLU (benchmarks/README.md, issue 19); the MLP ladder was
 # measured with ReLU only
-DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu"}
+DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu", "skip": "gated"}
 
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS)
-    hvae_type: str = option(DEFAULT_HVAE_TYPE, "markov (bottom-up MLP chain), ladder (top-down, convolutional) or mlp-ladder "
-                                      "(top-down, fully connected)", choices=HVAE_TYPES)
+    hvae_type: str = option(DEFAULT_HVAE_TYPE, "markov (bottom-up MLP chain), ladder (top-down, convolutional), mlp-ladder "
+                                      "(top-down, fully connected) or skip (2 levels with skip paths: q(z2|x), "
+                                      "q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018)", choices=HVAE_TYPES)
     levels: int | None = option(None, "number of latent levels (default: 2 for markov, 3 for the ladders)", minimum=1,
                                 maximum=MAX_DEPTH, metavar="T")
-    activation: str | None = option(None, "markov and mlp-ladder: activation of the MLPs (default: gelu for markov, "
-                                          "relu for mlp-ladder; the convolutional ladder's residual blocks use GELU)",
-                                    choices=tuple(ACTIVATIONS))
+    activation: str | None = option(None, "markov, mlp-ladder and skip: activation of the MLPs (default: gelu for markov, "
+                                          "relu for mlp-ladder, gated (gated dense layers) for skip; the convolutional "
+                                          "ladder's residual blocks use GELU)", choices=MLP_ACTIVATIONS)
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
     latent_dims: list[int] = option(help="markov and mlp-ladder: latent size per level z_1, z_2, ... (markov: z_1 is "
                                          "next to x; mlp-ladder: z_1 is the top level); default 32 next to x, halving "
@@ -102,11 +105,16 @@ class HVAEConfig(LikelihoodOptions):
                                               "top half 4, rest 2)", factory=list, minimum=1, maximum=MAX_DATA_SIZE,
                                          max_items=MAX_DEPTH, metavar="F")
     posterior: str = option("residual", "ladders: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
-    top_prior: str = option("standard", "markov: prior of the top level, standard (N(0, I)) or vamp (VampPrior: a mixture "
+    top_prior: str = option("standard", "markov and skip: prior of the top level, standard (N(0, I)) or vamp (VampPrior: a mixture "
                                         "of the top posteriors at learned pseudo-inputs)", choices=TOP_PRIORS)
-    pseudo_inputs: int = option(DEFAULT_PSEUDO_INPUTS, "markov with --top-prior vamp: number of pseudo-inputs (mixture "
+    pseudo_inputs: int = option(DEFAULT_PSEUDO_INPUTS, "--top-prior vamp: number of pseudo-inputs (mixture "
                                 "components); each training step also runs them through the encoder chain",
                                 minimum=1, maximum=MAX_WIDTH, metavar="K")
+    logvar_bounds: list[float] | None = option(None, "skip: bound every log-variance to [LOW, HIGH] with a hardtanh "
+                                                     "(the VampPrior papers use -6 2; default: std = softplus + min_std)",
+                                               max_items=2, metavar="B")
+    weight_init: str = option("default", "skip: initialization of the linear layers, default (PyTorch's) or he "
+                                         "(N(0, 2 / fan_in))", choices=WEIGHT_INITS)
 
     def __post_init__(self):
         check_options(self)
@@ -116,8 +124,13 @@ class HVAEConfig(LikelihoodOptions):
         if self.top_prior != "vamp" and self.pseudo_inputs != DEFAULT_PSEUDO_INPUTS:
             raise ElboxError(f"pseudo_inputs={self.pseudo_inputs} applies to top_prior 'vamp' only; set --top-prior vamp or drop it")
         if self.levels is None:
-            self.levels = 2 if self.hvae_type == "markov" else 3
-        if self.hvae_type in ("markov", "mlp-ladder"):
+            self.levels = 2 if self.hvae_type in ("markov", "skip") else 3
+        check_logvar_bounds(self.logvar_bounds)
+        if self.activation == GATED and self.hvae_type == "mlp-ladder":
+            raise ElboxError("the mlp-ladder's residual blocks take an activation function, not gated layers")
+        if self.hvae_type == "skip":
+            self._skip_defaults()
+        elif self.hvae_type in ("markov", "mlp-ladder"):
             if self.activation is None:
                 self.activation = DEFAULT_ACTIVATION[self.hvae_type]
             if self.hidden_dims is None:
@@ -133,6 +146,16 @@ class HVAEConfig(LikelihoodOptions):
             if not self.level_downsample:
                 self.level_downsample = default_level_downsample(self.levels, self.data_shape)
             self._check_ladder_resolutions()
+
+    def _skip_defaults(self) -> None:
+        if self.levels != 2:
+            raise ElboxError(f"the skip HVAE has 2 levels, got levels={self.levels}")
+        for name, value in SKIP_DEFAULTS.items():
+            if getattr(self, name) in (None, []):
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        if len(self.latent_dims) != 2 or len(self.hidden_dims) != 1:
+            raise ElboxError(f"the skip HVAE takes latent_dims D1 D2 (z1 next to x) and one hidden width, got latent_dims "
+                             f"{short_repr(self.latent_dims)} and hidden_dims {short_repr(self.hidden_dims)}")
 
     def _check_options_of_other_types(self) -> None:
         """Refuse an option of another type set away from its default (e.g. --channels for the mlp-ladder)."""

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbox.bounds import (
@@ -34,10 +33,23 @@ from elbox.models.base import (
     per_level_temperatures,
     register_model,
 )
-from elbox.nets import ACTIVATIONS, apply_flat, conv_decoder, conv_encoder, mlp
+from elbox.models.vampprior import VampPrior
+from elbox.nets import (
+    GATED,
+    MLP_ACTIVATIONS,
+    WEIGHT_INITS,
+    apply_flat,
+    check_logvar_bounds,
+    conv_decoder,
+    conv_encoder,
+    initialize_weights,
+    mlp,
+    posterior_std,
+)
 from elbox.options import check_options, option, short_repr
 
 ARCHITECTURES = ("mlp", "conv")
+PRIORS = ("standard", "vamp")
 
 
 @dataclass
@@ -50,8 +62,18 @@ class VAEConfig(LikelihoodOptions):
     architecture: str = option("mlp", "encoder and decoder networks", choices=ARCHITECTURES)
     conv_channels: list[int] = option(help="conv architecture: channels of each strided convolution",
                                       factory=lambda: [32, 64], minimum=1, maximum=MAX_WIDTH, metavar="C")
-    activation: str = option("relu", "activation function", choices=tuple(ACTIVATIONS))
+    activation: str = option("relu", "activation function (gated: gated dense hidden layers, mlp only)",
+                             choices=MLP_ACTIVATIONS)
     min_std: float = option(1e-4, "floor on the posterior standard deviation", above=0)
+    logvar_bounds: list[float] | None = option(None, "bound the posterior's log-variance to [LOW, HIGH] with a hardtanh, "
+                                                     "std = exp(logvar / 2) (the VampPrior papers use -6 2; default: "
+                                                     "std = softplus + min_std)", max_items=2, metavar="B")
+    prior: str = option("standard", "p(z): standard (N(0, I)) or vamp (VampPrior: a mixture of the posteriors at "
+                                    "learned pseudo-inputs)", choices=PRIORS)
+    pseudo_inputs: int = option(500, "--prior vamp: number of pseudo-inputs (mixture components)", minimum=1,
+                                maximum=MAX_WIDTH, metavar="K")
+    weight_init: str = option("default", "initialization of the linear layers: default (PyTorch's) or he "
+                                         "(N(0, 2 / fan_in), as the VampPrior networks)", choices=WEIGHT_INITS)
     # user-written networks, by class name ("module:QualName"); "" = the built-in ones (see VAE)
     encoder: str = option("", "class of a user-written encoder", cli=False)
     decoder: str = option("", "class of a user-written decoder", cli=False)
@@ -66,6 +88,11 @@ class VAEConfig(LikelihoodOptions):
         self.data_space()  # a likelihood that cannot model the data (bernoulli on vectors, ...) is refused here
         if self.architecture == "conv" and not self.conv_channels:
             raise ElboxError("conv_channels must be a non-empty list of positive sizes")
+        if self.architecture == "conv" and self.activation == GATED:
+            raise ElboxError("the gated activation makes gated dense layers: it applies to the mlp architecture only")
+        check_logvar_bounds(self.logvar_bounds)
+        if self.prior == "vamp" and len(self.data_shape) != 3:
+            raise ElboxError("the VampPrior's pseudo-inputs are images in [0, 1]: --prior vamp models images only")
 
 
 def _class_name(module: nn.Module | None, recorded: str, role: str) -> str:
@@ -117,12 +144,26 @@ class VAE(LatentVariableModel):
                 nn.Unflatten(-1, feature_shape),
                 deconv,
             )
+        initialize_weights(self, c.weight_init)
         if encoder is not None:
             self.encoder = encoder
         if decoder is not None:
             self.decoder = decoder
         if encoder is not None or decoder is not None:
             self._check_network_shapes()
+        if c.prior == "vamp":
+            self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
+
+    @property
+    def activation_elements(self) -> int:
+        """Per-sample elements of the VampPrior's log density (else 0), for the evaluator's memory bound."""
+        return self.vamp.activation_elements(self.config.latent_dim) if self.config.prior == "vamp" else 0
+
+    def prior_log_prob(self, z: Tensor) -> Tensor:
+        """log p(z) [*batch] for latents [*batch, d]: the standard normal, or the VampPrior."""
+        if self.config.prior == "vamp":
+            return self.vamp.distribution(self.posterior_params).log_prob(z)
+        return standard_normal_log_prob(z)
 
     @classmethod
     def from_config(cls, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> "VAE":
@@ -159,7 +200,7 @@ class VAE(LatentVariableModel):
         """Mean and standard deviation of q(z|x), each [B, latent_dim]."""
         h = self.encoder(x)
         mean, raw_std = h.chunk(2, dim=-1)
-        return mean, F.softplus(raw_std) + self.config.min_std
+        return mean, posterior_std(raw_std, self.config.logvar_bounds, self.config.min_std)
 
     def decode(self, z: Tensor) -> Tensor:
         """Likelihood parameters [*batch, P, *data_shape] for latents [*batch, latent_dim]."""
@@ -169,10 +210,15 @@ class VAE(LatentVariableModel):
     # -- the model interface ---------------------------------------------------------------------
 
     def elbo(self, x: Tensor, n_samples: int = 1, analytic_kl: bool = True) -> ELBOTerms:
+        """The ELBO's terms; the KL is analytic for the standard prior (unless analytic_kl=False), and the Monte Carlo
+        estimate log q(z|x) - log p(z) on the same draws for the VampPrior, which has no closed form."""
         mean, std = self.posterior_params(x)
-        return gaussian_elbo(
-            mean, std, lambda z: self.likelihood.log_prob(self.decode(z), x), n_samples, analytic_kl
-        )
+        if self.config.prior == "standard":
+            return gaussian_elbo(mean, std, lambda z: self.likelihood.log_prob(self.decode(z), x), n_samples, analytic_kl)
+        check_count(n_samples, "n_samples")
+        z, eps = sample_diag_gaussian(mean, std, n_samples)
+        kl = diag_gaussian_log_prob_from_noise(eps, std) - self.prior_log_prob(z)
+        return ELBOTerms(reconstruction=self.likelihood.log_prob(self.decode(z), x).mean(0), kl={"z": kl.mean(0)})
 
     def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
         return self.log_weights_sampler(x, detach_posterior_params)(k)
@@ -195,7 +241,8 @@ class VAE(LatentVariableModel):
         check_count(k, "the number of importance samples K")
         mean, std = self.posterior_params(x)
         z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
-        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl_diag_gaussians(mean, std).sum(-1)})
+        kl = kl_diag_gaussians(mean, std).sum(-1) if self.config.prior == "standard" else (log_px_given_z - log_w).mean(0)
+        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl})
         return ImportanceSamples(log_w=log_w, z=z, terms=terms)
 
     def _draw_log_weights(
@@ -208,11 +255,11 @@ class VAE(LatentVariableModel):
             log_q = diag_gaussian_log_prob(z, mean.detach(), std.detach())
         else:
             log_q = diag_gaussian_log_prob_from_noise(eps, std)
-        return z, log_px_given_z, log_px_given_z + standard_normal_log_prob(z) - log_q
+        return z, log_px_given_z, log_px_given_z + self.prior_log_prob(z) - log_q
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) = log p(x|z) + log p(z) for latents z [S, B, d]; returns [S, B]."""
-        return self.likelihood.log_prob(self.decode(z), x) + standard_normal_log_prob(z)
+        return self.likelihood.log_prob(self.decode(z), x) + self.prior_log_prob(z)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The amortized encoder's parameters (what `elbox tighten` refits with the decoder frozen)."""
@@ -235,6 +282,9 @@ class VAE(LatentVariableModel):
         check_count(n)
         ref = next(self.parameters())
         (temperature,) = per_level_temperatures(temperature, 1)
-        z = temperature * torch.randn(n, self.config.latent_dim, device=ref.device, dtype=ref.dtype)
+        if self.config.prior == "vamp":
+            z = self.vamp.sample(self.posterior_params, n, temperature)
+        else:
+            z = temperature * torch.randn(n, self.config.latent_dim, device=ref.device, dtype=ref.dtype)
         params = self.decode(z)
         return self.likelihood.mean(params) if mean else self.likelihood.sample(params)

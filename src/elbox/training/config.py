@@ -60,6 +60,12 @@ class TrainConfig:
     max_nonfinite: int = option(20, "stop when this many of the last 2N optimizer steps had a non-finite loss or "
                                         "gradient (counted across epochs)", minimum=1, maximum=10**6, metavar="N")
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)", minimum=0)
+    normalize_gradients: bool = option(False, "divide each parameter tensor's gradient by its L2 norm before the "
+                                              "optimizer step (the VampPrior code's AdamNormGrad)")
+    patience: int | None = option(None, "early stopping: stop when the validation ELBO has not improved for N validated "
+                                        "epochs, counted once the KL warm-up is over; best.safetensors keeps the best "
+                                        "epoch, which evaluate then uses (default: off)", minimum=1, maximum=10**6,
+                                  metavar="N")
     grad_skip_threshold: float = option(0.0, "skip updates whose gradient norm exceeds this (counted and logged; 0: off)",
                                         minimum=0, metavar="NORM")
     lr_schedule: str = option("constant", "cosine: decay the learning rate to 0 over the run", choices=LR_SCHEDULES)
@@ -137,6 +143,9 @@ class DataConfig:
                                           maximum=MAX_IMAGE_SIZE, max_items=2, metavar="S")
     columns: list[str] | None = option(None, "table columns to model, in this order (default: every column)",
                                        max_items=10**6, metavar="NAME")
+    validation_size: int | None = option(None, "a built-in dataset's validation split: the last N images of its official "
+                                               "training set (default: 5000; 10000 gives the 50,000 / 10,000 split of the "
+                                               "VampPrior papers)", minimum=1, metavar="N")
     workers: int = option(1, "DataLoader processes reading files from disk (0: read in the training process)", minimum=0,
                           maximum=MAX_WORKERS)
 

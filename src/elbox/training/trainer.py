@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections import deque
@@ -225,6 +226,8 @@ class Trainer:
             return skip
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, grad_norm)
+        if self.config.normalize_gradients:  # each tensor's gradient to unit L2 norm (the eps keeps a zero one finite)
+            torch._foreach_div_(grads, torch._foreach_add(torch._foreach_norm(grads), 1e-7))
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
@@ -413,8 +416,28 @@ class Trainer:
 
     @property
     def is_complete(self) -> bool:
-        """Whether the run has done its epochs, or its max_steps."""
-        return self.start_epoch > self.config.epochs or self.steps_capped
+        """Whether the run has done its epochs, or its max_steps, or stopped early."""
+        return self.start_epoch > self.config.epochs or self.steps_capped or self.stopped_early is not None
+
+    @property
+    def stopped_early(self) -> int | None:
+        """With patience N: the best epoch, once N validated epochs after the KL warm-up (and after the best) have not
+        improved on it; else None. A function of the records alone, so a resumed run stops where the whole one would."""
+        validated = [r for r in self.records if r.get("kind") == "epoch" and "val_elbo" in r]
+        if self.config.patience is None or not validated:
+            return None
+        best = max(validated, key=lambda r: r["val_elbo"])["epoch"]  # the first of equal ones
+        warm = math.ceil(self.config.warmup_epochs) if self.config.beta_schedule == "linear" else 0
+        stale = sum(1 for r in validated if r["epoch"] > max(best, warm))
+        return best if stale >= self.config.patience else None
+
+    def report(self, record: dict) -> None:
+        """An epoch's record to the callback and TensorBoard (process 0)."""
+        if self.callback is not None:
+            self.callback(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
+            self.tensorboard.images(self.eval_model, self.val_x, self.step)
 
     def validates(self, epoch: int) -> bool:
         """Whether this epoch ends with a validation: every val_every epochs and after the last (max_steps included)."""
@@ -438,13 +461,14 @@ class Trainer:
             is_best = validated and record["val_elbo"] > self.best_val_elbo
             self.best_val_elbo = max(self.best_val_elbo, record.get("val_elbo", -math.inf))
             self.save(epoch, is_best)
-            if self.rank != 0:
-                continue
-            if self.callback is not None:
-                self.callback(record)
-            if self.tensorboard is not None:
-                self.tensorboard.record(record)
-                self.tensorboard.images(self.eval_model, self.val_x, self.step)
+            if self.rank == 0:
+                self.report(record)
+            if self.stopped_early is not None:  # the same records on every process: all stop together
+                if self.rank == 0:
+                    tqdm.write(f"elbox: stopped early after epoch {epoch}: the validation ELBO has not improved on epoch "
+                               f"{self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
+                               file=sys.stderr)
+                break
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record

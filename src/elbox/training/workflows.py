@@ -120,6 +120,18 @@ def evaluation_split(record: dict, data: Any, split: str) -> str:
     return "train" if split in ("train", "train-full") else "validation"
 
 
+def default_weights(model: Any) -> str:
+    """"best" for a run (a Run or a run directory) trained with early stopping, whose best epoch is its result; else
+    "last"."""
+    if isinstance(model, Run):
+        train = model.config.get("train", {})
+    elif isinstance(model, (str, os.PathLike)) and (Path(model) / CONFIG_FILE).is_file():
+        train = read_run_config(model).get("train", {})
+    else:
+        return "last"
+    return "best" if train.get("patience") else "last"
+
+
 def check_evaluate_options(split: Any, iw_samples: Any, elbo_samples: Any, limit: Any, batch_size: Any, seed: Any) -> None:
     """evaluate()'s options, in the command line's ranges (elbox.limits); ElboxError naming the first out of range."""
     if split not in SPLITS:
@@ -155,7 +167,7 @@ def run_examples(config: dict, split: str, seed: int, limit: int | None) -> Tens
     """The first `limit` examples of a run's own `split` (own_data), as given: uint8 images, or vectors."""
     data, data_dir, _ = own_data(config, split, seed)
     if is_builtin(data):
-        images, _ = load_split(data, split, data_dir)
+        images, _ = load_split(data, split, data_dir, config["data"].get("validation_size"))
         return images[:limit] if limit else images
     return as_examples(first(data, limit), "the run's data")
 
@@ -230,7 +242,7 @@ def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
     return {**values, **train, "model": config["model"], "data": data.get("name", data.get("path")),
             "validation": data.get("validation") if own_validation else None,
             "validation_fraction": data.get("validation_fraction", DataConfig.validation_fraction),
-            **{key: data.get(key) for key in ("data_dir", "limit_train", "image_size", "columns")}}
+            **{key: data.get(key) for key in ("data_dir", "limit_train", "image_size", "columns", "validation_size")}}
 
 
 def fit(
@@ -280,7 +292,7 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
                                    "data options")
     train_images, val_images, data_record = training_data(
         data, validation, data_config.data_dir, data_config.limit_train, config.seed, data_config.validation_fraction,
-        data_config.image_size, data_config.columns)
+        data_config.image_size, data_config.columns, data_config.validation_size)
     shape = example_shape(train_images)
     torch.manual_seed(config.seed)
     if isinstance(model, LatentVariableModel):
@@ -463,6 +475,9 @@ def resume_training(out: Path, config: dict, device: str, progress: bool, verbos
     if extend_to is not None:
         trainer.extend(extend_to)
         settings = trainer.config
+    if trainer.stopped_early is not None:
+        raise ElboxError(f"run {out} stopped early: its validation ELBO had not improved on epoch {trainer.stopped_early}'s "
+                         f"for {settings.patience} epochs (best.safetensors holds that epoch)")
     if trainer.is_complete:
         done = f"all {settings.epochs} epochs" if trainer.start_epoch > settings.epochs else f"its {settings.max_steps} steps (max_steps)"
         raise ElboxError(f"run {out} is complete: {done} are done; extend it with elbox train --resume {out} --epochs N "
@@ -492,15 +507,17 @@ def evaluate(
     data_dir: str | None = None,
     device: str | None = None,
     progress: bool = False,
-    weights: str = "last",
+    weights: str | None = None,
 ) -> dict:
     """Evaluate a model (a Run, a model, or a run directory) on data: a built-in dataset name (its `split`), a path
     (read as the model's run read its data), or examples as a tensor, array or Dataset; by default the run's own data
     (a built-in dataset's `split`; for your own data, the run's validation examples). Returns what `elbox evaluate`
     prints and saves: ELBO and its terms, IWAE-K NLL for each K, exact NLL, gaps, bits/dim, active units, each with
     its standard error, in nats per example of the 8-bit data (of vectors: in their units). weights: "best" evaluates
-    a run directory's best-on-validation weights instead of the last epoch's."""
+    a run directory's best-on-validation weights, "last" the last epoch's; by default the best for a run trained with
+    early stopping (patience), else the last."""
     config: dict = {}
+    weights = weights or default_weights(model)
     in_memory = model.validation_data if isinstance(model, Run) else None
     if weights != "last" and isinstance(model, Run):
         if model.directory is None:

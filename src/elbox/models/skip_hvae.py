@@ -1,0 +1,144 @@
+"""The two-level HVAE with skip paths (hvae_type "skip"; Tomczak & Welling 2018, section 3.4):
+
+    generative   p(z2) p(z1|z2) p(x|z1,z2)      z2 the top level, z1 next to x; p(z2) standard or a VampPrior
+    inference    q(z2|x) q(z1|x,z2)
+
+Unlike the Markov chain (x -> z1 -> z2), both the encoder of z1 and the decoder see both levels: q(z1|x,z2) joins a
+network of x with one of z2, p(x|z1,z2) one of z1 with one of z2 (each branch one hidden layer, then a joint one).
+With D the hidden width and gated dense layers this is the 2-level HVAE of the VampPrior and Exemplar VAE papers:
+
+    q(z2|x)      x -> D -> D -> (mean, log-variance)
+    q(z1|x,z2)   [x -> D, z2 -> D] -> D -> (mean, log-variance)
+    p(z1|z2)     z2 -> D -> D -> (mean, log-variance)
+    p(x|z1,z2)   [z1 -> D, z2 -> D] -> D -> the likelihood's parameters
+
+log w = log p(x|z1,z2) + log p(z1|z2) + log p(z2) - log q(z1|x,z2) - log q(z2|x) for z2 ~ q(z2|x), z1 ~ q(z1|x,z2).
+The ELBO's terms: z1's is KL(q(z1|x,z2) || p(z1|z2)) in closed form at the drawn z2 (its expectation over z2 is the
+term of the bound, with less variance than log q - log p); z2's is analytic for the standard prior and the single-sample
+log q(z2|x) - log p(z2) for the VampPrior.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from elbox.bounds import (
+    diag_gaussian_log_prob,
+    diag_gaussian_log_prob_from_noise,
+    kl_diag_gaussians,
+    sample_diag_gaussian,
+    standard_normal_log_prob,
+)
+from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
+from elbox.models.vampprior import VampPrior
+from elbox.nets import apply_flat, hidden_layer, initialize_weights, mlp, posterior_std
+
+
+class JoinedMLP(nn.Module):
+    """[a -> D, b -> D] -> D -> out: one hidden layer on each input, their outputs concatenated, one joint hidden
+    layer, then a linear output (the skip paths of q(z1|x,z2) and p(x|z1,z2))."""
+
+    def __init__(self, a_dim: int, b_dim: int, width: int, out_dim: int, act: str):
+        super().__init__()
+        self.a = nn.Sequential(*hidden_layer(a_dim, width, act))
+        self.b = nn.Sequential(*hidden_layer(b_dim, width, act))
+        self.joint = mlp(2 * width, [width], out_dim, act)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.joint(torch.cat([self.a(a), self.b(b)], dim=-1))
+
+
+class SkipHVAE(HVAE):
+    hvae_type = "skip"
+    # z1's term is a KL at the drawn z2; z2's is a single-sample estimate under the VampPrior (it can be negative)
+    kl_terms_are_kls = False
+
+    def __init__(self, config: HVAEConfig):
+        super().__init__(config)
+        c = config
+        num_dims = math.prod(c.data_shape)
+        (width,), (d1, d2) = c.hidden_dims, c.latent_dims
+        self.encoder_z2 = nn.Sequential(nn.Flatten(), mlp(num_dims, [width, width], 2 * d2, c.activation))
+        self.encoder_z1 = JoinedMLP(num_dims, d2, width, 2 * d1, c.activation)
+        self.prior_z1 = mlp(d2, [width, width], 2 * d1, c.activation)
+        self.decoder = JoinedMLP(d1, d2, width, self.likelihood.num_params * num_dims, c.activation)
+        initialize_weights(self, c.weight_init)
+        if c.top_prior == "vamp":
+            self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
+
+    @property
+    def activation_elements(self) -> int:
+        return self.vamp.activation_elements(self.config.latent_dims[1]) if self.config.top_prior == "vamp" else 0
+
+    def _gaussian(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        mean, raw_std = raw.chunk(2, dim=-1)
+        return mean, posterior_std(raw_std, self.config.logvar_bounds, self.config.min_std)
+
+    def posterior_z2(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z2|x), each [B, d2]."""
+        return self._gaussian(self.encoder_z2(x))
+
+    def posterior_z1(self, x_features: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z1|x,z2) [*batch, d1], from the x branch's features [B, D] (computed once) and z2."""
+        z2_features = apply_flat(self.encoder_z1.b, z2, 1)
+        joint = torch.cat([x_features.expand(*z2.shape[:-1], -1), z2_features], dim=-1)
+        return self._gaussian(apply_flat(self.encoder_z1.joint, joint, 1))
+
+    def prior_z1_params(self, z2: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of p(z1|z2) [*batch, d1]."""
+        return self._gaussian(apply_flat(self.prior_z1, z2, 1))
+
+    def decode_levels(self, z1: Tensor, z2: Tensor) -> Tensor:
+        """The likelihood's parameters [*batch, P, C, H, W] at (z1, z2) [*batch, d]."""
+        batch = z1.shape[:-1]
+        out = self.decoder(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]))
+        return self._params_shape(out, batch)
+
+    def top_log_prob(self, z2: Tensor) -> Tensor:
+        if self.config.top_prior == "vamp":
+            return self.vamp.distribution(self.posterior_z2).log_prob(z2)
+        return standard_normal_log_prob(z2)
+
+    # -- the HVAE interface ----------------------------------------------------------------------
+
+    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """What depends on x alone: q(z2|x)'s parameters and the x branch's features of q(z1|x,z2)."""
+        return self.posterior_z2(x), self.encoder_z1.a(x.flatten(1))
+
+    def draw(self, prepared, x: Tensor, n: int):
+        """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): (log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
+        log weights [n, B])."""
+        (mean2, std2), x_features = prepared
+        z2, eps2 = sample_diag_gaussian(mean2, std2, n)
+        mean1, std1 = self.posterior_z1(x_features, z2)
+        z1, eps1 = _draw_like(mean1, std1)
+        prior_mean1, prior_std1 = self.prior_z1_params(z2)
+        log_q2, log_q1 = diag_gaussian_log_prob_from_noise(eps2, std2), diag_gaussian_log_prob_from_noise(eps1, std1)
+        log_p2, log_p1 = self.top_log_prob(z2), diag_gaussian_log_prob(z1, prior_mean1, prior_std1)
+        log_px = self.likelihood.log_prob(self.decode_levels(z1, z2), x)
+        kl_z2 = kl_diag_gaussians(mean2, std2).sum(-1)[None] if self.config.top_prior == "standard" else log_q2 - log_p2
+        kl = {"z1": kl_diag_gaussians(mean1, std1, prior_mean1, prior_std1).sum(-1), "z2": kl_z2}
+        return log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2
+
+    def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Mean and variance of q(z1|x, E z2) and of q(z2|x)."""
+        (mean2, std2), x_features = self.prepare(x)
+        mean1, std1 = self.posterior_z1(x_features, mean2)
+        return {"z1": (mean1, std1.square()), "z2": (mean2, std2.square())}
+
+    def decode_from_means(self, x: Tensor) -> Tensor:
+        moments = self.level_moments(x)
+        return self.decode_levels(moments["z1"][0], moments["z2"][0])
+
+    def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
+        """z2 from the prior (a VampPrior's temperature scales the drawn component's std), then z1 ~ p(z1|z2)."""
+        if self.config.top_prior == "vamp":
+            z2 = self.vamp.sample(self.posterior_z2, n, temperatures[1])
+        else:
+            ref = next(self.parameters())
+            z2 = temperatures[1] * torch.randn(n, self.config.latent_dims[1], device=ref.device, dtype=ref.dtype)
+        mean1, std1 = self.prior_z1_params(z2)
+        return self.decode_levels(mean1 + temperatures[0] * std1 * torch.randn_like(mean1), z2)

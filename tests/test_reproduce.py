@@ -1,0 +1,201 @@
+"""What the published Fashion-MNIST models need (issue 28): gated dense layers, bounded log-variances, He
+initialization, the VampPrior on the VAE, the two-level HVAE with skip paths, early stopping, per-tensor gradient
+normalization and the 50,000 / 10,000 split. Small models and data made by the tests (the split: the real files)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal
+
+import elbox
+from elbox.models import build_model
+from elbox.nets import GatedDense, initialize_weights, mlp
+from elbox.training.trainer import Trainer
+
+SHAPE = [1, 6, 6]
+SKIP = {"data_shape": SHAPE, "hvae_type": "skip", "latent_dims": [3, 2], "hidden_dims": [16], "logvar_bounds": [-6.0, 2.0]}
+
+
+def binary(n: int, seed: int = 0) -> torch.Tensor:
+    return (torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed)) < 0.3).float()
+
+
+def test_gated_dense_is_a_linear_layer_times_a_sigmoid_gate():
+    torch.manual_seed(0)
+    layer, x = GatedDense(5, 4), torch.randn(3, 5)
+    expected = (x @ layer.h.weight.T + layer.h.bias) * torch.sigmoid(x @ layer.g.weight.T + layer.g.bias)
+    assert torch.allclose(layer(x), expected)
+    net = mlp(784, [300, 300], 80, "gated")
+    assert sum(p.numel() for p in net.parameters()) == 2 * (784 * 300 + 300) + 2 * (300 * 300 + 300) + 300 * 80 + 80
+
+
+def test_he_initialization_draws_weights_with_variance_two_over_fan_in():
+    torch.manual_seed(0)
+    net = mlp(400, [300], 200, "relu")
+    initialize_weights(net, "he")
+    weight = net[0].weight
+    # the sample variance of n = 120,000 normal draws has a relative standard error of sqrt(2 / n) = 0.4 %
+    assert weight.var().item() == pytest.approx(2 / 400, rel=5 * math.sqrt(2 / weight.numel()))
+
+
+def test_bounded_log_variances_stay_in_their_bounds():
+    model = build_model("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8], "logvar_bounds": [-6.0, 2.0]})
+    with torch.no_grad():
+        model.encoder[-1][-1].bias.fill_(100.0)  # raw log-variances far above the bound
+        _, std = model.posterior_params(binary(4))
+    assert torch.allclose(std, torch.full_like(std, math.exp(1.0)))
+
+
+@pytest.mark.parametrize("model, options", [("hvae", SKIP), ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
+                                            ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8],
+                                                     "prior": "vamp", "pseudo_inputs": 5})])
+def test_the_elbo_is_the_mean_log_weight_and_iwae_rises_with_k(model, options):
+    torch.manual_seed(0)
+    m = build_model(model, options).eval()
+    x = binary(3)
+    n = 20_000
+    with torch.no_grad():
+        elbo = m.elbo(x, n).elbo
+        log_w = m.log_weights(x, n)
+    stderr = log_w.std(0) / math.sqrt(n)  # the ELBO's own draws add as much again: 5 s.e. of the difference
+    assert ((elbo - log_w.mean(0)).abs() < 5 * math.sqrt(2) * stderr).all()
+    # IWAE_K from n / K independent groups of K draws each, with the standard error over the groups
+    groups = [torch.logsumexp(log_w.reshape(-1, k, 3), 1) - math.log(k) for k in (1, 10, 100)]
+    iwae, se = [g.mean(0) for g in groups], [g.std(0) / math.sqrt(g.shape[0]) for g in groups]
+    for lower, higher in ((0, 1), (1, 2)):
+        rise = iwae[higher] - iwae[lower]
+        assert (rise > -3 * (se[lower].square() + se[higher].square()).sqrt()).all()  # never falls beyond 3 s.e.
+    assert (iwae[1] - iwae[0]).mean() > 3 * (se[0].square() + se[1].square()).sqrt().mean()  # and rises from K = 1
+
+
+def test_skip_hvae_log_weights_match_torch_distributions_term_by_term():
+    torch.manual_seed(0)
+    m = build_model("hvae", SKIP).eval()
+    x = binary(4)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        log_px, kl, log_w = m.draw(m.prepare(x), x, 5)
+        torch.manual_seed(1)  # the same draws, again, by hand: z2 ~ q(z2|x), then z1 ~ q(z1|x,z2)
+        raw2 = m.encoder_z2(x)
+        q2 = Normal(raw2[:, :2], (0.5 * raw2[:, 2:].clamp(-6, 2)).exp())
+        z2 = q2.loc + q2.scale * torch.randn(5, 4, 2)
+        h1 = torch.cat([m.encoder_z1.a(x.flatten(1)).expand(5, -1, -1), m.encoder_z1.b(z2)], -1)
+        raw1 = m.encoder_z1.joint(h1)
+        q1 = Normal(raw1[..., :3], (0.5 * raw1[..., 3:].clamp(-6, 2)).exp())
+        z1 = q1.loc + q1.scale * torch.randn_like(q1.loc)
+        raw_p1 = m.prior_z1(z2)
+        p1 = Normal(raw_p1[..., :3], (0.5 * raw_p1[..., 3:].clamp(-6, 2)).exp())
+        logits = m.decoder(z1.reshape(-1, 3), z2.reshape(-1, 2)).reshape(5, 4, *SHAPE)
+        expected_px = Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
+        expected_w = (expected_px + p1.log_prob(z1).sum(-1) + Normal(0, 1).log_prob(z2).sum(-1)
+                      - q1.log_prob(z1).sum(-1) - q2.log_prob(z2).sum(-1))
+    assert torch.allclose(log_px, expected_px, atol=1e-4) and torch.allclose(log_w, expected_w, atol=1e-4)
+    analytic = torch.distributions.kl_divergence(q1, p1).sum(-1)
+    assert torch.allclose(kl["z1"], analytic, atol=1e-5)
+
+
+def test_the_published_models_have_the_reference_parameter_counts():
+    """Tomczak & Welling's networks, counted from their layer sizes: the 2-level HVAE has 2,431,024 parameters, the
+    VAE with a 500-component VampPrior 1,508,864 (392,000 of them the pseudo-inputs)."""
+    nets = {"logvar_bounds": [-6.0, 2.0], "weight_init": "he", "activation": "gated"}
+    hvae = build_model("hvae", {"data_shape": [1, 28, 28], "hvae_type": "skip", **nets})
+    vae = build_model("vae", {"data_shape": [1, 28, 28], "latent_dim": 40, "hidden_dims": [300, 300], "prior": "vamp",
+                              "pseudo_inputs": 500, **nets})
+    assert sum(p.numel() for p in hvae.parameters()) == 2_431_024
+    assert sum(p.numel() for p in vae.parameters()) == 1_508_864
+
+
+def stopped(patience: int, val_elbos: list[float], warmup: float = 0.0) -> int | None:
+    config = SimpleNamespace(patience=patience, warmup_epochs=warmup, beta_schedule="linear" if warmup else "constant")
+    records = [{"kind": "epoch", "epoch": i + 1, "val_elbo": v} for i, v in enumerate(val_elbos)]
+    return Trainer.stopped_early.fget(SimpleNamespace(records=records, config=config))
+
+
+def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
+    assert stopped(2, [-10, -9, -9.5]) is None
+    assert stopped(2, [-10, -9, -9.5, -9.2]) == 2  # two epochs after the best, none better
+    assert stopped(2, [-10, -9, -9.5, -8, -8.5]) is None  # a better epoch restarts the count
+    assert stopped(2, [-10, -9, -9.5, -9.2], warmup=3) is None  # epochs inside the warm-up do not count
+    assert stopped(2, [-10, -9, -9.5, -9.2, -9.3], warmup=3) == 2
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    """96 random 8-bit images in an .npy file (a run on a file can be evaluated from its directory)."""
+    import numpy as np
+
+    path = tmp_path / "images.npy"
+    np.save(path, (torch.rand(96, *SHAPE, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy())
+    return path
+
+
+def quick_fit(images, out, **options):
+    return elbox.fit("vae", images, out=out, latent_dim=2, hidden_dims=[8], batch_size=16, verbose=False, progress=False,
+                     samples=False, **options)
+
+
+def test_an_early_stopped_run_keeps_and_evaluates_its_best_epoch_and_resumes_bit_for_bit(tiny_images, tmp_path, monkeypatch):
+    options = {"epochs": 30, "lr": 0.05, "patience": 2}
+    whole = quick_fit(tiny_images, tmp_path / "whole", **options)
+    epochs = [r for r in whole.history if r["kind"] == "epoch"]
+    best = max(epochs, key=lambda r: r["val_elbo"])
+    assert epochs[-1]["epoch"] == best["epoch"] + 2 < 30  # stopped two epochs after its best
+    def evaluated(**weights):
+        result = elbox.evaluate(tmp_path / "whole", iw_samples=[1], **weights)
+        return {k: v for k, v in result.items() if k != "time_s"}
+
+    assert evaluated() == evaluated(weights="best") != evaluated(weights="last")  # early stopping: the best weights
+    with pytest.raises(elbox.ElboxError, match="stopped early"):
+        elbox.resume(tmp_path / "whole", verbose=False, progress=False)
+
+    validate, calls = Trainer.validate, []
+
+    def interrupt(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        quick_fit(tiny_images, tmp_path / "cut", **options)
+    monkeypatch.setattr(Trainer, "validate", validate)
+    resumed = elbox.resume(tmp_path / "cut", verbose=False, progress=False)
+    strip = ("epoch_time_s", "images_per_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.history] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in whole.history]
+    assert (tmp_path / "cut" / "best.safetensors").read_bytes() == (tmp_path / "whole" / "best.safetensors").read_bytes()
+
+
+def test_normalized_gradients_reach_the_optimizer_with_unit_norm(tiny_images, monkeypatch):
+    norms = []
+    step = torch.optim.Adam.step
+
+    def record(self, *args, **kwargs):
+        norms.extend(p.grad.norm().item() for group in self.param_groups for p in group["params"] if p.grad is not None)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", record)
+    quick_fit(tiny_images, None, epochs=1, normalize_gradients=True)
+    assert norms and all(n == pytest.approx(1.0, abs=1e-5) for n in norms)
+
+
+def test_the_50000_10000_split_holds_out_the_last_10000_training_images(tmp_path):
+    from elbox.data import load_split
+
+    everything, _ = load_split("fashion-mnist", "train-full")
+    train, _ = load_split("fashion-mnist", "train", validation_size=10_000)
+    validation, _ = load_split("fashion-mnist", "validation", validation_size=10_000)
+    assert torch.equal(train, everything[:50_000]) and torch.equal(validation, everything[50_000:])
+    run = elbox.fit("gaussian", "fashion-mnist", validation_size=10_000, limit_train=200, out=tmp_path / "g",
+                    verbose=False, progress=False)
+    record = json.loads((tmp_path / "g" / "config.json").read_text())["data"]
+    assert record["validation_size"] == 10_000 and record["validation"] == "last 10000 of the official training set"
+    assert run.validation_data.shape[0] == 10_000
+    with pytest.raises(elbox.ElboxError, match="validation_size must be between 1 and 59999"):
+        load_split("fashion-mnist", "train", validation_size=60_000)
