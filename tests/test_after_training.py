@@ -511,7 +511,7 @@ def test_evaluate_best_weights_are_the_best_checkpoint(own_runs):
 
 def own_validation(run) -> torch.Tensor:
     from elbox.checkpoint import read_run_config
-    from elbox.training.workflows import run_examples
+    from elbox.training.run_evaluation import run_examples
 
     return run_examples(read_run_config(run), "validation", 0, None)
 

@@ -63,7 +63,7 @@ def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
     "damage, message",
     [
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
-        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 20), "corrupt"),
         (lambda d: (d / "config.json").write_text(json.dumps({"format_version": 99, "model": "vae", "model_config": {}, "data": {}})), "newer"),
     ],

@@ -1,4 +1,4 @@
-"""The printed evaluation table (elbox.evaluation.format_table) for exact models and vectors: no bits/dim for real
+"""The printed evaluation table (elbox.evaluation_table.format_table) for exact models and vectors: no bits/dim for real
 vectors, no IWAE-K rows that merely repeat an exact log p(x), and the JSON result keeps every key."""
 
 import json
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from elbox.evaluation import PRINTED_ZERO, evaluate, format_table, iwae_equals_exact
+from elbox.evaluation import evaluate
+from elbox.evaluation_table import PRINTED_ZERO, format_table, iwae_equals_exact
 from elbox.models import build_model
 
 F64 = torch.float64

@@ -25,8 +25,10 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 import elbox
+from elbox import system
 from elbox.data import fit_real_space, formats
-from elbox.data.formats import open_array, read_images
+from elbox.data.formats import open_array
+from elbox.data.user import read_images
 from elbox.data.inputs import as_examples, held_out, run_data, training_data
 from elbox.data.user_arrays import VectorArray
 from elbox.data.user_images import ImageFolder
@@ -63,17 +65,17 @@ def zeros_npz(path: Path, shape: tuple[int, ...]) -> Path:
 def test_a_compressed_npz_is_checked_against_the_address_space_limit(tmp_path, monkeypatch):
     bomb = zeros_npz(tmp_path / "bomb.npz", (20, 1000, 1000))  # 20 MB inside, 20 KB on disk
     assert bomb.stat().st_size < 1 << 20
-    monkeypatch.setattr(formats, "address_space_limit", lambda: formats._address_space_used() + (50 << 20))
+    monkeypatch.setattr(system, "address_space_limit", lambda: system.address_space_used() + (50 << 20))
     refused(lambda: open_array(bomb), "bomb.npz", "compressed", "address space", "float32", "store it uncompressed")
 
 
 def test_a_compressed_npz_counts_its_float32_copy(tmp_path, monkeypatch):
     """20 MB of uint8 fit in 30 MB of free memory, but not with the 80 MB float32 copy the data space makes."""
     bomb = zeros_npz(tmp_path / "bomb.npz", (20, 1000, 1000))
-    monkeypatch.setattr(formats, "available_memory_bytes", lambda device: 30_000_000)
+    monkeypatch.setattr(system, "available_memory_bytes", lambda device: 30_000_000)
     refused(lambda: open_array(bomb), "bomb.npz", "100 MB in memory", "20 MB decompressed", "80 MB as float32",
             "30 MB of free memory")
-    monkeypatch.setattr(formats, "available_memory_bytes", lambda device: 200_000_000)
+    monkeypatch.setattr(system, "available_memory_bytes", lambda device: 200_000_000)
     assert open_array(bomb).shape == (20, 1000, 1000)
 
 
@@ -83,8 +85,8 @@ def test_elbox_train_refuses_an_npz_bomb_under_ulimit_v(tmp_path):
     script = textwrap.dedent(f"""
         import resource, sys
         from elbox.cli import main
-        from elbox.data.formats import _address_space_used
-        resource.setrlimit(resource.RLIMIT_AS, (_address_space_used() + (100 << 20), resource.RLIM_INFINITY))
+        from elbox.system import address_space_used
+        resource.setrlimit(resource.RLIMIT_AS, (address_space_used() + (100 << 20), resource.RLIM_INFINITY))
         sys.exit(main(["train", "vae", "--data", {str(bomb)!r}, "--out", {str(tmp_path / "run")!r}, "--no-progress"]))
     """)
     done = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=120)

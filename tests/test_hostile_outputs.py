@@ -85,7 +85,7 @@ def hostile(kind: str, case: Path, suffix: str) -> tuple[Path, str]:
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's work fails the test if it starts: a refusal must come first."""
-    from elbox import cli
+    from elbox import cli_commands as cli
 
     def work(*args, **kwargs):
         raise AssertionError("the command started its work before refusing the output path")
@@ -291,11 +291,11 @@ def test_snapshot_sees_what_a_replaced_device_would_be(tmp_path):
 
 def test_every_error_line_is_short(monkeypatch):
     """main keeps any ElboxError to one short line, whoever wrote the message."""
-    from elbox import cli
+    from elbox import cli_commands as cli
 
     def huge(*args, **kwargs):
         raise ElboxError("bad\n" + "x" * 100_000)
 
-    monkeypatch.setattr(cli, "load_run", huge)
+    monkeypatch.setattr(cli, "read_run_config", huge)
     line = run_cli_expecting_error(["sample", "RUN"], seconds=10, match="bad x")
     assert len(line) < 520

@@ -108,7 +108,7 @@ def test_tighten_shows_each_stage_and_refits_on_a_subset_tied_to_the_limit(tmp_p
                                  iw_samples=10, elbo_samples=4)
     err = capsys.readouterr().err
     assert result["refit_examples"] == 60  # max(10 * 5, 60) of the 1000 training images
-    assert "on the first 60 training images" in err and "on 60 validation images" in err
+    assert "on the first 60 training examples" in err and "on 60 validation images" in err
     assert any("1/1" in line for line in bar_lines(err, "refit epoch 2/2"))  # 60 images: one batch of 128
     assert any("5/5" in line for line in bar_lines(err, "IWAE-10"))
     assert any("4/4" in line for line in bar_lines(err, "per-example q (5 examples)"))

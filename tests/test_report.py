@@ -15,7 +15,8 @@ from PIL import Image
 import elbox
 from elbox.cli import main
 from elbox.plots import image_grid
-from elbox.report import curves_figure, headline_of, model_line
+from elbox.figures import curves_figure
+from elbox.report import headline_of, model_line
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 SCREEN = (1280, 800)

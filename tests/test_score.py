@@ -24,9 +24,9 @@ from elbox.data import get_data_space
 from elbox.data.formats import (
     _parse_cifar_batch,
     _parse_idx,
-    read_images,
     to_8bit_tensor,
 )
+from elbox.data.user import read_images
 from elbox.errors import ElboxError
 from elbox.evaluation import retry_on_out_of_memory
 from elbox.inference import BINARIZATIONS, model_inputs, score_with_stderr

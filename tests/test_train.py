@@ -15,7 +15,7 @@ from elbox.data import load_split
 from elbox.errors import ElboxError
 from elbox.training.config import TrainConfig
 from elbox.training.objectives import beta_at
-from elbox.training.trainer import make_optimizer
+from elbox.training.optimizer import make_optimizer
 
 
 def small_run(tmp_path, seed=0, epochs=2, **train_options):
@@ -172,7 +172,7 @@ def test_ema_decay_warms_up():
     after n - 1 earlier updates), starting from the first weights: the early, nearly random weights fade quickly."""
     from torch.optim.swa_utils import AveragedModel
 
-    from elbox.training.trainer import ema_update_with_warmup
+    from elbox.training.optimizer import ema_update_with_warmup
 
     model = torch.nn.Linear(1, 1, bias=False)
     ema = AveragedModel(model, multi_avg_fn=ema_update_with_warmup(0.9), use_buffers=True)

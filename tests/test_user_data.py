@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import elbox.data.formats as formats
+from elbox import system
 from elbox.data import ImageArray, ImageFolder, Table, VectorArray, open_source
 from elbox.errors import ElboxError
 
@@ -251,7 +252,7 @@ def test_headers_declaring_more_than_the_file_holds_are_refused_before_allocatio
         archive.writestr("x.npy", header.getvalue() + bytes(100))
     refused(lambda: open_source(tmp_path / "tera.npz"), "truncated", "1 TB")
     np.savez_compressed(tmp_path / "big.npz", x=pixels(50, 10, 10))
-    monkeypatch.setattr(formats, "available_memory_bytes", lambda device: 1000)
+    monkeypatch.setattr(system, "available_memory_bytes", lambda device: 1000)
     refused(lambda: ImageArray(tmp_path / "big.npz"), "compressed", "5 KB", "1 KB")
     np.save(tmp_path / "small.npy", pixels(2, 3, 3))
     (tmp_path / "cut.npy").write_bytes((tmp_path / "small.npy").read_bytes()[:-5])

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from elbox.inference import encode, sample, score
     from elbox.models import MODELS, LatentVariableModel, register_model
     from elbox.training.config import TrainConfig
-    from elbox.training.workflows import Run, evaluate, fit, resume
+    from elbox.training.run_evaluation import evaluate
+    from elbox.training.workflows import Run, fit, resume
 
 __version__ = "0.1.0"
 __all__ = [
@@ -41,7 +42,7 @@ _LAZY = {  # public name -> the module that defines it, imported when the name i
     "save_pretrained": "elbox.checkpoint", "encode": "elbox.inference", "sample": "elbox.inference",
     "score": "elbox.inference", "MODELS": "elbox.models", "LatentVariableModel": "elbox.models",
     "register_model": "elbox.models", "TrainConfig": "elbox.training.config", "Run": "elbox.training.workflows",
-    "evaluate": "elbox.training.workflows", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
+    "evaluate": "elbox.training.run_evaluation", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
 }
 
 

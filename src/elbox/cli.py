@@ -9,37 +9,34 @@ Modules that import torch load only when a command runs (cli_types.lazy): `elbox
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import math
 import os
-import shlex
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import elbox
-from elbox.atomic import WRITTEN_BY, atomic_write_json, check_replaceable, shown
+from elbox.atomic import shown
+from elbox.cli_commands import (
+    cmd_encode,
+    cmd_evaluate,
+    cmd_reconstruct,
+    cmd_report,
+    cmd_sample,
+    cmd_score,
+    cmd_tighten,
+)
+from elbox.cli_session import TRAINING_RUN, given_options, interrupted, replayed_threads, show_warning
 from elbox.cli_types import Parser, UsageError, count, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
 from elbox.limits import TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
-# the commands' working parts, imported when a command runs (they import torch)
-load_run, read_json, read_run_config, recorded_threads = (lazy("elbox.checkpoint", name) for name in (
-    "load_run", "read_json", "read_run_config", "recorded_threads"))
-format_table = lazy("elbox.evaluation", "format_table")
-encode, sample, score_with_stderr, reconstruction_grid, save_features, write_scores_csv, write_samples_csv = (
-    lazy("elbox.inference", name) for name in ("encode", "sample", "score_with_stderr", "reconstruction_grid",
-                                               "save_features", "write_scores_csv", "write_samples_csv"))
-save_image_grid = lazy("elbox.plots", "save_image_grid")
-write_report = lazy("elbox.report", "write_report")
-keep_freed_memory_in_heap, resolve_device, set_threads, usable_cores = (lazy("elbox.system", name) for name in (
-    "keep_freed_memory_in_heap", "resolve_device", "set_threads", "usable_cores"))
-format_gap_table, tighten_run = lazy("elbox.tighten", "format_gap_table"), lazy("elbox.tighten", "tighten_run")
-data_in_space, evaluation_split, own_data, run_settings = (lazy("elbox.training.workflows", name) for name in (
-    "data_in_space", "evaluation_split", "own_data", "run_settings"))
+# the working parts of train, imported when it runs (they import torch); the other commands are elbox.cli_commands
+read_json = lazy("elbox.checkpoint", "read_json")
+keep_freed_memory_in_heap, set_threads = lazy("elbox.system", "keep_freed_memory_in_heap"), lazy("elbox.system", "set_threads")
+run_settings = lazy("elbox.training.workflows", "run_settings")
 
 SPLITS = ("train", "validation", "train-full", "test")  # elbox.data.SPLITS, without importing torch (a test compares)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -77,8 +74,8 @@ def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tu
     from elbox.training.config import DataConfig, TrainConfig, train_defaults
 
     name = model or DEFAULT_MODEL
-    p = Parser(  # whole option names only: --resume reads --epochs, and Ctrl-C --out / --resume, from the argv as given
-        allow_abbrev=False, prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
+    p = Parser(
+        prog=f"elbox train{' ' + model if model else ''}", description=f"Train a model{' (' + model + ')' if model else ''}.",
         epilog=None if model else f"models: {', '.join(sorted(MODELS))}; `elbox train MODEL --help` lists a model's options")
     p.add_argument("model", nargs="?", choices=sorted(MODELS), default=name, help=argparse.SUPPRESS)
     p.add_argument("--model", dest="model_flag", choices=sorted(MODELS), default=None, help=f"the model (default: {DEFAULT_MODEL})")
@@ -95,20 +92,6 @@ def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tu
     general += add_options(p.add_argument_group("training"), TrainConfig, {**train_defaults(name, chosen), **saved}, taken)
     own = add_options(p.add_argument_group(f"{name} model"), MODELS[name].config_class, saved, taken) if model else []
     return p, general, own
-
-
-def replayed_threads(config: dict) -> int | None:
-    """The thread count a resumed or replayed run uses by default: the one it recorded (so that it reproduces bit for
-    bit), unless $OMP_NUM_THREADS sets one (torchrun does) or the machine has fewer usable cores; a warning says
-    when the run then uses another count than it recorded."""
-    recorded = recorded_threads(config)
-    if recorded is None:
-        return None
-    chosen = None if os.environ.get("OMP_NUM_THREADS", "").isdigit() else min(recorded, usable_cores())
-    if chosen != recorded:
-        warnings.warn(f"the run trained with {recorded} threads; with another count ({'$OMP_NUM_THREADS' if chosen is None else chosen}) "
-                      "its numbers agree with the recorded ones only to float32 rounding", stacklevel=2)
-    return chosen
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -129,11 +112,12 @@ def cmd_train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.model_flag not in (None, args.model):
         raise ElboxError(f"two models given: {args.model} and --model {args.model_flag}")
+    TRAINING_RUN[:] = [args.resume or args.out] if args.resume or args.out else []
     replayed = args.resume and Path(args.resume, "config.json") or config_path
     set_threads(args.threads or (replayed_threads(read_json(replayed, "run config")) if replayed else None))
 
     if args.resume:
-        extend = flag_value(argv, "--epochs") is not None
+        extend = "epochs" in given_options(parser, argv)
         given = sorted(k for k, v in vars(args).items() if k not in RESUME_OPTIONS and v != parser.get_default(k)
                        and not (k == "epochs" and extend))
         if given:
@@ -157,103 +141,6 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # -- the other commands ------------------------------------------------------------------------------------------
-
-
-def output(given: Path | None, default: Path, args: argparse.Namespace) -> Path:
-    """A command's output file: the one named (--out, --json), else `default` in the run directory. Checked before any
-    work: it must end like the default (elbox writes that format, and knows its own files by it), and a file elbox
-    did not write is refused unless --overwrite is given."""
-    path = Path(given or default)
-    if path.suffix.lower() != default.suffix:
-        raise ElboxError(f"cannot write {shown(path)}: this output is a {default.suffix} file; name it FILE{default.suffix}")
-    return check_replaceable(path, args.overwrite)
-
-
-def print_and_save(title: str, table: str, result: dict, json_path: Path) -> int:
-    """Print a result table and write the result as JSON (atomically), marked as elbox's (elbox.atomic)."""
-    print(title)
-    print(table)
-    atomic_write_json(json_path, {**result, "written_by": WRITTEN_BY})
-    print(f"wrote {json_path}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    split = evaluation_split(read_run_config(args.run_dir)["data"], args.data, args.split)
-    suffix = "-best" if args.weights == "best" else "-last" if args.weights == "last" else ""  # default: no suffix
-    json_path = output(args.json, Path(args.run_dir) / f"eval-{split}{suffix}.json", args)
-    result = elbox.evaluate(args.run_dir, args.data, split=args.split, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples,
-                            limit=args.limit, batch_size=args.batch_size, seed=args.seed, device=args.device,
-                            progress=not args.no_progress, weights=args.weights)
-    title = f"{result['model']} on {result['dataset']} ({result['split']}) [{result['data_space']}]"
-    return print_and_save(title, format_table(result), result, json_path)
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    model, config = load_run(args.run_dir, resolve_device(args.device))
-    vectors = model.preprocessing.space.name == "real"  # samples of a table: CSV rows in the columns' own units
-    out = output(args.out, Path(args.run_dir) / ("samples.csv" if vectors else "samples.png"), args)
-    samples = sample(model, args.n, temperature=args.temperature, draw=args.draw, steps=args.steps, seed=args.seed,
-                     progress=not args.no_progress)
-    if vectors:
-        write_samples_csv(out, samples, model.preprocessing.column_names)
-    else:
-        save_image_grid(samples, out)
-    print(f"wrote {out}")
-    return 0
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    out = output(args.out, Path(args.run_dir) / "scores.csv", args)
-    model, _ = load_run(args.run_dir, resolve_device(args.device))
-    values, stderr, names, estimate = score_with_stderr(
-        model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples, batch_size=args.batch_size,
-        seed=args.seed, progress=not args.no_progress, id_column=args.id_column)
-    num_dims = None if model.preprocessing.space.name == "real" else math.prod(model.config.data_shape)  # bits: 8-bit data
-    write_scores_csv(out, names, values, num_dims, estimate, stderr)
-    mean = values.mean().item()
-    bits = f" ({-mean / (num_dims * math.log(2)):.4f} bits/dim)" if num_dims else ""
-    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats{bits}, {estimate}; wrote {out}")
-    return 0
-
-
-def cmd_encode(args: argparse.Namespace) -> int:
-    out = output(args.out, Path("features.npz"), args)
-    model, _ = load_run(args.run_dir, resolve_device(args.device))
-    features, names = encode(model, args.input, batch_size=args.batch_size, seed=args.seed, id_column=args.id_column)
-    save_features(out, features, names)
-    print(f"encoded {len(names)} examples: {', '.join(f'{k} {v.shape}' for k, v in features.items())}; wrote {out}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    html_path = output(args.out, Path(args.run_dir) / "report.html", args)
-    output(html_path.with_suffix(".md"), html_path.with_suffix(".md"), args)
-    html_path, md_path = write_report(args.run_dir, resolve_device(args.device), html_path, args.seed, args.overwrite)
-    print(f"wrote {html_path} and {md_path}")
-    return 0
-
-
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    out = output(args.out, Path(args.run_dir) / "reconstructions.png", args)
-    model, config = load_run(args.run_dir, resolve_device(args.device))
-    data, data_dir, _ = own_data(config, args.split, args.seed)
-    x, _, _ = data_in_space(model, data, args.split, data_dir, args.seed, args.n)
-    if x.dim() != 4:
-        raise ElboxError(f"the {model.name} model's run holds vectors, not images: a reconstruction grid shows images")
-    grid = reconstruction_grid(model, x)  # rows alternate: inputs, reconstructions
-    print(f"wrote {save_image_grid(grid, out, nrow=8, row_labels=('input', 'reconstruction'))}")
-    return 0
-
-
-def cmd_tighten(args: argparse.Namespace) -> int:
-    split = evaluation_split(read_run_config(args.run_dir)["data"], None, args.split)
-    json_path = output(args.json, Path(args.run_dir) / f"tighten-{split}.json", args)
-    result = tighten_run(args.run_dir, resolve_device(args.device), split=args.split, limit=args.limit, steps=args.steps,
-                         lr=args.lr, refit_epochs=args.refit_epochs, iw_samples=args.iw_samples,
-                         elbo_samples=args.elbo_samples, seed=args.seed, progress=not args.no_progress)
-    title = f"{result['model']} on {result['dataset']} {args.split}: where the gap log p(x) - ELBO comes from"
-    return print_and_save(title, format_gap_table(result), result, json_path)
 
 
 INPUT = ("--input", dict(required=True, metavar="FILE|DIR", help=".npy, .npz (array 'x', 'images' or the only one), a "
@@ -321,36 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_common(p)
         p.set_defaults(func=func)
     return parser
-
-
-def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """warnings.showwarning for the command line: one "elbox: warning: ..." line, without Python's source line."""
-    print(f"elbox: warning: {shown(' '.join(str(message).split()), 500)}", file=sys.stderr)
-
-
-def interrupted(argv: list[str]) -> str:
-    """What Ctrl-C left: for a training run, the last epoch saved and the command that continues it."""
-    run_dir = flag_value(argv, "--resume") or flag_value(argv, "--out") if argv[:1] == ["train"] else None
-    if run_dir is None:
-        return "elbox: interrupted"
-    epochs = [r.get("epoch") for r in saved_records(Path(run_dir)) if r.get("kind") in ("epoch", "train_epoch", "fit")]
-    if not (Path(run_dir) / "state.safetensors").is_file() or not epochs:
-        return f"elbox: interrupted before the first epoch was saved; nothing to continue in {run_dir}"
-    return (f"elbox: interrupted; {run_dir} holds epoch {epochs[-1]} (the last one saved); continue with: "
-            f"elbox train --resume {shlex.quote(run_dir)}")
-
-
-def saved_records(run_dir: Path) -> list[dict]:
-    """The run's metrics records as saved (metrics.jsonl; damaged lines skipped)."""
-    import json
-
-    records = []
-    with contextlib.suppress(OSError):
-        for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                record = json.loads(line)
-                records += [record] if isinstance(record, dict) else []
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:

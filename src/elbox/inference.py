@@ -29,7 +29,8 @@ from torch.utils.data import Dataset
 
 from elbox.atomic import SAMPLES_FIRST_COLUMN, SCORES_HEADER, WRITTEN_BY, atomic_write_bytes
 from elbox.data import DataSpace
-from elbox.data.formats import read_images, to_8bit_tensor
+from elbox.data.formats import to_8bit_tensor
+from elbox.data.user import read_images
 from elbox.data.user_tables import TABLE_SUFFIXES
 from elbox.data.inputs import as_examples
 from elbox.data.preprocessing import input_space, open_input

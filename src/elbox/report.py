@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 import json
 import math
 import sys
@@ -24,128 +23,29 @@ from pathlib import Path
 import torch
 
 from elbox import __version__
-from elbox.atomic import PNG_SOFTWARE, WRITTEN_BY, atomic_write_bytes, check_replaceable
+from elbox.atomic import WRITTEN_BY, atomic_write_bytes, check_replaceable
 from elbox.checkpoint import METRICS_FILE, load_run
 from elbox.data import load_split, space_from_record
 from elbox.data.inputs import as_examples, first, run_data
 from elbox.data.user_images import one_line
-from elbox.evaluation import evaluate, format_table
+from elbox.evaluation import evaluate
+from elbox.evaluation_table import format_table
 from elbox.inference import reconstruction_grid
 from elbox.models.base import Encoder, Hierarchical, Reconstructs, SingleLatentDecoder
 from elbox.options import short_repr
-from elbox.plots import grid_png
+from elbox.figures import curves_png, grid_png_of, interpolations_png, is_number, scatter_png
 
 QUICK_EVAL_EXAMPLES = 1000
 QUICK_EVAL_K = [1, 100]
 # the evaluations `elbox evaluate` saves, in the order the report prefers them: a built-in dataset's test split; own
 # data (no test split) are evaluated on the run's validation examples
 SAVED_EVALUATIONS = ("eval-test.json", "eval-validation.json")
-# curves with this many points or fewer get markers: a line through one point draws nothing
-FEW_POINTS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})  # elbox's own (elbox.atomic)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _grid_png(images: torch.Tensor, nrow: int | None = None, row_labels: tuple[str, ...] = ()) -> bytes:
-    return grid_png(images.clamp(0, 1).cpu(), nrow=nrow, row_labels=row_labels)
-
-
-def _markers(n: int) -> dict:
-    """Plot options: a marker on each point of a curve of few points (a short run's line may have only one)."""
-    return {"marker": "o", "markersize": 3} if n <= FEW_POINTS else {}
-
-
-def curves_png(records: list[dict], bits: float) -> bytes:
-    return _png(curves_figure(records, bits))
-
-
-def curves_figure(records: list[dict], bits: float):
-    """Two panels, so that neither squeezes the other: the bound (-ELBO of training batches and of validation, and
-    -reconstruction) in nats per example with bits/dim on the right axis; the KL terms (validation, per latent
-    group, and of training batches) in nats per example, on a log axis only when they span more than 100x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if r.get("kind") == "train"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        steps = [r["step"] for r in train]
-        ax.plot(steps, [-r["elbo"] for r in train], label="-ELBO (training batches)", alpha=0.7, **_markers(len(train)))
-        ax.plot(steps, [-r["reconstruction"] for r in train], label="-reconstruction (training batches)", alpha=0.7,
-                **_markers(len(train)))
-    ax.plot([r["step"] for r in epochs], [-r["val_elbo"] for r in epochs], "o-", label="-ELBO (validation)")
-    ax.set(xlabel="optimizer step", ylabel="nats per example", title="the bound (lower is better)")
-    ax.secondary_yaxis("right", functions=(lambda n: n / bits, lambda b: b * bits)).set_ylabel("bits per dimension")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    kls = []
-    for key in sorted({k for r in epochs for k in r if k.startswith("val_kl")}):
-        kls += [r[key] for r in epochs if key in r]
-        kl_ax.plot([r["step"] for r in epochs], [r.get(key, math.nan) for r in epochs], "o-", label=key[4:] + " (validation)")
-    if train and all(_is_number(r.get("kl")) for r in train):
-        kls += [r["kl"] for r in train]
-        kl_ax.plot([r["step"] for r in train], [r["kl"] for r in train], alpha=0.7, label="kl (training batches)",
-                   **_markers(len(train)))
-    if kls and min(kls) > 0 and max(kls) > 100 * min(kls):
-        kl_ax.set_yscale("log")
-    kl_ax.set(xlabel="optimizer step", ylabel="nats per example", title="KL terms (the rate)")
-    kl_ax.legend(fontsize=8)
-    kl_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def interpolations_png(model, x: torch.Tensor, pairs: int = 4, steps: int = 8) -> bytes:
-    """Decodings of z = (1 - a) E[z|x_i] + a E[z|x_j] for a in [0, 1], one row per pair of images (as many pairs as
-    x holds, up to `pairs`)."""
-    pairs = min(pairs, x.shape[0] // 2)
-    z = model.encode(x[: 2 * pairs])
-    a = torch.linspace(0, 1, steps, device=z.device)[None, :, None]
-    path = (1 - a) * z[0::2, None] + a * z[1::2, None]  # [pairs, steps, d]
-    images = model.likelihood.mean(model.decode(path.reshape(-1, z.shape[-1])))
-    return _grid_png(images, nrow=steps)
-
-
-@torch.no_grad()
-def scatter_png(model, x: torch.Tensor, labels: torch.Tensor | None) -> bytes:
-    """Posterior means of x in the plane, coloured by label (one colour where the data have no labels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z = model.encode(x).cpu()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    if labels is None:
-        ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.7)
-    else:
-        fig.colorbar(ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=4, alpha=0.7), ax=ax, label="label")
-    ax.set_xlabel("E[z_1 | x]")
-    ax.set_ylabel("E[z_2 | x]")
-    ax.set_title("encodings (posterior means)")  # of which images: the section's caption says
-    fig.tight_layout()
-    return _png(fig)
 
 
 def warn(message: str) -> None:
     """One line on stderr: the report goes on without what the message names."""
     print(f"elbox: warning: {message}", file=sys.stderr)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _record_problem(line: bytes) -> tuple[dict | None, str | None]:
@@ -161,7 +61,7 @@ def _record_problem(line: bytes) -> tuple[dict | None, str | None]:
     plotted = {"train": ["elbo", "reconstruction"], "epoch": ["val_elbo", *(k for k in record if k.startswith("val_kl"))]}
     if "step" in record:
         for key in ["step", *(plotted.get(kind, []) if isinstance(kind, str) else [])]:
-            if not _is_number(record.get(key)):
+            if not is_number(record.get(key)):
                 return None, f"has a bad {key} ({short_repr(record.get(key), 30)})"
     return record, None
 
@@ -286,12 +186,12 @@ def _duration(seconds: float) -> str:
 def training_line(records: list[dict]) -> str:
     """e.g. "36 epochs, 15,120 optimizer steps, 5 min 3 s of optimization (validation not counted)", from the
     epoch records; for a closed-form or EM fit, the time of the fit."""
-    epochs = [r for r in records if r.get("kind") in ("epoch", "train_epoch") and _is_number(r.get("epoch_time_s"))]
+    epochs = [r for r in records if r.get("kind") in ("epoch", "train_epoch") and is_number(r.get("epoch_time_s"))]
     if epochs:
-        steps = f", {epochs[-1]['step']:,} optimizer steps" if _is_number(epochs[-1].get("step")) else ""
+        steps = f", {epochs[-1]['step']:,} optimizer steps" if is_number(epochs[-1].get("step")) else ""
         return (f"{len(epochs)} epoch{'s' if len(epochs) > 1 else ''}{steps}, "
                 f"{_duration(sum(r['epoch_time_s'] for r in epochs))} of optimization (validation not counted)")
-    fits = [r["time_s"] for r in records if r.get("kind") == "fit" and _is_number(r.get("time_s"))]
+    fits = [r["time_s"] for r in records if r.get("kind") == "fit" and is_number(r.get("time_s"))]
     return f"fitted in {_duration(sum(fits))} (closed form or EM)" if fits else "training time not recorded"
 
 
@@ -377,12 +277,12 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Re
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         if images.dim() == 4:  # pictures of images (none for vectors)
-            grid = saved_samples or _grid_png(model.sample(64))
+            grid = saved_samples or grid_png_of(model.sample(64))
             sections.append(("Samples", "Draws from the model (means of p(x|z) for latent-variable models).", grid))
             if isinstance(model, Reconstructs):
                 pairs = reconstruction_grid(model, x[:32], nrow=8)
                 text = f"Rows alternate: input images ({examples}), then their reconstructions (the means of p(x | E[z|x]))."
-                sections.append(("Reconstructions", text, _grid_png(pairs, nrow=8, row_labels=("input", "reconstruction"))))
+                sections.append(("Reconstructions", text, grid_png_of(pairs, nrow=8, row_labels=("input", "reconstruction"))))
             if isinstance(model, SingleLatentDecoder) and not isinstance(model, Hierarchical) and x.shape[0] >= 2:
                 sections.append(("Latent interpolations", f"Decoded straight lines between the posterior means of pairs of {examples}.",
                                  interpolations_png(model, x)))

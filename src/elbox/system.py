@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 import sys
 
 import torch
@@ -104,3 +105,37 @@ def available_memory_bytes(device: torch.device) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 30
+
+
+def address_space_limit() -> int | None:
+    """This process's address-space limit in bytes (RLIMIT_AS, `ulimit -v`), None where there is none."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def address_space_used() -> int:
+    """Bytes of address space this process takes now (its virtual size), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def allocatable_bytes() -> tuple[int, str]:
+    """(bytes a new allocation can take now, what bounds it in words): the free memory, or, under an address-space
+    limit, the room left below it when that is less (an allocation beyond it fails however much memory is free)."""
+    free, limit = available_memory_bytes(torch.device("cpu")), address_space_limit()
+    left = None if limit is None else max(0, limit - address_space_used())
+    if left is None or left >= free:
+        return free, "free memory"
+    return left, f"address space left below this process's limit ({format_bytes(limit)}, ulimit -v)"
+
+
+def format_bytes(n: float) -> str:
+    """A size for a message: 4.7 KB, 1 TB."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
+        n /= 1000
+    return ""  # not reached

@@ -37,7 +37,7 @@ from elbox.errors import ElboxError
 from elbox.evaluation import iwae_per_example, log_prob_per_example
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.training.progress import progress_bar
-from elbox.training.workflows import data_in_space, evaluation_split, run_examples
+from elbox.training.run_evaluation import data_in_space, evaluation_split, run_examples
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
 REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)

@@ -13,7 +13,7 @@ Users' arrays (`open_array`): .npy files and .npz archives, never unpickled, the
 file before anything is allocated, memory-mapped where stored uncompressed. 8-bit values are checked chunk by
 chunk (`check_8bit_values`), so that a large memory-mapped array is never read whole.
 
-User input to `elbox score` (`read_images`), all holding 8-bit images:
+User input to `elbox score` (elbox.data.user.read_images), all holding 8-bit images:
   FILE.npy              one array
   FILE.npz              one array, or the array named "x" or "images"
   DIRECTORY             every image file under it, as elbox.data.user_images.ImageFolder reads them
@@ -29,22 +29,21 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import resource
 import struct
 import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from elbox.data.user_images import ImageFolder, is_image_file, one_line
+from elbox.data.user_images import one_line
 from elbox.errors import ElboxError
 from elbox.options import short_repr
-from elbox.system import available_memory_bytes
+from elbox.system import allocatable_bytes, format_bytes
 
 # ---------------------------------------------------------------------------
 # IDX files
@@ -318,31 +317,6 @@ def _check_room(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
                          f"{format_bytes(room)} of {limit}; {_STORE_UNCOMPRESSED}")
 
 
-def address_space_limit() -> int | None:
-    """This process's address-space limit in bytes (RLIMIT_AS, `ulimit -v`), None where there is none."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def _address_space_used() -> int:
-    """Bytes of address space this process takes now (its virtual size), 0 where it cannot be read."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def allocatable_bytes() -> tuple[int, str]:
-    """(bytes a new allocation can take now, what bounds it in words): the free memory, or, under an address-space
-    limit, the room left below it when that is less (an allocation beyond it fails however much memory is free)."""
-    free, limit = available_memory_bytes(torch.device("cpu")), address_space_limit()
-    left = None if limit is None else max(0, limit - _address_space_used())
-    if left is None or left >= free:
-        return free, "free memory"
-    return left, f"address space left below this process's limit ({format_bytes(limit)}, ulimit -v)"
-
-
 def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
     if key is not None:
         if key not in names:
@@ -357,15 +331,6 @@ def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
         raise ElboxError(f"input {path} holds no arrays")
     raise ElboxError(f"input {path} holds arrays {short_repr(names)}; pick one by key, or name the images (or "
                      f"vectors) {' or '.join(repr(k) for k in NPZ_KEYS)}, or store one array")
-
-
-def format_bytes(n: float) -> str:
-    """A size for a message: 4.7 KB, 1 TB."""
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n} {unit}" if unit == "bytes" else f"{n:.3g} {unit}"
-        n /= 1000
-    return ""  # not reached
 
 
 def row_chunks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -429,24 +394,6 @@ def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
         return (shape[3], shape[1], shape[2])
     raise ElboxError(f"{what} has shape {short_repr(tuple(shape))}; give images as [N, H, W], [N, C, H, W] or "
                      "[N, H, W, C] with 1 or 3 channels")
-
-
-def read_images(path: str | Path, image_size: Any = None) -> tuple[np.ndarray, list[str]]:
-    """The images in `path` as an array (not yet checked) and a name for each (relative file path or index):
-    a .npy/.npz file (memory-mapped where it can be), a folder of images or one image file, read as `ImageFolder`
-    reads them (resized and center-cropped to image_size, as a run trained on a folder does)."""
-    path = Path(path)
-    if path.is_dir() or is_image_file(path):
-        folder = ImageFolder(path, image_size)
-        return np.stack([folder[i].numpy() for i in range(len(folder))]), list(folder.names)
-    if not path.exists():
-        raise ElboxError(f"input {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix not in (".npy", ".npz"):
-        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file, a folder "
-                         "of images or an image file (.png, .jpg, ...)")
-    array = open_array(path)
-    return array, [str(i) for i in range(len(array))] if array.ndim > 0 else []
 
 
 def _layouts(c: int, h: int, w: int) -> dict[tuple[int, ...], str]:

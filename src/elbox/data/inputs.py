@@ -70,10 +70,13 @@ def dataset_array(data: Dataset, what: str) -> np.ndarray:
     """A map-style Dataset's examples (items, or the first element of (example, label) items) stacked into one new
     array; ElboxError for items of differing shapes or dtypes, and for a length (__len__) that is not the Dataset's:
     an IndexError before it, or an item at it."""
-    if isinstance(data, IterableDataset) or not hasattr(type(data), "__len__"):
+    try:
+        n = None if isinstance(data, IterableDataset) else len(data)
+    except TypeError:  # no __len__
+        n = None
+    if n is None:
         raise ElboxError(f"{what} is a {type(data).__name__} without a length or indexed items; give a map-style "
                          "Dataset (__len__ and __getitem__), a tensor or an array")
-    n = len(data)
     if n == 0:
         raise ElboxError(f"{what} is an empty Dataset")
     out = None

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from elbox.data.formats import open_array
@@ -77,3 +78,21 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
 def _refuse_columns(columns: Any, path: Path, what: str) -> None:
     if columns is not None:
         raise ElboxError(f"data {path} is {what}; columns pick the columns of a table (.csv, .tsv, .parquet)")
+
+
+def read_images(path: str | Path, image_size: Any = None) -> tuple[np.ndarray, list[str]]:
+    """The images in `path` as an array (not yet checked) and a name for each (relative file path or index):
+    a .npy/.npz file (memory-mapped where it can be), a folder of images or one image file, read as `ImageFolder`
+    reads them (resized and center-cropped to image_size, as a run trained on a folder does)."""
+    path = Path(path)
+    if path.is_dir() or is_image_file(path):
+        folder = ImageFolder(path, image_size)
+        return np.stack([folder[i].numpy() for i in range(len(folder))]), list(folder.names)
+    if not path.exists():
+        raise ElboxError(f"input {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".npy", ".npz"):
+        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file, a folder "
+                         "of images or an image file (.png, .jpg, ...)")
+    array = open_array(path)
+    return array, [str(i) for i in range(len(array))] if array.ndim > 0 else []

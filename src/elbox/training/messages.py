@@ -58,3 +58,7 @@ def with_summaries(callback: Callback | None) -> Callback:
             callback(record)
 
     return report
+
+
+RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
+         "--lr SMALLER --grad-clip 100 --out NEW_DIR.")

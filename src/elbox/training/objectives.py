@@ -11,6 +11,7 @@ Every reported ELBO is the true ELBO with beta = 1; the training objective's val
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -90,3 +91,17 @@ class TrainingObjective(nn.Module):
         if terms.objective is not None:  # the model's own surrogate (checked free of beta and free bits)
             return terms.objective.mean(), terms
         return elbo_training_objective(terms, beta, self.config.free_bits), terms
+
+
+def warn_if_schedule_outlasts_run(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> None:
+    """A warning when the KL weight has not reached its final value by the run's last step (a warm-up longer than
+    the run, or a cyclical schedule cut in a ramp): the model was then trained on a different objective than the
+    ELBO it is judged by, and looks worse than it would."""
+    if config.beta_schedule == "constant" or total_steps == 0:
+        return
+    final = beta_at(config, total_steps - 1, steps_per_epoch)
+    if final < config.beta * (1 - 1e-9):
+        length = (f"its {config.warmup_epochs:g}-epoch KL warm-up" if config.beta_schedule == "linear" else
+                  f"its cyclical KL schedule (cycles of {config.cycle_epochs:g} epochs)")
+        warnings.warn(f"the run's {total_steps} steps end inside {length}: the last step trains with beta = {final:.3g}, "
+                      f"not {config.beta:g}; give more --epochs or a shorter --warmup-epochs", stacklevel=3)

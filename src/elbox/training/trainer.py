@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from elbox.atomic import atomic_write_jsonl
@@ -71,36 +71,16 @@ from elbox.training.batches import (
     stack_examples,
 )
 from elbox.training.config import TrainConfig
-from elbox.training.objectives import TrainingObjective, beta_at
+from elbox.training.objectives import TrainingObjective, beta_at, warn_if_schedule_outlasts_run
+from elbox.training.messages import RETRY
+from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer
 from elbox.training.progress import time_left
 from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
 
 
-def make_optimizer(model: LatentVariableModel, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """Adam with the fused multi-tensor kernel (one kernel for all parameters per step); weight_decay > 0 makes it
-    AdamW (decoupled weight decay on every parameter, Loshchilov & Hutter 2019)."""
-    if weight_decay > 0:
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True,
-                                fused=True)
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-
-
 MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
-
-
-def ema_update_with_warmup(decay: float):
-    """The EMA update of AveragedModel with the decay warmed up: after n updates it is min(decay, (1 + n) / (10 + n)).
-    With a constant decay the weights after the first step (close to the random initialization) would keep a
-    weight of decay^steps: still 14 % after 2,000 steps at 0.999, a validation ELBO tens of nats worse than the
-    trained weights' in a short run."""
-
-    def update(ema_params, params, num_averaged) -> None:
-        n = int(num_averaged)
-        get_ema_multi_avg_fn(min(decay, (1 + n) / (10 + n)))(ema_params, params, num_averaged)
-
-    return update
 
 
 class Trainer:
@@ -421,23 +401,20 @@ class Trainer:
 
     @property
     def stopped_early(self) -> int | None:
-        """With patience N: the best epoch, once N validated epochs after the KL warm-up (and after the best) have not
-        improved on it; else None. A function of the records alone, so a resumed run stops where the whole one would."""
-        validated = [r for r in self.records if r.get("kind") == "epoch" and "val_elbo" in r]
-        if self.config.patience is None or not validated:
-            return None
-        best = max(validated, key=lambda r: r["val_elbo"])["epoch"]  # the first of equal ones
-        warm = math.ceil(self.config.warmup_epochs) if self.config.beta_schedule == "linear" else 0
-        stale = sum(1 for r in validated if r["epoch"] > max(best, warm))
-        return best if stale >= self.config.patience else None
+        """The best epoch once early stopping has ended the run, else None (early_stop_epoch)."""
+        return early_stop_epoch(self.records, self.config)
 
     def report(self, record: dict) -> None:
-        """An epoch's record to the callback and TensorBoard (process 0)."""
+        """An epoch's record to the callback and TensorBoard, and a line when early stopping ends the run (process 0)."""
         if self.callback is not None:
             self.callback(record)
         if self.tensorboard is not None:
             self.tensorboard.record(record)
             self.tensorboard.images(self.eval_model, self.val_x, self.step)
+        if self.stopped_early is not None:
+            tqdm.write(f"elbox: stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
+                       f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
+                       file=sys.stderr)
 
     def validates(self, epoch: int) -> bool:
         """Whether this epoch ends with a validation: every val_every epochs and after the last (max_steps included)."""
@@ -464,30 +441,8 @@ class Trainer:
             if self.rank == 0:
                 self.report(record)
             if self.stopped_early is not None:  # the same records on every process: all stop together
-                if self.rank == 0:
-                    tqdm.write(f"elbox: stopped early after epoch {epoch}: the validation ELBO has not improved on epoch "
-                               f"{self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
-                               file=sys.stderr)
                 break
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
-
-
-def warn_if_schedule_outlasts_run(config: TrainConfig, steps_per_epoch: int, total_steps: int) -> None:
-    """A warning when the KL weight has not reached its final value by the run's last step (a warm-up longer than
-    the run, or a cyclical schedule cut in a ramp): the model was then trained on a different objective than the
-    ELBO it is judged by, and looks worse than it would."""
-    if config.beta_schedule == "constant" or total_steps == 0:
-        return
-    final = beta_at(config, total_steps - 1, steps_per_epoch)
-    if final < config.beta * (1 - 1e-9):
-        length = (f"its {config.warmup_epochs:g}-epoch KL warm-up" if config.beta_schedule == "linear" else
-                  f"its cyclical KL schedule (cycles of {config.cycle_epochs:g} epochs)")
-        warnings.warn(f"the run's {total_steps} steps end inside {length}: the last step trains with beta = {final:.3g}, "
-                      f"not {config.beta:g}; give more --epochs or a shorter --warmup-epochs", stacklevel=3)
-
-
-RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
-         "--lr SMALLER --grad-clip 100 --out NEW_DIR.")
 
