@@ -33,7 +33,7 @@ from elbox.cli import main as elbox_main
 from elbox.evaluation import iwae_per_example
 from elbox.system import keep_freed_memory_in_heap, set_threads
 from elbox.training import trainer as trainer_module
-from elbox.training.workflows import data_in_space
+from elbox.training.run_evaluation import data_in_space
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_NATS, TARGET_SECONDS = 234.0, 200.0
