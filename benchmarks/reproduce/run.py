@@ -1,0 +1,94 @@
+"""Reproduce the Fashion-MNIST density-estimation table of Norouzi et al. (2020) with elbox: train each row's config to
+its early stop, evaluate its best epoch by IWAE with K = 5000 on the 10,000 test images, and write the table.
+
+    python benchmarks/reproduce/run.py train ROW [--runs DIR] [--threads 1]   # trains, or resumes, RUNS/ROW
+    python benchmarks/reproduce/run.py evaluate ROW [--runs DIR]              # IWAE-5000 -> benchmarks/results
+    python benchmarks/reproduce/run.py table [--runs DIR]                     # the table, from what has finished
+
+ROW is a config in this folder (vae, vae-vamp, hvae, hvae-vamp). Every step is an ordinary elbox command (printed as
+it runs): `elbox train --config benchmarks/reproduce/ROW.json --out RUN`, `elbox evaluate RUN --iw-samples 5000`. A
+run stopped by the machine's time limit continues with `train` again (`elbox train --resume`, bit for bit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE.parents[1] / "benchmarks" / "results"
+ELBOX = [sys.executable, "-m", "elbox"]
+# Norouzi et al. (2020), Table 1, Fashion-MNIST column: test NLL in nats (importance sampling, K = 5000)
+REFERENCE = {"vae": ("VAE, Gaussian prior", 228.70, 0.15), "vae-vamp": ("VAE, VampPrior", 227.35, 0.05),
+             "hvae": ("2-level HVAE, Gaussian prior", 227.37, 0.1), "hvae-vamp": ("2-level HVAE, VampPrior", 226.72, 0.08)}
+
+
+def run(command: list[str]) -> None:
+    print("$ elbox " + " ".join(shlex.quote(str(a)) for a in command[3:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def train(row: str, runs: Path, threads: int) -> None:
+    out = runs / row
+    if (out / "config.json").is_file():
+        run([*ELBOX, "train", "--resume", out, "--threads", str(threads), "--no-progress"])
+    else:
+        run([*ELBOX, "train", "--config", HERE / f"{row}.json", "--out", out, "--threads", str(threads), "--no-progress"])
+
+
+def evaluate(row: str, runs: Path) -> None:
+    run([*ELBOX, "evaluate", runs / row, "--iw-samples", "1", "5000", "--no-progress",
+         "--json", RESULTS / f"reproduce-{row}.json"])
+
+
+def row_facts(row: str, runs: Path) -> dict:
+    """Epochs, the best epoch, wall-clock hours of training, and the evaluation if there is one."""
+    metrics = runs / row / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    best = max(epochs, key=lambda r: r["val_elbo"]) if epochs else None
+    evaluated = RESULTS / f"reproduce-{row}.json"
+    return {"epochs": len(epochs), "best_epoch": best and best["epoch"],
+            "hours": sum(r.get("epoch_time_s", 0) for r in epochs) / 3600,
+            "result": json.loads(evaluated.read_text()) if evaluated.is_file() else None}
+
+
+def table(runs: Path) -> str:
+    lines = ["| model | data | metric | obtained | reference | epochs (best) | training time, 2-core CPU |",
+             "|---|---|---|---|---|---|---|"]
+    for row, (name, value, stderr) in REFERENCE.items():
+        facts = row_facts(row, runs)
+        result = facts["result"]
+        obtained = (f"{result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f}" if result else
+                    "not evaluated yet" if facts["epochs"] else "not run yet")
+        epochs = f"{facts['epochs']} ({facts['best_epoch']})" if facts["epochs"] else "-"
+        lines.append(f"| {name} | Fashion-MNIST, dynamically binarized | NLL, IWAE K = 5000 | {obtained} | "
+                     f"{value:.2f} ± {stderr} | {epochs} | {facts['hours']:.1f} h |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("train", "evaluate", "table"))
+    parser.add_argument("row", nargs="?", choices=list(REFERENCE))
+    parser.add_argument("--runs", type=Path, default=Path("/root/runs/reproduce"), help="where the run directories are")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.step != "table" and args.row is None:
+        parser.error(f"{args.step} needs a ROW")
+    if args.step == "train":
+        train(args.row, args.runs, args.threads)
+    elif args.step == "evaluate":
+        evaluate(args.row, args.runs)
+    else:
+        text = table(args.runs)
+        (RESULTS / "reproduce-table.md").write_text(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
