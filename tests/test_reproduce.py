@@ -28,7 +28,8 @@ def binary(n: int, seed: int = 0) -> torch.Tensor:
 def test_gated_dense_is_a_linear_layer_times_a_sigmoid_gate():
     torch.manual_seed(0)
     layer, x = GatedDense(5, 4), torch.randn(3, 5)
-    expected = (x @ layer.h.weight.T + layer.h.bias) * torch.sigmoid(x @ layer.g.weight.T + layer.g.bias)
+    (w, v), (b, c) = layer.linear.weight.chunk(2), layer.linear.bias.chunk(2)
+    expected = (x @ w.T + b) * torch.sigmoid(x @ v.T + c)
     assert torch.allclose(layer(x), expected)
     net = mlp(784, [300, 300], 80, "gated")
     assert sum(p.numel() for p in net.parameters()) == 2 * (784 * 300 + 300) + 2 * (300 * 300 + 300) + 300 * 80 + 80

@@ -43,15 +43,16 @@ WEIGHT_INITS = ("default", "he")
 
 class GatedDense(nn.Module):
     """h = (W x + b) * sigmoid(V x + c): a dense layer with a learned sigmoid gate and no other nonlinearity
-    (Dauphin et al. 2017's gated linear unit on dense layers, as in Tomczak & Welling 2018's VampPrior networks)."""
+    (Dauphin et al. 2017's gated linear unit on dense layers, as in Tomczak & Welling 2018's VampPrior networks).
+    W and V are the two halves of one Linear layer's weight, [W; V], so both come from one matrix product."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
-        self.h = nn.Linear(in_dim, out_dim)
-        self.g = nn.Linear(in_dim, out_dim)
+        self.linear = nn.Linear(in_dim, 2 * out_dim)  # He initialization and PyTorch's biases see the same fan_in
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
+        h, g = self.linear(x).chunk(2, dim=-1)
+        return h * torch.sigmoid(g)
 
 
 def hidden_layer(in_dim: int, out_dim: int, act: str) -> list[nn.Module]:
