@@ -187,7 +187,8 @@ class Trainer:
         reconstruction is averaged over its K draws), and objective, the value of the training objective
         (what the step maximizes), in the same units as elbo.
         """
-        objective, terms = self.objective(x, beta)
+        # compiled, beta goes in as a tensor: as a Python number every new value of a warm-up would recompile the graph
+        objective, terms = self.objective(x, torch.tensor(beta, device=x.device) if self.config.compile else beta)
         loss = -objective
         kl = terms.kl_total
         self.optimizer.zero_grad(set_to_none=True)
