@@ -52,6 +52,8 @@ class JoinedMLP(nn.Module):
 
 
 class SkipHVAE(HVAE):
+    """The two-level HVAE with skip paths (the module docstring has its graph and terms)."""
+
     hvae_type = "skip"
     # z1's term is a KL at the drawn z2; z2's is a single-sample estimate under the VampPrior (it can be negative)
     kl_terms_are_kls = False
