@@ -97,6 +97,7 @@ def train_parser(model: str | None, saved: dict, argv: Sequence[str] = ()) -> tu
 def cmd_train(argv: list[str]) -> int:
     from elbox.models import MODELS
 
+    TRAINING_RUN.clear()  # set once the arguments are parsed: what Ctrl-C reports on
     keep_freed_memory_in_heap()
     model = argv[0] if argv and not argv[0].startswith("-") else flag_value(argv, "--model")
     config_path = flag_value(argv, "--config")

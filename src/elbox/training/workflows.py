@@ -348,7 +348,7 @@ def extended_config(out: Path, config: dict, epochs: Any) -> dict:
     if settings.max_steps is not None:
         raise ElboxError(f"run {out} is a quick run that ends at max_steps {settings.max_steps}; it cannot be extended "
                          "by epochs: train a new run without --max-steps")
-    config = {**config, "train": {**config["train"], "epochs": epochs}}
+    config = {**config, "train": {**config.get("train", {}), "epochs": epochs}}
     if is_main_process():
         atomic_write_json(out / CONFIG_FILE, config)
     return config
