@@ -7,7 +7,7 @@ from elbox.models.hvae import HVAE, HVAEConfig, MarkovHVAE
 from elbox.models.ladder import LadderHVAE, MLPLadderHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.mixture import GaussianMixture, MixtureConfig
-from elbox.models.skip_hvae import SkipHVAE
+from elbox.models.skip_hvae import ConvSkipHVAE, SkipHVAE
 from elbox.models.vae import VAE, VAEConfig
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "LadderHVAE",
     "MLPLadderHVAE",
     "SkipHVAE",
+    "ConvSkipHVAE",
     "DiffusionModel",
     "DiffusionConfig",
 ]

@@ -57,7 +57,8 @@ from elbox.models.base import (
 from elbox.nets import GATED, MLP_ACTIVATIONS, WEIGHT_INITS, apply_flat, check_logvar_bounds, mlp
 from elbox.options import check_options, option, option_specs, short_repr
 
-HVAE_TYPES = ("markov", "ladder", "mlp-ladder", "skip")
+HVAE_TYPES = ("markov", "ladder", "mlp-ladder", "skip", "conv-skip")
+SKIP_TYPES = ("skip", "conv-skip")
 DEFAULT_HVAE_TYPE = "markov"
 # the options each type reads (the others must keep their defaults, so that none is silently ignored)
 TYPE_OPTIONS = {
@@ -65,6 +66,7 @@ TYPE_OPTIONS = {
     "mlp-ladder": {"latent_dims", "hidden_dims", "activation", "blocks_per_level", "posterior"},
     "ladder": {"channels", "latent_channels", "blocks_per_level", "level_downsample", "posterior"},
     "skip": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs", "logvar_bounds", "weight_init"},
+    "conv-skip": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs", "logvar_bounds", "weight_init"},
 }
 SKIP_DEFAULTS = {"latent_dims": [40, 40], "hidden_dims": [300], "activation": "gated"}  # Tomczak & Welling 2018
 POSTERIORS = ("residual", "precision")
@@ -74,15 +76,16 @@ DEFAULT_PSEUDO_INPUTS = 100
 LEGACY_DEFAULTS = {"hidden_dims": [512], "activation": "relu"}
 # the Markov chain's MLPs train better with GELU than ReLU (benchmarks/README.md, issue 19); the MLP ladder was
 # measured with ReLU only
-DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu", "skip": "gated"}
+DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu", "skip": "gated", "conv-skip": "gated"}
 
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
     data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS)
     hvae_type: str = option(DEFAULT_HVAE_TYPE, "markov (bottom-up MLP chain), ladder (top-down, convolutional), mlp-ladder "
-                                      "(top-down, fully connected) or skip (2 levels with skip paths: q(z2|x), "
-                                      "q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018)", choices=HVAE_TYPES)
+                                      "(top-down, fully connected), skip (2 levels with skip paths: q(z2|x), "
+                                      "q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018) or conv-skip (the same "
+                                      "with gated convolutions on x)", choices=HVAE_TYPES)
     levels: int | None = option(None, "number of latent levels (default: 2 for markov, 3 for the ladders)", minimum=1,
                                 maximum=MAX_DEPTH, metavar="T")
     activation: str | None = option(None, "markov, mlp-ladder and skip: activation of the MLPs (default: gelu for markov, "
@@ -124,11 +127,11 @@ class HVAEConfig(LikelihoodOptions):
         if self.top_prior != "vamp" and self.pseudo_inputs != DEFAULT_PSEUDO_INPUTS:
             raise ElboxError(f"pseudo_inputs={self.pseudo_inputs} applies to top_prior 'vamp' only; set --top-prior vamp or drop it")
         if self.levels is None:
-            self.levels = 2 if self.hvae_type in ("markov", "skip") else 3
+            self.levels = 2 if self.hvae_type in ("markov", *SKIP_TYPES) else 3
         check_logvar_bounds(self.logvar_bounds)
         if self.activation == GATED and self.hvae_type == "mlp-ladder":
             raise ElboxError("the mlp-ladder's residual blocks take an activation function, not gated layers")
-        if self.hvae_type == "skip":
+        if self.hvae_type in SKIP_TYPES:
             self._skip_defaults()
         elif self.hvae_type in ("markov", "mlp-ladder"):
             if self.activation is None:

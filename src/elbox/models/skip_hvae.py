@@ -37,18 +37,22 @@ from elbox.models.vampprior import VampPrior
 from elbox.nets import apply_flat, hidden_layer, initialize_weights, mlp, posterior_std
 
 
-class JoinedMLP(nn.Module):
-    """[a -> D, b -> D] -> D -> out: one hidden layer on each input, their outputs concatenated, one joint hidden
-    layer, then a linear output (the skip paths of q(z1|x,z2) and p(x|z1,z2))."""
+class Joined(nn.Module):
+    """joint([a(x_a), b(x_b)]): a network on each input, their outputs concatenated, then a joint network (the skip
+    paths of q(z1|x,z2) and p(x|z1,z2))."""
 
-    def __init__(self, a_dim: int, b_dim: int, width: int, out_dim: int, act: str):
+    def __init__(self, a: nn.Module, b: nn.Module, joint: nn.Module):
         super().__init__()
-        self.a = nn.Sequential(*hidden_layer(a_dim, width, act))
-        self.b = nn.Sequential(*hidden_layer(b_dim, width, act))
-        self.joint = mlp(2 * width, [width], out_dim, act)
+        self.a, self.b, self.joint = a, b, joint
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return self.joint(torch.cat([self.a(a), self.b(b)], dim=-1))
+
+
+def joined_mlp(a_dim: int, b_dim: int, width: int, out_dim: int, act: str) -> Joined:
+    """[a -> D, b -> D] -> D -> out: one hidden layer on each input, one joint hidden layer, a linear output."""
+    return Joined(nn.Sequential(*hidden_layer(a_dim, width, act)), nn.Sequential(*hidden_layer(b_dim, width, act)),
+                  mlp(2 * width, [width], out_dim, act))
 
 
 class SkipHVAE(HVAE):
@@ -64,9 +68,9 @@ class SkipHVAE(HVAE):
         num_dims = math.prod(c.data_shape)
         (width,), (d1, d2) = c.hidden_dims, c.latent_dims
         self.encoder_z2 = nn.Sequential(nn.Flatten(), mlp(num_dims, [width, width], 2 * d2, c.activation))
-        self.encoder_z1 = JoinedMLP(num_dims, d2, width, 2 * d1, c.activation)
+        self.encoder_z1 = joined_mlp(num_dims, d2, width, 2 * d1, c.activation)
         self.prior_z1 = mlp(d2, [width, width], 2 * d1, c.activation)
-        self.decoder = JoinedMLP(d1, d2, width, self.likelihood.num_params * num_dims, c.activation)
+        self.decoder = joined_mlp(d1, d2, width, self.likelihood.num_params * num_dims, c.activation)
         initialize_weights(self, c.weight_init)
         if c.top_prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
@@ -106,9 +110,13 @@ class SkipHVAE(HVAE):
 
     # -- the HVAE interface ----------------------------------------------------------------------
 
+    def x_features(self, x: Tensor) -> Tensor:
+        """The x branch of q(z1|x,z2): features [B, D]."""
+        return self.encoder_z1.a(x.flatten(1))
+
     def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """What depends on x alone: q(z2|x)'s parameters and the x branch's features of q(z1|x,z2)."""
-        return self.posterior_z2(x), self.encoder_z1.a(x.flatten(1))
+        return self.posterior_z2(x), self.x_features(x)
 
     def draw(self, prepared, x: Tensor, n: int):
         """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): (log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
@@ -144,3 +152,69 @@ class SkipHVAE(HVAE):
             z2 = temperatures[1] * torch.randn(n, self.config.latent_dims[1], device=ref.device, dtype=ref.dtype)
         mean1, std1 = self.prior_z1_params(z2)
         return self.decode_levels(mean1 + temperatures[0] * std1 * torch.randn_like(mean1), z2)
+
+
+class GatedConv2d(nn.Module):
+    """h = conv_W(x) * sigmoid(conv_V(x)): a convolution with a learned sigmoid gate (Dauphin et al. 2017), both halves
+    from one convolution of twice the channels."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 2 * c_out, kernel, stride, padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, g = self.conv(x).chunk(2, dim=1)
+        return h * torch.sigmoid(g)
+
+
+def gated_convs(c_in: int, layers: list[tuple[int, int, int, int]]) -> nn.Sequential:
+    """Gated convolutions (out channels, kernel, stride, padding) from c_in channels."""
+    modules, c = [], c_in
+    for c_out, kernel, stride, padding in layers:
+        modules.append(GatedConv2d(c, c_out, kernel, stride, padding))
+        c = c_out
+    return nn.Sequential(*modules)
+
+
+class ConvSkipHVAE(SkipHVAE):
+    """The convolutional two-level HVAE with skip paths of Tomczak & Welling (2018) (their ConvHVAE): the graph of
+    SkipHVAE, with gated convolutions where x comes in and goes out (H and W divisible by 4):
+
+        q(z2|x)      x -> GC 32 (7x7) -> GC 32 (3x3, /2) -> GC 64 (5x5) -> GC 64 (3x3, /2) -> GC 6 (3x3) -> (mean, log-var)
+        q(z1|x,z2)   [x -> GC 32 (3x3) -> GC 32 (/2) -> GC 64 -> GC 64 (/2) -> GC 6, z2 -> 6 H W / 16] -> D -> (mean, log-var)
+        p(z1|z2)     z2 -> D -> D -> (mean, log-var)
+        p(x|z1,z2)   [z1 -> D, z2 -> D] -> C H W -> GC 64 (3x3) -> 3 x GC 64 (3x3) -> 1x1 conv -> the likelihood's parameters
+    """
+
+    hvae_type = "conv-skip"
+
+    def __init__(self, config: HVAEConfig):
+        HVAE.__init__(self, config)
+        c = config
+        channels, height, width = c.data_shape
+        (hidden,), (d1, d2) = c.hidden_dims, c.latent_dims
+        features = 6 * (height // 4) * (width // 4)
+        self.encoder_z2 = nn.Sequential(
+            gated_convs(channels, [(32, 7, 1, 3), (32, 3, 2, 1), (64, 5, 1, 2), (64, 3, 2, 1), (6, 3, 1, 1)]),
+            nn.Flatten(), nn.Linear(features, 2 * d2))
+        self.encoder_z1 = Joined(
+            nn.Sequential(gated_convs(channels, [(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1), (6, 3, 1, 1)]),
+                          nn.Flatten()),
+            nn.Sequential(*hidden_layer(d2, features, c.activation)), mlp(2 * features, [hidden], 2 * d1, c.activation))
+        self.prior_z1 = mlp(d2, [hidden, hidden], 2 * d1, c.activation)
+        self.decoder = Joined(nn.Sequential(*hidden_layer(d1, hidden, c.activation)),
+                              nn.Sequential(*hidden_layer(d2, hidden, c.activation)),
+                              nn.Sequential(*hidden_layer(2 * hidden, channels * height * width, c.activation)))
+        self.decoder_convs = nn.Sequential(gated_convs(channels, [(64, 3, 1, 1)] * 4),
+                                           nn.Conv2d(64, self.likelihood.num_params * channels, 1))
+        initialize_weights(self, c.weight_init)
+        if c.top_prior == "vamp":
+            self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
+
+    def x_features(self, x: Tensor) -> Tensor:
+        return self.encoder_z1.a(x)
+
+    def decode_levels(self, z1: Tensor, z2: Tensor) -> Tensor:
+        batch = z1.shape[:-1]
+        maps = self.decoder(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]))
+        return self._params_shape(self.decoder_convs(maps.reshape(-1, *self.config.data_shape)), batch)
