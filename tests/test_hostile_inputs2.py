@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 import elbox
 from elbox import system
-from elbox.data import fit_real_space, formats
+from elbox.data import fit_real_space
 from elbox.data.formats import open_array
 from elbox.data.user import read_images
 from elbox.data.inputs import as_examples, held_out, run_data, training_data
