@@ -113,3 +113,16 @@ def interrupt_in_epoch(trainer: Trainer, epoch: int) -> None:
     trainer.train_epoch = crash
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
+
+
+def interrupt_second_validation(monkeypatch) -> None:
+    """Ctrl-C as the second validation of a run starts: its first epoch is saved, its second is not."""
+    validate, calls = Trainer.validate, []
+
+    def interrupt(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupt)

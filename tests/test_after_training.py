@@ -305,20 +305,11 @@ def test_resume_with_epochs_extends_a_finished_run(tmp_path, capsys):
 
 
 def test_ctrl_c_names_the_last_saved_epoch_and_the_resume_command(tmp_path, capsys, monkeypatch):
-    from elbox.training.trainer import Trainer
+    from conftest import interrupt_second_validation
 
     folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
     run = tmp_path / "run"
-    validate = Trainer.validate
-    calls = []
-
-    def interrupt_second(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return validate(self)
-
-    monkeypatch.setattr(Trainer, "validate", interrupt_second)
+    interrupt_second_validation(monkeypatch)
     assert main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "3", "--out", str(run)]) == 130
     assert capsys.readouterr().err.strip().endswith(f"{run} holds epoch 1 (the last one saved); continue with: "
                                                     f"elbox train --resume {run}")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import interrupt_second_validation
 from torch.distributions import Bernoulli, Normal
 
 import elbox
@@ -158,15 +159,8 @@ def test_an_early_stopped_run_keeps_and_evaluates_its_best_epoch_and_resumes_bit
     with pytest.raises(elbox.ElboxError, match="stopped early"):
         elbox.resume(tmp_path / "whole", verbose=False, progress=False)
 
-    validate, calls = Trainer.validate, []
-
-    def interrupt(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return validate(self)
-
-    monkeypatch.setattr(Trainer, "validate", interrupt)
+    validate = Trainer.validate
+    interrupt_second_validation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         quick_fit(tiny_images, tmp_path / "cut", **options)
     monkeypatch.setattr(Trainer, "validate", validate)
