@@ -77,9 +77,11 @@ def test_the_elbo_is_the_mean_log_weight_and_iwae_rises_with_k(model, options):
     assert (iwae[1] - iwae[0]).mean() > 3 * (se[0].square() + se[1].square()).sqrt().mean()  # and rises from K = 1
 
 
-def test_skip_hvae_log_weights_match_torch_distributions_term_by_term():
+@pytest.mark.parametrize("activation", ["relu", "gated"])
+def test_skip_hvae_log_weights_match_torch_distributions_term_by_term(activation):
+    # by hand, q(z1|x,z2)'s joint network runs on the concatenation; the model splits its first layer (x's half once)
     torch.manual_seed(0)
-    m = build_model("hvae", SKIP).eval()
+    m = build_model("hvae", {**SKIP, "activation": activation}).eval()
     x = binary(4)
     with torch.no_grad():
         torch.manual_seed(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,12 @@ class GatedDense(nn.Module):
         self.linear = nn.Linear(in_dim, 2 * out_dim)  # He initialization and PyTorch's biases see the same fan_in
 
     def forward(self, x: Tensor) -> Tensor:
-        h, g = self.linear(x).chunk(2, dim=-1)
+        return self.gate(self.linear(x))
+
+    @staticmethod
+    def gate(pre: Tensor) -> Tensor:
+        """The layer's output from its Linear's output [W x + b; V x + c]."""
+        h, g = pre.chunk(2, dim=-1)
         return h * torch.sigmoid(g)
 
 
@@ -69,6 +75,15 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int, act: str = "relu") ->
         layers += hidden_layer(d_in, d_out, act)
     layers.append(nn.Linear(dims[-1], out_dim))
     return nn.Sequential(*layers)
+
+
+def split_first_layer(net: nn.Sequential) -> tuple[nn.Linear, Callable[[Tensor], Tensor], nn.Sequential]:
+    """An `mlp` with hidden layers as its first Linear, the activation that follows it, and the rest of the network,
+    so that net(x) = rest(activation(linear(x)))."""
+    first = net[0]
+    if isinstance(first, GatedDense):
+        return first.linear, first.gate, net[1:]
+    return first, net[1], net[2:]
 
 
 def check_logvar_bounds(bounds: list[float] | None) -> None:

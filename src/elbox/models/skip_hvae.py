@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elbox.bounds import (
@@ -34,7 +35,14 @@ from elbox.bounds import (
 )
 from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
 from elbox.models.vampprior import VampPrior
-from elbox.nets import apply_flat, hidden_layer, initialize_weights, mlp, posterior_std
+from elbox.nets import (
+    apply_flat,
+    hidden_layer,
+    initialize_weights,
+    mlp,
+    posterior_std,
+    split_first_layer,
+)
 
 
 class Joined(nn.Module):
@@ -87,11 +95,13 @@ class SkipHVAE(HVAE):
         """Mean and std of q(z2|x), each [B, d2]."""
         return self._gaussian(self.encoder_z2(x))
 
-    def posterior_z1(self, x_features: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std of q(z1|x,z2) [*batch, d1], from the x branch's features [B, D] (computed once) and z2."""
+    def posterior_z1(self, x_part: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z1|x,z2) [*batch, d1], from x's part of the joint network's first layer [B, .] (x_part,
+        computed once per image) and z2."""
+        linear, act, rest = split_first_layer(self.encoder_z1.joint)
         z2_features = apply_flat(self.encoder_z1.b, z2, 1)
-        joint = torch.cat([x_features.expand(*z2.shape[:-1], -1), z2_features], dim=-1)
-        return self._gaussian(apply_flat(self.encoder_z1.joint, joint, 1))
+        pre = x_part + F.linear(z2_features, linear.weight[:, -z2_features.shape[-1]:])
+        return self._gaussian(apply_flat(rest, act(pre), 1))
 
     def prior_z1_params(self, z2: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of p(z1|z2) [*batch, d1]."""
@@ -110,20 +120,27 @@ class SkipHVAE(HVAE):
 
     # -- the HVAE interface ----------------------------------------------------------------------
 
-    def x_features(self, x: Tensor) -> Tensor:
+    def x_branch(self, x: Tensor) -> Tensor:
         """The x branch of q(z1|x,z2): features [B, D]."""
         return self.encoder_z1.a(x.flatten(1))
 
+    def x_part(self, x: Tensor) -> Tensor:
+        """x's part of the first layer of q(z1|x,z2)'s joint network, W [a(x); b(z2)] + c = W_a a(x) + c + W_b b(z2):
+        computed once per image, it saves the joint layer's x half on every importance sample."""
+        linear, _, _ = split_first_layer(self.encoder_z1.joint)
+        features = self.x_branch(x)
+        return F.linear(features, linear.weight[:, : features.shape[-1]], linear.bias)
+
     def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        """What depends on x alone: q(z2|x)'s parameters and the x branch's features of q(z1|x,z2)."""
-        return self.posterior_z2(x), self.x_features(x)
+        """What depends on x alone: q(z2|x)'s parameters and x's part of q(z1|x,z2)."""
+        return self.posterior_z2(x), self.x_part(x)
 
     def draw(self, prepared, x: Tensor, n: int):
         """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): (log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
         log weights [n, B])."""
-        (mean2, std2), x_features = prepared
+        (mean2, std2), x_part = prepared
         z2, eps2 = sample_diag_gaussian(mean2, std2, n)
-        mean1, std1 = self.posterior_z1(x_features, z2)
+        mean1, std1 = self.posterior_z1(x_part, z2)
         z1, eps1 = _draw_like(mean1, std1)
         prior_mean1, prior_std1 = self.prior_z1_params(z2)
         log_q2, log_q1 = diag_gaussian_log_prob_from_noise(eps2, std2), diag_gaussian_log_prob_from_noise(eps1, std1)
@@ -135,8 +152,8 @@ class SkipHVAE(HVAE):
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Mean and variance of q(z1|x, E z2) and of q(z2|x)."""
-        (mean2, std2), x_features = self.prepare(x)
-        mean1, std1 = self.posterior_z1(x_features, mean2)
+        (mean2, std2), x_part = self.prepare(x)
+        mean1, std1 = self.posterior_z1(x_part, mean2)
         return {"z1": (mean1, std1.square()), "z2": (mean2, std2.square())}
 
     def decode_from_means(self, x: Tensor) -> Tensor:
@@ -211,7 +228,7 @@ class ConvSkipHVAE(SkipHVAE):
         if c.top_prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
 
-    def x_features(self, x: Tensor) -> Tensor:
+    def x_branch(self, x: Tensor) -> Tensor:
         return self.encoder_z1.a(x)
 
     def decode_levels(self, z1: Tensor, z2: Tensor) -> Tensor:
