@@ -7,6 +7,8 @@ The public API:
     elbox.load(directory) -> model                        a run directory or save_pretrained output
     elbox.save_pretrained(model, directory)               config.json + model.safetensors
     elbox.sample / score / encode                         using a trained model (elbox.inference)
+    elbox.ood(run, outliers) -> dict                      out-of-distribution detection by every anomaly score
+    elbox.anomaly_scores(run, data, methods)              per-example anomaly scores and p-values (elbox.detection)
 Model names and config classes: elbox.models.
 
 The names load on first use (a module __getattr__): `import elbox` and `elbox --help` do not import torch.
@@ -26,6 +28,7 @@ from elbox.errors import ElboxError  # (no torch)
 
 if TYPE_CHECKING:
     from elbox.checkpoint import save_pretrained
+    from elbox.detection import anomaly_scores, ood
     from elbox.inference import encode, sample, score
     from elbox.models import MODELS, LatentVariableModel, register_model
     from elbox.training.config import TrainConfig
@@ -34,15 +37,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
-    "ElboxError", "LatentVariableModel", "MODELS", "Run", "TrainConfig", "__version__", "encode", "evaluate", "fit",
-    "load", "register_model", "resume", "sample", "save_pretrained", "score",
+    "ElboxError", "LatentVariableModel", "MODELS", "Run", "TrainConfig", "__version__", "anomaly_scores", "encode",
+    "evaluate", "fit", "load", "ood", "register_model", "resume", "sample", "save_pretrained", "score",
 ]
 
 _LAZY = {  # public name -> the module that defines it, imported when the name is first used
     "save_pretrained": "elbox.checkpoint", "encode": "elbox.inference", "sample": "elbox.inference",
     "score": "elbox.inference", "MODELS": "elbox.models", "LatentVariableModel": "elbox.models",
     "register_model": "elbox.models", "TrainConfig": "elbox.training.config", "Run": "elbox.training.workflows",
-    "evaluate": "elbox.training.run_evaluation", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
+    "evaluate": "elbox.training.run_evaluation", "ood": "elbox.detection", "anomaly_scores": "elbox.detection", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
 }
 
 

@@ -86,7 +86,7 @@ SCORES_HEADER = ("index", "name", "log_likelihood_nats", "log_likelihood_stderr_
 SAMPLES_FIRST_COLUMN = "elbox_sample"
 _OWN_MARKS = {  # suffix: the marks of each kind of file elbox writes with it
     ".png": [(b"\x89PNG\r\n\x1a\n", b"Software\x00" + PNG_SOFTWARE.encode())],
-    ".csv": [((",".join(SCORES_HEADER) + "\r\n").encode(),), (SAMPLES_FIRST_COLUMN.encode() + b",",)],
+    ".csv": [(",".join(SCORES_HEADER).encode(),), (SAMPLES_FIRST_COLUMN.encode() + b",",)],  # + anomaly columns
     ".npz": [(b"PK", b"written_by.npy")],
     ".json": [(b"{", f'"written_by": "{WRITTEN_BY}'.encode())],
     ".html": [(b"<!doctype html>", f"<meta name='generator' content='{WRITTEN_BY}'>".encode())],

@@ -1,4 +1,4 @@
-"""Command-line tool: elbox train | evaluate | score | encode | report | sample | reconstruct | tighten.
+"""Command-line tool: elbox train | evaluate | score | encode | report | sample | reconstruct | tighten | ood.
 
 It parses, calls the public API (elbox.fit, resume, evaluate, elbox.inference, elbox.tighten) and prints. The
 options of `elbox train` are generated from the config dataclasses (elbox.options): `elbox train MODEL --help`
@@ -21,6 +21,7 @@ from elbox.atomic import shown
 from elbox.cli_commands import (
     cmd_encode,
     cmd_evaluate,
+    cmd_ood,
     cmd_reconstruct,
     cmd_report,
     cmd_sample,
@@ -30,7 +31,7 @@ from elbox.cli_commands import (
 from elbox.cli_session import TRAINING_RUN, given_options, interrupted, replayed_threads, show_warning
 from elbox.cli_types import Parser, UsageError, count, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
-from elbox.limits import TEMPERATURE
+from elbox.limits import ANOMALY_METHODS, TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
 # the working parts of train, imported when it runs (they import torch); the other commands are elbox.cli_commands
@@ -154,6 +155,14 @@ BATCH = ("--batch-size", dict(type=count("batch_size"), default=500, help="examp
 SPLIT = ("--split", dict(choices=SPLITS, default="test", help="the split of the run's dataset (default: test; a run on "
                          "your own data: its validation examples)"))
 IW = ("--iw-samples", dict(type=count("iw_samples"), default=1000, metavar="K", help="importance samples for IWAE-K (default: 1000)"))
+LLR_K = ("--llr-k", dict(type=integer(0, 100), default=1, metavar="K", help="llr: latent levels next to x drawn from "
+                         "their prior in LLR^{>K} (default: 1, Havtorn et al. 2021)"))
+REGRET_STEPS = ("--regret-steps", dict(type=count("regret_steps"), default=100, help="regret: Adam steps of each "
+                                       "example's refit of q (default: 100)"))
+BACKGROUND = ("--background", dict(default=None, metavar="RUN_DIR", help="background: a run trained on perturbed data "
+                                   "(elbox train ... --perturb 0.2)"))
+REFERENCE = ("--reference", dict(default="validation", metavar="SPLIT|PATH", help="data you trust as normal: they set "
+                                 "the p-values and the typicality's entropy (default: the run's validation split)"))
 COMMANDS = {  # name: (function, help, options); every command with an output file also takes --overwrite
     "evaluate": (cmd_evaluate, "bounds, NLL, bits/dim and active units on a split", [
         SPLIT, ("--data", dict(default=None, metavar="NAME|PATH", help="other data in the run's data space: a built-in "
@@ -176,7 +185,10 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
         ("--steps", dict(type=count("steps"), default=None, help="diffusion: sampling steps (default: T, or 256 in continuous time)"))]),
     "score": (cmd_score, "per-example log-likelihood estimates of your images or table rows, as CSV", [
         INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="where to write the scores (default: RUN_DIR/scores.csv)")), IW,
-        ("--elbo-samples", dict(type=count("elbo_samples"), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)"))]),
+        ("--elbo-samples", dict(type=count("elbo_samples"), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)")),
+        ("--method", dict(choices=ANOMALY_METHODS, nargs="+", default=None, metavar="NAME", help="add anomaly scores and "
+                          f"their p-values as columns: {', '.join(ANOMALY_METHODS)} (docs/ood.md)")),
+        REFERENCE, LLR_K, REGRET_STEPS, BACKGROUND]),
     "encode": (cmd_encode, "posterior means and variances of your images or table rows, as features in an .npz", [
         INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz", help="where to write the features"))]),
     "report": (cmd_report, "an HTML page (and Markdown) with curves, the evaluation and image grids", [
@@ -192,6 +204,17 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
          help="epochs to refit the encoder on the training split, 0: skip (default: 3)")), IW,
         ("--elbo-samples", dict(type=count("elbo_samples"), default=100, help="Monte Carlo samples per ELBO estimate (default: 100)")), SEED,
         ("--json", dict(type=output_file, default=None, metavar="FILE", help="where to write the JSON result (default: RUN_DIR/tighten-SPLIT.json)"))]),
+    "ood": (cmd_ood, "out-of-distribution detection: AUROC, AUPRC and FPR of every anomaly score, outliers against inliers", [
+        ("--outliers", dict(required=True, metavar="PATH", help="the unusual data, as --input of score takes them")),
+        ("--inliers", dict(default="test", metavar="SPLIT|PATH", help="normal data to tell them from (default: the run's test split)")),
+        REFERENCE, ("--methods", dict(choices=ANOMALY_METHODS, nargs="+", default=None, metavar="NAME",
+                    help=f"scores to compare, of {', '.join(ANOMALY_METHODS)} (default: every one that applies)")),
+        ("--iw-samples", dict(type=count("iw_samples"), default=100, metavar="K", help="importance samples of log p(x) and of LLR's bounds (default: 100)")),
+        LLR_K, REGRET_STEPS, BACKGROUND,
+        ("--limit", dict(type=count("limit"), default=None, metavar="N", help="the first N examples of each set (default: all)")),
+        ("--bootstrap", dict(type=count("bootstrap"), default=200, help="resamples for the standard errors (default: 200)")),
+        BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE.json", help="where to write the result (default: RUN_DIR/ood.json; the histograms beside it as .png)")),
+        ("--figure", dict(type=output_file, default=None, metavar="FILE.png", help="where to draw the histograms (default: beside the JSON)"))]),
 }
 
 

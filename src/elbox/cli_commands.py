@@ -1,4 +1,4 @@
-"""The commands of elbox that use a trained model: evaluate, sample, score, encode, report, reconstruct, tighten. Each
+"""The commands of elbox that use a trained model: evaluate, sample, score, encode, report, reconstruct, tighten, ood. Each
 parses nothing (elbox.cli builds their options), checks its output file before any work, calls the public API and
 prints. Their working parts are imported when a command runs (they import torch)."""
 
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import elbox
-from elbox.atomic import WRITTEN_BY, atomic_write_json, check_replaceable, shown
+from elbox.atomic import WRITTEN_BY, atomic_write_bytes, atomic_write_json, check_replaceable, shown
 from elbox.cli_types import lazy
 from elbox.errors import ElboxError
 
@@ -22,6 +22,8 @@ save_image_grid = lazy("elbox.plots", "save_image_grid")
 write_report = lazy("elbox.report", "write_report")
 resolve_device = lazy("elbox.system", "resolve_device")
 format_gap_table, tighten_run = lazy("elbox.tighten", "format_gap_table"), lazy("elbox.tighten", "tighten_run")
+ood, anomaly_scores, format_ood_table, ood_figure_png = (lazy("elbox.detection", name) for name in (
+    "ood", "anomaly_scores", "format_ood_table", "ood_figure_png"))
 data_in_space, evaluation_split, own_data = (lazy("elbox.training.run_evaluation", name) for name in (
     "data_in_space", "evaluation_split", "own_data"))
 
@@ -77,11 +79,37 @@ def cmd_score(args: argparse.Namespace) -> int:
         model, args.input, iw_samples=args.iw_samples, elbo_samples=args.elbo_samples, batch_size=args.batch_size,
         seed=args.seed, progress=not args.no_progress, id_column=args.id_column)
     num_dims = None if model.preprocessing.space.name == "real" else math.prod(model.config.data_shape)  # bits: 8-bit data
-    write_scores_csv(out, names, values, num_dims, estimate, stderr)
+    extra, flagged = {}, ""
+    if args.method:
+        scores, p_values, _ = anomaly_scores(
+            args.run_dir, args.input, args.method, reference=args.reference, background=args.background,
+            iw_samples=args.iw_samples, llr_k=args.llr_k, regret_steps=args.regret_steps, batch_size=args.batch_size,
+            seed=args.seed, device=args.device, progress=not args.no_progress, id_column=args.id_column,
+            log_likelihood=values)
+        for method in args.method:
+            extra[f"anomaly_{method}"], extra[f"p_value_{method}"] = scores[method], p_values[method]
+        flagged = "; p-value < 0.01: " + ", ".join(f"{m} {int((p_values[m] < 0.01).sum())}" for m in args.method)
+    write_scores_csv(out, names, values, num_dims, estimate, stderr, extra)
     mean = values.mean().item()
     bits = f" ({-mean / (num_dims * math.log(2)):.4f} bits/dim)" if num_dims else ""
-    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats{bits}, {estimate}; wrote {out}")
+    print(f"scored {len(names)} examples: mean log-likelihood {mean:.3f} nats{bits}, {estimate}{flagged}; wrote {out}")
     return 0
+
+
+def cmd_ood(args: argparse.Namespace) -> int:
+    json_path = output(args.json, Path(args.run_dir) / "ood.json", args)
+    figure_path = output(args.figure, json_path.with_suffix(".png"), args)
+    result = ood(args.run_dir, args.outliers, inliers=args.inliers, reference=args.reference, methods=args.methods,
+                 background=args.background, iw_samples=args.iw_samples, llr_k=args.llr_k,
+                 regret_steps=args.regret_steps, limit=args.limit, bootstrap=args.bootstrap, batch_size=args.batch_size,
+                 seed=args.seed, device=args.device, progress=not args.no_progress)
+    atomic_write_bytes(figure_path, ood_figure_png(result))
+    sets = result["sets"]
+    title = (f"{result['model']}: out-of-distribution detection, outliers {sets['outliers']['data']} "
+             f"({sets['outliers']['n']}) against inliers {sets['inliers']['data']} ({sets['inliers']['n']}); "
+             f"reference {sets['reference']['data']} ({sets['reference']['n']}); mean ± bootstrap s.e.")
+    print(f"wrote {figure_path}")
+    return print_and_save(title, format_ood_table(result), result, json_path)
 
 
 def cmd_encode(args: argparse.Namespace) -> int:

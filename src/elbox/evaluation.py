@@ -16,7 +16,7 @@ import itertools
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -139,10 +139,12 @@ def iwae_by_k_per_example(
     batch_size: int,
     max_decoder_elements: int | None = None,
     progress: bool = False,
+    sampler: Callable[[Tensor], Callable[[int], Tensor]] | None = None,
 ) -> dict[int, Tensor]:
     """IWAE-K lower bounds on log p(x) for every example and every K in ks: {K: [N] float64}.
 
-    One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K).
+    One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K). sampler(x) gives the
+    function drawing n log weights [n, B] (default: the model's log_weights_sampler; another bound's, e.g. L^{>k}).
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
     max_decoder_elements = pass_bound(model, x, max_decoder_elements)
@@ -153,10 +155,10 @@ def iwae_by_k_per_example(
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size]
             chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
-            sampler = model.log_weights_sampler(xb)
+            draws = (sampler or model.log_weights_sampler)(xb)
 
-            def draw(n: int, sampler=sampler, rows: int = xb.shape[0]) -> Tensor:
-                log_w = sampler(n)
+            def draw(n: int, draws=draws, rows: int = xb.shape[0]) -> Tensor:
+                log_w = draws(n)
                 bar.update(rows * n / k_max)
                 return log_w
 
@@ -172,9 +174,10 @@ def iwae_per_example(
     batch_size: int,
     max_decoder_elements: int | None = None,
     progress: bool = False,
+    sampler: Callable[[Tensor], Callable[[int], Tensor]] | None = None,
 ) -> Tensor:
-    """IWAE-K lower bound on log p(x) for every example [N], float64."""
-    return iwae_by_k_per_example(model, x, [k], batch_size, max_decoder_elements, progress)[k]
+    """IWAE-K lower bound on log p(x) for every example [N], float64 (sampler: see iwae_by_k_per_example)."""
+    return iwae_by_k_per_example(model, x, [k], batch_size, max_decoder_elements, progress, sampler)[k]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -235,23 +238,38 @@ def score_per_example(
         iw = isinstance(model, ImportanceWeighted)
         name = f"IWAE-{iw_samples} lower bound" if iw else f"ELBO lower bound ({model.elbo_protocol(elbo_samples)})"
 
-        def one(rows: Tensor, seed: int, divisor: int) -> Tensor:
-            torch.manual_seed(seed)
-            bound = max(1, SCORE_PASS_ELEMENTS // divisor)
+        def one(rows: Tensor, bound: int) -> Tensor:
             if iw:
                 return iwae_per_example(model, rows, iw_samples, rows.shape[0], bound)
             return elbo_per_example(model, rows, rows.shape[0], elbo_samples, max_decoder_elements=bound)["elbo"]
 
-        parts, starts = [], [0, *itertools.accumulate(counts)]
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            for i in examples_progress(len(counts), 1, name.split(" ")[0], progress):
-                rows = x[starts[i] : starts[i + 1]]
-                parts.append(retry_on_out_of_memory(lambda d: one(rows, seeds[i], d), "scoring"))  # noqa: B023
-        values = torch.cat(parts)
+        values = seeded_per_example(x, counts, seeds, one, name.split(" ")[0], progress)
     groups = (values + log_prob_offset).split(counts)
-    means = torch.stack([g.mean() for g in groups])
     stderr = torch.stack([g.std() / math.sqrt(len(g)) if len(g) > 1 else g.new_tensor(math.nan) for g in groups])
-    return means, stderr, name
+    return example_means(values, counts, log_prob_offset), stderr, name
+
+
+def example_means(values: Tensor, counts: list[int], offset: float = 0.0) -> Tensor:
+    """The mean of each example's rows [N] (counts[i] consecutive rows of values for example i), plus offset."""
+    return torch.stack([g.mean() for g in (values + offset).split(counts)])
+
+
+def seeded_per_example(x: Tensor, counts: list[int], seeds: list[int], one: Callable[[Tensor, int], Tensor],
+                       what: str, progress: bool = False) -> Tensor:
+    """one(rows, pass bound) [rows] for each example's rows in x (counts[i] consecutive rows for example i), the
+    global generator seeded with seeds[i] first, passes bounded by SCORE_PASS_ELEMENTS (smaller when memory runs
+    out): so each example's value depends on nothing else in x. Returns the values of all rows, in order."""
+    parts, starts = [], [0, *itertools.accumulate(counts)]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for i in examples_progress(len(counts), 1, what, progress):
+            rows = x[starts[i] : starts[i + 1]]
+
+            def seeded(divisor: int, rows: Tensor = rows, seed: int = seeds[i]) -> Tensor:
+                torch.manual_seed(seed)
+                return one(rows, max(1, SCORE_PASS_ELEMENTS // divisor))
+
+            parts.append(retry_on_out_of_memory(seeded, what))
+    return torch.cat(parts)
 
 
 def check_model_input(model: LatentVariableModel, x: Tensor, what: str = "data") -> Tensor:

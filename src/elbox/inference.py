@@ -268,16 +268,18 @@ def save_features(path: str | Path, features: dict[str, np.ndarray], names: list
 
 
 def write_scores_csv(path: str | Path, names: list[str], log_likelihood: Tensor, num_dims: int | None, estimate: str,
-                     stderr: Tensor | None = None) -> None:
+                     stderr: Tensor | None = None, extra: dict[str, Tensor] | None = None) -> None:
     """One row per example: name, log-likelihood estimate (nats), its standard error where there is one (a grey
     image's binarizations; else empty), bits/dim (of 8-bit data; empty for real vectors: num_dims None), how the
-    estimate was computed. Atomic write."""
+    estimate was computed, then the `extra` columns (anomaly scores and their p-values). Atomic write."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(SCORES_HEADER)
+    extra = extra or {}
+    writer.writerow([*SCORES_HEADER, *extra])
     bits = num_dims * math.log(2) if num_dims else None
     errors = stderr.tolist() if stderr is not None else [math.nan] * len(names)
+    columns = [column.tolist() for column in extra.values()]
     for i, (name, value, error) in enumerate(zip(names, log_likelihood.tolist(), errors)):
         writer.writerow([i, name, f"{value:.6f}", "" if math.isnan(error) else f"{error:.6f}",
-                         "" if bits is None else f"{-value / bits:.6f}", estimate])
+                         "" if bits is None else f"{-value / bits:.6f}", estimate, *(f"{c[i]:.6g}" for c in columns)])
     atomic_write_bytes(path, buffer.getvalue().encode())

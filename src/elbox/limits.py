@@ -22,7 +22,12 @@ COUNTS: dict[str, tuple[int, int]] = {  # name: (lowest, highest), inclusive
     "seed": (0, MAX_SEED),
     "limit": (1, 10**9),  # examples to evaluate
     "binarizations": (1, 10_000),  # of a grey image scored by a binary model
+    "regret_steps": (1, 100_000),  # of the likelihood regret's per-example refit
+    "llr_k": (0, 100),  # levels drawn from the prior in LLR^{>k} (at most the model's levels: checked with the model)
+    "bootstrap": (1, 100_000),  # resamples of the detection metrics' standard errors
 }
+# the anomaly scores (elbox.anomaly), named here for the command line's choices
+ANOMALY_METHODS = ("likelihood", "complexity", "typicality", "llr", "regret", "background")
 TEMPERATURE = (0.0, 100.0)  # > lowest and <= highest
 
 

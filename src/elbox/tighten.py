@@ -83,13 +83,34 @@ def optimize_per_example_q(
         if on_step is not None:
             on_step(step + 1, steps)
     mean, std = mean.detach(), log_std.detach().exp()
-    with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        state = torch.random.get_rng_state()
-        optimized = gaussian_q_elbo(model, x, mean, std, 64)
-        torch.random.set_rng_state(state)
-        initial = gaussian_q_elbo(model, x, mean0, std0, 64)
+    optimized, initial = paired_elbos(model, x, (mean, std), (mean0, std0))
     keep = (optimized >= initial).unsqueeze(-1)
     return torch.where(keep, mean, mean0), torch.where(keep, std, std0)
+
+
+@torch.no_grad()
+def paired_elbos(model: LatentVariableModel, x: Tensor, q: tuple[Tensor, Tensor], q0: tuple[Tensor, Tensor],
+                 n_samples: int = 64) -> tuple[Tensor, Tensor]:
+    """The ELBOs [B] of two diagonal Gaussians q and q0 on the same n_samples standard-normal draws (a paired
+    comparison); the global generator's state is left as it was."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        state = torch.random.get_rng_state()
+        elbo = gaussian_q_elbo(model, x, *q, n_samples)
+        torch.random.set_rng_state(state)
+        elbo0 = gaussian_q_elbo(model, x, *q0, n_samples)
+    return elbo, elbo0
+
+
+def likelihood_regret(model: LatentVariableModel, x: Tensor, steps: int = 100, lr: float = 0.05, n_samples: int = 8) -> Tensor:
+    """The likelihood regret of each example [B] (Xiao et al. 2020): how much its ELBO rises when q is fitted to it
+    alone (optimize_per_example_q, decoder fixed) over the amortized encoder's q, on 64 common draws: >= 0, and large
+    where the encoder has not seen data like x."""
+    with torch.no_grad():
+        q0 = model.posterior_params(x)
+    with torch.enable_grad():
+        q = optimize_per_example_q(model, x, steps, lr, n_samples)
+    elbo, elbo0 = paired_elbos(model, x, q, q0)
+    return (elbo - elbo0).double()
 
 
 @torch.no_grad()

@@ -38,11 +38,13 @@ class DataSpace:
     name: str = ""
 
     def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                    part: tuple[int, int] | None = None) -> torch.Tensor:
+                    part: tuple[int, int] | None = None, perturb: float = 0.0) -> torch.Tensor:
         """Transform a training batch; random spaces draw fresh randomness each call. part = (start, rows): x is
         rows start, start + 1, ... of a global batch of `rows` rows (one process's share under torchrun); the
-        randomness is drawn for the global batch and sliced, so each share gets what one process would draw."""
-        return self._transform(self._check(x), generator, part)
+        randomness is drawn for the global batch and sliced, so each share gets what one process would draw.
+        perturb: the rate of perturbed_images, applied first (0: none)."""
+        x = self._check(x)
+        return self._transform(perturbed_images(x, perturb, generator, part) if perturb else x, generator, part)
 
     def eval_data(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Transform evaluation data deterministically: same seed -> identical tensor."""
@@ -81,6 +83,16 @@ def _noise(draw, x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
         return draw(x.shape)
     start, rows = part
     return draw((rows, *x.shape[1:]))[start : start + x.shape[0]]
+
+
+def perturbed_images(x: torch.Tensor, rate: float, generator: torch.Generator | None,
+                     part: tuple[int, int] | None) -> torch.Tensor:
+    """Ren et al. (2019)'s perturbation, which trains a background model: each 8-bit value of x (uint8) replaced, with
+    probability `rate`, by a value drawn uniformly from 0..255."""
+    replace = _noise(lambda shape: torch.rand(shape, generator=generator, device=x.device), x, part) < rate
+    values = _noise(lambda shape: torch.randint(0, 256, shape, generator=generator, device=x.device, dtype=torch.uint8),
+                    x, part)
+    return torch.where(replace, values, x)
 
 
 DATA_SPACES: dict[str, type[DataSpace]] = {}

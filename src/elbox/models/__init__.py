@@ -3,9 +3,10 @@
 from elbox.models.base import MODELS, LatentVariableModel, build_model, register_model
 from elbox.models.diffusion import DiffusionConfig, DiffusionModel
 from elbox.models.gaussian import GaussianConfig, GaussianModel
-from elbox.models.hvae import HVAE, HVAEConfig, MarkovHVAE
+from elbox.models.hvae import HVAE, HVAEConfig
 from elbox.models.ladder import LadderHVAE, MLPLadderHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
+from elbox.models.markov_hvae import MarkovHVAE
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.skip_hvae import ConvSkipHVAE, SkipHVAE
 from elbox.models.vae import VAE, VAEConfig

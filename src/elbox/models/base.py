@@ -153,6 +153,13 @@ class Hierarchical(Protocol):
 
 
 @runtime_checkable
+class LevelBounds(Protocol):
+    """Hierarchical VAEs: the bound L^{>k} with the k levels next to x drawn from their prior (Havtorn et al. 2021)."""
+
+    def log_weights_above_sampler(self, x: Tensor, k: int) -> Callable[[int], Tensor]: ...
+
+
+@runtime_checkable
 class SingleLatentDecoder(Protocol):
     """decode(z) -> likelihood parameters, likelihood.mean(params) -> an image: latent interpolations."""
 

@@ -118,6 +118,24 @@ class TopDownHVAE(HVAE):
         log_px = self.likelihood.log_prob(params, x)
         return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
 
+    def draw_above(self, prepared: list[Tensor], x: Tensor, n: int, k: int) -> Tensor:
+        """Log weights [n, B] of L^{>k}: the top levels z ~ q down the path, the k levels next to x (the last k of
+        the top-down pass) from their prior p(z_l|z_above); the weight keeps the terms of the levels drawn from q."""
+        batch, first_from_prior = x.shape[0], self.config.levels - k
+        log_ratio = [x.new_zeros(n * batch)]
+
+        def pick(i, mu_q, std_q, mu_p, std_p):
+            if i >= first_from_prior:
+                return mu_p + std_p * torch.randn_like(mu_p)
+            eps = torch.randn_like(mu_q)
+            z = mu_q + std_q * eps
+            log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
+            log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
+            return z
+
+        params = self._decode_state(self._top_down(prepared, n, batch, pick), (n, batch))
+        return self.likelihood.log_prob(params, x) + torch.stack(log_ratio).sum(0).view(n, batch)
+
     def level_distributions(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """(mu_q, std_q, mu_p, std_p) at every level along one posterior draw, top first (for tests and analysis)."""
         found = []

@@ -150,6 +150,28 @@ class SkipHVAE(HVAE):
         kl = {"z1": kl_diag_gaussians(mean1, std1, prior_mean1, prior_std1).sum(-1), "z2": kl_z2}
         return log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2
 
+    def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
+        """Log weights [n, B] of L^{>k}: k = 0 draw()'s; k = 1 z2 ~ q(z2|x), z1 ~ p(z1|z2), log p(x|z1,z2) + log p(z2)
+        - log q(z2|x); k = 2 both levels from the prior, log p(x|z1,z2)."""
+        if k == 0:
+            return self.draw(prepared, x, n)[2]
+        (mean2, std2), _ = prepared
+        if k == 1:
+            z2, eps2 = sample_diag_gaussian(mean2, std2, n)
+            log_ratio = self.top_log_prob(z2) - diag_gaussian_log_prob_from_noise(eps2, std2)
+        else:
+            z2, log_ratio = self.top_prior_draw(n * x.shape[0], 1.0).reshape(n, x.shape[0], -1), 0.0
+        prior_mean1, prior_std1 = self.prior_z1_params(z2)
+        z1, _ = _draw_like(prior_mean1, prior_std1)
+        return self.likelihood.log_prob(self.decode_levels(z1, z2), x) + log_ratio
+
+    def top_prior_draw(self, n: int, temperature: float) -> Tensor:
+        """n draws [n, d2] of p(z2), its standard deviation scaled by the temperature (a VampPrior's drawn component's)."""
+        if self.config.top_prior == "vamp":
+            return self.vamp.sample(self.posterior_z2, n, temperature)
+        ref = next(self.parameters())
+        return temperature * torch.randn(n, self.config.latent_dims[1], device=ref.device, dtype=ref.dtype)
+
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Mean and variance of q(z1|x, E z2) and of q(z2|x)."""
         (mean2, std2), x_part = self.prepare(x)
@@ -162,11 +184,7 @@ class SkipHVAE(HVAE):
 
     def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
         """z2 from the prior (a VampPrior's temperature scales the drawn component's std), then z1 ~ p(z1|z2)."""
-        if self.config.top_prior == "vamp":
-            z2 = self.vamp.sample(self.posterior_z2, n, temperatures[1])
-        else:
-            ref = next(self.parameters())
-            z2 = temperatures[1] * torch.randn(n, self.config.latent_dims[1], device=ref.device, dtype=ref.dtype)
+        z2 = self.top_prior_draw(n, temperatures[1])
         mean1, std1 = self.prior_z1_params(z2)
         return self.decode_levels(mean1 + temperatures[0] * std1 * torch.randn_like(mean1), z2)
 

@@ -62,6 +62,9 @@ class TrainConfig:
     grad_clip: float = option(0.0, "clip the gradient norm to this (0: off)", minimum=0)
     normalize_gradients: bool = option(False, "divide each parameter tensor's gradient by its L2 norm before the "
                                               "optimizer step (the VampPrior code's AdamNormGrad)")
+    perturb: float = option(0.0, "train a background model for the likelihood-ratio anomaly score (Ren et al. 2019): "
+                                 "each 8-bit value of a training batch is replaced, with this probability, by one drawn "
+                                 "uniformly from 0..255 (e.g. 0.2; 0: off)", minimum=0, maximum=1, metavar="RATE")
     patience: int | None = option(None, "early stopping: stop when the validation ELBO has not improved for N validated "
                                         "epochs, counted once the KL warm-up is over; best.safetensors keeps the best "
                                         "epoch, which evaluate then uses (default: off)", minimum=1, maximum=10**6,

@@ -270,7 +270,7 @@ class Trainer:
         )
         for idx, (first, _), local_images in bar:
             bar.set_description_str(self.epoch_label(epoch), refresh=False)
-            x = self.space.train_batch(local_images, self.generator, part=(first, idx.numel()))
+            x = self.space.train_batch(local_images, self.generator, part=(first, idx.numel()), perturb=self.config.perturb)
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)

@@ -230,6 +230,9 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
               f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
               f"{device}" + (f" ({system['threads']} threads)" if device.type == "cpu" else "") + (f"; run dir {out}" if out else ""),
               file=sys.stderr)
+    if config.perturb and (space.name == "real" or not model.trains_by_gradient):
+        raise ElboxError(f"--perturb perturbs the 8-bit images of a model trained by gradient; the {model.name} model "
+                         + ("is fitted in one go" if space.name != "real" else "of this run reads vectors"))
     if not model.trains_by_gradient:
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
