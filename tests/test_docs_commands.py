@@ -39,7 +39,8 @@ QUICK = {
     "evaluate": ["--limit", "16"],
     "tighten": ["--limit", "3", "--steps", "3", "--refit-epochs", "1", "--iw-samples", "10", "--elbo-samples", "4"],
     "sample": ["--n", "4"],
-    "score": [],
+    "score": ["--iw-samples", "10", "--reference-limit", "8"],
+    "ood": ["--limit", "8", "--iw-samples", "2", "--bootstrap", "5", "--regret-steps", "2"],
     "encode": [],
     "reconstruct": [],
     "report": [],
@@ -179,7 +180,7 @@ def python_blocks() -> list:
 def write_user_data(directory: Path) -> None:
     """Small files under the names the documented commands use: my_images/ (grey PNGs of 36 x 40 pixels in two
     subfolders, so that `--image-size 32` resizes them; more than one batch of 128 after the 10 % held out),
-    table.csv (numeric columns a, b, c and one more), images.npy (uint8 [8, 28, 28])."""
+    table.csv (numeric columns a, b, c and one more), images.npy and digits.npy (uint8 [8, 28, 28])."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -196,6 +197,7 @@ def write_user_data(directory: Path) -> None:
     rows = "\n".join(f"{x:.6f},{y:.6f},{z:.6f},{w:.6f}" for x, y, z, w in zip(a, b, c, d))
     (directory / "table.csv").write_text("a,b,c,d\n" + rows + "\n")
     np.save(directory / "images.npy", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
+    np.save(directory / "digits.npy", rng.integers(0, 256, (8, 28, 28), dtype=np.uint8))
 
 
 # -- running ------------------------------------------------------------------------------------------------------

@@ -106,16 +106,21 @@ def test_skip_bound_above_1_matches_a_direct_computation():
 # -- complexity, typicality, regret, background --------------------------------------------------------------------
 
 
+def png_length(array: np.ndarray, mode: str | None = None) -> int:
+    """Bytes of the PNG Pillow writes for an array (compression level 9)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG", compress_level=9)
+    return len(buffer.getvalue())
+
+
 def test_png_bits_is_the_length_of_pillows_png_in_bits():
     x = images(3)
     for i in range(3):
-        buffer = io.BytesIO()
-        Image.fromarray(x[i, 0].numpy()).save(buffer, format="PNG", compress_level=9)
-        assert png_bits(x)[i].item() == 8 * len(buffer.getvalue())
+        assert png_bits(x)[i].item() == 8 * png_length(x[i, 0].numpy())
+    bits = x > 128
+    assert png_bits(bits, one_bit=True)[2].item() == 8 * png_length(bits[2, 0].numpy())
     rgb = (torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb[1].permute(1, 2, 0).numpy(), mode="RGB").save(buffer, format="PNG", compress_level=9)
-    assert png_bits(rgb)[1].item() == 8 * len(buffer.getvalue())
+    assert png_bits(rgb)[1].item() == 8 * png_length(rgb[1].permute(1, 2, 0).numpy(), "RGB")
 
 
 def test_complexity_is_the_nll_in_bits_less_the_png_length_of_what_the_model_reads():
@@ -123,7 +128,7 @@ def test_complexity_is_the_nll_in_bits_less_the_png_length_of_what_the_model_rea
     s = scorer(model, ["likelihood", "complexity"], iw_samples=5, binarizations=3)
     found = s.scores(x)
     rows, counts, _ = model_inputs(x, get_data_space("binary"), 0, 3)
-    code = png_bits((255 * rows).to(torch.uint8)).reshape(4, 3).mean(1)
+    code = torch.tensor([8.0 * png_length(r[0].numpy().astype(bool)) for r in rows]).reshape(4, 3).mean(1)
     assert torch.allclose(found["complexity"], found["likelihood"] / math.log(2) - code, atol=1e-9)
 
 
@@ -268,6 +273,11 @@ def test_ood_command_reports_every_applicable_score_and_writes_json_and_figure(h
     assert result["sets"]["outliers"]["n"] == 150 and result["sets"]["inliers"]["n"] == 200
     assert (root / "hvae" / "ood.png").read_bytes().startswith(b"\x89PNG")
     assert "AUROC" in capsys.readouterr().out
+    # the report shows it: the table and the histograms
+    assert main(["report", str(root / "hvae")]) == 0
+    page = (root / "hvae" / "report.html").read_text()
+    assert "Out-of-distribution detection" in page and "llr" in page
+    assert (root / "hvae" / "report" / "out-of-distribution-detection.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_score_with_methods_adds_scores_and_p_values_as_columns(hvae_run, tmp_path):

@@ -188,7 +188,8 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
         ("--elbo-samples", dict(type=count("elbo_samples"), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)")),
         ("--method", dict(choices=ANOMALY_METHODS, nargs="+", default=None, metavar="NAME", help="add anomaly scores and "
                           f"their p-values as columns: {', '.join(ANOMALY_METHODS)} (docs/ood.md)")),
-        REFERENCE, LLR_K, REGRET_STEPS, BACKGROUND]),
+        REFERENCE, ("--reference-limit", dict(type=count("limit"), default=1000, metavar="N", help="--method: the "
+                    "first N reference examples, scored as your input (default: 1000)")), LLR_K, REGRET_STEPS, BACKGROUND]),
     "encode": (cmd_encode, "posterior means and variances of your images or table rows, as features in an .npz", [
         INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, required=True, metavar="FILE.npz", help="where to write the features"))]),
     "report": (cmd_report, "an HTML page (and Markdown) with curves, the evaluation and image grids", [
@@ -211,6 +212,7 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
                     help=f"scores to compare, of {', '.join(ANOMALY_METHODS)} (default: every one that applies)")),
         ("--iw-samples", dict(type=count("iw_samples"), default=100, metavar="K", help="importance samples of log p(x) and of LLR's bounds (default: 100)")),
         LLR_K, REGRET_STEPS, BACKGROUND,
+        ("--binarizations", dict(type=count("binarizations"), default=1, help="binary models: binarizations of each grey image (default: 1)")),
         ("--limit", dict(type=count("limit"), default=None, metavar="N", help="the first N examples of each set (default: all)")),
         ("--bootstrap", dict(type=count("bootstrap"), default=200, help="resamples for the standard errors (default: 200)")),
         BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE.json", help="where to write the result (default: RUN_DIR/ood.json; the histograms beside it as .png)")),

@@ -84,7 +84,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         scores, p_values, _ = anomaly_scores(
             args.run_dir, args.input, args.method, reference=args.reference, background=args.background,
             iw_samples=args.iw_samples, llr_k=args.llr_k, regret_steps=args.regret_steps, batch_size=args.batch_size,
-            seed=args.seed, device=args.device, progress=not args.no_progress, id_column=args.id_column,
+            reference_limit=args.reference_limit, seed=args.seed, device=args.device, progress=not args.no_progress, id_column=args.id_column,
             log_likelihood=values)
         for method in args.method:
             extra[f"anomaly_{method}"], extra[f"p_value_{method}"] = scores[method], p_values[method]
@@ -101,7 +101,7 @@ def cmd_ood(args: argparse.Namespace) -> int:
     figure_path = output(args.figure, json_path.with_suffix(".png"), args)
     result = ood(args.run_dir, args.outliers, inliers=args.inliers, reference=args.reference, methods=args.methods,
                  background=args.background, iw_samples=args.iw_samples, llr_k=args.llr_k,
-                 regret_steps=args.regret_steps, limit=args.limit, bootstrap=args.bootstrap, batch_size=args.batch_size,
+                 regret_steps=args.regret_steps, binarizations=args.binarizations, limit=args.limit, bootstrap=args.bootstrap, batch_size=args.batch_size,
                  seed=args.seed, device=args.device, progress=not args.no_progress)
     atomic_write_bytes(figure_path, ood_figure_png(result))
     sets = result["sets"]

@@ -26,7 +26,7 @@ from elbox.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_method
 from elbox.data import SPLITS
 from elbox.data.preprocessing import input_space
 from elbox.errors import ElboxError
-from elbox.inference import user_examples
+from elbox.inference import BINARIZATIONS, user_examples
 from elbox.limits import check_count_option
 from elbox.models.base import LatentVariableModel
 
@@ -117,12 +117,14 @@ def examples_of(model: LatentVariableModel, config: dict, data: Any, what: str, 
 
 def ood(model: Any, outliers: Any, *, inliers: Any = "test", reference: Any = "validation",
         methods: list[str] | None = None, background: Any = None, iw_samples: int = 100, llr_k: int = 1,
-        regret_steps: int = 100, limit: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP, batch_size: int = 500,
-        seed: int = 0, device: str | None = None, progress: bool = False) -> dict:
+        regret_steps: int = 100, binarizations: int = 1, limit: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+        batch_size: int = 500, seed: int = 0, device: str | None = None, progress: bool = False) -> dict:
     """Out-of-distribution detection by every anomaly score that applies to the model (or those in `methods`).
 
     model: a Run, a run directory or a model. outliers, inliers, reference: a split of the run's data ("test",
     "validation", "train") or data as elbox.score takes them (a path, an array, a tensor); limit: the first N of each.
+    binarizations: of each grey image, for a binary model (one, seeded by the image: a tenth of the time of elbox
+    score's 16, and the detection figures average over many images anyway).
     background: a second run (or model) trained on perturbed data, for the background likelihood ratio.
     Returns a JSON-ready dict: {"methods": {name: {auroc, auprc, fpr80, fpr95, each with _stderr; seconds; units;
     definition}}, the sets' names and sizes, and per-example scores and p-values under "scores"}.
@@ -130,7 +132,7 @@ def ood(model: Any, outliers: Any, *, inliers: Any = "test", reference: Any = "v
     model, config = run_and_config(model, device)
     background_model = run_and_config(background, device)[0] if background is not None else None
     settings = ScoreSettings(iw_samples=iw_samples, llr_k=llr_k, regret_steps=regret_steps, batch_size=batch_size,
-                             seed=seed)
+                             seed=seed, binarizations=binarizations)
     if limit is not None:
         check_count_option(limit, "limit")
     check_count_option(bootstrap, "bootstrap")
@@ -156,7 +158,7 @@ def ood(model: Any, outliers: Any, *, inliers: Any = "test", reference: Any = "v
         "model": model.name,
         "sets": {what: {"data": name, "n": len(examples)} for what, (examples, name) in sets.items()},
         "settings": {"iw_samples": iw_samples, "llr_k": llr_k, "regret_steps": regret_steps, "seed": seed,
-                     "bootstrap": bootstrap},
+                     "binarizations": binarizations, "bootstrap": bootstrap},
         "seconds_scoring": reference_seconds + sum(seconds.values()),
         "examples_scored": n_scored,
         "scores": {},
@@ -214,21 +216,26 @@ def ood_figure_png(result: dict) -> bytes:
 
 def anomaly_scores(model: Any, data: Any, methods: list[str], *, reference: Any = "validation", background: Any = None,
                    iw_samples: int = 1000, llr_k: int = 1, regret_steps: int = 100, batch_size: int = 500, seed: int = 0,
-                   device: str | None = None, progress: bool = False, id_column: str | None = None,
+                   binarizations: int = BINARIZATIONS, reference_limit: int | None = 1000, device: str | None = None,
+                   progress: bool = False, id_column: str | None = None,
                    log_likelihood: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
-    """Each example's anomaly score by each method (higher = more unusual) and its p-value against the reference data
-    (by default the run's validation split): ({method: [N]}, {method: [N]}, the examples' names). data, reference: as
-    elbox.score and ood take them. log_likelihood: the examples' log p(x) from elbox.score with the same iw_samples and
-    seed, if already computed (it is not computed again)."""
+    """Each example's anomaly score by each method (higher = more unusual) and its p-value against the first
+    reference_limit examples of the reference data (by default the run's validation split), scored with the same
+    settings: ({method: [N]}, {method: [N]}, the examples' names). data, reference: as elbox.score and ood take them.
+    log_likelihood: the examples' log p(x) from elbox.score with the same iw_samples, binarizations and seed, if
+    already computed (it is not computed again)."""
     model, config = run_and_config(model, device)
     background_model = run_and_config(background, device)[0] if background is not None else None
     settings = ScoreSettings(iw_samples=iw_samples, llr_k=llr_k, regret_steps=regret_steps, batch_size=batch_size,
-                             seed=seed)
+                             seed=seed, binarizations=binarizations)
+    if reference_limit is not None:
+        check_count_option(reference_limit, "limit")
     space = input_space(model)
     scorer = AnomalyScorer(model, space, list(methods), settings, background_model)
     examples, names = user_examples(model, data, space, id_column)
     if examples.shape[0] == 0:
         raise ElboxError(f"input {data} holds no examples")
-    reference_scores = scorer.fit_reference(examples_of(model, config, reference, "reference", None, seed)[0], progress)
+    reference_examples = examples_of(model, config, reference, "reference", reference_limit, seed)[0]
+    reference_scores = scorer.fit_reference(reference_examples, progress)
     scores = scorer.scores(examples, progress, nll=None if log_likelihood is None else -log_likelihood.double())
     return scores, {m: p_values(scores[m], reference_scores[m]) for m in scores}, names

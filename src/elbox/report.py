@@ -112,6 +112,26 @@ def _saved_evaluation(path: Path) -> dict | None:
         return None
 
 
+def _saved_ood(path: Path) -> tuple[str, bytes] | None:
+    """The text and histograms of the detection `elbox ood` saved at `path` (RUN_DIR/ood.json), or None: when there
+    is none, or (with a warning) when it is damaged."""
+    from elbox.detection import format_ood_table, ood_figure_png
+
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_bytes())
+        sets = result["sets"]
+        text = (f"From {path.name} (elbox ood): outliers {sets['outliers']['data']} ({sets['outliers']['n']}) against "
+                f"inliers {sets['inliers']['data']} ({sets['inliers']['n']}); p-values and the typicality's entropy "
+                f"from {sets['reference']['data']} ({sets['reference']['n']}). Mean ± bootstrap s.e.; higher scores "
+                f"are more unusual.\n\n{format_ood_table(result)}")
+        return text, ood_figure_png(result)
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError, IndexError) as e:
+        warn(f"{path} is damaged or unreadable ({one_line(e, 60)}); the report leaves out the detection")
+        return None
+
+
 def _full_evaluation(run_dir: Path) -> tuple[Path, dict] | tuple[None, None]:
     """(the path, the result) of the first evaluation of SAVED_EVALUATIONS in run_dir that is there and sound."""
     for path in (run_dir / name for name in SAVED_EVALUATIONS):
@@ -273,6 +293,9 @@ def build_report(run_dir: str | Path, device: torch.device, seed: int = 0) -> Re
         sections.append(("Training curves", "Per logged step (training batches, the β = 1 ELBO) and per epoch (validation).",
                          curves_png(curves, num_dims * math.log(2))))
     sections.append(("Evaluation", f"Numbers {source}.\n\n{format_table(result)}", b""))
+    detection = _saved_ood(run_dir / "ood.json")
+    if detection is not None:
+        sections.append(("Out-of-distribution detection", *detection))
     saved_samples = _saved_samples(run_dir / "samples.png")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)

@@ -1,0 +1,249 @@
+"""Out-of-distribution benchmark (issue 29): models trained on Fashion-MNIST, every anomaly score elbox has, against
+the out-of-distribution sets that can be made on this machine; and a table example with injected outlier rows.
+
+    python benchmarks/ood.py data                  # the OOD sets, as .npy files in RUNS/data
+    python benchmarks/ood.py train MODEL           # trains (or resumes) RUNS/MODEL with elbox train
+    python benchmarks/ood.py evaluate MODEL        # elbox.ood against every set -> benchmarks/results/ood-MODEL.json
+    python benchmarks/ood.py timing MODEL          # seconds per 10,000 images of each score
+    python benchmarks/ood.py table-data            # the table example -> benchmarks/results/ood-table.json
+    python benchmarks/ood.py table                 # the Markdown table of what has finished
+
+MODEL: vae, hvae (the default Markov HVAE), mlp-ladder, ppca, mixture, hvae-5 (trained on the classes 0-4 only,
+judged on the classes 5-9), background (the default HVAE trained with --perturb 0.2, for the likelihood ratio of
+Ren et al. 2019; its evaluation is part of hvae's). Each model is trained by its `elbox train` defaults unless EPOCHS
+below says otherwise (the table records the epochs).
+
+Protocol: inliers are the first 2,000 Fashion-MNIST test images (hvae-5: the test images of classes 0-4), the
+reference data (p-values, the typicality's entropy) the first 2,000 of the run's validation split; each outlier set
+has 2,000 images (the digits: all 1,797). A binary model reads each grey image through one binarization seeded by
+the image; log p(x) and both bounds of LLR^{>1} with 100 importance samples. AUROC with bootstrap standard errors
+(200 resamples). Outlier sets:
+
+    digits     scikit-learn's 8 x 8 handwritten digits (0..16), scaled to 0..255 and resized to 28 x 28 (bilinear)
+    flipped    Fashion-MNIST test images 2,000..3,999, upside down
+    noise      uniform 8-bit noise
+    constant   one grey level per image, uniform on 0..255
+    classes    (hvae-5 only) Fashion-MNIST test images of the classes 5-9 (sandal, shirt, sneaker, bag, ankle boot)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+N = 2000
+SETS = ("digits", "flipped", "noise", "constant")
+MODELS = {  # name: elbox train arguments (data: Fashion-MNIST unless a file is named)
+    "vae": ["vae"],
+    "hvae": ["hvae"],
+    "mlp-ladder": ["hvae", "--hvae-type", "mlp-ladder"],
+    "ppca": ["linear"],
+    "mixture": ["mixture", "--n-components", "10", "--covariance", "diag"],
+    "hvae-5": ["hvae", "--data", "{runs}/data/fashion-classes-0-4.npy"],
+    "background": ["hvae", "--perturb", "0.2"],
+}
+# published AUROC, Fashion-MNIST against MNIST (the issue's table)
+PUBLISHED = {"likelihood": "0.27 (HVAE)", "llr": "0.964 (HVAE, 1 sample), 0.984 (250)", "regret": "0.988",
+             "complexity": "0.967-0.998", "typicality": "0.83", "background": "0.924 (VAE)"}
+
+
+def elbox(*args: str) -> None:
+    command = [sys.executable, "-m", "elbox", *map(str, args)]
+    print("$ elbox " + " ".join(map(str, args)), flush=True)
+    subprocess.run(command, check=True)
+
+
+def fashion(split: str):
+    from elbox.data import load_split
+
+    images, labels = load_split("fashion-mnist", split)
+    return images.numpy(), labels.numpy()
+
+
+def make_data(runs: Path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out = runs / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    digits = load_digits().images  # [1797, 8, 8] in 0..16
+    big = [np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR)) for d in digits]
+    test, test_labels = fashion("test")
+    train, train_labels = fashion("train-full")
+    sets = {
+        "digits": np.stack(big)[:, None],
+        "flipped": test[N : 2 * N, :, ::-1, :].copy(),
+        "noise": rng.integers(0, 256, (N, 1, 28, 28), dtype=np.uint8),
+        "constant": np.broadcast_to(rng.integers(0, 256, (N, 1, 1, 1), dtype=np.uint8), (N, 1, 28, 28)).copy(),
+        "fashion-classes-0-4": train[train_labels < 5],
+        "test-classes-0-4": test[test_labels < 5][:N],
+        "classes": test[test_labels >= 5][:N],
+    }
+    for name, array in sets.items():
+        np.save(out / f"{name}.npy", array)
+        print(f"wrote {out / name}.npy {array.shape}")
+
+
+def train(model: str, runs: Path, threads: int) -> None:
+    out = runs / model
+    if (out / "config.json").is_file() and not (out / "ood-trained").is_file():
+        elbox("train", "--resume", out, "--threads", threads, "--no-progress")
+    elif not (out / "config.json").is_file():
+        args = [a.format(runs=runs) for a in MODELS[model]]
+        elbox("train", args[0], *args[1:], "--out", out, "--threads", threads, "--no-progress", "--seed", 0)
+    (out / "ood-trained").write_text("")
+
+
+def evaluate(model: str, runs: Path) -> dict:
+    """Every score of the run on the reference data and the inliers once, then on each outlier set (what elbox.ood
+    does for one set), with each score's time."""
+    import torch
+
+    from bench_vae import environment
+    from elbox.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods
+    from elbox.checkpoint import load_run
+    from elbox.data.preprocessing import input_space
+    from elbox.detection import DEFINITIONS, detection_metrics, examples_of
+
+    data, run = runs / "data", runs / model
+    m, config = load_run(run)
+    background = None
+    if model == "hvae" and (runs / "background" / "ood-trained").is_file():
+        background = load_run(runs / "background")[0]
+    methods = applicable_methods(m, background)
+    scorer = AnomalyScorer(m, input_space(m), methods, ScoreSettings(iw_samples=100, llr_k=1, binarizations=1), background)
+    inliers = str(data / "test-classes-0-4.npy") if model == "hvae-5" else "test"
+    record = {"model": model, "train": config.get("train", {}), "methods": methods, "n": N,
+              "environment": environment(torch.device("cpu")), "sets": {}, "seconds": {}}
+    start = time.perf_counter()
+    scorer.fit_reference(examples_of(m, config, "validation", "reference", N, 0)[0])
+    inlier_scores = scorer.scores(examples_of(m, config, inliers, "inliers", N, 0)[0])
+    record["seconds"]["reference and inliers"] = time.perf_counter() - start
+    for name in ("classes",) if model == "hvae-5" else SETS:
+        start = time.perf_counter()
+        scores = scorer.scores(examples_of(m, config, str(data / f"{name}.npy"), "outliers", N, 0)[0])
+        record["seconds"][name] = time.perf_counter() - start
+        record["sets"][name] = {method: {**detection_metrics(inlier_scores[method], scores[method], 200, 0),
+                                         "units": UNITS[method], "definition": DEFINITIONS[method],
+                                         "mean_inliers": inlier_scores[method].mean().item(),
+                                         "mean_outliers": scores[method].mean().item()} for method in methods}
+        print(name, {k: round(v["auroc"], 3) for k, v in record["sets"][name].items()}, flush=True)
+        (RESULTS / f"ood-{model}.json").write_text(json.dumps(record, indent=1))
+    print(f"wrote {RESULTS / f'ood-{model}.json'}")
+    return record
+
+
+def timing(model: str, runs: Path, n: int = 1000) -> None:
+    """Seconds per 10,000 images of each score alone (on n test images, scaled), and of the four cheap ones together."""
+    import torch
+
+    from bench_vae import environment
+    from elbox.anomaly import AnomalyScorer, ScoreSettings, applicable_methods
+    from elbox.checkpoint import load_run
+    from elbox.data.preprocessing import input_space
+
+    m, _ = load_run(runs / model)
+    x = torch.from_numpy(fashion("test")[0][:n])
+    reference = torch.from_numpy(fashion("validation")[0][:n])
+    settings = ScoreSettings(iw_samples=100, llr_k=1, binarizations=1)
+    seconds = {}
+    cheap = [k for k in ("likelihood", "complexity", "typicality", "llr") if k in applicable_methods(m)]
+    for methods in [[k] for k in applicable_methods(m)] + [cheap]:
+        scorer = AnomalyScorer(m, input_space(m), methods, settings)
+        scorer.fit_reference(reference[:100])
+        start = time.perf_counter()
+        scorer.scores(x)
+        seconds["+".join(methods)] = (time.perf_counter() - start) * 10_000 / n
+        print(f"{'+'.join(methods)}: {seconds['+'.join(methods)]:.0f} s per 10,000 images", flush=True)
+    path = RESULTS / f"ood-timing-{model}.json"
+    path.write_text(json.dumps({"model": model, "seconds_per_10000": seconds, "n_timed": n, "threads": torch.get_num_threads(),
+                                "environment": environment(torch.device("cpu"))}, indent=1))
+    print(f"wrote {path}")
+
+
+def table_data() -> None:
+    """A table example: scikit-learn's breast-cancer table (569 rows, 30 columns); 10 % of held-out rows made
+    outliers by shuffling each column independently across rows (the marginals stay, the relations between columns
+    break), a mixture and a VAE fitted on 400 rows."""
+    import tempfile
+
+    import torch
+    from sklearn.datasets import load_breast_cancer
+
+    import elbox as lib
+
+    table = load_breast_cancer(as_frame=True).frame.drop(columns="target")
+    rng = np.random.default_rng(0)
+    rows = table.sample(frac=1, random_state=0).reset_index(drop=True)
+    train, reference, held = rows[:300], rows[300:430], rows[430:]
+    outliers = held.apply(lambda column: rng.permutation(column.values)).iloc[:60]
+    record = {"data": "scikit-learn breast cancer, 30 columns; outliers: columns shuffled independently", "models": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, part in (("train", train), ("reference", reference), ("inliers", held), ("outliers", outliers)):
+            paths[name] = Path(tmp) / f"{name}.csv"
+            part.to_csv(paths[name], index=False)
+        for model, options in (("mixture", {}), ("vae", {"epochs": 200, "latent_dim": 4, "hidden_dims": [64]})):
+            torch.manual_seed(0)
+            run = lib.fit(model, str(paths["train"]), out=Path(tmp) / model, progress=False, verbose=False,
+                          validation_fraction=0, **options)
+            result = lib.ood(run.directory, str(paths["outliers"]), inliers=str(paths["inliers"]),
+                             reference=str(paths["reference"]), iw_samples=100)
+            result.pop("scores")
+            record["models"][model] = result
+            print(model, {m: round(v["auroc"], 3) for m, v in result["methods"].items()}, flush=True)
+    (RESULTS / "ood-table.json").write_text(json.dumps(record, indent=1))
+
+
+def table() -> str:
+    lines = ["| model | outliers | " + " | ".join(PUBLISHED) + " |", "|---|---|" + "---|" * len(PUBLISHED)]
+    for model in MODELS:
+        path = RESULTS / f"ood-{model}.json"
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text())
+        for name, result in record["sets"].items():
+            cells = [f"{result[m]['auroc']:.3f} ± {result[m]['auroc_stderr']:.3f}" if m in result else "-"
+                     for m in PUBLISHED]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    lines.append("| published (Fashion-MNIST against MNIST) | MNIST | " + " | ".join(PUBLISHED.values()) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("data", "train", "evaluate", "timing", "table-data", "table"))
+    parser.add_argument("model", nargs="?", choices=list(MODELS))
+    parser.add_argument("--runs", type=Path, default=Path("/root/runs/ood"))
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if args.step in ("train", "evaluate", "timing") and args.model is None:
+        parser.error(f"{args.step} needs a MODEL")
+    if args.step == "data":
+        make_data(args.runs)
+    elif args.step == "train":
+        train(args.model, args.runs, args.threads)
+    elif args.step == "evaluate":
+        evaluate(args.model, args.runs)
+    elif args.step == "timing":
+        timing(args.model, args.runs)
+    elif args.step == "table-data":
+        table_data()
+    else:
+        text = table()
+        (RESULTS / "ood-table.md").write_text(text + "\n")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
