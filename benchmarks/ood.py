@@ -172,9 +172,8 @@ def timing(model: str, runs: Path, n: int = 1000) -> None:
 
 
 def table_data() -> None:
-    """A table example: scikit-learn's breast-cancer table (569 rows, 30 columns); 10 % of held-out rows made
-    outliers by shuffling each column independently across rows (the marginals stay, the relations between columns
-    break), a mixture and a VAE fitted on 400 rows."""
+    """A table example: scikit-learn's breast-cancer table (569 rows, 30 columns); a mixture and a VAE fitted on benign
+    rows only, the malignant rows the outliers."""
     import tempfile
 
     import torch
@@ -182,18 +181,22 @@ def table_data() -> None:
 
     import elbox as lib
 
-    table = load_breast_cancer(as_frame=True).frame.drop(columns="target")
+    bunch = load_breast_cancer()
     rng = np.random.default_rng(0)
-    rows = table.sample(frac=1, random_state=0).reset_index(drop=True)
-    train, reference, held = rows[:300], rows[300:430], rows[430:]
-    outliers = held.apply(lambda column: rng.permutation(column.values)).iloc[:60]
-    record = {"data": "scikit-learn breast cancer, 30 columns; outliers: columns shuffled independently", "models": {}}
+    benign = bunch.data[bunch.target == 1][rng.permutation(int((bunch.target == 1).sum()))]
+    malignant = bunch.data[bunch.target == 0]
+    train, reference, held = benign[:200], benign[200:270], benign[270:]
+    outliers = malignant[rng.permutation(len(malignant))[: len(held)]]
+    columns = [name.replace(" ", "_") for name in bunch.feature_names]
+    record = {"data": f"scikit-learn breast cancer, 30 columns: fitted on {len(train)} benign rows, reference "
+                      f"{len(reference)} benign, inliers {len(held)} benign, outliers {len(outliers)} malignant",
+              "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, part in (("train", train), ("reference", reference), ("inliers", held), ("outliers", outliers)):
             paths[name] = Path(tmp) / f"{name}.csv"
-            part.to_csv(paths[name], index=False)
-        for model, options in (("mixture", {}), ("vae", {"epochs": 200, "latent_dim": 4, "hidden_dims": [64]})):
+            paths[name].write_text(",".join(columns) + "\n" + "\n".join(",".join(f"{v:.6g}" for v in r) for r in part) + "\n")
+        for model, options in (("mixture", {}), ("vae", {"epochs": 200, "latent_dim": 4, "hidden_dims": [64], "likelihood": "gaussian-learned"})):
             torch.manual_seed(0)
             run = lib.fit(model, str(paths["train"]), out=Path(tmp) / model, progress=False, verbose=False,
                           validation_fraction=0, **options)
