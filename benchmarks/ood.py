@@ -19,7 +19,10 @@ has 2,000 images (the digits: all 1,797). A binary model reads each grey image t
 the image; log p(x) and both bounds of LLR^{>1} with 100 importance samples. AUROC with bootstrap standard errors
 (200 resamples). Outlier sets:
 
-    digits     scikit-learn's 8 x 8 handwritten digits (0..16), scaled to 0..255 and resized to 28 x 28 (bilinear)
+    digits     scikit-learn's 8 x 8 handwritten digits (0..16) made like MNIST: scaled to 0..255, resized to 20 x 20
+               (bilinear) and centered in 28 x 28 with 4 blank pixels around; a stand-in for MNIST, which cannot be
+               downloaded here (under the default VAE it reproduces the known failure: digits -196.9 nats against
+               Fashion-MNIST's -230.7, IWAE-10, 300 images each)
     flipped    Fashion-MNIST test images 2,000..3,999, upside down
     noise      uniform 8-bit noise
     constant   one grey level per image, uniform on 0..255
@@ -77,7 +80,9 @@ def make_data(runs: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     digits = load_digits().images  # [1797, 8, 8] in 0..16
-    big = [np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR)) for d in digits]
+    # as MNIST was made (LeCun et al. 1998): size-normalized to a 20 x 20 box, anti-aliased, centered in 28 x 28
+    big = [np.pad(np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((20, 20), Image.BILINEAR)), 4)
+           for d in digits]
     test, test_labels = fashion("test")
     train, train_labels = fashion("train-full")
     sets = {
