@@ -70,9 +70,10 @@ class ScoreSettings:
     batch_size: int = 500
     seed: int = 0
     binarizations: int = BINARIZATIONS
+    elbo_samples: int = 1  # ELBO draws of log p(x) of a model without importance weights (diffusion), as elbox score
 
     def __post_init__(self):
-        for name in ("iw_samples", "llr_k", "regret_steps", "batch_size", "seed", "binarizations"):
+        for name in ("iw_samples", "llr_k", "regret_steps", "batch_size", "seed", "binarizations", "elbo_samples"):
             check_count_option(getattr(self, name), name)
 
 
@@ -93,6 +94,16 @@ def why_not_applicable(model: LatentVariableModel, method: str, background: Late
 
 def applicable_methods(model: LatentVariableModel, background: LatentVariableModel | None = None) -> list[str]:
     return [m for m in METHODS if why_not_applicable(model, m, background) is None]
+
+
+def method_list(methods: Any) -> list[str]:
+    """The methods asked for as a list, each once, in the order given (one name alone may be a string)."""
+    if isinstance(methods, str):
+        return [methods]
+    try:
+        return list(dict.fromkeys(methods))
+    except TypeError:
+        raise ElboxError(f"methods must be a list of anomaly score names, got {short_repr(methods)}") from None
 
 
 def check_methods(model: LatentVariableModel, methods: list[str], background: LatentVariableModel | None = None) -> None:
@@ -152,9 +163,11 @@ class AnomalyScorer:
 
     def __init__(self, model: LatentVariableModel, space: Any, methods: list[str], settings: ScoreSettings,
                  background: LatentVariableModel | None = None):
+        methods = method_list(methods)
         check_methods(model, methods, background)
         if "llr" in methods and settings.llr_k > model.config.levels:
-            raise ElboxError(f"llr_k={settings.llr_k} is more than the model's {model.config.levels} latent levels")
+            raise ElboxError(f"llr_k (--llr-k) {settings.llr_k} is more than the model's {model.config.levels} latent "
+                             f"levels: choose K from 0 to {model.config.levels}")
         self.model, self.space, self.methods, self.settings, self.background = model, space, methods, settings, background
         self.entropy: float | None = None
 
@@ -205,7 +218,8 @@ class AnomalyScorer:
             model, x = copy.deepcopy(model).double(), x.double()
         if llr_k is None:
             s = self.settings
-            return score_per_example(model, x, counts, seeds, offset, s.iw_samples, s.batch_size, progress=progress)[0]
+            return score_per_example(model, x, counts, seeds, offset, s.iw_samples, s.batch_size, s.elbo_samples,
+                                     progress)[0]
         if not isinstance(model, ImportanceWeighted):
             raise ElboxError(f"the {model.name} model has no importance weights for the LLR bounds")
 

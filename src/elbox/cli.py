@@ -186,7 +186,7 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
     "score": (cmd_score, "per-example log-likelihood estimates of your images or table rows, as CSV", [
         INPUT, ID_COLUMN, BATCH, SEED, ("--out", dict(type=output_file, default=None, metavar="FILE.csv", help="where to write the scores (default: RUN_DIR/scores.csv)")), IW,
         ("--elbo-samples", dict(type=count("elbo_samples"), default=8, help="models scored by their ELBO (diffusion): samples per image (default: 8)")),
-        ("--method", dict(choices=ANOMALY_METHODS, nargs="+", default=None, metavar="NAME", help="add anomaly scores and "
+        ("--method", dict(choices=ANOMALY_METHODS, nargs="+", action="extend", default=None, metavar="NAME", help="add anomaly scores and "
                           f"their p-values as columns: {', '.join(ANOMALY_METHODS)} (docs/ood.md)")),
         REFERENCE, ("--reference-limit", dict(type=count("limit"), default=1000, metavar="N", help="--method: the "
                     "first N reference examples, scored as your input (default: 1000)")), LLR_K, REGRET_STEPS, BACKGROUND]),
@@ -208,7 +208,7 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
     "ood": (cmd_ood, "out-of-distribution detection: AUROC, AUPRC and FPR of every anomaly score, outliers against inliers", [
         ("--outliers", dict(required=True, metavar="PATH", help="the unusual data, as --input of score takes them")),
         ("--inliers", dict(default="test", metavar="SPLIT|PATH", help="normal data to tell them from (default: the run's test split)")),
-        REFERENCE, ("--methods", dict(choices=ANOMALY_METHODS, nargs="+", default=None, metavar="NAME",
+        REFERENCE, ("--methods", dict(choices=ANOMALY_METHODS, nargs="+", action="extend", default=None, metavar="NAME",
                     help=f"scores to compare, of {', '.join(ANOMALY_METHODS)} (default: every one that applies)")),
         ("--iw-samples", dict(type=count("iw_samples"), default=100, metavar="K", help="importance samples of log p(x) and of LLR's bounds (default: 100)")),
         LLR_K, REGRET_STEPS, BACKGROUND,

@@ -81,14 +81,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     num_dims = None if model.preprocessing.space.name == "real" else math.prod(model.config.data_shape)  # bits: 8-bit data
     extra, flagged = {}, ""
     if args.method:
+        methods = list(dict.fromkeys(args.method))  # each once, in the order given
         scores, p_values, _ = anomaly_scores(
-            args.run_dir, args.input, args.method, reference=args.reference, background=args.background,
-            iw_samples=args.iw_samples, llr_k=args.llr_k, regret_steps=args.regret_steps, batch_size=args.batch_size,
-            reference_limit=args.reference_limit, seed=args.seed, device=args.device, progress=not args.no_progress, id_column=args.id_column,
+            args.run_dir, args.input, methods, reference=args.reference, background=args.background,
+            iw_samples=args.iw_samples, elbo_samples=args.elbo_samples, llr_k=args.llr_k, regret_steps=args.regret_steps,
+            batch_size=args.batch_size, reference_limit=args.reference_limit, seed=args.seed, device=args.device, progress=not args.no_progress, id_column=args.id_column,
             log_likelihood=values)
-        for method in args.method:
+        for method in methods:
             extra[f"anomaly_{method}"], extra[f"p_value_{method}"] = scores[method], p_values[method]
-        flagged = "; p-value < 0.01: " + ", ".join(f"{m} {int((p_values[m] < 0.01).sum())}" for m in args.method)
+        flagged = "; p-value < 0.01: " + ", ".join(f"{m} {int((p_values[m] < 0.01).sum())}" for m in methods)
     write_scores_csv(out, names, values, num_dims, estimate, stderr, extra)
     mean = values.mean().item()
     bits = f" ({-mean / (num_dims * math.log(2)):.4f} bits/dim)" if num_dims else ""

@@ -22,13 +22,15 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from elbox.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods, p_values
+from elbox.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods, method_list, p_values
+from elbox.atomic import shown
 from elbox.data import SPLITS
 from elbox.data.preprocessing import input_space
 from elbox.errors import ElboxError
 from elbox.inference import BINARIZATIONS, user_examples
 from elbox.limits import check_count_option
 from elbox.models.base import LatentVariableModel
+from elbox.options import did_you_mean
 
 DEFAULT_BOOTSTRAP = 200
 TPR_LEVELS = (0.80, 0.95)
@@ -64,7 +66,8 @@ def detection_figures(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, fl
 
 def detection_metrics(inliers: Tensor, outliers: Tensor, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
     """detection_figures, each with its bootstrap standard error (key + "_stderr") over `bootstrap` resamples of the
-    inliers and of the outliers (with replacement, each set its own size; seeded)."""
+    inliers and of the outliers (with replacement, each set its own size; seeded); None (JSON null) for a single
+    resample, which has no spread."""
     check_count_option(bootstrap, "bootstrap")
     a, b = inliers.double().cpu().numpy(), outliers.double().cpu().numpy()
     if len(a) == 0 or len(b) == 0:
@@ -76,11 +79,11 @@ def detection_metrics(inliers: Tensor, outliers: Tensor, bootstrap: int = DEFAUL
     draws = [detection_figures(rng.choice(a, len(a)), rng.choice(b, len(b))) for _ in range(bootstrap)]
     for key in list(result):
         values = [d[key] for d in draws]
-        result[f"{key}_stderr"] = float(np.std(values, ddof=1)) if bootstrap > 1 else math.nan
+        result[f"{key}_stderr"] = float(np.std(values, ddof=1)) if bootstrap > 1 else None
     return result
 
 
-def run_and_config(model: Any, device: str | None) -> tuple[LatentVariableModel, dict]:
+def run_and_config(model: Any, device: str | None, what: str = "model") -> tuple[LatentVariableModel, dict]:
     """The model and its run's config ({} for a bare model) from a Run, a run directory or a model."""
     from elbox.checkpoint import load_run
     from elbox.system import resolve_device
@@ -93,7 +96,21 @@ def run_and_config(model: Any, device: str | None) -> tuple[LatentVariableModel,
         return model.model, model.config
     if isinstance(model, LatentVariableModel):
         return model, {}
-    raise ElboxError(f"ood takes a Run, a model or a run directory, got {type(model).__name__}")
+    raise ElboxError(f"the {what} must be a Run, a model or a run directory, got {type(model).__name__}")
+
+
+def background_of(background: Any, device: str | None) -> tuple[LatentVariableModel | None, dict]:
+    """The background model of the likelihood ratio and its run's config ((None, {}) if not given)."""
+    return run_and_config(background, device, "background") if background is not None else (None, {})
+
+
+def warn_if_not_perturbed(background: Any, config: dict, methods: list[str]) -> None:
+    """A warning if the background ratio is asked for with a run not trained on perturbed data (--perturb): that run
+    learns what the model learns, and the ratio tells little."""
+    if "background" in methods and config and not config.get("train", {}).get("perturb"):
+        where = shown(background) if isinstance(background, (str, os.PathLike)) else "the background run"
+        warnings.warn(f"--background {where} was not trained on perturbed data (elbox train ... --perturb 0.2): its "
+                      "likelihood ratio to the model tells little", stacklevel=3)
 
 
 def examples_of(model: LatentVariableModel, config: dict, data: Any, what: str, limit: int | None,
@@ -102,14 +119,21 @@ def examples_of(model: LatentVariableModel, config: dict, data: Any, what: str, 
     data (a path, an array, a tensor or a Dataset) read as the run read its data."""
     from elbox.training.run_evaluation import own_data, run_examples
 
+    is_path = isinstance(data, (str, os.PathLike))
     if isinstance(data, str) and data in SPLITS:
         if not config:
             raise ElboxError(f"--{what} {data}: a bare model has no record of its data; give the {what} data")
         examples, name = run_examples(config, data, seed, limit), own_data(config, data, seed)[2]
+    elif is_path and not os.path.lexists(data):
+        raise ElboxError(f"--{what} {shown(data)}: no such file or folder, nor a split of the run's data "
+                         f"({', '.join(SPLITS)}); {did_you_mean(data, SPLITS)}".removesuffix("; "))
     else:
-        examples = user_examples(model, data, input_space(model))[0]
+        try:
+            examples = user_examples(model, data, input_space(model))[0]
+        except ElboxError as e:  # a path names itself in the message; data given in memory need their role
+            raise e if is_path else ElboxError(f"the {what}: {e}") from None
         examples = examples[:limit] if limit else examples
-        name = str(data) if isinstance(data, (str, os.PathLike)) else "data given in memory"
+        name = str(data) if is_path else "data given in memory"
     if examples.shape[0] == 0:
         raise ElboxError(f"the {what} ({name}) hold no examples")
     return examples, name
@@ -130,14 +154,15 @@ def ood(model: Any, outliers: Any, *, inliers: Any = "test", reference: Any = "v
     definition}}, the sets' names and sizes, and per-example scores and p-values under "scores"}.
     """
     model, config = run_and_config(model, device)
-    background_model = run_and_config(background, device)[0] if background is not None else None
+    background_model, background_config = background_of(background, device)
     settings = ScoreSettings(iw_samples=iw_samples, llr_k=llr_k, regret_steps=regret_steps, batch_size=batch_size,
                              seed=seed, binarizations=binarizations)
     if limit is not None:
         check_count_option(limit, "limit")
     check_count_option(bootstrap, "bootstrap")
-    methods = list(methods) if methods else applicable_methods(model, background_model)
+    methods = method_list(methods) if methods is not None else applicable_methods(model, background_model)
     scorer = AnomalyScorer(model, input_space(model), methods, settings, background_model)
+    warn_if_not_perturbed(background, background_config, scorer.methods)
     sets = {what: examples_of(model, config, data, what, limit, seed)
             for what, data in (("reference", reference), ("inliers", inliers), ("outliers", outliers))}
     if sets["reference"][1] == sets["inliers"][1]:
@@ -179,7 +204,8 @@ def format_ood_table(result: dict) -> str:
     rows = [("method", "AUROC", "AUPRC", "FPR@80%TPR", "FPR@95%TPR")]
     ordered = sorted(result["methods"].items(), key=lambda kv: -kv[1]["auroc"])
     for name, m in ordered:
-        rows.append((name, *(f"{m[k]:.3f} ± {m[k + '_stderr']:.3f}" for k in ("auroc", "auprc", "fpr80", "fpr95"))))
+        rows.append((name, *(f"{m[k]:.3f}" + ("" if m[k + "_stderr"] is None else f" ± {m[k + '_stderr']:.3f}")
+                             for k in ("auroc", "auprc", "fpr80", "fpr95"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -216,25 +242,27 @@ def ood_figure_png(result: dict) -> bytes:
 
 def anomaly_scores(model: Any, data: Any, methods: list[str], *, reference: Any = "validation", background: Any = None,
                    iw_samples: int = 1000, llr_k: int = 1, regret_steps: int = 100, batch_size: int = 500, seed: int = 0,
-                   binarizations: int = BINARIZATIONS, reference_limit: int | None = 1000, device: str | None = None,
-                   progress: bool = False, id_column: str | None = None,
+                   binarizations: int = BINARIZATIONS, elbo_samples: int = 8, reference_limit: int | None = 1000,
+                   device: str | None = None, progress: bool = False, id_column: str | None = None,
                    log_likelihood: Tensor | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
     """Each example's anomaly score by each method (higher = more unusual) and its p-value against the first
     reference_limit examples of the reference data (by default the run's validation split), scored with the same
     settings: ({method: [N]}, {method: [N]}, the examples' names). data, reference: as elbox.score and ood take them.
-    log_likelihood: the examples' log p(x) from elbox.score with the same iw_samples, binarizations and seed, if
-    already computed (it is not computed again)."""
+    elbo_samples: ELBO draws of log p(x) of a model scored by its ELBO (diffusion), as elbox.score's.
+    log_likelihood: the examples' log p(x) from elbox.score with the same iw_samples, elbo_samples, binarizations and
+    seed, if already computed (it is not computed again)."""
     model, config = run_and_config(model, device)
-    background_model = run_and_config(background, device)[0] if background is not None else None
+    background_model, background_config = background_of(background, device)
     settings = ScoreSettings(iw_samples=iw_samples, llr_k=llr_k, regret_steps=regret_steps, batch_size=batch_size,
-                             seed=seed, binarizations=binarizations)
+                             seed=seed, binarizations=binarizations, elbo_samples=elbo_samples)
     if reference_limit is not None:
         check_count_option(reference_limit, "limit")
     space = input_space(model)
-    scorer = AnomalyScorer(model, space, list(methods), settings, background_model)
+    scorer = AnomalyScorer(model, space, method_list(methods), settings, background_model)
+    warn_if_not_perturbed(background, background_config, scorer.methods)
     examples, names = user_examples(model, data, space, id_column)
     if examples.shape[0] == 0:
-        raise ElboxError(f"input {data} holds no examples")
+        raise ElboxError(f"input {shown(data) if isinstance(data, (str, os.PathLike)) else 'array'} holds no examples")
     reference_examples = examples_of(model, config, reference, "reference", reference_limit, seed)[0]
     reference_scores = scorer.fit_reference(reference_examples, progress)
     scores = scorer.scores(examples, progress, nll=None if log_likelihood is None else -log_likelihood.double())
