@@ -31,7 +31,7 @@ from elbox.cli_commands import (
 from elbox.cli_session import TRAINING_RUN, given_options, interrupted, replayed_threads, show_warning
 from elbox.cli_types import Parser, UsageError, count, integer, lazy, output_file, real, report_file
 from elbox.errors import ElboxError
-from elbox.limits import ANOMALY_METHODS, TEMPERATURE
+from elbox.limits import ANOMALY_METHODS, OOD_BINARIZATIONS, OOD_IW_SAMPLES, TEMPERATURE
 from elbox.options import add_options, did_you_mean, option_values
 
 # the working parts of train, imported when it runs (they import torch); the other commands are elbox.cli_commands
@@ -210,9 +210,9 @@ COMMANDS = {  # name: (function, help, options); every command with an output fi
         ("--inliers", dict(default="test", metavar="SPLIT|PATH", help="normal data to tell them from (default: the run's test split)")),
         REFERENCE, ("--methods", dict(choices=ANOMALY_METHODS, nargs="+", action="extend", default=None, metavar="NAME",
                     help=f"scores to compare, of {', '.join(ANOMALY_METHODS)} (default: every one that applies)")),
-        ("--iw-samples", dict(type=count("iw_samples"), default=100, metavar="K", help="importance samples of log p(x) and of LLR's bounds (default: 100)")),
+        ("--iw-samples", dict(type=count("iw_samples"), default=OOD_IW_SAMPLES, metavar="K", help=f"importance samples of log p(x) and of LLR's bounds (default: {OOD_IW_SAMPLES})")),
         LLR_K, REGRET_STEPS, BACKGROUND,
-        ("--binarizations", dict(type=count("binarizations"), default=1, help="binary models: binarizations of each grey image (default: 1)")),
+        ("--binarizations", dict(type=count("binarizations"), default=OOD_BINARIZATIONS, help=f"binary models: binarizations of each grey image (default: {OOD_BINARIZATIONS})")),
         ("--limit", dict(type=count("limit"), default=None, metavar="N", help="the first N examples of each set (default: all)")),
         ("--bootstrap", dict(type=count("bootstrap"), default=200, help="resamples for the standard errors (default: 200)")),
         BATCH, SEED, ("--json", dict(type=output_file, default=None, metavar="FILE.json", help="where to write the result (default: RUN_DIR/ood.json; the histograms beside it as .png)")),

@@ -28,7 +28,7 @@ from elbox.data import SPLITS
 from elbox.data.preprocessing import input_space
 from elbox.errors import ElboxError
 from elbox.inference import BINARIZATIONS, user_examples
-from elbox.limits import check_count_option
+from elbox.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES, check_count_option
 from elbox.models.base import LatentVariableModel
 from elbox.options import did_you_mean
 
@@ -140,15 +140,15 @@ def examples_of(model: LatentVariableModel, config: dict, data: Any, what: str, 
 
 
 def ood(model: Any, outliers: Any, *, inliers: Any = "test", reference: Any = "validation",
-        methods: list[str] | None = None, background: Any = None, iw_samples: int = 100, llr_k: int = 1,
-        regret_steps: int = 100, binarizations: int = 1, limit: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
+        methods: list[str] | None = None, background: Any = None, iw_samples: int = OOD_IW_SAMPLES, llr_k: int = 1,
+        regret_steps: int = 100, binarizations: int = OOD_BINARIZATIONS, limit: int | None = None, bootstrap: int = DEFAULT_BOOTSTRAP,
         batch_size: int = 500, seed: int = 0, device: str | None = None, progress: bool = False) -> dict:
     """Out-of-distribution detection by every anomaly score that applies to the model (or those in `methods`).
 
     model: a Run, a run directory or a model. outliers, inliers, reference: a split of the run's data ("test",
     "validation", "train") or data as elbox.score takes them (a path, an array, a tensor); limit: the first N of each.
-    binarizations: of each grey image, for a binary model (one, seeded by the image: a tenth of the time of elbox
-    score's 16, and the detection figures average over many images anyway).
+    binarizations: of each grey image, for a binary model, each seeded by the image (elbox.limits says why 16 and
+    25 importance samples).
     background: a second run (or model) trained on perturbed data, for the background likelihood ratio.
     Returns a JSON-ready dict: {"methods": {name: {auroc, auprc, fpr80, fpr95, each with _stderr; seconds; units;
     definition}}, the sets' names and sizes, and per-example scores and p-values under "scores"}.
