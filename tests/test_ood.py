@@ -21,6 +21,8 @@ from elbox.cli import main
 from elbox.data import get_data_space
 from elbox.data.spaces import perturbed_images
 from elbox.detection import detection_metrics
+from elbox.errors import ElboxError
+from elbox.inference import model_inputs
 from elbox.models import build_model
 from elbox.tighten import gaussian_q_elbo, likelihood_regret
 
@@ -115,14 +117,18 @@ def test_png_bits_is_the_length_of_pillows_png_in_bits():
     x = images(3)
     for i in range(3):
         assert png_bits(x)[i].item() == 8 * png_length(x[i, 0].numpy())
+    bits = x > 128
+    assert png_bits(bits, one_bit=True)[2].item() == 8 * png_length(bits[2, 0].numpy())
     rgb = (torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
     assert png_bits(rgb)[1].item() == 8 * png_length(rgb[1].permute(1, 2, 0).numpy(), "RGB")
 
 
-def test_complexity_is_the_nll_in_bits_less_the_png_length_of_the_image():
-    model, x = hvae("markov"), images(4)  # grey images, which a binary model reads through binarizations
-    found = scorer(model, ["likelihood", "complexity"], iw_samples=5, binarizations=3).scores(x)
-    code = torch.tensor([8.0 * png_length(image[0].numpy()) for image in x], dtype=torch.float64)
+def test_complexity_is_the_nll_in_bits_less_the_png_length_of_what_the_model_reads():
+    model, x = hvae("markov"), images(4)  # grey images: a binary model reads their binarizations
+    s = scorer(model, ["likelihood", "complexity"], iw_samples=5, binarizations=3)
+    found = s.scores(x)
+    rows, counts, _ = model_inputs(x, get_data_space("binary"), 0, 3)
+    code = torch.tensor([8.0 * png_length(r[0].numpy().astype(bool)) for r in rows]).reshape(4, 3).mean(1)
     assert torch.allclose(found["complexity"], found["likelihood"] / math.log(2) - code, atol=1e-9)
 
 
