@@ -209,6 +209,13 @@ INTEGERS += [([command, "RUN", *extra], "--seed", 0, SEED_MAX) for command, extr
 INTEGERS += [([command, "RUN", *extra], "--threads", 1, 1024) for command, extra in
              [("evaluate", []), ("sample", []), ("score", ["--input", "x.npy"]), ("encode", ["--input", "x.npy", "--out", "f.npz"]),
               ("report", []), ("reconstruct", []), ("tighten", [])]]
+SCORE_METHOD, OOD = ["score", "RUN", "--input", "x.npy"], ["ood", "RUN", "--outliers", "x.npy"]
+INTEGERS += [(SCORE_METHOD, "--reference-limit", 1, 10**9), (SCORE_METHOD, "--llr-k", 0, 100),
+             (SCORE_METHOD, "--regret-steps", 1, 100_000)]
+INTEGERS += [(OOD, flag, low, high) for flag, low, high in [
+    ("--iw-samples", 1, 100_000), ("--llr-k", 0, 100), ("--regret-steps", 1, 100_000), ("--binarizations", 1, 10_000),
+    ("--limit", 1, 10**9), ("--bootstrap", 1, 100_000), ("--batch-size", 1, 10_000), ("--seed", 0, SEED_MAX),
+    ("--threads", 1, 1024)]]
 REALS = [(["sample", "RUN"], "--temperature", 0, 100), (["tighten", "RUN"], "--lr", 0, 10)]
 
 
