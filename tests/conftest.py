@@ -126,3 +126,11 @@ def interrupt_second_validation(monkeypatch) -> None:
         return validate(self)
 
     monkeypatch.setattr(Trainer, "validate", interrupt)
+
+
+def two_tone_images(rng, n: int):
+    """n 8 x 8 uint8 images, dark left half and bright right half with a little noise: binarized, nearly one pattern
+    that a tiny model learns in a few epochs (the OOD tests' inliers)."""
+    import numpy as np
+
+    return np.clip(rng.normal(0, 8, (n, 8, 8)) + np.repeat([10.0, 245.0], 4)[None, None, :], 0, 255).astype(np.uint8)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import two_tone_images
 from PIL import Image
 from scipy import stats
 
@@ -21,7 +22,6 @@ from elbox.cli import main
 from elbox.data import get_data_space
 from elbox.data.spaces import perturbed_images
 from elbox.detection import detection_metrics
-from elbox.errors import ElboxError
 from elbox.inference import model_inputs
 from elbox.models import build_model
 from elbox.tighten import gaussian_q_elbo, likelihood_regret
@@ -249,8 +249,7 @@ def hvae_run(tmp_path_factory):
     """A 2-level HVAE trained briefly on 8 x 8 images, and files of inliers and outliers."""
     root = tmp_path_factory.mktemp("ood")
     rng = np.random.default_rng(0)
-    # dark left, bright right: binarized, nearly one pattern; the outliers are uniform noise
-    smooth = np.clip(rng.normal(0, 8, (600, 8, 8)) + np.repeat([10.0, 245.0], 4)[None, None, :], 0, 255).astype(np.uint8)
+    smooth = two_tone_images(rng, 600)  # the outliers are uniform noise
     np.save(root / "train.npy", smooth[:400])
     np.save(root / "inliers.npy", smooth[400:])
     np.save(root / "noise.npy", rng.integers(0, 256, (150, 8, 8), dtype=np.uint8))

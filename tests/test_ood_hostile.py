@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import two_tone_images
 
 import elbox
 from elbox.cli import main
@@ -20,7 +21,7 @@ def runs(tmp_path_factory):
     """Tiny runs of 8 x 8 images (a binary VAE, a diffusion model) and of a table (a Gaussian), and data files."""
     root = tmp_path_factory.mktemp("hostile")
     rng = np.random.default_rng(0)
-    images = np.clip(rng.normal(0, 8, (160, 8, 8)) + np.repeat([10.0, 245.0], 4)[None, None, :], 0, 255).astype(np.uint8)
+    images = two_tone_images(rng, 160)
     np.save(root / "train.npy", images[:120])
     np.save(root / "inliers.npy", images[120:])
     np.save(root / "noise.npy", rng.integers(0, 256, (30, 8, 8), dtype=np.uint8))

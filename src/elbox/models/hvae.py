@@ -259,6 +259,8 @@ class HVAE(LatentVariableModel):
         if not 0 <= k <= self.config.levels:
             raise ElboxError(f"k must be between 0 and the model's {self.config.levels} levels, got {k}")
         prepared = self.prepare(x)
+        if k == 0:  # L^{>0} is the ordinary bound: draw()'s log weights, on the same draws
+            return lambda n: self.draw(prepared, x, n)[2]
         return lambda n: self.draw_above(prepared, x, n, k)
 
     def importance_samples(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> ImportanceSamples:

@@ -119,7 +119,7 @@ class TopDownHVAE(HVAE):
         return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
 
     def draw_above(self, prepared: list[Tensor], x: Tensor, n: int, k: int) -> Tensor:
-        """Log weights [n, B] of L^{>k}: the top levels z ~ q down the path, the k levels next to x (the last k of
+        """Log weights [n, B] of L^{>k}, k >= 1: the top levels z ~ q down the path, the k levels next to x (the last k of
         the top-down pass) from their prior p(z_l|z_above); the weight keeps the terms of the levels drawn from q."""
         batch, first_from_prior = x.shape[0], self.config.levels - k
         log_ratio = [x.new_zeros(n * batch)]

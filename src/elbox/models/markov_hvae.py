@@ -112,10 +112,8 @@ class MarkovHVAE(HVAE):
         return log_px, kl, log_px + sum(log_p) - sum(log_q)
 
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
-        """Log weights [n, B] of L^{>k}: z_1..T ~ q up the chain, then z_k..z_1 drawn again from p(z_t|z_{t+1}) (all of
-        them from the prior for k = T); the weight keeps the terms of the levels above k. For k = 0 it is draw()'s."""
-        if k == 0:
-            return self.draw(prepared, x, n)[2]
+        """Log weights [n, B] of L^{>k}, 1 <= k <= T: z_1..T ~ q up the chain, then z_k..z_1 drawn again from
+        p(z_t|z_{t+1}) (all of them from the prior for k = T); the weight keeps the terms of the levels above k."""
         levels = self.config.levels
         if k < levels:
             zs, log_q, _ = self._posterior_chain(prepared, n)

@@ -151,10 +151,8 @@ class SkipHVAE(HVAE):
         return log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2
 
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
-        """Log weights [n, B] of L^{>k}: k = 0 draw()'s; k = 1 z2 ~ q(z2|x), z1 ~ p(z1|z2), log p(x|z1,z2) + log p(z2)
-        - log q(z2|x); k = 2 both levels from the prior, log p(x|z1,z2)."""
-        if k == 0:
-            return self.draw(prepared, x, n)[2]
+        """Log weights [n, B] of L^{>k}: k = 1 z2 ~ q(z2|x), z1 ~ p(z1|z2), log p(x|z1,z2) + log p(z2) - log q(z2|x);
+        k = 2 both levels from the prior, log p(x|z1,z2)."""
         (mean2, std2), _ = prepared
         if k == 1:
             z2, eps2 = sample_diag_gaussian(mean2, std2, n)
