@@ -169,6 +169,19 @@ def test_regret_is_the_elbo_gain_of_a_per_example_q_and_never_negative():
     assert torch.allclose(regret, (fitted - amortized).double(), atol=1e-4)
 
 
+def test_an_examples_regret_does_not_depend_on_the_examples_refit_with_it():
+    """The scorer refits many examples at once, each with draws from its own generator (SeededNoise): an example's
+    regret alone equals its regret in a batch, up to float32 rounding of the batched products."""
+    torch.manual_seed(0)
+    model = build_model("vae", {"data_shape": list(SHAPE), "latent_dim": 2, "hidden_dims": [8]}).eval()
+    x = images(5)  # grey images: 3 binarizations each
+    together = scorer(model, ["regret"], regret_steps=20, binarizations=3).scores(x)["regret"]
+    alone = torch.cat([scorer(model, ["regret"], regret_steps=20, binarizations=3).scores(x[i : i + 1])["regret"]
+                       for i in (4, 0, 2)])
+    assert torch.allclose(alone, together[[4, 0, 2]], atol=1e-4)
+    assert (together >= 0).all() and together.unique().numel() == 5
+
+
 def test_background_score_is_the_log_likelihood_ratio():
     model = hvae("markov")
     torch.manual_seed(9)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ from PIL import Image
 from torch import Tensor
 
 from elbox.errors import ElboxError
-from elbox.evaluation import example_means, iwae_per_example, score_per_example, seeded_per_example
+from elbox.evaluation import example_means, examples_progress, iwae_per_example, score_per_example, seeded_per_example
 from elbox.inference import BINARIZATIONS, model_inputs
 from elbox.limits import ANOMALY_METHODS, check_count_option
 from elbox.models.base import ExactLikelihood, ImportanceWeighted, LatentVariableModel, LevelBounds, Tightenable
@@ -57,6 +58,8 @@ from elbox.options import did_you_mean, short_repr
 METHODS = ANOMALY_METHODS
 UNITS = {"likelihood": "nats", "complexity": "bits", "typicality": "nats", "llr": "nats", "regret": "nats",
          "background": "nats"}
+# rows x samples x elements of one pass of the regret's refit: about 64 grey images of 28 x 28 in 16 binarizations
+REGRET_PASS_ELEMENTS = 2**23
 DEFAULT_LLR_K = 1  # Havtorn et al. (2021) use LLR^{>1} for their 3-level HVAE on Fashion-MNIST
 
 
@@ -232,9 +235,15 @@ class AnomalyScorer:
         return example_means(seeded_per_example(x, counts, seeds, bound, f"L^>{llr_k}", progress), counts, offset)
 
     def _regret(self, x: Tensor, counts: list[int], seeds: list[int], progress: bool) -> Tensor:
-        from elbox.tighten import likelihood_regret  # tighten imports the training loop: only when asked for
+        """The regret of each example, many examples per refit (the refit is per example, and each example's draws
+        come from its own generator seeded by it: SeededNoise), REGRET_PASS_ELEMENTS rows x samples x elements a pass."""
+        from elbox.tighten import REFIT_SAMPLES, SeededNoise, likelihood_regret  # tighten imports the training loop
 
-        def regret(rows: Tensor, _: int) -> Tensor:
-            return likelihood_regret(self.model, rows, self.settings.regret_steps)
-
-        return example_means(seeded_per_example(x, counts, seeds, regret, "regret", progress), counts)
+        per_pass = max(1, REGRET_PASS_ELEMENTS // (max(counts) * REFIT_SAMPLES * math.prod(x.shape[1:])))
+        starts, parts = [0, *itertools.accumulate(counts)], []
+        for first in examples_progress(len(counts), per_pass, "regret", progress):
+            last = min(first + per_pass, len(counts))
+            noise = SeededNoise(seeds[first:last], counts[first:last], x.device)
+            parts.append(likelihood_regret(self.model, x[starts[first] : starts[last]], self.settings.regret_steps,
+                                           noise=noise))
+        return example_means(torch.cat(parts), counts)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from elbox.bounds import LOG_2PI, mean_and_stderr, sample_diag_gaussian
+from elbox.bounds import LOG_2PI, mean_and_stderr
 from elbox.checkpoint import load_run
 from elbox.data import DataSpace, iterate_batches, space_from_record
 from elbox.errors import ElboxError
@@ -40,6 +40,7 @@ from elbox.training.progress import progress_bar
 from elbox.training.run_evaluation import data_in_space, evaluation_split, run_examples
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
+REFIT_SAMPLES = 8  # Monte Carlo draws per step of the regret's per-example refit
 REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)
 
 
@@ -50,16 +51,39 @@ def check_tightenable(model: LatentVariableModel) -> None:
                          "amortized); use elbox evaluate for the others' bounds")
 
 
-def gaussian_q_elbo(model: LatentVariableModel, x: Tensor, mean: Tensor, std: Tensor, n_samples: int) -> Tensor:
-    """ELBO [B] of an explicit diagonal Gaussian q = N(mean, std^2): E_q[log p(x, z)] + H[q], H analytic."""
-    z, _ = sample_diag_gaussian(mean, std, n_samples)
+class SeededNoise:
+    """Standard-normal draws for the rows of several examples, each example's from its own generator seeded with
+    seeds[i] (counts[i] consecutive rows each), so an example's draws do not depend on the examples batched with it."""
+
+    def __init__(self, seeds: list[int], counts: list[int], device: torch.device):
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self.counts, self.device = counts, device
+
+    def __call__(self, n_samples: int, dim: int) -> Tensor:
+        """[n_samples, rows, dim]"""
+        draws = [torch.randn(n_samples, n, dim, generator=g) for g, n in zip(self.generators, self.counts, strict=True)]
+        return torch.cat(draws, 1).to(self.device)
+
+
+def draw_noise(mean: Tensor, n_samples: int, noise: SeededNoise | None) -> Tensor:
+    """eps [n_samples, *mean.shape] ~ N(0, I): from `noise` if given, else from the global generator."""
+    if noise is None:
+        return torch.randn((n_samples, *mean.shape), dtype=mean.dtype, device=mean.device)
+    return noise(n_samples, mean.shape[-1]).to(mean.dtype)
+
+
+def gaussian_q_elbo(model: LatentVariableModel, x: Tensor, mean: Tensor, std: Tensor, n_samples: int,
+                    noise: SeededNoise | None = None, eps: Tensor | None = None) -> Tensor:
+    """ELBO [B] of an explicit diagonal Gaussian q = N(mean, std^2): E_q[log p(x, z)] + H[q], H analytic; the
+    reparameterized draws z = mean + std * eps use the given eps, else draw_noise's."""
+    eps = draw_noise(mean, n_samples, noise) if eps is None else eps
     entropy = (std.log() + 0.5 * (1 + LOG_2PI)).sum(-1)
-    return model.log_joint(x, z).mean(0) + entropy
+    return model.log_joint(x, mean + std * eps).mean(0) + entropy
 
 
 def optimize_per_example_q(
     model: LatentVariableModel, x: Tensor, steps: int = 300, lr: float = 0.05, n_samples: int = 16,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None, noise: SeededNoise | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Best diagonal Gaussian q per example (semi-amortized: starts at the encoder's q), decoder fixed.
 
@@ -67,7 +91,7 @@ def optimize_per_example_q(
     learning-rate decay, so the iterates settle instead of jittering around the optimum; the examples are
     independent, so one optimizer over the batch is the same as one per example. Each example keeps the
     optimized q only where it beats the encoder's q on a common set of 64 samples (paired comparison).
-    on_step(done, steps) is called after each step.
+    on_step(done, steps) is called after each step; the draws come from `noise` if given (draw_noise).
     """
     with torch.no_grad():
         mean0, std0 = model.posterior_params(x)
@@ -76,40 +100,38 @@ def optimize_per_example_q(
     optimizer = torch.optim.Adam([mean, log_std], lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
-        loss = -gaussian_q_elbo(model, x, mean, log_std.exp(), n_samples).sum()
+        loss = -gaussian_q_elbo(model, x, mean, log_std.exp(), n_samples, noise).sum()
         mean.grad, log_std.grad = torch.autograd.grad(loss, [mean, log_std])  # the model's .grad untouched
         optimizer.step()
         schedule.step()
         if on_step is not None:
             on_step(step + 1, steps)
     mean, std = mean.detach(), log_std.detach().exp()
-    optimized, initial = paired_elbos(model, x, (mean, std), (mean0, std0))
+    optimized, initial = paired_elbos(model, x, (mean, std), (mean0, std0), noise=noise)
     keep = (optimized >= initial).unsqueeze(-1)
     return torch.where(keep, mean, mean0), torch.where(keep, std, std0)
 
 
 @torch.no_grad()
 def paired_elbos(model: LatentVariableModel, x: Tensor, q: tuple[Tensor, Tensor], q0: tuple[Tensor, Tensor],
-                 n_samples: int = 64) -> tuple[Tensor, Tensor]:
+                 n_samples: int = 64, noise: SeededNoise | None = None) -> tuple[Tensor, Tensor]:
     """The ELBOs [B] of two diagonal Gaussians q and q0 on the same n_samples standard-normal draws (a paired
     comparison); the global generator's state is left as it was."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        state = torch.random.get_rng_state()
-        elbo = gaussian_q_elbo(model, x, *q, n_samples)
-        torch.random.set_rng_state(state)
-        elbo0 = gaussian_q_elbo(model, x, *q0, n_samples)
-    return elbo, elbo0
+        eps = draw_noise(q[0], n_samples, noise)
+    return gaussian_q_elbo(model, x, *q, n_samples, eps=eps), gaussian_q_elbo(model, x, *q0, n_samples, eps=eps)
 
 
-def likelihood_regret(model: LatentVariableModel, x: Tensor, steps: int = 100, lr: float = 0.05, n_samples: int = 8) -> Tensor:
+def likelihood_regret(model: LatentVariableModel, x: Tensor, steps: int = 100, lr: float = 0.05,
+                      n_samples: int = REFIT_SAMPLES, noise: SeededNoise | None = None) -> Tensor:
     """The likelihood regret of each example [B] (Xiao et al. 2020): how much its ELBO rises when q is fitted to it
     alone (optimize_per_example_q, decoder fixed) over the amortized encoder's q, on 64 common draws: >= 0, and large
-    where the encoder has not seen data like x."""
+    where the encoder has not seen data like x. The draws come from `noise` if given (draw_noise)."""
     with torch.no_grad():
         q0 = model.posterior_params(x)
     with torch.enable_grad():
-        q = optimize_per_example_q(model, x, steps, lr, n_samples)
-    elbo, elbo0 = paired_elbos(model, x, q, q0)
+        q = optimize_per_example_q(model, x, steps, lr, n_samples, noise=noise)
+    elbo, elbo0 = paired_elbos(model, x, q, q0, noise=noise)
     return (elbo - elbo0).double()
 
 
