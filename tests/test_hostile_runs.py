@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 
+import pytest
 from conftest import run_cli_expecting_error
 
 from elbox.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
@@ -97,3 +98,37 @@ def test_a_mixture_fit_killed_part_way_restarts_from_either_command(tmp_path):
         assert main(restart) == 0
         assert (out / CONFIG_FILE).read_text() == config and (out / WEIGHTS_FILE).read_bytes() == weights
     run_cli_expecting_error(["train", "--resume", out], untouched=[out], match="is complete")
+
+
+CLOSED_FORM = {  # every model fitted without gradients: elbox train arguments
+    "gaussian": ["gaussian"],
+    "mixture": ["mixture", "--n-components", "2"],
+    "linear": ["linear", "--latent-dim", "3"],
+    "linear, factor analysis": ["linear", "--latent-dim", "3", "--noise", "diagonal"],
+}
+
+
+def test_the_list_of_closed_form_fits_is_every_model_fitted_without_gradients():
+    from elbox.models import MODELS, build_model
+
+    found = set()
+    for name in MODELS:
+        for shape in ([6], [1, 8, 8]):
+            try:
+                model = build_model(name, {"data_shape": shape, "latent_dim": 3} if name == "linear" else {"data_shape": shape})
+            except Exception:  # this model takes the other shape (or needs other options): the next shape decides
+                continue
+            if not model.trains_by_gradient:
+                found.add(name)
+            break
+    assert found == {args[0] for args in CLOSED_FORM.values()}
+
+
+@pytest.mark.parametrize("model", list(CLOSED_FORM))
+def test_resuming_a_finished_closed_form_fit_is_refused_and_leaves_the_run_unchanged(tmp_path, model):
+    """A closed-form run has no epochs to continue: resuming it (or extending it) leaves every file byte for byte."""
+    out = tmp_path / "run"
+    assert main(["train", *CLOSED_FORM[model], "--data", "synthetic", "--limit-train", "300", "--no-progress",
+                 "--out", out]) == 0
+    run_cli_expecting_error(["train", "--resume", out], untouched=[out], match="is complete")
+    run_cli_expecting_error(["train", "--resume", out, "--epochs", "5"], untouched=[out], match="no epochs to extend")

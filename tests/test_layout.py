@@ -53,3 +53,40 @@ def test_no_hasattr_capability_checks():
     offenders = [f"{p.relative_to(SRC)}:{i}" for p in SRC.rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
                  if "hasattr(" in line]
     assert not offenders
+
+
+def calls_and_compares():
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            yield path, node
+
+
+def test_no_getattr_with_a_literal_name():
+    """A question asked of an object is a Protocol it implements or an attribute its class declares: never
+    getattr(obj, "name", default)."""
+    offenders = [f"{p.relative_to(SRC)}:{n.lineno}" for p, n in calls_and_compares()
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "getattr"
+                 and len(n.args) >= 2 and isinstance(n.args[1], ast.Constant)]
+    assert not offenders
+
+
+def test_no_method_identity_tests():
+    """No `type(model).method is Base.method`: a model that has a capability implements its Protocol."""
+    offenders = [f"{p.relative_to(SRC)}:{n.lineno}" for p, n in calls_and_compares()
+                 if isinstance(n, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in n.ops)
+                 and isinstance(n.left, ast.Attribute) and all(isinstance(c, ast.Attribute) for c in n.comparators)]
+    assert not offenders
+
+
+def test_declared_capabilities_are_never_properties():
+    """LatentVariableModel declares its capability flags with defaults; a model whose answer depends on its config
+    sets the attribute in __init__, so the built model answers, never the class (a class flag overridden by a
+    property once made resume read the class's default)."""
+    base = next(n for n in ast.walk(ast.parse((SRC / "models" / "base.py").read_text()))
+                if isinstance(n, ast.ClassDef) and n.name == "LatentVariableModel")
+    flags = {n.target.id for n in base.body if isinstance(n, ast.AnnAssign) and isinstance(n.value, ast.Constant)
+             and isinstance(n.value.value, bool)}
+    assert {"trains_by_gradient", "kl_terms_are_kls", "trains_on_surrogate", "detachable_posterior"} <= flags
+    offenders = [f"{p.relative_to(SRC)}:{n.lineno} {n.name}" for p, n in calls_and_compares()
+                 if isinstance(n, ast.FunctionDef) and n.name in flags]
+    assert not offenders

@@ -132,7 +132,7 @@ def test_evaluation_passes_respect_the_memory_bound(monkeypatch):
     seen = []
     original = model.elbo
     monkeypatch.setattr(model, "elbo", lambda xb, n_samples: seen.append(xb.shape[0] * n_samples) or original(xb, n_samples))
-    per_sample = model.activation_elements
+    per_sample = model.activation_elements()
     elbo_per_example(model, x, batch_size=500, n_samples=4, max_decoder_elements=10 * per_sample, final=False)
     assert sum(seen) == 160 and max(seen) <= 10 and len(seen) == 20  # 2 examples x 4 samples per pass
 

@@ -245,5 +245,5 @@ class AnomalyScorer:
             last = min(first + per_pass, len(counts))
             noise = SeededNoise(seeds[first:last], counts[first:last], x.device)
             parts.append(likelihood_regret(self.model, x[starts[first] : starts[last]], self.settings.regret_steps,
-                                           noise=noise))
+                                           n_samples=REFIT_SAMPLES, noise=noise))
         return example_means(torch.cat(parts), counts)

@@ -114,11 +114,9 @@ def active_units_by_level(model: LatentVariableModel, x: Tensor, batch_size: int
 
 def elements_per_sample(model: LatentVariableModel) -> int:
     """Memory one sample of one example costs in a pass, in float32 elements: its likelihood parameters, or the
-    model's largest per-sample activation (`activation_elements`, for models whose hidden state is larger than
+    model's largest per-sample activation (activation_elements(), for models whose hidden state is larger than
     their output) if that is bigger."""
-    likelihood = getattr(model, "likelihood", None)
-    per_example = math.prod(model.config.data_shape) * (likelihood.num_params if likelihood is not None else 1)
-    return max(per_example, getattr(model, "activation_elements", 0))
+    return max(math.prod(model.config.data_shape) * model.likelihood_params(), model.activation_elements())
 
 
 def pass_bound(model: LatentVariableModel, x: Tensor, max_decoder_elements: int | None) -> int:

@@ -31,7 +31,7 @@ from elbox.atomic import SAMPLES_FIRST_COLUMN, SCORES_HEADER, WRITTEN_BY, atomic
 from elbox.data import DataSpace
 from elbox.data.formats import to_8bit_tensor
 from elbox.data.user import read_images
-from elbox.data.user_tables import TABLE_SUFFIXES
+from elbox.data.user_tables import TABLE_SUFFIXES, Table
 from elbox.data.inputs import as_examples
 from elbox.data.preprocessing import input_space, open_input
 from elbox.errors import ElboxError
@@ -125,7 +125,7 @@ def user_examples(model: LatentVariableModel, data: Any, space: DataSpace,
         if tuple(vectors.shape[1:]) != tuple(model.config.data_shape):
             raise ElboxError(f"{what} has examples of shape {tuple(vectors.shape[1:])}; the model takes vectors of "
                              f"{model.config.data_shape[0]} values")
-        names = getattr(source, "row_names", None) or [str(i) for i in range(vectors.shape[0])]
+        names = (source.row_names if isinstance(source, Table) else None) or [str(i) for i in range(vectors.shape[0])]
         return vectors, names
     names: list[str] = []
     if is_path:

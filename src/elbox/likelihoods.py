@@ -403,10 +403,6 @@ class LikelihoodOptions:
     ar_channels: int = option(32, "hidden channels of the bernoulli-ar likelihood's masked convolution", minimum=1)
     ar_kernel: int = option(7, "window (odd) of the bernoulli-ar likelihood's masked convolution", minimum=3)
 
-    @staticmethod
-    def upgrade(values: dict) -> dict:
-        return upgrade_likelihood_options(values)
-
     def data_space(self) -> str:
         """The data space of the model's inputs: the likelihood's for images, 'real' for vectors (data_shape (D,)) with
         a gaussian likelihood; ElboxError for another likelihood on vectors (elbox.data.model_data_space)."""
@@ -415,6 +411,20 @@ class LikelihoodOptions:
     def build_likelihood(self) -> Likelihood:
         return build_likelihood(self.likelihood, self.data_shape, sigma=self.sigma, n_mixtures=self.n_mixtures,
                                 real=self.data_space() == "real", ar_channels=self.ar_channels, ar_kernel=self.ar_kernel)
+
+
+class LikelihoodModel:
+    """Mixin of the models whose p(x|z) is a Likelihood in self.likelihood, built from LikelihoodOptions (the VAE
+    and the HVAEs): what one decoded sample costs, and the config's older formats."""
+
+    likelihood: Likelihood
+
+    def likelihood_params(self) -> int:
+        return self.likelihood.num_params
+
+    @classmethod
+    def upgrade_config(cls, values: dict) -> dict:
+        return upgrade_likelihood_options(values)
 
 
 def upgrade_likelihood_options(values: dict) -> dict:

@@ -413,7 +413,7 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
     converting colors would score another image than the one given. uint8 images [N, C, H, W] or [N, H, W] already
     in the model's channels share the array's memory (if it is writable), not copied."""
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "uifb":
-        kind = getattr(array, "dtype", type(array))
+        kind = array.dtype if isinstance(array, (np.ndarray, torch.Tensor)) else type(array)
         raise ElboxError(f"{what} has dtype {kind}; give integers 0..255 or floats in [0, 1]")
     c, h, w = data_shape
     layouts = _layouts(c, h, w)

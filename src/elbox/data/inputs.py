@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -174,12 +174,20 @@ def first(examples: Images, n: int | None) -> Images:
     return Subset(examples, range(min(n, len(examples))))
 
 
+@runtime_checkable
+class ShapedDataset(Protocol):
+    """A Dataset that knows the shape of its examples without reading one (elbox's folder, array and table readers)."""
+
+    shape: tuple[int, ...]
+
+
 def example_shape(examples: Images) -> tuple[int, ...]:
     """The shape of one example of a tensor or a Dataset (its `shape`, else its first item's)."""
     if isinstance(examples, Tensor):
         return tuple(examples.shape[1:])
-    shape = getattr(examples, "shape", None)
-    return tuple(shape) if shape is not None else tuple(as_examples(Subset(examples, [0]), "data").shape[1:])
+    if isinstance(examples, ShapedDataset):
+        return tuple(examples.shape)
+    return tuple(as_examples(Subset(examples, [0]), "data").shape[1:])
 
 
 def check_same_shape(train: Images, val: Images, data: Any, validation: Any) -> None:

@@ -34,6 +34,8 @@ class _ArrayDataset(Dataset):
     """An array opened from `path` (memory-mapped where it can be), kept picklable for DataLoader workers: a memory
     map is reopened in the worker, never copied into the pickle."""
 
+    _fd: int | None = None  # the file descriptor a worker reads rows through (read_rows), once opened
+
     def __init__(self, path: str | os.PathLike, key: str | None, array: np.ndarray | None, what: str):
         self.path, self.key, self._fd = Path(path), key, None
         self.array = open_array(self.path, key) if array is None else array
@@ -73,7 +75,7 @@ class _ArrayDataset(Dataset):
         return state
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
+        if self._fd is not None:
             os.close(self._fd)
 
     def __setstate__(self, state: dict) -> None:

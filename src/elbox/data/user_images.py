@@ -40,7 +40,8 @@ def cut(text: str, limit: int = 100) -> str:
 
 def one_line(error: BaseException, limit: int = 100) -> str:
     """An exception's text as one short line, for the end of an ElboxError message."""
-    return cut(str(getattr(error, "strerror", None) or error), limit) or type(error).__name__
+    text = error.strerror if isinstance(error, OSError) and error.strerror else error
+    return cut(str(text), limit) or type(error).__name__
 
 
 def item_index(index: Any, length: int) -> int:

@@ -8,7 +8,9 @@ Every model subclasses LatentVariableModel and returns nats per example, summed 
     data_space                                 the elbox.data space its inputs come from (required)
 
 A capability a model lacks is absent rather than faked. The optional capabilities are the Protocols below;
-the evaluator, trainer and commands dispatch with isinstance(model, Protocol):
+the evaluator, trainer and commands dispatch with isinstance(model, Protocol). The other questions asked of a model
+are attributes LatentVariableModel declares with a default (trains_by_gradient, kl_terms_are_kls, ...), set per
+instance where they depend on the config:
 
     LowerBounded         elbo(x, n_samples) -> ELBOTerms      the ELBO (every model with a latent)
     ExactLikelihood      log_prob(x) -> [B]                   exact log p(x)
@@ -18,7 +20,9 @@ the evaluator, trainer and commands dispatch with isinstance(model, Protocol):
     Reconstructs         reconstruct(x) -> like x             mean of p(x|z) at the posterior mean
     Hierarchical         encode_levels(x) -> {level: means}   per-level posterior means
     Tightenable          posterior_params, log_joint, encoder_parameters (elbox.tighten)
-    ClosedFormFit        fit(x, callback) -> records          closed form or EM, no gradients
+    LevelBounds          log_weights_above_sampler(x, k)      the bound L^{>k} (elbox.anomaly's llr)
+    DataInitialized      initialize_from_data(x)              data-dependent initialization before training
+    ClosedFormFit        fit(x, callback) -> records          closed form or EM, no gradients (trains_by_gradient False)
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ class LatentVariableModel(nn.Module):
     config_class: ClassVar[type] = object
     # training options whose default differs for this model (see training_defaults)
     train_defaults: ClassVar[dict[str, Any]] = {}
-    # False for models fitted by their own `fit(x, callback) -> list[dict]` (closed form, EM)
+    # Declared capabilities: a class sets the ones that differ; one that depends on the config is set per instance in
+    # __init__ (never a property), so the built model answers (tests/test_layout.py keeps it so).
+    # False for models fitted by their own `fit(x, callback) -> list[dict]` (ClosedFormFit: closed form, EM)
     trains_by_gradient: bool = True
     # False when some ELBOTerms.kl entries are Monte Carlo terms that are not KL divergences (free bits refused)
     kl_terms_are_kls: bool = True
@@ -76,6 +82,12 @@ class LatentVariableModel(nn.Module):
         """The TrainConfig values this model defaults to differently, given the model options chosen so far (a
         model whose recipe depends on its options, e.g. the HVAE's type, overrides this)."""
         return dict(cls.train_defaults)
+
+    @classmethod
+    def upgrade_config(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """The JSON values of a config of an older format, as the current config class reads them (default: as
+        they are)."""
+        return values
 
     @classmethod
     def from_config(cls, config: Any) -> "LatentVariableModel":
@@ -99,8 +111,15 @@ class LatentVariableModel(nn.Module):
         """How elbo_for_evaluation estimates the ELBO, in words, for the evaluation record."""
         return f"{n_samples} sample(s)"
 
-    def initialize_from_data(self, x: Tensor) -> None:
-        """Data-dependent initialization before gradient training (default: none)."""
+    def activation_elements(self) -> int:
+        """float32 elements of the largest per-sample activation of one example, for a model whose hidden state is
+        larger than its likelihood's parameters (default 0)."""
+        return 0
+
+    def likelihood_params(self) -> int:
+        """Parameters of p(x|z) per data value (1 for a model without a decoder likelihood): with data_shape, what
+        one sample of one example costs the evaluator's memory."""
+        return 1
 
     def log_weights_sampler(self, x: Tensor) -> Callable[[int], Tensor]:
         """n -> [n, B] log weights (ImportanceWeighted models); models override it to encode x only once."""
@@ -178,7 +197,16 @@ class Tightenable(Protocol):
 
 
 @runtime_checkable
+class DataInitialized(Protocol):
+    """Models with a data-dependent initialization before gradient training."""
+
+    def initialize_from_data(self, x: Tensor) -> None: ...
+
+
+@runtime_checkable
 class ClosedFormFit(Protocol):
+    """Models fitted by fit() (those built with trains_by_gradient False; the linear model either way)."""
+
     def fit(self, x: Tensor, callback: Callback | None = None) -> list[dict]: ...
 
 
@@ -204,11 +232,9 @@ def model_class(name: str) -> type[LatentVariableModel]:
 def model_config(name: str, values: dict[str, Any]) -> Any:
     """A model's config dataclass from JSON values; configs of older formats are upgraded by the class's
     `upgrade(values) -> values` where it has one."""
-    cls = model_class(name).config_class
-    upgrade = getattr(cls, "upgrade", None)
-    if upgrade is not None and isinstance(values, dict):
-        values = upgrade(values)
-    return config_from_dict(cls, values, f"{name} model config")
+    cls = model_class(name)
+    values = cls.upgrade_config(values) if isinstance(values, dict) else values
+    return config_from_dict(cls.config_class, values, f"{name} model config")
 
 
 def build_model(name: str, config: dict[str, Any] | Any, **modules: nn.Module) -> LatentVariableModel:

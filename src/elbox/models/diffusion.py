@@ -201,6 +201,7 @@ class DiffusionModel(LatentVariableModel):
 
     def __init__(self, config: DiffusionConfig):
         super().__init__(config)
+        self.trains_on_surrogate = config.loss == "simple"
         self.schedule = build_schedule(config.schedule, config.gamma_min, config.gamma_max, config.timesteps)
         self.parameterization = PARAMETERIZATION_CLASSES[config.parameterization]
         self.denoiser = ConditionedUNet(config.data_shape, config.channels, config.blocks_per_level, config.fourier_features)
@@ -210,10 +211,6 @@ class DiffusionModel(LatentVariableModel):
     @property
     def data_space(self) -> str:
         return "discrete"
-
-    @property
-    def trains_on_surrogate(self) -> bool:
-        return self.config.loss == "simple"
 
     # -- the ELBO, term by term ------------------------------------------------------------------
 
@@ -292,7 +289,6 @@ class DiffusionModel(LatentVariableModel):
         per_dim = 0.5 * (alpha_sq * x.square() + sigma_sq - F.logsigmoid(gamma_1) - 1)
         return per_dim.flatten(1).sum(-1)
 
-    @property
     def activation_elements(self) -> int:
         """Per-image activation elements of the denoiser's forward pass (bounds evaluation batches)."""
         return self.denoiser.activation_elements

@@ -35,7 +35,7 @@ from elbox.bounds import (
     check_count,
 )
 from elbox.errors import ElboxError
-from elbox.likelihoods import LikelihoodOptions
+from elbox.likelihoods import LikelihoodModel, LikelihoodOptions
 from elbox.models.base import (
     DATA_SHAPE_LIMITS,
     MAX_DATA_SIZE,
@@ -188,7 +188,7 @@ def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int
 
 
 @register_model("hvae", HVAEConfig)
-class HVAE(LatentVariableModel):
+class HVAE(LikelihoodModel, LatentVariableModel):
     """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, LadderHVAE,
     MLPLadderHVAE)."""
 

@@ -209,7 +209,6 @@ class LadderHVAE(TopDownHVAE):
         self.levels_td = nn.ModuleList([LadderLevel(cfg, scale) for _ in range(cfg.levels)])
         self.out = nn.Sequential(nn.GELU(), nn.Conv2d(c, self.likelihood.num_params * c_data, 3, padding=1))
 
-    @property
     def activation_elements(self) -> int:
         """Per-sample activation elements that bound IWAE evaluation passes: the top-down state upsampled to the
         image size, and the same again twice over for the temporaries around it (concatenations, heads)."""
@@ -279,7 +278,6 @@ class MLPLadderHVAE(TopDownHVAE):
             mlp(width, list(reversed(cfg.hidden_dims[:-1])), self.likelihood.num_params * num_dims, cfg.activation),
         )
 
-    @property
     def activation_elements(self) -> int:
         """Per-sample activation elements that bound IWAE evaluation passes: the state, the repeated features, their
         concatenation and the residual blocks' temporaries, about 8 vectors of width W."""

@@ -95,6 +95,7 @@ class LinearGaussian(LatentVariableModel):
         elif (math.prod(config.data_shape), config.latent_dim, config.noise, config.encoder) != (x_dim, z_dim, noise, encoder):
             raise ElboxError("LinearGaussian arguments disagree with its config; build it with from_config")
         super().__init__(config)
+        self.trains_by_gradient = config.fit == "elbo"  # by gradient ascent on the ELBO, else by fit(x)
         self.x_dim, self.z_dim = x_dim, z_dim
         self.W = nn.Parameter(0.01 * torch.randn(x_dim, z_dim))
         self.b = nn.Parameter(torch.zeros(x_dim))
@@ -112,11 +113,6 @@ class LinearGaussian(LatentVariableModel):
     @property
     def data_space(self) -> str:
         return model_data_space("continuous", self.config.data_shape, "the linear model")
-
-    @property
-    def trains_by_gradient(self) -> bool:
-        """True: train by gradient ascent on the ELBO (generic trainer). False: call fit(x) instead."""
-        return self.config.fit == "elbo"
 
     # -- shapes ----------------------------------------------------------------------------------
 

@@ -48,7 +48,6 @@ class MarkovHVAE(HVAE):
         if c.top_prior == "vamp":  # small noise around 0, inside every data space; training moves them
             self.pseudo_inputs = nn.Parameter(0.01 * torch.randn(c.pseudo_inputs, *c.data_shape))
 
-    @property
     def activation_elements(self) -> int:
         """Per-sample elements of the VampPrior's log density, [K components, d_T] and its temporaries (else 0)."""
         return 3 * self.config.pseudo_inputs * self.config.latent_dims[-1] if self.config.top_prior == "vamp" else 0

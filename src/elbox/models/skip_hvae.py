@@ -83,7 +83,6 @@ class SkipHVAE(HVAE):
         if c.top_prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
 
-    @property
     def activation_elements(self) -> int:
         return self.vamp.activation_elements(self.config.latent_dims[1]) if self.config.top_prior == "vamp" else 0
 

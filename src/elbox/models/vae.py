@@ -23,7 +23,7 @@ from elbox.bounds import (
     standard_normal_log_prob,
 )
 from elbox.errors import ElboxError
-from elbox.likelihoods import LikelihoodOptions
+from elbox.likelihoods import LikelihoodModel, LikelihoodOptions
 from elbox.models.base import (
     DATA_SHAPE_LIMITS,
     MAX_WIDTH,
@@ -111,7 +111,7 @@ def _class_name(module: nn.Module | None, recorded: str, role: str) -> str:
 
 
 @register_model("vae", VAEConfig)
-class VAE(LatentVariableModel):
+class VAE(LikelihoodModel, LatentVariableModel):
     """Single-latent VAE with an MLP or a small convolutional encoder and decoder; the MLP one also models vectors
     [B, D] (data_shape (D,), the standardized 'real' space) with a gaussian likelihood."""
 
@@ -154,7 +154,6 @@ class VAE(LatentVariableModel):
         if c.prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
 
-    @property
     def activation_elements(self) -> int:
         """Per-sample elements of the VampPrior's log density (else 0), for the evaluator's memory bound."""
         return self.vamp.activation_elements(self.config.latent_dim) if self.config.prior == "vamp" else 0

@@ -32,14 +32,6 @@ def num_examples(data: Images) -> int:
     return data.shape[0] if isinstance(data, Tensor) else len(data)
 
 
-def example_shape(data: Images) -> tuple[int, ...]:
-    """The shape of one example: [C, H, W] for images."""
-    if isinstance(data, Tensor):
-        return tuple(data.shape[1:])
-    shape = getattr(data, "shape", None)
-    return tuple(shape) if shape is not None else tuple(data[0].shape)
-
-
 def share(rows: int, rank: int, world: int) -> tuple[int, int]:
     """(start, stop) of process `rank`'s contiguous share of `rows` rows (as torch.tensor_split splits them)."""
     base, extra = divmod(rows, world)

@@ -58,13 +58,13 @@ from elbox.checkpoint import (
     save_weights,
 )
 from elbox.data import DataSpace, iterate_batches
+from elbox.data.inputs import example_shape
 from elbox.errors import ElboxError
 from elbox.loggers import TensorBoardLog
 from elbox.models.base import Callback, ImportanceSampled, LatentVariableModel
 from elbox.system import bf16_is_native
 from elbox.training.batches import (
     Images,
-    example_shape,
     gather,
     num_examples,
     share,

@@ -39,12 +39,13 @@ from elbox.data import (
     iterate_batches,
     space_record,
 )
-from elbox.data.inputs import as_examples, run_data, training_data
+from elbox.data.inputs import as_examples, example_shape, run_data, training_data
 from elbox.data.preprocessing import Preprocessing
 from elbox.errors import ElboxError
 from elbox.evaluation import log_prob_per_example
 from elbox.models.base import (
     Callback,
+    DataInitialized,
     LatentVariableModel,
     build_model,
     check_model_size,
@@ -55,7 +56,7 @@ from elbox.options import config_from_dict, config_to_dict
 from elbox.plots import save_image_grid
 from elbox.rundir import remove_stale_temporaries, run_directory
 from elbox.system import resolve_device
-from elbox.training.batches import example_shape, gather, num_examples
+from elbox.training.batches import gather, num_examples
 from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
 from elbox.training.messages import model_size, with_summaries
 from elbox.training.progress import sample_with_progress
@@ -260,7 +261,7 @@ def with_preprocessing(trained: LatentVariableModel, model: LatentVariableModel)
 def initialize_from_data(model: LatentVariableModel, space, train_images: Any, seed: int) -> None:
     """The model's data-dependent initialization, for models that have one (the whole training set is put in the
     data space only then)."""
-    if type(model).initialize_from_data is not LatentVariableModel.initialize_from_data:
+    if isinstance(model, DataInitialized):
         with torch.no_grad():
             examples = train_images if isinstance(train_images, Tensor) else as_examples(train_images, "training data")
             model.initialize_from_data(space.eval_data(examples.to(model.device), seed=seed))
