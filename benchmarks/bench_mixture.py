@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elbox.core.system import keep_freed_memory_in_heap
 from elbox.data import get_data_space, load_split
 from elbox.models import build_model
-from elbox.system import keep_freed_memory_in_heap
 
 try:
     import sklearn
@@ -104,8 +104,16 @@ def pca_data(dims: int) -> tuple[torch.Tensor, float]:
 
 
 def mixture_config(max_iter: int, tol: float) -> dict:
-    return {"data_shape": [PCA_DIMS], "n_components": N_COMPONENTS, "covariance": "full", "init": "kmeans++",
-            "max_iter": max_iter, "tol": tol, "covariance_floor": FLOOR, "seed": 0}
+    return {
+        "data_shape": [PCA_DIMS],
+        "n_components": N_COMPONENTS,
+        "covariance": "full",
+        "init": "kmeans++",
+        "max_iter": max_iter,
+        "tol": tol,
+        "covariance_floor": FLOOR,
+        "seed": 0,
+    }
 
 
 def initial_parameters(x: torch.Tensor) -> dict:
@@ -114,8 +122,11 @@ def initial_parameters(x: torch.Tensor) -> dict:
     model.initialize(x)
     covariances = model.covariances()
     precisions = torch.cholesky_inverse(torch.linalg.cholesky(covariances))
-    return {"weights_init": model.log_mixing_weights.exp().numpy(), "means_init": model.means.numpy().copy(),
-            "precisions_init": precisions.numpy()}
+    return {
+        "weights_init": model.log_mixing_weights.exp().numpy(),
+        "means_init": model.means.numpy().copy(),
+        "precisions_init": precisions.numpy(),
+    }
 
 
 def run_elbox(x: torch.Tensor, max_iter: int, tol: float) -> dict:
@@ -142,8 +153,14 @@ def run_elbox(x: torch.Tensor, max_iter: int, tol: float) -> dict:
 
 def run_sklearn(x: np.ndarray, init: dict, max_iter: int, tol: float) -> dict:
     model = SklearnGaussianMixture(
-        n_components=N_COMPONENTS, covariance_type="full", reg_covar=FLOOR, tol=tol, max_iter=max_iter,
-        init_params="random_from_data", random_state=0, **init,  # init_params is overridden by the *_init values
+        n_components=N_COMPONENTS,
+        covariance_type="full",
+        reg_covar=FLOOR,
+        tol=tol,
+        max_iter=max_iter,
+        init_params="random_from_data",
+        random_state=0,
+        **init,  # init_params is overridden by the *_init values
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -170,13 +187,17 @@ def strip(result: dict, keep_records: bool = False) -> dict:
 def environment(threads: list[int]) -> dict:
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                  text=True, check=True).stdout.strip()
+        revision = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         revision = "unknown"
     return {
@@ -190,8 +211,9 @@ def environment(threads: list[int]) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_default_threads": torch.get_num_threads(),
         "threads_measured": threads,
-        "blas_libraries": [{k: info.get(k) for k in ("internal_api", "num_threads", "version", "prefix")}
-                           for info in threadpool_info()],
+        "blas_libraries": [
+            {k: info.get(k) for k in ("internal_api", "num_threads", "version", "prefix")} for info in threadpool_info()
+        ],
     }
 
 
@@ -199,8 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=100, help="EM iterations of the timed runs (tol = 0)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per thread count")
-    parser.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()],
-                        help="thread counts to time (torch and BLAS alike)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[torch.get_num_threads()],
+        help="thread counts to time (torch and BLAS alike)",
+    )
     parser.add_argument("--converge-max-iter", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "mixture_cpu.json")
     args = parser.parse_args(argv)
@@ -209,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     x, explained = pca_data(PCA_DIMS)
     x_numpy = x.numpy()
-    print(f"data: {x.shape[0]} x {PCA_DIMS} (PCA of 784 dequantized pixels, {explained:.1%} of the variance), "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+    print(
+        f"data: {x.shape[0]} x {PCA_DIMS} (PCA of 784 dequantized pixels, {explained:.1%} of the variance), "
+        f"{time.perf_counter() - start:.1f} s",
+        flush=True,
+    )
     init = initial_parameters(x)
     default_threads = torch.get_num_threads()
 
@@ -228,11 +258,17 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         result = run_sklearn(x_numpy, init, args.iterations, 0.0)
                     attempts[side].append(strip(result))
-                    print(f"  threads {threads} round {round_ + 1} {side:8s} {result['wall_s']:7.2f} s "
-                          f"({result['per_iteration_s'] * 1e3:6.1f} ms/iteration, others used "
-                          f"{result.get('other_cpu_fraction', float('nan')):.0%} of the CPUs), "
-                          f"log-likelihood {result['log_likelihood']:.10f}", flush=True)
-        ours, theirs = median_of(attempts["elbox"], "per_iteration_s"), median_of(attempts["sklearn"], "per_iteration_s")
+                    print(
+                        f"  threads {threads} round {round_ + 1} {side:8s} {result['wall_s']:7.2f} s "
+                        f"({result['per_iteration_s'] * 1e3:6.1f} ms/iteration, others used "
+                        f"{result.get('other_cpu_fraction', float('nan')):.0%} of the CPUs), "
+                        f"log-likelihood {result['log_likelihood']:.10f}",
+                        flush=True,
+                    )
+        ours, theirs = (
+            median_of(attempts["elbox"], "per_iteration_s"),
+            median_of(attempts["sklearn"], "per_iteration_s"),
+        )
         timing[str(threads)] = {
             "elbox_per_iteration_s": ours,
             "sklearn_per_iteration_s": theirs,
@@ -263,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         "units": "seconds; log-likelihoods in nats per example (density of the PCA-50 projection)",
         "environment": environment(args.threads),
         "data": {"n_examples": x.shape[0], "dims": PCA_DIMS, "pca_variance_explained": explained},
-        "model": {"n_components": N_COMPONENTS, "covariance": "full", "covariance_floor_and_reg_covar": FLOOR,
-                  "init": "elbox k-means++ (seed 0), passed to scikit-learn as weights/means/precisions_init",
-                  "dtype": "float64 on both sides"},
+        "model": {
+            "n_components": N_COMPONENTS,
+            "covariance": "full",
+            "covariance_floor_and_reg_covar": FLOOR,
+            "init": "elbox k-means++ (seed 0), passed to scikit-learn as weights/means/precisions_init",
+            "dtype": "float64 on both sides",
+        },
         "fixed_iterations": {"iterations": args.iterations, "tol": 0.0, "repeats": args.repeats, "by_threads": timing},
         "to_convergence": {
             "tol": TOL,
@@ -282,18 +322,28 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'':34s} {'elbox':>14s} {'scikit-learn':>14s} {'ratio':>8s}")
     for threads, t in timing.items():
-        print(f"{f'ms / EM iteration, {threads} thread(s)':34s} {t['elbox_per_iteration_s'] * 1e3:14.1f} "
-              f"{t['sklearn_per_iteration_s'] * 1e3:14.1f} {t['speedup']:7.2f}x")
-        print(f"{f'  log-likelihood after {args.iterations} iters':34s} {t['log_likelihood_elbox']:14.8f} "
-              f"{t['log_likelihood_sklearn']:14.8f}")
+        print(
+            f"{f'ms / EM iteration, {threads} thread(s)':34s} {t['elbox_per_iteration_s'] * 1e3:14.1f} "
+            f"{t['sklearn_per_iteration_s'] * 1e3:14.1f} {t['speedup']:7.2f}x"
+        )
+        print(
+            f"{f'  log-likelihood after {args.iterations} iters':34s} {t['log_likelihood_elbox']:14.8f} "
+            f"{t['log_likelihood_sklearn']:14.8f}"
+        )
     print(f"{'iterations to convergence':34s} {ours['iterations']:14d} {theirs['iterations']:14d}")
-    print(f"{'final log-likelihood (nats/ex.)':34s} {ours['log_likelihood']:14.8f} {theirs['log_likelihood']:14.8f}"
-          f" {relative_difference:8.1e} relative")
-    print(f"{'fit wall time to convergence (s)':34s} {ours['wall_s']:14.2f} {theirs['wall_s']:14.2f}"
-          f" {theirs['wall_s'] / ours['wall_s']:7.2f}x")
+    print(
+        f"{'final log-likelihood (nats/ex.)':34s} {ours['log_likelihood']:14.8f} {theirs['log_likelihood']:14.8f}"
+        f" {relative_difference:8.1e} relative"
+    )
+    print(
+        f"{'fit wall time to convergence (s)':34s} {ours['wall_s']:14.2f} {theirs['wall_s']:14.2f}"
+        f" {theirs['wall_s'] / ours['wall_s']:7.2f}x"
+    )
     print(f"elbox log_prob at scikit-learn's parameters - score(X): {cross_check:.2e} nats")
-    print(f"elbox ELBO/log-likelihood sequence: smallest step {ours['smallest_objective_step']:.3e}, "
-          f"{ours['decrease_warnings']} decrease warnings")
+    print(
+        f"elbox ELBO/log-likelihood sequence: smallest step {ours['smallest_objective_step']:.3e}, "
+        f"{ours['decrease_warnings']} decrease warnings"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -5,7 +5,7 @@ Measures, in one run:
      measured before, between and after the phases; the best is the peak), plus the rate of the
      exact matmul shapes the VAE uses ("shape-matched" references);
   2. one epoch of Fashion-MNIST training (55000 images, batch 128) with elbox.training.trainer.Trainer;
-  3. IWAE-K (default K = 5000) on the first test images with elbox.evaluation.iwae_per_example;
+  3. IWAE-K (default K = 5000) on the first test images with elbox.models.estimates.iwae_per_example;
 and reports images/s, achieved GFLOP/s and the fraction of the square-matmul peak, writing the
 figures as JSON (default benchmarks/results/vae_<device>.json).
 
@@ -38,15 +38,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from elbox.core.system import keep_freed_memory_in_heap
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import (
-    CPU_MAX_DECODER_ELEMENTS,
-    iwae_per_example,
-    samples_per_pass,
-)
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
-from elbox.system import keep_freed_memory_in_heap
-from elbox.training.config import TrainConfig
+from elbox.models.estimates import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.training.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -111,8 +107,12 @@ class CpuMonitor:
         if self.available:
             busy, steal = self._stat()
             other = max(0.0, busy - self.busy0 - own)
-            self.result.update(other_cpu_s=other, steal_cpu_s=steal - self.steal0,
-                               other_fraction=other / (wall * cpus), steal_fraction=(steal - self.steal0) / (wall * cpus))
+            self.result.update(
+                other_cpu_s=other,
+                steal_cpu_s=steal - self.steal0,
+                other_fraction=other / (wall * cpus),
+                steal_fraction=(steal - self.steal0) / (wall * cpus),
+            )
         return False
 
 
@@ -141,9 +141,9 @@ def square_matmul_rates(device: torch.device, sizes: list[int], budget_s: float 
         b = torch.randn(n, n, device=device)
         flops = 2.0 * n**3
         # first guess the rate from one call, then time enough repeats to fill the budget
-        t0 = best_time(lambda: torch.mm(a, b), device, repeats=1, warmup=1)
+        t0 = best_time(lambda a=a, b=b: torch.mm(a, b), device, repeats=1, warmup=1)
         reps = repeats_for(flops, flops / t0, budget_s, lo=5, hi=200)
-        rates[str(n)] = flops / best_time(lambda: torch.mm(a, b), device, reps, warmup=2) / 1e9
+        rates[str(n)] = flops / best_time(lambda a=a, b=b: torch.mm(a, b), device, reps, warmup=2) / 1e9
     return rates
 
 
@@ -184,9 +184,9 @@ def shape_matched_rate(ops, device: torch.device, budget_s: float = 0.3) -> dict
     for name, m, k, n, kind in ops:
         a, b = _operands(kind, m, k, n, device)
         flops = 2.0 * m * k * n
-        t0 = best_time(lambda: torch.mm(a, b), device, repeats=1, warmup=1)
+        t0 = best_time(lambda a=a, b=b: torch.mm(a, b), device, repeats=1, warmup=1)
         reps = repeats_for(flops, flops / t0, budget_s, lo=5, hi=500)
-        t = best_time(lambda: torch.mm(a, b), device, reps, warmup=3)
+        t = best_time(lambda a=a, b=b: torch.mm(a, b), device, reps, warmup=3)
         per_shape.append({"shape": name, "gflop": flops / 1e9, "time_ms": t * 1e3, "gflops": flops / t / 1e9})
         total_flops += flops
         total_time += t
@@ -229,13 +229,20 @@ def time_training(args, device: torch.device, train_images, val_images) -> tuple
     if args.warmup_batches > 0:
         warm_model = build_default_vae(args.latent_dim, args.hidden_dims, device, args.seed + 1)
         n_warm = min(train_images.shape[0], args.warmup_batches * args.batch_size)
-        warm = Trainer(warm_model, train_images[:n_warm], val_images[:100], space,
-                       TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed), run_dir, progress=False)
+        warm = Trainer(
+            warm_model,
+            train_images[:n_warm],
+            val_images[:100],
+            space,
+            TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed),
+            run_dir,
+            progress=False,
+        )
         warm.train_epoch(1)
         del warm, warm_model
 
     attempts = []
-    for attempt in range(args.repeats):
+    for _attempt in range(args.repeats):
         model = build_default_vae(args.latent_dim, args.hidden_dims, device, args.seed)
         trainer = Trainer(model, train_images, val_images, space, config, run_dir, progress=False)
         epochs = []
@@ -245,10 +252,22 @@ def time_training(args, device: torch.device, train_images, val_images) -> tuple
                 start = time.perf_counter()
                 summary = trainer.train_epoch(epoch)
                 sync(device)
-                epochs.append({"epoch": epoch, "time_s": time.perf_counter() - start,
-                               "trainer_images_per_s": summary["images_per_s"], "train_elbo": summary.get("train_elbo")})
-        attempts.append({"time_s": sum(e["time_s"] for e in epochs), "per_epoch": epochs, "cpu": monitor.result,
-                         "note": contention_note(monitor)})
+                epochs.append(
+                    {
+                        "epoch": epoch,
+                        "time_s": time.perf_counter() - start,
+                        "trainer_images_per_s": summary["images_per_s"],
+                        "train_elbo": summary.get("train_elbo"),
+                    }
+                )
+        attempts.append(
+            {
+                "time_s": sum(e["time_s"] for e in epochs),
+                "per_epoch": epochs,
+                "cpu": monitor.result,
+                "note": contention_note(monitor),
+            }
+        )
     best = min(attempts, key=lambda a: a["time_s"])
     epochs = best["per_epoch"]
 
@@ -270,7 +289,7 @@ def time_training(args, device: torch.device, train_images, val_images) -> tuple
         "skipped_steps": trainer.skipped_steps,
         "warmup_batches": args.warmup_batches,
         "timing": "trainer.train_epoch(epoch) timed wholesale (progress=False), after an untimed warm-up; "
-                  "best of --repeats attempts, each on a freshly built model",
+        "best of --repeats attempts, each on a freshly built model",
         "per_epoch": epochs,
         "attempts": attempts,
         "cpu_contention": best["cpu"],
@@ -305,7 +324,7 @@ def time_iwae(args, device: torch.device, model: nn.Module, test_images) -> dict
     torch.manual_seed(args.seed)
     iwae_per_example(model, x[:batch], min(args.iw_samples, chunk), batch_size=batch)
     attempts = []
-    for attempt in range(args.repeats):
+    for _attempt in range(args.repeats):
         torch.manual_seed(args.seed)
         with CpuMonitor() as monitor:
             sync(device)
@@ -326,8 +345,8 @@ def time_iwae(args, device: torch.device, model: nn.Module, test_images) -> dict
         "batch_size": batch,
         "samples_per_pass": chunk,
         "max_decoder_elements": CPU_MAX_DECODER_ELEMENTS,
-        "timing": "elbox.evaluation.iwae_per_example timed wholesale, after an untimed one-pass warm-up; "
-                  "best of --repeats attempts",
+        "timing": "elbox.models.estimates.iwae_per_example timed wholesale, after an untimed one-pass warm-up; "
+        "best of --repeats attempts",
         "attempts": attempts,
         "cpu_contention": best["cpu"],
         "contention_note": best["note"],
@@ -358,8 +377,9 @@ def cpu_model() -> str:
 def git_revision() -> str | None:
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         if rev.returncode != 0:
             return None
         return rev.stdout.strip() + ("+dirty-src" if dirty.stdout.strip() else "")
@@ -460,7 +480,7 @@ def main(argv=None) -> int:
         "square_mm_gflops_by_time": square_runs,
         "peak_gflops": peak,
         "peak_note": "best of repeats of torch.mm on n x n float32 matrices, FLOPs = 2 n^3, measured before, "
-                     "between and after the phases; the best of all is the peak the headline fractions use",
+        "between and after the phases; the best of all is the peak the headline fractions use",
         "train_shape_matched_gflops": train_ref["gflops"],
         "train_shape_matched_fraction_of_peak": train_ref["gflops"] / peak,
         "train_shapes": train_ref["per_shape"],
@@ -492,23 +512,36 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     env = result["environment"]
-    print(f"elbox VAE benchmark on {env['cpu_model'] if device.type == 'cpu' else env['gpu_name']} "
-          f"({device}, {env['num_threads']} threads, torch {env['torch_version']})")
+    print(
+        f"elbox VAE benchmark on {env['cpu_model'] if device.type == 'cpu' else env['gpu_name']} "
+        f"({device}, {env['num_threads']} threads, torch {env['torch_version']})"
+    )
     drift = ", ".join(f"{when} {max(r.values()):.0f}" for when, r in square_runs.items())
-    print(f"  reference  peak square float32 mm {peak:8.1f} GFLOP/s  "
-          f"(best per size: {', '.join(f'n={n}: {r:.1f}' for n, r in square.items())}; by time: {drift})")
-    print(f"             shape-matched: training batch {args.batch_size} {train_ref['gflops']:.1f} GFLOP/s "
-          f"({train_ref['gflops'] / peak:.0%} of peak), IWAE decoder {iw_rows} rows {iwae_ref['gflops']:.1f} GFLOP/s "
-          f"({iwae_ref['gflops'] / peak:.0%}){reference['contention_note']}")
+    print(
+        f"  reference  peak square float32 mm {peak:8.1f} GFLOP/s  "
+        f"(best per size: {', '.join(f'n={n}: {r:.1f}' for n, r in square.items())}; by time: {drift})"
+    )
+    print(
+        f"             shape-matched: training batch {args.batch_size} {train_ref['gflops']:.1f} GFLOP/s "
+        f"({train_ref['gflops'] / peak:.0%} of peak), IWAE decoder {iw_rows} rows {iwae_ref['gflops']:.1f} GFLOP/s "
+        f"({iwae_ref['gflops'] / peak:.0%}){reference['contention_note']}"
+    )
     ok = lambda f: "meets" if f >= TARGET_FRACTION else "below"  # noqa: E731
-    print(f"  training   {training['images_per_s']:8.0f} images/s  {training['gflops']:7.1f} GFLOP/s  "
-          f"{training['fraction_of_peak']:6.1%} of peak ({ok(training['fraction_of_peak'])} the {TARGET_FRACTION:.0%} target); "
-          f"{training['time_s']:.2f} s for {training['epochs']} epoch(s), {training['ms_per_step']:.2f} ms/step, "
-          f"train ELBO {training['final_train_elbo']:.2f}{training['contention_note']}")
+    print(
+        f"  training   {training['images_per_s']:8.0f} images/s  {training['gflops']:7.1f} GFLOP/s  "
+        f"{training['fraction_of_peak']:6.1%} of peak ({ok(training['fraction_of_peak'])} the {TARGET_FRACTION:.0%} "
+        "target); "
+        f"{training['time_s']:.2f} s for {training['epochs']} epoch(s), {training['ms_per_step']:.2f} ms/step, "
+        f"train ELBO {training['final_train_elbo']:.2f}{training['contention_note']}"
+    )
     if iwae:
-        print(f"  IWAE-{iwae['k']:<5d} {iwae['pairs_per_s']:8.0f} pairs/s   {iwae['gflops']:7.1f} GFLOP/s  "
-              f"{iwae['fraction_of_peak']:6.1%} of peak ({ok(iwae['fraction_of_peak'])} the {TARGET_FRACTION:.0%} target); "
-              f"{iwae['time_s']:.2f} s for {iwae['n_examples']} images, mean bound {iwae['mean_iwae_bound_nats']:.2f} nats{iwae['contention_note']}")
+        print(
+            f"  IWAE-{iwae['k']:<5d} {iwae['pairs_per_s']:8.0f} pairs/s   {iwae['gflops']:7.1f} GFLOP/s  "
+            f"{iwae['fraction_of_peak']:6.1%} of peak ({ok(iwae['fraction_of_peak'])} the {TARGET_FRACTION:.0%} "
+            "target); "
+            f"{iwae['time_s']:.2f} s for {iwae['n_examples']} images, mean bound {iwae['mean_iwae_bound_nats']:.2f} "
+            f"nats{iwae['contention_note']}"
+        )
     print(f"  written to {out}")
     return 0
 

@@ -14,7 +14,7 @@ streaming from disk with DataLoader workers, under each thread and wait policy.
 Policies are environments for the child processes, set before they import torch:
     before   the defaults elbox had before issue 17: libgomp's own spin-wait (GOMP_SPINCOUNT=300000, which is
              what libgomp uses when OMP_WAIT_POLICY is unset) and one thread per core (--threads CORES);
-    elbox    nothing set: what elbox chooses when it is imported (elbox.threads: GOMP_SPINCOUNT=1000);
+    elbox    nothing set: what elbox chooses when it is imported (elbox.core.threads: GOMP_SPINCOUNT=1000);
     passive  OMP_WAIT_POLICY=PASSIVE, one thread per core;  one-thread  --threads 1, libgomp's default wait;
     spin-N   GOMP_SPINCOUNT=N (a waiting thread spins N times, then sleeps), one thread per core.
 Writes results/contention_<cpu>-<cores>c_<date>.json and .md.
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from elbox.data import load_split
-from elbox.system import keep_freed_memory_in_heap, set_threads
+from elbox.core.system import keep_freed_memory_in_heap, set_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import batches, build_trainer, step  # noqa: E402  (the suite's training-step timing)
@@ -80,19 +80,36 @@ def train_together(spec: dict) -> dict:
             steps += 1
         after = cpu_times()
     seconds = after[0] - before[0]
-    return {"threads": threads, "steps": steps, "seconds": seconds, "images_per_s": steps * trainer.config.batch_size / seconds,
-            "cpu_s": after[2] - before[2]}
+    return {
+        "threads": threads,
+        "steps": steps,
+        "seconds": seconds,
+        "images_per_s": steps * trainer.config.batch_size / seconds,
+        "cpu_s": after[2] - before[2],
+    }
 
 
 def stream_epoch(spec: dict) -> dict:
     """One epoch of elbox.fit on the .npy (streamed by spec["workers"] processes) or its images in memory."""
     keep_freed_memory_in_heap()
     threads = set_threads(spec["threads"])
-    data = torch.from_numpy(read_first(Path(spec["path"]), spec["images"])).unsqueeze(1) if spec["in_memory"] else spec["path"]
+    data = (
+        torch.from_numpy(read_first(Path(spec["path"]), spec["images"])).unsqueeze(1)
+        if spec["in_memory"]
+        else spec["path"]
+    )
     records: list[dict] = []
     before = cpu_times()
-    elbox.fit("vae", data, validation=spec["validation"], epochs=1, workers=spec["workers"], progress=False, verbose=False,
-              callback=records.append)
+    elbox.fit(
+        "vae",
+        data,
+        validation=spec["validation"],
+        epochs=1,
+        workers=spec["workers"],
+        progress=False,
+        verbose=False,
+        callback=records.append,
+    )
     after = cpu_times()
     return {"threads": threads, "images_per_s": records[-1]["images_per_s"], "cpu_others": others_share(before, after)}
 
@@ -107,7 +124,9 @@ def child_environment(policy: str) -> dict:
 
 def start_child(kind: str, spec: dict, policy: str, out: Path) -> subprocess.Popen:
     spec = {**spec, "threads": POLICIES[policy][1]}
-    return subprocess.Popen([sys.executable, __file__, "--child", kind, json.dumps(spec), str(out)], env=child_environment(policy))
+    return subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, json.dumps(spec), str(out)], env=child_environment(policy)
+    )
 
 
 def finished(process: subprocess.Popen, out: Path) -> dict:
@@ -132,18 +151,34 @@ def concurrent_runs(policy: str, others: int, seconds: float, work: Path) -> dic
     results = [finished(p, out) for p, _, out in runs]
     rates = [r.get("images_per_s", 0.0) for r in results]
     total = sum(rates)
-    print(f"  {policy:>10}, {1 + others} run(s): {total:8,.0f} images/s in total, per run "
-          + " ".join(f"{r:,.0f}" for r in rates), flush=True)
-    return {"policy": policy, "others": others, "runs": results, "total_images_per_s": total,
-            "wall_s": cpu_times()[0] - before[0]}
+    print(
+        f"  {policy:>10}, {1 + others} run(s): {total:8,.0f} images/s in total, per run "
+        + " ".join(f"{r:,.0f}" for r in rates),
+        flush=True,
+    )
+    return {
+        "policy": policy,
+        "others": others,
+        "runs": results,
+        "total_images_per_s": total,
+        "wall_s": cpu_times()[0] - before[0],
+    }
 
 
-def streaming_runs(policy: str, workers: list[int], path: Path, validation: Path, images: int, work: Path) -> list[dict]:
+def streaming_runs(
+    policy: str, workers: list[int], path: Path, validation: Path, images: int, work: Path
+) -> list[dict]:
     out = []
     for w in [None, *workers]:
         if w is not None:
             evict(path)
-        spec = {"path": str(path), "validation": str(validation), "images": images, "in_memory": w is None, "workers": w or 0}
+        spec = {
+            "path": str(path),
+            "validation": str(validation),
+            "images": images,
+            "in_memory": w is None,
+            "workers": w or 0,
+        }
         result = finished(start_child("stream", spec, policy, work / "stream.json"), work / "stream.json")
         out.append({"policy": policy, "workers": w, **result})
         label = "in memory" if w is None else f"streamed, {w} workers"
@@ -157,24 +192,41 @@ def streaming_runs(policy: str, workers: list[int], path: Path, validation: Path
 def markdown(result: dict) -> str:
     m, p = result["machine"], result["parameters"]
     alone = {r["policy"]: r["total_images_per_s"] for r in result["concurrent"] if r["others"] == 0}
-    lines = [f"# Training on a busy machine (issue 17): {m['cpu']}, {m['cores']} cores, {result['date']}", "",
-             f"CPU flags: {', '.join(m['flags']) or 'none listed'}; torch {m['torch']}. Command: `{result['command']}`.", "",
-             f"(a)+(b) The default VAE (Fashion-MNIST in memory, batch 128), 1 + N processes training at once for "
-             f"{p['seconds']:g} s after a common start. Images/s per run and in total; × alone divides the total by the "
-             "same policy's single run, × before by the `before` policy's single run.", "",
-             "| policy | runs | total images/s | × alone | × before alone | per run |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training on a busy machine (issue 17): {m['cpu']}, {m['cores']} cores, {result['date']}",
+        "",
+        f"CPU flags: {', '.join(m['flags']) or 'none listed'}; torch {m['torch']}. Command: `{result['command']}`.",
+        "",
+        f"(a)+(b) The default VAE (Fashion-MNIST in memory, batch 128), 1 + N processes training at once for "
+        f"{p['seconds']:g} s after a common start. Images/s per run and in total; × alone divides the total by the "
+        "same policy's single run, × before by the `before` policy's single run.",
+        "",
+        "| policy | runs | total images/s | × alone | × before alone | per run |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in result["concurrent"]:
         rates = [x.get("images_per_s", 0.0) for x in r["runs"]]
-        lines.append(f"| {r['policy']} | {1 + r['others']} | {r['total_images_per_s']:,.0f} | "
-                     f"{r['total_images_per_s'] / alone[r['policy']]:.2f} | {r['total_images_per_s'] / alone.get('before', float('nan')):.2f} | "
-                     + ", ".join(f"{x:,.0f}" for x in rates) + " |")
-    lines += ["", f"(c) One epoch streamed from a .npy of {p['stream_images']:,} images (cold page cache) against the same "
-              "images in memory; `elbox.fit(..., workers=W)`.", "",
-              "| policy | data | images/s | × in memory | other CPU use |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['policy']} | {1 + r['others']} | {r['total_images_per_s']:,.0f} | "
+            f"{r['total_images_per_s'] / alone[r['policy']]:.2f} | "
+            f"{r['total_images_per_s'] / alone.get('before', float('nan')):.2f} | "
+            + ", ".join(f"{x:,.0f}" for x in rates)
+            + " |"
+        )
+    lines += [
+        "",
+        f"(c) One epoch streamed from a .npy of {p['stream_images']:,} images (cold page cache) against the same "
+        "images in memory; `elbox.fit(..., workers=W)`.",
+        "",
+        "| policy | data | images/s | × in memory | other CPU use |",
+        "|---|---|---|---|---|",
+    ]
     for r in result["streaming"]:
         data = "in memory" if r["workers"] is None else f"streamed, {r['workers']} workers"
-        lines.append(f"| {r['policy']} | {data} | {r.get('images_per_s', float('nan')):,.0f} | {r['vs_memory']:.2f} | "
-                     f"{r.get('cpu_others', float('nan')):.0%} |")
+        lines.append(
+            f"| {r['policy']} | {data} | {r.get('images_per_s', float('nan')):,.0f} | {r['vs_memory']:.2f} | "
+            f"{r.get('cpu_others', float('nan')):.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,12 +249,22 @@ def main() -> int:
         args.seconds, args.others = 5.0, [0, 2]
     stream_images = 40_000 if args.quick else STREAM_IMAGES
     info, date = machine(), datetime.date.today().isoformat()
-    result = {"date": date, "machine": info, "command": "python benchmarks/contention.py " + " ".join(sys.argv[1:]),
-              "parameters": {"policies": args.policies, "others": args.others, "seconds": args.seconds,
-                             "workers": args.workers, "stream_images": stream_images,
-                             "policy_environments": {k: POLICIES[k][0] for k in args.policies},
-                             "policy_threads": {k: POLICIES[k][1] for k in args.policies}},
-              "concurrent": [], "streaming": []}
+    result = {
+        "date": date,
+        "machine": info,
+        "command": "python benchmarks/contention.py " + " ".join(sys.argv[1:]),
+        "parameters": {
+            "policies": args.policies,
+            "others": args.others,
+            "seconds": args.seconds,
+            "workers": args.workers,
+            "stream_images": stream_images,
+            "policy_environments": {k: POLICIES[k][0] for k in args.policies},
+            "policy_threads": {k: POLICIES[k][1] for k in args.policies},
+        },
+        "concurrent": [],
+        "streaming": [],
+    }
     with tempfile.TemporaryDirectory(prefix="elbox-contention-") as work:
         work = Path(work)
         print("(a)+(b) concurrent training runs", flush=True)

@@ -36,8 +36,20 @@ RESULTS = REPO_ROOT / "benchmarks" / "results"
 BITS = 784 * math.log(2)  # nats per image -> bits per dimension
 
 TRAIN_ARGS = [
-    "--model", "diffusion", "--schedule", "learned-linear", "--channels", "16", "32", "64",
-    "--batch-size", "64", "--lr", "2e-3", "--lr-schedule", "cosine",
+    "--model",
+    "diffusion",
+    "--schedule",
+    "learned-linear",
+    "--channels",
+    "16",
+    "32",
+    "64",
+    "--batch-size",
+    "64",
+    "--lr",
+    "2e-3",
+    "--lr-schedule",
+    "cosine",
 ]
 
 
@@ -67,7 +79,12 @@ def plot_curve(epochs: list[dict], steps: list[dict], path: Path) -> None:
             start_step, start_min = e["step"], end_min
         return minutes[-1]
 
-    ax.plot([step_minutes(s["step"]) for s in steps], [-s["elbo"] / BITS for s in steps], alpha=0.5, label="training batches -ELBO")
+    ax.plot(
+        [step_minutes(s["step"]) for s in steps],
+        [-s["elbo"] / BITS for s in steps],
+        alpha=0.5,
+        label="training batches -ELBO",
+    )
     ax.set_xlabel("training time (minutes; batches placed within their epoch)")
     ax.set_ylabel("bits per dimension")
     ax.set_title("VDM on 8-bit Fashion-MNIST")
@@ -85,7 +102,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--time-samples", type=int, default=4, help="time samples per test image (continuous time)")
-    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate the first N test images only (default: all 10000)")
+    parser.add_argument(
+        "--eval-limit", type=int, default=None, help="evaluate the first N test images only (default: all 10000)"
+    )
     parser.add_argument("--run-dir", default=None, help="default runs/diffusion-fmnist")
     parser.add_argument("--skip-training", action="store_true", help="evaluate an existing run directory")
     args = parser.parse_args()
@@ -95,8 +114,19 @@ def main() -> int:
     elbox = [str(Path(sys.executable).parent / "elbox")]
     train_cmd = elbox + ["train", *TRAIN_ARGS, "--epochs", str(args.epochs), "--out", str(run_dir), "--no-progress"]
     eval_json = run_dir / "eval-test.json"
-    eval_cmd = elbox + ["evaluate", str(run_dir), "--split", "test", "--elbo-samples", str(args.time_samples),
-                        "--batch-size", "250", "--json", str(eval_json), "--no-progress"]
+    eval_cmd = elbox + [
+        "evaluate",
+        str(run_dir),
+        "--split",
+        "test",
+        "--elbo-samples",
+        str(args.time_samples),
+        "--batch-size",
+        "250",
+        "--json",
+        str(eval_json),
+        "--no-progress",
+    ]
     if args.eval_limit:
         eval_cmd += ["--limit", str(args.eval_limit)]
     samples_png = RESULTS / "diffusion_fmnist_samples.png"
@@ -116,10 +146,14 @@ def main() -> int:
         "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)",
         "threads": args.threads,
         "protocol": "8-bit Fashion-MNIST; train = first 55000, validation = last 5000 official training images; "
-                    f"test = official test images (first {ev['n_examples']}); -ELBO in bits/dim (784 dims); "
-                    + ev.get("elbo_protocol", ""),
+        f"test = official test images (first {ev['n_examples']}); -ELBO in bits/dim (784 dims); "
+        + ev.get("elbo_protocol", ""),
         "units": "bits per dimension",
-        "commands": {"train": shlex.join(train_cmd), "evaluate": shlex.join(eval_cmd), "sample": shlex.join(sample_cmd)},
+        "commands": {
+            "train": shlex.join(train_cmd),
+            "evaluate": shlex.join(eval_cmd),
+            "sample": shlex.join(sample_cmd),
+        },
         "epochs_planned": args.epochs,  # the cosine learning-rate schedule spans these
         "epochs_completed": len(epochs),  # fewer when training was stopped early (then evaluated with --skip-training)
         "train_wall_s": train_s,
@@ -142,9 +176,11 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot_curve(epochs, steps, RESULTS / "diffusion_fmnist_curve.png")
     shutil.copy(run_dir / "samples.png", RESULTS / "diffusion_fmnist_samples_train_end.png")
-    print(f"diffusion: test {ev['bpd']:.4f} ± {ev['bpd_stderr']:.4f} bits/dim ("
-          + ", ".join(f"{name} {v:.4f} ± {se:.4f}" for name, (v, se) in parts.items())
-          + f"); training {result['train_epoch_time_s'] / 60:.1f} min; wrote {out}")
+    print(
+        f"diffusion: test {ev['bpd']:.4f} ± {ev['bpd_stderr']:.4f} bits/dim ("
+        + ", ".join(f"{name} {v:.4f} ± {se:.4f}" for name, (v, se) in parts.items())
+        + f"); training {result['train_epoch_time_s'] / 60:.1f} min; wrote {out}"
+    )
     return 0
 
 

@@ -16,8 +16,8 @@ below says otherwise (the table records the epochs).
 Protocol: inliers are the first 2,000 Fashion-MNIST test images (hvae-5: the test images of classes 0-4), the
 reference data (p-values, the typicality's entropy) the first 2,000 of the run's validation split; each outlier set
 has 2,000 images (the digits: all 1,797). `elbox ood`'s estimates: a binary model reads each grey image through 16
-binarizations seeded by the image, log p(x) and both bounds of LLR^{>1} with 25 importance samples each. AUROC with bootstrap standard errors
-(200 resamples). Outlier sets:
+binarizations seeded by the image, log p(x) and both bounds of LLR^{>1} with 25 importance samples each. AUROC with
+bootstrap standard errors (200 resamples). Outlier sets:
 
     digits     scikit-learn's 8 x 8 handwritten digits (0..16) made like MNIST: scaled to 0..255, resized to 20 x 20
                (bilinear) and centered in 28 x 28 with 4 blank pixels around; a stand-in for MNIST, which cannot be
@@ -55,8 +55,14 @@ MODELS = {  # name: elbox train arguments (data: Fashion-MNIST unless a file is 
     "background": ["hvae", "--perturb", "0.2"],
 }
 # published AUROC, Fashion-MNIST against MNIST (the issue's table)
-PUBLISHED = {"likelihood": "0.27 (HVAE)", "llr": "0.964 (HVAE, 1 sample), 0.984 (250)", "regret": "0.988",
-             "complexity": "0.967-0.998", "typicality": "0.83", "background": "0.924 (VAE)"}
+PUBLISHED = {
+    "likelihood": "0.27 (HVAE)",
+    "llr": "0.964 (HVAE, 1 sample), 0.984 (250)",
+    "regret": "0.988",
+    "complexity": "0.967-0.998",
+    "typicality": "0.83",
+    "background": "0.924 (VAE)",
+}
 
 
 def elbox(*args: str) -> None:
@@ -81,8 +87,10 @@ def make_data(runs: Path) -> None:
     rng = np.random.default_rng(0)
     digits = load_digits().images  # [1797, 8, 8] in 0..16
     # as MNIST was made (LeCun et al. 1998): size-normalized to a 20 x 20 box, anti-aliased, centered in 28 x 28
-    big = [np.pad(np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((20, 20), Image.BILINEAR)), 4)
-           for d in digits]
+    big = [
+        np.pad(np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).resize((20, 20), Image.BILINEAR)), 4)
+        for d in digits
+    ]
     test, test_labels = fashion("test")
     train, train_labels = fashion("train-full")
     sets = {
@@ -113,13 +121,13 @@ def evaluate(model: str, runs: Path) -> dict:
     """Every score of the run on the reference data and the inliers once, then on each outlier set (what elbox.ood
     does for one set), with each score's time."""
     import torch
-
     from bench_vae import environment
-    from elbox.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods
-    from elbox.checkpoint import load_run
+
+    from elbox.core.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES
     from elbox.data.preprocessing import input_space
-    from elbox.detection import DEFINITIONS, detection_metrics, examples_of
-    from elbox.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES
+    from elbox.evaluation.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods
+    from elbox.evaluation.detection import DEFINITIONS, detection_metrics, examples_of
+    from elbox.io.checkpoint import load_run
 
     data, run = runs / "data", runs / model
     m, config = load_run(run)
@@ -130,8 +138,15 @@ def evaluate(model: str, runs: Path) -> dict:
     settings = ScoreSettings(iw_samples=OOD_IW_SAMPLES, llr_k=1, binarizations=OOD_BINARIZATIONS)  # elbox ood's
     scorer = AnomalyScorer(m, input_space(m), methods, settings, background)
     inliers = str(data / "test-classes-0-4.npy") if model == "hvae-5" else "test"
-    record = {"model": model, "train": config.get("train", {}), "methods": methods, "n": N,
-              "environment": environment(torch.device("cpu")), "sets": {}, "seconds": {}}
+    record = {
+        "model": model,
+        "train": config.get("train", {}),
+        "methods": methods,
+        "n": N,
+        "environment": environment(torch.device("cpu")),
+        "sets": {},
+        "seconds": {},
+    }
     start = time.perf_counter()
     scorer.fit_reference(examples_of(m, config, "validation", "reference", N, 0)[0])
     inlier_scores = scorer.scores(examples_of(m, config, inliers, "inliers", N, 0)[0])
@@ -140,10 +155,16 @@ def evaluate(model: str, runs: Path) -> dict:
         start = time.perf_counter()
         scores = scorer.scores(examples_of(m, config, str(data / f"{name}.npy"), "outliers", N, 0)[0])
         record["seconds"][name] = time.perf_counter() - start
-        record["sets"][name] = {method: {**detection_metrics(inlier_scores[method], scores[method], 200, 0),
-                                         "units": UNITS[method], "definition": DEFINITIONS[method],
-                                         "mean_inliers": inlier_scores[method].mean().item(),
-                                         "mean_outliers": scores[method].mean().item()} for method in methods}
+        record["sets"][name] = {
+            method: {
+                **detection_metrics(inlier_scores[method], scores[method], 200, 0),
+                "units": UNITS[method],
+                "definition": DEFINITIONS[method],
+                "mean_inliers": inlier_scores[method].mean().item(),
+                "mean_outliers": scores[method].mean().item(),
+            }
+            for method in methods
+        }
         print(name, {k: round(v["auroc"], 3) for k, v in record["sets"][name].items()}, flush=True)
         (RESULTS / f"ood-{model}.json").write_text(json.dumps(record, indent=1))
     print(f"wrote {RESULTS / f'ood-{model}.json'}")
@@ -153,12 +174,12 @@ def evaluate(model: str, runs: Path) -> dict:
 def timing(model: str, runs: Path, n: int = 1000) -> None:
     """Seconds per 10,000 images of each score alone (on n test images, scaled), and of the four cheap ones together."""
     import torch
-
     from bench_vae import environment
-    from elbox.anomaly import AnomalyScorer, ScoreSettings, applicable_methods
-    from elbox.checkpoint import load_run
+
+    from elbox.core.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES
     from elbox.data.preprocessing import input_space
-    from elbox.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES
+    from elbox.evaluation.anomaly import AnomalyScorer, ScoreSettings, applicable_methods
+    from elbox.io.checkpoint import load_run
 
     m, _ = load_run(runs / model)
     x = torch.from_numpy(fashion("test")[0][:n])
@@ -174,8 +195,18 @@ def timing(model: str, runs: Path, n: int = 1000) -> None:
         seconds["+".join(methods)] = (time.perf_counter() - start) * 10_000 / n
         print(f"{'+'.join(methods)}: {seconds['+'.join(methods)]:.0f} s per 10,000 images", flush=True)
     path = RESULTS / f"ood-timing-{model}.json"
-    path.write_text(json.dumps({"model": model, "seconds_per_10000": seconds, "n_timed": n, "threads": torch.get_num_threads(),
-                                "environment": environment(torch.device("cpu"))}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "model": model,
+                "seconds_per_10000": seconds,
+                "n_timed": n,
+                "threads": torch.get_num_threads(),
+                "environment": environment(torch.device("cpu")),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {path}")
 
 
@@ -196,20 +227,39 @@ def table_data() -> None:
     train, reference, held = benign[:200], benign[200:270], benign[270:]
     outliers = malignant[rng.permutation(len(malignant))[: len(held)]]
     columns = [name.replace(" ", "_") for name in bunch.feature_names]
-    record = {"data": f"scikit-learn breast cancer, 30 columns: fitted on {len(train)} benign rows, reference "
-                      f"{len(reference)} benign, inliers {len(held)} benign, outliers {len(outliers)} malignant",
-              "models": {}}
+    record = {
+        "data": f"scikit-learn breast cancer, 30 columns: fitted on {len(train)} benign rows, reference "
+        f"{len(reference)} benign, inliers {len(held)} benign, outliers {len(outliers)} malignant",
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for name, part in (("train", train), ("reference", reference), ("inliers", held), ("outliers", outliers)):
             paths[name] = Path(tmp) / f"{name}.csv"
-            paths[name].write_text(",".join(columns) + "\n" + "\n".join(",".join(f"{v:.6g}" for v in r) for r in part) + "\n")
-        for model, options in (("mixture", {}), ("vae", {"epochs": 200, "latent_dim": 4, "hidden_dims": [64], "likelihood": "gaussian-learned"})):
+            paths[name].write_text(
+                ",".join(columns) + "\n" + "\n".join(",".join(f"{v:.6g}" for v in r) for r in part) + "\n"
+            )
+        for model, options in (
+            ("mixture", {}),
+            ("vae", {"epochs": 200, "latent_dim": 4, "hidden_dims": [64], "likelihood": "gaussian-learned"}),
+        ):
             torch.manual_seed(0)
-            run = lib.fit(model, str(paths["train"]), out=Path(tmp) / model, progress=False, verbose=False,
-                          validation_fraction=0, **options)
-            result = lib.ood(run.directory, str(paths["outliers"]), inliers=str(paths["inliers"]),
-                             reference=str(paths["reference"]), iw_samples=100)
+            run = lib.fit(
+                model,
+                str(paths["train"]),
+                out=Path(tmp) / model,
+                progress=False,
+                verbose=False,
+                validation_fraction=0,
+                **options,
+            )
+            result = lib.ood(
+                run.directory,
+                str(paths["outliers"]),
+                inliers=str(paths["inliers"]),
+                reference=str(paths["reference"]),
+                iw_samples=100,
+            )
             result.pop("scores")
             record["models"][model] = result
             print(model, {m: round(v["auroc"], 3) for m, v in result["methods"].items()}, flush=True)
@@ -224,8 +274,9 @@ def table() -> str:
             continue
         record = json.loads(path.read_text())
         for name, result in record["sets"].items():
-            cells = [f"{result[m]['auroc']:.3f} ± {result[m]['auroc_stderr']:.3f}" if m in result else "-"
-                     for m in PUBLISHED]
+            cells = [
+                f"{result[m]['auroc']:.3f} ± {result[m]['auroc_stderr']:.3f}" if m in result else "-" for m in PUBLISHED
+            ]
             lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     lines.append("| published (Fashion-MNIST against MNIST) | MNIST | " + " | ".join(PUBLISHED.values()) + " |")
     return "\n".join(lines)

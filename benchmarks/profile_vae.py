@@ -1,6 +1,6 @@
 """Where the time goes in the VAE benchmark's two phases: a training epoch and an IWAE-K evaluation.
 
-Runs the real library code (elbox.training.trainer.Trainer.train_epoch and elbox.evaluation.iwae_per_example)
+Runs the real library code (elbox.training.trainer.Trainer.train_epoch and elbox.models.estimates.iwae_per_example)
 with thin timing wrappers around the library's own functions and modules, and reports exclusive
 wall time per piece (a piece's time excludes the pieces nested inside it):
 
@@ -39,17 +39,13 @@ from bench_vae import (  # same folder
 )
 from torch import nn
 
-import elbox.bounds
+import elbox.core.bounds
 import elbox.models.vae
 import elbox.training.trainer
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import (
-    CPU_MAX_DECODER_ELEMENTS,
-    iwae_per_example,
-    samples_per_pass,
-)
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
-from elbox.training.config import TrainConfig
+from elbox.models.estimates import CPU_MAX_DECODER_ELEMENTS, iwae_per_example, samples_per_pass
 from elbox.training.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +136,7 @@ class Patches:
 
 def layer_names(prefix: str, seq: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
-    for child_name, m in seq.named_modules():
+    for _child_name, m in seq.named_modules():
         if isinstance(m, nn.Linear):
             out.append((f"{prefix} linear {m.in_features}->{m.out_features}", m))
         elif len(list(m.children())) == 0 and not isinstance(m, nn.Flatten):
@@ -150,16 +146,17 @@ def layer_names(prefix: str, seq: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def build_vae(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("vae", {"data_shape": (1, 28, 28), "latent_dim": 20, "hidden_dims": [512],
-                               "likelihood": "bernoulli"})
+    return build_model(
+        "vae", {"data_shape": (1, 28, 28), "latent_dim": 20, "hidden_dims": [512], "likelihood": "bernoulli"}
+    )
 
 
 def install_model_patches(p: Patches, model: nn.Module) -> None:
     p.wrap(model, "posterior_params", "posterior: encoder + softplus")
     p.wrap(model.likelihood, "log_prob", "likelihood log_prob")
     p.wrap(elbox.models.vae, "sample_diag_gaussian", "sample z")
-    p.wrap(elbox.bounds, "sample_diag_gaussian", "sample z")
-    p.wrap(elbox.bounds, "kl_diag_gaussians", "KL")
+    p.wrap(elbox.core.bounds, "sample_diag_gaussian", "sample z")
+    p.wrap(elbox.core.bounds, "kl_diag_gaussians", "KL")
     p.wrap(elbox.models.vae, "standard_normal_log_prob", "prior + posterior log-density")
     p.wrap(elbox.models.vae, "diag_gaussian_log_prob_from_noise", "prior + posterior log-density")
     for name, m in layer_names("encoder", model.encoder):
@@ -173,7 +170,10 @@ def report(title: str, timer: ExclusiveTimer, total: float, units: int, unit: st
     attributed = sum(timer.totals.values())
     items = sorted(timer.totals.items(), key=lambda kv: -kv[1])
     items.append(("rest: loop, Python, tqdm, unwrapped ops", max(total - attributed, 0.0)))
-    print(f"\n{title}: {total:.3f} s for {units} {unit}{'es' if unit.endswith('s') else 's'} ({1e3 * total / units:.3f} ms per {unit})")
+    print(
+        f"\n{title}: {total:.3f} s for {units} {unit}{'es' if unit.endswith('s') else 's'} ({1e3 * total / units:.3f} "
+        f"ms per {unit})"
+    )
     print(f"  {'piece':<44} {'ms/' + unit:>10} {'share':>7} {'calls':>7}")
     for name, t in items:
         calls = timer.calls.get(name, 0)
@@ -188,9 +188,15 @@ def profile_training(args) -> dict:
     n = min(train_images.shape[0], args.train_batches * args.batch_size)
     space = get_data_space("binary")
     model = build_vae(args.seed)
-    trainer = Trainer(model, train_images[:n], val_images[:500], space,
-                      TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed), tempfile.mkdtemp(),
-                      progress=False)
+    trainer = Trainer(
+        model,
+        train_images[:n],
+        val_images[:500],
+        space,
+        TrainConfig(epochs=1, batch_size=args.batch_size, seed=args.seed),
+        tempfile.mkdtemp(),
+        progress=False,
+    )
     trainer.train_epoch(1)  # warm-up, untimed
 
     # plain timing first (no wrappers), then the same epoch with wrappers
@@ -220,11 +226,14 @@ def profile_training(args) -> dict:
     steps = trainer.steps_per_epoch
     rows = report("training", timer, total, steps, "step")
     layers = linear_layers(model.encoder) + linear_layers(model.decoder)
-    floor = shape_matched_rate(linear_matmuls(layers, args.batch_size, training=True, input_grad_first=False),
-                               torch.device("cpu"))
+    floor = shape_matched_rate(
+        linear_matmuls(layers, args.batch_size, training=True, input_grad_first=False), torch.device("cpu")
+    )
     floor_ms = sum(r["time_ms"] for r in floor["per_shape"])
-    print(f"  (without wrappers: {1e3 * plain / steps:.3f} ms per step, {n / plain:.0f} images/s; "
-          f"the step's 11 matmuls alone, timed bare: {floor_ms:.3f} ms){contention_note(monitor)}")
+    print(
+        f"  (without wrappers: {1e3 * plain / steps:.3f} ms per step, {n / plain:.0f} images/s; "
+        f"the step's 11 matmuls alone, timed bare: {floor_ms:.3f} ms){contention_note(monitor)}"
+    )
 
     prof_table = None
     if args.torch_profiler:
@@ -234,10 +243,18 @@ def profile_training(args) -> dict:
             trainer.train_epoch(4)
         prof_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         print(prof_table)
-    return {"steps": steps, "batch_size": args.batch_size, "time_s": total, "plain_time_s": plain,
-            "matmul_floor_ms_per_step": floor_ms, "cpu_contention": monitor.result,
-            "plain_ms_per_step": 1e3 * plain / steps, "pieces": rows, "unpatched": p.missing,
-            "torch_profiler_table": prof_table}
+    return {
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "time_s": total,
+        "plain_time_s": plain,
+        "matmul_floor_ms_per_step": floor_ms,
+        "cpu_contention": monitor.result,
+        "plain_ms_per_step": 1e3 * plain / steps,
+        "pieces": rows,
+        "unpatched": p.missing,
+        "torch_profiler_table": prof_table,
+    }
 
 
 def profile_iwae(args) -> dict:
@@ -265,18 +282,37 @@ def profile_iwae(args) -> dict:
     finally:
         p.restore()
     passes = -(-args.iw_samples // chunk) * -(-x.shape[0] // batch)
-    rows = report(f"IWAE-{args.iw_samples} on {x.shape[0]} images (batch {batch}, {chunk} samples per pass)",
-                  timer, total, passes, "pass")
+    rows = report(
+        f"IWAE-{args.iw_samples} on {x.shape[0]} images (batch {batch}, {chunk} samples per pass)",
+        timer,
+        total,
+        passes,
+        "pass",
+    )
     pairs = x.shape[0] * args.iw_samples
-    floor = shape_matched_rate(linear_matmuls(linear_layers(model.decoder), batch * chunk, training=False),
-                               torch.device("cpu"))
+    floor = shape_matched_rate(
+        linear_matmuls(linear_layers(model.decoder), batch * chunk, training=False), torch.device("cpu")
+    )
     floor_ms = sum(r["time_ms"] for r in floor["per_shape"])
-    print(f"  (without wrappers: {plain:.3f} s, {pairs / plain:.0f} pairs/s; the decoder matmuls of one pass alone, "
-          f"timed bare: {floor_ms:.1f} ms){contention_note(monitor)}")
-    return {"k": args.iw_samples, "n_examples": x.shape[0], "batch_size": batch, "samples_per_pass": chunk,
-            "max_decoder_elements": max_el, "decoder_matmul_floor_ms_per_pass": floor_ms, "cpu_contention": monitor.result,
-            "passes": passes, "time_s": total, "plain_time_s": plain, "plain_pairs_per_s": pairs / plain,
-            "pieces": rows, "unpatched": p.missing}
+    print(
+        f"  (without wrappers: {plain:.3f} s, {pairs / plain:.0f} pairs/s; the decoder matmuls of one pass alone, "
+        f"timed bare: {floor_ms:.1f} ms){contention_note(monitor)}"
+    )
+    return {
+        "k": args.iw_samples,
+        "n_examples": x.shape[0],
+        "batch_size": batch,
+        "samples_per_pass": chunk,
+        "max_decoder_elements": max_el,
+        "decoder_matmul_floor_ms_per_pass": floor_ms,
+        "cpu_contention": monitor.result,
+        "passes": passes,
+        "time_s": total,
+        "plain_time_s": plain,
+        "plain_pairs_per_s": pairs / plain,
+        "pieces": rows,
+        "unpatched": p.missing,
+    }
 
 
 def main(argv=None) -> int:
@@ -285,8 +321,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--iw-samples", type=int, default=1000)
     ap.add_argument("--iw-examples", type=int, default=500)
-    ap.add_argument("--max-decoder-elements", type=int, default=0,
-                    help="IWAE pass size bound (default: elbox.evaluation.CPU_MAX_DECODER_ELEMENTS)")
+    ap.add_argument(
+        "--max-decoder-elements",
+        type=int,
+        default=0,
+        help="IWAE pass size bound (default: elbox.models.estimates.CPU_MAX_DECODER_ELEMENTS)",
+    )
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's op table for training")
@@ -295,8 +335,12 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    result = {"torch_version": torch.__version__, "num_threads": torch.get_num_threads(),
-              "training": profile_training(args), "iwae": profile_iwae(args)}
+    result = {
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "training": profile_training(args),
+        "iwae": profile_iwae(args),
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -46,16 +46,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from elbox.core.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import (
-    elbo_per_example,
-    elements_per_sample,
-    iwae_per_example,
-    memory_bound,
-)
+from elbox.io.run_config import train_config
 from elbox.models import LatentVariableModel, build_model
-from elbox.system import bf16_is_native, keep_freed_memory_in_heap, set_threads
-from elbox.training.config import train_config
+from elbox.models.estimates import elbo_per_example, elements_per_sample, iwae_per_example, memory_bound
 from elbox.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,9 +58,14 @@ from bench_vae import CpuMonitor, sync  # noqa: E402  (the sibling benchmark's p
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # name: (model, model config values other than its defaults); "vae-784-512-20" is the size the issue's CPU targets name
-FAMILIES = {"vae": ("vae", {}), "vae-784-512-20": ("vae", {"latent_dim": 20}), "hvae": ("hvae", {}),
-            "hvae-mlp-ladder": ("hvae", {"hvae_type": "mlp-ladder"}), "hvae-conv-ladder": ("hvae", {"hvae_type": "ladder"}),
-            "diffusion": ("diffusion", {})}
+FAMILIES = {
+    "vae": ("vae", {}),
+    "vae-784-512-20": ("vae", {"latent_dim": 20}),
+    "hvae": ("hvae", {}),
+    "hvae-mlp-ladder": ("hvae", {"hvae_type": "mlp-ladder"}),
+    "hvae-conv-ladder": ("hvae", {"hvae_type": "ladder"}),
+    "diffusion": ("diffusion", {}),
+}
 EVAL_EXAMPLES = {"vae": 500, "hvae": 4, "diffusion": 200}  # test images evaluated on a CPU; x20 on a GPU
 IW_SAMPLES = 5000
 DIFFUSION_TIME_SAMPLES = 4
@@ -103,8 +103,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> d
             sync(device)
             times.append(time.perf_counter() - start)
     times.sort()
-    return {"n": n, "gflops": 2 * n**3 / times[len(times) // 2] / 1e9, "best_gflops": 2 * n**3 / times[0] / 1e9,
-            "cpu_contention": contention(monitor)}
+    return {
+        "n": n,
+        "gflops": 2 * n**3 / times[len(times) // 2] / 1e9,
+        "best_gflops": 2 * n**3 / times[0] / 1e9,
+        "cpu_contention": contention(monitor),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,8 +128,14 @@ def flags(options: dict) -> list[str]:
     return out
 
 
-def build_trainer(family: str, images: torch.Tensor, val_images: torch.Tensor, device: torch.device, run_dir: str,
-                  options: dict | None = None) -> Trainer:
+def build_trainer(
+    family: str,
+    images: torch.Tensor,
+    val_images: torch.Tensor,
+    device: torch.device,
+    run_dir: str,
+    options: dict | None = None,
+) -> Trainer:
     """What `elbox train --model MODEL` builds: the family's model (its config defaults and the family's values)
     and a Trainer with the model's training defaults and `options` (TrainConfig fields). The data-dependent
     initialization runs only for models that have one (none of the families: their time to first step does not
@@ -156,8 +166,9 @@ def step(trainer: Trainer, x: torch.Tensor) -> None:
         [v.item() for v in values.values()]  # train_epoch's per-step logging sync
 
 
-def measure_training(family, images, val_images, device, seconds, options: dict | None = None, warmup: int = 3,
-                     min_steps: int = 3) -> dict:
+def measure_training(
+    family, images, val_images, device, seconds, options: dict | None = None, warmup: int = 3, min_steps: int = 3
+) -> dict:
     """Time to first step, then steady-state images/s over `seconds` (at least min_steps, after `warmup` steps),
     training with `options` (TrainConfig fields) on top of the model's training defaults."""
     options = options or {}
@@ -180,9 +191,15 @@ def measure_training(family, images, val_images, device, seconds, options: dict 
             sync(device)
             elapsed = time.perf_counter() - start
         batch = trainer.config.batch_size
-        return {"options": " ".join(flags(options)) or "defaults", "batch_size": batch, "steps": steps,
-                "images_per_s": steps * batch / elapsed, "ms_per_step": 1e3 * elapsed / steps,
-                "time_to_first_step_s": first_step_s, "cpu_contention": contention(monitor)}
+        return {
+            "options": " ".join(flags(options)) or "defaults",
+            "batch_size": batch,
+            "steps": steps,
+            "images_per_s": steps * batch / elapsed,
+            "ms_per_step": 1e3 * elapsed / steps,
+            "time_to_first_step_s": first_step_s,
+            "cpu_contention": contention(monitor),
+        }
 
 
 def training_flops_per_image(family, images, val_images, device) -> tuple[float, object]:
@@ -202,7 +219,9 @@ def profile_table(trainer: Trainer, device: torch.device, steps: int = 10, rows:
     data = batches(trainer)
     for _ in range(3):
         step(trainer, next(data))
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step(trainer, next(data))
@@ -211,8 +230,15 @@ def profile_table(trainer: Trainer, device: torch.device, steps: int = 10, rows:
     events = [e for e in prof.key_averages() if getattr(e, attr) > 0]
     total = sum(getattr(e, attr) for e in events)
     events.sort(key=lambda e: getattr(e, attr), reverse=True)
-    return [{"op": e.key, "ms_per_step": getattr(e, attr) / 1e3 / steps, "share": getattr(e, attr) / total,
-             "calls_per_step": e.count / steps} for e in events[:rows]]
+    return [
+        {
+            "op": e.key,
+            "ms_per_step": getattr(e, attr) / 1e3 / steps,
+            "share": getattr(e, attr) / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:rows]
+    ]
 
 
 def measure_evaluation(family, trainer: Trainer, device: torch.device) -> dict:
@@ -249,9 +275,15 @@ def measure_evaluation(family, trainer: Trainer, device: torch.device) -> dict:
         full()
         sync(device)
         elapsed = time.perf_counter() - start
-    return {"what": what, "examples": n, "seconds": elapsed, "images_per_s": n / elapsed,
-            "gflop_per_image": flops_per_image / 1e9, "memory_bound_elements": memory_bound(device, elements_per_sample(model)),
-            "cpu_contention": contention(monitor)}
+    return {
+        "what": what,
+        "examples": n,
+        "seconds": elapsed,
+        "images_per_s": n / elapsed,
+        "gflop_per_image": flops_per_image / 1e9,
+        "memory_bound_elements": memory_bound(device, elements_per_sample(model)),
+        "cpu_contention": contention(monitor),
+    }
 
 
 def peak_rss_gb() -> float:
@@ -262,8 +294,11 @@ def run_family(family: str, device: torch.device, seconds: float) -> dict:
     images, _ = load_split("fashion-mnist", "train")
     val_images, _ = load_split("fashion-mnist", "validation")
     model_name, model_values = FAMILIES[family]
-    result: dict = {"family": family, "device": device.type,
-                    "command": " ".join(["elbox train --model", model_name, *flags(model_values)])}
+    result: dict = {
+        "family": family,
+        "device": device.type,
+        "command": " ".join(["elbox train --model", model_name, *flags(model_values)]),
+    }
     flops, trainer = training_flops_per_image(family, images, val_images, device)
     conv = any(isinstance(m, torch.nn.Conv2d) for m in trainer.model.modules())
     result["parameters"] = sum(p.numel() for p in trainer.model.parameters())
@@ -288,13 +323,17 @@ def run_family(family: str, device: torch.device, seconds: float) -> dict:
 
 def cli_training_peak_rss(device: torch.device) -> dict:
     """Peak resident memory of a real `elbox train` epoch of the default VAE on the full Fashion-MNIST."""
-    from elbox.cli import main
+    from elbox.cli.main import main
 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         code = main(["train", "--epochs", "1", "--out", f"{out}/run", "--no-progress", "--device", device.type])
-        return {"command": "elbox train --epochs 1 (defaults: vae, Fashion-MNIST)", "exit_code": code,
-                "seconds": time.perf_counter() - start, "peak_rss_gb": peak_rss_gb()}
+        return {
+            "command": "elbox train --epochs 1 (defaults: vae, Fashion-MNIST)",
+            "exit_code": code,
+            "seconds": time.perf_counter() - start,
+            "peak_rss_gb": peak_rss_gb(),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +359,18 @@ def child(mode: str, device: torch.device, seconds: float) -> dict | None:
     """Run one measurement in a fresh process (its own peak memory) with an empty compilation cache (so --compile's
     first step is a cold compilation); returns its JSON, None if it failed."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f, tempfile.TemporaryDirectory() as cache:
-        cmd = [sys.executable, __file__, "--child", mode, "--devices", device.type, "--seconds", str(seconds), "--json", f.name]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--devices",
+            device.type,
+            "--seconds",
+            str(seconds),
+            "--json",
+            f.name,
+        ]
         if subprocess.run(cmd, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}).returncode != 0:
             print(f"WARNING: {mode} on {device} failed; it is left out of the results", file=sys.stderr)
             return None
@@ -350,37 +400,65 @@ def summarize(device_result: dict) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# elbox benchmarks: {result['machine']}, {result['date']}", "",
-             f"torch {result['torch']}, {result['threads']} threads, CPU capability {result['cpu_capability']}, "
-             f"git {result['git']}. Command: `{result['command']}`.", ""]
+    lines = [
+        f"# elbox benchmarks: {result['machine']}, {result['date']}",
+        "",
+        f"torch {result['torch']}, {result['threads']} threads, CPU capability {result['cpu_capability']}, "
+        f"git {result['git']}. Command: `{result['command']}`.",
+        "",
+    ]
     for dev in result["devices"]:
         ref = dev["reference_gflops"]
-        lines += [f"## {dev['device']}", "",
-                  f"Matrix-product rate measured in this run: float32 {ref['float32']:.1f} GFLOP/s, "
-                  f"bfloat16 {ref['bfloat16']:.1f} GFLOP/s (bf16 native: {dev['bf16_native']}).", "",
-                  "| family | options | images/s | ms/step | GFLOP/s | % of fp32 rate | × eager fp32 | first step (s) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {dev['device']}",
+            "",
+            f"Matrix-product rate measured in this run: float32 {ref['float32']:.1f} GFLOP/s, "
+            f"bfloat16 {ref['bfloat16']:.1f} GFLOP/s (bf16 native: {dev['bf16_native']}).",
+            "",
+            "| family | options | images/s | ms/step | GFLOP/s | % of fp32 rate | × eager fp32 | first step (s) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for fam in dev["families"]:
             for run in fam["training"]:
                 warn = " ⚠" if run["cpu_contention"] > 0.05 else ""
-                lines.append(f"| {fam['family']} ({fam['parameters'] / 1e6:.2f} M params, {fam['train_gflop_per_image'] * 1e3:.1f} "
-                             f"MFLOP/img) | {run['options']} | {run['images_per_s']:.0f}{warn} | {run['ms_per_step']:.1f} | "
-                             f"{run['gflops']:.1f} | {100 * run['fraction_of_fp32_rate']:.0f} % | {run['speedup_vs_eager_fp32']:.2f} | "
-                             f"{run['time_to_first_step_s']:.1f} |")
-        lines += ["", "| family | evaluation | examples | images/s | GFLOP/s | % of fp32 rate | peak RSS after fp32 training (GB) | peak RSS, whole child (GB) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                lines.append(
+                    f"| {fam['family']} ({fam['parameters'] / 1e6:.2f} M params, "
+                    f"{fam['train_gflop_per_image'] * 1e3:.1f} "
+                    f"MFLOP/img) | {run['options']} | {run['images_per_s']:.0f}{warn} | {run['ms_per_step']:.1f} | "
+                    f"{run['gflops']:.1f} | {100 * run['fraction_of_fp32_rate']:.0f} % | "
+                    f"{run['speedup_vs_eager_fp32']:.2f} | "
+                    f"{run['time_to_first_step_s']:.1f} |"
+                )
+        lines += [
+            "",
+            "| family | evaluation | examples | images/s | GFLOP/s | % of fp32 rate | peak RSS after fp32 training "
+            "(GB) | peak RSS, whole child (GB) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for fam in dev["families"]:
             ev = fam["evaluation"]
             warn = " ⚠" if ev["cpu_contention"] > 0.05 else ""
-            lines.append(f"| {fam['family']} | {ev['what']} | {ev['examples']} | {ev['images_per_s']:.2f}{warn} | {ev['gflops']:.1f} | "
-                         f"{100 * ev['fraction_of_fp32_rate']:.0f} % | {fam['peak_rss_gb_after_fp32_training']:.2f} | {fam['peak_rss_gb_end']:.2f} |")
+            lines.append(
+                f"| {fam['family']} | {ev['what']} | {ev['examples']} | {ev['images_per_s']:.2f}{warn} | "
+                f"{ev['gflops']:.1f} | "
+                f"{100 * ev['fraction_of_fp32_rate']:.0f} % | {fam['peak_rss_gb_after_fp32_training']:.2f} | "
+                f"{fam['peak_rss_gb_end']:.2f} |"
+            )
         if "cli_training" in dev:
             c = dev["cli_training"]
             lines += ["", f"Peak RSS of `{c['command']}`: **{c['peak_rss_gb']:.2f} GB** ({c['seconds']:.0f} s)."]
         for fam in dev["families"]:
-            lines += ["", f"### Profile: {fam['family']}, eager fp32 training step (torch.profiler, self time)", "",
-                      "| operator | ms/step | share | calls/step |", "|---|---|---|---|"]
-            lines += [f"| `{p['op']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f} % | {p['calls_per_step']:.0f} |" for p in fam["profile"]]
+            lines += [
+                "",
+                f"### Profile: {fam['family']}, eager fp32 training step (torch.profiler, self time)",
+                "",
+                "| operator | ms/step | share | calls/step |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| `{p['op']}` | {p['ms_per_step']:.2f} | {100 * p['share']:.1f} % | {p['calls_per_step']:.0f} |"
+                for p in fam["profile"]
+            ]
         lines.append("")
     lines.append("⚠: other processes used more than 5 % of the CPUs during the measurement.")
     for dev in result["devices"]:
@@ -391,8 +469,13 @@ def markdown(result: dict) -> str:
 
 def git_revision() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -410,21 +493,39 @@ def main() -> int:
     threads = set_threads(None)
     if args.child:
         device = torch.device(args.devices[0])
-        out = cli_training_peak_rss(device) if args.child == "cli-train" else run_family(args.child, device, args.seconds)
+        out = (
+            cli_training_peak_rss(device) if args.child == "cli-train" else run_family(args.child, device, args.seconds)
+        )
         Path(args.json).write_text(json.dumps(out))
         return 0
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     date = datetime.date.today().isoformat()
-    result = {"machine": machine_name(), "date": date, "torch": torch.__version__, "threads": threads,
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git": git_revision(),
-              "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]), "devices": []}
+    result = {
+        "machine": machine_name(),
+        "date": date,
+        "torch": torch.__version__,
+        "threads": threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "git": git_revision(),
+        "command": "python benchmarks/run.py " + " ".join(sys.argv[1:]),
+        "devices": [],
+    }
     for name in devices:
         device = torch.device(name)
-        dev = {"device": name if name == "cpu" else torch.cuda.get_device_name(device), "bf16_native": bf16_is_native(device),
-               "reference": {"float32": [matmul_rate(device, torch.float32)], "bfloat16": [matmul_rate(device, torch.bfloat16)]},
-               "families": []}
-        print(f"{name}: float32 {dev['reference']['float32'][0]['gflops']:.1f} GFLOP/s, "
-              f"bfloat16 {dev['reference']['bfloat16'][0]['gflops']:.1f} GFLOP/s", flush=True)
+        dev = {
+            "device": name if name == "cpu" else torch.cuda.get_device_name(device),
+            "bf16_native": bf16_is_native(device),
+            "reference": {
+                "float32": [matmul_rate(device, torch.float32)],
+                "bfloat16": [matmul_rate(device, torch.bfloat16)],
+            },
+            "families": [],
+        }
+        print(
+            f"{name}: float32 {dev['reference']['float32'][0]['gflops']:.1f} GFLOP/s, "
+            f"bfloat16 {dev['reference']['bfloat16'][0]['gflops']:.1f} GFLOP/s",
+            flush=True,
+        )
         for family in args.families:
             print(f"{name}: {family} ...", flush=True)
             measured = child(family, device, args.seconds)

@@ -37,11 +37,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import elbox
+from elbox.core.system import keep_freed_memory_in_heap, set_threads
 from elbox.data import load_split
 from elbox.data.user_arrays import ImageArray
 from elbox.data.user_images import ImageFolder
-from elbox.system import keep_freed_memory_in_heap, set_threads
-from elbox.training.config import train_config
+from elbox.io.run_config import train_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDE, PER_FOLDER, VALIDATION_IMAGES = 28, 1000, 2000
@@ -62,7 +62,7 @@ def augmented(base: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     for sy in range(5):
         for sx in range(5):
             moved = (dy == sy) & (dx == sx)
-            out[moved] = padded[moved, sy:sy + SIDE, sx:sx + SIDE]
+            out[moved] = padded[moved, sy : sy + SIDE, sx : sx + SIDE]
     return out
 
 
@@ -112,8 +112,11 @@ def cpu_times() -> tuple[float, float, float]:
     """(wall s, busy CPU s of the whole machine with stolen time, CPU s of this process and its finished children)."""
     ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
     t = os.times()
-    return (time.perf_counter(), (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),  # not idle, iowait
-            t.user + t.system + t.children_user + t.children_system)
+    return (
+        time.perf_counter(),
+        (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),  # not idle, iowait
+        t.user + t.system + t.children_user + t.children_system,
+    )
 
 
 def others_share(before: tuple, after: tuple) -> float:
@@ -137,7 +140,12 @@ class PeakMemory(threading.Thread):
     summed over this process and its descendants; keeps the largest sample with its anonymous, file-backed (the
     memory-mapped data, libraries) and shared-memory (batches from workers) parts, in GiB."""
 
-    KEYS: ClassVar = {"Pss": "pss_gb", "Pss_Anon": "pss_anon_gb", "Pss_File": "pss_file_gb", "Pss_Shmem": "pss_shmem_gb"}
+    KEYS: ClassVar = {
+        "Pss": "pss_gb",
+        "Pss_Anon": "pss_anon_gb",
+        "Pss_File": "pss_file_gb",
+        "Pss_Shmem": "pss_shmem_gb",
+    }
 
     def __init__(self, every: float = 0.25):
         super().__init__(daemon=True)
@@ -163,44 +171,76 @@ def train_one_epoch(spec: dict) -> dict:
     spec["first"] images in memory): images/s, epoch seconds and peak memory. Runs in a fresh process."""
     keep_freed_memory_in_heap()  # as `elbox train` starts
     threads = set_threads(None)
-    data = torch.from_numpy(read_first(Path(spec["path"]), spec["first"])).unsqueeze(1) if spec["first"] else spec["path"]
+    data = (
+        torch.from_numpy(read_first(Path(spec["path"]), spec["first"])).unsqueeze(1) if spec["first"] else spec["path"]
+    )
     records: list[dict] = []
     (memory := PeakMemory()).start()
     before = cpu_times()
-    run = elbox.fit("vae", data, validation=spec["validation"], epochs=1, workers=spec["workers"], progress=False,
-                    verbose=False, callback=records.append)
+    run = elbox.fit(
+        "vae",
+        data,
+        validation=spec["validation"],
+        epochs=1,
+        workers=spec["workers"],
+        progress=False,
+        verbose=False,
+        callback=records.append,
+    )
     after = cpu_times()
     memory.done.set()
     memory.join()
     epoch, gb = records[-1], lambda who: resource.getrusage(who).ru_maxrss / 2**20  # KiB on Linux
-    return {"images_per_s": epoch["images_per_s"], "epoch_time_s": epoch["epoch_time_s"], "steps": epoch["step"],
-            "val_elbo": epoch["val_elbo"], "fit_s": after[0] - before[0], "threads": threads, "device": str(run.model.device),
-            "peak_rss_trainer_gb": gb(resource.RUSAGE_SELF), "peak_rss_largest_child_gb": gb(resource.RUSAGE_CHILDREN),
-            **memory.peak, "cpu_others": others_share(before, after)}
+    return {
+        "images_per_s": epoch["images_per_s"],
+        "epoch_time_s": epoch["epoch_time_s"],
+        "steps": epoch["step"],
+        "val_elbo": epoch["val_elbo"],
+        "fit_s": after[0] - before[0],
+        "threads": threads,
+        "device": str(run.model.device),
+        "peak_rss_trainer_gb": gb(resource.RUSAGE_SELF),
+        "peak_rss_largest_child_gb": gb(resource.RUSAGE_CHILDREN),
+        **memory.peak,
+        "cpu_others": others_share(before, after),
+    }
 
 
 def in_fresh_process(label: str, **spec) -> dict:
     """train_one_epoch(spec) in a new Python process: its result with the spec, or {"failed": exit code}."""
     print(f"  {label}, {spec['workers']} workers ...", end=" ", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        code = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec), "--json", f.name], check=False).returncode
+        code = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps(spec), "--json", f.name], check=False
+        ).returncode
         result = json.loads(Path(f.name).read_text()) if code == 0 else {"failed": code}
-    print(f"{result['images_per_s']:,.0f} images/s, peak PSS {result['pss_gb']:.2f} GB" if code == 0 else f"FAILED ({code})", flush=True)
+    print(
+        f"{result['images_per_s']:,.0f} images/s, peak PSS {result['pss_gb']:.2f} GB"
+        if code == 0
+        else f"FAILED ({code})",
+        flush=True,
+    )
     return {"run": label, **spec, **result}
 
 
 def loader_alone(dataset, workers: int, batch: int, max_steps: int) -> dict:
     """Images/s of the DataLoader alone, no model: shuffled batches as training reads them, for one epoch or
     max_steps batches (worker start-up included)."""
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(0)
+    )
     images, before = 0, cpu_times()
     for step, batch_images in enumerate(loader, 1):
         images += len(batch_images)
         if step >= max_steps:
             break
     after = cpu_times()  # the loop's iterator, and with it the workers, ended with the loop
-    return {"workers": workers, "images": images, "images_per_s": images / (after[0] - before[0]),
-            "cpu_others": others_share(before, after)}
+    return {
+        "workers": workers,
+        "images": images,
+        "images_per_s": images / (after[0] - before[0]),
+        "cpu_others": others_share(before, after),
+    }
 
 
 def open_folder_time(folder: Path) -> tuple[ImageFolder, float]:
@@ -227,7 +267,9 @@ def decode_time(folder: ImageFolder, count: int = 5000) -> dict:
     return {"images": len(picked), "pil_us": best_us(pil), "item_us": best_us(folder.__getitem__)}
 
 
-def measure(source: Path, open_dataset, memory_path: Path, memory_images: int, validation: Path, args, batch: int) -> dict:
+def measure(
+    source: Path, open_dataset, memory_path: Path, memory_images: int, validation: Path, args, batch: int
+) -> dict:
     """Training in memory, streamed with each worker count, in memory again (each in a fresh process); then the
     DataLoader alone with each worker count, on a dataset opened afresh (no pages of the file stay mapped here,
     which would keep them in the page cache)."""
@@ -258,60 +300,108 @@ def machine() -> dict:
     model = re.search(r"^model name\s*:\s*(.*)$", info, re.MULTILINE)
     flags = set((re.search(r"^flags\s*:\s*(.*)$", info, re.MULTILINE) or ["", ""])[1].split())
     cpu, cores = model.group(1).strip() if model else "unknown cpu", len(os.sched_getaffinity(0))
-    return {"cpu": cpu, "cores": cores, "slug": re.sub(r"[^a-z0-9]+", "-", f"{cpu}-{cores}c".lower()).strip("-"),
-            "flags": [f for f in SPEED_FLAGS if f in flags], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch": torch.__version__, "numpy": np.__version__, "pillow": PIL.__version__, "python": sys.version.split()[0]}
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "slug": re.sub(r"[^a-z0-9]+", "-", f"{cpu}-{cores}c".lower()).strip("-"),
+        "flags": [f for f in SPEED_FLAGS if f in flags],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 def run_rows(runs: list[dict]) -> list[str]:
-    lines = [("| run | workers | steps | images/s | × in memory | epoch (s) | peak RSS, trainer (GB) | peak RSS, largest "
-              "worker (GB) | peak PSS, all processes (GB): anon + file + shm | other CPU use |"), "|---" * 10 + "|"]
+    lines = [
+        (
+            "| run | workers | steps | images/s | × in memory | epoch (s) | peak RSS, trainer (GB) | peak RSS, largest "
+            "worker (GB) | peak PSS, all processes (GB): anon + file + shm | other CPU use |"
+        ),
+        "|---" * 10 + "|",
+    ]
     for r in runs:
         if "failed" in r:
             lines.append(f"| {r['run']} | {r['workers']} | failed (exit code {r['failed']}) |" + " |" * 7)
             continue
         worker = f"{r['peak_rss_largest_child_gb']:.2f}" if r["workers"] else "–"
-        lines.append(f"| {r['run']} | {r['workers']} | {r['steps']:,} | {r['images_per_s']:,.0f} | {r['vs_memory']:.2f} | "
-                     f"{r['epoch_time_s']:.1f} | {r['peak_rss_trainer_gb']:.2f} | {worker} | **{r['pss_gb']:.2f}**: "
-                     f"{r['pss_anon_gb']:.2f} + {r['pss_file_gb']:.2f} + {r['pss_shmem_gb']:.2f} | {r['cpu_others']:.0%} |")
+        lines.append(
+            f"| {r['run']} | {r['workers']} | {r['steps']:,} | {r['images_per_s']:,.0f} | {r['vs_memory']:.2f} | "
+            f"{r['epoch_time_s']:.1f} | {r['peak_rss_trainer_gb']:.2f} | {worker} | **{r['pss_gb']:.2f}**: "
+            f"{r['pss_anon_gb']:.2f} + {r['pss_file_gb']:.2f} + {r['pss_shmem_gb']:.2f} | {r['cpu_others']:.0%} |"
+        )
     return lines
 
 
 def markdown(result: dict) -> str:
     m, p, a, b = result["machine"], result["parameters"], result["array"], result["pngs"]
     streamed = [r for r in a["training"] if not r["first"] and "failed" not in r]
-    lines = [f"# Streaming from disk (issue 15): {m['cpu']}, {m['cores']} cores, {result['date']}", "",
-             (f"CPU flags: {', '.join(m['flags']) or 'none of ' + ', '.join(SPEED_FLAGS)} (PyTorch CPU capability "
-              f"{m['cpu_capability']}); torch {m['torch']}, numpy {m['numpy']}, Pillow {m['pillow']}; {result['threads']} "
-              f"threads; device {a['training'][0].get('device', '?')}. Command: `{result['command']}`."), "",
-             (f"Each training run: `elbox.fit(\"vae\", DATA, epochs=1, workers=W)` (the default VAE, batch {p['batch']}; "
-              f"validation on {VALIDATION_IMAGES:,} other images, not in images/s) in a fresh process. The data files' "
-              "pages are dropped from the page cache before each streamed run. × in memory divides by the faster "
-              "in-memory run. Peak PSS: sampled every 0.25 s over the trainer and its workers, shared pages counted "
-              "once; its file part is mostly the memory-mapped data (page cache the kernel can reclaim)."), "",
-             f"## (a) Array file: {a['file_gb']:.2f} GiB, {a['images']:,} images (written in {a['write_s']:.0f} s)", "",
-             *run_rows(a["training"]), "",
-             "DataLoader alone (no model; one epoch or --steps batches, cold page cache): " + ", ".join(
-                 f"workers={x['workers']} {x['images_per_s']:,.0f} images/s" for x in a["loader_alone"]) + ".", ""]
+    lines = [
+        f"# Streaming from disk (issue 15): {m['cpu']}, {m['cores']} cores, {result['date']}",
+        "",
+        (
+            f"CPU flags: {', '.join(m['flags']) or 'none of ' + ', '.join(SPEED_FLAGS)} (PyTorch CPU capability "
+            f"{m['cpu_capability']}); torch {m['torch']}, numpy {m['numpy']}, Pillow {m['pillow']}; "
+            f"{result['threads']} "
+            f"threads; device {a['training'][0].get('device', '?')}. Command: `{result['command']}`."
+        ),
+        "",
+        (
+            f'Each training run: `elbox.fit("vae", DATA, epochs=1, workers=W)` (the default VAE, batch {p["batch"]}; '
+            f"validation on {VALIDATION_IMAGES:,} other images, not in images/s) in a fresh process. The data files' "
+            "pages are dropped from the page cache before each streamed run. × in memory divides by the faster "
+            "in-memory run. Peak PSS: sampled every 0.25 s over the trainer and its workers, shared pages counted "
+            "once; its file part is mostly the memory-mapped data (page cache the kernel can reclaim)."
+        ),
+        "",
+        f"## (a) Array file: {a['file_gb']:.2f} GiB, {a['images']:,} images (written in {a['write_s']:.0f} s)",
+        "",
+        *run_rows(a["training"]),
+        "",
+        "DataLoader alone (no model; one epoch or --steps batches, cold page cache): "
+        + ", ".join(f"workers={x['workers']} {x['images_per_s']:,.0f} images/s" for x in a["loader_alone"])
+        + ".",
+        "",
+    ]
     if streamed:
         worst = max(streamed, key=lambda r: r["peak_memory_gb"])
         best = max(streamed, key=lambda r: r["vs_memory"])
-        lines += [(f"Target: peak memory < {TARGET_MEMORY_GB} GB (the larger of the trainer's RSS and the PSS of all "
-                   f"processes): worst streamed run {worst['peak_memory_gb']:.2f} GB (workers={worst['workers']}), "
-                   f"**{'met' if worst['peak_memory_gb'] < TARGET_MEMORY_GB else 'not met'}**. Target: streaming ≥ "
-                   f"{TARGET_RATIO:.0%} of in-memory images/s: best {best['vs_memory']:.0%} (workers={best['workers']}), "
-                   f"**{'met' if best['vs_memory'] >= TARGET_RATIO else 'not met'}**."), ""]
+        lines += [
+            (
+                f"Target: peak memory < {TARGET_MEMORY_GB} GB (the larger of the trainer's RSS and the PSS of all "
+                f"processes): worst streamed run {worst['peak_memory_gb']:.2f} GB (workers={worst['workers']}), "
+                f"**{'met' if worst['peak_memory_gb'] < TARGET_MEMORY_GB else 'not met'}**. Target: streaming ≥ "
+                f"{TARGET_RATIO:.0%} of in-memory images/s: best {best['vs_memory']:.0%} (workers={best['workers']}), "
+                f"**{'met' if best['vs_memory'] >= TARGET_RATIO else 'not met'}**."
+            ),
+            "",
+        ]
     d = b["decode"]
-    lines += [f"## (b) PNG folder: {b['files']:,} files, {PER_FOLDER} per subfolder (written in {b['write_s']:.0f} s)", "",
-              *run_rows(b["training"]), "", "Where the time goes:", "", "| step | time | images/s |", "|---|---|---|",
-              (f"| open the folder (list it, read every header; cold cache) | {b['open_s']:.1f} s, "
-               f"{1e6 * b['open_s'] / b['files']:.0f} µs a file | {b['files'] / b['open_s']:,.0f} |"),
-              f"| decode one image in one process: Pillow alone | {d['pil_us']:.0f} µs | {1e6 / d['pil_us']:,.0f} |",
-              f"| decode one image in one process: ImageFolder item | {d['item_us']:.0f} µs | {1e6 / d['item_us']:,.0f} |",
-              *[f"| DataLoader alone, workers={x['workers']} | | {x['images_per_s']:,.0f} |" for x in b["loader_alone"]],
-              f"| training alone, in memory | | {b['memory_images_per_s']:,.0f} |",
-              *[f"| training streamed, workers={r['workers']} | | {r['images_per_s']:,.0f} |"
-                for r in b["training"] if not r["first"] and "failed" not in r], ""]
+    lines += [
+        f"## (b) PNG folder: {b['files']:,} files, {PER_FOLDER} per subfolder (written in {b['write_s']:.0f} s)",
+        "",
+        *run_rows(b["training"]),
+        "",
+        "Where the time goes:",
+        "",
+        "| step | time | images/s |",
+        "|---|---|---|",
+        (
+            f"| open the folder (list it, read every header; cold cache) | {b['open_s']:.1f} s, "
+            f"{1e6 * b['open_s'] / b['files']:.0f} µs a file | {b['files'] / b['open_s']:,.0f} |"
+        ),
+        f"| decode one image in one process: Pillow alone | {d['pil_us']:.0f} µs | {1e6 / d['pil_us']:,.0f} |",
+        f"| decode one image in one process: ImageFolder item | {d['item_us']:.0f} µs | {1e6 / d['item_us']:,.0f} |",
+        *[f"| DataLoader alone, workers={x['workers']} | | {x['images_per_s']:,.0f} |" for x in b["loader_alone"]],
+        f"| training alone, in memory | | {b['memory_images_per_s']:,.0f} |",
+        *[
+            f"| training streamed, workers={r['workers']} | | {r['images_per_s']:,.0f} |"
+            for r in b["training"]
+            if not r["first"] and "failed" not in r
+        ],
+        "",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -348,19 +438,43 @@ def main() -> int:
         print(f"writing {args.pngs:,} PNG files to {folder} ...", flush=True)
         png_write_s = write_pngs(folder, read_first(array, args.pngs))
         print("(a) array file", flush=True)
-        a = {"images": n, "file_gb": array.stat().st_size / 2**30, "write_s": write_s,
-             **measure(array, lambda: ImageArray(array), array, min(n, args.steps * batch), validation, args, batch)}
+        a = {
+            "images": n,
+            "file_gb": array.stat().st_size / 2**30,
+            "write_s": write_s,
+            **measure(array, lambda: ImageArray(array), array, min(n, args.steps * batch), validation, args, batch),
+        }
         print("(b) PNG folder", flush=True)
         opened, open_s = open_folder_time(folder)
-        b = {"files": args.pngs, "write_s": png_write_s, "open_s": open_s, "decode": decode_time(opened),
-             **measure(folder, lambda: opened, array, args.pngs, validation, args, batch)}
+        b = {
+            "files": args.pngs,
+            "write_s": png_write_s,
+            "open_s": open_s,
+            "decode": decode_time(opened),
+            **measure(folder, lambda: opened, array, args.pngs, validation, args, batch),
+        }
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    result = {"date": date, "machine": info, "threads": threads, "command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]),
-              "parameters": {"gb": args.gb, "pngs": args.pngs, "steps": args.steps, "workers": args.workers, "batch": batch,
-                             "validation_images": VALIDATION_IMAGES, "quick": args.quick, "data_dir": str(root), "kept": args.keep},
-              "array": a, "pngs": b}
+    result = {
+        "date": date,
+        "machine": info,
+        "threads": threads,
+        "command": "python benchmarks/streaming.py " + " ".join(sys.argv[1:]),
+        "parameters": {
+            "gb": args.gb,
+            "pngs": args.pngs,
+            "steps": args.steps,
+            "workers": args.workers,
+            "batch": batch,
+            "validation_images": VALIDATION_IMAGES,
+            "quick": args.quick,
+            "data_dir": str(root),
+            "kept": args.keep,
+        },
+        "array": a,
+        "pngs": b,
+    }
     out = Path(args.out or RESULTS / f"streaming_{info['slug']}_{date}{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -7,7 +7,8 @@ copy of the weights after every epoch and the seconds spent so far. Then:
 
 * the final weights: IWAE-5000 on the full Fashion-MNIST test set (10,000 images, binarized once with seed 0),
   exactly `elbox evaluate DIR --iw-samples 5000`;
-* the curve: every --curve-every'th snapshot (and the last) scored by IWAE-5000 on the first --curve-examples test images (same binarization),
+* the curve: every --curve-every'th snapshot (and the last) scored by IWAE-5000 on the first --curve-examples test
+images (same binarization),
   against the training seconds at that epoch.
 
 Seconds are reported two ways: `train_s`, the sum of the epochs' training loops (what the trainer logs as
@@ -29,11 +30,11 @@ from pathlib import Path
 import torch
 
 import elbox
-from elbox.cli import main as elbox_main
-from elbox.evaluation import iwae_per_example
-from elbox.system import keep_freed_memory_in_heap, set_threads
+from elbox.cli.main import main as elbox_main
+from elbox.core.system import keep_freed_memory_in_heap, set_threads
+from elbox.evaluation.runs import data_in_space
+from elbox.models.estimates import iwae_per_example
 from elbox.training import trainer as trainer_module
-from elbox.training.run_evaluation import data_in_space
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_NATS, TARGET_SECONDS = 234.0, 200.0
@@ -49,8 +50,15 @@ def train_with_snapshots(options: list[str], out: Path) -> tuple[list[dict], flo
         original_save(trainer, epoch, is_best)
         train_s = sum(r["epoch_time_s"] for r in trainer.records if r.get("kind") == "epoch")
         state = {k: v.detach().clone() for k, v in trainer.eval_model.state_dict().items()}
-        snapshots.append({"epoch": epoch, "train_s": train_s, "wall_s": time.perf_counter() - start,
-                          "val_elbo": trainer.records[-1]["val_elbo"], "state": state})
+        snapshots.append(
+            {
+                "epoch": epoch,
+                "train_s": train_s,
+                "wall_s": time.perf_counter() - start,
+                "val_elbo": trainer.records[-1]["val_elbo"],
+                "state": state,
+            }
+        )
 
     trainer_module.Trainer.save = save_and_snapshot
     try:
@@ -90,25 +98,43 @@ def main() -> int:
                 nll = -(iwae_per_example(model, x[: args.curve_examples], args.iw_samples, 500) + offset)
             snap.update(nll_iw=nll.mean().item(), nll_iw_stderr=(nll.std() / nll.numel() ** 0.5).item())
             curve.append(snap)
-            print(f"epoch {snap['epoch']:3d}: {snap['wall_s']:6.1f} s wall, {snap['train_s']:6.1f} s training loop, "
-                  f"IWAE-{args.iw_samples} NLL on {args.curve_examples} test images {snap['nll_iw']:.2f} ± {snap['nll_iw_stderr']:.2f}", flush=True)
+            print(
+                f"epoch {snap['epoch']:3d}: {snap['wall_s']:6.1f} s wall, {snap['train_s']:6.1f} s training loop, "
+                f"IWAE-{args.iw_samples} NLL on {args.curve_examples} test images {snap['nll_iw']:.2f} ± "
+                f"{snap['nll_iw_stderr']:.2f}",
+                flush=True,
+            )
     result = {
         "command": "elbox train " + " ".join(train_options) if train_options else "elbox train (defaults)",
-        "train_config": config["train"], "model_config": config["model_config"], "threads": threads,
-        "protocol": f"dynamically binarized Fashion-MNIST; test set = official 10,000 images binarized once with seed 0; "
-                    f"NLL = -IWAE-{args.iw_samples} in nats per image; curve points on the first {args.curve_examples} test images",
-        "wall_s": wall, "train_s": curve[-1]["train_s"],
-        "final": {k: final[k] for k in ("nll_iw", "nll_iw_stderr", "nll_iw_by_k", "elbo", "elbo_stderr", "time_s", "n_examples")},
-        "target": {"nats": TARGET_NATS, "seconds": TARGET_SECONDS,
-                   "met": final["nll_iw"] <= TARGET_NATS and wall <= TARGET_SECONDS},
+        "train_config": config["train"],
+        "model_config": config["model_config"],
+        "threads": threads,
+        "protocol": "dynamically binarized Fashion-MNIST; test set = official 10,000 images binarized once with "
+        "seed 0; "
+        f"NLL = -IWAE-{args.iw_samples} in nats per image; curve points on the first {args.curve_examples} test images",
+        "wall_s": wall,
+        "train_s": curve[-1]["train_s"],
+        "final": {
+            k: final[k]
+            for k in ("nll_iw", "nll_iw_stderr", "nll_iw_by_k", "elbo", "elbo_stderr", "time_s", "n_examples")
+        },
+        "target": {
+            "nats": TARGET_NATS,
+            "seconds": TARGET_SECONDS,
+            "met": final["nll_iw"] <= TARGET_NATS and wall <= TARGET_SECONDS,
+        },
         "curve": curve,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out.with_suffix(".png"))
-    print(f"final: IWAE-{args.iw_samples} NLL {final['nll_iw']:.2f} ± {final['nll_iw_stderr']:.2f} nats on the full test set "
-          f"after {wall:.0f} s of `elbox train` ({result['train_s']:.0f} s in training loops); target met: {result['target']['met']}")
+    print(
+        f"final: IWAE-{args.iw_samples} NLL {final['nll_iw']:.2f} ± {final['nll_iw_stderr']:.2f} nats on the full test "
+        "set "
+        f"after {wall:.0f} s of `elbox train` ({result['train_s']:.0f} s in training loops); target met: "
+        f"{result['target']['met']}"
+    )
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
@@ -121,10 +147,22 @@ def plot(result: dict, path: Path) -> None:
 
     curve = result["curve"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar([c["wall_s"] for c in curve], [c["nll_iw"] for c in curve], yerr=[c["nll_iw_stderr"] for c in curve],
-                marker="o", ms=3, label=f"snapshots ({result['protocol'].rsplit('on the first ', 1)[-1]})")
-    ax.errorbar([result["wall_s"]], [result["final"]["nll_iw"]], yerr=[result["final"]["nll_iw_stderr"]], marker="s",
-                color="k", label="final, full test set")
+    ax.errorbar(
+        [c["wall_s"] for c in curve],
+        [c["nll_iw"] for c in curve],
+        yerr=[c["nll_iw_stderr"] for c in curve],
+        marker="o",
+        ms=3,
+        label=f"snapshots ({result['protocol'].rsplit('on the first ', 1)[-1]})",
+    )
+    ax.errorbar(
+        [result["wall_s"]],
+        [result["final"]["nll_iw"]],
+        yerr=[result["final"]["nll_iw_stderr"]],
+        marker="s",
+        color="k",
+        label="final, full test set",
+    )
     ax.axhline(TARGET_NATS, color="r", ls="--", lw=1, label=f"target {TARGET_NATS:g} nats")
     ax.axvline(TARGET_SECONDS, color="r", ls=":", lw=1)
     ax.set_xlabel("seconds of `elbox train` (wall)")

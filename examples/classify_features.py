@@ -65,7 +65,9 @@ def main() -> None:
         test_features = encode(run, test_images, Path(tmp), "test")
     pixels = lambda images: images.flatten(1).float() / 255  # noqa: E731
     results = {
-        f"VAE posterior means ({train_features.shape[1]} features)": accuracy(train_features, train_labels, test_features, test_labels),
+        f"VAE posterior means ({train_features.shape[1]} features)": accuracy(
+            train_features, train_labels, test_features, test_labels
+        ),
         "raw pixels (784 features)": accuracy(pixels(train_images), train_labels, pixels(test_images), test_labels),
     }
     print(f"\nlinear classifier trained on {args.train_images} Fashion-MNIST training images, tested on 10000:")

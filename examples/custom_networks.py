@@ -22,9 +22,12 @@ class ConvEncoder(nn.Module):
     def __init__(self, latent_dim: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, width, 4, stride=2, padding=1), nn.SiLU(),          # 14x14
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), nn.SiLU(),  # 7x7
-            nn.Flatten(), nn.Linear(2 * width * 7 * 7, 2 * latent_dim),
+            nn.Conv2d(1, width, 4, stride=2, padding=1),
+            nn.SiLU(),  # 14x14
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            nn.SiLU(),  # 7x7
+            nn.Flatten(),
+            nn.Linear(2 * width * 7 * 7, 2 * latent_dim),
         )
 
     def forward(self, x):
@@ -35,9 +38,12 @@ class ConvDecoder(nn.Module):
     def __init__(self, latent_dim: int, width: int = 32):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(latent_dim, 2 * width * 7 * 7), nn.SiLU(), nn.Unflatten(1, (2 * width, 7, 7)),
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.SiLU(),  # 14x14
-            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1),                     # 28x28 logits
+            nn.Linear(latent_dim, 2 * width * 7 * 7),
+            nn.SiLU(),
+            nn.Unflatten(1, (2 * width, 7, 7)),
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.SiLU(),  # 14x14
+            nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1),  # 28x28 logits
         )
 
     def forward(self, z):
@@ -55,8 +61,10 @@ def main() -> None:
     model = VAE(config, encoder=ConvEncoder(args.latent_dim), decoder=ConvDecoder(args.latent_dim))
     run = elbox.fit(model, "fashion-mnist", epochs=args.epochs, lr=2e-3, out=args.out)
     result = elbox.evaluate(run, iw_samples=[1, 100], limit=2000)
-    print(f"test NLL {result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f} nats (IWAE-100, first 2000 test images, "
-          f"dynamically binarized Fashion-MNIST); ELBO {result['elbo']:.2f}; active units {result['active_units']}")
+    print(
+        f"test NLL {result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f} nats (IWAE-100, first 2000 test images, "
+        f"dynamically binarized Fashion-MNIST); ELBO {result['elbo']:.2f}; active units {result['active_units']}"
+    )
     loaded = elbox.load(args.out, encoder=ConvEncoder(args.latent_dim), decoder=ConvDecoder(args.latent_dim))
     images = elbox.sample(loaded, 64)
     print(f"reloaded from {args.out}; sampled {tuple(images.shape)}; see {args.out}/samples.png")

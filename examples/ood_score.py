@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from common import elbox, trained_run
 
+from elbox.core.errors import ElboxError
 from elbox.data import find_dataset_dir, load_split
-from elbox.errors import ElboxError
 
 
 def main() -> None:
@@ -47,8 +47,19 @@ def main() -> None:
         for name, images in others.items():
             path, result = Path(tmp) / f"{name.replace(' ', '-')}.npy", Path(tmp) / "ood.json"
             np.save(path, images)
-            elbox("ood", str(run), "--outliers", str(path), "--limit", str(args.n), "--iw-samples", str(args.iw_samples),
-                  "--json", str(result), "--no-progress")
+            elbox(
+                "ood",
+                str(run),
+                "--outliers",
+                str(path),
+                "--limit",
+                str(args.n),
+                "--iw-samples",
+                str(args.iw_samples),
+                "--json",
+                str(result),
+                "--no-progress",
+            )
             rows[name] = json.loads(result.read_text())["methods"]
     methods = list(next(iter(rows.values())))
     print(f"\nAUROC of each anomaly score, {args.n} Fashion-MNIST test images against each other set:")

@@ -69,14 +69,23 @@ def sklearn_from_the_same_start(run: elbox.Run, test: np.ndarray, components: in
     rows = as_examples(run_data(run.config["data"], 0)[0], "training rows")
     restarts = [r for r in run.history if "restart" in r and "converged" in r]
     best = max(restarts, key=lambda r: r["log_likelihood"])["restart"] if restarts else 0
-    start = build_model("mixture", {**run.config["model_config"], "seed": run.config["model_config"]["seed"] + best, "n_init": 1})
+    start = build_model(
+        "mixture", {**run.config["model_config"], "seed": run.config["model_config"]["seed"] + best, "n_init": 1}
+    )
     start.initialize(space.eval_data(rows).double())
     mean, std = space.mean.double(), space.std.double()
     means = (start.means * std + mean).numpy()
     covariances = (start.covariances() * std[:, None] * std[None, :]).numpy()
-    reference = GaussianMixture(components, covariance_type="full", reg_covar=1e-12, tol=1e-10, max_iter=1000,
-                                weights_init=start.log_mixing_weights.exp().numpy(), means_init=means,
-                                precisions_init=symmetric(np.linalg.inv(covariances)))
+    reference = GaussianMixture(
+        components,
+        covariance_type="full",
+        reg_covar=1e-12,
+        tol=1e-10,
+        max_iter=1000,
+        weights_init=start.log_mixing_weights.exp().numpy(),
+        means_init=means,
+        precisions_init=symmetric(np.linalg.inv(covariances)),
+    )
     return float(reference.fit(rows.double().numpy()).score(test))
 
 
@@ -90,27 +99,98 @@ def main() -> None:
     # (a) a VAE on a folder of images: from the command line ...
     folder = out / "digits"
     print(f"wrote {write_digit_folder(folder)} PNGs to {folder}")
-    subprocess.run([sys.executable, "-m", "elbox", "train", "vae", "--data", str(folder), "--epochs", "30",
-                    "--batch-size", "64", "--latent-dim", "8", "--hidden-dims", "256", "--out", str(out / "vae-digits-cli"),
-                    "--no-progress"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "elbox",
+            "train",
+            "vae",
+            "--data",
+            str(folder),
+            "--epochs",
+            "30",
+            "--batch-size",
+            "64",
+            "--latent-dim",
+            "8",
+            "--hidden-dims",
+            "256",
+            "--out",
+            str(out / "vae-digits-cli"),
+            "--no-progress",
+        ],
+        check=True,
+    )
     # ... and from Python
-    run = elbox.fit("vae", str(folder), epochs=30, batch_size=64, latent_dim=8, hidden_dims=[256],
-                    out=out / "vae-digits-py", progress=False)
+    run = elbox.fit(
+        "vae",
+        str(folder),
+        epochs=30,
+        batch_size=64,
+        latent_dim=8,
+        hidden_dims=[256],
+        out=out / "vae-digits-py",
+        progress=False,
+    )
     result = elbox.evaluate(run, iw_samples=[1, 100])  # the run's held-out images (10 %, seeded)
-    print(f"VAE on the digit folder: held-out NLL {result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f} nats per image "
-          f"(binarized 8x8 images, IWAE-100); ELBO {result['elbo']:.2f}")
+    print(
+        f"VAE on the digit folder: held-out NLL {result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f} nats per image "
+        f"(binarized 8x8 images, IWAE-100); ELBO {result['elbo']:.2f}"
+    )
 
     # (b) a Gaussian mixture and a VAE on a table
     train_csv, test_csv, train, test = write_tables(out / "breast-cancer")
-    subprocess.run([sys.executable, "-m", "elbox", "train", "mixture", "--data", str(train_csv), "--n-components",
-                    str(args.components), "--n-init", "10", "--covariance-floor", "1e-9", "--tol", "1e-10", "--max-iter", "1000", "--out", str(out / "mixture-cli"),
-                    "--no-progress"], check=True)
-    mixture = elbox.fit("mixture", str(train_csv), n_components=args.components, covariance_floor=1e-9, n_init=10, tol=1e-10, max_iter=1000,
-                        progress=False, verbose=False)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "elbox",
+            "train",
+            "mixture",
+            "--data",
+            str(train_csv),
+            "--n-components",
+            str(args.components),
+            "--n-init",
+            "10",
+            "--covariance-floor",
+            "1e-9",
+            "--tol",
+            "1e-10",
+            "--max-iter",
+            "1000",
+            "--out",
+            str(out / "mixture-cli"),
+            "--no-progress",
+        ],
+        check=True,
+    )
+    mixture = elbox.fit(
+        "mixture",
+        str(train_csv),
+        n_components=args.components,
+        covariance_floor=1e-9,
+        n_init=10,
+        tol=1e-10,
+        max_iter=1000,
+        progress=False,
+        verbose=False,
+    )
     ours = -elbox.evaluate(mixture, str(test_csv))["nll_exact"]
     theirs = sklearn_from_the_same_start(mixture, test, args.components)
-    vae = elbox.fit("vae", str(train_csv), likelihood="gaussian-learned", latent_dim=4, hidden_dims=[64], epochs=200,
-                    batch_size=64, lr=1e-3, progress=False, verbose=False)
+    vae = elbox.fit(
+        "vae",
+        str(train_csv),
+        likelihood="gaussian-learned",
+        latent_dim=4,
+        hidden_dims=[64],
+        epochs=200,
+        batch_size=64,
+        lr=1e-3,
+        progress=False,
+        verbose=False,
+    )
     vae_result = elbox.evaluate(vae, str(test_csv), iw_samples=[1, 1000])
     print(f"test log-likelihood, nats per row in the table's original units ({len(test)} held-out rows, 30 columns):")
     print(f"  elbox mixture ({args.components} components, exact)   {ours:10.3f}")

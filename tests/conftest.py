@@ -18,8 +18,8 @@ import torch
 
 from elbox import data
 from elbox.data import get_data_space, load_split, sources
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
-from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 
 
@@ -35,8 +35,15 @@ def isolated_data(tmp_path, monkeypatch):
     data.clear_cache()
 
 
-def make_trainer(run_dir: Path, model: str = "vae", model_config: dict | None = None, n_train: int = 400,
-                 n_val: int = 100, seed: int = 0, **train_options) -> Trainer:
+def make_trainer(
+    run_dir: Path,
+    model: str = "vae",
+    model_config: dict | None = None,
+    n_train: int = 400,
+    n_val: int = 100,
+    seed: int = 0,
+    **train_options,
+) -> Trainer:
     """A Trainer (no progress bars) on the synthetic dataset's first n_train training and n_val validation images.
 
     torch is seeded with `seed` just before the model is built (loading the synthetic data draws nothing from
@@ -48,7 +55,9 @@ def make_trainer(run_dir: Path, model: str = "vae", model_config: dict | None = 
     torch.manual_seed(seed)
     built = build_model(model, {} if model_config is None else model_config)
     config = TrainConfig(seed=seed, **train_options)
-    return Trainer(built, train[:n_train], val[:n_val], get_data_space(built.data_space), config, run_dir, progress=False)
+    return Trainer(
+        built, train[:n_train], val[:n_val], get_data_space(built.data_space), config, run_dir, progress=False
+    )
 
 
 def snapshot(*roots: Path) -> dict[str, tuple]:
@@ -67,11 +76,14 @@ def snapshot(*roots: Path) -> dict[str, tuple]:
     return entries
 
 
-def run_cli_expecting_error(argv: list[str], untouched: list[Path] = (), seconds: int = 60, match: str | None = None) -> str:
+def run_cli_expecting_error(
+    argv: list[str], untouched: list[Path] = (), seconds: int = 60, match: str | None = None
+) -> str:
     """Run `elbox ARGV` in this process and assert it fails as the CLI promises: a non-zero exit, one error line on
-    stderr, "elbox: error: ...", and it last (progress lines of the work done before may precede it), no exception escaping main (that would be a traceback), within `seconds` (SIGALRM
-    stops a hang), and no change under any `untouched` path (files elbox did not create). Returns the message."""
-    from elbox.cli import main
+    stderr, "elbox: error: ...", and it last (progress lines of the work done before may precede it), no exception
+    escaping main (that would be a traceback), within `seconds` (SIGALRM stops a hang), and no change under any
+    `untouched` path (files elbox did not create). Returns the message."""
+    from elbox.cli.main import main
 
     before = snapshot(*untouched)
     out, err = io.StringIO(), io.StringIO()
@@ -90,8 +102,9 @@ def run_cli_expecting_error(argv: list[str], untouched: list[Path] = (), seconds
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
     assert code != 0, f"elbox {argv} exited 0; stdout {out.getvalue()!r}"
     errors = [line for line in lines if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("elbox: error: "), \
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("elbox: error: "), (
         f"elbox {argv}: stderr {err.getvalue()!r}"
+    )
     message = errors[0]
     assert len(message) < 600, f"elbox {argv}: an over-long message ({len(message)} characters)"
     if match is not None:

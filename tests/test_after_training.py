@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 import elbox
-from elbox.cli import main
-from elbox.errors import ElboxError
+from elbox.cli.main import main
+from elbox.core.errors import ElboxError
 
 QUICK = ["--epochs", "1", "--batch-size", "16", "--latent-dim", "2", "--hidden-dims", "16", "--no-progress"]
 
@@ -85,8 +85,22 @@ def test_one_number_image_size_trains_at_that_size(folder_run):
 def test_score_and_encode_resize_new_files_as_the_run_did(folder_run, tmp_path, capsys):
     _, run = folder_run
     new = write_folder(tmp_path / "new", n=4, size=(50, 44), seed=1)  # another size: resized like the training files
-    assert main(["score", str(run), "--input", str(new), "--iw-samples", "5", "--no-progress",
-                 "--out", str(tmp_path / "s.csv")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(run),
+                "--input",
+                str(new),
+                "--iw-samples",
+                "5",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 0
+    )
     rows = (tmp_path / "s.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[1].split(",")[1] == "a/001.png"
     assert main(["encode", str(run), "--input", str(new), "--out", str(tmp_path / "f.npz")]) == 0
@@ -97,8 +111,26 @@ def test_reconstruct_tighten_evaluate_and_report_a_folder_run(folder_run, capsys
     _, run = folder_run
     assert main(["reconstruct", str(run), "--n", "4", "--no-progress"]) == 0
     assert (run / "reconstructions.png").is_file()
-    assert main(["tighten", str(run), "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4",
-                 "--elbo-samples", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tighten",
+                str(run),
+                "--limit",
+                "3",
+                "--steps",
+                "2",
+                "--refit-epochs",
+                "1",
+                "--iw-samples",
+                "4",
+                "--elbo-samples",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((run / "tighten-validation.json").read_text())  # own data: measured on the validation part
     assert result["n_examples"] == 3 and result["dataset"].endswith("images") and result["split"] == "validation"
     assert main(["evaluate", str(run), "--iw-samples", "1", "4", "--no-progress"]) == 0
@@ -109,8 +141,17 @@ def test_reconstruct_tighten_evaluate_and_report_a_folder_run(folder_run, capsys
 
 def test_evaluate_a_run_fitted_on_an_array_in_memory():
     images = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
-    run = elbox.fit("vae", images, epochs=1, batch_size=16, latent_dim=2, hidden_dims=[8], verbose=False,
-                    progress=False, samples=False)
+    run = elbox.fit(
+        "vae",
+        images,
+        epochs=1,
+        batch_size=16,
+        latent_dim=2,
+        hidden_dims=[8],
+        verbose=False,
+        progress=False,
+        samples=False,
+    )
     result = elbox.evaluate(run, iw_samples=[1, 4])
     assert result["split"] == "validation" and result["n_examples"] == 6  # the 10 % fit held out
     with pytest.raises(ElboxError, match="best weights"):
@@ -137,7 +178,9 @@ def test_a_run_trained_with_columns_scores_the_original_table_with_ids(tmp_path,
     ids = [f"row-{i}" for i in range(len(rows))]
     path = write_csv(tmp_path / "t.csv", ["a", "b", "c"], rows, ids)
     run = tmp_path / "run"
-    assert main(["train", "gaussian", "--data", str(path), "--columns", "c", "a", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(["train", "gaussian", "--data", str(path), "--columns", "c", "a", "--out", str(run), "--no-progress"]) == 0
+    )
     assert main(["score", str(run), "--input", str(path), "--id-column", "id", "--no-progress"]) == 0
     lines = (run / "scores.csv").read_text().splitlines()
     assert lines[0].startswith("index,name,log_likelihood_nats") and lines[1].split(",")[:2] == ["0", "row-0"]
@@ -161,8 +204,9 @@ def test_score_with_the_model_of_a_run_applies_its_standardization(table_run):
     rows = table_rows()[:4]
     model = elbox.load(run_dir)
     assert torch.equal(elbox.score(model, rows)[0], elbox.score(run_dir, rows)[0])
-    fitted = elbox.fit("gaussian", rows.repeat(20, 0) + np.random.default_rng(0).normal(size=(80, 3)), verbose=False,
-                       progress=False)
+    fitted = elbox.fit(
+        "gaussian", rows.repeat(20, 0) + np.random.default_rng(0).normal(size=(80, 3)), verbose=False, progress=False
+    )
     assert elbox.score(fitted, rows)[0].shape == (4,) and elbox.score(fitted.model, rows)[0].shape == (4,)
 
 
@@ -188,17 +232,36 @@ def test_exact_scores_do_not_depend_on_the_batch(tmp_path):
 # -- never replace or delete a file elbox did not create -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["sample", "--out"], ["score", "--input", "IMAGES", "--iw-samples", "2", "--out"],
-                                     ["encode", "--input", "IMAGES", "--out"], ["evaluate", "--iw-samples", "2", "--json"],
-                                     ["reconstruct", "--n", "2", "--out"], ["report", "--out"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["sample", "--out"],
+        ["score", "--input", "IMAGES", "--iw-samples", "2", "--out"],
+        ["encode", "--input", "IMAGES", "--out"],
+        ["evaluate", "--iw-samples", "2", "--json"],
+        ["reconstruct", "--n", "2", "--out"],
+        ["report", "--out"],
+    ],
+)
 def test_named_outputs_refuse_a_users_file_unless_overwrite(folder_run, tmp_path, capsys, command):
     folder, run = folder_run
-    suffix = {"sample": ".png", "score": ".csv", "encode": ".npz", "evaluate": ".json", "reconstruct": ".png",
-              "report": ".html"}[command[0]]
+    suffix = {
+        "sample": ".png",
+        "score": ".csv",
+        "encode": ".npz",
+        "evaluate": ".json",
+        "reconstruct": ".png",
+        "report": ".html",
+    }[command[0]]
     notes = tmp_path / f"notes{suffix}"
     notes.write_text("my notes\n")
-    argv = [command[0], str(run), *[str(folder / "a") if a == "IMAGES" else a for a in command[1:]], str(notes),
-            "--no-progress"]
+    argv = [
+        command[0],
+        str(run),
+        *[str(folder / "a") if a == "IMAGES" else a for a in command[1:]],
+        str(notes),
+        "--no-progress",
+    ]
     assert "--overwrite" in error_of(capsys, argv) and notes.read_text() == "my notes\n"
     assert main(argv + ["--overwrite"]) == 0 and notes.read_bytes() != b"my notes\n"
     assert main(argv) == 0  # elbox's own output is replaced without asking
@@ -252,13 +315,16 @@ def test_resume_never_refits_a_finished_closed_form_linear_run(tmp_path):
 # -- the Python API checks the command line's ranges ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call, fragment", [
-    (lambda m: elbox.sample(m, 10**10), "n must be a whole number between 1 and 10000"),
-    (lambda m: elbox.sample(m, 2, temperature=1e308), "temperature must be a number > 0 and <= 100"),
-    (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), limit=-1), "limit must be a whole number"),
-    (lambda m: elbox.score(m, np.zeros((2, 1, 32, 32), np.uint8), iw_samples=10**12), "iw_samples must be"),
-    (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), split="tset"), "did you mean 'test'"),
-])
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda m: elbox.sample(m, 10**10), "n must be a whole number between 1 and 10000"),
+        (lambda m: elbox.sample(m, 2, temperature=1e308), "temperature must be a number > 0 and <= 100"),
+        (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), limit=-1), "limit must be a whole number"),
+        (lambda m: elbox.score(m, np.zeros((2, 1, 32, 32), np.uint8), iw_samples=10**12), "iw_samples must be"),
+        (lambda m: elbox.evaluate(m, np.zeros((4, 1, 32, 32), np.uint8), split="tset"), "did you mean 'test'"),
+    ],
+)
 def test_the_python_api_enforces_the_command_line_ranges(folder_run, call, fragment):
     model = elbox.load(folder_run[1])
     with pytest.raises(ElboxError, match=fragment.replace("(", r"\(")):
@@ -283,12 +349,30 @@ def torch_threads():
 
 def test_a_warm_up_longer_than_the_run_is_one_warning_line(tmp_path, capsys):
     folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
-    assert main(["train", "hvae", "--data", str(folder), "--epochs", "1", "--batch-size", "16", "--no-progress",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "hvae",
+                "--data",
+                str(folder),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "warning" in line.lower()]
-    assert len(warnings) == 1 and warnings[0].startswith("elbox: warning: the run's 2 steps end inside its 5-epoch KL "
-                                                         "warm-up: the last step trains with beta = 0.1, not 1"), err
+    assert len(warnings) == 1 and warnings[0].startswith(
+        "elbox: warning: the run's 2 steps end inside its 5-epoch KL "
+        "warm-up: the last step trains with beta = 0.1, not 1"
+    ), err
 
 
 def test_resume_with_epochs_extends_a_finished_run(tmp_path, capsys):
@@ -311,8 +395,11 @@ def test_ctrl_c_names_the_last_saved_epoch_and_the_resume_command(tmp_path, caps
     run = tmp_path / "run"
     interrupt_second_validation(monkeypatch)
     assert main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "3", "--out", str(run)]) == 130
-    assert capsys.readouterr().err.strip().endswith(f"{run} holds epoch 1 (the last one saved); continue with: "
-                                                    f"elbox train --resume {run}")
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"{run} holds epoch 1 (the last one saved); continue with: elbox train --resume {run}")
+    )
 
 
 def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_path, capsys, torch_threads):
@@ -320,24 +407,37 @@ def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_pat
     another order, so its numbers agree only to rounding."""
     folder = write_folder(tmp_path / "images", n=40, size=(8, 8))
     first, again, two = tmp_path / "first", tmp_path / "again", tmp_path / "two"
-    assert main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "2", "--threads", "1", "--out", str(first)]) == 0
+    assert (
+        main(["train", "vae", "--data", str(folder), *QUICK, "--epochs", "2", "--threads", "1", "--out", str(first)])
+        == 0
+    )
     assert json.loads((first / "config.json").read_text())["system"]["threads"] == 1
     torch.set_num_threads(2)
     assert main(["train", "--config", str(first / "config.json"), "--out", str(again), "--no-progress"]) == 0
     assert "(1 threads)" in capsys.readouterr().err  # the recorded count, not the machine's
     timing = ("epoch_time_s", "images_per_s")
-    assert [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (first / "metrics.jsonl").open()] == \
-        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (again / "metrics.jsonl").open()]
-    assert main(["train", "--config", str(first / "config.json"), "--threads", "2", "--out", str(two), "--no-progress"]) == 0
+    assert [
+        {k: v for k, v in json.loads(line).items() if k not in timing} for line in (first / "metrics.jsonl").open()
+    ] == [{k: v for k, v in json.loads(line).items() if k not in timing} for line in (again / "metrics.jsonl").open()]
+    assert (
+        main(["train", "--config", str(first / "config.json"), "--threads", "2", "--out", str(two), "--no-progress"])
+        == 0
+    )
     ours, theirs = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["val_elbo"] for d in (first, two))
     assert abs(ours - theirs) < 0.01 * abs(ours)
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["train", "vae", "--data", "fashion_mnist", "--out", "OUT"], "did you mean 'fashion-mnist'? (a built-in dataset)"),
-    (["train", "gmm", "--out", "OUT"], "did you mean 'mixture'?"),
-    (["train", "vae", "--learning-rate", "0.1", "--out", "OUT"], "did you mean --lr?"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (
+            ["train", "vae", "--data", "fashion_mnist", "--out", "OUT"],
+            "did you mean 'fashion-mnist'? (a built-in dataset)",
+        ),
+        (["train", "gmm", "--out", "OUT"], "did you mean 'mixture'?"),
+        (["train", "vae", "--learning-rate", "0.1", "--out", "OUT"], "did you mean --lr?"),
+    ],
+)
 def test_names_from_other_libraries_get_a_did_you_mean(tmp_path, capsys, monkeypatch, argv, hint):
     monkeypatch.chdir(tmp_path)
     assert hint in error_of(capsys, [str(tmp_path / "o") if a == "OUT" else a for a in argv])
@@ -377,18 +477,23 @@ def test_samples_of_a_table_run_are_rows_in_the_columns_units(table_run, capsys)
     assert elbox.sample(run, 4).shape == (4, 3)
 
 
-@pytest.mark.parametrize("name, content", [
-    ("mine.csv", b"sample,gene1\nS1,0.5\n"),  # a user's table whose first column is called "sample"
-    ("mine.json", b'{"model": "resnet50", "dataset": "imagenet"}'),
-    ("mine.html", b"<!doctype html><p id='run-settings'>my page</p>"),
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("mine.csv", b"sample,gene1\nS1,0.5\n"),  # a user's table whose first column is called "sample"
+        ("mine.json", b'{"model": "resnet50", "dataset": "imagenet"}'),
+        ("mine.html", b"<!doctype html><p id='run-settings'>my page</p>"),
+    ],
+)
 def test_files_that_merely_look_like_elbox_outputs_are_refused(folder_run, table_run, tmp_path, capsys, name, content):
     folder, run = folder_run
     path = tmp_path / name
     path.write_bytes(content)
-    argv = {".csv": ["score", str(table_run[1]), "--input", str(table_run[0]), "--out", str(path)],
-            ".json": ["evaluate", str(run), "--iw-samples", "2", "--json", str(path)],
-            ".html": ["report", str(run), "--out", str(path)]}[path.suffix]
+    argv = {
+        ".csv": ["score", str(table_run[1]), "--input", str(table_run[0]), "--out", str(path)],
+        ".json": ["evaluate", str(run), "--iw-samples", "2", "--json", str(path)],
+        ".html": ["report", str(run), "--out", str(path)],
+    }[path.suffix]
     assert "--overwrite" in error_of(capsys, argv + ["--no-progress"]) and path.read_bytes() == content
 
 
@@ -426,7 +531,9 @@ def test_omp_num_threads_wins_over_the_recorded_count_with_a_warning(tmp_path, c
     assert main(["train", "vae", "--data", str(folder), *QUICK, "--threads", "2", "--out", str(first)]) == 0
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     capsys.readouterr()
-    assert main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(first / "config.json"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+    )
     err = capsys.readouterr().err
     assert "(1 threads)" in err and "elbox: warning: the run trained with 2 threads" in err
 
@@ -434,8 +541,24 @@ def test_omp_num_threads_wins_over_the_recorded_count_with_a_warning(tmp_path, c
 def test_an_extended_run_does_not_repeat_an_outgrown_warm_up_warning(tmp_path, capsys):
     folder = write_folder(tmp_path / "images", n=20, size=(8, 8))
     run = tmp_path / "run"
-    assert main(["train", "vae", "--data", str(folder), *QUICK, "--beta-schedule", "linear", "--warmup-epochs", "2",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--data",
+                str(folder),
+                *QUICK,
+                "--beta-schedule",
+                "linear",
+                "--warmup-epochs",
+                "2",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     assert "KL warm-up" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--epochs", "4", "--no-progress"]) == 0
     assert "warning" not in capsys.readouterr().err
@@ -468,28 +591,56 @@ def own_runs(tmp_path_factory):
     table = write_csv(root / "t.csv", ["a", "b", "c"], table_rows(200))
     runs = {"array": (root / "array", root / "images.npy"), "table": (root / "table", table)}
     assert main(["train", "vae", "--data", str(root / "images.npy"), "--out", str(runs["array"][0]), *QUICK]) == 0
-    assert main(["train", "vae", "--data", str(table), "--likelihood", "gaussian-learned", "--out",
-                 str(runs["table"][0]), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--data",
+                str(table),
+                "--likelihood",
+                "gaussian-learned",
+                "--out",
+                str(runs["table"][0]),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     return runs
 
 
 @pytest.mark.parametrize("kind", ["array", "table"])
-@pytest.mark.parametrize("command", [["evaluate", "--iw-samples", "1", "4"], ["score", "--input", "IN", "--iw-samples", "4"],
-                                     ["encode", "--input", "IN", "--out", "OUT.npz"], ["sample", "--n", "4"], ["report"],
-                                     ["tighten", "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4",
-                                      "--elbo-samples", "2"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["evaluate", "--iw-samples", "1", "4"],
+        ["score", "--input", "IN", "--iw-samples", "4"],
+        ["encode", "--input", "IN", "--out", "OUT.npz"],
+        ["sample", "--n", "4"],
+        ["report"],
+        ["tighten", "--limit", "3", "--steps", "2", "--refit-epochs", "1", "--iw-samples", "4", "--elbo-samples", "2"],
+    ],
+)
 def test_every_command_runs_on_an_array_file_run_and_a_table_run(own_runs, kind, command, tmp_path):
     run, given = own_runs[kind]
-    argv = [command[0], str(run), *[str(given) if a == "IN" else str(tmp_path / a) if a.startswith("OUT") else a
-                                    for a in command[1:]], "--no-progress"]
+    argv = [
+        command[0],
+        str(run),
+        *[str(given) if a == "IN" else str(tmp_path / a) if a.startswith("OUT") else a for a in command[1:]],
+        "--no-progress",
+    ]
     assert main(argv) == 0
     if command[0] == "encode":
         features = np.load(tmp_path / "OUT.npz")
-        assert features["mean"].shape == (48 if kind == "array" else 200, 2) and features["variance"].shape == features["mean"].shape
+        assert (
+            features["mean"].shape == (48 if kind == "array" else 200, 2)
+            and features["variance"].shape == features["mean"].shape
+        )
 
 
 def test_evaluate_best_weights_are_the_best_checkpoint(own_runs):
-    from elbox.checkpoint import load_weights
+    from elbox.io.checkpoint import load_weights
 
     run = own_runs["array"][0]
     best = elbox.evaluate(run, iw_samples=[4], weights="best")
@@ -501,8 +652,8 @@ def test_evaluate_best_weights_are_the_best_checkpoint(own_runs):
 
 
 def own_validation(run) -> torch.Tensor:
-    from elbox.checkpoint import read_run_config
-    from elbox.training.run_evaluation import run_examples
+    from elbox.evaluation.runs import run_examples
+    from elbox.io.checkpoint import read_run_config
 
     return run_examples(read_run_config(run), "validation", 0, None)
 
@@ -520,8 +671,18 @@ def test_resume_with_epochs_from_python(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (40, 1, 8, 8), dtype=np.uint8)
     out = tmp_path / "run"
     np.save(tmp_path / "x.npy", images)
-    elbox.fit("vae", tmp_path / "x.npy", out=out, epochs=1, batch_size=16, latent_dim=2, hidden_dims=[8], verbose=False,
-              progress=False, samples=False)
+    elbox.fit(
+        "vae",
+        tmp_path / "x.npy",
+        out=out,
+        epochs=1,
+        batch_size=16,
+        latent_dim=2,
+        hidden_dims=[8],
+        verbose=False,
+        progress=False,
+        samples=False,
+    )
     run = elbox.resume(out, epochs=2, verbose=False, progress=False)
     assert [r["epoch"] for r in run.history if r["kind"] == "epoch"] == [1, 2]
     assert json.loads((out / "config.json").read_text())["train"]["epochs"] == 2

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 import elbox
-from elbox.cli import main, train_parser
-from elbox.errors import ElboxError
+from elbox.cli.main import main, train_parser
+from elbox.core.errors import ElboxError
+from elbox.core.options import option_specs
+from elbox.io.run_config import DataConfig, TrainConfig, train_defaults
 from elbox.models import MODELS, VAE, HVAEConfig, VAEConfig
-from elbox.options import option_specs
-from elbox.training.config import DataConfig, TrainConfig, train_defaults
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -29,7 +29,9 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, latent: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2 * latent))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 2 * latent)
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -40,8 +42,12 @@ class ConvDecoder(nn.Module):
 
     def __init__(self, latent: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent, 8 * 4 * 4), nn.ReLU(), nn.Unflatten(1, (8, 4, 4)),
-                                 nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1))
+        self.net = nn.Sequential(
+            nn.Linear(latent, 8 * 4 * 4),
+            nn.ReLU(),
+            nn.Unflatten(1, (8, 4, 4)),
+            nn.ConvTranspose2d(8, 1, 4, stride=2, padding=1),
+        )
 
     def forward(self, z):
         return self.net(z)
@@ -60,8 +66,16 @@ def blobs(n: int, seed: int = 0) -> torch.Tensor:
 def test_vae_with_user_written_networks_trains_evaluates_and_reloads(tmp_path):
     config = VAEConfig(data_shape=(1, 8, 8), latent_dim=2)
     model = VAE(config, encoder=ConvEncoder(2), decoder=ConvDecoder(2))
-    run = elbox.fit(model, blobs(400), validation=blobs(100, seed=1), epochs=15, lr=3e-3, out=tmp_path / "run",
-                    progress=False, verbose=False)
+    run = elbox.fit(
+        model,
+        blobs(400),
+        validation=blobs(100, seed=1),
+        epochs=15,
+        lr=3e-3,
+        out=tmp_path / "run",
+        progress=False,
+        verbose=False,
+    )
     first, last = run.history[0], [r for r in run.history if r.get("kind") == "epoch"][-1]
     assert last["val_elbo"] > first.get("val_elbo", -1e9)  # it learned
     result = elbox.evaluate(run, blobs(200, seed=2), iw_samples=[1, 50])
@@ -96,8 +110,16 @@ def test_command_line_agrees_with_the_config_dataclasses(name):
             if spec.choices:
                 assert action.metavar == "{" + ",".join(spec.choices) + "}"
     declared = {s.name for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c) if s.cli}
-    generated = {a.dest for a in parser._actions if a.option_strings} - {"help", "model_flag", "config", "out", "resume",
-                                                                        "device", "no_progress", "threads"}
+    generated = {a.dest for a in parser._actions if a.option_strings} - {
+        "help",
+        "model_flag",
+        "config",
+        "out",
+        "resume",
+        "device",
+        "no_progress",
+        "threads",
+    }
     assert generated == declared
     # options that only other models have are not offered
     own = {s.flag for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c)}
@@ -123,15 +145,38 @@ def test_bad_option_values_name_the_option(capsys):
 
 def test_train_config_replays_a_run_bit_for_bit(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
-    options = ["--data", "synthetic", "--epochs", "2", "--limit-train", "256", "--latent-dim", "5", "--hidden-dims", "64", "32",
-               "--lr", "2e-3", "--seed", "7", "--beta-schedule", "linear", "--warmup-epochs", "1", "--no-progress"]
+    options = [
+        "--data",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--limit-train",
+        "256",
+        "--latent-dim",
+        "5",
+        "--hidden-dims",
+        "64",
+        "32",
+        "--lr",
+        "2e-3",
+        "--seed",
+        "7",
+        "--beta-schedule",
+        "linear",
+        "--warmup-epochs",
+        "1",
+        "--no-progress",
+    ]
     assert main(["train", "vae", *options, "--out", str(first)]) == 0
     assert main(["train", "--config", str(first / "config.json"), "--out", str(second), "--no-progress"]) == 0
     for name in ("model.safetensors", "config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     # a single option given beside --config overrides it
     third = tmp_path / "c"
-    assert main(["train", "--config", str(first / "config.json"), "--epochs", "1", "--out", str(third), "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(first / "config.json"), "--epochs", "1", "--out", str(third), "--no-progress"])
+        == 0
+    )
     config = json.loads((third / "config.json").read_text())
     assert config["train"]["epochs"] == 1 and config["model_config"]["latent_dim"] == 5
 
@@ -161,8 +206,8 @@ def test_train_help_lists_models(capsys):
 
 
 def test_runs_of_format_version_1_still_load(tmp_path):
-    """A run directory written by elbox before this redesign (likelihood options as a dict in config.json) loads, and its
-    ELBO on fixed inputs is the one the old code computed (tests/data/run-format-1/expected.json)."""
+    """A run directory written by elbox before this redesign (likelihood options as a dict in config.json) loads, and
+    its ELBO on fixed inputs is the one the old code computed (tests/data/run-format-1/expected.json)."""
     from elbox.data import get_data_space, load_split
 
     fixture = Path(__file__).parent / "data" / "run-format-1"
@@ -180,9 +225,9 @@ def test_runs_of_format_version_1_still_load(tmp_path):
 def test_a_model_class_of_your_own_gets_training_evaluation_scoring_and_reports(tmp_path):
     """A user's model class on the model interface: registered by name, it trains, evaluates (IWAE, gaps, active
     units), samples, scores, saves, loads and reports like the built-in ones."""
-    from elbox.bounds import ELBOTerms, kl_diag_gaussians, standard_normal_log_prob
+    from elbox.core.bounds import ELBOTerms, kl_diag_gaussians, standard_normal_log_prob
+    from elbox.core.options import check_options, option
     from elbox.models import LatentVariableModel, register_model
-    from elbox.options import check_options, option
 
     @dataclasses.dataclass
     class TinyConfig:
@@ -208,7 +253,9 @@ def test_a_model_class_of_your_own_gets_training_evaluation_scoring_and_reports(
 
         def log_px(self, x, z):  # [S, B]
             logits = self.dec(z)
-            return -nn.functional.binary_cross_entropy_with_logits(logits, x.flatten(1).expand_as(logits), reduction="none").sum(-1)
+            return -nn.functional.binary_cross_entropy_with_logits(
+                logits, x.flatten(1).expand_as(logits), reduction="none"
+            ).sum(-1)
 
         def elbo(self, x, n_samples=1):
             mean, std = self.posterior(x)
@@ -230,7 +277,9 @@ def test_a_model_class_of_your_own_gets_training_evaluation_scoring_and_reports(
 
     register_model("tiny-test-vae", TinyConfig)(TinyVAE)
     try:
-        run = elbox.fit("tiny-test-vae", "synthetic", epochs=3, lr=3e-3, out=tmp_path / "run", progress=False, verbose=False)
+        run = elbox.fit(
+            "tiny-test-vae", "synthetic", epochs=3, lr=3e-3, out=tmp_path / "run", progress=False, verbose=False
+        )
         result = elbox.evaluate(run, iw_samples=[1, 20], limit=100)
         assert {"nll_iw", "gap_elbo_iw", "active_units"} <= set(result) and result["latent_dim"] == 2
         assert result["gap_elbo_iw"] > -3 * result["gap_elbo_iw_stderr"]
@@ -253,4 +302,6 @@ def test_no_submodule_shadows_a_public_function():
 
     modules = {m.name for m in pkgutil.iter_modules(elbox.__path__)}
     assert not set(elbox.__all__) & modules
-    assert all(callable(getattr(elbox, name)) for name in ("fit", "resume", "evaluate", "load", "sample", "score", "encode"))
+    assert all(
+        callable(getattr(elbox, name)) for name in ("fit", "resume", "evaluate", "load", "sample", "score", "encode")
+    )

@@ -1,4 +1,4 @@
-"""Tests for elbox.bounds: Gaussian sampling and KLs, the ELBO, the IWAE bound, and a linear-Gaussian
+"""Tests for elbox.core.bounds: Gaussian sampling and KLs, the ELBO, the IWAE bound, and a linear-Gaussian
 latent model whose log p(x) and posterior are known in closed form."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
-from elbox.bounds import (
+from elbox.core.bounds import (
     ELBOTerms,
     diag_gaussian_log_prob_from_noise,
     gaussian_elbo,
@@ -21,7 +21,7 @@ from elbox.bounds import (
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
-from elbox.errors import ElboxError
+from elbox.core.errors import ElboxError
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -51,7 +51,9 @@ def test_kl_diag_gaussians_matches_torch():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # scalar (non-standard) p given as floats
     got_scalar = kl_diag_gaussians(mean_q, std_q, 0.7, 2.5)
-    expected_scalar = kl_divergence(Normal(mean_q, std_q), Normal(torch.full_like(mean_q, 0.7), torch.full_like(std_q, 2.5)))
+    expected_scalar = kl_divergence(
+        Normal(mean_q, std_q), Normal(torch.full_like(mean_q, 0.7), torch.full_like(std_q, 2.5))
+    )
     torch.testing.assert_close(got_scalar, expected_scalar, rtol=1e-10, atol=1e-12)
     # default p = N(0, 1)
     got_std = kl_diag_gaussians(mean_q, std_q)
@@ -76,7 +78,9 @@ def test_kl_full_gaussians_matches_torch(d):
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
     assert (got > 0).all()
     # KL(q || q) = 0
-    torch.testing.assert_close(kl_full_gaussians(mean_q, l_q, mean_q, l_q), torch.zeros(batch, dtype=F64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        kl_full_gaussians(mean_q, l_q, mean_q, l_q), torch.zeros(batch, dtype=F64), atol=1e-10, rtol=0
+    )
 
 
 def test_kl_full_gaussians_broadcasts_a_shared_p():
@@ -89,7 +93,9 @@ def test_kl_full_gaussians_broadcasts_a_shared_p():
     got = kl_full_gaussians(mean_q, l_q, mean_p, l_p)
     assert got.shape == (5,)
     for i in range(5):
-        expected = kl_divergence(MultivariateNormal(mean_q[i], scale_tril=l_q[i]), MultivariateNormal(mean_p, scale_tril=l_p))
+        expected = kl_divergence(
+            MultivariateNormal(mean_q[i], scale_tril=l_q[i]), MultivariateNormal(mean_p, scale_tril=l_p)
+        )
         torch.testing.assert_close(got[i], expected, rtol=1e-9, atol=1e-10)
 
 
@@ -187,7 +193,9 @@ def test_diag_gaussian_log_prob_from_noise_matches_normal():
     got = diag_gaussian_log_prob_from_noise(eps, std)
     assert got.shape == (11, 3)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(standard_normal_log_prob(z), Normal(0.0, 1.0).log_prob(z).sum(-1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        standard_normal_log_prob(z), Normal(0.0, 1.0).log_prob(z).sum(-1), rtol=1e-10, atol=1e-10
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +340,9 @@ class LinearGaussian:
         """E_{N(mean_q, diag std_q^2)} log p(x|z), in closed form."""
         resid = x - mean_q @ self.w.T - self.b
         trace = (self.w.square() @ std_q.square().T).sum(0)  # tr(W diag(v) W^T) = sum_ij W_ij^2 v_j
-        return -0.5 * self.d_data * math.log(2 * math.pi * self.s**2) - (resid.square().sum(-1) + trace) / (2 * self.s**2)
+        return -0.5 * self.d_data * math.log(2 * math.pi * self.s**2) - (resid.square().sum(-1) + trace) / (
+            2 * self.s**2
+        )
 
     def sample_x(self, n, gen):
         z = torch.randn(n, self.d_latent, generator=gen, dtype=F64)
@@ -434,12 +444,16 @@ def test_linear_gaussian_elbo_gap_is_kl_to_posterior(analytic_kl):
     gen = torch.Generator().manual_seed(5)
     mean_q = post_mean + 0.5 * torch.randn(post_mean.shape, generator=gen, dtype=F64)
     std_q = 0.3 + torch.rand(post_mean.shape, generator=gen, dtype=F64)
-    truth = model.log_px(x) - kl_full_gaussians(mean_q, torch.diag_embed(std_q), post_mean, torch.linalg.cholesky(post_cov))
+    truth = model.log_px(x) - kl_full_gaussians(
+        mean_q, torch.diag_embed(std_q), post_mean, torch.linalg.cholesky(post_cov)
+    )
 
     # n independent single-sample ELBO estimates per example: tile the batch n times
     n = 4000
     xs = x.repeat(n, 1)
-    terms = gaussian_elbo(mean_q.repeat(n, 1), std_q.repeat(n, 1), model.log_lik(xs), n_samples=1, analytic_kl=analytic_kl)
+    terms = gaussian_elbo(
+        mean_q.repeat(n, 1), std_q.repeat(n, 1), model.log_lik(xs), n_samples=1, analytic_kl=analytic_kl
+    )
     values = terms.elbo.view(n, b)
     est, se = values.mean(0), values.std(0) / math.sqrt(n)
     # tolerance: 4 standard errors of the mean of n single-sample estimates
@@ -492,7 +506,9 @@ def test_linear_gaussian_iwae_approaches_log_px():
     # IWAE_1 computed by iwae_bound equals gaussian_elbo's expectation (ELBO = L_1): within SE
     repeats = 4000
     xs = x.repeat(repeats, 1)
-    elbo_vals = gaussian_elbo(mean_q.repeat(repeats, 1), std_q.repeat(repeats, 1), model.log_lik(xs), analytic_kl=False).elbo
+    elbo_vals = gaussian_elbo(
+        mean_q.repeat(repeats, 1), std_q.repeat(repeats, 1), model.log_lik(xs), analytic_kl=False
+    ).elbo
     diff_se = math.sqrt(elbo_vals.var().item() / elbo_vals.numel() + per_k[1].var().item() / per_k[1].numel())
     assert abs(elbo_vals.mean().item() - per_k[1].mean().item()) < 4 * diff_se
 

@@ -1,4 +1,5 @@
-"""Checkpoints and resume: bit-exact continuation, refusal of pickles and mismatched files, SIGKILL at random moments."""
+"""Checkpoints and resume: bit-exact continuation, refusal of pickles and mismatched files, SIGKILL at random
+moments."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import torch
 from conftest import interrupt_in_epoch, make_trainer
 from safetensors.torch import load_file, save_file
 
-from elbox.checkpoint import (
+from elbox.cli.main import main
+from elbox.core.errors import ElboxError
+from elbox.io.checkpoint import (
     BEST_WEIGHTS_FILE,
     METRICS_FILE,
     STATE_FILE,
@@ -26,8 +29,6 @@ from elbox.checkpoint import (
     load_training_state,
     save_training_state,
 )
-from elbox.cli import main
-from elbox.errors import ElboxError
 from elbox.models import build_model
 from elbox.training.trainer import Trainer
 
@@ -44,9 +45,21 @@ def stateful_trainer(name: str, run_dir: Path, epochs: int = 3) -> Trainer:
     """A trainer with every kind of state a resume must restore: an EMA, a cosine learning rate and (but for the
     diffusion model) a beta warmup; 3 steps per epoch."""
     warmup = name != "diffusion"
-    return make_trainer(run_dir, name, MODELS[name], n_train=150, n_val=40, epochs=epochs, batch_size=50, lr=3e-3,
-                        ema_decay=0.9, lr_schedule="cosine", log_every=1,
-                        beta_schedule="linear" if warmup else "constant", warmup_epochs=1 if warmup else 0)
+    return make_trainer(
+        run_dir,
+        name,
+        MODELS[name],
+        n_train=150,
+        n_val=40,
+        epochs=epochs,
+        batch_size=50,
+        lr=3e-3,
+        ema_decay=0.9,
+        lr_schedule="cosine",
+        log_every=1,
+        beta_schedule="linear" if warmup else "constant",
+        warmup_epochs=1 if warmup else 0,
+    )
 
 
 def without_timing(records: list[dict]) -> list[dict]:
@@ -102,8 +115,27 @@ class _RunsCode:
 
 
 def test_a_pickle_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
-                 "--hidden-dims", "16", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "100",
+                "--latent-dim",
+                "2",
+                "--hidden-dims",
+                "16",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"weights": _RunsCode(marker)})
     for file in (WEIGHTS_FILE, STATE_FILE):
@@ -139,7 +171,9 @@ def test_bad_training_states_get_a_clear_error(tmp_path):
     check({k: v for k, v in tensors.items() if k != "rng.torch"}, state, "incomplete")
     check({k: v for k, v in tensors.items() if not k.startswith("model.")}, state, "missing")
     check(tensors, dict(state, train_config=dict(state["train_config"], lr=1.0)), "other training settings")
-    check(tensors, state, "format version", metadata={"elbox_training_state": json.dumps(state), "format_version": "99"})
+    check(
+        tensors, state, "format version", metadata={"elbox_training_state": json.dumps(state), "format_version": "99"}
+    )
     check(tensors, state, "malformed JSON", metadata={"elbox_training_state": "{", "format_version": "1"})
     raw = (tmp_path / STATE_FILE).read_bytes()
     path.write_bytes(raw[: len(raw) // 2])  # truncated
@@ -149,7 +183,19 @@ def test_bad_training_states_get_a_clear_error(tmp_path):
 
 def test_resume_refuses_other_options_and_finished_runs(tmp_path, capsys):
     run = str(tmp_path / "run")
-    args = ["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2", "--hidden-dims", "16"]
+    args = [
+        "train",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "1",
+        "--limit-train",
+        "100",
+        "--latent-dim",
+        "2",
+        "--hidden-dims",
+        "16",
+    ]
     assert main([*args, "--out", run, "--no-progress"]) == 0
     assert main(["train", "--resume", run, "--lr", "0.1"]) == 1
     assert "drop --lr" in capsys.readouterr().err
@@ -169,9 +215,31 @@ KILLS = 20
 def _train_command(run: Path, resume: bool) -> list[str]:
     if resume:
         return [sys.executable, "-m", "elbox", "train", "--resume", str(run), "--no-progress"]
-    return [sys.executable, "-m", "elbox", "train", "--data", "synthetic", "--epochs", "40", "--limit-train", "100",
-            "--batch-size", "50", "--latent-dim", "4", "--hidden-dims", "64", "--ema-decay", "0.9",
-            "--lr-schedule", "cosine", "--out", str(run), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "elbox",
+        "train",
+        "--data",
+        "synthetic",
+        "--epochs",
+        "40",
+        "--limit-train",
+        "100",
+        "--batch-size",
+        "50",
+        "--latent-dim",
+        "4",
+        "--hidden-dims",
+        "64",
+        "--ema-decay",
+        "0.9",
+        "--lr-schedule",
+        "cosine",
+        "--out",
+        str(run),
+        "--no-progress",
+    ]
 
 
 def _kill_when(process: subprocess.Popen, run: Path, during_write: bool, rng: random.Random) -> bool | None:
@@ -212,8 +280,12 @@ def test_training_survives_repeated_sigkill(tmp_path):
     kills = kills_during_writes = runs = 0
     run = tmp_path / "run0"
     while True:
-        process = subprocess.Popen(_train_command(run, resume=(run / "config.json").exists()), env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            _train_command(run, resume=(run / "config.json").exists()),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         if kills >= KILLS:
             _, err = process.communicate()
             writing = None

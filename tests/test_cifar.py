@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from elbox import data
+from elbox.core.errors import ElboxError
 from elbox.data import (
     DATASETS,
+    dataset_files,
     dataset_names,
     find_dataset_dir,
-    formats,
     load_split,
     sources,
 )
-from elbox.errors import ElboxError
 
 RECORD = 1 + 3 * 32 * 32  # label byte + 1024 red + 1024 green + 1024 blue
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
@@ -161,8 +161,8 @@ def test_files_read_once_and_copies_returned(tmp_path, monkeypatch):
     register(monkeypatch)
     root = write_batches(tmp_path / "d")
     reads = []
-    original = formats._read_bytes
-    monkeypatch.setattr(formats, "_read_bytes", lambda p, kind: reads.append(p.name) or original(p, kind))
+    original = dataset_files.read_bytes
+    monkeypatch.setattr(dataset_files, "read_bytes", lambda p, kind: reads.append(p.name) or original(p, kind))
     x, _ = load_split("tiny-cifar", "train", root)
     load_split("tiny-cifar", "validation", root)
     assert sorted(reads) == TRAIN_FILES

@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from elbox.cli import main
+from elbox.cli.main import main
 
 TRAIN = ["train", "--data", "synthetic", "--epochs", "1", "--hidden-dims", "64", "--latent-dim", "4", "--no-progress"]
 
@@ -38,7 +38,17 @@ def test_evaluate_reports_every_key(run_dir, tmp_path, capsys):
     code = main(["evaluate", str(run_dir), "--iw-samples", "20", "--limit", "50", "--json", str(out), "--no-progress"])
     assert code == 0
     result = json.loads(out.read_text())
-    for key in ("elbo", "reconstruction", "kl", "nll_iw", "nll_iw_stderr", "iw_samples", "bpd", "active_units", "n_examples"):
+    for key in (
+        "elbo",
+        "reconstruction",
+        "kl",
+        "nll_iw",
+        "nll_iw_stderr",
+        "iw_samples",
+        "bpd",
+        "active_units",
+        "n_examples",
+    ):
         assert key in result, key
     assert result["n_examples"] == 50 and result["iw_samples"] == 20
     assert result["elbo"] == pytest.approx(result["reconstruction"] - result["kl"])
@@ -65,7 +75,12 @@ def test_train_refuses_to_overwrite_a_run(run_dir, capsys):
         (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
         (lambda d: (d / "model.safetensors").unlink(), "has no model.safetensors"),
         (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 20), "corrupt"),
-        (lambda d: (d / "config.json").write_text(json.dumps({"format_version": 99, "model": "vae", "model_config": {}, "data": {}})), "newer"),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({"format_version": 99, "model": "vae", "model_config": {}, "data": {}})
+            ),
+            "newer",
+        ),
     ],
 )
 def test_damaged_run_dir_gives_a_clear_error(run_dir, tmp_path, capsys, damage, message):
@@ -84,7 +99,9 @@ def test_missing_run_dir(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["evaluate", "x", "--iw-samples", "0"], ["train", "--out", "x", "--epochs", "-1"], ["train", "--bogus"]])
+@pytest.mark.parametrize(
+    "argv", [["evaluate", "x", "--iw-samples", "0"], ["train", "--out", "x", "--epochs", "-1"], ["train", "--bogus"]]
+)
 def test_impossible_values_exit_with_usage_error(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -92,7 +109,9 @@ def test_impossible_values_exit_with_usage_error(argv, capsys):
 
 
 def test_console_entry_point_has_help_and_no_traceback(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "elbox", "train", "vae", "--help"], capture_output=True, text=True)
+    help_text = subprocess.run(
+        [sys.executable, "-m", "elbox", "train", "vae", "--help"], capture_output=True, text=True
+    )
     assert help_text.returncode == 0 and "--hidden-dims" in help_text.stdout
     failed = subprocess.run([sys.executable, "-m", "elbox", "evaluate", str(tmp_path)], capture_output=True, text=True)
     assert failed.returncode == 1
@@ -101,13 +120,22 @@ def test_console_entry_point_has_help_and_no_traceback(tmp_path):
 
 @pytest.mark.parametrize(
     "likelihood, space, offset_per_dim",
-    [("gaussian-learned", "continuous", -math.log(256)), ("discretized-logistic", "discrete", 0.0), ("categorical", "discrete", 0.0)],
+    [
+        ("gaussian-learned", "continuous", -math.log(256)),
+        ("discretized-logistic", "discrete", 0.0),
+        ("categorical", "discrete", 0.0),
+    ],
 )
 def test_eight_bit_likelihoods_end_to_end(tmp_path, likelihood, space, offset_per_dim):
     out = tmp_path / likelihood
     assert main([*TRAIN, "--out", str(out), "--likelihood", likelihood, "--limit-train", "200"]) == 0
     assert json.loads((out / "config.json").read_text())["data"]["space"] == space
-    assert main(["evaluate", str(out), "--iw-samples", "5", "--limit", "20", "--json", str(out / "e.json"), "--no-progress"]) == 0
+    assert (
+        main(
+            ["evaluate", str(out), "--iw-samples", "5", "--limit", "20", "--json", str(out / "e.json"), "--no-progress"]
+        )
+        == 0
+    )
     result = json.loads((out / "e.json").read_text())
     # a density on dequantized data gets -D ln 256 before it is called a log-probability of the 8-bit data
     assert result["log_prob_offset"] == pytest.approx(784 * offset_per_dim)
@@ -117,8 +145,23 @@ def test_eight_bit_likelihoods_end_to_end(tmp_path, likelihood, space, offset_pe
 
 def test_tighten_reports_the_gap_split(run_dir, tmp_path, capsys):
     out = tmp_path / "tighten.json"
-    argv = ["tighten", str(run_dir), "--limit", "10", "--steps", "5", "--refit-epochs", "1",
-            "--iw-samples", "10", "--elbo-samples", "5", "--json", str(out), "--no-progress"]
+    argv = [
+        "tighten",
+        str(run_dir),
+        "--limit",
+        "10",
+        "--steps",
+        "5",
+        "--refit-epochs",
+        "1",
+        "--iw-samples",
+        "10",
+        "--elbo-samples",
+        "5",
+        "--json",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["log_px_source"] == "IWAE-10"
@@ -129,8 +172,40 @@ def test_tighten_reports_the_gap_split(run_dir, tmp_path, capsys):
 
 def test_linear_model_end_to_end(tmp_path):
     out = tmp_path / "ppca"
-    assert main(["train", "--model", "linear", "--data", "synthetic", "--latent-dim", "3", "--out", str(out), "--no-progress"]) == 0
-    assert main(["evaluate", str(out), "--iw-samples", "1", "10", "--limit", "30", "--json", str(out / "e.json"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "linear",
+                "--data",
+                "synthetic",
+                "--latent-dim",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--iw-samples",
+                "1",
+                "10",
+                "--limit",
+                "30",
+                "--json",
+                str(out / "e.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "e.json").read_text())
     for key in ("nll_exact", "gap_elbo", "nll_iw_by_k", "gap_iw_by_k", "elbo"):
         assert key in result, key
@@ -139,13 +214,31 @@ def test_linear_model_end_to_end(tmp_path):
     assert abs(result["gap_elbo"]) < 1e-2
 
 
-@pytest.mark.parametrize("model, extra", [("gaussian", ["--covariance", "diag"]), ("mixture", ["--components", "3", "--covariance", "diag"])])
+@pytest.mark.parametrize(
+    "model, extra", [("gaussian", ["--covariance", "diag"]), ("mixture", ["--components", "3", "--covariance", "diag"])]
+)
 def test_exact_density_models_end_to_end(tmp_path, model, extra):
     out = tmp_path / model
     assert main(["train", "--model", model, "--data", "synthetic", *extra, "--out", str(out), "--no-progress"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["kind"] == "fit" and records[-1]["val_log_likelihood"] < 0
-    assert main(["evaluate", str(out), "--iw-samples", "1", "4", "--limit", "20", "--json", str(out / "e.json"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--iw-samples",
+                "1",
+                "4",
+                "--limit",
+                "20",
+                "--json",
+                str(out / "e.json"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "e.json").read_text())
     assert result["bpd"] == pytest.approx(result["nll_exact"] / (784 * math.log(2)))
     if model == "mixture":  # q is the exact posterior: the ELBO and every IWAE-K equal log p(x)

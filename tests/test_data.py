@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from elbox import data
+from elbox.core.errors import ElboxError
 from elbox.data import (
     DATA_SPACES,
     DATASETS,
     IDX_FILES,
+    dataset_files,
     find_dataset_dir,
-    formats,
     get_data_space,
     iterate_batches,
     load_split,
@@ -25,7 +26,6 @@ from elbox.data import (
     sources,
     spaces,
 )
-from elbox.errors import ElboxError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -319,8 +319,8 @@ def test_arrays_read_once(tmp_path, monkeypatch):
     register_tiny(monkeypatch)
     write_tiny_dataset(tmp_path / "d")
     reads = []
-    original = formats._read_file_bytes
-    monkeypatch.setattr(formats, "_read_file_bytes", lambda p: reads.append(p.name) or original(p))
+    original = dataset_files.read_file_bytes
+    monkeypatch.setattr(dataset_files, "read_file_bytes", lambda p: reads.append(p.name) or original(p))
     x_train, _ = load_split("tiny", "train", tmp_path / "d")
     load_split("tiny", "validation", tmp_path / "d")
     assert sorted(reads) == sorted([IDX_FILES["train-images"], IDX_FILES["train-labels"]])

@@ -13,17 +13,12 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
-from elbox.bounds import mean_and_stderr
-from elbox.cli import main
-from elbox.errors import ElboxError
+from elbox.cli.main import main
+from elbox.core.bounds import mean_and_stderr
+from elbox.core.errors import ElboxError
 from elbox.models import build_model
-from elbox.models.diffusion import (
-    SCHEDULES,
-    alpha_sigma,
-    encode_8bit,
-    window_half_width,
-)
-from elbox.models.schedules import CosineSchedule, LinearBetaSchedule, build_schedule
+from elbox.models.diffusion_parts import alpha_sigma, encode_8bit, window_half_width
+from elbox.models.schedules import SCHEDULES, CosineSchedule, LinearBetaSchedule, build_schedule
 
 GAMMA_MIN, GAMMA_MAX = -10.0, 6.0
 MEAN, STD = 0.1, 0.5  # the Gaussian data x ~ N(MEAN, STD^2 I)
@@ -44,24 +39,41 @@ class PluggedDenoiser(nn.Module):
         gamma = GAMMA_MIN + (GAMMA_MAX - GAMMA_MIN) * cond
         eps = self.eps_fn(z, gamma)
         alpha, sigma = alpha_sigma(gamma.reshape(-1, 1, 1, 1))
-        value = eps if self.parameterization == "eps" else (z - sigma * eps) / alpha if self.parameterization == "x0" else -eps / sigma
+        value = (
+            eps
+            if self.parameterization == "eps"
+            else (z - sigma * eps) / alpha
+            if self.parameterization == "x0"
+            else -eps / sigma
+        )
         return value - self.skip(z, alpha)
 
 
 def optimal_eps(mean: float = MEAN, std: float = STD):
     """E[eps | z_t] for x ~ N(mean, std^2 I), z_t = alpha x + sigma eps."""
+
     def eps_fn(z, gamma):
         alpha, sigma = alpha_sigma(gamma.reshape(-1, 1, 1, 1))
         x_hat = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (z - alpha * mean)
         return (z - alpha * x_hat) / sigma
+
     return eps_fn
 
 
 def gaussian_model(parameterization: str = "eps", eps_fn=None, timesteps: int = 0):
-    model = build_model("diffusion", {
-        "data_shape": SHAPE, "schedule": "linear", "gamma_min": GAMMA_MIN, "gamma_max": GAMMA_MAX,
-        "parameterization": parameterization, "timesteps": timesteps, "channels": [4], "fourier_features": False,
-    })
+    model = build_model(
+        "diffusion",
+        {
+            "data_shape": SHAPE,
+            "schedule": "linear",
+            "gamma_min": GAMMA_MIN,
+            "gamma_max": GAMMA_MAX,
+            "parameterization": parameterization,
+            "timesteps": timesteps,
+            "channels": [4],
+            "fourier_features": False,
+        },
+    )
     model.denoiser = PluggedDenoiser(model, eps_fn or optimal_eps())
     return model.eval()
 
@@ -121,8 +133,8 @@ def test_prior_term_matches_closed_form_and_torch_distributions():
 
 
 def test_gaussian_elbo_matches_closed_form_and_is_below_the_exact_log_likelihood():
-    """With a continuous Gaussian decoder p(x|z_0) = N(z_0/alpha_0, e^{gamma_0}) (E log p = -D/2 (log 2 pi + gamma_0 + 1)),
-    the ELBO of Gaussian data with the optimal denoiser: the model's prior + diffusion terms match the closed form,
+    """With a continuous Gaussian decoder p(x|z_0) = N(z_0/alpha_0, e^{gamma_0}) (E log p = -D/2 (log 2 pi + gamma_0 +
+    1)), the ELBO of Gaussian data with the optimal denoiser: the model's prior + diffusion terms match the closed form,
     and the bound lies below E log N(x; m, s^2), by a small margin (endpoint effects)."""
     torch.manual_seed(3)
     model = gaussian_model()
@@ -181,7 +193,9 @@ def test_the_three_parameterizations_give_the_same_elbo(timesteps):
 
 
 # eps_scale 40: pixels' own bins fall outside the window, so the full softmax runs
-@pytest.mark.parametrize("gamma_min, eps_scale", [(-13.3, 1.0), (-10.0, 1.0), (-6.0, 1.0), (-2.0, 1.0), (-13.3, 40.0), (-6.0, 40.0)])
+@pytest.mark.parametrize(
+    "gamma_min, eps_scale", [(-13.3, 1.0), (-10.0, 1.0), (-6.0, 1.0), (-2.0, 1.0), (-13.3, 40.0), (-6.0, 40.0)]
+)
 def test_reconstruction_matches_an_independent_categorical(gamma_min, eps_scale):
     """The windowed softmax (window_half_width) equals the full 256-way categorical, value and gradients."""
     model = build_model("diffusion", {"data_shape": SHAPE, "channels": [4], "gamma_min": gamma_min})
@@ -204,7 +218,9 @@ def test_reconstruction_matches_an_independent_categorical(gamma_min, eps_scale)
     assert [g is None for g in got_grads] == [e is None for e in expected_grads] and got_grads[1] is not None
     for g, e in zip(got_grads, expected_grads):
         if g is not None:
-            torch.testing.assert_close(g.double(), e.double(), rtol=1e-3, atol=1e-4 * e.abs().max().item())  # float32 vs float64
+            torch.testing.assert_close(
+                g.double(), e.double(), rtol=1e-3, atol=1e-4 * e.abs().max().item()
+            )  # float32 vs float64
     assert torch.allclose(encode_8bit(torch.tensor([0.0, 1.0])), torch.tensor([-255 / 256, 255 / 256]))
 
 
@@ -323,7 +339,7 @@ def test_variance_gradient_only_in_continuous_time_training():
         shape, _ = model.schedule.shape_and_slope(torch.rand(8))
         calls = []
         original = model._fit_interior_to_variance
-        model._fit_interior_to_variance = lambda *a: calls.append(a)
+        model._fit_interior_to_variance = lambda *a, calls=calls: calls.append(a)
         model.diffusion_loss(x, torch.rand(8), timesteps)
         model._fit_interior_to_variance = original
         assert bool(calls) == hooked, (train, timesteps)
@@ -349,13 +365,16 @@ def test_sampling_gives_8bit_images_with_any_number_of_steps():
         assert torch.allclose(k, k.round(), atol=1e-4) and images.min() >= 0 and images.max() <= 1
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"timesteps": -1}, "timesteps"),
-    ({"schedule": "quadratic"}, "unknown schedule"),
-    ({"gamma_min": 5.0, "gamma_max": 1.0}, "gamma_min < gamma_max"),
-    ({"parameterization": "v"}, "parameterization"),
-    ({"channels": []}, "channels"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"timesteps": -1}, "timesteps"),
+        ({"schedule": "quadratic"}, "unknown schedule"),
+        ({"gamma_min": 5.0, "gamma_max": 1.0}, "gamma_min < gamma_max"),
+        ({"parameterization": "v"}, "parameterization"),
+        ({"channels": []}, "channels"),
+    ],
+)
 def test_bad_configs_are_refused(bad, message):
     with pytest.raises(ElboxError, match=message):
         build_model("diffusion", {"data_shape": SHAPE, **bad})
@@ -364,8 +383,31 @@ def test_bad_configs_are_refused(bad, message):
 @pytest.mark.parametrize("extra", [[], ["--timesteps", "10", "--schedule", "cosine", "--parameterization", "x0"]])
 def test_cli_trains_evaluates_and_samples_a_diffusion_model(tmp_path, capsys, extra):
     run = tmp_path / "run"
-    assert main(["train", "--model", "diffusion", "--data", "synthetic", "--epochs", "1", "--limit-train", "64",
-                 "--batch-size", "32", "--unet-channels", "4", "8", "--out", str(run), "--no-progress", *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "diffusion",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "64",
+                "--batch-size",
+                "32",
+                "--unet-channels",
+                "4",
+                "8",
+                "--out",
+                str(run),
+                "--no-progress",
+                *extra,
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(run), "--limit", "20", "--elbo-samples", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bpd_diffusion" in out and "bpd_prior" in out and "bpd_recon" in out

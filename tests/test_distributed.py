@@ -14,8 +14,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ARGS = ["train", "--model", "linear", "--fit", "elbo", "--data", "synthetic", "--epochs", "2", "--batch-size", "50",
-        "--limit-train", "200", "--latent-dim", "3", "--no-progress"]
+ARGS = [
+    "train",
+    "--model",
+    "linear",
+    "--fit",
+    "elbo",
+    "--data",
+    "synthetic",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "50",
+    "--limit-train",
+    "200",
+    "--latent-dim",
+    "3",
+    "--no-progress",
+]
 
 
 def epoch_records(run) -> list[dict]:
@@ -25,12 +41,25 @@ def epoch_records(run) -> list[dict]:
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single, double = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "-m", "elbox", *ARGS, "--out", str(single)], env=env, check=True, capture_output=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "elbox", *ARGS, "--out", str(double)]
+    subprocess.run(
+        [sys.executable, "-m", "elbox", *ARGS, "--out", str(single)], env=env, check=True, capture_output=True
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "elbox",
+        *ARGS,
+        "--out",
+        str(double),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:  # one retry in a fresh directory: torchrun's loopback rendezvous failed once in six runs
-        warnings.warn(f"torchrun failed once, retrying: {result.stderr[-2000:]}")
+        warnings.warn(f"torchrun failed once, retrying: {result.stderr[-2000:]}", stacklevel=2)
         double = tmp_path / "two-retry"
         command[-1] = str(double)
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -137,8 +137,9 @@ def skip_reason(line: DocLine) -> str | None:
 
 
 ALL_LINES = {path: bash_lines(path) for path in DOC_FILES}
-COMMANDS = {path: [line for line in lines if classify(line) in ("elbox", "torchrun")]
-            for path, lines in ALL_LINES.items()}
+COMMANDS = {
+    path: [line for line in lines if classify(line) in ("elbox", "torchrun")] for path, lines in ALL_LINES.items()
+}
 SETUP_LINES = [line for lines in ALL_LINES.values() for line in lines if classify(line) == "setup"]
 UNKNOWN_LINES = [line for lines in ALL_LINES.values() for line in lines if classify(line) == "unknown"]
 
@@ -169,8 +170,10 @@ def python_blocks() -> list:
             section = readme_python_section_start(path.read_text())
             covered = next((start for start, _ in found if start > section), None) if section > 0 else None
             found = [(start, block) for start, block in found if start != covered]
-        blocks += [pytest.param(path, start, "\n".join(block), id=f"{path.relative_to(ROOT)}:{start}")
-                   for start, block in found]
+        blocks += [
+            pytest.param(path, start, "\n".join(block), id=f"{path.relative_to(ROOT)}:{start}")
+            for start, block in found
+        ]
     return blocks
 
 
@@ -212,8 +215,10 @@ class Result:
     seconds: float = 0.0
 
     def failure(self) -> str:
-        return (f"`{shlex.join(self.argv)}` exited {self.code} after {self.seconds:.1f} s\n"
-                f"--- stderr (end) ---\n{self.stderr[-4000:]}\n--- stdout (end) ---\n{self.stdout[-2000:]}")
+        return (
+            f"`{shlex.join(self.argv)}` exited {self.code} after {self.seconds:.1f} s\n"
+            f"--- stderr (end) ---\n{self.stderr[-4000:]}\n--- stdout (end) ---\n{self.stdout[-2000:]}"
+        )
 
 
 def is_diffusion_run(run_dir: Path) -> bool:
@@ -237,7 +242,7 @@ def quick_argv(words: list[str], cwd: Path) -> list[str]:
 
 def run_in_process(argv: list[str]) -> Result:
     """`elbox ARGV` through elbox.cli.main, its output captured; an escaping exception is a failure (a traceback)."""
-    from elbox.cli import main
+    from elbox.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
 
@@ -269,8 +274,9 @@ def run_torchrun(words: list[str], cwd: Path) -> Result:
     began, stderr_before = time.perf_counter(), ""
     for attempt in (1, 2):
         try:
-            done = subprocess.run(argv, check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=SECONDS_PER_COMMAND)
+            done = subprocess.run(
+                argv, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=SECONDS_PER_COMMAND
+            )
             code, stdout, stderr = done.returncode, done.stdout, done.stderr
         except subprocess.TimeoutExpired as e:
             code, stdout = None, str(e.stdout or "")
@@ -286,6 +292,7 @@ def run_torchrun(words: list[str], cwd: Path) -> Result:
 @dataclass
 class FileRuns:
     """A documentation file's commands, run in order in one working directory, the first time one is asked for."""
+
     directory: Path
     results: dict[str, Result] = field(default_factory=dict)
 
@@ -344,16 +351,19 @@ def test_the_documented_commands_are_found():
 
 def test_the_extraction_joins_continuations_and_leaves_out_optional_parts(tmp_path):
     doc = tmp_path / "doc.md"
-    doc.write_text("text\n```bash\nsource .venv/bin/activate\n# a comment line\n"
-                   "elbox train --model vae \\\n    --out runs/x   # [--epochs N]\n"
-                   "      # [--hidden-dims H [H ...]]\n"
-                   "elbox evaluate runs/x [--limit N] --iw-samples 1 [--json FILE [--overwrite]]  # trailing\n"
-                   "```\n```python\nprint(1)\n```\n")
+    doc.write_text(
+        "text\n```bash\nsource .venv/bin/activate\n# a comment line\n"
+        "elbox train --model vae \\\n    --out runs/x   # [--epochs N]\n"
+        "      # [--hidden-dims H [H ...]]\n"
+        "elbox evaluate runs/x [--limit N] --iw-samples 1 [--json FILE [--overwrite]]  # trailing\n"
+        "```\n```python\nprint(1)\n```\n"
+    )
     lines = bash_lines(doc)
     assert [(line.line, line.text, classify(line)) for line in lines] == [
         (3, "source .venv/bin/activate", "setup"),
         (5, "elbox train --model vae --out runs/x", "elbox"),
-        (8, "elbox evaluate runs/x --iw-samples 1", "elbox")]
+        (8, "elbox evaluate runs/x --iw-samples 1", "elbox"),
+    ]
     assert fenced_blocks(doc, "python") == [(11, ["print(1)"])]
 
 
@@ -397,8 +407,9 @@ def test_documented_python_block_runs(path: Path, start: int, code: str, tmp_pat
     fit, evaluate = elbox.fit, elbox.evaluate
 
     def quick_fit(*args, **options):
-        return fit(*args, **{**options, "epochs": 1, "limit_train": 256, "val_limit": 128, "samples": False,
-                             "progress": False})
+        return fit(
+            *args, **{**options, "epochs": 1, "limit_train": 256, "val_limit": 128, "samples": False, "progress": False}
+        )
 
     def quick_evaluate(*args, **options):
         return evaluate(*args, **{**options, "limit": 16})

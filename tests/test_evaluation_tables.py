@@ -1,5 +1,5 @@
-"""The printed evaluation table (elbox.evaluation_table.format_table) for exact models and vectors: no bits/dim for real
-vectors, no IWAE-K rows that merely repeat an exact log p(x), and the JSON result keeps every key."""
+"""The printed evaluation table (elbox.evaluation.tables.format_table) for exact models and vectors: no bits/dim for
+real vectors, no IWAE-K rows that merely repeat an exact log p(x), and the JSON result keeps every key."""
 
 import json
 import math
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from elbox.evaluation import evaluate
-from elbox.evaluation_table import PRINTED_ZERO, format_table, iwae_equals_exact
+from elbox.evaluation.evaluator import evaluate
+from elbox.evaluation.tables import PRINTED_ZERO, format_table, iwae_equals_exact
 from elbox.models import build_model
 
 F64 = torch.float64
@@ -94,12 +94,19 @@ def test_an_inexact_posterior_keeps_its_iwae_rows():
     assert "bits/dim" not in table  # vectors all the same
 
 
-@pytest.mark.parametrize("gap, stderr, hidden", [(0.0, 0.0, True), (-1e-4, 2e-4, True), (2e-3, 1e-4, False),
-                                                 (1e-4, 1e-3, False)])
+@pytest.mark.parametrize(
+    "gap, stderr, hidden", [(0.0, 0.0, True), (-1e-4, 2e-4, True), (2e-3, 1e-4, False), (1e-4, 1e-3, False)]
+)
 def test_iwae_rows_are_left_out_only_when_they_print_as_the_exact_value(gap, stderr, hidden):
-    result = {"n_examples": 10, "nll_exact": 5.0, "nll_exact_stderr": 0.1,
-              "nll_iw_by_k": {1: 5.0 + gap}, "nll_iw_stderr_by_k": {1: 0.1},
-              "gap_iw_by_k": {1: gap}, "gap_iw_stderr_by_k": {1: stderr}}
+    result = {
+        "n_examples": 10,
+        "nll_exact": 5.0,
+        "nll_exact_stderr": 0.1,
+        "nll_iw_by_k": {1: 5.0 + gap},
+        "nll_iw_stderr_by_k": {1: 0.1},
+        "gap_iw_by_k": {1: gap},
+        "gap_iw_stderr_by_k": {1: stderr},
+    }
     assert iwae_equals_exact(result) is hidden
     assert ("NLL (IWAE, K=1)" not in format_table(result)) is hidden
     assert PRINTED_ZERO == 5e-4  # half the last printed digit of 3-decimal nats

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from elbox.errors import ElboxError
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_to_dict
 from elbox.models.base import (
     ClosedFormFit,
     Encoder,
@@ -20,7 +21,6 @@ from elbox.models.base import (
     build_model,
 )
 from elbox.models.gaussian import GaussianConfig, GaussianModel
-from elbox.options import config_to_dict
 
 DATA_SHAPE = (1, 2, 3)  # D = 6
 D = 6

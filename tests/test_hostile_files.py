@@ -24,13 +24,28 @@ from conftest import run_cli_expecting_error, snapshot
 from PIL import Image
 
 from elbox import data
-from elbox import report as report_module
-from elbox.cli import main
+from elbox.cli.main import main
+from elbox.core.errors import ElboxError
 from elbox.data import IDX_FILES, load_split
-from elbox.errors import ElboxError
+from elbox.present import run_files
 
-TINY_TRAIN = ["--epochs", "1", "--limit-train", "64", "--batch-size", "32", "--hidden-dims", "8", "--latent-dim", "2",
-              "--log-every", "1", "--device", "cpu", "--no-progress"]
+TINY_TRAIN = [
+    "--epochs",
+    "1",
+    "--limit-train",
+    "64",
+    "--batch-size",
+    "32",
+    "--hidden-dims",
+    "8",
+    "--latent-dim",
+    "2",
+    "--log-every",
+    "1",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -45,6 +60,7 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def png_declaring(width: int, height: int) -> bytes:
     """A valid PNG header (IHDR) declaring width x height grayscale pixels, followed by almost no pixel data."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -55,6 +71,7 @@ def png_declaring(width: int, height: int) -> bytes:
 def gzip_bomb(prefix: bytes, zero_mb: int) -> bytes:
     """A gzip stream of `prefix` and then zero_mb MB of zeros, about 1 KB a MB: one compressed MB, repeated (a full
     flush makes each piece stand alone). Its CRC is wrong, which a reader that stops early never sees."""
+
     def deflate(payload: bytes) -> bytes:
         compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
         return compressor.compress(payload) + compressor.flush(zlib.Z_FULL_FLUSH)
@@ -154,31 +171,49 @@ def test_hostile_data_gives_one_line_for_every_command(run, tmp_path):
     images, arrays, tables = image_folders(tmp_path), array_files(tmp_path), table_files(tmp_path)
     for i, (name, (path, says)) in enumerate({**images, **arrays, **tables}.items()):
         out = tmp_path / f"run{i}"
-        message = run_cli_expecting_error(["train", "vae", "--data", path, "--out", out, *TINY_TRAIN],
-                                          untouched=[path], seconds=30, match=says)
+        message = run_cli_expecting_error(
+            ["train", "vae", "--data", path, "--out", out, *TINY_TRAIN], untouched=[path], seconds=30, match=says
+        )
         assert str(path) in message, (name, message)
         assert not out.exists(), f"{name}: train left {sorted(p.name for p in out.iterdir())} in its run directory"
-        run_cli_expecting_error(["evaluate", run, "--data", path, "--iw-samples", "1", "--no-progress"],
-                                untouched=[path, run], seconds=30, match=says)
+        run_cli_expecting_error(
+            ["evaluate", run, "--data", path, "--iw-samples", "1", "--no-progress"],
+            untouched=[path, run],
+            seconds=30,
+            match=says,
+        )
         if path in [p for p, _ in tables.values()]:
             says = "is a table; the vae model takes 8-bit images"  # a model of images scores and encodes images only
-        run_cli_expecting_error(["score", run, "--input", path, "--iw-samples", "1", "--no-progress"],
-                                untouched=[path, run], seconds=30, match=says)
+        run_cli_expecting_error(
+            ["score", run, "--input", path, "--iw-samples", "1", "--no-progress"],
+            untouched=[path, run],
+            seconds=30,
+            match=says,
+        )
         encoded = tmp_path / "encoded.npz"
-        run_cli_expecting_error(["encode", run, "--input", path, "--out", encoded, "--no-progress"],
-                                untouched=[path, run], seconds=30, match=says)
+        run_cli_expecting_error(
+            ["encode", run, "--input", path, "--out", encoded, "--no-progress"],
+            untouched=[path, run],
+            seconds=30,
+            match=says,
+        )
         assert not encoded.exists()
 
 
 def test_an_image_that_breaks_during_training_leaves_no_run_directory(tmp_path):
     rng = np.random.default_rng(0)
-    images = folder(tmp_path, "images", {f"{i:02}.png": png_bytes(rng.integers(0, 256, (8, 8), np.uint8))
-                                         for i in range(12)})
+    images = folder(
+        tmp_path, "images", {f"{i:02}.png": png_bytes(rng.integers(0, 256, (8, 8), np.uint8)) for i in range(12)}
+    )
     whole = (images / "05.png").read_bytes()
     (images / "05.png").write_bytes(whole[: len(whole) * 2 // 3])  # the header reads, the pixels do not
     out = tmp_path / "run"
-    run_cli_expecting_error(["train", "vae", "--data", images, "--out", out, *TINY_TRAIN, "--batch-size", "4"],
-                            untouched=[images], seconds=60, match="05.png")
+    run_cli_expecting_error(
+        ["train", "vae", "--data", images, "--out", out, *TINY_TRAIN, "--batch-size", "4"],
+        untouched=[images],
+        seconds=60,
+        match="05.png",
+    )
     assert not out.exists()
 
 
@@ -216,8 +251,12 @@ def test_an_idx_gzip_bomb_is_refused_without_being_expanded(tmp_path, monkeypatc
     assert peak < 16 << 20, f"reading the bomb took {peak >> 20} MB"  # the 78 KB it declares, not 256 MB
     data.clear_cache()
     out = tmp_path / "run"
-    run_cli_expecting_error(["train", "vae", "--data", "mnist", "--out", out, *TINY_TRAIN],
-                            untouched=[tmp_path / "datasets"], seconds=30, match=str(bomb))
+    run_cli_expecting_error(
+        ["train", "vae", "--data", "mnist", "--out", out, *TINY_TRAIN],
+        untouched=[tmp_path / "datasets"],
+        seconds=30,
+        match=str(bomb),
+    )
     assert not out.exists()
 
 
@@ -233,16 +272,16 @@ def test_idx_headers_declaring_huge_dims_are_refused_before_reading(tmp_path, mo
     bomb.unlink()
     plain.write_bytes(huge + bytes(1000))  # uncompressed: its size is known before reading
     with pytest.raises(ElboxError, match="truncated"):
-        data.formats.read_idx(plain)
+        data.dataset_files.read_idx(plain)
     shorter = idx_header(10, 28, 28) + bytes(10 * 784)
     bomb.write_bytes(gzip.compress(shorter[:-1]))
     with pytest.raises(ElboxError, match="truncated"):
-        data.formats.read_idx(bomb)
+        data.dataset_files.read_idx(bomb)
     bomb.write_bytes(gzip.compress(shorter + b"\0"))
     with pytest.raises(ElboxError, match="more than the 7840 bytes"):
-        data.formats.read_idx(bomb)
+        data.dataset_files.read_idx(bomb)
     bomb.write_bytes(gzip.compress(shorter))
-    assert data.formats.read_idx(bomb).shape == (10, 28, 28)
+    assert data.dataset_files.read_idx(bomb).shape == (10, 28, 28)
 
 
 # ---------------------------------------------------------------------------
@@ -268,13 +307,20 @@ def test_report_skips_damaged_metrics_eval_and_samples(run, tmp_path, capsys):
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_bytes().splitlines()
     assert any(json.loads(line)["kind"] == "train" for line in lines)
-    damaged = [b'{"kind": "train", "step": 1, "elbo": NaN, "reconstruction": -5}',  # NaN
-               b'{"kind": "epoch", "step": "2", "val_elbo": -5}',  # a wrong type
-               b'{"kind": "epoch", "step": 2}', b"[1, 2]", b'"text"', b"\xff\xfe\x00 not UTF-8",
-               b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the parser's recursion
-               b'{"kind": "train", "step": 1e999, "elbo": 1, "reconstruction": 1}']
+    damaged = [
+        b'{"kind": "train", "step": 1, "elbo": NaN, "reconstruction": -5}',  # NaN
+        b'{"kind": "epoch", "step": "2", "val_elbo": -5}',  # a wrong type
+        b'{"kind": "epoch", "step": 2}',
+        b"[1, 2]",
+        b'"text"',
+        b"\xff\xfe\x00 not UTF-8",
+        b"[" * 100_000 + b"]" * 100_000,  # nesting deeper than the parser's recursion
+        b'{"kind": "train", "step": 1e999, "elbo": 1, "reconstruction": 1}',
+    ]
     harmless = b'{"kind": ["odd"], "step": 1}'  # valid, and not plotted
-    metrics.write_bytes(b"\n".join([lines[0], *damaged, harmless, *lines[1:]]) + b'\n{"kind": "epoch", "step": 3, "val_el')
+    metrics.write_bytes(
+        b"\n".join([lines[0], *damaged, harmless, *lines[1:]]) + b'\n{"kind": "epoch", "step": 3, "val_el'
+    )
     (run_dir / "eval-test.json").write_text('{"n_examples": 5, "elbo": "abc", "elbo_stderr": 1}')
     (run_dir / "samples.png").write_text("not a picture")
     before = snapshot(metrics, run_dir / "eval-test.json")
@@ -300,15 +346,23 @@ def test_report_survives_unreadable_metrics(run, tmp_path, capsys):
     assert "## Training curves" not in (run_dir / "report.md").read_text()
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"n_examples": 5', "\udcff", "[" * 100_000,
-                                  ('{"n_examples": 3, "elbo": 1, "elbo_stderr": 0, "reconstruction": 1, "kl": 0, '
-                                   '"kl_by_group": 7}'), '{"n_examples": 3, "nll_iw_by_k": {"10": 1}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1, 2]",
+        '{"n_examples": 5',
+        "\udcff",
+        "[" * 100_000,
+        ('{"n_examples": 3, "elbo": 1, "elbo_stderr": 0, "reconstruction": 1, "kl": 0, "kl_by_group": 7}'),
+        '{"n_examples": 3, "nll_iw_by_k": {"10": 1}}',
+    ],
+)
 def test_a_damaged_evaluation_file_is_skipped_with_a_warning(tmp_path, capsys, text):
     path = tmp_path / "eval-test.json"
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
-    assert report_module._saved_evaluation(path) is None
+    assert run_files.saved_evaluation(path) is None
     warnings = capsys.readouterr().err.splitlines()
     assert len(warnings) == 1 and warnings[0].startswith(f"elbox: warning: {path} is damaged"), warnings
     assert len(warnings[0]) < 300
     path.write_text('{"n_examples": 3, "bpd": 1.5, "bpd_stderr": 0.1, "bpd_source": "exact"}')
-    assert report_module._saved_evaluation(path)["bpd"] == 1.5 and not capsys.readouterr().err
+    assert run_files.saved_evaluation(path)["bpd"] == 1.5 and not capsys.readouterr().err

@@ -25,16 +25,16 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 import elbox
-from elbox import system
+from elbox.core import system
+from elbox.core.errors import ElboxError
 from elbox.data import fit_real_space
 from elbox.data.formats import open_array
-from elbox.data.user import read_images
 from elbox.data.inputs import as_examples, held_out, run_data, training_data
+from elbox.data.user import read_images
 from elbox.data.user_arrays import VectorArray
 from elbox.data.user_images import ImageFolder
-from elbox.errors import ElboxError
-from elbox.models.diffusion import FULL_WINDOW, window_half_width
-from elbox.training.config import DataConfig
+from elbox.io.run_config import DataConfig
+from elbox.models.diffusion_parts import FULL_WINDOW, window_half_width
 from elbox.training.state import pack_training_state
 
 RNG = np.random.default_rng(0)
@@ -73,8 +73,14 @@ def test_a_compressed_npz_counts_its_float32_copy(tmp_path, monkeypatch):
     """20 MB of uint8 fit in 30 MB of free memory, but not with the 80 MB float32 copy the data space makes."""
     bomb = zeros_npz(tmp_path / "bomb.npz", (20, 1000, 1000))
     monkeypatch.setattr(system, "available_memory_bytes", lambda device: 30_000_000)
-    refused(lambda: open_array(bomb), "bomb.npz", "100 MB in memory", "20 MB decompressed", "80 MB as float32",
-            "30 MB of free memory")
+    refused(
+        lambda: open_array(bomb),
+        "bomb.npz",
+        "100 MB in memory",
+        "20 MB decompressed",
+        "80 MB as float32",
+        "30 MB of free memory",
+    )
     monkeypatch.setattr(system, "available_memory_bytes", lambda device: 200_000_000)
     assert open_array(bomb).shape == (20, 1000, 1000)
 
@@ -84,8 +90,8 @@ def test_elbox_train_refuses_an_npz_bomb_under_ulimit_v(tmp_path):
     bomb = zeros_npz(tmp_path / "bomb.npz", (150, 1000, 1000))  # 150 MB inside
     script = textwrap.dedent(f"""
         import resource, sys
-        from elbox.cli import main
-        from elbox.system import address_space_used
+        from elbox.cli.main import main
+        from elbox.core.system import address_space_used
         resource.setrlimit(resource.RLIMIT_AS, (address_space_used() + (100 << 20), resource.RLIM_INFINITY))
         sys.exit(main(["train", "vae", "--data", {str(bomb)!r}, "--out", {str(tmp_path / "run")!r}, "--no-progress"]))
     """)
@@ -103,8 +109,13 @@ def test_validation_data_of_another_shape_are_refused_up_front(tmp_path):
     refused(lambda: training_data(train, val), "validation data (given in memory)", "(1, 6, 6)", "(1, 8, 8)")
     np.save(tmp_path / "train.npy", train)
     np.save(tmp_path / "val.npy", val)
-    refused(lambda: training_data(str(tmp_path / "train.npy"), str(tmp_path / "val.npy")), "val.npy", "train.npy",
-            "(1, 6, 6)", "(1, 8, 8)")
+    refused(
+        lambda: training_data(str(tmp_path / "train.npy"), str(tmp_path / "val.npy")),
+        "val.npy",
+        "train.npy",
+        "(1, 6, 6)",
+        "(1, 8, 8)",
+    )
     np.save(tmp_path / "vectors.npy", RNG.normal(size=(5, 3)))
     refused(lambda: training_data(str(tmp_path / "train.npy"), str(tmp_path / "vectors.npy")), "(3,)", "(1, 8, 8)")
     _, given, _ = training_data(train, train[:4])  # the same shape passes
@@ -124,8 +135,19 @@ def test_window_half_width_takes_any_gamma(gamma):
 
 def test_diffusion_with_a_huge_learning_rate_stops_with_the_divergence_message():
     with pytest.raises(ElboxError, match="diverged"):
-        elbox.fit("diffusion", "synthetic", lr=1e30, limit_train=64, batch_size=32, epochs=2, channels=[4],
-                  val_limit=32, samples=False, progress=False, verbose=False)
+        elbox.fit(
+            "diffusion",
+            "synthetic",
+            lr=1e30,
+            limit_train=64,
+            batch_size=32,
+            epochs=2,
+            channels=[4],
+            val_limit=32,
+            samples=False,
+            progress=False,
+            verbose=False,
+        )
 
 
 # -- 4. a damaged optimizer state ------------------------------------------------------------------------------
@@ -134,29 +156,46 @@ def test_diffusion_with_a_huge_learning_rate_stops_with_the_divergence_message()
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory):
     """The tensors and JSON state of a tiny VAE trained one epoch."""
-    trainer = make_trainer(None, model_config={"latent_dim": 2, "hidden_dims": [8]}, n_train=64, n_val=32, epochs=1,
-                           batch_size=32, logger="none")
+    trainer = make_trainer(
+        None,
+        model_config={"latent_dim": 2, "hidden_dims": [8]},
+        n_train=64,
+        n_val=32,
+        epochs=1,
+        batch_size=32,
+        logger="none",
+    )
     trainer.fit()
     return pack_training_state(trainer, 1)
 
 
-@pytest.mark.parametrize("name, value, says", [
-    ("optimizer.0.step", torch.zeros(7, 7), "'0.step' has shape (7, 7)"),
-    ("optimizer.0.step", torch.tensor(3), "'0.step' has shape () torch.int64"),
-    ("optimizer.0.step", torch.tensor(-2.0), "'0.step' is -2.0"),
-    ("optimizer.0.exp_avg", None, "Adam keeps ['exp_avg', 'exp_avg_sq', 'step']"),
-    ("optimizer.0.exp_avg_sq", torch.zeros(3), "'0.exp_avg_sq' has shape (3,)"),
-    ("optimizer.1.exp_avg", "float64", "'1.exp_avg' has shape (8,) torch.float64"),
-    ("optimizer.1.evil", torch.zeros(8), "'evil'"),
-])
+@pytest.mark.parametrize(
+    "name, value, says",
+    [
+        ("optimizer.0.step", torch.zeros(7, 7), "'0.step' has shape (7, 7)"),
+        ("optimizer.0.step", torch.tensor(3), "'0.step' has shape () torch.int64"),
+        ("optimizer.0.step", torch.tensor(-2.0), "'0.step' is -2.0"),
+        ("optimizer.0.exp_avg", None, "Adam keeps ['exp_avg', 'exp_avg_sq', 'step']"),
+        ("optimizer.0.exp_avg_sq", torch.zeros(3), "'0.exp_avg_sq' has shape (3,)"),
+        ("optimizer.1.exp_avg", "float64", "'1.exp_avg' has shape (8,) torch.float64"),
+        ("optimizer.1.evil", torch.zeros(8), "'evil'"),
+    ],
+)
 def test_a_damaged_optimizer_state_is_refused(packed, name, value, says):
     tensors, state = dict(packed[0]), json.loads(json.dumps(packed[1]))
     if value is None:
         del tensors[name]
     else:
         tensors[name] = tensors[name].double() if value == "float64" else value
-    fresh = make_trainer(None, model_config={"latent_dim": 2, "hidden_dims": [8]}, n_train=64, n_val=32, epochs=1,
-                         batch_size=32, logger="none")
+    fresh = make_trainer(
+        None,
+        model_config={"latent_dim": 2, "hidden_dims": [8]},
+        n_train=64,
+        n_val=32,
+        epochs=1,
+        batch_size=32,
+        logger="none",
+    )
     refused(lambda: fresh.restore(tensors, state), "training state", says)
 
 
@@ -176,8 +215,12 @@ class Items(Dataset):
 
 def test_datasets_of_mixed_shapes_or_lying_lengths_and_meta_tensors_are_refused():
     images = [torch.zeros(1, 8, 8, dtype=torch.uint8)] * 3
-    refused(lambda: as_examples(Items([*images, torch.zeros(1, 6, 6, dtype=torch.uint8)]), "data"),
-            "data", "item 3 has shape (1, 6, 6)", "item 0 (1, 8, 8)")
+    refused(
+        lambda: as_examples(Items([*images, torch.zeros(1, 6, 6, dtype=torch.uint8)]), "data"),
+        "data",
+        "item 3 has shape (1, 6, 6)",
+        "item 0 (1, 8, 8)",
+    )
     refused(lambda: as_examples(Items([*images, torch.zeros(1, 8, 8)]), "data"), "item 3", "float32", "uint8")
     refused(lambda: as_examples(Items(images, length=5), "data"), "says it has 5 items", "item 3 raised IndexError")
     refused(lambda: as_examples(Items(images * 2, length=4), "data"), "says it has 4 items", "item 4 exists too")
@@ -288,8 +331,19 @@ def test_validation_fraction_zero_validates_on_the_training_data(tmp_path):
     assert len(train) == len(val) == 6
     again_train, again_val, _ = run_data(record, seed=0)
     assert len(again_train) == len(again_val) == 6
-    run = elbox.fit("vae", str(tmp_path / "x.npy"), out=tmp_path / "run", validation_fraction=0, batch_size=5,
-                    latent_dim=2, hidden_dims=[8], max_steps=1, samples=False, progress=False, verbose=False)
+    run = elbox.fit(
+        "vae",
+        str(tmp_path / "x.npy"),
+        out=tmp_path / "run",
+        validation_fraction=0,
+        batch_size=5,
+        latent_dim=2,
+        hidden_dims=[8],
+        max_steps=1,
+        samples=False,
+        progress=False,
+        verbose=False,
+    )
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
     assert saved["validation"] == "none (fraction 0): the training data" and run.history[-1]["kind"] == "epoch"
 

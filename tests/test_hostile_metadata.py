@@ -18,9 +18,9 @@ from conftest import run_cli_expecting_error
 from safetensors.torch import load_file, save_file
 
 import elbox
-from elbox.checkpoint import STATE_METADATA_KEY, checked_run_config
+from elbox.core.errors import ElboxError
 from elbox.data import load_split
-from elbox.errors import ElboxError
+from elbox.io.checkpoint import STATE_METADATA_KEY, checked_run_config
 from elbox.models import build_model
 
 DEEP = "[" * 100_000 + "]" * 100_000  # json.loads raises RecursionError
@@ -39,8 +39,19 @@ def trained(tmp_path_factory) -> dict[str, Path]:
         raise StopAfterOneEpoch
 
     with pytest.raises(StopAfterOneEpoch):
-        elbox.fit("vae", "synthetic", out=root / "run", epochs=2, limit_train=64, batch_size=32, latent_dim=2,
-                  hidden_dims=[16], progress=False, verbose=False, callback=stop)
+        elbox.fit(
+            "vae",
+            "synthetic",
+            out=root / "run",
+            epochs=2,
+            limit_train=64,
+            batch_size=32,
+            latent_dim=2,
+            hidden_dims=[16],
+            progress=False,
+            verbose=False,
+            callback=stop,
+        )
     images = root / "x.npy"
     np.save(images, load_split("synthetic", "test")[0][:4].numpy())
     return {"run": root / "run", "images": images}
@@ -61,8 +72,21 @@ def reading_commands(run: Path, images: Path) -> list[list]:
         ["encode", run, "--input", images, "--out", run.parent / "features.npz", "--no-progress"],
         ["report", run, "--no-progress"],
         ["reconstruct", run, "--n", "4", "--no-progress"],
-        ["tighten", run, "--limit", "4", "--steps", "2", "--refit-epochs", "0", "--iw-samples", "2",
-         "--elbo-samples", "2", "--no-progress"],
+        [
+            "tighten",
+            run,
+            "--limit",
+            "4",
+            "--steps",
+            "2",
+            "--refit-epochs",
+            "0",
+            "--iw-samples",
+            "2",
+            "--elbo-samples",
+            "2",
+            "--no-progress",
+        ],
     ]
 
 
@@ -104,8 +128,10 @@ CONFIG_DAMAGE = {  # name: (damage, what the message must say)
     "data space garbage": (setting(["data", "space"], "garbage"), "unknown data space"),
     "data space a list": (setting(["data", "space"], ["binary"]), "data space"),
     "real scaling garbage": (setting(["data"], {"space": "real", "scaling": {"mean": ["a"], "std": [1]}}), "mean"),
-    "real scaling huge number": (setting(["data"], raw='{"space": "real", "scaling": {"mean": [1%s], "std": [1]}}' % ("0" * 400)),
-                                 "mean"),
+    "real scaling huge number": (
+        setting(["data"], raw='{"space": "real", "scaling": {"mean": [1%s], "std": [1]}}' % ("0" * 400)),
+        "mean",
+    ),
     "data name a number": (setting(["data", "name"], 5), "name"),
     "limit_train negative": (setting(["data", "limit_train"], -3), "limit_train"),
     "model a list": (setting(["model"], ["vae"]), "model"),
@@ -177,8 +203,12 @@ def test_a_damaged_config_is_refused_by_train_config(trained, tmp_path, name):
     damage, says = CONFIG_DAMAGE[name]
     run = copy_run(trained, tmp_path)
     damage_config(run, damage)
-    run_cli_expecting_error(["train", "--config", run / "config.json", "--out", tmp_path / "case" / "new", "--no-progress"],
-                            untouched=[tmp_path / "case"], seconds=30, match=says)
+    run_cli_expecting_error(
+        ["train", "--config", run / "config.json", "--out", tmp_path / "case" / "new", "--no-progress"],
+        untouched=[tmp_path / "case"],
+        seconds=30,
+        match=says,
+    )
     assert not (tmp_path / "case" / "new").exists()
 
 
@@ -191,11 +221,15 @@ def test_checked_run_config_takes_the_saved_config_and_names_the_field(trained):
 
 
 def test_sizes_beyond_the_machine_fail_before_any_allocation():
-    for name, values, says in [("vae", {"latent_dim": 10**12}, "latent_dim"), ("vae", {"hidden_dims": [10**12]}, "hidden_dims"),
-                               ("vae", {"data_shape": [1, 10**6, 10**6]}, "data_shape"),
-                               ("vae", {"hidden_dims": [10**6] * 3}, "memory"), ("diffusion", {"timesteps": 10**12}, "timesteps"),
-                               ("mixture", {"n_components": 10**12}, "n_components"),
-                               ("gaussian", {"data_shape": [10**5, 10**3]}, "memory")]:
+    for name, values, says in [
+        ("vae", {"latent_dim": 10**12}, "latent_dim"),
+        ("vae", {"hidden_dims": [10**12]}, "hidden_dims"),
+        ("vae", {"data_shape": [1, 10**6, 10**6]}, "data_shape"),
+        ("vae", {"hidden_dims": [10**6] * 3}, "memory"),
+        ("diffusion", {"timesteps": 10**12}, "timesteps"),
+        ("mixture", {"n_components": 10**12}, "n_components"),
+        ("gaussian", {"data_shape": [10**5, 10**3]}, "memory"),
+    ]:
         start = time.perf_counter()
         with pytest.raises(ElboxError, match=says) as caught:
             build_model(name, values)
@@ -208,12 +242,14 @@ def test_sizes_beyond_the_machine_fail_before_any_allocation():
 def field(key: str, value):
     def damage(state: dict):
         state[key] = value
+
     return damage
 
 
 def entry(key: str, sub: str, value, index: int | None = None):
     def damage(state: dict):
         (state[key][index] if index is not None else state[key])[sub] = value
+
     return damage
 
 
@@ -282,8 +318,9 @@ def test_a_damaged_training_state_is_refused_by_resume(trained, tmp_path, name):
     damage, says = STATE_DAMAGE[name]
     run = copy_run(trained, tmp_path)
     damage_state(run, damage)
-    message = run_cli_expecting_error(["train", "--resume", run, "--no-progress"], untouched=[tmp_path / "case"],
-                                      seconds=30, match=says)
+    message = run_cli_expecting_error(
+        ["train", "--resume", run, "--no-progress"], untouched=[tmp_path / "case"], seconds=30, match=says
+    )
     assert "state.safetensors" in message and len(message) < 400, message
 
 
@@ -291,6 +328,7 @@ def poison(name: str, value: float):
     def damage(tensors: dict) -> None:
         tensors[name] = tensors[name].clone()
         tensors[name].view(-1)[0] = value
+
     return damage
 
 
@@ -299,8 +337,12 @@ def test_a_training_state_with_non_finite_tensors_is_refused(trained, tmp_path, 
     for name in ["model.decoder.0.weight", "optimizer.0.exp_avg"]:
         run = copy_run(trained, tmp_path / name)
         damage_state(run, tensor_damage=poison(name, value))
-        run_cli_expecting_error(["train", "--resume", run, "--no-progress"], untouched=[tmp_path / name / "case"],
-                                seconds=30, match=f"NaN or infinite values (tensor '{name}')")
+        run_cli_expecting_error(
+            ["train", "--resume", run, "--no-progress"],
+            untouched=[tmp_path / name / "case"],
+            seconds=30,
+            match=f"NaN or infinite values (tensor '{name}')",
+        )
 
 
 # -- weights -----------------------------------------------------------------------------------------------------
@@ -313,8 +355,9 @@ def test_weights_with_non_finite_values_are_refused_by_every_command(trained, tm
     poison("encoder.1.2.bias", value)(tensors)
     save_file(tensors, run / "model.safetensors")
     for argv in reading_commands(run, trained["images"]):
-        message = run_cli_expecting_error(argv, untouched=[tmp_path / "case"], seconds=30,
-                                          match="NaN or infinite values (tensor 'encoder.1.2.bias')")
+        message = run_cli_expecting_error(
+            argv, untouched=[tmp_path / "case"], seconds=30, match="NaN or infinite values (tensor 'encoder.1.2.bias')"
+        )
         assert "model.safetensors" in message
     with pytest.raises(ElboxError, match="NaN or infinite"):
         elbox.load(run)

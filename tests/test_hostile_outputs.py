@@ -12,12 +12,12 @@ import pytest
 from conftest import run_cli_expecting_error, snapshot
 
 import elbox
-from elbox import atomic
-from elbox.atomic import atomic_write_bytes
-from elbox.cli import build_parser, main
-from elbox.options import MAX_SEED as SEED_MAX
+from elbox.cli.main import build_parser, main
+from elbox.core.errors import ElboxError
+from elbox.core.options import MAX_SEED as SEED_MAX
 from elbox.data import load_split
-from elbox.errors import ElboxError
+from elbox.io import atomic
+from elbox.io.atomic import atomic_write_bytes
 
 PROC_PATH = Path("/proc/elbox-test.png")  # a location nobody can create files in, root included
 
@@ -25,8 +25,18 @@ PROC_PATH = Path("/proc/elbox-test.png")  # a location nobody can create files i
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "vae"
-    elbox.fit("vae", "synthetic", out=out, epochs=1, limit_train=200, batch_size=50, latent_dim=2, hidden_dims=[16],
-              progress=False, verbose=False)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=out,
+        epochs=1,
+        limit_train=200,
+        batch_size=50,
+        latent_dim=2,
+        hidden_dims=[16],
+        progress=False,
+        verbose=False,
+    )
     return out
 
 
@@ -46,13 +56,34 @@ def commands(run: Path, images: Path) -> dict[str, list]:
         "encode": ["encode", run, "--input", images, "--no-progress", "--out"],
         "report": ["report", run, "--no-progress", "--out"],
         "evaluate": ["evaluate", run, "--iw-samples", "2", "--limit", "8", "--no-progress", "--json"],
-        "tighten": ["tighten", run, "--limit", "4", "--steps", "2", "--refit-epochs", "0", "--iw-samples", "2",
-                    "--elbo-samples", "2", "--no-progress", "--json"],
+        "tighten": [
+            "tighten",
+            run,
+            "--limit",
+            "4",
+            "--steps",
+            "2",
+            "--refit-epochs",
+            "0",
+            "--iw-samples",
+            "2",
+            "--elbo-samples",
+            "2",
+            "--no-progress",
+            "--json",
+        ],
     }
 
 
-SUFFIX = {"sample": ".png", "reconstruct": ".png", "score": ".csv", "encode": ".npz", "report": ".html",
-          "evaluate": ".json", "tighten": ".json"}
+SUFFIX = {
+    "sample": ".png",
+    "reconstruct": ".png",
+    "score": ".csv",
+    "encode": ".npz",
+    "report": ".html",
+    "evaluate": ".json",
+    "tighten": ".json",
+}
 
 
 def hostile(kind: str, case: Path, suffix: str) -> tuple[Path, str]:
@@ -85,7 +116,7 @@ def hostile(kind: str, case: Path, suffix: str) -> tuple[Path, str]:
 @pytest.fixture
 def no_work(monkeypatch):
     """Every command's work fails the test if it starts: a refusal must come first."""
-    from elbox import cli_commands as cli
+    from elbox.cli import commands as cli
 
     def work(*args, **kwargs):
         raise AssertionError("the command started its work before refusing the output path")
@@ -115,8 +146,12 @@ def test_hostile_output_paths_are_refused_before_any_work(run_dir, images, tmp_p
 @pytest.mark.parametrize("command", list(SUFFIX))
 def test_a_read_only_location_is_refused(run_dir, images, no_work, command):
     path = PROC_PATH.with_suffix(SUFFIX[command])
-    run_cli_expecting_error([*commands(run_dir, images)[command], path], untouched=[run_dir], seconds=20,
-                            match="no file can be created in /proc")
+    run_cli_expecting_error(
+        [*commands(run_dir, images)[command], path],
+        untouched=[run_dir],
+        seconds=20,
+        match="no file can be created in /proc",
+    )
     assert not path.exists()
 
 
@@ -129,8 +164,11 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary(run_dir, im
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(atomic.os, "fsync", full)
-    run_cli_expecting_error([*commands(run_dir, images)[command], out, "--overwrite"], untouched=[tmp_path, run_dir],
-                            match=f"cannot write {out}: No space left on device")
+    run_cli_expecting_error(
+        [*commands(run_dir, images)[command], out, "--overwrite"],
+        untouched=[tmp_path, run_dir],
+        match=f"cannot write {out}: No space left on device",
+    )
     assert out.read_bytes() == b"the previous output"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no .tmp left, no report files beside it
 
@@ -138,10 +176,15 @@ def test_a_full_disk_keeps_the_previous_file_and_leaves_no_temporary(run_dir, im
 def test_report_refuses_a_hostile_markdown_path_beside_the_html(run_dir, tmp_path, no_work):
     (tmp_path / "target.md").write_text("mine")
     (tmp_path / "page.md").symlink_to(tmp_path / "target.md")
-    run_cli_expecting_error(["report", run_dir, "--out", tmp_path / "page.html"], untouched=[tmp_path, run_dir],
-                            seconds=20, match="page.md: it is a symbolic link")
-    run_cli_expecting_error(["report", run_dir, "--out", tmp_path / "page.md"], untouched=[tmp_path, run_dir],
-                            seconds=20, match="Markdown")
+    run_cli_expecting_error(
+        ["report", run_dir, "--out", tmp_path / "page.html"],
+        untouched=[tmp_path, run_dir],
+        seconds=20,
+        match="page.md: it is a symbolic link",
+    )
+    run_cli_expecting_error(
+        ["report", run_dir, "--out", tmp_path / "page.md"], untouched=[tmp_path, run_dir], seconds=20, match="Markdown"
+    )
 
 
 def test_default_outputs_in_the_run_dir_are_checked_too(run_dir, tmp_path):
@@ -168,7 +211,9 @@ def test_atomic_write_refuses_links_and_keeps_the_previous_file(tmp_path, monkey
     (tmp_path / "link").symlink_to(tmp_path / "target")
     with pytest.raises(ElboxError, match="symbolic link"):
         atomic_write_bytes(tmp_path / "link", b"new")
-    assert os.readlink(tmp_path / "link") == str(tmp_path / "target") and (tmp_path / "target").read_bytes() == b"target"
+    assert (
+        os.readlink(tmp_path / "link") == str(tmp_path / "target") and (tmp_path / "target").read_bytes() == b"target"
+    )
     # run-directory files: missing folders are created; a name near the limit still fits its temporary file
     deep = tmp_path / "a" / "b" / ("x" * 250)
     atomic_write_bytes(deep, b"ok")
@@ -192,30 +237,68 @@ def test_write_errors_are_short_for_huge_paths(tmp_path):
 # -- command-line values --------------------------------------------------------------------------------------
 
 # (command line before the option, option, smallest, largest): every numeric option of the non-train commands
-INTEGERS = [(["evaluate", "RUN"], "--iw-samples", 1, 100_000), (["evaluate", "RUN"], "--elbo-samples", 1, 10_000),
-            (["evaluate", "RUN"], "--limit", 1, 10**9), (["evaluate", "RUN"], "--batch-size", 1, 10_000),
-            (["sample", "RUN"], "--n", 1, 10_000), (["sample", "RUN"], "--steps", 1, 100_000),
-            (["score", "RUN", "--input", "x.npy"], "--iw-samples", 1, 100_000),
-            (["score", "RUN", "--input", "x.npy"], "--elbo-samples", 1, 10_000),
-            (["score", "RUN", "--input", "x.npy"], "--batch-size", 1, 10_000),
-            (["encode", "RUN", "--input", "x.npy", "--out", "f.npz"], "--batch-size", 1, 10_000),
-            (["reconstruct", "RUN"], "--n", 1, 10_000),
-            (["tighten", "RUN"], "--limit", 1, 10_000), (["tighten", "RUN"], "--steps", 1, 100_000),
-            (["tighten", "RUN"], "--refit-epochs", 0, 1000), (["tighten", "RUN"], "--iw-samples", 1, 100_000),
-            (["tighten", "RUN"], "--elbo-samples", 1, 10_000)]
-INTEGERS += [([command, "RUN", *extra], "--seed", 0, SEED_MAX) for command, extra in
-             [("evaluate", []), ("sample", []), ("score", ["--input", "x.npy"]), ("encode", ["--input", "x.npy", "--out", "f.npz"]),
-              ("report", []), ("reconstruct", []), ("tighten", [])]]
-INTEGERS += [([command, "RUN", *extra], "--threads", 1, 1024) for command, extra in
-             [("evaluate", []), ("sample", []), ("score", ["--input", "x.npy"]), ("encode", ["--input", "x.npy", "--out", "f.npz"]),
-              ("report", []), ("reconstruct", []), ("tighten", [])]]
+INTEGERS = [
+    (["evaluate", "RUN"], "--iw-samples", 1, 100_000),
+    (["evaluate", "RUN"], "--elbo-samples", 1, 10_000),
+    (["evaluate", "RUN"], "--limit", 1, 10**9),
+    (["evaluate", "RUN"], "--batch-size", 1, 10_000),
+    (["sample", "RUN"], "--n", 1, 10_000),
+    (["sample", "RUN"], "--steps", 1, 100_000),
+    (["score", "RUN", "--input", "x.npy"], "--iw-samples", 1, 100_000),
+    (["score", "RUN", "--input", "x.npy"], "--elbo-samples", 1, 10_000),
+    (["score", "RUN", "--input", "x.npy"], "--batch-size", 1, 10_000),
+    (["encode", "RUN", "--input", "x.npy", "--out", "f.npz"], "--batch-size", 1, 10_000),
+    (["reconstruct", "RUN"], "--n", 1, 10_000),
+    (["tighten", "RUN"], "--limit", 1, 10_000),
+    (["tighten", "RUN"], "--steps", 1, 100_000),
+    (["tighten", "RUN"], "--refit-epochs", 0, 1000),
+    (["tighten", "RUN"], "--iw-samples", 1, 100_000),
+    (["tighten", "RUN"], "--elbo-samples", 1, 10_000),
+]
+INTEGERS += [
+    ([command, "RUN", *extra], "--seed", 0, SEED_MAX)
+    for command, extra in [
+        ("evaluate", []),
+        ("sample", []),
+        ("score", ["--input", "x.npy"]),
+        ("encode", ["--input", "x.npy", "--out", "f.npz"]),
+        ("report", []),
+        ("reconstruct", []),
+        ("tighten", []),
+    ]
+]
+INTEGERS += [
+    ([command, "RUN", *extra], "--threads", 1, 1024)
+    for command, extra in [
+        ("evaluate", []),
+        ("sample", []),
+        ("score", ["--input", "x.npy"]),
+        ("encode", ["--input", "x.npy", "--out", "f.npz"]),
+        ("report", []),
+        ("reconstruct", []),
+        ("tighten", []),
+    ]
+]
 SCORE_METHOD, OOD = ["score", "RUN", "--input", "x.npy"], ["ood", "RUN", "--outliers", "x.npy"]
-INTEGERS += [(SCORE_METHOD, "--reference-limit", 1, 10**9), (SCORE_METHOD, "--llr-k", 0, 100),
-             (SCORE_METHOD, "--regret-steps", 1, 100_000)]
-INTEGERS += [(OOD, flag, low, high) for flag, low, high in [
-    ("--iw-samples", 1, 100_000), ("--llr-k", 0, 100), ("--regret-steps", 1, 100_000), ("--binarizations", 1, 10_000),
-    ("--limit", 1, 10**9), ("--bootstrap", 1, 100_000), ("--batch-size", 1, 10_000), ("--seed", 0, SEED_MAX),
-    ("--threads", 1, 1024)]]
+INTEGERS += [
+    (SCORE_METHOD, "--reference-limit", 1, 10**9),
+    (SCORE_METHOD, "--llr-k", 0, 100),
+    (SCORE_METHOD, "--regret-steps", 1, 100_000),
+]
+INTEGERS += [
+    (OOD, flag, low, high)
+    for flag, low, high in [
+        ("--iw-samples", 1, 100_000),
+        ("--llr-k", 0, 100),
+        ("--regret-steps", 1, 100_000),
+        ("--binarizations", 1, 10_000),
+        ("--limit", 1, 10**9),
+        ("--bootstrap", 1, 100_000),
+        ("--batch-size", 1, 10_000),
+        ("--seed", 0, SEED_MAX),
+        ("--threads", 1, 1024),
+    ]
+]
 REALS = [(["sample", "RUN"], "--temperature", 0, 100), (["tighten", "RUN"], "--lr", 0, 10)]
 
 
@@ -223,7 +306,9 @@ REALS = [(["sample", "RUN"], "--temperature", 0, 100), (["tighten", "RUN"], "--l
 def test_integer_options_have_a_range(tmp_path, before, flag, low, high):
     before = [str(tmp_path / "run") if a == "RUN" else a for a in before]
     for bad in [low - 1, high + 1, "1e23", "nan", "2.5", "abc", "9" * 5000, 2**64]:
-        line = run_cli_expecting_error([*before, f"{flag}={bad}"], untouched=[tmp_path], seconds=10, match=f"argument {flag}")
+        line = run_cli_expecting_error(
+            [*before, f"{flag}={bad}"], untouched=[tmp_path], seconds=10, match=f"argument {flag}"
+        )
         assert f"must be an integer between {low} and {high}" in line and "--help" in line, line
     for good in (low, high):  # the ends of the range parse
         value = getattr(build_parser().parse_args([*before, flag, str(good)]), flag[2:].replace("-", "_"))
@@ -234,7 +319,9 @@ def test_integer_options_have_a_range(tmp_path, before, flag, low, high):
 def test_real_options_have_a_range(tmp_path, before, flag, above, high):
     before = [str(tmp_path / "run") if a == "RUN" else a for a in before]
     for bad in [above, -1, high * 1.01, "1e308", "1e400", "nan", "inf", "-inf", "abc"]:
-        line = run_cli_expecting_error([*before, f"{flag}={bad}"], untouched=[tmp_path], seconds=10, match=f"argument {flag}")
+        line = run_cli_expecting_error(
+            [*before, f"{flag}={bad}"], untouched=[tmp_path], seconds=10, match=f"argument {flag}"
+        )
         assert f"must be a number > {above:g} and <= {high:g}" in line, line
     value = getattr(build_parser().parse_args([*before, flag, str(high)]), flag[2:])
     assert value in (high, [high])
@@ -253,22 +340,29 @@ def test_every_numeric_option_is_in_the_lists_above():
 
 
 def test_train_threads_has_a_range(tmp_path):
-    run_cli_expecting_error(["train", "--out", tmp_path / "run", "--threads", "100000"], untouched=[tmp_path], seconds=10,
-                            match="argument --threads: must be an integer between 1 and 1024")
+    run_cli_expecting_error(
+        ["train", "--out", tmp_path / "run", "--threads", "100000"],
+        untouched=[tmp_path],
+        seconds=10,
+        match="argument --threads: must be an integer between 1 and 1024",
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sample", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
-    (["sample"], "the following arguments are required: run_dir"),
-    (["encode", "RUN", "--input", "x.npy"], "the following arguments are required: --out"),
-    (["evaluate", "RUN", "--split", "nope"], "argument --split: invalid choice"),
-    (["evaluate", "RUN", "--device", "x" * 10_000], "argument --device: invalid choice"),
-    (["frobnicate"], "argument COMMAND: invalid choice"),
-    ([], "the following arguments are required: COMMAND"),
-    (["train", "vae", "--bogus"], "unrecognized arguments: --bogus (see elbox train vae --help)"),
-    (["train", "vae", "--latent-dim", "0", "--out", "OUT"], "argument --latent-dim"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "RUN", "--bogus"], "unrecognized arguments: --bogus"),
+        (["sample"], "the following arguments are required: run_dir"),
+        (["encode", "RUN", "--input", "x.npy"], "the following arguments are required: --out"),
+        (["evaluate", "RUN", "--split", "nope"], "argument --split: invalid choice"),
+        (["evaluate", "RUN", "--device", "x" * 10_000], "argument --device: invalid choice"),
+        (["frobnicate"], "argument COMMAND: invalid choice"),
+        ([], "the following arguments are required: COMMAND"),
+        (["train", "vae", "--bogus"], "unrecognized arguments: --bogus (see elbox train vae --help)"),
+        (["train", "vae", "--latent-dim", "0", "--out", "OUT"], "argument --latent-dim"),
+    ],
+)
 def test_argparse_errors_are_one_line(tmp_path, argv, message):
     argv = [str(tmp_path / "run") if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     line = run_cli_expecting_error(argv, untouched=[tmp_path], seconds=10, match=message)
@@ -298,7 +392,7 @@ def test_snapshot_sees_what_a_replaced_device_would_be(tmp_path):
 
 def test_every_error_line_is_short(monkeypatch):
     """main keeps any ElboxError to one short line, whoever wrote the message."""
-    from elbox import cli_commands as cli
+    from elbox.cli import commands as cli
 
     def huge(*args, **kwargs):
         raise ElboxError("bad\n" + "x" * 100_000)

@@ -12,12 +12,27 @@ import os
 import pytest
 from conftest import run_cli_expecting_error
 
-from elbox.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
-from elbox.cli import main as cli_main
-from elbox.rundir import remove_stale_temporaries
+from elbox.cli.main import main as cli_main
+from elbox.io.checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
+from elbox.io.rundir import remove_stale_temporaries
 
-TRAIN = ["train", "vae", "--data", "synthetic", "--epochs", "1", "--limit-train", "300", "--hidden-dims", "16",
-         "--latent-dim", "2", "--batch-size", "100", "--no-progress"]
+TRAIN = [
+    "train",
+    "vae",
+    "--data",
+    "synthetic",
+    "--epochs",
+    "1",
+    "--limit-train",
+    "300",
+    "--hidden-dims",
+    "16",
+    "--latent-dim",
+    "2",
+    "--batch-size",
+    "100",
+    "--no-progress",
+]
 
 
 def main(argv: list) -> int:
@@ -79,7 +94,9 @@ def test_resume_deletes_only_its_own_temporary_files(tmp_path):
 
 def test_divergence_stops_the_run_without_saving_non_finite_weights(tmp_path):
     out = tmp_path / "run"
-    message = run_cli_expecting_error([*TRAIN, "--epochs", "2", "--lr", "1e30", "--out", out], untouched=[tmp_path / "x"])
+    message = run_cli_expecting_error(
+        [*TRAIN, "--epochs", "2", "--lr", "1e30", "--out", out], untouched=[tmp_path / "x"]
+    )
     assert "diverged" in message and "no checkpoint was saved" in message and "--lr SMALLER" in message
     assert not out.exists()  # the run saved nothing worth keeping: its directory went with it
     out.mkdir()
@@ -115,7 +132,9 @@ def test_the_list_of_closed_form_fits_is_every_model_fitted_without_gradients():
     for name in MODELS:
         for shape in ([6], [1, 8, 8]):
             try:
-                model = build_model(name, {"data_shape": shape, "latent_dim": 3} if name == "linear" else {"data_shape": shape})
+                model = build_model(
+                    name, {"data_shape": shape, "latent_dim": 3} if name == "linear" else {"data_shape": shape}
+                )
             except Exception:  # this model takes the other shape (or needs other options): the next shape decides
                 continue
             if not model.trains_by_gradient:
@@ -128,7 +147,11 @@ def test_the_list_of_closed_form_fits_is_every_model_fitted_without_gradients():
 def test_resuming_a_finished_closed_form_fit_is_refused_and_leaves_the_run_unchanged(tmp_path, model):
     """A closed-form run has no epochs to continue: resuming it (or extending it) leaves every file byte for byte."""
     out = tmp_path / "run"
-    assert main(["train", *CLOSED_FORM[model], "--data", "synthetic", "--limit-train", "300", "--no-progress",
-                 "--out", out]) == 0
+    assert (
+        main(
+            ["train", *CLOSED_FORM[model], "--data", "synthetic", "--limit-train", "300", "--no-progress", "--out", out]
+        )
+        == 0
+    )
     run_cli_expecting_error(["train", "--resume", out], untouched=[out], match="is complete")
     run_cli_expecting_error(["train", "--resume", out, "--epochs", "5"], untouched=[out], match="no epochs to extend")

@@ -10,18 +10,24 @@ import torch
 from conftest import make_trainer
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from elbox.bounds import kl_diag_gaussians, kl_monte_carlo, mean_and_stderr
-from elbox.checkpoint import load_weights
-from elbox.cli import main
-from elbox.errors import ElboxError
-from elbox.evaluation import elbo_per_example, evaluate, iwae_by_k_per_example
+from elbox.cli.main import main
+from elbox.core.bounds import kl_diag_gaussians, kl_monte_carlo, mean_and_stderr
+from elbox.core.errors import ElboxError
+from elbox.evaluation.evaluator import evaluate
+from elbox.io.checkpoint import load_weights
 from elbox.models import LadderHVAE, MarkovHVAE, MLPLadderHVAE, build_model
+from elbox.models.estimates import elbo_per_example, iwae_by_k_per_example
 
 # 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
 TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}
 SMALL_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 8, "latent_channels": 2}  # 28x28, for training
-TINY_MLP_LADDER = {"hvae_type": "mlp-ladder", "levels": 3, "latent_dims": [2, 3, 4], "hidden_dims": [24, 16],
-                   "data_shape": (1, 8, 8)}
+TINY_MLP_LADDER = {
+    "hvae_type": "mlp-ladder",
+    "levels": 3,
+    "latent_dims": [2, 3, 4],
+    "hidden_dims": [24, 16],
+    "data_shape": (1, 8, 8),
+}
 LADDERS = [TINY_LADDER, TINY_MLP_LADDER]
 
 
@@ -44,10 +50,22 @@ def perturb(model: torch.nn.Module, scale: float, seed: int) -> None:
 
 def test_markov_with_one_level_is_the_vae():
     vae = build_model("vae", {"latent_dim": 6, "hidden_dims": [32, 16], "data_shape": (1, 8, 8)})
-    hvae = build_model("hvae", {"hvae_type": "markov", "levels": 1, "latent_dims": [6], "hidden_dims": [32, 16],
-                                "data_shape": (1, 8, 8), "activation": vae.config.activation})
+    hvae = build_model(
+        "hvae",
+        {
+            "hvae_type": "markov",
+            "levels": 1,
+            "latent_dims": [6],
+            "hidden_dims": [32, 16],
+            "data_shape": (1, 8, 8),
+            "activation": vae.config.activation,
+        },
+    )
     assert isinstance(hvae, MarkovHVAE)
-    renamed = {k.replace("encoder.", "encoders.0.", 1).replace("decoder.", "decoders.0.", 1): v for k, v in vae.state_dict().items()}
+    renamed = {
+        k.replace("encoder.", "encoders.0.", 1).replace("decoder.", "decoders.0.", 1): v
+        for k, v in vae.state_dict().items()
+    }
     hvae.load_state_dict(renamed)  # strict: the same parameters, nothing more
     x = binary_images(20)
     torch.manual_seed(5)
@@ -65,8 +83,15 @@ def linear_gaussian_markov(sigma_x: float = 0.5) -> MarkovHVAE:
     torch.manual_seed(0)
     model = build_model(
         "hvae",
-        {"hvae_type": "markov", "levels": 2, "latent_dims": [3, 2], "hidden_dims": [], "data_shape": (1, 1, 4),
-         "likelihood": "gaussian", "sigma": sigma_x},
+        {
+            "hvae_type": "markov",
+            "levels": 2,
+            "latent_dims": [3, 2],
+            "hidden_dims": [],
+            "data_shape": (1, 1, 4),
+            "likelihood": "gaussian",
+            "sigma": sigma_x,
+        },
     ).double()
     with torch.no_grad():
         model.decoders[1][-1].weight[3:].zero_()  # p(z_1|z_2): the std half does not depend on z_2
@@ -108,7 +133,7 @@ def test_linear_gaussian_two_levels_elbo_below_log_px_and_iwae_approaches_it():
 @pytest.mark.parametrize("config", LADDERS)
 def test_ladder_prior_starts_at_standard_normal(config):
     model = build_model("hvae", config)
-    for mu_q, std_q, mu_p, std_p in model.level_distributions(binary_images(4)):
+    for _, _, mu_p, std_p in model.level_distributions(binary_images(4)):
         assert torch.equal(mu_p, torch.zeros_like(mu_p))
         torch.testing.assert_close(std_p, torch.full_like(std_p, 1 + model.config.min_std))
 
@@ -136,14 +161,27 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(config, posterior):
 
 @pytest.mark.parametrize(
     "config",
-    [TINY_LADDER, {**TINY_LADDER, "posterior": "precision"}, TINY_MLP_LADDER, {**TINY_MLP_LADDER, "posterior": "precision"},
-     {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)},
-     {"hvae_type": "markov", "levels": 2, "latent_dims": [4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8),
-      "top_prior": "vamp", "pseudo_inputs": 5}],
+    [
+        TINY_LADDER,
+        {**TINY_LADDER, "posterior": "precision"},
+        TINY_MLP_LADDER,
+        {**TINY_MLP_LADDER, "posterior": "precision"},
+        {"hvae_type": "markov", "levels": 3, "latent_dims": [8, 4, 2], "hidden_dims": [32], "data_shape": (1, 8, 8)},
+        {
+            "hvae_type": "markov",
+            "levels": 2,
+            "latent_dims": [4, 2],
+            "hidden_dims": [32],
+            "data_shape": (1, 8, 8),
+            "top_prior": "vamp",
+            "pseudo_inputs": 5,
+        },
+    ],
 )
 @torch.no_grad()
 def test_log_weights_average_to_the_elbo(config):
-    """E_q[log w] = ELBO: the Monte Carlo log weights and the ELBO terms (analytic KLs) agree within 4 standard errors."""
+    """E_q[log w] = ELBO: the Monte Carlo log weights and the ELBO terms (analytic KLs) agree within 4 standard
+    errors."""
     torch.manual_seed(0)
     model = build_model("hvae", config).double()
     perturb(model, 0.02, seed=2)
@@ -155,11 +193,14 @@ def test_log_weights_average_to_the_elbo(config):
 
 
 def test_precision_weighted_posterior_is_the_normalized_product_of_gaussians():
-    """q is proportional to N(a, b^2) N(mu_p, s_p^2): log q(z) - log N(z; a, b^2) - log N(z; mu_p, s_p^2) is the same for
-    every z, and q is narrower than the prior."""
+    """q is proportional to N(a, b^2) N(mu_p, s_p^2): log q(z) - log N(z; a, b^2) - log N(z; mu_p, s_p^2) is the same
+    for every z, and q is narrower than the prior."""
     model = build_model("hvae", {**TINY_LADDER, "posterior": "precision"}).double()
     g = torch.Generator().manual_seed(0)
-    raw, mu_p = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    raw, mu_p = (
+        torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64),
+    )
     std_p = torch.rand(3, 2, 2, 2, generator=g, dtype=torch.float64) + 0.2
     mu_q, std_q = model._posterior(raw, mu_p, std_p)
     a, b = raw.chunk(2, dim=1)
@@ -241,7 +282,9 @@ def test_sample_temperature_per_level(config):
     cold = model.sample(8, temperature=1e-6)
     torch.manual_seed(2)
     cold2 = model.sample(8, temperature=1e-6)
-    torch.testing.assert_close(cold, cold2, atol=1e-4, rtol=0)  # at temperature -> 0 samples stop depending on the noise
+    torch.testing.assert_close(
+        cold, cold2, atol=1e-4, rtol=0
+    )  # at temperature -> 0 samples stop depending on the noise
     assert not torch.allclose(a, model.sample(8))
     with pytest.raises(ElboxError, match="one temperature or one per level"):
         model.sample(2, temperature=[1.0, 0.5])
@@ -320,7 +363,7 @@ def test_each_ladder_level_reads_its_own_bottom_up_features():
 
 
 def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
-    from elbox.training.config import train_defaults
+    from elbox.io.run_config import train_defaults
 
     with pytest.raises(ElboxError, match="does not use channels, posterior"):
         build_model("hvae", {"channels": 32, "posterior": "precision"})  # the default type is the markov chain
@@ -334,7 +377,10 @@ def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
     assert (markov.config.activation, ladder.config.activation) == ("gelu", "relu")
     assert isinstance(markov.encoders[0][1][1], torch.nn.GELU)
     assert build_model("hvae", {"activation": "relu"}).config.activation == "relu"
-    assert train_defaults("hvae", {})["epochs"] == 140 and train_defaults("hvae", {"hvae_type": "mlp-ladder"})["batch_size"] == 256
+    assert (
+        train_defaults("hvae", {})["epochs"] == 140
+        and train_defaults("hvae", {"hvae_type": "mlp-ladder"})["batch_size"] == 256
+    )
     assert train_defaults("hvae", {"hvae_type": "ladder"}) == {}
 
 
@@ -344,8 +390,17 @@ def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
 
 def train_run(tmp_path, model_config, steps=50, **train_options):
     """Train an HVAE (seed 0) for one epoch of `steps` steps of 8 images: (the training records, the trainer)."""
-    trainer = make_trainer(tmp_path, "hvae", model_config, n_train=8 * steps, n_val=40, epochs=1, batch_size=8,
-                           log_every=1, **train_options)
+    trainer = make_trainer(
+        tmp_path,
+        "hvae",
+        model_config,
+        n_train=8 * steps,
+        n_val=40,
+        epochs=1,
+        batch_size=8,
+        log_every=1,
+        **train_options,
+    )
     trainer.fit()
     return [r for r in trainer.records if r["kind"] == "train"], trainer
 
@@ -355,8 +410,14 @@ def train_run(tmp_path, model_config, steps=50, **train_options):
     [(SMALL_LADDER, 0.1), ({"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}, 0.0)],
 )
 def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config, free_bits):
-    options = dict(ema_decay=0.99, beta_schedule="linear", warmup_epochs=0.5, free_bits=free_bits, grad_clip=50.0,
-                   lr_schedule="cosine")
+    options = dict(
+        ema_decay=0.99,
+        beta_schedule="linear",
+        warmup_epochs=0.5,
+        free_bits=free_bits,
+        grad_clip=50.0,
+        lr_schedule="cosine",
+    )
     a, _ = train_run(tmp_path / "a", config, **options)
     b, _ = train_run(tmp_path / "b", config, **options)
     assert len(a) == 50
@@ -366,17 +427,29 @@ def test_same_seed_gives_identical_losses_over_50_steps(tmp_path, config, free_b
 
 def test_the_iwae_objective_trains_an_hvae_and_dreg_is_refused_up_front(tmp_path):
     markov = {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}
-    records, _ = train_run(tmp_path / "iwae", markov, steps=30, objective="iwae", iw_samples=4, beta_schedule="constant")
+    records, _ = train_run(
+        tmp_path / "iwae", markov, steps=30, objective="iwae", iw_samples=4, beta_schedule="constant"
+    )
     objectives = [r["objective"] for r in records]
     assert len(objectives) == 30 and all(math.isfinite(v) for v in objectives)
     assert sum(objectives[-5:]) > sum(objectives[:5])  # 30 steps of Adam from initialization improve the bound
     with pytest.raises(ElboxError, match="dreg estimator is not available for the MarkovHVAE"):
-        train_run(tmp_path / "dreg", markov, steps=2, objective="iwae", iw_samples=4, estimator="dreg", beta_schedule="constant")
+        train_run(
+            tmp_path / "dreg",
+            markov,
+            steps=2,
+            objective="iwae",
+            iw_samples=4,
+            estimator="dreg",
+            beta_schedule="constant",
+        )
 
 
 def test_free_bits_are_refused_for_the_markov_chain(tmp_path):
     with pytest.raises(ElboxError, match="single-sample log q - log p"):
-        train_run(tmp_path, {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}, free_bits=0.5)
+        train_run(
+            tmp_path, {"hvae_type": "markov", "levels": 2, "latent_dims": [8, 4], "hidden_dims": [32]}, free_bits=0.5
+        )
 
 
 def test_updates_above_the_gradient_threshold_are_skipped_and_counted(tmp_path):
@@ -415,16 +488,71 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
     "flags",
     [
         ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32"],
-        ["--hvae-type", "markov", "--levels", "2", "--latent-dims", "6", "3", "--hidden-dims", "32", "--top-prior", "vamp",
-         "--pseudo-inputs", "4"],
-        ["--hvae-type", "ladder", "--levels", "2", "--channels", "8", "--latent-channels", "2", "--posterior", "precision"],
-        ["--hvae-type", "mlp-ladder", "--levels", "2", "--latent-dims", "3", "6", "--hidden-dims", "32", "--free-bits", "0.1"],
+        [
+            "--hvae-type",
+            "markov",
+            "--levels",
+            "2",
+            "--latent-dims",
+            "6",
+            "3",
+            "--hidden-dims",
+            "32",
+            "--top-prior",
+            "vamp",
+            "--pseudo-inputs",
+            "4",
+        ],
+        [
+            "--hvae-type",
+            "ladder",
+            "--levels",
+            "2",
+            "--channels",
+            "8",
+            "--latent-channels",
+            "2",
+            "--posterior",
+            "precision",
+        ],
+        [
+            "--hvae-type",
+            "mlp-ladder",
+            "--levels",
+            "2",
+            "--latent-dims",
+            "3",
+            "6",
+            "--hidden-dims",
+            "32",
+            "--free-bits",
+            "0.1",
+        ],
     ],
 )
 def test_cli_trains_evaluates_and_samples_both_families(tmp_path, capsys, flags):
     out = tmp_path / "run"
-    train = ["train", "--data", "synthetic", "--model", "hvae", *flags, "--epochs", "1", "--limit-train", "200",
-             "--ema-decay", "0.9", "--warmup-epochs", "1", "--beta-schedule", "linear", "--no-progress", "--out", str(out)]
+    train = [
+        "train",
+        "--data",
+        "synthetic",
+        "--model",
+        "hvae",
+        *flags,
+        "--epochs",
+        "1",
+        "--limit-train",
+        "200",
+        "--ema-decay",
+        "0.9",
+        "--warmup-epochs",
+        "1",
+        "--beta-schedule",
+        "linear",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert main(train) == 0
     assert main(["evaluate", str(out), "--iw-samples", "1", "10", "--limit", "20", "--no-progress"]) == 0
     printed = capsys.readouterr().out

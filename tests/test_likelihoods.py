@@ -1,4 +1,4 @@
-"""Tests for elbox.likelihoods: each observation model against an independent computation."""
+"""Tests for elbox.models.likelihoods: each observation model against an independent computation."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal
 
-from elbox.errors import ElboxError
-from elbox.likelihoods import (
+from elbox.core.errors import ElboxError
+from elbox.models.likelihoods import (
     LIKELIHOODS,
     AutoregressiveBernoulliLikelihood,
     BernoulliLikelihood,
@@ -277,7 +277,8 @@ def reference_discretized_logistic(logit_pi, mu, log_s, k):
 
 
 def dl_params(n_mixtures, seed):
-    """[N, M] parameter sets covering extreme means (beyond [-1, 1], at the edges) and scales (at and below the clamp)."""
+    """[N, M] parameter sets covering extreme means (beyond [-1, 1], at the edges) and scales (at and below the
+    clamp)."""
     g = torch.Generator().manual_seed(seed)
     means = [-3.0, -1.0, -0.999, -0.5, 0.0, 1 / 255, 0.3, 0.99, 1.0, 2.5]
     log_scales = [-12.0, -7.0, -5.0, -2.0, 0.0, 1.5, 4.0]

@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
-import elbox.bounds
-from elbox.bounds import iwae_bound, kl_full_gaussians
-from elbox.checkpoint import load_weights, save_weights
-from elbox.errors import ElboxError
+import elbox.core.bounds
+from elbox.core.bounds import iwae_bound, kl_full_gaussians
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_to_dict
+from elbox.io.checkpoint import load_weights, save_weights
 from elbox.models.base import build_model
 from elbox.models.linear import (  # registers "linear"
     LinearGaussian,
     LinearGaussianConfig,
 )
-from elbox.options import config_to_dict
 
 F64 = torch.float64
 LOG_2PI = math.log(2 * math.pi)
@@ -117,7 +117,9 @@ def test_log_prob_matches_dense_gaussian(noise):
     got = model.log_prob(x)
     assert got.shape == (9,) and got.dtype == F64
     torch.testing.assert_close(got, dense_log_prob(model, x), rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(got, MultivariateNormal(model.b.detach(), dense_covariance(model)).log_prob(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        got, MultivariateNormal(model.b.detach(), dense_covariance(model)).log_prob(x), rtol=1e-10, atol=1e-10
+    )
     # far from the data too (large Mahalanobis distances)
     far = 20 * torch.randn(3, model.x_dim, generator=torch.Generator().manual_seed(2), dtype=F64)
     torch.testing.assert_close(model.log_prob(far), dense_log_prob(model, far), rtol=1e-10, atol=1e-8)
@@ -267,10 +269,10 @@ def test_iwae_converges_to_log_prob():
 
 
 def test_bounds_iwae_helper_if_present():
-    """elbox.bounds.iwae(model, x, k, max_samples_per_pass), once the integrator adds it."""
-    iwae = getattr(elbox.bounds, "iwae", None)
+    """elbox.core.bounds.iwae(model, x, k, max_samples_per_pass), once the integrator adds it."""
+    iwae = getattr(elbox.core.bounds, "iwae", None)
     if iwae is None:
-        pytest.skip("elbox.bounds.iwae not added yet")
+        pytest.skip("elbox.core.bounds.iwae not added yet")
     model = random_model("isotropic", "exact")
     x = draw_data(model.W.detach(), model.b.detach(), 1.0, 3, seed=12)
     values = iwae(model, x, 50, max_samples_per_pass=7)
@@ -285,7 +287,9 @@ def test_bounds_iwae_helper_if_present():
 
 def test_interface_shapes_and_sample_moments():
     torch.manual_seed(13)
-    model = build_model("linear", {"data_shape": [1, 2, 3], "latent_dim": 2, "noise": "diagonal", "encoder": "amortized"})
+    model = build_model(
+        "linear", {"data_shape": [1, 2, 3], "latent_dim": 2, "noise": "diagonal", "encoder": "amortized"}
+    )
     assert isinstance(model, LinearGaussian) and model.data_space == "continuous"
     assert model.W.shape == (6, 2) and model.b.shape == (6,) and model.log_sigma.shape == (6,)
     x = torch.rand(5, 1, 2, 3)
@@ -440,7 +444,12 @@ def test_gradient_fit_increases_elbo_and_reduces_gap():
     assert model.trains_by_gradient
     # start from a poor encoder so that there is a gap to close
     g = torch.Generator().manual_seed(21)
-    set_q(model, 0.5 * torch.randn(2, 6, generator=g, dtype=F64), torch.ones(2, dtype=F64), torch.full((2,), 0.3, dtype=F64))
+    set_q(
+        model,
+        0.5 * torch.randn(2, 6, generator=g, dtype=F64),
+        torch.ones(2, dtype=F64),
+        torch.full((2,), 0.3, dtype=F64),
+    )
     with torch.no_grad():
         model.W.copy_(torch.randn(6, 2, generator=g, dtype=F64))
     start_elbo, start_gap = model.elbo(x).elbo.mean().item(), model.exact_gap(x).mean().item()
@@ -448,7 +457,12 @@ def test_gradient_fit_increases_elbo_and_reduces_gap():
     model.initialize_from_data(x)
     torch.testing.assert_close(model.b.detach(), x.mean(0), rtol=1e-12, atol=1e-12)
     assert model.exact_gap(x).mean().item() < start_gap  # the encoder was re-matched to the posterior
-    set_q(model, 0.5 * torch.randn(2, 6, generator=g, dtype=F64), torch.ones(2, dtype=F64), torch.full((2,), 0.3, dtype=F64))
+    set_q(
+        model,
+        0.5 * torch.randn(2, 6, generator=g, dtype=F64),
+        torch.ones(2, dtype=F64),
+        torch.full((2,), 0.3, dtype=F64),
+    )
     start_elbo, start_gap = model.elbo(x).elbo.mean().item(), model.exact_gap(x).mean().item()
 
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
@@ -484,7 +498,9 @@ def test_config_and_state_dict_round_trip(tmp_path):
     assert dict(model.named_parameters()).keys() == {"W", "b", "log_sigma", "A", "c", "s"}
     exact = LinearGaussian(9, 2)
     assert dict(exact.named_parameters()).keys() == {"W", "b", "log_sigma"}
-    assert exact.log_sigma.shape == () and exact.config == LinearGaussianConfig(data_shape=(9,), latent_dim=2, encoder="exact")
+    assert exact.log_sigma.shape == () and exact.config == LinearGaussianConfig(
+        data_shape=(9,), latent_dim=2, encoder="exact"
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()

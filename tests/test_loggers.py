@@ -7,19 +7,56 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from elbox.cli import main
+from elbox.cli.main import main
 
 
-@pytest.mark.parametrize("model", [["--model", "vae", "--latent-dim", "2", "--hidden-dims", "16"],
-                                   ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--hidden-dims", "16"]])
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["--model", "vae", "--latent-dim", "2", "--hidden-dims", "16"],
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--hidden-dims", "16"],
+    ],
+)
 def test_tensorboard_logger_writes_scalars_images_and_histograms(tmp_path, model):
     run = tmp_path / "run"
-    assert main(["train", *model, "--data", "synthetic", "--epochs", "2", "--limit-train", "200", "--batch-size", "4",
-                 "--logger", "tensorboard", "--out", str(run), "--no-progress"]) == 0
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}).Reload()
+    assert (
+        main(
+            [
+                "train",
+                *model,
+                "--data",
+                "synthetic",
+                "--epochs",
+                "2",
+                "--limit-train",
+                "200",
+                "--batch-size",
+                "4",
+                "--logger",
+                "tensorboard",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    events = EventAccumulator(
+        str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
+    ).Reload()
     tags = events.Tags()
-    for tag in ("train/elbo", "train/reconstruction", "train/kl", "train/bpd", "train/lr", "train/grad_norm",
-                "train/images_per_s", "val/elbo", "val/bpd", "val/kl"):
+    for tag in (
+        "train/elbo",
+        "train/reconstruction",
+        "train/kl",
+        "train/bpd",
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_s",
+        "val/elbo",
+        "val/bpd",
+        "val/kl",
+    ):
         assert tag in tags["scalars"], tag
     if model[1] == "hvae":
         assert "train/kl/z1" in tags["scalars"] and "val/kl/z2" in tags["scalars"]
@@ -32,6 +69,27 @@ def test_tensorboard_logger_writes_scalars_images_and_histograms(tmp_path, model
 
 def test_logger_none_writes_no_metrics_file(tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--latent-dim", "2",
-                 "--hidden-dims", "16", "--logger", "none", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "100",
+                "--latent-dim",
+                "2",
+                "--hidden-dims",
+                "16",
+                "--logger",
+                "none",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert not (run / "metrics.jsonl").exists() and (run / "state.safetensors").exists()

@@ -14,10 +14,10 @@ from safetensors.torch import load, save
 import elbox
 import elbox.models.mixture as mixture
 import elbox.models.mixture_em as mixture_em
-from elbox.bounds import iwae_bound
-from elbox.checkpoint import load_weights, save_weights
-from elbox.errors import ElboxError
-from elbox.evaluation import iwae_per_example
+from elbox.core.bounds import iwae_bound
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_to_dict
+from elbox.io.checkpoint import load_weights, save_weights
 from elbox.models.base import (
     ClosedFormFit,
     Encoder,
@@ -26,15 +26,13 @@ from elbox.models.base import (
     Reconstructs,
     build_model,
 )
+from elbox.models.estimates import iwae_per_example
 from elbox.models.mixture import GaussianMixture, MixtureConfig
-from elbox.options import config_to_dict
 
 F64 = torch.float64
 TRUE_WEIGHTS = torch.tensor([0.5, 0.3, 0.2], dtype=F64)
 TRUE_MEANS = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]], dtype=F64)
-TRUE_COVS = torch.tensor(
-    [[[1.0, 0.5], [0.5, 1.0]], [[0.5, -0.2], [-0.2, 0.3]], [[2.0, 0.0], [0.0, 0.5]]], dtype=F64
-)
+TRUE_COVS = torch.tensor([[[1.0, 0.5], [0.5, 1.0]], [[0.5, -0.2], [-0.2, 0.3]], [[2.0, 0.0], [0.0, 0.5]]], dtype=F64)
 
 
 def draw_mixture(n, weights, means, covs, seed):
@@ -335,7 +333,8 @@ def test_identical_points(init):
 def test_empty_component_keeps_its_parameters():
     x = torch.cat([torch.zeros(20, 2, dtype=F64), torch.ones(20, 2, dtype=F64)])
     previous = mixture_em.MixtureParams(
-        torch.zeros(3, dtype=F64), torch.tensor([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]], dtype=F64),
+        torch.zeros(3, dtype=F64),
+        torch.tensor([[0.0, 0.0], [1.0, 1.0], [9.0, 9.0]], dtype=F64),
         (2 * torch.eye(2, dtype=F64)).repeat(3, 1, 1),
     )
     q = torch.zeros(40, 3, dtype=F64)
@@ -433,7 +432,8 @@ def test_n_init_keeps_the_best_of_its_runs():
 TWO_WEIGHTS = torch.tensor([0.6, 0.4], dtype=F64)
 TWO_MEANS = torch.tensor([[0.0, 0.0, 0.0], [4.0, 4.0, 0.0]], dtype=F64)
 TWO_COVS = torch.tensor(
-    [[[1.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.0]], [[0.5, 0.0, 0.0], [0.0, 2.0, -0.4], [0.0, -0.4, 1.0]]], dtype=F64
+    [[[1.0, 0.5, 0.0], [0.5, 1.0, 0.3], [0.0, 0.3, 1.0]], [[0.5, 0.0, 0.0], [0.0, 2.0, -0.4], [0.0, -0.4, 1.0]]],
+    dtype=F64,
 )
 
 
@@ -467,7 +467,9 @@ def test_bic_chooses_the_true_number_of_components(selected):
     assert all(bics[2] < value - 20 for k, value in bics.items() if k != 2)
     # the chosen K is in the config and the buffers
     assert model.config.n_components == 2
-    assert model.means.shape == (2, 3) and model.scale_tril.shape == (2, 3, 3) and model.log_mixing_weights.shape == (2,)
+    assert (
+        model.means.shape == (2, 3) and model.scale_tril.shape == (2, 3, 3) and model.log_mixing_weights.shape == (2,)
+    )
     assert choice["log_likelihood"] == pytest.approx(model.log_prob(two_component_data()).mean().item(), abs=1e-10)
     # the EM records of every candidate, each tagged with its K, before the choice
     assert {r["n_components"] for r in records[:-1]} == set(mixture.CANDIDATE_COMPONENTS)
@@ -482,8 +484,9 @@ def test_bic_matches_a_hand_computation(selected):
     # the K = 2 candidate is the fit an explicit n_components=2 makes (same seed, same start)
     two = build_model("mixture", {"data_shape": [3], "n_components": 2})
     two.fit(x)
-    log_l = numpy_mixture_log_prob(x.numpy(), two.log_mixing_weights.exp().numpy(), two.means.numpy(),
-                                   two.covariances().numpy()).sum()
+    log_l = numpy_mixture_log_prob(
+        x.numpy(), two.log_mixing_weights.exp().numpy(), two.means.numpy(), two.covariances().numpy()
+    ).sum()
     p = 1 + 2 * 3 + 2 * (3 * 4 // 2)  # one free weight, two 3-D means, two symmetric 3 x 3 covariances
     assert bics[2]["parameters"] == p == 19
     assert bics[2]["bic"] == pytest.approx(-2 * log_l + p * math.log(n), rel=1e-12)
@@ -500,7 +503,7 @@ def test_the_choice_is_printed_in_one_line(selected, capsys):
 
 
 def test_the_chosen_components_are_saved_and_loaded(selected, tmp_path):
-    """As a run directory is written and read (elbox.checkpoint: config.json's model_config, then the weights checked
+    """As a run directory is written and read (elbox.io.checkpoint: config.json's model_config, then the weights checked
     against the shapes the config builds)."""
     model = selected[0]
     config = json.loads(json.dumps(config_to_dict(model.config)))
@@ -532,6 +535,7 @@ def test_explicit_components_fit_as_before(selected):
     assert all("n_components" not in r and "chosen_components" not in r for r in records)
     # the same EM run as the K = 3 candidate of the selection
     candidate = [r for r in selected[1] if r.get("n_components") == 3]
+
     def strip(record):
         return {k: v for k, v in record.items() if k not in ("time_s", "n_components")}
 

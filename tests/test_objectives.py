@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from elbox.bounds import (
+from elbox.core.bounds import (
     DETACHED_POSTERIOR_ESTIMATORS,
     ELBOTerms,
     dreg_reweight_latent_gradient,
@@ -23,11 +23,11 @@ from elbox.bounds import (
     iwae_objective,
     kl_diag_gaussians,
 )
+from elbox.core.errors import ElboxError
 from elbox.data import get_data_space, load_split
-from elbox.errors import ElboxError
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
 from elbox.models.base import LatentVariableModel
-from elbox.training.config import TrainConfig
 from elbox.training.objectives import (
     beta_at,
     elbo_training_objective,
@@ -51,8 +51,13 @@ def linear_gaussian_vae() -> tuple[LatentVariableModel, torch.Tensor, torch.Tens
     """
     model = build_model(
         "vae",
-        dict(data_shape=[1, 1, D_DATA], latent_dim=D_LATENT, hidden_dims=[], likelihood="gaussian",
-             likelihood_options={"sigma": NOISE}),
+        dict(
+            data_shape=[1, 1, D_DATA],
+            latent_dim=D_LATENT,
+            hidden_dims=[],
+            likelihood="gaussian",
+            likelihood_options={"sigma": NOISE},
+        ),
     ).to(F64)
     gen = torch.Generator().manual_seed(100)
     q, _ = torch.linalg.qr(torch.randn(D_DATA, D_LATENT, generator=gen, dtype=F64))
@@ -236,7 +241,9 @@ def test_k1_estimators_match_the_exact_elbo_gradient():
     mean, std = model.posterior_params(x)
     resid = x.flatten(1) - mean @ weight.T - bias
     spread = std.square() @ weight.square().T  # [B, D]: sum_j W_dj^2 std_j^2
-    expected_log_lik = -0.5 * D_DATA * math.log(2 * math.pi * NOISE**2) - (resid.square() + spread).sum(-1) / (2 * NOISE**2)
+    expected_log_lik = -0.5 * D_DATA * math.log(2 * math.pi * NOISE**2) - (resid.square() + spread).sum(-1) / (
+        2 * NOISE**2
+    )
     exact_elbo = expected_log_lik - kl_diag_gaussians(mean, std).sum(-1)
     exact = flat_grad(exact_elbo.mean(), params)
 
@@ -264,8 +271,10 @@ def test_gradient_variance_and_unbiasedness_at_k10():
         f"\nencoder-gradient variance, linear-Gaussian VAE, K={k}, B={x.shape[0]}, {repeats} repeats, "
         f"summed over {enc['reparam'].shape[1]} coordinates: "
         + ", ".join(f"{est} {total_var[est]:.4g}" for est in ESTIMATORS)
-        + f"  (reparam/stl {total_var['reparam'] / total_var['stl']:.1f}x, reparam/dreg {total_var['reparam'] / total_var['dreg']:.1f}x)"
-        + "\ndecoder-gradient variance: " + ", ".join(f"{est} {decoder_var[est]:.4g}" for est in ESTIMATORS)
+        + f"  (reparam/stl {total_var['reparam'] / total_var['stl']:.1f}x, "
+        + f"reparam/dreg {total_var['reparam'] / total_var['dreg']:.1f}x)"
+        + "\ndecoder-gradient variance: "
+        + ", ".join(f"{est} {decoder_var[est]:.4g}" for est in ESTIMATORS)
     )
     # Variance: measured (seeded) reductions are about 4x (STL) and 60x (DReG). A variance estimated from 2000
     # draws has a relative standard error of roughly sqrt(2/1999) ~ 3% (more for heavy tails), so requiring 2x
@@ -282,7 +291,10 @@ def test_gradient_variance_and_unbiasedness_at_k10():
     # far outside 4 SE here.
     diff = enc["stl"] - enc["reparam"]
     z_stl = diff.mean(0) / (diff.std(0) / math.sqrt(repeats))
-    print(f"max |paired z| vs reparam over encoder coordinates: dreg {z_dreg.abs().max():.2f}, stl {z_stl.abs().max():.1f}")
+    print(
+        f"max |paired z| vs reparam over encoder coordinates: dreg {z_dreg.abs().max():.2f}, stl "
+        f"{z_stl.abs().max():.1f}"
+    )
     assert z_stl.abs().max() > 10, z_stl
 
     # Decoder gradients: the estimators change only the encoder's gradient, so with the same draws the
@@ -331,8 +343,16 @@ def test_free_bits_above_the_kl_leave_no_kl_gradient():
 
 def small_trainer(tmp_path, seed=0, epochs=1, **train_options):
     """A small VAE on 400 training images, 4 steps of 100 per epoch."""
-    return make_trainer(tmp_path, "vae", {"latent_dim": 3, "hidden_dims": [32]}, seed=seed, epochs=epochs,
-                        batch_size=100, log_every=2, **train_options)
+    return make_trainer(
+        tmp_path,
+        "vae",
+        {"latent_dim": 3, "hidden_dims": [32]},
+        seed=seed,
+        epochs=epochs,
+        batch_size=100,
+        log_every=2,
+        **train_options,
+    )
 
 
 def small_run(tmp_path, seed=0, epochs=1, **train_options):
@@ -407,10 +427,16 @@ def test_trainer_runs_each_estimator_reproducibly(tmp_path, estimator):
 
 def test_trainer_reports_the_same_values_for_every_estimator(tmp_path):
     # the same model, batch and draws: the estimators change gradients only, not the logged numbers
-    first = {est: first_step(small_trainer(tmp_path / est, objective="iwae", iw_samples=3, estimator=est)) for est in ESTIMATORS}
+    first = {
+        est: first_step(small_trainer(tmp_path / est, objective="iwae", iw_samples=3, estimator=est))
+        for est in ESTIMATORS
+    }
     for estimator in ["stl", "dreg"]:
         for key in ["objective", "elbo", "reconstruction", "kl"]:
-            assert first[estimator][key].item() == pytest.approx(first["reparam"][key].item(), rel=1e-6), (estimator, key)
+            assert first[estimator][key].item() == pytest.approx(first["reparam"][key].item(), rel=1e-6), (
+                estimator,
+                key,
+            )
         assert first[estimator]["grad_norm"] != first["reparam"]["grad_norm"]
     # IWAE_3 >= ELBO in expectation; on this batch of 100 examples the gap is about 0.9 nats, far above its MC noise
     assert first["reparam"]["objective"] > first["reparam"]["elbo"]
@@ -424,8 +450,15 @@ def test_iwae_objective_needs_importance_samples(tmp_path):
 
     train, _ = load_split("synthetic", "train")
     with pytest.raises(ElboxError, match="importance_samples"):
-        Trainer(NoImportanceSamples(), train[:10], train[:10], get_data_space("binary"),
-                TrainConfig(objective="iwae", iw_samples=2), tmp_path, progress=False)
+        Trainer(
+            NoImportanceSamples(),
+            train[:10],
+            train[:10],
+            get_data_space("binary"),
+            TrainConfig(objective="iwae", iw_samples=2),
+            tmp_path,
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize(

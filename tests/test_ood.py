@@ -17,20 +17,26 @@ from PIL import Image
 from scipy import stats
 
 import elbox
-from elbox.anomaly import AnomalyScorer, ScoreSettings, p_values, png_bits
-from elbox.cli import main
+from elbox.cli.main import main
 from elbox.data import get_data_space
 from elbox.data.spaces import perturbed_images
-from elbox.detection import detection_metrics
-from elbox.inference import model_inputs
+from elbox.evaluation.anomaly import AnomalyScorer, ScoreSettings, p_values, png_bits
+from elbox.evaluation.detection import detection_metrics
+from elbox.evaluation.inference import model_inputs
+from elbox.evaluation.tighten import gaussian_q_elbo, likelihood_regret
 from elbox.models import build_model
-from elbox.tighten import gaussian_q_elbo, likelihood_regret
 
 SHAPE = (1, 6, 6)
 HVAES = {
     "markov": {"data_shape": list(SHAPE), "latent_dims": [3, 2], "hidden_dims": [16]},
     "markov-3": {"data_shape": list(SHAPE), "levels": 3, "latent_dims": [4, 3, 2], "hidden_dims": [16]},
-    "mlp-ladder": {"data_shape": list(SHAPE), "hvae_type": "mlp-ladder", "latent_dims": [2, 3], "levels": 2, "hidden_dims": [16]},
+    "mlp-ladder": {
+        "data_shape": list(SHAPE),
+        "hvae_type": "mlp-ladder",
+        "latent_dims": [2, 3],
+        "levels": 2,
+        "hidden_dims": [16],
+    },
     "skip": {"data_shape": list(SHAPE), "hvae_type": "skip", "latent_dims": [3, 2], "hidden_dims": [16]},
 }
 
@@ -58,7 +64,9 @@ def scorer(model, methods, **settings) -> AnomalyScorer:
 @pytest.mark.parametrize("kind", list(HVAES))
 def test_llr_with_k_0_is_zero_and_llr_k_is_the_bound_difference(kind):
     model, x = hvae(kind), binary_images(5)
-    assert torch.equal(scorer(model, ["llr"], iw_samples=7, llr_k=0).scores(x)["llr"], torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(
+        scorer(model, ["llr"], iw_samples=7, llr_k=0).scores(x)["llr"], torch.zeros(5, dtype=torch.float64)
+    )
     s = scorer(model, ["llr", "likelihood"], iw_samples=7, llr_k=model.config.levels)
     found = s.scores(x)
     # L^{>T}: every level from the prior, so log mean_s p(x|z_s), z_s ~ p(z): the prior-sampling estimate
@@ -80,9 +88,11 @@ def test_markov_bound_above_k_matches_a_direct_computation():
         prior_mean, prior_std = model._prior(0, z2)
         z1_prior = prior_mean + prior_std * torch.randn_like(prior_mean)
         logits = model.decode(z1_prior)[:, :, 0]
-        expected = (torch.distributions.Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
-                    + torch.distributions.Normal(0, 1).log_prob(z2).sum(-1)
-                    - torch.distributions.Normal(mean2, std2).log_prob(z2).sum(-1))[0]
+        expected = (
+            torch.distributions.Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
+            + torch.distributions.Normal(0, 1).log_prob(z2).sum(-1)
+            - torch.distributions.Normal(mean2, std2).log_prob(z2).sum(-1)
+        )[0]
     assert torch.allclose(found, expected, atol=1e-4)
 
 
@@ -97,9 +107,11 @@ def test_skip_bound_above_1_matches_a_direct_computation():
         prior_mean, prior_std = model.prior_z1_params(z2)
         z1 = prior_mean + prior_std * torch.randn_like(prior_mean)
         logits = model.decode_levels(z1, z2)[:, :, 0]
-        expected = (torch.distributions.Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
-                    + torch.distributions.Normal(0, 1).log_prob(z2).sum(-1)
-                    - torch.distributions.Normal(mean2, std2).log_prob(z2).sum(-1))
+        expected = (
+            torch.distributions.Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
+            + torch.distributions.Normal(0, 1).log_prob(z2).sum(-1)
+            - torch.distributions.Normal(mean2, std2).log_prob(z2).sum(-1)
+        )
     assert torch.allclose(found, expected, atol=1e-4)
 
 
@@ -157,7 +169,7 @@ def test_regret_is_the_elbo_gain_of_a_per_example_q_and_never_negative():
     regret = likelihood_regret(model, x, steps=30)
     assert (regret >= 0).all() and (regret > 0).any()
     # by hand: the refit q, then both ELBOs on the same 64 draws
-    from elbox.tighten import optimize_per_example_q
+    from elbox.evaluation.tighten import optimize_per_example_q
 
     torch.manual_seed(1)
     mean, std = optimize_per_example_q(model, x, 30, 0.05, 8)
@@ -176,8 +188,9 @@ def test_an_examples_regret_does_not_depend_on_the_examples_refit_with_it():
     model = build_model("vae", {"data_shape": list(SHAPE), "latent_dim": 2, "hidden_dims": [8]}).eval()
     x = images(5)  # grey images: 3 binarizations each
     together = scorer(model, ["regret"], regret_steps=20, binarizations=3).scores(x)["regret"]
-    alone = torch.cat([scorer(model, ["regret"], regret_steps=20, binarizations=3).scores(x[i : i + 1])["regret"]
-                       for i in (4, 0, 2)])
+    alone = torch.cat(
+        [scorer(model, ["regret"], regret_steps=20, binarizations=3).scores(x[i : i + 1])["regret"] for i in (4, 0, 2)]
+    )
     assert torch.allclose(alone, together[[4, 0, 2]], atol=1e-4)
     assert (together >= 0).all() and together.unique().numel() == 5
 
@@ -243,10 +256,12 @@ def test_p_values_of_held_out_normal_data_are_uniform(tmp_path):
         (tmp_path / f"{name}.csv").write_text("a,b,c\n" + "\n".join(",".join(f"{v:.6f}" for v in r) for r in part))
     run = elbox.fit("gaussian", str(tmp_path / "train.csv"), out=tmp_path / "run", progress=False, verbose=False)
     methods, reference = ["likelihood", "typicality"], str(tmp_path / "reference.csv")
-    scores, p, _ = elbox.anomaly_scores(run.directory, str(tmp_path / "held_out.csv"), methods, reference=reference,
-                                        reference_limit=None)
-    reference_scores, _, _ = elbox.anomaly_scores(run.directory, reference, methods, reference=reference,
-                                                  reference_limit=None)
+    scores, p, _ = elbox.anomaly_scores(
+        run.directory, str(tmp_path / "held_out.csv"), methods, reference=reference, reference_limit=None
+    )
+    reference_scores, _, _ = elbox.anomaly_scores(
+        run.directory, reference, methods, reference=reference, reference_limit=None
+    )
     for method in methods:
         assert stats.ks_2samp(scores[method].numpy(), reference_scores[method].numpy()).pvalue > 0.01
         # the flagged fraction varies with the held-out rows (binomial, 4000) and with the reference's 99th
@@ -268,19 +283,64 @@ def hvae_run(tmp_path_factory):
     np.save(root / "noise.npy", rng.integers(0, 256, (150, 8, 8), dtype=np.uint8))
     np.save(root / "other_shape.npy", rng.integers(0, 256, (20, 10, 10), dtype=np.uint8))
     np.save(root / "empty.npy", np.zeros((0, 8, 8), dtype=np.uint8))
-    elbox.fit("hvae", str(root / "train.npy"), out=root / "hvae", latent_dims=[4, 2], hidden_dims=[32], epochs=3,
-              batch_size=50, beta_schedule="constant", progress=False, verbose=False, samples=False)
-    elbox.fit("vae", str(root / "train.npy"), out=root / "vae", latent_dim=2, hidden_dims=[16], epochs=2,
-              batch_size=50, progress=False, verbose=False, samples=False)
-    elbox.fit("vae", str(root / "other_shape.npy"), out=root / "vae10", latent_dim=2, hidden_dims=[8], epochs=1,
-              batch_size=10, progress=False, verbose=False, samples=False, validation_fraction=0)
+    elbox.fit(
+        "hvae",
+        str(root / "train.npy"),
+        out=root / "hvae",
+        latent_dims=[4, 2],
+        hidden_dims=[32],
+        epochs=3,
+        batch_size=50,
+        beta_schedule="constant",
+        progress=False,
+        verbose=False,
+        samples=False,
+    )
+    elbox.fit(
+        "vae",
+        str(root / "train.npy"),
+        out=root / "vae",
+        latent_dim=2,
+        hidden_dims=[16],
+        epochs=2,
+        batch_size=50,
+        progress=False,
+        verbose=False,
+        samples=False,
+    )
+    elbox.fit(
+        "vae",
+        str(root / "other_shape.npy"),
+        out=root / "vae10",
+        latent_dim=2,
+        hidden_dims=[8],
+        epochs=1,
+        batch_size=10,
+        progress=False,
+        verbose=False,
+        samples=False,
+        validation_fraction=0,
+    )
     return root
 
 
 def test_ood_command_reports_every_applicable_score_and_writes_json_and_figure(hvae_run, capsys):
     root = hvae_run
-    code = main(["ood", str(root / "hvae"), "--outliers", str(root / "noise.npy"), "--inliers",
-                 str(root / "inliers.npy"), "--iw-samples", "4", "--bootstrap", "20", "--no-progress"])
+    code = main(
+        [
+            "ood",
+            str(root / "hvae"),
+            "--outliers",
+            str(root / "noise.npy"),
+            "--inliers",
+            str(root / "inliers.npy"),
+            "--iw-samples",
+            "4",
+            "--bootstrap",
+            "20",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads((root / "hvae" / "ood.json").read_text())
     assert set(result["methods"]) == {"likelihood", "complexity", "typicality", "llr"}
@@ -301,8 +361,24 @@ def test_ood_command_reports_every_applicable_score_and_writes_json_and_figure(h
 def test_score_with_methods_adds_scores_and_p_values_as_columns(hvae_run, tmp_path):
     root = hvae_run
     out = tmp_path / "scores.csv"
-    assert main(["score", str(root / "hvae"), "--input", str(root / "noise.npy"), "--method", "llr", "complexity",
-                 "--iw-samples", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(root / "hvae"),
+                "--input",
+                str(root / "noise.npy"),
+                "--method",
+                "llr",
+                "complexity",
+                "--iw-samples",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 150
     for method in ("llr", "complexity"):
@@ -310,21 +386,44 @@ def test_score_with_methods_adds_scores_and_p_values_as_columns(hvae_run, tmp_pa
         assert ((p > 0) & (p <= 1)).all()
         assert all(math.isfinite(float(r[f"anomaly_{method}"])) for r in rows)
     # the file is elbox's own: scoring again replaces it
-    assert main(["score", str(root / "hvae"), "--input", str(root / "noise.npy"), "--iw-samples", "2", "--out", str(out)]) == 0
+    assert (
+        main(["score", str(root / "hvae"), "--input", str(root / "noise.npy"), "--iw-samples", "2", "--out", str(out)])
+        == 0
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--outliers", "{root}/other_shape.npy"], "shape"),
-    (["--outliers", "{root}/empty.npy"], "is empty"),
-    (["--outliers", "{root}/noise.npy", "--methods", "regret"], "regret refits an amortized Gaussian encoder"),
-    (["--outliers", "{root}/noise.npy", "--methods", "background"], "background needs a second run"),
-    (["--outliers", "{root}/noise.npy", "--methods", "llr", "--llr-k", "3"], "more than the model's 2 latent levels"),
-    (["--outliers", "{root}/noise.npy", "--background", "{root}/vae10"], "background model takes examples of shape"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--outliers", "{root}/other_shape.npy"], "shape"),
+        (["--outliers", "{root}/empty.npy"], "is empty"),
+        (["--outliers", "{root}/noise.npy", "--methods", "regret"], "regret refits an amortized Gaussian encoder"),
+        (["--outliers", "{root}/noise.npy", "--methods", "background"], "background needs a second run"),
+        (
+            ["--outliers", "{root}/noise.npy", "--methods", "llr", "--llr-k", "3"],
+            "more than the model's 2 latent levels",
+        ),
+        (
+            ["--outliers", "{root}/noise.npy", "--background", "{root}/vae10"],
+            "background model takes examples of shape",
+        ),
+    ],
+)
 def test_ood_errors_are_one_clear_line(hvae_run, capsys, argv, message):
     argv = [a.format(root=hvae_run) for a in argv]
-    code = main(["ood", str(hvae_run / "hvae"), "--inliers", str(hvae_run / "inliers.npy"), *argv, "--iw-samples", "2",
-                 "--json", str(hvae_run / "error.json")])
+    code = main(
+        [
+            "ood",
+            str(hvae_run / "hvae"),
+            "--inliers",
+            str(hvae_run / "inliers.npy"),
+            *argv,
+            "--iw-samples",
+            "2",
+            "--json",
+            str(hvae_run / "error.json"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code != 0 and message in err and err.count("\n") == 1, err
     assert not (hvae_run / "error.json").exists()
@@ -337,7 +436,15 @@ def test_llr_on_a_one_level_vae_says_which_models_it_needs(hvae_run, capsys):
 
 
 def test_vae_ood_includes_the_likelihood_regret(hvae_run):
-    result = elbox.ood(hvae_run / "vae", str(hvae_run / "noise.npy"), inliers=str(hvae_run / "inliers.npy"),
-                       reference=str(hvae_run / "train.npy"), iw_samples=2, regret_steps=5, limit=20, bootstrap=5)
+    result = elbox.ood(
+        hvae_run / "vae",
+        str(hvae_run / "noise.npy"),
+        inliers=str(hvae_run / "inliers.npy"),
+        reference=str(hvae_run / "train.npy"),
+        iw_samples=2,
+        regret_steps=5,
+        limit=20,
+        bootstrap=5,
+    )
     assert set(result["methods"]) == {"likelihood", "complexity", "typicality", "regret"}
     assert min(result["scores"]["regret"]["outliers"]["score"]) >= 0

@@ -12,19 +12,14 @@ from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
 import elbox
-from elbox import tighten
-from elbox.checkpoint import (
-    BEST_WEIGHTS_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    load_training_state,
-)
-from elbox.cli import main
+from elbox.cli.main import main
+from elbox.core.errors import ElboxError
+from elbox.core.progress import sample_with_progress, step_bar, time_left
 from elbox.data import get_data_space, load_split
-from elbox.errors import ElboxError
+from elbox.evaluation import tighten
+from elbox.io.checkpoint import BEST_WEIGHTS_FILE, STATE_FILE, WEIGHTS_FILE, load_training_state
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
-from elbox.training.config import TrainConfig
-from elbox.training.progress import sample_with_progress, step_bar, time_left
 from elbox.training.trainer import Trainer
 from elbox.training.workflows import run_settings
 
@@ -51,15 +46,33 @@ def test_time_left_is_the_mean_pace_times_the_steps_left():
 
 
 def test_training_shows_the_run_eta_and_validation_progress(tmp_path, capsys):
-    elbox.fit("vae", "synthetic", out=tmp_path / "run", epochs=2, batch_size=100, limit_train=300, samples=False,
-              verbose=False, **TINY_VAE)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=tmp_path / "run",
+        epochs=2,
+        batch_size=100,
+        limit_train=300,
+        samples=False,
+        verbose=False,
+        **TINY_VAE,
+    )
     err = capsys.readouterr().err
     epoch_2 = bar_lines(err, "epoch 2/2 (run ETA ")
     assert epoch_2 and "3/3" in epoch_2[-1]  # the second epoch's bar, finished, with the whole run's ETA
     assert any(line.startswith("epoch 1/2 (run ETA ?)") for line in bar_lines(err, "epoch 1/2"))  # no pace yet
     assert any("200/200" in line for line in bar_lines(err, "ELBO"))  # the 200 validation examples
-    elbox.fit("vae", "synthetic", out=tmp_path / "quiet", epochs=1, limit_train=200, samples=False, verbose=False,
-              progress=False, **TINY_VAE)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=tmp_path / "quiet",
+        epochs=1,
+        limit_train=200,
+        samples=False,
+        verbose=False,
+        progress=False,
+        **TINY_VAE,
+    )
     assert capsys.readouterr().err == ""
 
 
@@ -89,8 +102,17 @@ def test_sample_with_progress_draws_a_bar_for_a_diffusion_model_only(capsys):
 
 
 def test_a_diffusion_run_shows_training_validation_and_samples_progress(tmp_path, capsys):
-    elbox.fit("diffusion", "synthetic", out=tmp_path / "run", epochs=1, batch_size=32, limit_train=64, val_limit=40,
-              verbose=False, **TINY_DIFFUSION)
+    elbox.fit(
+        "diffusion",
+        "synthetic",
+        out=tmp_path / "run",
+        epochs=1,
+        batch_size=32,
+        limit_train=64,
+        val_limit=40,
+        verbose=False,
+        **TINY_DIFFUSION,
+    )
     err = capsys.readouterr().err
     assert any("2/2" in line for line in bar_lines(err, "epoch 1/1 (run ETA"))
     assert any("40/40" in line for line in bar_lines(err, "ELBO"))
@@ -99,13 +121,23 @@ def test_a_diffusion_run_shows_training_validation_and_samples_progress(tmp_path
 
 
 def test_tighten_shows_each_stage_and_refits_on_a_subset_tied_to_the_limit(tmp_path, capsys, monkeypatch):
-    elbox.fit("vae", "synthetic", out=tmp_path / "run", epochs=1, limit_train=200, samples=False, verbose=False,
-              progress=False, **TINY_VAE)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=tmp_path / "run",
+        epochs=1,
+        limit_train=200,
+        samples=False,
+        verbose=False,
+        progress=False,
+        **TINY_VAE,
+    )
     assert tighten.refit_size(50) == 5000 and tighten.refit_size(1000) == 10_000 and tighten.refit_size(None) is None
     monkeypatch.setattr(tighten, "REFIT_MIN_EXAMPLES", 60)
     capsys.readouterr()
-    result = tighten.tighten_run(str(tmp_path / "run"), torch.device("cpu"), limit=5, steps=4, refit_epochs=2,
-                                 iw_samples=10, elbo_samples=4)
+    result = tighten.tighten_run(
+        str(tmp_path / "run"), torch.device("cpu"), limit=5, steps=4, refit_epochs=2, iw_samples=10, elbo_samples=4
+    )
     err = capsys.readouterr().err
     assert result["refit_examples"] == 60  # max(10 * 5, 60) of the 1000 training images
     assert "on the first 60 training examples" in err and "on 60 validation images" in err
@@ -130,21 +162,47 @@ def test_max_steps_ends_the_run_inside_an_epoch(tmp_path):
 
 
 def test_a_capped_run_is_complete_for_resume(tmp_path):
-    elbox.fit("vae", "synthetic", out=tmp_path / "run", epochs=5, max_steps=3, limit_train=200, batch_size=100,
-              samples=False, verbose=False, progress=False, **TINY_VAE)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=tmp_path / "run",
+        epochs=5,
+        max_steps=3,
+        limit_train=200,
+        batch_size=100,
+        samples=False,
+        verbose=False,
+        progress=False,
+        **TINY_VAE,
+    )
     with pytest.raises(ElboxError, match=r"complete: its 3 steps \(max_steps\)"):
         elbox.resume(tmp_path / "run", progress=False, verbose=False)
 
 
 def test_resume_with_max_steps_and_val_every_is_bit_for_bit(tmp_path):
     def trainer(run_dir):  # 3 steps per epoch; epoch 3 is cut to 1 step by max_steps; a cosine schedule over 7 steps
-        return make_trainer(run_dir, "vae", TINY_VAE, n_train=150, n_val=40, epochs=4, batch_size=50, lr=3e-3,
-                            lr_schedule="cosine", log_every=1, max_steps=7, val_every=2)
+        return make_trainer(
+            run_dir,
+            "vae",
+            TINY_VAE,
+            n_train=150,
+            n_val=40,
+            epochs=4,
+            batch_size=50,
+            lr=3e-3,
+            lr_schedule="cosine",
+            log_every=1,
+            max_steps=7,
+            val_every=2,
+        )
 
     reference = trainer(tmp_path / "reference")
     reference.fit()
     assert [(r["kind"], r["epoch"], r["step"]) for r in reference.records if "epoch" in r and r["kind"] != "train"] == [
-        ("train_epoch", 1, 3), ("epoch", 2, 6), ("epoch", 3, 7)]
+        ("train_epoch", 1, 3),
+        ("epoch", 2, 6),
+        ("epoch", 3, 7),
+    ]
     crashed = trainer(tmp_path / "run")
     interrupt_in_epoch(crashed, 3)
     torch.manual_seed(12345)
@@ -165,8 +223,14 @@ def test_val_every_checkpoints_each_epoch_and_moves_best_on_validated_epochs_onl
     def save_and_look(epoch, is_best):
         original(epoch, is_best)
         best = tmp_path / BEST_WEIGHTS_FILE
-        saved.append((epoch, is_best, best.exists() and best.stat().st_mtime_ns,
-                      load_training_state(tmp_path / STATE_FILE)[1]["epoch"]))
+        saved.append(
+            (
+                epoch,
+                is_best,
+                best.exists() and best.stat().st_mtime_ns,
+                load_training_state(tmp_path / STATE_FILE)[1]["epoch"],
+            )
+        )
 
     trainer.save = save_and_look
     trainer.fit()
@@ -182,8 +246,10 @@ def test_val_limit_validates_on_the_first_examples(tmp_path):
     first = make_trainer(tmp_path / "b", "vae", TINY_VAE, n_val=30).validate()
     whole = make_trainer(tmp_path / "c", "vae", TINY_VAE, n_val=100).validate()
     assert limited == first and limited != whole
-    assert make_trainer(tmp_path / "d", "vae", TINY_VAE, n_val=20, val_limit=500).validate() == \
-        make_trainer(tmp_path / "e", "vae", TINY_VAE, n_val=20).validate()
+    assert (
+        make_trainer(tmp_path / "d", "vae", TINY_VAE, n_val=20, val_limit=500).validate()
+        == make_trainer(tmp_path / "e", "vae", TINY_VAE, n_val=20).validate()
+    )
 
 
 def test_val_limit_on_streamed_validation_data(tmp_path):
@@ -194,13 +260,24 @@ def test_val_limit_on_streamed_validation_data(tmp_path):
         torch.manual_seed(0)
         model = build_model("vae", {"data_shape": (1, 28, 28), **TINY_VAE})
         config = TrainConfig(val_limit=limit, eval_batch_size=10)
-        records.append(Trainer(model, train[:100], data, get_data_space("binary"), config, None, progress=False).validate())
+        records.append(
+            Trainer(model, train[:100], data, get_data_space("binary"), config, None, progress=False).validate()
+        )
     assert records[0] == records[1]
 
 
 def test_no_samples_skips_samples_png(tmp_path):
-    elbox.fit("vae", "synthetic", out=tmp_path / "off", epochs=1, limit_train=200, samples=False, verbose=False,
-              progress=False, **TINY_VAE)
+    elbox.fit(
+        "vae",
+        "synthetic",
+        out=tmp_path / "off",
+        epochs=1,
+        limit_train=200,
+        samples=False,
+        verbose=False,
+        progress=False,
+        **TINY_VAE,
+    )
     assert not (tmp_path / "off" / "samples.png").exists()
     assert run_settings(tmp_path / "off" / "config.json")["samples"] is False
 
@@ -230,14 +307,52 @@ def test_tighten_on_a_mixture_says_which_models_it_applies_to():
     with pytest.raises(ElboxError) as error:
         tighten.check_tightenable(mixture)
     message = str(error.value)
-    assert "mixture" in message and "vae" in message and "posterior_params" not in message and "encoder_parameters" not in message
+    assert (
+        "mixture" in message
+        and "vae" in message
+        and "posterior_params" not in message
+        and "encoder_parameters" not in message
+    )
 
 
 def test_a_run_prints_no_raw_records(tmp_path, capsys):
-    assert main(["train", "vae", "--data", "synthetic", "--epochs", "1", "--limit-train", "200", "--latent-dim", "2",
-                 "--no-samples", "--out", str(tmp_path / "run")]) == 0
-    assert main(["train", "mixture", "--data", "synthetic", "--n-components", "2", "--covariance", "diag",
-                 "--out", str(tmp_path / "mixture")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "200",
+                "--latent-dim",
+                "2",
+                "--no-samples",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "mixture",
+                "--data",
+                "synthetic",
+                "--n-components",
+                "2",
+                "--covariance",
+                "diag",
+                "--out",
+                str(tmp_path / "mixture"),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     lines = [part.strip() for line in (captured.out + captured.err).split("\n") for part in line.split("\r")]
     assert not [line for line in lines if line.startswith(("{", "fit:")) or "kind" in line or "val_" in line]
@@ -245,7 +360,7 @@ def test_a_run_prints_no_raw_records(tmp_path, capsys):
 
 
 def test_the_iwae_bar_moves_with_each_pass_of_samples_not_each_batch(monkeypatch):
-    from elbox import evaluation
+    from elbox.models import estimates as evaluation
 
     updates: list[float] = []
 
@@ -260,7 +375,8 @@ def test_the_iwae_bar_moves_with_each_pass_of_samples_not_each_batch(monkeypatch
     x = torch.bernoulli(torch.full((6, 1, 4, 4), 0.5))
     per_sample = evaluation.elements_per_sample(model)
     # one batch of 6 examples; 10 samples per pass under this bound: K = 100 takes 10 passes
-    bounds = evaluation.iwae_by_k_per_example(model, x, [100], batch_size=6, max_decoder_elements=6 * 10 * per_sample,
-                                              progress=True)
+    bounds = evaluation.iwae_by_k_per_example(
+        model, x, [100], batch_size=6, max_decoder_elements=6 * 10 * per_sample, progress=True
+    )
     assert bounds[100].shape == (6,)
     assert len(updates) == 10 and math.isclose(sum(updates), 6)

@@ -14,12 +14,18 @@ from conftest import interrupt_second_validation
 from torch.distributions import Bernoulli, Normal
 
 import elbox
+from elbox.core.nets import GatedDense, initialize_weights, mlp
 from elbox.models import build_model
-from elbox.nets import GatedDense, initialize_weights, mlp
 from elbox.training.trainer import Trainer
 
 SHAPE = [1, 6, 6]
-SKIP = {"data_shape": SHAPE, "hvae_type": "skip", "latent_dims": [3, 2], "hidden_dims": [16], "logvar_bounds": [-6.0, 2.0]}
+SKIP = {
+    "data_shape": SHAPE,
+    "hvae_type": "skip",
+    "latent_dims": [3, 2],
+    "hidden_dims": [16],
+    "logvar_bounds": [-6.0, 2.0],
+}
 
 
 def binary(n: int, seed: int = 0) -> torch.Tensor:
@@ -53,10 +59,15 @@ def test_bounded_log_variances_stay_in_their_bounds():
     assert torch.allclose(std, torch.full_like(std, math.exp(1.0)))
 
 
-@pytest.mark.parametrize("model, options", [("hvae", SKIP), ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
-                                            ("hvae", {**SKIP, "data_shape": [1, 8, 8], "hvae_type": "conv-skip"}),
-                                            ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8],
-                                                     "prior": "vamp", "pseudo_inputs": 5})])
+@pytest.mark.parametrize(
+    "model, options",
+    [
+        ("hvae", SKIP),
+        ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
+        ("hvae", {**SKIP, "data_shape": [1, 8, 8], "hvae_type": "conv-skip"}),
+        ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8], "prior": "vamp", "pseudo_inputs": 5}),
+    ],
+)
 def test_the_elbo_is_the_mean_log_weight_and_iwae_rises_with_k(model, options):
     torch.manual_seed(0)
     m = build_model(model, options).eval()
@@ -98,8 +109,13 @@ def test_skip_hvae_log_weights_match_torch_distributions_term_by_term(activation
         p1 = Normal(raw_p1[..., :3], (0.5 * raw_p1[..., 3:].clamp(-6, 2)).exp())
         logits = m.decoder(z1.reshape(-1, 3), z2.reshape(-1, 2)).reshape(5, 4, *SHAPE)
         expected_px = Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
-        expected_w = (expected_px + p1.log_prob(z1).sum(-1) + Normal(0, 1).log_prob(z2).sum(-1)
-                      - q1.log_prob(z1).sum(-1) - q2.log_prob(z2).sum(-1))
+        expected_w = (
+            expected_px
+            + p1.log_prob(z1).sum(-1)
+            + Normal(0, 1).log_prob(z2).sum(-1)
+            - q1.log_prob(z1).sum(-1)
+            - q2.log_prob(z2).sum(-1)
+        )
     assert torch.allclose(log_px, expected_px, atol=1e-4) and torch.allclose(log_w, expected_w, atol=1e-4)
     analytic = torch.distributions.kl_divergence(q1, p1).sum(-1)
     assert torch.allclose(kl["z1"], analytic, atol=1e-5)
@@ -110,8 +126,17 @@ def test_the_published_models_have_the_reference_parameter_counts():
     VAE with a 500-component VampPrior 1,508,864 (392,000 of them the pseudo-inputs), the ConvHVAE 2,210,861."""
     nets = {"logvar_bounds": [-6.0, 2.0], "weight_init": "he", "activation": "gated"}
     hvae = build_model("hvae", {"data_shape": [1, 28, 28], "hvae_type": "skip", **nets})
-    vae = build_model("vae", {"data_shape": [1, 28, 28], "latent_dim": 40, "hidden_dims": [300, 300], "prior": "vamp",
-                              "pseudo_inputs": 500, **nets})
+    vae = build_model(
+        "vae",
+        {
+            "data_shape": [1, 28, 28],
+            "latent_dim": 40,
+            "hidden_dims": [300, 300],
+            "prior": "vamp",
+            "pseudo_inputs": 500,
+            **nets,
+        },
+    )
     assert sum(p.numel() for p in hvae.parameters()) == 2_431_024
     assert sum(p.numel() for p in vae.parameters()) == 1_508_864
     conv = build_model("hvae", {"data_shape": [1, 28, 28], "hvae_type": "conv-skip", **nets})
@@ -143,16 +168,29 @@ def tiny_images(tmp_path):
 
 
 def quick_fit(images, out, **options):
-    return elbox.fit("vae", images, out=out, latent_dim=2, hidden_dims=[8], batch_size=16, verbose=False, progress=False,
-                     samples=False, **options)
+    return elbox.fit(
+        "vae",
+        images,
+        out=out,
+        latent_dim=2,
+        hidden_dims=[8],
+        batch_size=16,
+        verbose=False,
+        progress=False,
+        samples=False,
+        **options,
+    )
 
 
-def test_an_early_stopped_run_keeps_and_evaluates_its_best_epoch_and_resumes_bit_for_bit(tiny_images, tmp_path, monkeypatch):
+def test_an_early_stopped_run_keeps_and_evaluates_its_best_epoch_and_resumes_bit_for_bit(
+    tiny_images, tmp_path, monkeypatch
+):
     options = {"epochs": 30, "lr": 0.05, "patience": 2}
     whole = quick_fit(tiny_images, tmp_path / "whole", **options)
     epochs = [r for r in whole.history if r["kind"] == "epoch"]
     best = max(epochs, key=lambda r: r["val_elbo"])
     assert epochs[-1]["epoch"] == best["epoch"] + 2 < 30  # stopped two epochs after its best
+
     def evaluated(**weights):
         result = elbox.evaluate(tmp_path / "whole", iw_samples=[1], **weights)
         return {k: v for k, v in result.items() if k != "time_s"}
@@ -168,9 +206,12 @@ def test_an_early_stopped_run_keeps_and_evaluates_its_best_epoch_and_resumes_bit
     monkeypatch.setattr(Trainer, "validate", validate)
     resumed = elbox.resume(tmp_path / "cut", verbose=False, progress=False)
     strip = ("epoch_time_s", "images_per_s")
-    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.history] == \
-        [{k: v for k, v in r.items() if k not in strip} for r in whole.history]
-    assert (tmp_path / "cut" / "best.safetensors").read_bytes() == (tmp_path / "whole" / "best.safetensors").read_bytes()
+    assert [{k: v for k, v in r.items() if k not in strip} for r in resumed.history] == [
+        {k: v for k, v in r.items() if k not in strip} for r in whole.history
+    ]
+    assert (tmp_path / "cut" / "best.safetensors").read_bytes() == (
+        tmp_path / "whole" / "best.safetensors"
+    ).read_bytes()
 
 
 def test_normalized_gradients_reach_the_optimizer_with_unit_norm(tiny_images, monkeypatch):
@@ -193,8 +234,15 @@ def test_the_50000_10000_split_holds_out_the_last_10000_training_images(tmp_path
     train, _ = load_split("fashion-mnist", "train", validation_size=10_000)
     validation, _ = load_split("fashion-mnist", "validation", validation_size=10_000)
     assert torch.equal(train, everything[:50_000]) and torch.equal(validation, everything[50_000:])
-    run = elbox.fit("gaussian", "fashion-mnist", validation_size=10_000, limit_train=200, out=tmp_path / "g",
-                    verbose=False, progress=False)
+    run = elbox.fit(
+        "gaussian",
+        "fashion-mnist",
+        validation_size=10_000,
+        limit_train=200,
+        out=tmp_path / "g",
+        verbose=False,
+        progress=False,
+    )
     record = json.loads((tmp_path / "g" / "config.json").read_text())["data"]
     assert record["validation_size"] == 10_000 and record["validation"] == "last 10000 of the official training set"
     assert run.validation_data.shape[0] == 10_000

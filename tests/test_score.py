@@ -18,19 +18,16 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 import elbox
-from elbox.checkpoint import load_training_state, load_weights, read_json
-from elbox.cli import main
+from elbox.cli.main import main
+from elbox.core.errors import ElboxError
 from elbox.data import get_data_space
-from elbox.data.formats import (
-    _parse_cifar_batch,
-    _parse_idx,
-    to_8bit_tensor,
-)
+from elbox.data.dataset_files import parse_cifar_batch, parse_idx
+from elbox.data.formats import to_8bit_tensor
 from elbox.data.user import read_images
-from elbox.errors import ElboxError
-from elbox.evaluation import retry_on_out_of_memory
-from elbox.inference import BINARIZATIONS, model_inputs, score_with_stderr
+from elbox.evaluation.inference import BINARIZATIONS, model_inputs, score_with_stderr
+from elbox.io.checkpoint import load_training_state, load_weights, read_json
 from elbox.models import build_model
+from elbox.models.estimates import retry_on_out_of_memory
 
 SHAPE = (1, 28, 28)
 
@@ -38,8 +35,29 @@ SHAPE = (1, 28, 28)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("score") / "run"
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--batch-size", "50", "--latent-dim", "2",
-                 "--hidden-dims", "16", "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "100",
+                "--batch-size",
+                "50",
+                "--latent-dim",
+                "2",
+                "--hidden-dims",
+                "16",
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -69,18 +87,30 @@ def test_npy_npz_png_and_layouts_give_the_same_scores(run_dir, tmp_path):
     for name, (path, write) in inputs.items():
         write(path)
         out = tmp_path / f"{name}.csv"
-        assert main(["score", str(run_dir), "--input", str(path), "--iw-samples", "20", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                ["score", str(run_dir), "--input", str(path), "--iw-samples", "20", "--out", str(out), "--no-progress"]
+            )
+            == 0
+        )
         results[name] = scores(out)
     out = tmp_path / "png.csv"
-    assert main(["score", str(run_dir), "--input", str(folder), "--iw-samples", "20", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["score", str(run_dir), "--input", str(folder), "--iw-samples", "20", "--out", str(out), "--no-progress"])
+        == 0
+    )
     results["png"] = scores(out)
     with open(out) as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["name"] == "img00.png"
-    assert rows[0]["estimate"] == ("IWAE-20 lower bound; importance samples and binarization seeded per image from its "
-                                   "pixels and seed 0; binary model: grey images scored by the mean over 16 "
-                                   "binarizations (s.e. in column log_likelihood_stderr_nats)")
-    assert float(rows[0]["bits_per_dim"]) == pytest.approx(-float(rows[0]["log_likelihood_nats"]) / (784 * np.log(2)), rel=1e-5)
+    assert rows[0]["estimate"] == (
+        "IWAE-20 lower bound; importance samples and binarization seeded per image from its "
+        "pixels and seed 0; binary model: grey images scored by the mean over 16 "
+        "binarizations (s.e. in column log_likelihood_stderr_nats)"
+    )
+    assert float(rows[0]["bits_per_dim"]) == pytest.approx(
+        -float(rows[0]["log_likelihood_nats"]) / (784 * np.log(2)), rel=1e-5
+    )
     assert len(results["npy"]) == 6 and all(v < 0 for v in results["npy"])
     for name, values in results.items():
         assert values == results["npy"], name
@@ -119,8 +149,22 @@ def test_an_image_scores_the_same_alone_in_any_file_at_any_position_format_batch
         assert score(folder, batch_size=batch_size)[0][3] == alone
     assert score(target[None], seed=1)[0] != [alone]  # the user's seed still matters
     out = tmp_path / "one.csv"  # the command line: one PNG file, its row
-    assert main(["score", str(run_dir), "--input", str(tmp_path / "one.png"), "--iw-samples", "10", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(run_dir),
+                "--input",
+                str(tmp_path / "one.png"),
+                "--iw-samples",
+                "10",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with open(out) as f:
         (row,) = list(csv.DictReader(f))
     assert row["name"] == "one.png" and float(row["log_likelihood_nats"]) == pytest.approx(alone, abs=1e-6)
@@ -145,8 +189,12 @@ def test_the_binarization_standard_error_matches_the_spread_over_seeds(run_dir):
     1 / sqrt(2 (n - 1)) = 0.16; the test allows 4 of them."""
     model = elbox.load(run_dir)
     grey = images(1, seed=1)
-    values, stderr = zip(*[(v.item(), e.item()) for v, e, _, _ in
-                           (score_with_stderr(model, grey, iw_samples=5, seed=seed) for seed in range(20))])
+    values, stderr = zip(
+        *[
+            (v.item(), e.item())
+            for v, e, _, _ in (score_with_stderr(model, grey, iw_samples=5, seed=seed) for seed in range(20))
+        ]
+    )
     ratio = np.std(values, ddof=1) / np.sqrt(np.mean(np.square(stderr)))
     assert abs(ratio - 1) < 4 / np.sqrt(2 * 19), ratio
 
@@ -179,11 +227,22 @@ def test_rgb_images_go_to_rgb_models_and_are_refused_by_grey_ones_with_the_shape
     assert from_png.tolist() == elbox.score(model, rgb, iw_samples=3)[0].tolist()  # one image, channels last
     assert from_png.tolist() == elbox.score(model, rgb.transpose(2, 0, 1)[None], iw_samples=3)[0].tolist()
     grey = rgb[..., 0]  # a grey image to an RGB model: the same picture, repeated over the channels
-    assert elbox.score(model, grey, iw_samples=3)[0].tolist() == elbox.score(model, np.stack([grey] * 3), iw_samples=3)[0].tolist()
-    with pytest.raises(ElboxError, match=r"^input array has RGB images \(image 0: shape \(3, 28, 28\)\); the model takes grayscale images \(1, 28, 28\)"):
+    assert (
+        elbox.score(model, grey, iw_samples=3)[0].tolist()
+        == elbox.score(model, np.stack([grey] * 3), iw_samples=3)[0].tolist()
+    )
+    with pytest.raises(
+        ElboxError,
+        match=(
+            r"^input array has RGB images \(image 0: shape \(3, 28, 28\)\); the model takes grayscale images \(1, "
+            r"28, 28\)"
+        ),
+    ):
         elbox.score(elbox.load(run_dir), np.zeros((2, 3, 28, 28), np.uint8) + np.arange(3)[:, None, None])
     Image.fromarray(np.zeros((28, 28, 3), np.uint8) + np.arange(3, dtype=np.uint8), mode="RGB").save(tmp_path / "c.png")
-    with pytest.raises(ElboxError, match=r"input .*c.png has RGB images .*the model takes grayscale images \(1, 28, 28\)"):
+    with pytest.raises(
+        ElboxError, match=r"input .*c.png has RGB images .*the model takes grayscale images \(1, 28, 28\)"
+    ):
         elbox.encode(elbox.load(run_dir), tmp_path / "c.png")
 
 
@@ -208,7 +267,12 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         cases[name] = (path, message)
 
     marker = tmp_path / "pwned"
-    add("pickled object array", "obj.npy", lambda p: np.save(p, np.array([_RunsCode(marker)], dtype=object), allow_pickle=True), "pickled")
+    add(
+        "pickled object array",
+        "obj.npy",
+        lambda p: np.save(p, np.array([_RunsCode(marker)], dtype=object), allow_pickle=True),
+        "pickled",
+    )
     add("raw pickle", "raw.npy", pickle.dumps(_RunsCode(marker)), "pickled objects are never loaded")
     add("wrong shape", "shape.npy", lambda p: np.save(p, np.zeros((3, 32, 32), np.uint8)), "shape")
     add("NaN", "nan.npy", lambda p: np.save(p, np.full((2, 28, 28), np.nan)), "NaN")
@@ -256,8 +320,22 @@ def test_every_bad_input_gets_one_clear_message_and_no_code_runs(run_dir, tmp_pa
 def test_binary_run_scores_binary_float_arrays(run_dir, tmp_path):
     x = (images() > 127).astype(np.float64)
     np.save(tmp_path / "b.npy", x)
-    assert main(["score", str(run_dir), "--input", str(tmp_path / "b.npy"), "--iw-samples", "5",
-                 "--out", str(tmp_path / "b.csv"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                str(run_dir),
+                "--input",
+                str(tmp_path / "b.npy"),
+                "--iw-samples",
+                "5",
+                "--out",
+                str(tmp_path / "b.csv"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert len(scores(tmp_path / "b.csv")) == 6
 
 
@@ -300,7 +378,8 @@ def _mutations():
     base = st.sampled_from([valid_npy, valid_npz, valid_png])
     truncated = st.tuples(base, st.integers(0, 2000)).map(lambda t: t[0][: t[1]])
     flipped = st.tuples(base, st.integers(0, 10**6), st.integers(1, 255)).map(
-        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ t[2]]) + t[0][t[1] % len(t[0]) + 1 :])
+        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[0][t[1] % len(t[0])] ^ t[2]]) + t[0][t[1] % len(t[0]) + 1 :]
+    )
     return st.one_of(st.binary(max_size=3000), truncated, flipped)
 
 
@@ -323,10 +402,14 @@ def test_score_inputs_never_crash_on_corrupted_bytes(tmp_path, data, suffix):
 
 
 @FUZZ
-@given(array=arrays(
-    dtype=st.sampled_from([np.uint8, np.int16, np.int64, np.float32, np.float64, np.bool_]),
-    shape=st.sampled_from([(0, 28, 28), (2, 28, 28), (2, 1, 28, 28), (2, 28, 28, 1), (2, 27, 28), (5,), (2, 3, 28, 28)]),
-))
+@given(
+    array=arrays(
+        dtype=st.sampled_from([np.uint8, np.int16, np.int64, np.float32, np.float64, np.bool_]),
+        shape=st.sampled_from(
+            [(0, 28, 28), (2, 28, 28), (2, 1, 28, 28), (2, 28, 28, 1), (2, 27, 28), (5,), (2, 3, 28, 28)]
+        ),
+    )
+)
 def test_score_validation_never_crashes_on_random_arrays(array):
     try:
         x = to_8bit_tensor(array, SHAPE, "input")
@@ -338,8 +421,10 @@ def test_score_validation_never_crashes_on_random_arrays(array):
 @FUZZ
 @given(data=st.one_of(st.binary(max_size=2000), st.binary(max_size=64).map(lambda b: b"\x00\x00\x08\x03" + b)))
 def test_idx_and_cifar_parsers_never_crash(data):
-    for parse in (lambda: _parse_idx(data, Path("x.idx")),
-                  lambda: _parse_cifar_batch(data, Path("data_batch_1.bin"), (3, 32, 32), 1)):
+    for parse in (
+        lambda: parse_idx(data, Path("x.idx")),
+        lambda: parse_cifar_batch(data, Path("data_batch_1.bin"), (3, 32, 32), 1),
+    ):
         try:
             parse()
         except ElboxError:
@@ -352,7 +437,11 @@ def test_checkpoint_and_config_readers_never_crash(tmp_path, data):
     path = tmp_path / "file"
     path.write_bytes(data)
     model = build_model("vae", {"latent_dim": 2, "hidden_dims": [4]})
-    for read in (lambda: load_training_state(path), lambda: load_weights(path, model), lambda: read_json(path, "config")):
+    for read in (
+        lambda: load_training_state(path),
+        lambda: load_weights(path, model),
+        lambda: read_json(path, "config"),
+    ):
         try:
             read()
         except ElboxError:
@@ -363,7 +452,7 @@ def test_checkpoint_and_config_readers_never_crash(tmp_path, data):
 @given(cut=st.integers(0, 10**6), flip=st.integers(1, 255))
 def test_corrupted_safetensors_files_never_crash(tmp_path, cut, flip):
     model = build_model("vae", {"latent_dim": 2, "hidden_dims": [4]})
-    from elbox.checkpoint import save_weights
+    from elbox.io.checkpoint import save_weights
 
     path = tmp_path / "w.safetensors"
     save_weights(path, model)
@@ -377,11 +466,39 @@ def test_corrupted_safetensors_files_never_crash(tmp_path, cut, flip):
         pass
 
 
-@pytest.mark.parametrize("model", [[], ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "3", "2", "--hidden-dims", "16"]])
+@pytest.mark.parametrize(
+    "model",
+    [
+        [],
+        ["--model", "hvae", "--hvae-type", "markov", "--levels", "2", "--latent-dims", "3", "2", "--hidden-dims", "16"],
+    ],
+)
 def test_encode_writes_posterior_means_and_variances(tmp_path, model):
     run = tmp_path / "run"
-    assert main(["train", "--data", "synthetic", "--epochs", "1", "--limit-train", "100", "--batch-size", "50", "--latent-dim", "2",
-                 "--hidden-dims", "16", *model, "--out", str(run), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--limit-train",
+                "100",
+                "--batch-size",
+                "50",
+                "--latent-dim",
+                "2",
+                "--hidden-dims",
+                "16",
+                *model,
+                "--out",
+                str(run),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     np.save(tmp_path / "x.npy", images())
     assert main(["encode", str(run), "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "f.npz")]) == 0
     with np.load(tmp_path / "f.npz", allow_pickle=False) as npz:

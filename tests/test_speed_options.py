@@ -12,18 +12,13 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from elbox import evaluation as evaluate_module
-from elbox.checkpoint import STATE_FILE, load_training_state
-from elbox.cli import main
+from elbox.cli.main import main
+from elbox.core.system import bf16_is_native, set_threads
 from elbox.data import get_data_space, load_split
-from elbox.evaluation import (
-    elbo_per_example,
-    examples_progress,
-    iwae_per_example,
-    memory_bound,
-)
+from elbox.io.checkpoint import STATE_FILE, load_training_state
 from elbox.models import build_model
-from elbox.system import bf16_is_native, set_threads
+from elbox.models import estimates as evaluate_module
+from elbox.models.estimates import elbo_per_example, examples_progress, iwae_per_example, memory_bound
 from elbox.training.trainer import Trainer
 
 VAE = ("vae", {"latent_dim": 4, "hidden_dims": [64]})
@@ -80,16 +75,56 @@ def test_channels_last_gives_the_same_step_and_resumable_checkpoints(tmp_path):
 
 def test_cli_compile_and_channels_last_runs_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model", "vae", "--data", "synthetic", "--epochs", "1", "--hidden-dims", "32",
-                 "--latent-dim", "4", "--compile", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "vae",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--hidden-dims",
+                "32",
+                "--latent-dim",
+                "4",
+                "--compile",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["compile"] is True
     assert main(["evaluate", str(out), "--iw-samples", "10", "--no-progress"]) == 0
     assert "NLL (IWAE, K=10)" in capsys.readouterr().out
     # the option is recorded in the run config, which --resume takes its settings from
     out = tmp_path / "diffusion"
-    assert main(["train", "--model", "diffusion", "--data", "synthetic", "--epochs", "1", "--unet-channels", "8",
-                 "--channels-last", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "diffusion",
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--unet-channels",
+                "8",
+                "--channels-last",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["train"]["channels_last"] is True
 
 
@@ -131,7 +166,9 @@ def test_evaluation_passes_respect_the_memory_bound(monkeypatch):
     x = get_data_space(model.data_space).eval_data(load_split("synthetic", "validation")[0][:40], seed=0)
     seen = []
     original = model.elbo
-    monkeypatch.setattr(model, "elbo", lambda xb, n_samples: seen.append(xb.shape[0] * n_samples) or original(xb, n_samples))
+    monkeypatch.setattr(
+        model, "elbo", lambda xb, n_samples: seen.append(xb.shape[0] * n_samples) or original(xb, n_samples)
+    )
     per_sample = model.activation_elements()
     elbo_per_example(model, x, batch_size=500, n_samples=4, max_decoder_elements=10 * per_sample, final=False)
     assert sum(seen) == 160 and max(seen) <= 10 and len(seen) == 20  # 2 examples x 4 samples per pass
@@ -140,7 +177,9 @@ def test_evaluation_passes_respect_the_memory_bound(monkeypatch):
     xv = get_data_space(vae.data_space).eval_data(load_split("synthetic", "validation")[0][:20], seed=0)
     chunks = []
     original_bounds = evaluate_module.iwae_bounds
-    monkeypatch.setattr(evaluate_module, "iwae_bounds", lambda draw, ks, chunk: chunks.append(chunk) or original_bounds(draw, ks, chunk))
+    monkeypatch.setattr(
+        evaluate_module, "iwae_bounds", lambda draw, ks, chunk: chunks.append(chunk) or original_bounds(draw, ks, chunk)
+    )
     d = vae.likelihood.num_params * 784  # decoder outputs per sample of a 28x28 synthetic image
     values = iwae_per_example(vae, xv, 100, batch_size=10, max_decoder_elements=3 * 10 * d)
     assert chunks == [3, 3] and torch.isfinite(values).all()  # 3 samples of 10 examples per pass
@@ -153,7 +192,7 @@ def test_progress_counts_examples():
 def test_train_defaults_depend_on_the_model():
     """The VAE's defaults are the measured time-to-quality ones, the HVAE's the measured likelihood recipe; other
     models keep the general defaults; options given on the command line win."""
-    from elbox.cli import train_parser
+    from elbox.cli.main import train_parser
 
     def filled(model, *argv):
         parser, _, _ = train_parser(model, {}, argv)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from elbox.checkpoint import STATE_FILE, load_training_state
 from elbox.data import get_data_space, load_split
+from elbox.io.checkpoint import STATE_FILE, load_training_state
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
 from elbox.training.batches import read_ahead, share
-from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 
 
@@ -34,8 +34,9 @@ def train(train_data, val_data, run_dir=None, epochs=2, likelihood="bernoulli", 
     torch.manual_seed(0)
     model = build_model("vae", {"latent_dim": 3, "hidden_dims": [32], "likelihood": likelihood})
     config = TrainConfig(epochs=epochs, batch_size=64, eval_batch_size=50, log_every=1)
-    trainer = Trainer(model, train_data, val_data, get_data_space(model.data_space), config, run_dir, progress=False,
-                      workers=workers)
+    trainer = Trainer(
+        model, train_data, val_data, get_data_space(model.data_space), config, run_dir, progress=False, workers=workers
+    )
     return trainer, trainer.fit()
 
 
@@ -68,8 +69,15 @@ def test_streamed_run_resumes_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     model = build_model("vae", {"latent_dim": 3, "hidden_dims": [32]})
     config = TrainConfig(epochs=2, batch_size=64, eval_batch_size=50, log_every=1)
-    resumed = Trainer(model, OnDemand(images[:300]), OnDemand(val[:100]), get_data_space("binary"), config, tmp_path / "b",
-                      progress=False)
+    resumed = Trainer(
+        model,
+        OnDemand(images[:300]),
+        OnDemand(val[:100]),
+        get_data_space("binary"),
+        config,
+        tmp_path / "b",
+        progress=False,
+    )
     # the state of epoch 1 was written with epochs=1; continue it under the two-epoch settings
     tensors, state = load_training_state(tmp_path / "b" / STATE_FILE)
     state["train_config"]["epochs"] = 2

@@ -1,4 +1,4 @@
-"""The OpenMP wait setting that `import elbox` puts in the environment before torch loads (elbox.threads)."""
+"""The OpenMP wait setting that `import elbox` puts in the environment before torch loads (elbox.core.threads)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from elbox.threads import WAIT_VARIABLES, apply_wait_policy
+from elbox.core.threads import WAIT_VARIABLES, apply_wait_policy
 
 
 @pytest.fixture
@@ -22,7 +22,9 @@ def test_a_short_spin_is_set_when_the_user_chose_nothing(clean_environment):
     assert os.environ["GOMP_SPINCOUNT"] == "1000" and "OMP_WAIT_POLICY" not in os.environ
 
 
-@pytest.mark.parametrize("name, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "300000"), ("KMP_BLOCKTIME", "0")])
+@pytest.mark.parametrize(
+    "name, value", [("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "300000"), ("KMP_BLOCKTIME", "0")]
+)
 def test_the_users_own_choice_is_kept(clean_environment, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     apply_wait_policy()

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from elbox.core.errors import ElboxError
 from elbox.data import get_data_space, load_split
-from elbox.errors import ElboxError
-from elbox.evaluation import evaluate
+from elbox.evaluation.evaluator import evaluate
+from elbox.evaluation.tighten import gap_split, refit_encoder
 from elbox.models import LinearGaussian, build_model
-from elbox.tighten import gap_split, refit_encoder
 
 SPACE = get_data_space("continuous")
 

@@ -10,18 +10,26 @@ import pytest
 import torch
 from conftest import make_trainer
 
-from elbox.checkpoint import STATE_FILE, WEIGHTS_FILE, load_training_state
+from elbox.core.errors import ElboxError
 from elbox.data import load_split
-from elbox.errors import ElboxError
-from elbox.training.config import TrainConfig
+from elbox.io.checkpoint import STATE_FILE, WEIGHTS_FILE, load_training_state
+from elbox.io.run_config import TrainConfig
 from elbox.training.objectives import beta_at
 from elbox.training.optimizer import make_optimizer
 
 
 def small_run(tmp_path, seed=0, epochs=2, **train_options):
     """Train a small VAE on 400 images, 4 steps of 100 per epoch: (the trainer, its last epoch's record)."""
-    trainer = make_trainer(tmp_path, "vae", {"latent_dim": 3, "hidden_dims": [32]}, seed=seed, epochs=epochs,
-                           batch_size=100, log_every=2, **train_options)
+    trainer = make_trainer(
+        tmp_path,
+        "vae",
+        {"latent_dim": 3, "hidden_dims": [32]},
+        seed=seed,
+        epochs=epochs,
+        batch_size=100,
+        log_every=2,
+        **train_options,
+    )
     return trainer, trainer.fit()
 
 
@@ -120,18 +128,43 @@ def test_weight_decay_is_decoupled_and_survives_resume(tmp_path):
     optimizer.step()
     for b, p in zip(before, model.parameters()):
         torch.testing.assert_close(p.detach(), b * (1 - 1e-2 * 0.5))
-    resumed = make_trainer(tmp_path / "decay", "vae", {"latent_dim": 3, "hidden_dims": [32]}, epochs=1,
-                           batch_size=100, log_every=2, weight_decay=0.5, lr=1e-2)
+    resumed = make_trainer(
+        tmp_path / "decay",
+        "vae",
+        {"latent_dim": 3, "hidden_dims": [32]},
+        epochs=1,
+        batch_size=100,
+        log_every=2,
+        weight_decay=0.5,
+        lr=1e-2,
+    )
     resumed.restore(*load_training_state(tmp_path / "decay" / STATE_FILE))
     assert resumed.start_epoch == 2
-    plain = make_trainer(tmp_path / "plain", "vae", {"latent_dim": 3, "hidden_dims": [32]}, epochs=1,
-                         batch_size=100, log_every=2, lr=1e-2)
+    plain = make_trainer(
+        tmp_path / "plain",
+        "vae",
+        {"latent_dim": 3, "hidden_dims": [32]},
+        epochs=1,
+        batch_size=100,
+        log_every=2,
+        lr=1e-2,
+    )
     with pytest.raises(ElboxError, match="does not fit|other training settings"):
         plain.restore(*load_training_state(tmp_path / "decay" / STATE_FILE))
 
 
-@pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(lr=0), dict(beta_schedule="cosine"), dict(n_samples=0),
-                                 dict(weight_decay=-0.1), dict(weight_decay=2.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(epochs=0),
+        dict(batch_size=0),
+        dict(lr=0),
+        dict(beta_schedule="cosine"),
+        dict(n_samples=0),
+        dict(weight_decay=-0.1),
+        dict(weight_decay=2.0),
+    ],
+)
 def test_bad_train_config(bad):
     with pytest.raises(ElboxError):
         TrainConfig(**bad)
@@ -147,16 +180,18 @@ def test_gradient_clipping_bounds_the_global_norm(tmp_path):
     assert clipped <= 1e-3 * (1 + 1e-5)  # ... and the applied gradient is clipped to it
 
 
-@pytest.mark.parametrize("name, config", [("vae", {"latent_dim": 4, "hidden_dims": [64]}),
-                                          ("diffusion", {"channels": [8, 16]})])
+@pytest.mark.parametrize(
+    "name, config", [("vae", {"latent_dim": 4, "hidden_dims": [64]}), ("diffusion", {"channels": [8, 16]})]
+)
 def test_bf16_autocast_trains_with_float32_weights_and_bounds(tmp_path, name, config):
     """--precision bf16: the first step's loss is within bf16 rounding (1 %) of the float32 one, the weights and
     Adam's moments stay float32, and validation is computed in float32."""
     train, _ = load_split("synthetic", "train")
     losses = {}
     for precision in ("fp32", "bf16"):
-        trainer = make_trainer(tmp_path / precision, name, config, n_train=64, n_val=32, epochs=1, batch_size=32,
-                               precision=precision)
+        trainer = make_trainer(
+            tmp_path / precision, name, config, n_train=64, n_val=32, epochs=1, batch_size=32, precision=precision
+        )
         x = trainer.space.train_batch(train[:32], torch.Generator().manual_seed(0))
         torch.manual_seed(1)
         losses[precision] = trainer.training_step(x, 1.0)["elbo"].item()

@@ -22,9 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import elbox.data.formats as formats
-from elbox import system
+from elbox.core import system
+from elbox.core.errors import ElboxError
 from elbox.data import ImageArray, ImageFolder, Table, VectorArray, open_source
-from elbox.errors import ElboxError
 
 RNG = np.random.default_rng(0)
 
@@ -60,7 +60,9 @@ def png16(path: Path, color: bool) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 16, 2 if color else 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -118,8 +120,9 @@ def test_grayscale_rgba_palette_and_mixed_channels(tmp_path):
 
 def test_every_common_format_decodes(tmp_path):
     ramp = np.arange(16) * 8
-    image = np.stack([np.add.outer(ramp, ramp), np.add.outer(ramp, ramp[::-1]),
-                      np.full((16, 16), 90)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
+    image = np.stack([np.add.outer(ramp, ramp), np.add.outer(ramp, ramp[::-1]), np.full((16, 16), 90)], axis=-1).astype(
+        np.uint8
+    )  # smooth: JPEG keeps it close
     exact = {"a.png": {}, "b.bmp": {}, "c.tif": {}, "d.webp": {"lossless": True}, "e.ppm": {}}
     for name, options in exact.items():
         save(image, tmp_path / name, **options)
@@ -355,7 +358,9 @@ def test_bad_tables(tmp_path):
     refused(lambda: Table(csv("twice.csv", "a,a\n1,2\n"), columns=["a"]), "not unique")
     refused(lambda: Table(tmp_path / "twice.csv", columns=[]), "non-empty list")
     wide = ",".join(f"column_{i}" for i in range(10_000))
-    refused(lambda: Table(csv("wide.csv", wide + "\n" + ",".join("1" * 10_000) + "\n"), columns=["zz"]), "no column 'zz'")
+    refused(
+        lambda: Table(csv("wide.csv", wide + "\n" + ",".join("1" * 10_000) + "\n"), columns=["zz"]), "no column 'zz'"
+    )
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
     refused(lambda: Table(tmp_path / "bad.parquet"), "bad.parquet", "not a readable Parquet")
     pq.write_table(pa.table({"a": pa.array([1.0, None, 3.0])}), tmp_path / "null.parquet")
@@ -396,11 +401,14 @@ def test_open_source_picks_the_reader(tmp_path):
 
 def _valid_files() -> list[tuple[str, bytes]]:
     files = []
-    for suffix, write in ((".npy", lambda f: np.save(f, pixels(2, 3, 3))), (".npz", lambda f: np.savez(f, x=pixels(2, 3, 3))),
-                          (".npz", lambda f: np.savez_compressed(f, x=RNG.normal(size=(3, 2)))),
-                          (".png", lambda f: Image.fromarray(pixels(3, 3, 3)).save(f, format="PNG")),
-                          (".jpg", lambda f: Image.fromarray(pixels(8, 8)).save(f, format="JPEG")),
-                          (".parquet", lambda f: pq.write_table(pa.table({"a": [1.0, 2.0]}), f))):
+    for suffix, write in (
+        (".npy", lambda f: np.save(f, pixels(2, 3, 3))),
+        (".npz", lambda f: np.savez(f, x=pixels(2, 3, 3))),
+        (".npz", lambda f: np.savez_compressed(f, x=RNG.normal(size=(3, 2)))),
+        (".png", lambda f: Image.fromarray(pixels(3, 3, 3)).save(f, format="PNG")),
+        (".jpg", lambda f: Image.fromarray(pixels(8, 8)).save(f, format="JPEG")),
+        (".parquet", lambda f: pq.write_table(pa.table({"a": [1.0, 2.0]}), f)),
+    ):
         buffer = io.BytesIO()
         write(buffer)
         files.append((suffix, buffer.getvalue()))

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from elbox.bounds import iwae_bound
-from elbox.errors import ElboxError
-from elbox.likelihoods import LIKELIHOODS
+from elbox.core.bounds import iwae_bound
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_from_dict, config_to_dict
 from elbox.models import VAE, VAEConfig, build_model
-from elbox.options import config_from_dict, config_to_dict
+from elbox.models.likelihoods import LIKELIHOODS
 
 F64 = torch.float64
 DATA_SHAPE = (1, 8, 8)
@@ -170,7 +170,12 @@ def test_mean_log_weight_is_the_elbo(architecture, likelihood):
     lw_mean, lw_se = mean_se(log_w)
     elbo, elbo_se = mean_se(per_example_elbo_draws(model, x, n, analytic_kl=True))
     # tolerance: 4 standard errors of the difference of two independent means
-    assert ((lw_mean - elbo).abs() < 4 * (lw_se.square() + elbo_se.square()).sqrt()).all(), (lw_mean, elbo, lw_se, elbo_se)
+    assert ((lw_mean - elbo).abs() < 4 * (lw_se.square() + elbo_se.square()).sqrt()).all(), (
+        lw_mean,
+        elbo,
+        lw_se,
+        elbo_se,
+    )
 
 
 def test_log_weights_formula():
@@ -314,5 +319,7 @@ def test_null_likelihood_options_is_rejected():
 
 def test_likelihood_options_of_older_configs_become_fields():
     """Configs written before sigma and n_mixtures were fields kept them in "likelihood_options"."""
-    model = build_model("vae", {**small_config(), "likelihood": "discretized-logistic", "likelihood_options": {"n_mixtures": 3}})
+    model = build_model(
+        "vae", {**small_config(), "likelihood": "discretized-logistic", "likelihood_options": {"n_mixtures": 3}}
+    )
     assert model.config.n_mixtures == 3 and model.likelihood.n_mixtures == 3

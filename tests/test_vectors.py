@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
+from elbox.core.errors import ElboxError
 from elbox.data import (
     RealSpace,
     fit_real_space,
@@ -19,13 +20,12 @@ from elbox.data import (
     space_from_record,
     space_record,
 )
-from elbox.errors import ElboxError
-from elbox.evaluation import evaluate
+from elbox.evaluation.evaluator import evaluate
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 from elbox.models.mixture import GaussianMixture, MixtureConfig
 from elbox.models.vae import VAEConfig
-from elbox.training.config import TrainConfig
 from elbox.training.trainer import Trainer
 
 D = 5
@@ -67,8 +67,9 @@ def test_gaussian_log_prob_in_original_units(covariance):
     model.fit(y)
     log_px = model.log_prob(y) + space.log_prob_offset(D)
     mean, cov = mle(x)
-    truth = (MultivariateNormal(mean, cov) if covariance == "full" else
-             Independent(Normal(mean, cov.diagonal().sqrt()), 1)).log_prob(x.double())
+    truth = (
+        MultivariateNormal(mean, cov) if covariance == "full" else Independent(Normal(mean, cov.diagonal().sqrt()), 1)
+    ).log_prob(x.double())
     torch.testing.assert_close(log_px, truth, rtol=0, atol=1e-4)
     result = evaluate(model, y, log_prob_offset=space.log_prob_offset(D))
     assert result["nll_exact"] == pytest.approx(-truth.mean().item(), abs=1e-5)
@@ -93,7 +94,9 @@ def test_one_component_mixture_log_prob_in_original_units():
     model.fit(y)
     mean, cov = mle(x)
     # the covariance floor is added to the diagonal of the standardized data's covariance
-    truth = MultivariateNormal(mean, cov + model.config.covariance_floor * torch.diag(space.std.square())).log_prob(x.double())
+    truth = MultivariateNormal(mean, cov + model.config.covariance_floor * torch.diag(space.std.square())).log_prob(
+        x.double()
+    )
     offset = space.log_prob_offset(D)
     torch.testing.assert_close(model.log_prob(y) + offset, truth, rtol=0, atol=1e-4)
     result = evaluate(model, y, log_prob_offset=offset, iw_samples=[1, 10])
@@ -140,7 +143,9 @@ def test_linear_model_trains_on_vectors_and_reports_original_units():
     with torch.no_grad():
         scale = torch.diag(space.std)
         cov_y = (model.W @ model.W.T + torch.diag(model.noise_variance)).double()
-        truth = MultivariateNormal(space.mean + space.std * model.b.double(), scale @ cov_y @ scale).log_prob(x[500:].double())
+        truth = MultivariateNormal(space.mean + space.std * model.b.double(), scale @ cov_y @ scale).log_prob(
+            x[500:].double()
+        )
     assert result["nll_exact"] == pytest.approx(-truth.mean().item(), abs=1e-3)
     assert result["elbo"] <= -result["nll_exact"] + 1e-4  # a bound in the same units
     assert result["nll_iw"] == pytest.approx(result["nll_exact"], abs=0.5)
@@ -155,8 +160,11 @@ def test_vae_trains_on_vectors_and_bounds_shift_with_the_scaling(likelihood):
     results = []
     for factor in (1.0, 10.0):  # the same standardized data, in other units: every number moves by -D log(factor)
         sp = fit_real_space((factor * x[:500]).split(100))
-        results.append(evaluate(model, sp.eval_data(factor * x[500:]), log_prob_offset=sp.log_prob_offset(D),
-                                iw_samples=[10], seed=3))
+        results.append(
+            evaluate(
+                model, sp.eval_data(factor * x[500:]), log_prob_offset=sp.log_prob_offset(D), iw_samples=[10], seed=3
+            )
+        )
     for key in ("elbo", "reconstruction"):
         assert results[1][key] - results[0][key] == pytest.approx(-D * math.log(10), abs=1e-3)
     assert results[1]["nll_iw"] - results[0]["nll_iw"] == pytest.approx(D * math.log(10), abs=1e-3)
@@ -187,15 +195,21 @@ def test_vae_refuses_image_likelihoods_on_vectors_at_config_time(likelihood):
         VAEConfig(data_shape=(D,), likelihood=likelihood)
 
 
-@pytest.mark.parametrize("name, values, what", [
-    ("vae", {"architecture": "conv", "likelihood": "gaussian"}, "the conv architecture"),
-    ("hvae", {"likelihood": "gaussian"}, "the hvae"),
-    ("hvae", {"hvae_type": "ladder", "likelihood": "gaussian"}, "the hvae"),
-    ("diffusion", {}, "the diffusion model"),
-])
+@pytest.mark.parametrize(
+    "name, values, what",
+    [
+        ("vae", {"architecture": "conv", "likelihood": "gaussian"}, "the conv architecture"),
+        ("hvae", {"likelihood": "gaussian"}, "the hvae"),
+        ("hvae", {"hvae_type": "ladder", "likelihood": "gaussian"}, "the hvae"),
+        ("diffusion", {}, "the diffusion model"),
+    ],
+)
 def test_image_only_models_name_the_shape_they_take(name, values, what):
-    with pytest.raises(ElboxError, match=f"{what} takes images: data_shape must be \\(channels, height, width\\), "
-                                         r"got \(5,\); vectors \(D,\) go to the gaussian"):
+    with pytest.raises(
+        ElboxError,
+        match=f"{what} takes images: data_shape must be \\(channels, height, width\\), "
+        r"got \(5,\); vectors \(D,\) go to the gaussian",
+    ):
         build_model(name, {"data_shape": [D], **values})
 
 
@@ -236,14 +250,17 @@ def test_fit_real_space_names_the_row_and_column_of_a_non_finite_value(bad):
         fit_real_space(x.split(10))
 
 
-@pytest.mark.parametrize("batches, message", [
-    ([], "from 0 example"),
-    ([torch.ones(1, D)], "from 1 example"),
-    ([torch.zeros(4, D, dtype=torch.uint8)], "float vectors"),
-    ([torch.zeros(4, D, 2)], r"vectors \[B, D\], got shape \(4, 5, 2\)"),
-    ([torch.randn(4, D), torch.randn(4, D + 1)], r"vectors \[B, 5\], got shape \(4, 6\)"),
-    (["no"], "float vectors"),
-])
+@pytest.mark.parametrize(
+    "batches, message",
+    [
+        ([], "from 0 example"),
+        ([torch.ones(1, D)], "from 1 example"),
+        ([torch.zeros(4, D, dtype=torch.uint8)], "float vectors"),
+        ([torch.zeros(4, D, 2)], r"vectors \[B, D\], got shape \(4, 5, 2\)"),
+        ([torch.randn(4, D), torch.randn(4, D + 1)], r"vectors \[B, 5\], got shape \(4, 6\)"),
+        (["no"], "float vectors"),
+    ],
+)
 def test_fit_real_space_bad_input(batches, message):
     with pytest.raises(ElboxError, match=message):
         fit_real_space(batches)
@@ -281,19 +298,31 @@ def test_real_space_record_round_trip():
     assert space_from_record({"space": "continuous"}).name == "continuous"
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: get_data_space("real"), r"fitted to the training data.*\(got nothing\): build it with fit_real_space"),
-    (lambda: get_data_space("binary", mean=[0.0]), "'binary' takes no parameters, got mean"),
-    (lambda: space_from_record({"space": "real"}), "fitted to the training data"),
-    (lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0]}}), r"fitted to the training data.*\(got mean\)"),
-    (lambda: space_from_record({"space": "real", "scaling": [1]}), "must be a JSON object"),
-    (lambda: space_from_record({"name": "x"}), "names no data space"),
-    (lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0, 1.0], "std": [1.0, 0.0]}}), "> 0.*column 1"),
-    (lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0], "std": [1.0, 2.0]}}), "mean has 1 values"),
-    (lambda: space_from_record({"space": "real", "scaling": {"mean": ["a"], "std": [1.0]}}), "list of numbers"),
-    (lambda: space_from_record({"space": "real", "scaling": {"mean": [], "std": []}}), "non-empty"),
-    (lambda: RealSpace([0.0, float("nan")], [1.0, 1.0]), "mean is nan in column 1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: get_data_space("real"), r"fitted to the training data.*\(got nothing\): build it with fit_real_space"),
+        (lambda: get_data_space("binary", mean=[0.0]), "'binary' takes no parameters, got mean"),
+        (lambda: space_from_record({"space": "real"}), "fitted to the training data"),
+        (
+            lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0]}}),
+            r"fitted to the training data.*\(got mean\)",
+        ),
+        (lambda: space_from_record({"space": "real", "scaling": [1]}), "must be a JSON object"),
+        (lambda: space_from_record({"name": "x"}), "names no data space"),
+        (
+            lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0, 1.0], "std": [1.0, 0.0]}}),
+            "> 0.*column 1",
+        ),
+        (
+            lambda: space_from_record({"space": "real", "scaling": {"mean": [0.0], "std": [1.0, 2.0]}}),
+            "mean has 1 values",
+        ),
+        (lambda: space_from_record({"space": "real", "scaling": {"mean": ["a"], "std": [1.0]}}), "list of numbers"),
+        (lambda: space_from_record({"space": "real", "scaling": {"mean": [], "std": []}}), "non-empty"),
+        (lambda: RealSpace([0.0, float("nan")], [1.0, 1.0]), "mean is nan in column 1"),
+    ],
+)
 def test_real_space_bad_records(call, message):
     with pytest.raises(ElboxError, match=message):
         call()

@@ -25,8 +25,9 @@ def seconds(threads: int, steps: int, compiled: bool) -> tuple[float, float]:
     """(seconds per training step of batch 100, seconds to validate 10,000 images)."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model("hvae", {"data_shape": [1, 28, 28], "hvae_type": "conv-skip", "logvar_bounds": [-6.0, 2.0],
-                                 "weight_init": "he"})
+    model = build_model(
+        "hvae", {"data_shape": [1, 28, 28], "hvae_type": "conv-skip", "logvar_bounds": [-6.0, 2.0], "weight_init": "he"}
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, fused=True)
     x = (torch.rand(100, 1, 28, 28) < 0.3).float()
 
@@ -65,10 +66,17 @@ def main() -> None:
     for mode in ("eager", "compiled"):
         step, validation = seconds(args.threads, args.steps, mode == "compiled")
         epoch = 500 * step + validation
-        result[mode] = {"step_s": step, "validation_s": validation, "epoch_s": epoch,
-                        "hours_for_epochs": {str(n): n * epoch / 3600 for n in args.epochs}}
-        print(f"{mode:8s} {step:.2f} s a step, {epoch / 60:.1f} min an epoch, "
-              + ", ".join(f"{n} epochs {n * epoch / 3600:.0f} h" for n in args.epochs), flush=True)
+        result[mode] = {
+            "step_s": step,
+            "validation_s": validation,
+            "epoch_s": epoch,
+            "hours_for_epochs": {str(n): n * epoch / 3600 for n in args.epochs},
+        }
+        print(
+            f"{mode:8s} {step:.2f} s a step, {epoch / 60:.1f} min an epoch, "
+            + ", ".join(f"{n} epochs {n * epoch / 3600:.0f} h" for n in args.epochs),
+            flush=True,
+        )
     out = ROOT / "benchmarks" / "results" / f"reproduce-convhvae-cost-{time.strftime('%Y-%m-%d')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -23,8 +23,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parents[1] / "benchmarks" / "results"
 ELBOX = [sys.executable, "-m", "elbox"]
 # Norouzi et al. (2020), Table 1, Fashion-MNIST column: test NLL in nats (importance sampling, K = 5000)
-REFERENCE = {"vae": ("VAE, Gaussian prior", 228.70, 0.15), "vae-vamp": ("VAE, VampPrior", 227.35, 0.05),
-             "hvae": ("2-level HVAE, Gaussian prior", 227.37, 0.1), "hvae-vamp": ("2-level HVAE, VampPrior", 226.72, 0.08)}
+REFERENCE = {
+    "vae": ("VAE, Gaussian prior", 228.70, 0.15),
+    "vae-vamp": ("VAE, VampPrior", 227.35, 0.05),
+    "hvae": ("2-level HVAE, Gaussian prior", 227.37, 0.1),
+    "hvae-vamp": ("2-level HVAE, VampPrior", 226.72, 0.08),
+}
 
 
 def run(command: list[str]) -> None:
@@ -37,12 +41,35 @@ def train(row: str, runs: Path, threads: int) -> None:
     if (out / "config.json").is_file():
         run([*ELBOX, "train", "--resume", out, "--threads", str(threads), "--no-progress"])
     else:
-        run([*ELBOX, "train", "--config", HERE / f"{row}.json", "--out", out, "--threads", str(threads), "--no-progress"])
+        run(
+            [
+                *ELBOX,
+                "train",
+                "--config",
+                HERE / f"{row}.json",
+                "--out",
+                out,
+                "--threads",
+                str(threads),
+                "--no-progress",
+            ]
+        )
 
 
 def evaluate(row: str, runs: Path) -> None:
-    run([*ELBOX, "evaluate", runs / row, "--iw-samples", "1", "5000", "--no-progress",
-         "--json", RESULTS / f"reproduce-{row}.json"])
+    run(
+        [
+            *ELBOX,
+            "evaluate",
+            runs / row,
+            "--iw-samples",
+            "1",
+            "5000",
+            "--no-progress",
+            "--json",
+            RESULTS / f"reproduce-{row}.json",
+        ]
+    )
 
 
 def row_facts(row: str, runs: Path) -> dict:
@@ -52,22 +79,34 @@ def row_facts(row: str, runs: Path) -> dict:
     epochs = [r for r in records if r.get("kind") == "epoch"]
     best = max(epochs, key=lambda r: r["val_elbo"]) if epochs else None
     evaluated = RESULTS / f"reproduce-{row}.json"
-    return {"epochs": len(epochs), "best_epoch": best and best["epoch"],
-            "hours": sum(r.get("epoch_time_s", 0) for r in epochs) / 3600,
-            "result": json.loads(evaluated.read_text()) if evaluated.is_file() else None}
+    return {
+        "epochs": len(epochs),
+        "best_epoch": best and best["epoch"],
+        "hours": sum(r.get("epoch_time_s", 0) for r in epochs) / 3600,
+        "result": json.loads(evaluated.read_text()) if evaluated.is_file() else None,
+    }
 
 
 def table(runs: Path) -> str:
-    lines = ["| model | data | metric | obtained | reference | epochs (best) | training time, 2-core CPU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | data | metric | obtained | reference | epochs (best) | training time, 2-core CPU |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row, (name, value, stderr) in REFERENCE.items():
         facts = row_facts(row, runs)
         result = facts["result"]
-        obtained = (f"{result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f}" if result else
-                    "not evaluated yet" if facts["epochs"] else "not run yet")
+        obtained = (
+            f"{result['nll_iw']:.2f} ± {result['nll_iw_stderr']:.2f}"
+            if result
+            else "not evaluated yet"
+            if facts["epochs"]
+            else "not run yet"
+        )
         epochs = f"{facts['epochs']} ({facts['best_epoch']})" if facts["epochs"] else "-"
-        lines.append(f"| {name} | Fashion-MNIST, dynamically binarized | NLL, IWAE K = 5000 | {obtained} | "
-                     f"{value:.2f} ± {stderr} | {epochs} | {facts['hours']:.1f} h |")
+        lines.append(
+            f"| {name} | Fashion-MNIST, dynamically binarized | NLL, IWAE K = 5000 | {obtained} | "
+            f"{value:.2f} ± {stderr} | {epochs} | {facts['hours']:.1f} h |"
+        )
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Time per epoch of elbox against the reference implementation (the Exemplar VAE code of Norouzi et al. 2020, built on
 Tomczak & Welling's VampPrior code) on the identical model, side by side in one run, on this CPU.
 
-    python benchmarks/reproduce/speed_vs_reference.py --reference DIR --python VENV/bin/python [--epochs 3] [--threads 1]
+    python benchmarks/reproduce/speed_vs_reference.py --reference DIR --python VENV/bin/python [--epochs 3] [--threads
+    1]
 
 DIR is a checkout of sajadn/Exemplar-VAE; VENV a virtual environment outside the project with torch, numpy, scipy,
 matplotlib and wget (its requirements). The script copies DIR, patches only what today's machine needs (its data
@@ -32,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"vae": "vae", "hvae": "hvae_2level"}  # elbox config -> the reference's --model_name
 LOADER = "utils/load_data/data_loader_instances.py"
-IDX_READER = '''import gzip, types, torch
+IDX_READER = """import gzip, types, torch
 FMNIST_DIR = os.environ.get('FMNIST_DIR', '/usr/share/datasets/fashion-mnist')
 def _idx(path, offset):
     with gzip.open(path, 'rb') as f:
@@ -42,7 +43,7 @@ def _fashion(train):
     x = torch.from_numpy(_idx(os.path.join(FMNIST_DIR, pre + '-images-idx3-ubyte.gz'), 16).reshape(-1, 28, 28).copy())
     y = torch.from_numpy(_idx(os.path.join(FMNIST_DIR, pre + '-labels-idx1-ubyte.gz'), 8).astype(np.int64))
     return types.SimpleNamespace(data=x, train_labels=y, test_labels=y, targets=y)
-'''
+"""
 
 
 def patched_reference(source: Path, into: Path) -> Path:
@@ -62,17 +63,40 @@ def patched_reference(source: Path, into: Path) -> Path:
 def reference_epochs(python: str, reference: Path, model: str, epochs: int, env: dict) -> list[float]:
     """Seconds per epoch (training and validation) as the reference prints them ("Epoch: i/N, Time elapsed: Xs")."""
     with tempfile.TemporaryDirectory() as snapshots:
-        out = subprocess.run([python, "density_estimation.py", "--dataset_name", "fashion_mnist", "--model_name", model,
-                              "--prior", "standard", "--epochs", str(epochs), "--S", "1", "--base_dir", snapshots + "/"],
-                             cwd=reference, env=env, capture_output=True, text=True, timeout=3600)
+        out = subprocess.run(
+            [
+                python,
+                "density_estimation.py",
+                "--dataset_name",
+                "fashion_mnist",
+                "--model_name",
+                model,
+                "--prior",
+                "standard",
+                "--epochs",
+                str(epochs),
+                "--S",
+                "1",
+                "--base_dir",
+                snapshots + "/",
+            ],
+            cwd=reference,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=3600,
+        )
     times = [float(t) for t in re.findall(r"Epoch: \d+/\d+, Time elapsed: ([0-9.]+)s", out.stdout)]
     if len(times) != epochs:
-        raise SystemExit(f"the reference {model} run printed {len(times)} epoch times:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        raise SystemExit(
+            f"the reference {model} run printed {len(times)} epoch times:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
+        )
     return times
 
 
 def elbox_epochs(config: Path, epochs: int, threads: int, compile_: bool) -> list[float]:
-    """Seconds per epoch (training and validation) of `elbox train --config CONFIG`, from one epoch record to the next."""
+    """Seconds per epoch (training and validation) of `elbox train --config CONFIG`, from one epoch record to the
+    next."""
     code = f"""
 import json, sys, time, torch, elbox
 from elbox.training.workflows import run_settings
@@ -111,8 +135,14 @@ def cpu_model() -> str:
 
 
 def cpu_flags() -> list[str]:
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
     return [f for f in flags if f.startswith(("avx", "fma", "amx"))]
 
 
@@ -130,21 +160,43 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         reference = patched_reference(args.reference, Path(scratch) / "reference")
         for model in args.models:
-            ours = elbox_epochs(ROOT / "benchmarks" / "reproduce" / f"{model}.json", args.epochs, args.threads, args.compile)
+            ours = elbox_epochs(
+                ROOT / "benchmarks" / "reproduce" / f"{model}.json", args.epochs, args.threads, args.compile
+            )
             theirs = reference_epochs(args.python, reference, MODELS[model], args.epochs, env)
             mean_ours, mean_theirs = statistics.mean(ours[1:] or ours), statistics.mean(theirs[1:] or theirs)
-            rows[model] = {"elbox_s_per_epoch": ours, "reference_s_per_epoch": theirs,
-                           "elbox_mean_s": mean_ours, "reference_mean_s": mean_theirs, "speedup": mean_theirs / mean_ours}
-            print(f"{model:5s}  elbox {mean_ours:6.2f} s/epoch   reference {mean_theirs:6.2f} s/epoch   "
-                  f"elbox is {mean_theirs / mean_ours:.2f}x as fast", flush=True)
+            rows[model] = {
+                "elbox_s_per_epoch": ours,
+                "reference_s_per_epoch": theirs,
+                "elbox_mean_s": mean_ours,
+                "reference_mean_s": mean_theirs,
+                "speedup": mean_theirs / mean_ours,
+            }
+            print(
+                f"{model:5s}  elbox {mean_ours:6.2f} s/epoch   reference {mean_theirs:6.2f} s/epoch   "
+                f"elbox is {mean_theirs / mean_ours:.2f}x as fast",
+                flush=True,
+            )
     import torch
 
-    result = {"what": "seconds per epoch (50,000 training + 10,000 validation images), mean over epochs 2..N",
-              "cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": args.threads, "epochs": args.epochs,
-              "elbox_compile": args.compile, "matmul_gflops_1_thread": matmul_rate(args.threads),
-              "torch": torch.__version__, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "models": rows}
-    out = ROOT / "benchmarks" / "results" / f"reproduce-speed-{time.strftime('%Y-%m-%d')}{'-compile' if args.compile else ''}.json"
+    result = {
+        "what": "seconds per epoch (50,000 training + 10,000 validation images), mean over epochs 2..N",
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "elbox_compile": args.compile,
+        "matmul_gflops_1_thread": matmul_rate(args.threads),
+        "torch": torch.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "models": rows,
+    }
+    out = (
+        ROOT
+        / "benchmarks"
+        / "results"
+        / f"reproduce-speed-{time.strftime('%Y-%m-%d')}{'-compile' if args.compile else ''}.json"
+    )
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

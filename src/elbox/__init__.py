@@ -6,9 +6,10 @@ The public API:
     elbox.evaluate(model, data, iw_samples=[...]) -> dict what `elbox evaluate` prints
     elbox.load(directory) -> model                        a run directory or save_pretrained output
     elbox.save_pretrained(model, directory)               config.json + model.safetensors
-    elbox.sample / score / encode                         using a trained model (elbox.inference)
+    elbox.sample / score / encode                         using a trained model (elbox.evaluation.inference)
     elbox.ood(run, outliers) -> dict                      out-of-distribution detection by every anomaly score
-    elbox.anomaly_scores(run, data, methods)              per-example anomaly scores and p-values (elbox.detection)
+    elbox.anomaly_scores(run, data, methods)              per-example anomaly scores and p-values
+    (elbox.evaluation.detection)
 Model names and config classes: elbox.models.
 
 The names load on first use (a module __getattr__): `import elbox` and `elbox --help` do not import torch.
@@ -20,32 +21,58 @@ import importlib
 import os
 from typing import TYPE_CHECKING
 
-from elbox.threads import apply_wait_policy
+from elbox.core.threads import apply_wait_policy
 
-wait_policy_in_effect = apply_wait_policy()  # before anything imports torch (elbox.threads explains why)
+wait_policy_in_effect = apply_wait_policy()  # before anything imports torch (elbox.core.threads explains why)
 
-from elbox.errors import ElboxError  # (no torch)
+from elbox.core.errors import ElboxError  # noqa: E402 (no torch)
+from elbox.core.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
-    from elbox.checkpoint import save_pretrained
-    from elbox.detection import anomaly_scores, ood
-    from elbox.inference import encode, sample, score
+    from elbox.evaluation.detection import anomaly_scores, ood
+    from elbox.evaluation.inference import encode, sample, score
+    from elbox.evaluation.runs import evaluate
+    from elbox.io.checkpoint import save_pretrained
+    from elbox.io.run_config import TrainConfig
     from elbox.models import MODELS, LatentVariableModel, register_model
-    from elbox.training.config import TrainConfig
-    from elbox.training.run_evaluation import evaluate
-    from elbox.training.workflows import Run, fit, resume
+    from elbox.training.resuming import resume
+    from elbox.training.workflows import Run, fit
 
-__version__ = "0.1.0"
 __all__ = [
-    "ElboxError", "LatentVariableModel", "MODELS", "Run", "TrainConfig", "__version__", "anomaly_scores", "encode",
-    "evaluate", "fit", "load", "ood", "register_model", "resume", "sample", "save_pretrained", "score",
+    "ElboxError",
+    "LatentVariableModel",
+    "MODELS",
+    "Run",
+    "TrainConfig",
+    "__version__",
+    "anomaly_scores",
+    "encode",
+    "evaluate",
+    "fit",
+    "load",
+    "ood",
+    "register_model",
+    "resume",
+    "sample",
+    "save_pretrained",
+    "score",
 ]
 
 _LAZY = {  # public name -> the module that defines it, imported when the name is first used
-    "save_pretrained": "elbox.checkpoint", "encode": "elbox.inference", "sample": "elbox.inference",
-    "score": "elbox.inference", "MODELS": "elbox.models", "LatentVariableModel": "elbox.models",
-    "register_model": "elbox.models", "TrainConfig": "elbox.training.config", "Run": "elbox.training.workflows",
-    "evaluate": "elbox.training.run_evaluation", "ood": "elbox.detection", "anomaly_scores": "elbox.detection", "fit": "elbox.training.workflows", "resume": "elbox.training.workflows",
+    "save_pretrained": "elbox.io.checkpoint",
+    "encode": "elbox.evaluation.inference",
+    "sample": "elbox.evaluation.inference",
+    "score": "elbox.evaluation.inference",
+    "MODELS": "elbox.models",
+    "LatentVariableModel": "elbox.models",
+    "register_model": "elbox.models",
+    "TrainConfig": "elbox.io.run_config",
+    "Run": "elbox.training.workflows",
+    "evaluate": "elbox.evaluation.runs",
+    "ood": "elbox.evaluation.detection",
+    "anomaly_scores": "elbox.evaluation.detection",
+    "fit": "elbox.training.workflows",
+    "resume": "elbox.training.resuming",
 }
 
 
@@ -65,6 +92,6 @@ def load(directory: str | os.PathLike, device: str = "cpu", **modules):
     """Load a model saved by `elbox.save_pretrained` or trained by `elbox train` / `elbox.fit` (a run directory), in
     eval mode. Reads safetensors and JSON only; never unpickles. modules: the user-written networks a model was
     built with (e.g. encoder=..., decoder=... for a VAE with custom networks), which the config names."""
-    from elbox.checkpoint import load_run
+    from elbox.io.checkpoint import load_run
 
     return load_run(directory, device, **modules)[0]

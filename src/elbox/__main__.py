@@ -2,6 +2,6 @@
 
 import sys
 
-from elbox.cli import main
+from elbox.cli.main import main
 
 sys.exit(main())

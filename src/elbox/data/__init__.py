@@ -13,7 +13,7 @@ The names below are re-exported here. Module settings are not: patch them where 
 (elbox.data.sources.SYSTEM_DATA_DIRS, elbox.data.sources.DOWNLOAD_TIMEOUT_S).
 """
 
-from elbox.data.formats import CIFAR_CLASSES, read_idx
+from elbox.data.dataset_files import CIFAR_CLASSES, read_idx
 from elbox.data.sources import (
     CIFAR10_FILES,
     CIFAR_BINARY,

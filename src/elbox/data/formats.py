@@ -1,13 +1,5 @@
-"""Reading file formats: IDX files, CIFAR-10 binary batches, users' .npy/.npz arrays and the images users give
-to `elbox score`.
-
-IDX files (fashion-mnist, mnist): uint8 arrays, plain or gzipped (recognized by the gzip magic bytes;
-a file named .gz must be gzipped), checked structurally: header, dtype, dims against the payload size. The
-header's dims fix how many bytes are read, so a gzip bomb is refused without being expanded.
-
-CIFAR-10 binary batches (the binary version's .bin files; the Python version is never read, so nothing
-is ever unpickled): fixed-size records of one label byte and the image's pixel bytes, checked for whole
-records, the expected record count and labels 0-9.
+"""Reading users' files: .npy/.npz arrays and the images users give to `elbox score` (the built-in datasets' IDX and
+CIFAR-10 files: elbox.data.dataset_files).
 
 Users' arrays (`open_array`): .npy files and .npz archives, never unpickled, their headers checked against the
 file before anything is allocated, memory-mapped where stored uncompressed. 8-bit values are checked chunk by
@@ -21,12 +13,11 @@ User input to `elbox score` (elbox.data.user.read_images), all holding 8-bit ima
 Arrays may be integers 0..255, or floats in [0, 1] on the 8-bit grid k/255 (binary {0, 1} arrays included),
 shaped [N, C, H, W], [N, H, W] (one channel) or [N, H, W, C] (channels last); `to_8bit_tensor` checks them
 against a model's data shape. The images then go through the run's data space (binarized or dequantized with
-randomness seeded from each image's own pixels and the given seed, or k/255: elbox.inference).
+randomness seeded from each image's own pixels and the given seed, or k/255: elbox.evaluation.inference).
 """
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import struct
@@ -35,164 +26,14 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
+from elbox.core.errors import ElboxError
+from elbox.core.options import short_repr
+from elbox.core.system import allocatable_bytes, format_bytes
 from elbox.data.user_images import one_line
-from elbox.errors import ElboxError
-from elbox.options import short_repr
-from elbox.system import allocatable_bytes, format_bytes
-
-# ---------------------------------------------------------------------------
-# IDX files
-
-_IDX_DTYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
-_GZIP_MAGIC = b"\x1f\x8b"
-_READ_PIECE = 1 << 20  # bytes read from a stream at a time
-
-
-def _read_bytes(path: Path, kind: str) -> bytes:
-    """Whole file contents; `kind` ("CIFAR batch file") names the file in error messages. A file larger than the
-    memory this process can allocate (allocatable_bytes) is refused before reading."""
-    try:
-        size, (room, limit) = path.stat().st_size, allocatable_bytes()
-        if size > room:
-            raise ElboxError(f"{kind} {path} is {format_bytes(size)}, more than the {format_bytes(room)} of {limit}")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise ElboxError(f"{kind} not found: {path}") from None
-    except OSError as e:
-        raise ElboxError(f"cannot read {kind} {path}: {e.strerror or e}") from None
-
-
-def _read_at_most(stream: BinaryIO, n: int) -> bytes:
-    """Up to n bytes of `stream`, read in pieces: no more memory is taken than the bytes that arrive."""
-    pieces = []
-    while n > 0 and (piece := stream.read(min(n, _READ_PIECE))):
-        pieces.append(piece)
-        n -= len(piece)
-    return b"".join(pieces)
-
-
-def _read_file_bytes(path: Path) -> bytes:
-    """An IDX file's header and payload, decompressed if gzipped. The header's dims fix the payload's size, and
-    at most one byte more is read: a file holding more (a gzip bomb) is refused without being expanded."""
-    try:
-        with open(path, "rb") as raw:
-            is_gzip = raw.read(2) == _GZIP_MAGIC
-            size = None if is_gzip else os.fstat(raw.fileno()).st_size
-            if size == 0:
-                raise ElboxError(f"IDX file {path} is empty")
-            if path.name.endswith(".gz") and not is_gzip:
-                raise ElboxError(f"IDX file {path} is named .gz but is not a gzip file")
-            raw.seek(0)
-            if not is_gzip:
-                return _read_idx_stream(raw, path, size)
-            try:
-                return _read_idx_stream(gzip.GzipFile(fileobj=raw), path, None)
-            except (OSError, EOFError, zlib.error) as e:
-                raise ElboxError(f"IDX file {path} is a corrupt gzip stream ({one_line(e)})") from None
-    except FileNotFoundError:
-        raise ElboxError(f"IDX file not found: {path}") from None
-    except OSError as e:
-        raise ElboxError(f"cannot read IDX file {path}: {e.strerror or e}") from None
-
-
-def _read_idx_stream(stream: BinaryIO, path: Path, size: int | None) -> bytes:
-    """Header and payload from an IDX stream; `size` is the file's size for a plain file, None for a gzip stream."""
-    header = _read_at_most(stream, 4)
-    if not header:
-        raise ElboxError(f"IDX file {path} is empty (after decompression)")
-    if len(header) == 4:
-        header += _read_at_most(stream, 4 * header[3])
-    dims = _idx_dims(header, path)
-    expected = math.prod(dims)
-    if size is not None and size != len(header) + expected:  # a plain file: its size is known before reading
-        _check_payload_size(size - len(header), expected, dims, path)
-    room, limit = allocatable_bytes()
-    if expected > room:
-        raise ElboxError(f"IDX file {path} declares dims {short_repr(dims)}, {format_bytes(expected)} of data, "
-                         f"more than the {format_bytes(room)} of {limit}")
-    payload = _read_at_most(stream, expected + 1)
-    if len(payload) > expected:
-        raise ElboxError(f"IDX file {path} holds more than the {expected} bytes of data its dims {short_repr(dims)} "
-                         "declare (read after decompression); refused as corrupt or a decompression bomb")
-    _check_payload_size(len(payload), expected, dims, path)
-    return header + payload
-
-
-def _idx_dims(data: bytes, path: Path) -> tuple[int, ...]:
-    """The dims an IDX header (the start of `data`) declares, after checking its magic number and dtype."""
-    if len(data) < 4:
-        raise ElboxError(f"IDX file {path} is truncated: {len(data)} bytes, too short for a header")
-    if data[:2] != b"\x00\x00":
-        raise ElboxError(f"IDX file {path} has a bad magic number {data[:4].hex()} (expected 0000 then type and ndim)")
-    code, ndim = data[2], data[3]
-    if code != 0x08:
-        kind = _IDX_DTYPES.get(code, "unknown")
-        raise ElboxError(f"IDX file {path} has unsupported dtype code 0x{code:02x} ({kind}); only 0x08 (uint8) is supported")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise ElboxError(f"IDX file {path} is truncated: header needs {header_len} bytes for {ndim} dims, file has {len(data)}")
-    return tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-
-
-def _check_payload_size(found: int, expected: int, dims: tuple[int, ...], path: Path) -> None:
-    if found < expected:
-        raise ElboxError(f"IDX file {path} is truncated: dims {short_repr(dims)} need {expected} data bytes, found {found}")
-    if found > expected:
-        raise ElboxError(f"IDX file {path} has {found - expected} trailing bytes after the data for dims {short_repr(dims)}")
-
-
-def _parse_idx(data: bytes, path: Path) -> np.ndarray:
-    """Parse IDX bytes (header + payload) into a read-only array."""
-    dims = _idx_dims(data, path)
-    header_len = 4 + 4 * len(dims)
-    _check_payload_size(len(data) - header_len, math.prod(dims), dims, path)
-    return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(dims)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read a uint8 IDX file (plain or gzipped) into a read-only numpy array."""
-    path = Path(path)
-    return _parse_idx(_read_file_bytes(path), path)
-
-
-# ---------------------------------------------------------------------------
-# CIFAR-10 binary batch files
-
-CIFAR_CLASSES = 10
-
-
-def _parse_cifar_batch(data: bytes, path: Path, image_shape: tuple[int, ...], expected_records: int) -> np.ndarray:
-    """Check a CIFAR binary batch; return its records as a read-only uint8 array [N, 1 + C*H*W].
-
-    Each record is one label byte (0-9) and then the image channel by channel (for CIFAR-10:
-    1024 red, 1024 green, 1024 blue bytes), each channel a row-major 32x32 plane.
-    """
-    record = 1 + math.prod(image_shape)
-    if not data:
-        raise ElboxError(f"CIFAR batch file {path} is empty")
-    if len(data) % record:
-        raise ElboxError(
-            f"CIFAR batch file {path} is truncated or corrupt: {len(data)} bytes is not a whole number of "
-            f"{record}-byte records (1 label byte + {record - 1} pixel bytes)"
-        )
-    n = len(data) // record
-    if n != expected_records:
-        raise ElboxError(f"CIFAR batch file {path} holds {n} records, expected {expected_records}")
-    records = np.frombuffer(data, dtype=np.uint8).reshape(n, record)
-    bad = np.flatnonzero(records[:, 0] >= CIFAR_CLASSES)
-    if bad.size:
-        i = int(bad[0])
-        raise ElboxError(
-            f"CIFAR batch file {path} is corrupt: record {i} has label byte {records[i, 0]}, "
-            f"expected 0-{CIFAR_CLASSES - 1}"
-        )
-    return records
-
 
 # ---------------------------------------------------------------------------
 # Users' arrays (.npy, .npz) and images (`elbox score`)
@@ -203,8 +44,21 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _NOT_AN_ARRAY = "is corrupt, truncated or not a plain numeric array (pickled objects are never loaded)"
 # what numpy's header parser and zipfile raise on broken bytes
-_ARRAY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, RuntimeError,
-                 NotImplementedError, struct.error, SyntaxError, TypeError, OverflowError, tokenize.TokenError)
+_ARRAY_ERRORS = (
+    ValueError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    KeyError,
+    RuntimeError,
+    NotImplementedError,
+    struct.error,
+    SyntaxError,
+    TypeError,
+    OverflowError,
+    tokenize.TokenError,
+)
 
 
 def open_array(path: str | os.PathLike, key: str | None = None) -> np.ndarray:
@@ -245,8 +99,9 @@ def _read_npy_header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype, int
     else:
         raise ElboxError(f"{what} is a .npy file of version {version}; versions 1.0 and 2.0 are read")
     if dtype.hasobject:
-        raise ElboxError(f"{what} holds pickled Python objects (dtype {short_repr(str(dtype))}); "
-                         "pickled objects are never loaded")
+        raise ElboxError(
+            f"{what} holds pickled Python objects (dtype {short_repr(str(dtype))}); pickled objects are never loaded"
+        )
     if any(d < 0 for d in shape):
         raise ElboxError(f"{what} {_NOT_AN_ARRAY}: negative dimension in shape {short_repr(shape)}")
     return tuple(shape), bool(fortran), dtype, f.tell()
@@ -255,14 +110,18 @@ def _read_npy_header(f, what: str) -> tuple[tuple[int, ...], bool, np.dtype, int
 def _check_size(shape: tuple[int, ...], dtype: np.dtype, available: int, what: str) -> None:
     need = math.prod(shape) * dtype.itemsize
     if need > available:
-        raise ElboxError(f"{what} is truncated: its header declares shape {short_repr(shape)} of {dtype} "
-                         f"({format_bytes(need)}) but the file holds {format_bytes(max(available, 0))} of data")
+        raise ElboxError(
+            f"{what} is truncated: its header declares shape {short_repr(shape)} of {dtype} "
+            f"({format_bytes(need)}) but the file holds {format_bytes(max(available, 0))} of data"
+        )
 
 
 def _refuse_extra(extra: int, shape: tuple[int, ...], what: str) -> None:
     if extra > 0:
-        raise ElboxError(f"{what} holds more bytes than its header's shape {short_repr(shape)} declares; refused as "
-                         "corrupt or a decompression bomb")
+        raise ElboxError(
+            f"{what} holds more bytes than its header's shape {short_repr(shape)} declares; refused as "
+            "corrupt or a decompression bomb"
+        )
 
 
 def _map(path: Path, shape: tuple[int, ...], fortran: bool, dtype: np.dtype, offset: int) -> np.ndarray:
@@ -295,8 +154,10 @@ def _open_npz(path: Path, key: str | None) -> np.ndarray:
             try:
                 array = np.lib.format.read_array(f, allow_pickle=False)  # reads only the bytes the shape declares
             except MemoryError:
-                raise ElboxError(f"{what} is compressed and its {format_bytes(math.prod(shape) * dtype.itemsize)} "
-                                 f"do not fit in memory; {_STORE_UNCOMPRESSED}") from None
+                raise ElboxError(
+                    f"{what} is compressed and its {format_bytes(math.prod(shape) * dtype.itemsize)} "
+                    f"do not fit in memory; {_STORE_UNCOMPRESSED}"
+                ) from None
             _refuse_extra(len(f.read(1)), shape, what)  # one byte more means it expands beyond: stop there
             return array
 
@@ -312,9 +173,11 @@ def _check_room(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
     stored, floats = count * dtype.itemsize, count * FLOAT32_BYTES
     room, limit = allocatable_bytes()
     if stored + floats > room:
-        raise ElboxError(f"{what} is compressed and would take {format_bytes(stored + floats)} in memory "
-                         f"({format_bytes(stored)} decompressed, {format_bytes(floats)} as float32), more than the "
-                         f"{format_bytes(room)} of {limit}; {_STORE_UNCOMPRESSED}")
+        raise ElboxError(
+            f"{what} is compressed and would take {format_bytes(stored + floats)} in memory "
+            f"({format_bytes(stored)} decompressed, {format_bytes(floats)} as float32), more than the "
+            f"{format_bytes(room)} of {limit}; {_STORE_UNCOMPRESSED}"
+        )
 
 
 def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
@@ -329,15 +192,17 @@ def _pick_npz_array(names: list[str], key: str | None, path: Path) -> str:
             return name
     if not names:
         raise ElboxError(f"input {path} holds no arrays")
-    raise ElboxError(f"input {path} holds arrays {short_repr(names)}; pick one by key, or name the images (or "
-                     f"vectors) {' or '.join(repr(k) for k in NPZ_KEYS)}, or store one array")
+    raise ElboxError(
+        f"input {path} holds arrays {short_repr(names)}; pick one by key, or name the images (or "
+        f"vectors) {' or '.join(repr(k) for k in NPZ_KEYS)}, or store one array"
+    )
 
 
 def row_chunks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) in pieces of about CHUNK_ELEMENTS values, each read into memory."""
     step = max(1, CHUNK_ELEMENTS // max(1, math.prod(array.shape[1:])))
     for start in range(0, len(array), step):
-        yield start, np.asarray(array[start:start + step])
+        yield start, np.asarray(array[start : start + step])
 
 
 def first_true(mask: np.ndarray, start: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -362,8 +227,13 @@ def check_8bit_values(array: np.ndarray, what: str) -> None:
             _refuse_first(~np.isfinite(chunk), chunk, start, what, "; give finite values (NaN or infinite found)")
             _refuse_first((chunk < 0) | (chunk > 1), chunk, start, what, "; floats must lie in [0, 1] (k/255)")
             scaled = chunk.astype(np.float64) * 255
-            _refuse_first(np.abs(scaled - np.round(scaled)) > 1e-3, chunk, start, what,
-                          ", off the 8-bit grid k/255 of 8-bit images (round them to it: (x * 255).round() / 255)")
+            _refuse_first(
+                np.abs(scaled - np.round(scaled)) > 1e-3,
+                chunk,
+                start,
+                what,
+                ", off the 8-bit grid k/255 of 8-bit images (round them to it: (x * 255).round() / 255)",
+            )
         else:
             _refuse_first((chunk < 0) | (chunk > 255), chunk, start, what, "; 8-bit images need integers 0..255")
 
@@ -392,8 +262,10 @@ def image_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
         return tuple(shape[1:])
     if len(shape) == 4 and shape[3] in (1, 3):
         return (shape[3], shape[1], shape[2])
-    raise ElboxError(f"{what} has shape {short_repr(tuple(shape))}; give images as [N, H, W], [N, C, H, W] or "
-                     "[N, H, W, C] with 1 or 3 channels")
+    raise ElboxError(
+        f"{what} has shape {short_repr(tuple(shape))}; give images as [N, H, W], [N, C, H, W] or "
+        "[N, H, W, C] with 1 or 3 channels"
+    )
 
 
 def _layouts(c: int, h: int, w: int) -> dict[tuple[int, ...], str]:
@@ -423,16 +295,22 @@ def to_8bit_tensor(array: np.ndarray, data_shape: tuple[int, ...], what: str) ->
         raise ElboxError(f"{what} is empty: no images to score")
     shape = tuple(array.shape[1:])
     if shape not in layouts:
-        raise ElboxError(f"{what} has images of shape {short_repr(shape)}; the model takes {(c, h, w)}"
-                         + (f" or {(h, w)}" if c == 1 else f" or channels last {(h, w, c)}"))
+        raise ElboxError(
+            f"{what} has images of shape {short_repr(shape)}; the model takes {(c, h, w)}"
+            + (f" or {(h, w)}" if c == 1 else f" or channels last {(h, w, c)}")
+        )
     check_8bit_values(array, what)  # before the layout changes, so that the index named is the array's own
-    array = {"hw": lambda a: a[:, None], "hwc": lambda a: np.moveaxis(a, -1, 1), "chw": lambda a: a}[layouts[shape]](array)
+    array = {"hw": lambda a: a[:, None], "hwc": lambda a: np.moveaxis(a, -1, 1), "chw": lambda a: a}[layouts[shape]](
+        array
+    )
     images = torch.from_numpy(_uint8_shared(array))
     if images.shape[1] == 3 and c == 1:
         unequal = (images[:, 1:] != images[:, :1]).flatten(1).any(1)
         if unequal.any():
-            raise ElboxError(f"{what} has RGB images (image {int(unequal.nonzero()[0])}: shape {short_repr(shape)}); "
-                             f"the model takes grayscale images {(c, h, w)}: convert them first (e.g. Pillow's "
-                             "Image.convert('L'))")
+            raise ElboxError(
+                f"{what} has RGB images (image {int(unequal.nonzero()[0])}: shape {short_repr(shape)}); "
+                f"the model takes grayscale images {(c, h, w)}: convert them first (e.g. Pillow's "
+                "Image.convert('L'))"
+            )
         images = images[:, :1].contiguous()
     return images.expand(-1, c, -1, -1).contiguous() if images.shape[1] != c else images

@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from elbox.core.errors import ElboxError
 from elbox.data.formats import image_shape, to_8bit_tensor
 from elbox.data.sources import dataset_names
 from elbox.data.splits import load_split
 from elbox.data.user import open_source
 from elbox.data.user_images import item_index, one_line
 from elbox.data.user_tables import Table
-from elbox.errors import ElboxError
 
 BUILTIN_VALIDATION = "last 5000 of the official training set"
 HELD_OUT_FRACTION = 0.1
@@ -38,8 +38,10 @@ def as_examples(data: Any, what: str) -> Tensor:
     if isinstance(data, Tensor):
         data = tensor_array(data, what)
     if not isinstance(data, np.ndarray):
-        raise ElboxError(f"{what}: give a built-in dataset name, a path, a tensor, a NumPy array or a torch Dataset, "
-                         f"got {type(data).__name__}")
+        raise ElboxError(
+            f"{what}: give a built-in dataset name, a path, a tensor, a NumPy array or a torch Dataset, "
+            f"got {type(data).__name__}"
+        )
     if data.ndim == 2:
         return vector_tensor(data, what)
     return to_8bit_tensor(data, image_shape(data.shape, what), what)
@@ -57,13 +59,17 @@ def vector_tensor(data: np.ndarray, what: str) -> Tensor:
 def tensor_array(data: Tensor, what: str) -> np.ndarray:
     """A tensor's values as a NumPy array (sharing a CPU tensor's memory)."""
     if data.is_meta:
-        raise ElboxError(f"{what} is a tensor on the meta device, of shape {tuple(data.shape)}: it has no values; give "
-                         "a tensor that holds the data")
+        raise ElboxError(
+            f"{what} is a tensor on the meta device, of shape {tuple(data.shape)}: it has no values; give "
+            "a tensor that holds the data"
+        )
     try:
         return data.detach().cpu().numpy()
     except (TypeError, RuntimeError) as e:
-        raise ElboxError(f"{what}: a tensor of {data.dtype} ({data.layout}) cannot be read as data ({one_line(e)}); "
-                         "give a dense tensor of integers or floats") from None
+        raise ElboxError(
+            f"{what}: a tensor of {data.dtype} ({data.layout}) cannot be read as data ({one_line(e)}); "
+            "give a dense tensor of integers or floats"
+        ) from None
 
 
 def dataset_array(data: Dataset, what: str) -> np.ndarray:
@@ -75,8 +81,10 @@ def dataset_array(data: Dataset, what: str) -> np.ndarray:
     except TypeError:  # no __len__
         n = None
     if n is None:
-        raise ElboxError(f"{what} is a {type(data).__name__} without a length or indexed items; give a map-style "
-                         "Dataset (__len__ and __getitem__), a tensor or an array")
+        raise ElboxError(
+            f"{what} is a {type(data).__name__} without a length or indexed items; give a map-style "
+            "Dataset (__len__ and __getitem__), a tensor or an array"
+        )
     if n == 0:
         raise ElboxError(f"{what} is an empty Dataset")
     out = None
@@ -85,15 +93,18 @@ def dataset_array(data: Dataset, what: str) -> np.ndarray:
         if out is None:
             out = np.empty((n, *item.shape), item.dtype)
         elif item.shape != out.shape[1:] or item.dtype != out.dtype:
-            raise ElboxError(f"{what}: Dataset item {i} has shape {tuple(item.shape)} and dtype {item.dtype}, item 0 "
-                             f"{tuple(out.shape[1:])} and {out.dtype}; all examples must have one shape and dtype")
+            raise ElboxError(
+                f"{what}: Dataset item {i} has shape {tuple(item.shape)} and dtype {item.dtype}, item 0 "
+                f"{tuple(out.shape[1:])} and {out.dtype}; all examples must have one shape and dtype"
+            )
         out[i] = item
     try:
         data[n]
     except Exception:  # any failure at index n is the end the length promised
         return out
-    raise ElboxError(f"{what}: the Dataset says it has {n} items (__len__), but item {n} exists too; make __len__ "
-                     "count every item")
+    raise ElboxError(
+        f"{what}: the Dataset says it has {n} items (__len__), but item {n} exists too; make __len__ count every item"
+    )
 
 
 def dataset_item(data: Dataset, i: int, n: int, what: str) -> np.ndarray:
@@ -101,19 +112,23 @@ def dataset_item(data: Dataset, i: int, n: int, what: str) -> np.ndarray:
     try:
         item = data[i]
     except IndexError as e:
-        raise ElboxError(f"{what}: the Dataset says it has {n} items (__len__), but item {i} raised IndexError "
-                         f"({one_line(e)})") from None
+        raise ElboxError(
+            f"{what}: the Dataset says it has {n} items (__len__), but item {i} raised IndexError ({one_line(e)})"
+        ) from None
     item = item[0] if isinstance(item, (tuple, list)) else item
     if isinstance(item, Tensor):
         return tensor_array(item, f"{what} (item {i})")
     try:
         array = np.asarray(item)
     except (TypeError, ValueError) as e:
-        raise ElboxError(f"{what}: Dataset item {i} is a {type(item).__name__}, not an example "
-                         f"({one_line(e)})") from None
+        raise ElboxError(
+            f"{what}: Dataset item {i} is a {type(item).__name__}, not an example ({one_line(e)})"
+        ) from None
     if array.dtype.kind not in "uifb":
-        raise ElboxError(f"{what}: Dataset item {i} is a {type(item).__name__} of dtype {array.dtype}; give tensors or "
-                         "arrays of numbers")
+        raise ElboxError(
+            f"{what}: Dataset item {i} is a {type(item).__name__} of dtype {array.dtype}; give tensors or "
+            "arrays of numbers"
+        )
     return array
 
 
@@ -195,13 +210,23 @@ def check_same_shape(train: Images, val: Images, data: Any, validation: Any) -> 
     train_shape, val_shape = example_shape(train), example_shape(val)
     if train_shape != val_shape:
         names = [f" {x}" if is_path(x) else " (given in memory)" for x in (validation, data)]
-        raise ElboxError(f"the validation data{names[0]} have examples of shape {val_shape}, the training "
-                         f"data{names[1]} {train_shape}; give validation data of the training data's shape")
+        raise ElboxError(
+            f"the validation data{names[0]} have examples of shape {val_shape}, the training "
+            f"data{names[1]} {train_shape}; give validation data of the training data's shape"
+        )
 
 
-def training_data(data: Any, validation: Any = None, data_dir: str | None = None, limit_train: int | None = None,
-                  seed: int = 0, validation_fraction: float = HELD_OUT_FRACTION, image_size: Any = None,
-                  columns: list[str] | None = None, validation_size: int | None = None) -> tuple[Images, Images, dict]:
+def training_data(
+    data: Any,
+    validation: Any = None,
+    data_dir: str | None = None,
+    limit_train: int | None = None,
+    seed: int = 0,
+    validation_fraction: float = HELD_OUT_FRACTION,
+    image_size: Any = None,
+    columns: list[str] | None = None,
+    validation_size: int | None = None,
+) -> tuple[Images, Images, dict]:
     """(training data, validation data, the "data" record of config.json). data: a built-in dataset's name (its
     own validation split); a path (a folder of images, an .npy/.npz array, a .csv/.parquet table: read on demand,
     elbox.data.user); or images given in memory. For paths and images in memory, `validation` gives the validation
@@ -210,17 +235,29 @@ def training_data(data: Any, validation: Any = None, data_dir: str | None = None
     validation data (recorded as such)."""
     if is_builtin(data):
         if validation is not None:
-            raise ElboxError(f"the built-in dataset {data} has its own validation split; give a validation set only "
-                             "with your own data")
+            raise ElboxError(
+                f"the built-in dataset {data} has its own validation split; give a validation set only "
+                "with your own data"
+            )
         train, _ = load_split(data, "train", data_dir, validation_size)
         val, _ = load_split(data, "validation", data_dir, validation_size)
         described = BUILTIN_VALIDATION if validation_size is None else BUILTIN_VALIDATION.replace("5000", str(len(val)))
-        record = {"name": data, "data_dir": data_dir, "validation": described, "limit_train": limit_train,
-                  **({"validation_size": validation_size} if validation_size is not None else {})}
+        record = {
+            "name": data,
+            "data_dir": data_dir,
+            "validation": described,
+            "limit_train": limit_train,
+            **({"validation_size": validation_size} if validation_size is not None else {}),
+        }
         return first(train, limit_train), val, record
     if is_path(data):
         examples = open_source(data, image_size=image_size, columns=columns)
-        record = {"path": str(Path(data).resolve()), "kind": examples.kind, "image_size": image_size, "columns": columns}
+        record = {
+            "path": str(Path(data).resolve()),
+            "kind": examples.kind,
+            "image_size": image_size,
+            "columns": columns,
+        }
         if isinstance(examples, Table):  # new tables are read by these names (elbox.data.preprocessing)
             record["column_names"] = list(examples.names)
     else:
@@ -238,8 +275,11 @@ def training_data(data: Any, validation: Any = None, data_dir: str | None = None
         val = given
     else:
         examples, val, n_val = held_out(examples, validation_fraction, seed)
-        record["validation"] = (f"{n_val} examples held out at random (fraction {validation_fraction}, seed {seed})"
-                                if n_val else "none (fraction 0): the training data")
+        record["validation"] = (
+            f"{n_val} examples held out at random (fraction {validation_fraction}, seed {seed})"
+            if n_val
+            else "none (fraction 0): the training data"
+        )
         record["validation_fraction"] = validation_fraction
         val = val if n_val else first(val, limit_train)  # the training data: as many as are trained on
     record["limit_train"] = limit_train
@@ -250,10 +290,24 @@ def run_data(record: dict, seed: int) -> tuple[Images, Images, dict]:
     """A run's training and validation data again, from the "data" record of its config.json (a built-in dataset or
     paths, with the same held-out examples for the same seed)."""
     if "name" in record:
-        return training_data(record["name"], None, record.get("data_dir"), record.get("limit_train"), seed,
-                             validation_size=record.get("validation_size"))
+        return training_data(
+            record["name"],
+            None,
+            record.get("data_dir"),
+            record.get("limit_train"),
+            seed,
+            validation_size=record.get("validation_size"),
+        )
     if "path" in record:
         validation = None if "validation_fraction" in record else record.get("validation")
-        return training_data(record["path"], validation, None, record.get("limit_train"), seed,
-                             record.get("validation_fraction", HELD_OUT_FRACTION), record.get("image_size"), record.get("columns"))
+        return training_data(
+            record["path"],
+            validation,
+            None,
+            record.get("limit_train"),
+            seed,
+            record.get("validation_fraction", HELD_OUT_FRACTION),
+            record.get("image_size"),
+            record.get("columns"),
+        )
     raise ElboxError("this run was trained on data given in memory; give them again (from Python)")

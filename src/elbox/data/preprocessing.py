@@ -18,11 +18,11 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from elbox.core.errors import ElboxError
 from elbox.data.spaces import DataSpace, get_data_space, space_from_record, space_record
 from elbox.data.user import open_source
 from elbox.data.user_images import parse_image_size
 from elbox.data.user_tables import TABLE_SUFFIXES
-from elbox.errors import ElboxError
 
 
 @dataclass(frozen=True)
@@ -33,11 +33,12 @@ class Preprocessing:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Preprocessing:
-        """From a run's "data" record (checked by elbox.checkpoint.check_data_record). An older run that recorded only
-        the columns it was given (--columns) takes those."""
+        """From a run's "data" record (checked by elbox.io.checkpoint.check_data_record). An older run that recorded
+        only the columns it was given (--columns) takes those."""
         names = record.get("column_names") or record.get("columns")
-        return cls(space_from_record(record), parse_image_size(record.get("image_size")),
-                   tuple(names) if names else None)
+        return cls(
+            space_from_record(record), parse_image_size(record.get("image_size")), tuple(names) if names else None
+        )
 
     def to_record(self) -> dict[str, Any]:
         """The entries of a "data" record that rebuild it."""
@@ -52,8 +53,12 @@ class Preprocessing:
         """The data at `path` read as the run read its own: a folder's images at the run's size, a table's columns
         picked by name (id_column: a table column whose values name the rows)."""
         table = str(path).lower().endswith(TABLE_SUFFIXES)
-        return open_source(path, image_size=self.image_size if not table else None,
-                           columns=list(self.column_names) if table and self.column_names else None, id_column=id_column)
+        return open_source(
+            path,
+            image_size=self.image_size if not table else None,
+            columns=list(self.column_names) if table and self.column_names else None,
+            id_column=id_column,
+        )
 
 
 def input_space(model: Any, space: DataSpace | None = None) -> DataSpace:
@@ -64,8 +69,10 @@ def input_space(model: Any, space: DataSpace | None = None) -> DataSpace:
     if model.preprocessing is not None:
         return model.preprocessing.space
     if model.data_space == "real":
-        raise ElboxError(f"this {model.name} model of vectors carries no standardization: give a run's model "
-                         "(elbox.load(run_dir), run.model, or the run itself), or space=")
+        raise ElboxError(
+            f"this {model.name} model of vectors carries no standardization: give a run's model "
+            "(elbox.load(run_dir), run.model, or the run itself), or space="
+        )
     return get_data_space(model.data_space)
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from elbox.errors import ElboxError
+from elbox.core.errors import ElboxError
 
 # ---------------------------------------------------------------------------
 # Dataset specs
@@ -386,7 +386,6 @@ def find_dataset_dir(
         raise ElboxError(_not_found_message(spec, looked_in, str(e))) from None
 
 
-
 # ---------------------------------------------------------------------------
 # The synthetic dataset
 
@@ -410,4 +409,3 @@ def _synthetic_data() -> tuple[torch.Tensor, torch.Tensor]:
     x = (templates[labels] * scale + noise).clamp(0, 1)
     images = (x * 255).round().to(torch.uint8).unsqueeze(1).contiguous()
     return images, labels.to(torch.int64)
-

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from elbox.errors import ElboxError
-from elbox.options import short_repr
+from elbox.core.errors import ElboxError
+from elbox.core.options import short_repr
 
 # ---------------------------------------------------------------------------
 # Data spaces
@@ -37,8 +37,13 @@ class DataSpace:
 
     name: str = ""
 
-    def train_batch(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                    part: tuple[int, int] | None = None, perturb: float = 0.0) -> torch.Tensor:
+    def train_batch(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        part: tuple[int, int] | None = None,
+        perturb: float = 0.0,
+    ) -> torch.Tensor:
         """Transform a training batch; random spaces draw fresh randomness each call. part = (start, rows): x is
         rows start, start + 1, ... of a global batch of `rows` rows (one process's share under torchrun); the
         randomness is drawn for the global batch and sliced, so each share gets what one process would draw.
@@ -67,7 +72,9 @@ class DataSpace:
             raise ElboxError(f"data space {cls.name!r} takes no parameters, got {', '.join(map(str, record))[:100]}")
         return cls()
 
-    def _transform(self, x: torch.Tensor, generator: torch.Generator | None, part: tuple[int, int] | None) -> torch.Tensor:
+    def _transform(
+        self, x: torch.Tensor, generator: torch.Generator | None, part: tuple[int, int] | None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,13 +92,15 @@ def _noise(draw, x: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
     return draw((rows, *x.shape[1:]))[start : start + x.shape[0]]
 
 
-def perturbed_images(x: torch.Tensor, rate: float, generator: torch.Generator | None,
-                     part: tuple[int, int] | None) -> torch.Tensor:
+def perturbed_images(
+    x: torch.Tensor, rate: float, generator: torch.Generator | None, part: tuple[int, int] | None
+) -> torch.Tensor:
     """Ren et al. (2019)'s perturbation, which trains a background model: each 8-bit value of x (uint8) replaced, with
     probability `rate`, by a value drawn uniformly from 0..255."""
     replace = _noise(lambda shape: torch.rand(shape, generator=generator, device=x.device), x, part) < rate
-    values = _noise(lambda shape: torch.randint(0, 256, shape, generator=generator, device=x.device, dtype=torch.uint8),
-                    x, part)
+    values = _noise(
+        lambda shape: torch.randint(0, 256, shape, generator=generator, device=x.device, dtype=torch.uint8), x, part
+    )
     return torch.where(replace, values, x)
 
 
@@ -111,7 +120,9 @@ class BinarySpace(DataSpace):
 
     def _transform(self, x, generator, part):
         # u uniform on {0..254}: P(u < k) = k/255 exactly, and integer draws are twice as fast as bernoulli()
-        u = _noise(lambda shape: torch.randint(0, 255, shape, generator=generator, device=x.device, dtype=torch.uint8), x, part)
+        u = _noise(
+            lambda shape: torch.randint(0, 255, shape, generator=generator, device=x.device, dtype=torch.uint8), x, part
+        )
         return (u < x).float()
 
 
@@ -169,7 +180,9 @@ class RealSpace(DataSpace):
             raise ElboxError(f"the 'real' space's mean has {self.mean.numel()} values and its std {self.std.numel()}")
         bad = (self.std <= 0).nonzero().flatten().tolist()
         if bad:
-            raise ElboxError(f"the 'real' space's std must be > 0; it is {self.std[bad[0]].item():g} in column {bad[0]}")
+            raise ElboxError(
+                f"the 'real' space's std must be > 0; it is {self.std[bad[0]].item():g} in column {bad[0]}"
+            )
 
     @property
     def num_dims(self) -> int:
@@ -209,9 +222,11 @@ class RealSpace(DataSpace):
 
 
 def _real_scaling_needed(got: str) -> str:
-    return ("the 'real' data space standardizes with a mean and std fitted to the training data, "
-            f"{{\"mean\": [...], \"std\": [...]}} (got {got}): build it with fit_real_space(batches), or a run's "
-            "with space_from_record(config['data'])")
+    return (
+        "the 'real' data space standardizes with a mean and std fitted to the training data, "
+        f'{{"mean": [...], "std": [...]}} (got {got}): build it with fit_real_space(batches), or a run\'s '
+        "with space_from_record(config['data'])"
+    )
 
 
 def _scaling_vector(values: Any, what: str) -> Tensor:
@@ -223,7 +238,9 @@ def _scaling_vector(values: Any, what: str) -> Tensor:
     except (TypeError, ValueError, RuntimeError, OverflowError):
         raise ElboxError(f"the 'real' space's {what} must be a list of numbers, got {short_repr(values)}") from None
     if vector.dim() != 1 or vector.numel() == 0:
-        raise ElboxError(f"the 'real' space's {what} must be a non-empty list of numbers, got shape {tuple(vector.shape)}")
+        raise ElboxError(
+            f"the 'real' space's {what} must be a non-empty list of numbers, got shape {tuple(vector.shape)}"
+        )
     bad = (~torch.isfinite(vector)).nonzero().flatten().tolist()
     if bad:
         raise ElboxError(f"the 'real' space's {what} is {vector[bad[0]].item()} in column {bad[0]}; it must be finite")
@@ -237,8 +254,9 @@ def check_finite(x: Tensor, first_row: int = 0) -> None:
     bad = (~torch.isfinite(x)).nonzero()
     if bad.numel():
         row, column = bad[0].tolist()
-        raise ElboxError(f"the data have a non-finite value ({x[row, column].item()}) in row {first_row + row}, "
-                         f"column {column}")
+        raise ElboxError(
+            f"the data have a non-finite value ({x[row, column].item()}) in row {first_row + row}, column {column}"
+        )
 
 
 def fit_real_space(batches: Iterable[Tensor | np.ndarray]) -> RealSpace:
@@ -269,8 +287,10 @@ def fit_real_space(batches: Iterable[Tensor | np.ndarray]) -> RealSpace:
     constant = (low == high).nonzero().flatten().tolist()
     if constant:
         columns = ", ".join(map(str, constant[:10])) + (", ..." if len(constant) > 10 else "")
-        raise ElboxError(f"column(s) {columns} of the data are constant (value {low[constant[0]].item():g} in column "
-                         f"{constant[0]}); a constant column has no density: drop it")
+        raise ElboxError(
+            f"column(s) {columns} of the data are constant (value {low[constant[0]].item():g} in column "
+            f"{constant[0]}); a constant column has no density: drop it"
+        )
     return RealSpace(mean, (m2 / n).sqrt())
 
 
@@ -303,7 +323,7 @@ def space_record(space: DataSpace) -> dict:
 def space_from_record(data_record: dict) -> DataSpace:
     """The data space of a run from its config.json "data" record (space_record's entries)."""
     if not isinstance(data_record, dict) or not isinstance(data_record.get("space"), str):
-        raise ElboxError("the run's data record names no data space (config.json: \"data\": {\"space\": ...})")
+        raise ElboxError('the run\'s data record names no data space (config.json: "data": {"space": ...})')
     scaling = data_record.get("scaling", {})
     if not isinstance(scaling, dict):
         raise ElboxError(f"the run's data scaling must be a JSON object, got {type(scaling).__name__}")
@@ -320,12 +340,16 @@ def model_data_space(image_space: str, data_shape: Sequence[int], what: str) -> 
         return image_space
     if image_space == "continuous":
         return "real"
-    raise ElboxError(f"{what} models 8-bit images (the {image_space!r} space), not vectors of real numbers "
-                     f"(data_shape {tuple(data_shape)}); vectors go to {VECTOR_MODELS}")
+    raise ElboxError(
+        f"{what} models 8-bit images (the {image_space!r} space), not vectors of real numbers "
+        f"(data_shape {tuple(data_shape)}); vectors go to {VECTOR_MODELS}"
+    )
 
 
 # where model_data_space and image-only models send vectors, in words
-VECTOR_MODELS = "the gaussian, mixture and linear models and the mlp vae with the gaussian or gaussian-learned likelihood"
+VECTOR_MODELS = (
+    "the gaussian, mixture and linear models and the mlp vae with the gaussian or gaussian-learned likelihood"
+)
 
 
 # ---------------------------------------------------------------------------

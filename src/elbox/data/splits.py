@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elbox.data import (
-    formats,  # readers looked up at call time, so a patch of elbox.data.formats sees every read
-)
+from elbox.core.errors import ElboxError
+from elbox.data import dataset_files  # readers looked up at call time, so a patch of the module sees every read
 from elbox.data.sources import (
     CIFAR_BINARY,
     IDX,
@@ -38,7 +37,6 @@ from elbox.data.sources import (
     find_dataset_dir,
     get_dataset_spec,
 )
-from elbox.errors import ElboxError
 
 SPLITS = ("train", "validation", "train-full", "test")
 
@@ -79,9 +77,9 @@ def _read_idx_part(spec: DatasetSpec, directory: Path, part: str) -> tuple[np.nd
     for kind in ("images", "labels"):
         file_name = spec.files[f"{part}-{kind}"]
         path = _dataset_file(directory, file_name, spec)
-        data = formats._read_file_bytes(path)
+        data = dataset_files.read_file_bytes(path)
         _verify_payload(path, data, spec, file_name)
-        arrays.append(formats._parse_idx(data, path))
+        arrays.append(dataset_files.parse_idx(data, path))
     images, labels = arrays
     if images.ndim != 3:
         raise ElboxError(
@@ -97,9 +95,9 @@ def _read_cifar_part(spec: DatasetSpec, directory: Path, part: str) -> tuple[np.
     batches = []
     for file_name in files:
         path = _dataset_file(directory, file_name, spec)
-        data = formats._read_bytes(path, "CIFAR batch file")
+        data = dataset_files.read_bytes(path, "CIFAR batch file")
         _verify_payload(path, data, spec, file_name)
-        batches.append(formats._parse_cifar_batch(data, path, spec.image_shape, per_file))
+        batches.append(dataset_files.parse_cifar_batch(data, path, spec.image_shape, per_file))
     records = np.concatenate(batches) if len(batches) > 1 else batches[0]
     records.flags.writeable = False
     # Views: the label column, and the pixel bytes split into channel planes.
@@ -137,8 +135,9 @@ def _check_split(split: str) -> None:
         raise ElboxError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
-def load_split(name: str, split: str, root: str | os.PathLike | None = None,
-               validation_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    name: str, split: str, root: str | os.PathLike | None = None, validation_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 [N, C, H, W] (contiguous, a fresh copy) and labels as int64 [N].
 
     C, H, W = 1, 28, 28 for the IDX datasets and "synthetic", 3, 32, 32 for "cifar-10". validation_size: how many of
@@ -177,4 +176,3 @@ def _synthetic_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         "test": slice(n_train + n_val, None),
     }[split]
     return images[rows].clone(), labels[rows].clone()
-

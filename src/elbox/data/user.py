@@ -20,18 +20,22 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from elbox.core.errors import ElboxError
+from elbox.core.options import did_you_mean, short_repr
 from elbox.data.formats import open_array
 from elbox.data.user_arrays import ImageArray, VectorArray
 from elbox.data.user_images import ImageFolder, is_image_file, parse_image_size
 from elbox.data.user_tables import TABLE_SUFFIXES, Table
-from elbox.errors import ElboxError
-from elbox.options import did_you_mean, short_repr
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
 
-def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None,
-                columns: list[str] | None = None, id_column: str | None = None) -> Dataset:
+def open_source(
+    path: str | os.PathLike,
+    image_size: int | tuple[int, int] | None = None,
+    columns: list[str] | None = None,
+    id_column: str | None = None,
+) -> Dataset:
     """The dataset at `path`, its reader picked by what the path is (see the module's docstring).
 
     `image_size` (an int S for S x S, or (H, W)) resizes and center-crops a folder's images; an array's images
@@ -58,21 +62,27 @@ def open_source(path: str | os.PathLike, image_size: int | tuple[int, int] | Non
                 raise ElboxError(f"data {path} holds vectors (N, D); an image size applies to images only")
             return VectorArray(path, array=array)
         if array.ndim not in (3, 4):
-            raise ElboxError(f"data {path} has rank {array.ndim}, shape {short_repr(array.shape)}; give vectors "
-                             "(N, D) or images [N, H, W], [N, C, H, W] or [N, H, W, C]")
+            raise ElboxError(
+                f"data {path} has rank {array.ndim}, shape {short_repr(array.shape)}; give vectors "
+                "(N, D) or images [N, H, W], [N, C, H, W] or [N, H, W, C]"
+            )
         images = ImageArray(path, array=array)
         size = parse_image_size(image_size)
         if size is not None and size != images.shape[1:]:
-            raise ElboxError(f"data {path} holds images of {images.shape[1]}x{images.shape[2]}, not the image size "
-                             f"{size[0]}x{size[1]}; only folders of image files are resized: resize the array first")
+            raise ElboxError(
+                f"data {path} holds images of {images.shape[1]}x{images.shape[2]}, not the image size "
+                f"{size[0]}x{size[1]}; only folders of image files are resized: resize the array first"
+            )
         return images
     if name.endswith(TABLE_SUFFIXES):
         if image_size is not None:
             raise ElboxError(f"data {path} is a table; an image size applies to images only")
         return Table(path, columns, id_column)
     suffix = "".join(path.suffixes[-2:]) or "(none)"
-    raise ElboxError(f"data {path}: unsupported file type {suffix}; give a folder of images, an image file "
-                     "(.png, .jpg, ...), a .npy or .npz array, or a .csv, .tsv or .parquet table")
+    raise ElboxError(
+        f"data {path}: unsupported file type {suffix}; give a folder of images, an image file "
+        "(.png, .jpg, ...), a .npy or .npz array, or a .csv, .tsv or .parquet table"
+    )
 
 
 def _refuse_columns(columns: Any, path: Path, what: str) -> None:
@@ -92,7 +102,9 @@ def read_images(path: str | Path, image_size: Any = None) -> tuple[np.ndarray, l
         raise ElboxError(f"input {path} does not exist")
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".npz"):
-        raise ElboxError(f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file, a folder "
-                         "of images or an image file (.png, .jpg, ...)")
+        raise ElboxError(
+            f"input {path}: unsupported file type {suffix or '(none)'}; give a .npy or .npz file, a folder "
+            "of images or an image file (.png, .jpg, ...)"
+        )
     array = open_array(path)
     return array, [str(i) for i in range(len(array))] if array.ndim > 0 else []

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from elbox.core.errors import ElboxError
+from elbox.core.options import short_repr
 from elbox.data.formats import (
     as_uint8,
     check_8bit_values,
@@ -24,8 +26,6 @@ from elbox.data.formats import (
     row_chunks,
 )
 from elbox.data.user_images import item_index
-from elbox.errors import ElboxError
-from elbox.options import short_repr
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -100,8 +100,10 @@ class ImageArray(_ArrayDataset):
         shape = self.array.shape
         if self.array.ndim not in (3, 4):
             hint = " (an (N, D) array is read as vectors)" if self.array.ndim == 2 else ""
-            raise ElboxError(f"{self._what} has rank {self.array.ndim}, shape {short_repr(shape)}; give images as "
-                             f"[N, H, W], [N, C, H, W] or [N, H, W, C] with C = 1 or 3{hint}")
+            raise ElboxError(
+                f"{self._what} has rank {self.array.ndim}, shape {short_repr(shape)}; give images as "
+                f"[N, H, W], [N, C, H, W] or [N, H, W, C] with C = 1 or 3{hint}"
+            )
         self.shape = image_shape(shape, self._what)
         if shape[0] == 0 or 0 in self.shape:
             raise ElboxError(f"{self._what} is empty: shape {short_repr(shape)}")
@@ -125,13 +127,16 @@ def check_real_values(array: np.ndarray, what: str, columns: list[str] | None = 
         return  # integers and booleans are finite, and fit float32
     for start, chunk in row_chunks(array):
         finite = np.isfinite(chunk)
-        for problem, bad in (("a NaN or infinite value", ~finite),
-                             ("a value too large for float32", finite & (np.abs(chunk) > _FLOAT32_MAX))):
+        for problem, bad in (
+            ("a NaN or infinite value", ~finite),
+            ("a value too large for float32", finite & (np.abs(chunk) > _FLOAT32_MAX)),
+        ):
             if bad.any():
                 local, (row, col) = first_true(bad, start)
                 name = repr(columns[col]) if columns else str(col)
-                raise ElboxError(f"{what} has {problem} ({chunk[local]:.6g}) at row {row}, column {name}; "
-                                 "give finite numbers")
+                raise ElboxError(
+                    f"{what} has {problem} ({chunk[local]:.6g}) at row {row}, column {name}; give finite numbers"
+                )
 
 
 class VectorArray(_ArrayDataset):
@@ -150,9 +155,15 @@ class VectorArray(_ArrayDataset):
         super().__init__(path, key, array, "vector array")
         shape = self.array.shape
         if self.array.ndim != 2:
-            hint = " (images are read as images: [N, H, W], [N, C, H, W] or [N, H, W, C])" if self.array.ndim in (3, 4) else ""
-            raise ElboxError(f"{self._what} has rank {self.array.ndim}, shape {short_repr(shape)}; give vectors as "
-                             f"an (N, D) array{hint}")
+            hint = (
+                " (images are read as images: [N, H, W], [N, C, H, W] or [N, H, W, C])"
+                if self.array.ndim in (3, 4)
+                else ""
+            )
+            raise ElboxError(
+                f"{self._what} has rank {self.array.ndim}, shape {short_repr(shape)}; give vectors as "
+                f"an (N, D) array{hint}"
+            )
         if 0 in shape:
             raise ElboxError(f"{self._what} is empty: shape {short_repr(shape)}")
         self.shape = (shape[1],)

@@ -20,13 +20,26 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from elbox.errors import ElboxError
-from elbox.options import short_repr
+from elbox.core.errors import ElboxError
+from elbox.core.options import short_repr
 
 # file suffix -> the format's name in messages; the formats Pillow decodes without extra programs
-IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".bmp": "BMP",
-                  ".gif": "GIF", ".webp": "WebP", ".tif": "TIFF", ".tiff": "TIFF", ".pbm": "PNM", ".pgm": "PNM",
-                  ".ppm": "PNM", ".pnm": "PNM"}
+IMAGE_SUFFIXES = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".jpe": "JPEG",
+    ".jfif": "JPEG",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+    ".webp": "WebP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".pbm": "PNM",
+    ".pgm": "PNM",
+    ".ppm": "PNM",
+    ".pnm": "PNM",
+}
 _GRAY_MODES = {"1", "L", "LA"}  # alpha is dropped
 _COLOR_MODES = {"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
 _PALETTE_MODES = {"P", "PA"}  # grayscale when every palette entry is gray, else RGB
@@ -57,8 +70,11 @@ def parse_image_size(image_size: Any) -> tuple[int, int] | None:
     if image_size is None:
         return None
     size = (image_size, image_size) if isinstance(image_size, int) else image_size
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+    if (
+        not isinstance(size, (tuple, list))
+        or len(size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
+    ):
         raise ElboxError(f"image size must be a positive whole number or (height, width), got {short_repr(image_size)}")
     return (size[0], size[1])
 
@@ -70,8 +86,11 @@ def find_images(root: Path) -> list[str]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel = Path(folder).relative_to(root)
-        found += [(rel / f).as_posix() for f in files
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES]
+        found += [
+            (rel / f).as_posix()
+            for f in files
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+        ]
     return sorted(found)
 
 
@@ -121,8 +140,9 @@ def open_image(file: Path) -> Image.Image:
             return Image.open(file)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             size = str(e).split(",")[0]  # "Image size (N pixels) exceeds limit of M pixels"
-            raise ElboxError(f"image {file} is too large to decode safely: {cut(size, 90)} "
-                             "(PIL.Image.MAX_IMAGE_PIXELS)") from None
+            raise ElboxError(
+                f"image {file} is too large to decode safely: {cut(size, 90)} (PIL.Image.MAX_IMAGE_PIXELS)"
+            ) from None
 
 
 def _probe(file: Path) -> tuple[tuple[int, int], int]:
@@ -159,7 +179,9 @@ class ImageFolder(Dataset):
         if is_image_file(self.path):  # one image: a folder of one
             self._root, self._files = self.path.parent, [self.path.name]
         elif not self.path.is_dir():
-            raise ElboxError(f"image folder {self.path} " + ("is not a folder" if self.path.exists() else "does not exist"))
+            raise ElboxError(
+                f"image folder {self.path} " + ("is not a folder" if self.path.exists() else "does not exist")
+            )
         else:
             self._root, self._files = self.path, find_images(self.path)
         if not self._files:
@@ -174,14 +196,20 @@ class ImageFolder(Dataset):
             if first is None:
                 first = (name, size)
             elif self.image_size is None and size != first[1]:
-                raise ElboxError(f"images in {self.path} differ in size: {printable_name(first[0])} is "
-                                 f"{first[1][0]}x{first[1][1]} but {printable_name(name)} is {size[0]}x{size[1]} "
-                                 "(height x width); all must match, or give an "
-                                 "image size to resize and crop them")
+                raise ElboxError(
+                    f"images in {self.path} differ in size: {printable_name(first[0])} is "
+                    f"{first[1][0]}x{first[1][1]} but {printable_name(name)} is {size[0]}x{size[1]} "
+                    "(height x width); all must match, or give an "
+                    "image size to resize and crop them"
+                )
         if 0 < len(colors) < len(self._files):
-            warnings.warn(f"{len(colors)} of the {len(self._files)} images in {self.path} are in color (the first: "
-                          f"{self._root / printable_name(colors[0])}): all are read with 3 channels (RGB), the "
-                          "grayscale ones repeated over them", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{len(colors)} of the {len(self._files)} images in {self.path} are in color (the first: "
+                f"{self._root / printable_name(colors[0])}): all are read with 3 channels (RGB), the "
+                "grayscale ones repeated over them",
+                UserWarning,
+                stacklevel=2,
+            )
         self.shape = (3 if colors else 1, *(self.image_size or first[1]))
 
     def __len__(self) -> int:
@@ -208,6 +236,8 @@ class ImageFolder(Dataset):
         except Exception as e:  # Pillow's decoders raise many kinds of errors on broken bytes
             raise _unreadable(file, e) from None
         if array.shape[:2] != (h, w):
-            raise ElboxError(f"image {file} is {array.shape[0]}x{array.shape[1]} now, but the images in {self.path} "
-                             f"were {h}x{w} when it was opened")
+            raise ElboxError(
+                f"image {file} is {array.shape[0]}x{array.shape[1]} now, but the images in {self.path} "
+                f"were {h}x{w} when it was opened"
+            )
         return torch.from_numpy(array.reshape(h, w, c).transpose(2, 0, 1).copy())  # a writable [C, H, W] copy

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from elbox.core.errors import ElboxError
+from elbox.core.options import short_repr
 from elbox.data.formats import first_true
 from elbox.data.user_images import cut, item_index, one_line
-from elbox.errors import ElboxError
-from elbox.options import short_repr
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".tsv", ".csv.gz", ".tsv.gz")  # compression is recognized by pyarrow from the name
@@ -39,8 +39,9 @@ def _picked(names: list[str], columns: Any, what: str) -> list[int]:
         raise ElboxError(f"{what} has no column {short_repr(missing[0])}; its columns are {short_repr(names, 200)}")
     twice = sorted({c for c in columns if names.count(c) > 1 or list(columns).count(c) > 1})
     if twice:
-        raise ElboxError(f"{what}: column name {short_repr(twice[0])} is not unique; give each column once, "
-                         "under a name used once")
+        raise ElboxError(
+            f"{what}: column name {short_repr(twice[0])} is not unique; give each column once, under a name used once"
+        )
     return [names.index(c) for c in columns]
 
 
@@ -52,7 +53,8 @@ def _example(column: Any) -> str:
 
 class Table(Dataset):
     """The numeric columns of a CSV (comma-separated; .tsv tab-separated; optionally gzipped) or Parquet file:
-    item i is row i as a float64 tensor [D] (elbox.data.spaces standardizes in float64, then the model sees float32). The CSV's first line names the columns.
+    item i is row i as a float64 tensor [D] (elbox.data.spaces standardizes in float64, then the model sees float32).
+    The CSV's first line names the columns.
 
     `columns` picks columns by name, in that order (a name not in the table is an error that lists those there);
     without it every column is taken. A non-numeric column among those taken is an error naming it; integer,
@@ -86,9 +88,12 @@ class Table(Dataset):
                 delimiter = "\t" if self.path.name.lower().endswith((".tsv", ".tsv.gz")) else ","
                 # an ID column is read as text: "00042" stays "00042"
                 types = {id_column: pyarrow.string()} if id_column is not None else {}
-                table = pyarrow.csv.read_csv(self.path, pyarrow.csv.ReadOptions(block_size=CSV_BLOCK),
-                                             pyarrow.csv.ParseOptions(delimiter=delimiter),
-                                             pyarrow.csv.ConvertOptions(column_types=types))
+                table = pyarrow.csv.read_csv(
+                    self.path,
+                    pyarrow.csv.ReadOptions(block_size=CSV_BLOCK),
+                    pyarrow.csv.ParseOptions(delimiter=delimiter),
+                    pyarrow.csv.ConvertOptions(column_types=types),
+                )
                 schema = table.schema
             if table is not None and table.num_rows == 0:
                 raise ElboxError(f"{what} has no rows")
@@ -101,12 +106,17 @@ class Table(Dataset):
             bad = [i for i in picked if not _is_numeric(schema.field(i).type, pyarrow)]
             if bad:
                 examples = [_example(table.column(i)) if table is not None else "" for i in bad]
-                described = ", ".join(f"{names[i]!r} ({schema.field(i).type}{e})" for i, e in zip(bad, examples, strict=True))
-                raise ElboxError(f"{what} has non-numeric columns: {cut(described, 160)}; pick numeric "
-                                 "columns when training (--columns, columns= in Python)")
+                described = ", ".join(
+                    f"{names[i]!r} ({schema.field(i).type}{e})" for i, e in zip(bad, examples, strict=True)
+                )
+                raise ElboxError(
+                    f"{what} has non-numeric columns: {cut(described, 160)}; pick numeric "
+                    "columns when training (--columns, columns= in Python)"
+                )
             if parquet:
-                table = pyarrow.parquet.read_table(self.path, columns=[names[i] for i in picked]
-                                                   + ([id_column] if id_column is not None else []))
+                table = pyarrow.parquet.read_table(
+                    self.path, columns=[names[i] for i in picked] + ([id_column] if id_column is not None else [])
+                )
                 ids = table.column(id_column) if id_column is not None else None
                 table = table.select(list(range(len(picked))))
             else:
@@ -117,7 +127,9 @@ class Table(Dataset):
         except (pyarrow.ArrowException, OSError, ValueError, EOFError) as e:
             if not parquet and "block" in str(e) and self.path.stat().st_size > CSV_BLOCK:  # a line must fit in a block
                 raise ElboxError(f"{what} has a line longer than {CSV_BLOCK >> 20} MB, the longest read") from None
-            raise ElboxError(f"{what} is not a readable {'Parquet' if parquet else 'CSV'} file: {one_line(e)}") from None
+            raise ElboxError(
+                f"{what} is not a readable {'Parquet' if parquet else 'CSV'} file: {one_line(e)}"
+            ) from None
         self.names = self.columns = [names[i] for i in picked]
         self.shape = (len(picked),)
         if table.num_rows == 0:
@@ -131,9 +143,11 @@ class Table(Dataset):
         for j, column in enumerate(table.columns):
             values[:, j] = column.cast(pyarrow.float64(), safe=False).to_numpy()
             bad[:, j] = column.is_null().to_numpy()
-        for problem, mask in (("an empty cell or missing value", bad),
-                              ("a NaN or infinite value", ~np.isfinite(values) & ~bad),
-                              ("a value too large for float32", np.abs(np.nan_to_num(values)) > _FLOAT32_MAX)):
+        for problem, mask in (
+            ("an empty cell or missing value", bad),
+            ("a NaN or infinite value", ~np.isfinite(values) & ~bad),
+            ("a value too large for float32", np.abs(np.nan_to_num(values)) > _FLOAT32_MAX),
+        ):
             if mask.any():
                 (row, col), _ = first_true(mask, 0)
                 raise ElboxError(f"{what} has {problem} at row {row}, column {self.names[col]!r}; give finite numbers")

@@ -19,8 +19,8 @@ instance where they depend on the config:
     Encoder              encode(x) -> [B, d]                  posterior mean, features for downstream use
     Reconstructs         reconstruct(x) -> like x             mean of p(x|z) at the posterior mean
     Hierarchical         encode_levels(x) -> {level: means}   per-level posterior means
-    Tightenable          posterior_params, log_joint, encoder_parameters (elbox.tighten)
-    LevelBounds          log_weights_above_sampler(x, k)      the bound L^{>k} (elbox.anomaly's llr)
+    Tightenable          posterior_params, log_joint, encoder_parameters (elbox.evaluation.tighten)
+    LevelBounds          log_weights_above_sampler(x, k)      the bound L^{>k} (elbox.evaluation.anomaly's llr)
     DataInitialized      initialize_from_data(x)              data-dependent initialization before training
     ClosedFormFit        fit(x, callback) -> records          closed form or EM, no gradients (trains_by_gradient False)
 """
@@ -36,12 +36,12 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from elbox.bounds import ELBOTerms
+from elbox.core.bounds import ELBOTerms
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_from_dict, short_repr
 from elbox.data.spaces import VECTOR_MODELS
-from elbox.errors import ElboxError
-from elbox.options import config_from_dict, short_repr
 
-MODELS: dict[str, type["LatentVariableModel"]] = {}
+MODELS: dict[str, type[LatentVariableModel]] = {}
 Callback = Callable[[dict], None]
 
 # Size bounds of the model options: generous, yet what one machine can hold (build_model also counts the parameters)
@@ -90,7 +90,7 @@ class LatentVariableModel(nn.Module):
         return values
 
     @classmethod
-    def from_config(cls, config: Any) -> "LatentVariableModel":
+    def from_config(cls, config: Any) -> LatentVariableModel:
         """Build from a config dataclass. Models whose constructor takes other arguments override this."""
         return cls(config)
 
@@ -224,8 +224,10 @@ def register_model(name: str, config_class: type):
 
 def model_class(name: str) -> type[LatentVariableModel]:
     if not isinstance(name, str) or name not in MODELS:
-        raise ElboxError(f"unknown model {str(name)[:60]!r}; available: {', '.join(sorted(MODELS))} (a model of your own "
-                         "is known once the module that registers it with @register_model is imported)")
+        raise ElboxError(
+            f"unknown model {str(name)[:60]!r}; available: {', '.join(sorted(MODELS))} (a model of your own "
+            "is known once the module that registers it with @register_model is imported)"
+        )
     return MODELS[name]
 
 
@@ -268,8 +270,10 @@ def check_model_size(cls: type[LatentVariableModel], config: Any, **modules: nn.
         return
     count = sum(t.numel() for t in itertools.chain(model.parameters(), model.buffers()))
     if 4 * count > memory:
-        raise ElboxError(f"the {cls.name} model config asks for {count:,} parameters ({4 * count / 2**30:,.1f} GiB), "
-                         f"more than this machine's memory ({memory / 2**30:,.1f} GiB)")
+        raise ElboxError(
+            f"the {cls.name} model config asks for {count:,} parameters ({4 * count / 2**30:,.1f} GiB), "
+            f"more than this machine's memory ({memory / 2**30:,.1f} GiB)"
+        )
 
 
 def check_data_shape(data_shape: Sequence[int]) -> None:
@@ -278,15 +282,19 @@ def check_data_shape(data_shape: Sequence[int]) -> None:
     if not data_shape:
         raise ElboxError("data_shape must name at least one dimension")
     if math.prod(data_shape) > MAX_DATA_SIZE:
-        raise ElboxError(f"data_shape {short_repr(tuple(data_shape))} has {math.prod(data_shape):,} values per example; "
-                         f"at most {MAX_DATA_SIZE:,} are supported")
+        raise ElboxError(
+            f"data_shape {short_repr(tuple(data_shape))} has {math.prod(data_shape):,} values per example; "
+            f"at most {MAX_DATA_SIZE:,} are supported"
+        )
 
 
 def check_image_shape(data_shape: Sequence[int], what: str) -> None:
     """ElboxError unless data_shape is an image's (channels, height, width): for the models that take images only."""
     if len(data_shape) != 3:
         hint = f"; vectors (D,) go to {VECTOR_MODELS}" if len(data_shape) == 1 else ""
-        raise ElboxError(f"{what} takes images: data_shape must be (channels, height, width), got {tuple(data_shape)}{hint}")
+        raise ElboxError(
+            f"{what} takes images: data_shape must be (channels, height, width), got {tuple(data_shape)}{hint}"
+        )
 
 
 def per_level_temperatures(temperature: float | Sequence[float], levels: int) -> list[float]:

@@ -20,7 +20,6 @@ equivalent predictions.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elbox.bounds import ELBOTerms, check_count
-from elbox.errors import ElboxError
+from elbox.core.bounds import ELBOTerms, check_count
+from elbox.core.errors import ElboxError
+from elbox.core.nets import ConditionedUNet
+from elbox.core.options import check_options, option
 from elbox.models.base import (
     DATA_SHAPE_LIMITS,
     MAX_DEPTH,
@@ -39,94 +40,61 @@ from elbox.models.base import (
     check_image_shape,
     register_model,
 )
+from elbox.models.diffusion_parts import (
+    NUM_LEVELS,
+    PARAMETERIZATION_CLASSES,
+    PARAMETERIZATIONS,
+    alpha_sigma,
+    bin_indices,
+    encode_8bit,
+    window_half_width,
+)
 from elbox.models.schedules import SCHEDULES, build_schedule
-from elbox.nets import ConditionedUNet
-from elbox.options import check_options, option
 
 DIFFUSION_LOSSES = ("elbo", "simple")
-NUM_LEVELS = 256
 # Upper bound on elements of the [*, 256] logits of the categorical reconstruction computed at once.
 MAX_LOGIT_ELEMENTS = 2**24
 MAX_TIMESTEPS = 10**6
 GAMMA_LIMIT = 30.0  # |gamma| bound: sigmoid(-30) = 9e-14, already below float32's resolution next to 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Parameterizations: what the denoiser's output o predicts. Each gives eps_hat, the noise prediction of VDM eq. (10)
-# (x_hat = (z_t - sigma_t eps_hat) / alpha_t), and eps - eps_hat computed in its own space.
-
-
-class EpsParameterization:
-    """o = eps_hat."""
-
-    @staticmethod
-    def skip(z: Tensor, alpha: Tensor) -> Tensor:
-        return z  # eps_hat = z_t (VDM; right at high noise)
-
-    @staticmethod
-    def eps_hat(out: Tensor, z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return out
-
-    @staticmethod
-    def eps_error(out: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return eps - out
-
-
-class X0Parameterization:
-    """o = x_hat; eps - eps_hat = (alpha_t / sigma_t)(x - x_hat), so ||eps - eps_hat||^2 = SNR_t ||x - x_hat||^2."""
-
-    @staticmethod
-    def skip(z: Tensor, alpha: Tensor) -> Tensor:
-        return alpha * z  # x_hat = alpha_t z_t (exact for data ~ N(0, I))
-
-    @staticmethod
-    def eps_hat(out: Tensor, z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return (z - alpha * out) / sigma
-
-    @staticmethod
-    def eps_error(out: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return (x - out) * (alpha / sigma)
-
-
-class ScoreParameterization:
-    """o = s_hat, the score of q(z_t|x), -eps / sigma_t: eps_hat = -sigma_t s_hat."""
-
-    @staticmethod
-    def skip(z: Tensor, alpha: Tensor) -> Tensor:
-        return -z  # s_hat = -z_t (exact for data ~ N(0, I))
-
-    @staticmethod
-    def eps_hat(out: Tensor, z: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return -sigma * out
-
-    @staticmethod
-    def eps_error(out: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
-        return eps + sigma * out
-
-
-PARAMETERIZATION_CLASSES = {"eps": EpsParameterization, "x0": X0Parameterization, "score": ScoreParameterization}
-PARAMETERIZATIONS = tuple(PARAMETERIZATION_CLASSES)
-
-
-# ----------------------------------------------------------------------------------------------
-# The model
-
-
 @dataclass
 class DiffusionConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one image (channels, height, width)", **DATA_SHAPE_LIMITS)
-    timesteps: int = option(0, "number of steps T of the discrete-time model; 0 = continuous time", minimum=0,
-                            maximum=MAX_TIMESTEPS, metavar="T")
+    data_shape: tuple[int, ...] = option(
+        (1, 28, 28), "shape of one image (channels, height, width)", **DATA_SHAPE_LIMITS
+    )
+    timesteps: int = option(
+        0,
+        "number of steps T of the discrete-time model; 0 = continuous time",
+        minimum=0,
+        maximum=MAX_TIMESTEPS,
+        metavar="T",
+    )
     schedule: str = option("learned-linear", "noise schedule gamma(t) = -log SNR(t)", choices=SCHEDULES)
-    gamma_min: float = option(-13.3, "gamma(0) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
-    gamma_max: float = option(5.0, "gamma(1) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT)
-    parameterization: str = option("eps", "what the denoiser predicts: the noise (eps), the data (x0) or the score",
-                                   choices=PARAMETERIZATIONS)
-    loss: str = option("elbo", "train on the ELBO, or on the simple unweighted noise-prediction loss (reports are "
-                               "always the ELBO)", choices=DIFFUSION_LOSSES, aliases=("--diffusion-loss",))
-    channels: list[int] = option(help="U-Net width per resolution level (each further level halves the image)",
-                                 factory=lambda: [16, 32, 64], minimum=1, maximum=MAX_WIDTH, max_items=MAX_DEPTH,
-                                 aliases=("--unet-channels",), metavar="C")
+    gamma_min: float = option(
+        -13.3, "gamma(0) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT
+    )
+    gamma_max: float = option(
+        5.0, "gamma(1) (the initial value when learned)", minimum=-GAMMA_LIMIT, maximum=GAMMA_LIMIT
+    )
+    parameterization: str = option(
+        "eps", "what the denoiser predicts: the noise (eps), the data (x0) or the score", choices=PARAMETERIZATIONS
+    )
+    loss: str = option(
+        "elbo",
+        "train on the ELBO, or on the simple unweighted noise-prediction loss (reports are always the ELBO)",
+        choices=DIFFUSION_LOSSES,
+        aliases=("--diffusion-loss",),
+    )
+    channels: list[int] = option(
+        help="U-Net width per resolution level (each further level halves the image)",
+        factory=lambda: [16, 32, 64],
+        minimum=1,
+        maximum=MAX_WIDTH,
+        max_items=MAX_DEPTH,
+        aliases=("--unet-channels",),
+        metavar="C",
+    )
     blocks_per_level: int = option(1, "U-Net residual blocks per resolution", minimum=1, maximum=MAX_DEPTH)
     fourier_features: bool = option(True, "feed Fourier features of z_t to the U-Net")
 
@@ -137,56 +105,15 @@ class DiffusionConfig:
         checks = [
             (self.gamma_min < self.gamma_max, f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"),
             (bool(self.channels), "channels must be a non-empty list of positive widths"),
-            (not (self.loss == "simple" and self.schedule.startswith("learned")),
-             f"the simple loss gives the {self.schedule} schedule no gradient that balances its endpoints; use a fixed schedule or the elbo loss"),
+            (
+                not (self.loss == "simple" and self.schedule.startswith("learned")),
+                f"the simple loss gives the {self.schedule} schedule no gradient that balances its endpoints; use a "
+                "fixed schedule or the elbo loss",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ElboxError(message)
-
-
-FULL_WINDOW = NUM_LEVELS // 2  # a half-width whose window, 2W + 1 values, spans the whole grid
-
-
-def window_half_width(gamma_0: Tensor) -> int:
-    """Half-width W (in grid steps) of the window of 2W + 1 grid values that reconstruction_log_prob sums over.
-
-    u lies within half a step of its nearest grid value, so one m steps beyond it has a logit at least
-    r^2 ((m - 1/2)^2 - 1/4) / 2 lower, r = spacing / sigma = (2/256) e^{-gamma_0/2}. Beyond W the terms fall
-    geometrically (ratio <= e^{-r^2}), on both sides, so the values outside the window weigh at most
-    2 e^{-r^2 ((W + 1/2)^2 - 1/4) / 2} / (1 - e^{-r^2}) of the nearest one. W makes that <= e^-30: the window's
-    log-sum-exp is low by less than 1e-13 per pixel.
-
-    W is at most FULL_WINDOW (a window of 257 >= 256 values: the full softmax), which is also the answer for a
-    gamma_0 that is not a number (diverged training: the loss is then NaN, and the trainer deals with it). log r is
-    clamped to [-20, 20], beyond which W is FULL_WINDOW, or 1, either way."""
-    gamma = float(gamma_0)
-    if math.isnan(gamma):
-        return FULL_WINDOW
-    log_r = min(max(math.log(2 / NUM_LEVELS) - 0.5 * gamma, -20.0), 20.0)
-    r_sq = math.exp(2 * log_r)
-    tail = math.log(2 / -math.expm1(-r_sq))
-    return min(FULL_WINDOW, max(1, math.ceil(math.sqrt(2 * (30 + tail) / r_sq + 0.25) - 0.5)))
-
-
-def bin_indices(x: Tensor) -> Tensor:
-    """k in {0..255} of 8-bit data stored as x = k/255; ElboxError for anything else."""
-    scaled = x * (NUM_LEVELS - 1)
-    k = scaled.round()
-    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1 or (scaled - k).abs().max() > 1e-3:
-        raise ElboxError("the diffusion model takes 8-bit data x = k/255 with k in {0..255} (the discrete space); "
-                         f"got values in [{x.min().item():.4g}, {x.max().item():.4g}] not all on that grid")
-    return k.long()
-
-
-def encode_8bit(x: Tensor) -> Tensor:
-    """elbox's discrete space x = k/255 -> VDM's grid 2(k + 1/2)/256 - 1."""
-    return (2 * (x * (NUM_LEVELS - 1)).round() + 1) / NUM_LEVELS - 1
-
-
-def alpha_sigma(gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """alpha = sqrt(sigmoid(-gamma)), sigma = sqrt(sigmoid(gamma))."""
-    return torch.sigmoid(-gamma).sqrt(), torch.sigmoid(gamma).sqrt()
 
 
 def _per_example(v: Tensor, ndim: int) -> Tensor:
@@ -204,7 +131,9 @@ class DiffusionModel(LatentVariableModel):
         self.trains_on_surrogate = config.loss == "simple"
         self.schedule = build_schedule(config.schedule, config.gamma_min, config.gamma_max, config.timesteps)
         self.parameterization = PARAMETERIZATION_CLASSES[config.parameterization]
-        self.denoiser = ConditionedUNet(config.data_shape, config.channels, config.blocks_per_level, config.fourier_features)
+        self.denoiser = ConditionedUNet(
+            config.data_shape, config.channels, config.blocks_per_level, config.fourier_features
+        )
         grid = (2 * torch.arange(NUM_LEVELS, dtype=torch.float32) + 1) / NUM_LEVELS - 1
         self.register_buffer("grid", grid, persistent=False)
 
@@ -247,14 +176,18 @@ class DiffusionModel(LatentVariableModel):
         loss, simple = self.diffusion_loss(x_rep, t)
         diffusion = loss.reshape(n_samples, batch).mean(0)
         # reconstruction loss, one z_0 ~ q(z_0|x) per estimate
-        recon = self.reconstruction_log_prob(x_rep, k.repeat(n_samples, *([1] * (k.dim() - 1))), torch.randn_like(x_rep))
+        recon = self.reconstruction_log_prob(
+            x_rep, k.repeat(n_samples, *([1] * (k.dim() - 1))), torch.randn_like(x_rep)
+        )
         reconstruction = recon.reshape(n_samples, batch).mean(0)
         # prior loss KL(q(z_1|x) || N(0, I)), closed form
         prior = self.prior_kl(x_enc)
         objective = None
         if self.config.loss == "simple":
             objective = reconstruction - prior - simple.reshape(n_samples, batch).mean(0)
-        return ELBOTerms(reconstruction=reconstruction, kl={"prior": prior, "diffusion": diffusion}, objective=objective)
+        return ELBOTerms(
+            reconstruction=reconstruction, kl={"prior": prior, "diffusion": diffusion}, objective=objective
+        )
 
     # -- the three terms, on encoded data x in R^D (any real values, so tests can use Gaussian data) --------
 
@@ -328,8 +261,8 @@ class DiffusionModel(LatentVariableModel):
 
     def sample_times(self, n: int, batch: int, device: torch.device) -> Tensor:
         """t [n, batch] with U(0, 1) marginals. Training: one stratified (antithetic) grid over all n*batch draws,
-        t = (u + i/(n batch)) mod 1 (VDM's low-discrepancy sampler, App. I.1). Evaluation: each example gets its own u_b and t = (u_b + j/n) mod 1,
-        so the per-example estimates are independent of each other."""
+        t = (u + i/(n batch)) mod 1 (VDM's low-discrepancy sampler, App. I.1). Evaluation: each example gets its own u_b
+        and t = (u_b + j/n) mod 1, so the per-example estimates are independent of each other."""
         if self.training:
             offsets = torch.arange(n * batch, device=device).reshape(n, batch) / (n * batch)
             return (torch.rand((), device=device) + offsets) % 1
@@ -405,8 +338,14 @@ class DiffusionModel(LatentVariableModel):
 
     def elbo_protocol(self, n_samples: int) -> str:
         if self.config.timesteps > 0:
-            return f"discrete time, T = {self.config.timesteps}: diffusion term summed exactly over all steps (one noise draw each)"
-        return f"continuous time: diffusion term estimated with {n_samples} time sample(s) per example (stratified), one noise draw each"
+            return (
+                f"discrete time, T = {self.config.timesteps}: diffusion term summed exactly over all steps (one "
+                "noise draw each)"
+            )
+        return (
+            f"continuous time: diffusion term estimated with {n_samples} time sample(s) per example (stratified), "
+            "one noise draw each"
+        )
 
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, on_step: Callable[[int, int], None] | None = None) -> Tensor:
@@ -414,7 +353,7 @@ class DiffusionModel(LatentVariableModel):
         z_1 ~ N(0, I) through p(z_s|z_t) (eq. (9); VDM App. A.4):
             z_s = alpha_s/alpha_t (z_t - sigma_t c eps_hat) + sigma_s sqrt(c) eps,  c = -expm1(gamma_s - gamma_t),
         then x ~ p(x|z_0). Returns images in [0, 1] (k/255). on_step(done, steps) is called after each step (a
-        progress bar: elbox.training.progress.step_bar); it draws no random numbers."""
+        progress bar: elbox.core.progress.step_bar); it draws no random numbers."""
         steps = (self.config.timesteps or 256) if steps is None else steps
         check_count(n)
         check_count(steps, "the number of steps")
@@ -433,5 +372,10 @@ class DiffusionModel(LatentVariableModel):
                 on_step(steps - i + 1, steps)
         gamma_0, _ = self.schedule.endpoints()
         u = z / alpha_sigma(gamma_0)[0]
-        k = torch.cat([torch.distributions.Categorical(logits=self.decoder_logits(u[i : i + 1], gamma_0)).sample() for i in range(n)])
+        k = torch.cat(
+            [
+                torch.distributions.Categorical(logits=self.decoder_logits(u[i : i + 1], gamma_0)).sample()
+                for i in range(n)
+            ]
+        )
         return k.float() / (NUM_LEVELS - 1)

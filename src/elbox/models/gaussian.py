@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from elbox.bounds import LOG_2PI, check_count
+from elbox.core.bounds import LOG_2PI, check_count
+from elbox.core.errors import ElboxError
+from elbox.core.options import check_options, option
 from elbox.data.spaces import model_data_space
-from elbox.errors import ElboxError
 from elbox.models.base import DATA_SHAPE_LIMITS, Callback, LatentVariableModel, check_data_shape, register_model
-from elbox.options import check_options, option
 
 COVARIANCES = ("full", "diag")
 
@@ -88,7 +88,9 @@ def gram_matrix(centered: Tensor) -> Tensor:
 
 @dataclass
 class GaussianConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
+    data_shape: tuple[int, ...] = option(
+        (1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS
+    )
     covariance: str = option("full", "covariance structure", choices=COVARIANCES)
     ridge: float = option(1e-3, "added to the diagonal of the fitted covariance (see the module docstring)", minimum=0)
 
@@ -162,9 +164,7 @@ class GaussianModel(ContinuousDensity):
             covariance.diagonal().add_(ridge)
             scale_tril, info = torch.linalg.cholesky_ex(covariance)
             if info.item() != 0:
-                raise ElboxError(
-                    f"gaussian model: the covariance of x is singular (ridge={ridge}); use a ridge > 0"
-                )
+                raise ElboxError(f"gaussian model: the covariance of x is singular (ridge={ridge}); use a ridge > 0")
             self.scale_tril.copy_(scale_tril)
             # tr(Sigma^-1) = ||L^-1||_F^2, for the training log-likelihood below
             identity = torch.eye(d, dtype=x.dtype, device=x.device)
@@ -208,7 +208,7 @@ class GaussianModel(ContinuousDensity):
         """n draws [n, *data_shape] from the fitted Gaussian.
 
         Raw draws of the density: they are not clamped to [0, 1], because clamping would change the
-        distribution. Callers clamp for display (elbox.plots does).
+        distribution. Callers clamp for display (elbox.io.plots does).
         """
         check_count(n)
         self._check_fitted()

@@ -27,13 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from elbox.bounds import (
-    diag_gaussian_log_prob,
-    diag_gaussian_log_prob_from_noise,
-    kl_diag_gaussians,
-)
+from elbox.core.bounds import diag_gaussian_log_prob, diag_gaussian_log_prob_from_noise, kl_diag_gaussians
+from elbox.core.nets import ACTIVATIONS, ResBlock, ResidualMLP, inverse_softplus, mlp
 from elbox.models.hvae import HVAE, HVAEConfig
-from elbox.nets import ACTIVATIONS, ResBlock, ResidualMLP, inverse_softplus, mlp
 
 # softplus(0 + SOFTPLUS_ONE) = 1: a zero network output means a standard deviation (or ratio) of 1
 SOFTPLUS_ONE = inverse_softplus(1.0)
@@ -119,8 +115,8 @@ class TopDownHVAE(HVAE):
         return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
 
     def draw_above(self, prepared: list[Tensor], x: Tensor, n: int, k: int) -> Tensor:
-        """Log weights [n, B] of L^{>k}, k >= 1: the top levels z ~ q down the path, the k levels next to x (the last k of
-        the top-down pass) from their prior p(z_l|z_above); the weight keeps the terms of the levels drawn from q."""
+        """Log weights [n, B] of L^{>k}, k >= 1: the top levels z ~ q down the path, the k levels next to x (the last k
+        of the top-down pass) from their prior p(z_l|z_above); the weight keeps the terms of the levels drawn from q."""
         batch, first_from_prior = x.shape[0], self.config.levels - k
         log_ratio = [x.new_zeros(n * batch)]
 
@@ -171,7 +167,8 @@ class TopDownHVAE(HVAE):
 
 
 class LadderLevel(nn.Module):
-    """One convolutional top-down level: prior head, posterior head, latent projection into the state, residual blocks."""
+    """One convolutional top-down level: prior head, posterior head, latent projection into the state, residual
+    blocks."""
 
     def __init__(self, config: HVAEConfig, residual_scale: float):
         super().__init__()
@@ -182,7 +179,9 @@ class LadderLevel(nn.Module):
         self.z_proj = nn.Conv2d(zc, c, 1)
         with torch.no_grad():
             self.z_proj.weight.mul_(residual_scale)
-        self.blocks = nn.Sequential(*[ResBlock.bottleneck(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)])
+        self.blocks = nn.Sequential(
+            *[ResBlock.bottleneck(c, mid, c, residual_scale) for _ in range(config.blocks_per_level)]
+        )
 
 
 class LadderHVAE(TopDownHVAE):
@@ -202,7 +201,10 @@ class LadderHVAE(TopDownHVAE):
         scale = 1 / math.sqrt(n_blocks)
         self.stem = nn.Conv2d(c_data, c, 3, padding=1)
         self.bottom_up = nn.ModuleList(
-            [nn.Sequential(*[ResBlock.bottleneck(c, mid, c, scale) for _ in range(cfg.blocks_per_level)]) for _ in self.resolutions]
+            [
+                nn.Sequential(*[ResBlock.bottleneck(c, mid, c, scale) for _ in range(cfg.blocks_per_level)])
+                for _ in self.resolutions
+            ]
         )
         top = self.factors[0]
         self.h_top = nn.Parameter(torch.zeros(1, c, h // top, w // top))
@@ -246,7 +248,9 @@ class MLPLadderLevel(nn.Module):
         self.z_proj = nn.Linear(latent_dim, width)
         with torch.no_grad():
             self.z_proj.weight.mul_(residual_scale)
-        self.blocks = nn.Sequential(*[ResidualMLP(width, width, act, residual_scale) for _ in range(config.blocks_per_level)])
+        self.blocks = nn.Sequential(
+            *[ResidualMLP(width, width, act, residual_scale) for _ in range(config.blocks_per_level)]
+        )
 
 
 class MLPLadderHVAE(TopDownHVAE):
@@ -268,8 +272,10 @@ class MLPLadderHVAE(TopDownHVAE):
         scale = 1 / math.sqrt(2 * cfg.blocks_per_level * cfg.levels + cfg.levels)
         self.stem = nn.Sequential(nn.Flatten(), mlp(num_dims, cfg.hidden_dims[:-1], width, cfg.activation))
         self.bottom_up = nn.ModuleList(
-            [nn.Sequential(*[ResidualMLP(width, width, cfg.activation, scale) for _ in range(cfg.blocks_per_level)])
-             for _ in range(cfg.levels)]
+            [
+                nn.Sequential(*[ResidualMLP(width, width, cfg.activation, scale) for _ in range(cfg.blocks_per_level)])
+                for _ in range(cfg.levels)
+            ]
         )
         self.h_top = nn.Parameter(torch.zeros(1, width))
         self.levels_td = nn.ModuleList([MLPLadderLevel(width, d, cfg, scale) for d in cfg.latent_dims])

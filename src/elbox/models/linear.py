@@ -33,18 +33,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import MultivariateNormal
 
-from elbox.bounds import (
-    LOG_2PI,
-    ELBOTerms,
-    check_count,
-    kl_full_gaussians,
-    standard_normal_log_prob,
-)
+from elbox.core.bounds import LOG_2PI, ELBOTerms, check_count, kl_full_gaussians, standard_normal_log_prob
+from elbox.core.errors import ElboxError
+from elbox.core.nets import inverse_softplus
+from elbox.core.options import check_options, option
 from elbox.data.spaces import model_data_space
-from elbox.errors import ElboxError
-from elbox.models.base import DATA_SHAPE_LIMITS, MAX_WIDTH, Callback, LatentVariableModel, check_data_shape, register_model
-from elbox.nets import inverse_softplus
-from elbox.options import check_options, option
+from elbox.models.base import (
+    DATA_SHAPE_LIMITS,
+    MAX_WIDTH,
+    Callback,
+    LatentVariableModel,
+    check_data_shape,
+    register_model,
+)
 
 NOISE_MODELS = ("isotropic", "diagonal")
 ENCODERS = ("exact", "amortized")
@@ -53,14 +54,26 @@ FITS = ("closed-form", "elbo")
 
 @dataclass
 class LinearGaussianConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
+    data_shape: tuple[int, ...] = option(
+        (1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS
+    )
     latent_dim: int = option(20, "latent dimensions (fewer than the data dimensions)", minimum=1, maximum=MAX_WIDTH)
-    noise: str = option("isotropic", "observation noise: isotropic, one sigma (probabilistic PCA), or diagonal, a sigma "
-                                     "per dimension (factor analysis)", choices=NOISE_MODELS)
-    encoder: str = option("amortized", "q(z|x): the exact posterior, or an amortized diagonal Gaussian (linear mean, "
-                                       "learned std)", choices=ENCODERS)
-    fit: str = option("closed-form", "maximum likelihood in closed form (EM for factor analysis), or gradient ascent "
-                                     "on the ELBO", choices=FITS)
+    noise: str = option(
+        "isotropic",
+        "observation noise: isotropic, one sigma (probabilistic PCA), or diagonal, a sigma "
+        "per dimension (factor analysis)",
+        choices=NOISE_MODELS,
+    )
+    encoder: str = option(
+        "amortized",
+        "q(z|x): the exact posterior, or an amortized diagonal Gaussian (linear mean, learned std)",
+        choices=ENCODERS,
+    )
+    fit: str = option(
+        "closed-form",
+        "maximum likelihood in closed form (EM for factor analysis), or gradient ascent on the ELBO",
+        choices=FITS,
+    )
 
     def __post_init__(self):
         check_options(self)
@@ -92,7 +105,12 @@ class LinearGaussian(LatentVariableModel):
         if config is None:
             check_count(x_dim, "x_dim", minimum=2)
             config = LinearGaussianConfig(data_shape=(x_dim,), latent_dim=z_dim, noise=noise, encoder=encoder)
-        elif (math.prod(config.data_shape), config.latent_dim, config.noise, config.encoder) != (x_dim, z_dim, noise, encoder):
+        elif (math.prod(config.data_shape), config.latent_dim, config.noise, config.encoder) != (
+            x_dim,
+            z_dim,
+            noise,
+            encoder,
+        ):
             raise ElboxError("LinearGaussian arguments disagree with its config; build it with from_config")
         super().__init__(config)
         self.trains_by_gradient = config.fit == "elbo"  # by gradient ascent on the ELBO, else by fit(x)
@@ -122,7 +140,8 @@ class LinearGaussian(LatentVariableModel):
             raise ElboxError(f"{what} must be a tensor, got {type(x).__name__}")
         if x.dim() < 2 or math.prod(x.shape[1:]) != self.x_dim:
             raise ElboxError(
-                f"{what} has shape {list(x.shape)}; expected [N, {self.x_dim}] or [N, {', '.join(map(str, self.config.data_shape))}]"
+                f"{what} has shape {list(x.shape)}; expected [N, {self.x_dim}] or [N, "
+                f"{', '.join(map(str, self.config.data_shape))}]"
             )
         x = x.reshape(x.shape[0], self.x_dim)
         return x.to(self.W.dtype) if cast else x
@@ -259,12 +278,14 @@ class LinearGaussian(LatentVariableModel):
 
         return draw
 
-    # -- what elbox.tighten needs -----------------------------------------------------------------
+    # -- what elbox.evaluation.tighten needs -----------------------------------------------------------------
 
     def posterior_params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation [N, d] of the amortized diagonal q(z|x)."""
         if self.config.encoder != "amortized":
-            raise ElboxError('this linear model\'s q is the exact full-covariance posterior; tightening needs encoder="amortized"')
+            raise ElboxError(
+                'this linear model\'s q is the exact full-covariance posterior; tightening needs encoder="amortized"'
+            )
         mean, scale_tril = self._q_params(self._flatten(x) - self.b)
         return mean, scale_tril.diagonal().expand_as(mean)
 
@@ -325,9 +346,9 @@ class LinearGaussian(LatentVariableModel):
           iteration, until the mean log-likelihood improves by less than `tolerance` nats or after
           max_iterations. EM never decreases the likelihood.
         Noise variances are floored at 1e-6 x that dimension's data variance (and at 1e-12; PPCA's single
-        sigma^2 at the largest of these floors), so constant dimensions keep a finite density. The fit runs in float64, chunked over examples (chunk_size).
-        Afterwards the amortized encoder, if any, is the best diagonal q (match_encoder_to_posterior).
-        The log-likelihoods are of x as given (no dequantization offset).
+        sigma^2 at the largest of these floors), so constant dimensions keep a finite density. The fit runs in float64,
+        chunked over examples (chunk_size). Afterwards the amortized encoder, if any, is the best diagonal q
+        (match_encoder_to_posterior). The log-likelihoods are of x as given (no dequantization offset).
         """
         check_count(max_iterations, "max_iterations")
         if not tolerance >= 0:
@@ -397,7 +418,8 @@ def _mean_and_covariance(x: Tensor, chunk_size: int, covariance: bool = True) ->
 def _gaussian_mean_log_likelihood(w: Tensor, psi: Tensor, cov: Tensor) -> float:
     """Mean over the data of log N(x; mean, W W^T + Psi) = -1/2 [D log 2 pi + log det C + tr(C^-1 Sigma)].
 
-    Woodbury: tr(C^-1 Sigma) = tr(Psi^-1 Sigma) - tr(M^-1 B^T Sigma B), B = Psi^-1 W; log det C = sum log psi + log det M.
+    Woodbury: tr(C^-1 Sigma) = tr(Psi^-1 Sigma) - tr(M^-1 B^T Sigma B), B = Psi^-1 W; log det C = sum log psi + log det
+    M.
     """
     b_mat = w / psi.unsqueeze(1)
     chol_m = torch.linalg.cholesky(torch.eye(w.shape[1], dtype=w.dtype, device=w.device) + w.T @ b_mat)

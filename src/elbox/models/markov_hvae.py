@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from elbox.bounds import (
+from elbox.core.bounds import (
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
     kl_diag_gaussians,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
+from elbox.core.nets import apply_flat, mlp
 from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
-from elbox.nets import apply_flat, mlp
 
 
 class MarkovHVAE(HVAE):
@@ -60,7 +60,9 @@ class MarkovHVAE(HVAE):
             mean, std = self._posterior(t, inputs)
             inputs = mean
         # no argument validation: a non-finite draw must reach the trainer's non-finite step counting, not raise here
-        weights = Categorical(logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False)
+        weights = Categorical(
+            logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False
+        )
         components = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
         return MixtureSameFamily(weights, components, validate_args=False)
 
@@ -82,7 +84,8 @@ class MarkovHVAE(HVAE):
         return self._posterior(0, x)
 
     def _posterior_chain(self, prepared, n: int) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor]]:
-        """n draws z_1..T ~ q up the chain: (the draws [n, B, d_t], their log q [n, B], the top level's mean and std)."""
+        """n draws z_1..T ~ q up the chain: (the draws [n, B, d_t], their log q [n, B], the top level's mean and
+        std)."""
         mean, std = prepared
         zs, log_q = [], []
         for t in range(self.config.levels):
@@ -96,7 +99,11 @@ class MarkovHVAE(HVAE):
     def _log_priors(self, zs: list[Tensor]) -> list[Tensor]:
         """log p(z_t|z_{t+1}) for each level t, and log p(z_T) at the top [n, B]."""
         log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(len(zs) - 1)]
-        log_p.append(standard_normal_log_prob(zs[-1]) if self.config.top_prior == "standard" else self.vamp_prior().log_prob(zs[-1]))
+        log_p.append(
+            standard_normal_log_prob(zs[-1])
+            if self.config.top_prior == "standard"
+            else self.vamp_prior().log_prob(zs[-1])
+        )
         return log_p
 
     def draw(self, prepared, x: Tensor, n: int):
@@ -126,7 +133,8 @@ class MarkovHVAE(HVAE):
         return self.likelihood.log_prob(self.decode(z), x) + log_ratio
 
     def top_prior_draw(self, n: int, temperature: float) -> Tensor:
-        """n draws [n, d_T] of p(z_T), its standard deviation scaled by the temperature (a VampPrior's drawn component's)."""
+        """n draws [n, d_T] of p(z_T), its standard deviation scaled by the temperature (a VampPrior's drawn
+        component's)."""
         if self.config.top_prior == "standard":
             ref = next(self.parameters())
             return temperature * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)

@@ -20,10 +20,9 @@ the floored variance is the exact maximizer over {sigma2 >= floor}, so the guara
 "full", adding floor * I (scikit-learn's reg_covar) is not the exact maximizer of the ELBO (that would
 clip the eigenvalues of the scatter matrix at the floor); the two differ by O(floor), so a decrease is
 possible when floor is not small against the component's spread. `fit` warns if the ELBO or the
-log-likelihood drops by more than float rounding. None was seen on PCA-50 Fashion-MNIST (smallest step
-+3e-5 nats, benchmarks/README.md); one was seen fitting K = 3 to 400 rows of a 2-component mixture in 3-D
-(a component of 8 points whose smallest covariance eigenvalue, 0.002, is twice the floor 1e-3): a drop of
-2.5e-5 nats per example at one iteration, gone with floor 1e-6.
+log-likelihood drops by more than float rounding. None was seen on PCA-50 Fashion-MNIST (smallest step +3e-5
+nats); one was, fitting K = 3 to 400 rows of a 2-component mixture in 3-D (a component of 8 points with a
+smallest covariance eigenvalue of 0.002, twice the floor 1e-3): 2.5e-5 nats at one iteration, gone with floor 1e-6.
 
 Components that own (almost) no data, N_k < EMPTY_COUNT, keep their previous mean and covariance
 (any value maximizes the ELBO when no point is assigned) and get weight N_k / N, floored at the
@@ -67,14 +66,11 @@ import torch
 from torch import Tensor
 from torch.distributions import Categorical
 
-from elbox.bounds import ELBOTerms, check_count
-from elbox.errors import ElboxError
+from elbox.core.bounds import ELBOTerms, check_count
+from elbox.core.errors import ElboxError
+from elbox.core.options import MAX_SEED, check_options, option
 from elbox.models.base import DATA_SHAPE_LIMITS, Callback, check_data_shape, register_model
-from elbox.models.gaussian import (
-    COVARIANCES,
-    ContinuousDensity,
-    flatten_data,
-)
+from elbox.models.gaussian import COVARIANCES, ContinuousDensity, flatten_data
 from elbox.models.mixture_em import (
     F64,
     MixtureParams,
@@ -85,7 +81,6 @@ from elbox.models.mixture_em import (
     logsumexp_rows,
     m_step,
 )
-from elbox.options import MAX_SEED, check_options, option
 
 INITS = ("kmeans++", "random")
 # the K tried when n_components is None (the module docstring)
@@ -98,23 +93,40 @@ ROUNDING_SLACK = 1e-9
 
 @dataclass
 class MixtureConfig:
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS)
+    data_shape: tuple[int, ...] = option(
+        (1, 28, 28), "shape of one example, e.g. (1, 28, 28) or (50,)", **DATA_SHAPE_LIMITS
+    )
     n_components: int | None = option(
-        None, "number of mixture components (default: chosen by BIC, Schwarz 1978, among "
-              f"{', '.join(map(str, CANDIDATE_COMPONENTS))}, each fitted by EM on the training set; K is tried only when "
-              "there are at least K (D + 1) training rows (full covariance) or 2 K (diag); the chosen K is saved "
-              "with the model)",
-        minimum=1, maximum=MAX_COMPONENTS, aliases=("--components",))
+        None,
+        "number of mixture components (default: chosen by BIC, Schwarz 1978, among "
+        f"{', '.join(map(str, CANDIDATE_COMPONENTS))}, each fitted by EM on the training set; K is tried only when "
+        "there are at least K (D + 1) training rows (full covariance) or 2 K (diag); the chosen K is saved "
+        "with the model)",
+        minimum=1,
+        maximum=MAX_COMPONENTS,
+        aliases=("--components",),
+    )
     covariance: str = option("full", "covariance structure", choices=COVARIANCES)
     init: str = option("kmeans++", "EM initialization (see the module docstring)", choices=INITS)
     max_iter: int = option(100, "EM iterations at most", minimum=1, maximum=10**6)
     # absolute, like scikit-learn's tol on the mean log-likelihood
-    tol: float = option(1e-4, "stop when the mean ELBO improves by less than this many nats per example over one "
-                              "iteration (0: run all max_iter iterations)", minimum=0)
-    covariance_floor: float = option(1e-3, "added to each covariance diagonal (full) or floor on the variances (diag)", above=0)
+    tol: float = option(
+        1e-4,
+        "stop when the mean ELBO improves by less than this many nats per example over one "
+        "iteration (0: run all max_iter iterations)",
+        minimum=0,
+    )
+    covariance_floor: float = option(
+        1e-3, "added to each covariance diagonal (full) or floor on the variances (diag)", above=0
+    )
     seed: int = option(0, "seed of the EM initialization", minimum=0, maximum=MAX_SEED - MAX_INITS)
-    n_init: int = option(1, "EM runs from initializations seeded seed, seed + 1, ...; the one with the highest "
-                            "final log-likelihood is kept (as scikit-learn's n_init)", minimum=1, maximum=MAX_INITS)
+    n_init: int = option(
+        1,
+        "EM runs from initializations seeded seed, seed + 1, ...; the one with the highest "
+        "final log-likelihood is kept (as scikit-learn's n_init)",
+        minimum=1,
+        maximum=MAX_INITS,
+    )
 
     def __post_init__(self):
         check_options(self)
@@ -272,33 +284,47 @@ class GaussianMixture(ContinuousDensity):
             params, em_records, mean_log_likelihood = self._fit_components(x, k, callback, True)
             records += em_records
             value = bic(mean_log_likelihood, n, k, d, self.config.covariance)
-            candidates.append({"n_components": k, "parameters": free_parameters(k, d, self.config.covariance), "bic": value})
+            candidates.append(
+                {"n_components": k, "parameters": free_parameters(k, d, self.config.covariance), "bic": value}
+            )
             if best is None or value < best[0]:  # keep only the best fit so far (memory: K D^2 numbers each)
                 best = value, k, params, mean_log_likelihood
         _, k, params, mean_log_likelihood = best
         tried = [c["n_components"] for c in candidates]
         largest = "; the largest tried: a larger n_components may fit better" if k == tried[-1] > 1 else ""
-        record = {"method": f"BIC chose {k} component{'s' if k > 1 else ''} of {', '.join(map(str, tried))}{largest}",
-                  "chosen_components": k, "criterion": "bic", "log_likelihood": mean_log_likelihood,
-                  "candidates": candidates}
+        record = {
+            "method": f"BIC chose {k} component{'s' if k > 1 else ''} of {', '.join(map(str, tried))}{largest}",
+            "chosen_components": k,
+            "criterion": "bic",
+            "log_likelihood": mean_log_likelihood,
+            "candidates": candidates,
+        }
         records.append(record)
         if callback is not None:
             callback(record)
         return params, records
 
-    def _fit_components(self, x: Tensor, k: int, callback: Callback | None,
-                        tag: bool) -> tuple[MixtureParams, list[dict], float]:
+    def _fit_components(
+        self, x: Tensor, k: int, callback: Callback | None, tag: bool
+    ) -> tuple[MixtureParams, list[dict], float]:
         """EM with K components from n_init starts on centered data x: (the params of the highest final mean
         log-likelihood, the records of every run (with tag, each has "n_components": K), that log-likelihood)."""
         restarts = self.config.n_init
-        runs = [self._run_em(x, self._initial_params(x, k, r), callback,
-                             {**({"n_components": k} if tag else {}), **({"restart": r} if restarts > 1 else {})})
-                for r in range(restarts)]
+        runs = [
+            self._run_em(
+                x,
+                self._initial_params(x, k, r),
+                callback,
+                {**({"n_components": k} if tag else {}), **({"restart": r} if restarts > 1 else {})},
+            )
+            for r in range(restarts)
+        ]
         params, _, log_likelihood = max(runs, key=lambda run: run[2])
         return params, [record for _, records, _ in runs for record in records], log_likelihood
 
-    def _run_em(self, x: Tensor, params: MixtureParams, callback: Callback | None,
-                tags: dict) -> tuple[MixtureParams, list[dict], float]:
+    def _run_em(
+        self, x: Tensor, params: MixtureParams, callback: Callback | None, tags: dict
+    ) -> tuple[MixtureParams, list[dict], float]:
         """EM from params on centered data x until convergence or max_iter: (final params, records, each with
         the entries of tags, the final mean log-likelihood in the units of x: the callback may change the
         records' values, e.g. add an offset)."""
@@ -323,8 +349,13 @@ class GaussianMixture(ContinuousDensity):
             log_q = joint - log_evidence[:, None]
             log_likelihood = log_evidence.mean().item()
             self._warn_if_decreased(iteration, "E-step", "ELBO", elbo, "log-likelihood", log_likelihood)
-            record = {"iteration": iteration, "elbo": elbo, "log_likelihood": log_likelihood,
-                      "time_s": time.perf_counter() - start, **tags}
+            record = {
+                "iteration": iteration,
+                "elbo": elbo,
+                "log_likelihood": log_likelihood,
+                "time_s": time.perf_counter() - start,
+                **tags,
+            }
             converged = c.tol > 0 and elbo - previous_elbo < c.tol
             previous_elbo = elbo
             if converged or iteration == c.max_iter:
@@ -403,7 +434,7 @@ class GaussianMixture(ContinuousDensity):
         """n draws [n, *data_shape]: z ~ Categorical(pi), then x ~ N(mu_z, Sigma_z).
 
         Raw draws of the density, not clamped to [0, 1] (clamping would change the distribution);
-        callers clamp for display (elbox.plots does).
+        callers clamp for display (elbox.io.plots does).
         """
         check_count(n)
         self._check_fitted()

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from elbox.bounds import LOG_2PI
-from elbox.errors import ElboxError
+from elbox.core.bounds import LOG_2PI
+from elbox.core.errors import ElboxError
 
 # Expected number of points below which a component counts as empty (its mean and covariance
 # are kept). Far below one point, and far above the underflow range of float64 responsibilities.

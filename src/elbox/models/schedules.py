@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from elbox.errors import ElboxError
-from elbox.nets import inverse_softplus
+from elbox.core.errors import ElboxError
+from elbox.core.nets import inverse_softplus
 
 
 class NoiseSchedule(nn.Module):
@@ -116,8 +116,10 @@ class _RestrictedSchedule(NoiseSchedule):
         self.tau_lo, self.tau_hi = self.inverse(gamma_min), self.inverse(gamma_max)
         if not 0 <= self.tau_lo < self.tau_hi <= 1:
             top = self.gamma_f(torch.tensor(1.0, dtype=torch.float64))[0].item()
-            raise ElboxError(f"gamma range [{gamma_min}, {gamma_max}] lies outside what the {type(self).__name__} reaches, "
-                             f"gamma < {top:.4g}")
+            raise ElboxError(
+                f"gamma range [{gamma_min}, {gamma_max}] lies outside what the {type(self).__name__} reaches, "
+                f"gamma < {top:.4g}"
+            )
 
     def gamma_f(self, tau: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -183,7 +185,9 @@ class LinearBetaSchedule(_RestrictedSchedule):
     def inverse(self, gamma: float) -> float:
         c = math.log1p(math.exp(gamma))  # softplus(gamma) = -log alpha_bar
         a, b = self.steps * (self.beta_T - self.beta_1) / 2, self.steps * self.beta_1
-        return 2 * c / (b + math.sqrt(b * b + 4 * a * c))  # the positive root of a tau^2 + b tau = c, without cancellation
+        return (
+            2 * c / (b + math.sqrt(b * b + 4 * a * c))
+        )  # the positive root of a tau^2 + b tau = c, without cancellation
 
 
 SCHEDULE_CLASSES: dict[str, type[NoiseSchedule]] = {

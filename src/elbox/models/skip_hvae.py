@@ -26,23 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from elbox.bounds import (
+from elbox.core.bounds import (
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
     kl_diag_gaussians,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
+from elbox.core.nets import apply_flat, hidden_layer, initialize_weights, mlp, posterior_std, split_first_layer
 from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
 from elbox.models.vampprior import VampPrior
-from elbox.nets import (
-    apply_flat,
-    hidden_layer,
-    initialize_weights,
-    mlp,
-    posterior_std,
-    split_first_layer,
-)
 
 
 class Joined(nn.Module):
@@ -59,8 +52,11 @@ class Joined(nn.Module):
 
 def joined_mlp(a_dim: int, b_dim: int, width: int, out_dim: int, act: str) -> Joined:
     """[a -> D, b -> D] -> D -> out: one hidden layer on each input, one joint hidden layer, a linear output."""
-    return Joined(nn.Sequential(*hidden_layer(a_dim, width, act)), nn.Sequential(*hidden_layer(b_dim, width, act)),
-                  mlp(2 * width, [width], out_dim, act))
+    return Joined(
+        nn.Sequential(*hidden_layer(a_dim, width, act)),
+        nn.Sequential(*hidden_layer(b_dim, width, act)),
+        mlp(2 * width, [width], out_dim, act),
+    )
 
 
 class SkipHVAE(HVAE):
@@ -99,7 +95,7 @@ class SkipHVAE(HVAE):
         computed once per image) and z2."""
         linear, act, rest = split_first_layer(self.encoder_z1.joint)
         z2_features = apply_flat(self.encoder_z1.b, z2, 1)
-        pre = x_part + F.linear(z2_features, linear.weight[:, -z2_features.shape[-1]:])
+        pre = x_part + F.linear(z2_features, linear.weight[:, -z2_features.shape[-1] :])
         return self._gaussian(apply_flat(rest, act(pre), 1))
 
     def prior_z1_params(self, z2: Tensor) -> tuple[Tensor, Tensor]:
@@ -163,7 +159,8 @@ class SkipHVAE(HVAE):
         return self.likelihood.log_prob(self.decode_levels(z1, z2), x) + log_ratio
 
     def top_prior_draw(self, n: int, temperature: float) -> Tensor:
-        """n draws [n, d2] of p(z2), its standard deviation scaled by the temperature (a VampPrior's drawn component's)."""
+        """n draws [n, d2] of p(z2), its standard deviation scaled by the temperature (a VampPrior's drawn
+        component's)."""
         if self.config.top_prior == "vamp":
             return self.vamp.sample(self.posterior_z2, n, temperature)
         ref = next(self.parameters())
@@ -212,10 +209,10 @@ class ConvSkipHVAE(SkipHVAE):
     """The convolutional two-level HVAE with skip paths of Tomczak & Welling (2018) (their ConvHVAE): the graph of
     SkipHVAE, with gated convolutions where x comes in and goes out (H and W divisible by 4):
 
-        q(z2|x)      x -> GC 32 (7x7) -> GC 32 (3x3, /2) -> GC 64 (5x5) -> GC 64 (3x3, /2) -> GC 6 (3x3) -> (mean, log-var)
-        q(z1|x,z2)   [x -> GC 32 (3x3) -> GC 32 (/2) -> GC 64 -> GC 64 (/2) -> GC 6, z2 -> 6 H W / 16] -> D -> (mean, log-var)
-        p(z1|z2)     z2 -> D -> D -> (mean, log-var)
-        p(x|z1,z2)   [z1 -> D, z2 -> D] -> C H W -> GC 64 (3x3) -> 3 x GC 64 (3x3) -> 1x1 conv -> the likelihood's parameters
+        q(z2|x)     x -> GC 32 (7x7) -> GC 32 (3x3, /2) -> GC 64 (5x5) -> GC 64 (3x3, /2) -> GC 6 (3x3) -> mean, logvar
+        q(z1|x,z2)  [x -> GC 32 (3x3) -> GC 32 (/2) -> GC 64 -> GC 64 (/2) -> GC 6, z2 -> 6HW/16] -> D -> mean, logvar
+        p(z1|z2)    z2 -> D -> D -> (mean, logvar)
+        p(x|z1,z2)  [z1 -> D, z2 -> D] -> C H W -> GC 64 (3x3) -> 3 x GC 64 (3x3) -> 1x1 conv -> likelihood parameters
     """
 
     hvae_type = "conv-skip"
@@ -228,17 +225,26 @@ class ConvSkipHVAE(SkipHVAE):
         features = 6 * (height // 4) * (width // 4)
         self.encoder_z2 = nn.Sequential(
             gated_convs(channels, [(32, 7, 1, 3), (32, 3, 2, 1), (64, 5, 1, 2), (64, 3, 2, 1), (6, 3, 1, 1)]),
-            nn.Flatten(), nn.Linear(features, 2 * d2))
+            nn.Flatten(),
+            nn.Linear(features, 2 * d2),
+        )
         self.encoder_z1 = Joined(
-            nn.Sequential(gated_convs(channels, [(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1), (6, 3, 1, 1)]),
-                          nn.Flatten()),
-            nn.Sequential(*hidden_layer(d2, features, c.activation)), mlp(2 * features, [hidden], 2 * d1, c.activation))
+            nn.Sequential(
+                gated_convs(channels, [(32, 3, 1, 1), (32, 3, 2, 1), (64, 3, 1, 1), (64, 3, 2, 1), (6, 3, 1, 1)]),
+                nn.Flatten(),
+            ),
+            nn.Sequential(*hidden_layer(d2, features, c.activation)),
+            mlp(2 * features, [hidden], 2 * d1, c.activation),
+        )
         self.prior_z1 = mlp(d2, [hidden, hidden], 2 * d1, c.activation)
-        self.decoder = Joined(nn.Sequential(*hidden_layer(d1, hidden, c.activation)),
-                              nn.Sequential(*hidden_layer(d2, hidden, c.activation)),
-                              nn.Sequential(*hidden_layer(2 * hidden, channels * height * width, c.activation)))
-        self.decoder_convs = nn.Sequential(gated_convs(channels, [(64, 3, 1, 1)] * 4),
-                                           nn.Conv2d(64, self.likelihood.num_params * channels, 1))
+        self.decoder = Joined(
+            nn.Sequential(*hidden_layer(d1, hidden, c.activation)),
+            nn.Sequential(*hidden_layer(d2, hidden, c.activation)),
+            nn.Sequential(*hidden_layer(2 * hidden, channels * height * width, c.activation)),
+        )
+        self.decoder_convs = nn.Sequential(
+            gated_convs(channels, [(64, 3, 1, 1)] * 4), nn.Conv2d(64, self.likelihood.num_params * channels, 1)
+        )
         initialize_weights(self, c.weight_init)
         if c.top_prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)

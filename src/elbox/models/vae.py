@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from elbox.bounds import (
+from elbox.core.bounds import (
     ELBOTerms,
     ImportanceSamples,
     check_count,
@@ -22,19 +22,8 @@ from elbox.bounds import (
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
-from elbox.errors import ElboxError
-from elbox.likelihoods import LikelihoodModel, LikelihoodOptions
-from elbox.models.base import (
-    DATA_SHAPE_LIMITS,
-    MAX_WIDTH,
-    LatentVariableModel,
-    check_data_shape,
-    check_image_shape,
-    per_level_temperatures,
-    register_model,
-)
-from elbox.models.vampprior import VampPrior
-from elbox.nets import (
+from elbox.core.errors import ElboxError
+from elbox.core.nets import (
     GATED,
     MLP_ACTIVATIONS,
     WEIGHT_INITS,
@@ -46,7 +35,18 @@ from elbox.nets import (
     mlp,
     posterior_std,
 )
-from elbox.options import check_options, option, short_repr
+from elbox.core.options import check_options, option, short_repr
+from elbox.models.base import (
+    DATA_SHAPE_LIMITS,
+    MAX_WIDTH,
+    LatentVariableModel,
+    check_data_shape,
+    check_image_shape,
+    per_level_temperatures,
+    register_model,
+)
+from elbox.models.likelihood_options import LikelihoodModel, LikelihoodOptions
+from elbox.models.vampprior import VampPrior
 
 ARCHITECTURES = ("mlp", "conv")
 PRIORS = ("standard", "vamp")
@@ -54,26 +54,52 @@ PRIORS = ("standard", "vamp")
 
 @dataclass
 class VAEConfig(LikelihoodOptions):
-    data_shape: tuple[int, ...] = option((1, 28, 28), "shape of one example: (channels, height, width), or (D,) for "
-                                         "vectors (mlp architecture)", **DATA_SHAPE_LIMITS)
+    data_shape: tuple[int, ...] = option(
+        (1, 28, 28),
+        "shape of one example: (channels, height, width), or (D,) for vectors (mlp architecture)",
+        **DATA_SHAPE_LIMITS,
+    )
     latent_dim: int = option(32, "latent dimensions", minimum=1, maximum=MAX_WIDTH)
-    hidden_dims: list[int] = option(help="hidden layer widths of the encoder's MLP (the decoder mirrors them; after "
-                                         "the convolutions for conv)", factory=lambda: [512], minimum=1, maximum=MAX_WIDTH, metavar="H")
+    hidden_dims: list[int] = option(
+        help="hidden layer widths of the encoder's MLP (the decoder mirrors them; after the convolutions for conv)",
+        factory=lambda: [512],
+        minimum=1,
+        maximum=MAX_WIDTH,
+        metavar="H",
+    )
     architecture: str = option("mlp", "encoder and decoder networks", choices=ARCHITECTURES)
-    conv_channels: list[int] = option(help="conv architecture: channels of each strided convolution",
-                                      factory=lambda: [32, 64], minimum=1, maximum=MAX_WIDTH, metavar="C")
-    activation: str = option("relu", "activation function (gated: gated dense hidden layers, mlp only)",
-                             choices=MLP_ACTIVATIONS)
+    conv_channels: list[int] = option(
+        help="conv architecture: channels of each strided convolution",
+        factory=lambda: [32, 64],
+        minimum=1,
+        maximum=MAX_WIDTH,
+        metavar="C",
+    )
+    activation: str = option(
+        "relu", "activation function (gated: gated dense hidden layers, mlp only)", choices=MLP_ACTIVATIONS
+    )
     min_std: float = option(1e-4, "floor on the posterior standard deviation", above=0)
-    logvar_bounds: list[float] | None = option(None, "bound the posterior's log-variance to [LOW, HIGH] with a hardtanh, "
-                                                     "std = exp(logvar / 2) (the VampPrior papers use -6 2; default: "
-                                                     "std = softplus + min_std)", max_items=2, metavar="B")
-    prior: str = option("standard", "p(z): standard (N(0, I)) or vamp (VampPrior: a mixture of the posteriors at "
-                                    "learned pseudo-inputs)", choices=PRIORS)
-    pseudo_inputs: int = option(500, "--prior vamp: number of pseudo-inputs (mixture components)", minimum=1,
-                                maximum=MAX_WIDTH, metavar="K")
-    weight_init: str = option("default", "initialization of the linear layers: default (PyTorch's) or he "
-                                         "(N(0, 2 / fan_in), as the VampPrior networks)", choices=WEIGHT_INITS)
+    logvar_bounds: list[float] | None = option(
+        None,
+        "bound the posterior's log-variance to [LOW, HIGH] with a hardtanh, "
+        "std = exp(logvar / 2) (the VampPrior papers use -6 2; default: "
+        "std = softplus + min_std)",
+        max_items=2,
+        metavar="B",
+    )
+    prior: str = option(
+        "standard",
+        "p(z): standard (N(0, I)) or vamp (VampPrior: a mixture of the posteriors at learned pseudo-inputs)",
+        choices=PRIORS,
+    )
+    pseudo_inputs: int = option(
+        500, "--prior vamp: number of pseudo-inputs (mixture components)", minimum=1, maximum=MAX_WIDTH, metavar="K"
+    )
+    weight_init: str = option(
+        "default",
+        "initialization of the linear layers: default (PyTorch's) or he (N(0, 2 / fan_in), as the VampPrior networks)",
+        choices=WEIGHT_INITS,
+    )
     # user-written networks, by class name ("module:QualName"); "" = the built-in ones (see VAE)
     encoder: str = option("", "class of a user-written encoder", cli=False)
     decoder: str = option("", "class of a user-written decoder", cli=False)
@@ -84,7 +110,10 @@ class VAEConfig(LikelihoodOptions):
         if self.architecture == "conv":
             check_image_shape(self.data_shape, "the conv architecture")
         elif len(self.data_shape) not in (1, 3):
-            raise ElboxError(f"data_shape must be (channels, height, width) for images or (D,) for vectors, got {short_repr(self.data_shape)}")
+            raise ElboxError(
+                "data_shape must be (channels, height, width) for images or (D,) for vectors, got "
+                f"{short_repr(self.data_shape)}"
+            )
         self.data_space()  # a likelihood that cannot model the data (bernoulli on vectors, ...) is refused here
         if self.architecture == "conv" and not self.conv_channels:
             raise ElboxError("conv_channels must be a non-empty list of positive sizes")
@@ -99,8 +128,10 @@ def _class_name(module: nn.Module | None, recorded: str, role: str) -> str:
     """module:QualName of a user-written network, checked against the name a saved config records."""
     if module is None:
         if recorded:
-            raise ElboxError(f"this VAE was built with a user-written {role}, {recorded}; elbox never unpickles or imports "
-                             f"it: pass it again, e.g. elbox.load(run_dir, {role}={recorded.split(':')[-1]}(...), ...)")
+            raise ElboxError(
+                f"this VAE was built with a user-written {role}, {recorded}; elbox never unpickles or imports "
+                f"it: pass it again, e.g. elbox.load(run_dir, {role}={recorded.split(':')[-1]}(...), ...)"
+            )
         return ""
     if not isinstance(module, nn.Module):
         raise ElboxError(f"the {role} must be a torch.nn.Module, got {type(module).__name__}")
@@ -125,8 +156,11 @@ class VAE(LikelihoodModel, LatentVariableModel):
         the likelihood's parameters, any shape with num_params * prod(data_shape) values per example. The config
         records their class names; loading a saved model takes them again (elbox.load(dir, encoder=..., decoder=...)),
         elbox never pickles or imports them."""
-        config = dataclasses.replace(config, encoder=_class_name(encoder, config.encoder, "encoder"),
-                                     decoder=_class_name(decoder, config.decoder, "decoder"))
+        config = dataclasses.replace(
+            config,
+            encoder=_class_name(encoder, config.encoder, "encoder"),
+            decoder=_class_name(decoder, config.decoder, "decoder"),
+        )
         super().__init__(config)
         c = config
         self.likelihood = c.build_likelihood()
@@ -138,7 +172,9 @@ class VAE(LikelihoodModel, LatentVariableModel):
         else:
             conv, n_features = conv_encoder(c.data_shape, c.conv_channels, c.activation)
             self.encoder = nn.Sequential(conv, mlp(n_features, c.hidden_dims, 2 * c.latent_dim, c.activation))
-            deconv, feature_shape = conv_decoder(c.data_shape, c.conv_channels, n_params * c.data_shape[0], c.activation)
+            deconv, feature_shape = conv_decoder(
+                c.data_shape, c.conv_channels, n_params * c.data_shape[0], c.activation
+            )
             self.decoder = nn.Sequential(
                 mlp(c.latent_dim, list(reversed(c.hidden_dims)), math.prod(feature_shape), c.activation),
                 nn.Unflatten(-1, feature_shape),
@@ -165,7 +201,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
         return standard_normal_log_prob(z)
 
     @classmethod
-    def from_config(cls, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> "VAE":
+    def from_config(cls, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> VAE:
         return cls(config, encoder=encoder, decoder=decoder)
 
     @torch.no_grad()
@@ -178,13 +214,17 @@ class VAE(LikelihoodModel, LatentVariableModel):
             ref = next(self.encoder.parameters(), torch.zeros(()))
             h = self.encoder(torch.zeros(2, *c.data_shape, dtype=ref.dtype, device=ref.device))
             if tuple(h.shape) != (2, 2 * c.latent_dim):
-                raise ElboxError(f"the encoder {c.encoder or 'given'} returns shape {tuple(h.shape[1:])} per batch of "
-                                 f"x {tuple(c.data_shape)}; it must return [B, 2 * latent_dim] = [B, {2 * c.latent_dim}]")
+                raise ElboxError(
+                    f"the encoder {c.encoder or 'given'} returns shape {tuple(h.shape[1:])} per batch of "
+                    f"x {tuple(c.data_shape)}; it must return [B, 2 * latent_dim] = [B, {2 * c.latent_dim}]"
+                )
             out = self.decoder(torch.zeros(2, c.latent_dim, dtype=ref.dtype, device=ref.device))
             want = self.likelihood.num_params * math.prod(c.data_shape)
             if out.shape[0] != 2 or out[0].numel() != want:
-                raise ElboxError(f"the decoder {c.decoder or 'given'} returns {out[0].numel()} values per example; the "
-                                 f"{c.likelihood} likelihood needs {want} ({self.likelihood.num_params} x {tuple(c.data_shape)})")
+                raise ElboxError(
+                    f"the decoder {c.decoder or 'given'} returns {out[0].numel()} values per example; the "
+                    f"{c.likelihood} likelihood needs {want} ({self.likelihood.num_params} x {tuple(c.data_shape)})"
+                )
         finally:
             for m, mode in modes:
                 m.train(mode)
@@ -213,7 +253,9 @@ class VAE(LikelihoodModel, LatentVariableModel):
         estimate log q(z|x) - log p(z) on the same draws for the VampPrior, which has no closed form."""
         mean, std = self.posterior_params(x)
         if self.config.prior == "standard":
-            return gaussian_elbo(mean, std, lambda z: self.likelihood.log_prob(self.decode(z), x), n_samples, analytic_kl)
+            return gaussian_elbo(
+                mean, std, lambda z: self.likelihood.log_prob(self.decode(z), x), n_samples, analytic_kl
+            )
         check_count(n_samples, "n_samples")
         z, eps = sample_diag_gaussian(mean, std, n_samples)
         kl = diag_gaussian_log_prob_from_noise(eps, std) - self.prior_log_prob(z)
@@ -226,7 +268,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
         """Encode x once; the returned function draws n samples of log p(x, z) - log q(z|x) [n, B].
 
         detach_posterior_params: evaluate log q(z|x) with q's mean and std detached (the STL/DReG form, see
-        elbox.bounds): same values, but q's parameters get gradient only through the draws z.
+        elbox.core.bounds): same values, but q's parameters get gradient only through the draws z.
         """
         mean, std = self.posterior_params(x)
 
@@ -240,7 +282,11 @@ class VAE(LikelihoodModel, LatentVariableModel):
         check_count(k, "the number of importance samples K")
         mean, std = self.posterior_params(x)
         z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
-        kl = kl_diag_gaussians(mean, std).sum(-1) if self.config.prior == "standard" else (log_px_given_z - log_w).mean(0)
+        kl = (
+            kl_diag_gaussians(mean, std).sum(-1)
+            if self.config.prior == "standard"
+            else (log_px_given_z - log_w).mean(0)
+        )
         terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl})
         return ImportanceSamples(log_w=log_w, z=z, terms=terms)
 

@@ -35,7 +35,9 @@ class VampPrior(nn.Module):
         """p(z) as a torch distribution over [d]: the mixture of posterior(u_k) with equal weights."""
         mean, std = posterior(self.inputs())
         # no argument validation: a non-finite draw must reach the trainer's non-finite step counting, not raise here
-        weights = Categorical(logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False)
+        weights = Categorical(
+            logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False
+        )
         components = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
         return MixtureSameFamily(weights, components, validate_args=False)
 

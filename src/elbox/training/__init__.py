@@ -1,2 +1,1 @@
-"""Training: settings (config), objectives, the trainer, its checkpoint state, and the fit/resume/evaluate
-workflows behind the public API."""
+"""Training: objectives, the trainer, its checkpoint state, and the fit/resume workflows behind the public API."""

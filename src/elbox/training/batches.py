@@ -1,9 +1,9 @@
 """Training and validation batches, from images held in memory or streamed from disk.
 
 Training data are either a tensor (uint8 images [N, C, H, W] or float32 vectors [N, D], gathered by index on the
-device) or a map-style torch Dataset of such items (users' files, read on demand by DataLoader worker processes, so memory does not
-grow with the dataset). Both follow one order: elbox.data.iterate_batches over the shuffle generator, so a run
-on a Dataset sees the same batches as on the same images in memory, and resuming restores the order with the
+device) or a map-style torch Dataset of such items (users' files, read on demand by DataLoader worker processes, so
+memory does not grow with the dataset). Both follow one order: elbox.data.iterate_batches over the shuffle generator, so
+a run on a Dataset sees the same batches as on the same images in memory, and resuming restores the order with the
 generator's state. Under torchrun every process reads only its contiguous share of each global batch.
 
 With no worker processes the batches are still read ahead: one thread of this process reads the next batches while
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from elbox.core.errors import ElboxError
 from elbox.data.inputs import ExampleRows
-from elbox.errors import ElboxError
 
 Images = Tensor | Dataset
 
@@ -50,8 +50,14 @@ def gather(data: Images, batches: list[Tensor], device: torch.device, workers: i
         return (examples[rows[idx.to(device)]] for idx in batches)
     # its own generator: a DataLoader draws its workers' base seed, which must not consume the global random
     # stream that the model's sampling uses (the run would then differ from the same images in memory)
-    loader = DataLoader(data, batch_sampler=[idx.tolist() for idx in batches], num_workers=workers,
-                        pin_memory=device.type == "cuda", collate_fn=stack_examples, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        data,
+        batch_sampler=[idx.tolist() for idx in batches],
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=stack_examples,
+        generator=torch.Generator().manual_seed(0),
+    )
     return (images.to(device, non_blocking=True) for images in (read_ahead(loader) if workers == 0 else loader))
 
 
@@ -100,13 +106,16 @@ def stack_examples(items: list) -> Tensor:
     """A batch from a Dataset's items (an example, or an (example, label) pair): uint8 images or float vectors."""
     examples = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
     if not all(isinstance(x, Tensor) and x.dtype in (torch.uint8, torch.float32, torch.float64) for x in examples):
-        raise ElboxError("a training Dataset must give uint8 image tensors [C, H, W] or float vectors [D] "
-                         "(or (example, label) pairs)")
+        raise ElboxError(
+            "a training Dataset must give uint8 image tensors [C, H, W] or float vectors [D] "
+            "(or (example, label) pairs)"
+        )
     return torch.stack(examples)
 
 
-def validation_chunks(data: Images, batch_size: int, rank: int, world: int, device: torch.device,
-                      workers: int) -> Iterator[tuple[int, Tensor]]:
+def validation_chunks(
+    data: Images, batch_size: int, rank: int, world: int, device: torch.device, workers: int
+) -> Iterator[tuple[int, Tensor]]:
     """(first row, examples) of this process's share of the validation data, in chunks of batch_size."""
     start, stop = share(num_examples(data), rank, world)
     firsts = range(start, stop, batch_size)

@@ -16,16 +16,25 @@ def model_size(model: LatentVariableModel) -> str:
     buffers, not parameters) how many numbers it stores."""
     if model.trains_by_gradient:
         return f"{sum(p.numel() for p in model.parameters()):,} parameters"
-    return f"fitted in closed form or by EM, not by gradient: {sum(v.numel() for v in model.state_dict().values()):,} numbers"
+    return (
+        f"fitted in closed form or by EM, not by gradient: {sum(v.numel() for v in model.state_dict().values()):,} "
+        "numbers"
+    )
 
 
 def epoch_summary(record: dict) -> str:
     """One line for an epoch record of Trainer.fit ("epoch", validated, or "train_epoch", not validated)."""
-    validation = (f"validation ELBO {record['val_elbo']:.2f} nats (rec {record['val_reconstruction']:.2f}, "
-                  f"KL {record['val_kl']:.2f})" if "val_elbo" in record else "not validated (val_every)")
-    return (f"epoch {record['epoch']}: train ELBO {record.get('train_elbo', math.nan):.2f} "
-            f"(objective {record.get('train_objective', math.nan):.2f}), {validation}, {record['images_per_s']:.0f} img/s, "
-            f"skipped steps {record['skipped_steps']} non-finite, {record['skipped_large_grad']} large gradient")
+    validation = (
+        f"validation ELBO {record['val_elbo']:.2f} nats (rec {record['val_reconstruction']:.2f}, "
+        f"KL {record['val_kl']:.2f})"
+        if "val_elbo" in record
+        else "not validated (val_every)"
+    )
+    return (
+        f"epoch {record['epoch']}: train ELBO {record.get('train_elbo', math.nan):.2f} "
+        f"(objective {record.get('train_objective', math.nan):.2f}), {validation}, {record['images_per_s']:.0f} img/s, "
+        f"skipped steps {record['skipped_steps']} non-finite, {record['skipped_large_grad']} large gradient"
+    )
 
 
 def fit_summary(record: dict) -> str:
@@ -38,8 +47,11 @@ def fit_summary(record: dict) -> str:
         step += f" ({record['n_components']} components)" if "n_components" in record else ""
     else:
         step = f"fit ({record['method']})" if "method" in record else "closed-form fit"
-    values = ", ".join(f"{name} {record[key]:.2f}" for key, name in (("elbo", "ELBO"), ("log_likelihood", "log-likelihood"))
-                       if key in record)
+    values = ", ".join(
+        f"{name} {record[key]:.2f}"
+        for key, name in (("elbo", "ELBO"), ("log_likelihood", "log-likelihood"))
+        if key in record
+    )
     tail = f", {record['time_s']:.2f} s" if "time_s" in record else ""
     if "converged" in record:
         tail += ", converged" if record["converged"] else ", stopped at max_iter"
@@ -51,8 +63,11 @@ def with_summaries(callback: Callback | None) -> Callback:
 
     def report(record: dict) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            line = epoch_summary(record) if record.get("kind") in ("epoch", "train_epoch") and "images_per_s" in record \
+            line = (
+                epoch_summary(record)
+                if record.get("kind") in ("epoch", "train_epoch") and "images_per_s" in record
                 else fit_summary(record)
+            )
             tqdm.write(line, file=sys.stderr)
         if callback is not None:
             callback(record)
@@ -60,5 +75,7 @@ def with_summaries(callback: Callback | None) -> Callback:
     return report
 
 
-RETRY = ("Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
-         "--lr SMALLER --grad-clip 100 --out NEW_DIR.")
+RETRY = (
+    "Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
+    "--lr SMALLER --grad-clip 100 --out NEW_DIR."
+)

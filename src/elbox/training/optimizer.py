@@ -15,8 +15,9 @@ def make_optimizer(model: LatentVariableModel, lr: float, weight_decay: float = 
     """Adam with the fused multi-tensor kernel (one kernel for all parameters per step); weight_decay > 0 makes it
     AdamW (decoupled weight decay on every parameter, Loshchilov & Hutter 2019)."""
     if weight_decay > 0:
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True,
-                                fused=True)
+        return torch.optim.Adam(
+            model.parameters(), lr=lr, weight_decay=weight_decay, decoupled_weight_decay=True, fused=True
+        )
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 

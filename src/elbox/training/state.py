@@ -1,5 +1,5 @@
 """The training state a resumed run continues from, bit for bit: model, EMA and optimizer tensors, random-number-
-generator states, step counters, the learning-rate schedule and the metrics records (written by elbox.checkpoint
+generator states, step counters, the learning-rate schedule and the metrics records (written by elbox.io.checkpoint
 as one safetensors file with the JSON in its metadata)."""
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from elbox.checkpoint import check_tensors
-from elbox.errors import ElboxError
-from elbox.options import MAX_SEED, config_from_dict, short_repr
-from elbox.training.config import TrainConfig, config_dict
+from elbox.core.errors import ElboxError
+from elbox.core.options import MAX_SEED, config_from_dict, short_repr
+from elbox.io.checkpoint import check_tensors
+from elbox.io.run_config import TrainConfig, config_dict
 
 COUNTS = ("epoch", "step", "skipped_steps", "skipped_large_grad")
 # entries a saved state must share with this run's optimizer and schedule: they follow from its config, not its progress
-ADAM_SETTINGS = ("params", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize", "initial_lr")
+ADAM_SETTINGS = (
+    "params",
+    "betas",
+    "eps",
+    "weight_decay",
+    "decoupled_weight_decay",
+    "amsgrad",
+    "maximize",
+    "initial_lr",
+)
 SCHEDULE_SETTINGS = ("T_max", "eta_min", "base_lrs")
 
 
@@ -49,10 +58,12 @@ def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], di
     }
     return tensors, state
 
+
 def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict, what: str = "training state") -> None:
     """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
+
     def part(prefix: str) -> dict[str, Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
         if saved_train_config(state, what) != trainer.config:  # fields added later take defaults
@@ -63,8 +74,12 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         if trainer.ema is not None:
             check_tensors(part("ema."), trainer.ema.state_dict(), f"{what} (EMA tensors)")
             trainer.ema.load_state_dict(part("ema."))
-        trainer.optimizer.load_state_dict({"state": _optimizer_state(trainer.optimizer, part("optimizer."), what),
-                                        "param_groups": state["optimizer_param_groups"]})
+        trainer.optimizer.load_state_dict(
+            {
+                "state": _optimizer_state(trainer.optimizer, part("optimizer."), what),
+                "param_groups": state["optimizer_param_groups"],
+            }
+        )
         if trainer.scheduler is not None:
             trainer.scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -73,7 +88,10 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         if trainer.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.device)
         trainer.step, trainer.start_epoch = int(state["step"]), int(state["epoch"]) + 1
-        trainer.skipped_steps, trainer.skipped_large_grad = int(state["skipped_steps"]), int(state["skipped_large_grad"])
+        trainer.skipped_steps, trainer.skipped_large_grad = (
+            int(state["skipped_steps"]),
+            int(state["skipped_large_grad"]),
+        )
         trainer.best_val_elbo = float(state["best_val_elbo"])
         trainer.recent_nonfinite.clear()
         trainer.recent_nonfinite.extend(bool(x) for x in state.get("recent_nonfinite", []))  # absent in older states
@@ -114,8 +132,10 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
     if not isinstance(recent, list) or not all(type(x) is int and x in (0, 1) for x in recent):
         raise ElboxError(f"{what}: recent_nonfinite must be a list of 0s and 1s, got {short_repr(recent)}")
     records = field(state, "records", what)
-    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("kind"), str) for r in records):
-        raise ElboxError(f"{what}: records must be a list of JSON objects with a \"kind\", got {short_repr(records)}")
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("kind"), str) for r in records
+    ):
+        raise ElboxError(f'{what}: records must be a list of JSON objects with a "kind", got {short_repr(records)}')
     current = _as_json(trainer.optimizer.state_dict()["param_groups"])
     groups = field(state, "optimizer_param_groups", what)
     if not isinstance(groups, list) or len(groups) != len(current):
@@ -128,8 +148,10 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
     if trainer.scheduler is not None:
         _check_entries(schedule, _as_json(trainer.scheduler.state_dict()), SCHEDULE_SETTINGS, f"{what}: lr_scheduler")
         if schedule.get("last_epoch", state["step"]) != state["step"]:  # the schedule follows the step count
-            raise ElboxError(f"{what}: lr_scheduler's last_epoch {short_repr(schedule['last_epoch'])} is not the step "
-                             f"count {state['step']}")
+            raise ElboxError(
+                f"{what}: lr_scheduler's last_epoch {short_repr(schedule['last_epoch'])} is not the step "
+                f"count {state['step']}"
+            )
 
 
 def _check_entries(saved: Any, current: dict, settings: tuple[str, ...], what: str) -> None:
@@ -160,7 +182,9 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], what: str) -> dict[int, dict[str, Tensor]]:
+def _optimizer_state(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], what: str
+) -> dict[int, dict[str, Tensor]]:
     """{parameter index: {name: tensor}} from "index.name" keys: for each parameter that has a state, Adam's step
     count (a single float32 whole number >= 0) and moments (its parameter's shape and dtype), and nothing else."""
     groups = [group for group in optimizer.param_groups for _ in group["params"]]
@@ -174,8 +198,10 @@ def _optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor
     for index, values in state.items():
         expected = _adam_state_names(groups[index])
         if set(values) != expected:
-            raise ElboxError(f"{what}: the optimizer state of parameter {index} has the tensors {sorted(values)}; "
-                             f"Adam keeps {sorted(expected)}")
+            raise ElboxError(
+                f"{what}: the optimizer state of parameter {index} has the tensors {sorted(values)}; "
+                f"Adam keeps {sorted(expected)}"
+            )
         for name, value in values.items():
             _check_optimizer_tensor(value, params[index], f"{what}: optimizer tensor '{index}.{name}'", name == "step")
     return state
@@ -192,11 +218,15 @@ def _check_optimizer_tensor(value: Tensor, param: Tensor, what: str, is_step: bo
     `param`'s shape and dtype."""
     if is_step:
         if value.shape != () or value.dtype != torch.float32:
-            raise ElboxError(f"{what} has shape {tuple(value.shape)} {value.dtype}; Adam's step count is one float32 "
-                             "number, shape ()")
+            raise ElboxError(
+                f"{what} has shape {tuple(value.shape)} {value.dtype}; Adam's step count is one float32 "
+                "number, shape ()"
+            )
         count = value.item()
         if not (math.isfinite(count) and count >= 0 and count == int(count)):
             raise ElboxError(f"{what} is {count}; Adam's step count is a whole number >= 0")
     elif value.shape != param.shape or value.dtype != param.dtype:
-        raise ElboxError(f"{what} has shape {tuple(value.shape)} {value.dtype}; its parameter's moments need "
-                         f"{tuple(param.shape)} {param.dtype}")
+        raise ElboxError(
+            f"{what} has shape {tuple(value.shape)} {value.dtype}; its parameter's moments need "
+            f"{tuple(param.shape)} {param.dtype}"
+        )

@@ -16,7 +16,7 @@ training-batch ELBO logged under bf16 is the autocast forward's value, so it car
 Speed: compile=True runs the training objective (the model's forward pass and loss, and through AOTAutograd its
 backward) through torch.compile; the first steps pay the compilation (benchmarks/run.py records it as time to
 first step). channels_last=True keeps convolution weights and batches in NHWC layout. Adam is always the fused
-kernel. Defaults (eager, contiguous, fp32) are the fastest measured on a 2-core CPU; see benchmarks/README.md.
+kernel. Defaults (eager, contiguous, fp32) are the fastest measured on a 2-core CPU (benchmarks/run.py).
 
 Stability options for deep (hierarchical) models: KL warm-up (beta_schedule="linear"), free bits per latent
 group (each level of a hierarchical model is a group), gradient-norm clipping (grad_clip), skipping updates
@@ -41,15 +41,18 @@ from collections import deque
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
-from elbox.atomic import atomic_write_jsonl
-from elbox.bounds import DETACHED_POSTERIOR_ESTIMATORS
-from elbox.checkpoint import (
+from elbox.core.errors import ElboxError
+from elbox.core.progress import time_left
+from elbox.core.system import bf16_is_native
+from elbox.data import DataSpace, iterate_batches
+from elbox.data.inputs import example_shape
+from elbox.io.atomic import atomic_write_jsonl
+from elbox.io.checkpoint import (
     BEST_WEIGHTS_FILE,
     METRICS_FILE,
     STATE_FILE,
@@ -57,12 +60,9 @@ from elbox.checkpoint import (
     save_training_state,
     save_weights,
 )
-from elbox.data import DataSpace, iterate_batches
-from elbox.data.inputs import example_shape
-from elbox.errors import ElboxError
-from elbox.loggers import TensorBoardLog
-from elbox.models.base import Callback, ImportanceSampled, LatentVariableModel
-from elbox.system import bf16_is_native
+from elbox.io.loggers import TensorBoardLog
+from elbox.io.run_config import TrainConfig
+from elbox.models.base import Callback, LatentVariableModel
 from elbox.training.batches import (
     Images,
     gather,
@@ -70,14 +70,12 @@ from elbox.training.batches import (
     share,
     stack_examples,
 )
-from elbox.training.config import TrainConfig
-from elbox.training.objectives import TrainingObjective, beta_at, warn_if_schedule_outlasts_run
+from elbox.training.distributed import all_ranks_agree, mean_over_ranks, rank_and_world_size
 from elbox.training.messages import RETRY
+from elbox.training.objectives import TrainingObjective, beta_at, check_training_settings, warn_if_schedule_outlasts_run
 from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer
-from elbox.training.progress import time_left
 from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
-
 
 MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
@@ -100,18 +98,7 @@ class Trainer:
     ):
         """train_data, val_data: uint8 images [N, C, H, W] or float32 vectors [N, D] in memory, or Datasets of such
         examples read on demand by `workers` DataLoader processes (elbox.training.batches)."""
-        if config.objective == "iwae" and not isinstance(model, ImportanceSampled):
-            raise ElboxError(f"the iwae objective needs a model with importance_samples; {type(model).__name__} has none")
-        if config.objective == "iwae" and config.estimator in DETACHED_POSTERIOR_ESTIMATORS and not model.detachable_posterior:
-            raise ElboxError(f"the {config.estimator} estimator is not available for the {type(model).__name__}: its posterior's "
-                             "parameters depend on earlier draws and cannot be detached; use --estimator reparam")
-        if config.free_bits > 0 and not model.kl_terms_are_kls:
-            raise ElboxError(
-                f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s per-level terms below "
-                "the top are single-sample log q - log p estimates (they can be negative). Use KL warm-up instead"
-            )
-        if model.trains_on_surrogate and (config.beta_schedule != "constant" or config.beta != 1 or config.free_bits > 0 or config.objective != "elbo"):
-            raise ElboxError(f"the {type(model).__name__} trains on its own surrogate loss; beta, its schedules, free bits and the iwae objective do not apply")
+        check_training_settings(model, config)
         if num_examples(train_data) == 0:
             raise ElboxError("the training set is empty")
         if num_examples(val_data) == 0:
@@ -119,28 +106,35 @@ class Trainer:
         self.model = model
         self.device = model.device
         if config.precision == "bf16" and not bf16_is_native(self.device):
-            warnings.warn(f"--precision bf16: this {self.device.type} has no native bfloat16 matrix units, so PyTorch "
-                          "emulates them and training will be much slower than fp32 (measured 5-12x on an AVX2 CPU)", stacklevel=2)
+            warnings.warn(
+                f"--precision bf16: this {self.device.type} has no native bfloat16 matrix units, so PyTorch "
+                "emulates them and training will be much slower than fp32 (measured 5-12x on an AVX2 CPU)",
+                stacklevel=2,
+            )
         self.train_data = train_data.to(self.device) if isinstance(train_data, Tensor) else train_data
         self.workers = workers
         self.space = space
         # validation data in the data space when held in memory; streamed ones are read (and transformed, chunk by
         # chunk) at each validation, and val_x holds their first examples for pictures
         self.val_data = None if isinstance(val_data, Tensor) else val_data
-        self.val_x = space.eval_data(val_data.to(self.device) if isinstance(val_data, Tensor) else
-                                     stack_examples([val_data[i] for i in range(min(PREVIEW, len(val_data)))]).to(self.device),
-                                     seed=config.seed)
+        self.val_x = space.eval_data(
+            val_data.to(self.device)
+            if isinstance(val_data, Tensor)
+            else stack_examples([val_data[i] for i in range(min(PREVIEW, len(val_data)))]).to(self.device),
+            seed=config.seed,
+        )
         self.num_dims = math.prod(example_shape(train_data))
         self.offset = space.log_prob_offset(self.num_dims)
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.progress = progress
         self.callback = callback
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world_size = rank_and_world_size()
         if config.batch_size % self.world_size:
-            raise ElboxError(f"the batch size {config.batch_size} is the global batch; it must divide evenly over "
-                             f"{self.world_size} processes")
+            raise ElboxError(
+                f"the batch size {config.batch_size} is the global batch; it must divide evenly over "
+                f"{self.world_size} processes"
+            )
         # DistributedDataParallel broadcasts rank 0's weights and averages gradients in backward
         self.objective = TrainingObjective(model, config)
         if config.channels_last:
@@ -156,7 +150,11 @@ class Trainer:
         if config.lr_schedule == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps)
         # the weights validated and saved: an EMA copy, or the trained model itself
-        self.ema = AveragedModel(model, multi_avg_fn=ema_update_with_warmup(config.ema_decay), use_buffers=True) if config.ema_decay > 0 else None
+        self.ema = (
+            AveragedModel(model, multi_avg_fn=ema_update_with_warmup(config.ema_decay), use_buffers=True)
+            if config.ema_decay > 0
+            else None
+        )
         self.eval_model = self.ema.module if self.ema is not None else model
         if self.rank > 0:  # model noise (reparameterization, diffusion times) differs between processes
             torch.manual_seed(config.seed + 1_000_003 * self.rank)
@@ -164,7 +162,8 @@ class Trainer:
         self.shuffle_generator = torch.Generator().manual_seed(config.seed)
         if config.beta_schedule == "cyclical" and config.cycle_epochs * self.steps_per_epoch < 2:
             raise ElboxError(
-                f"a cyclical beta cycle of {config.cycle_epochs} epochs is {config.cycle_epochs * self.steps_per_epoch:g} "
+                f"a cyclical beta cycle of {config.cycle_epochs} epochs is "
+                f"{config.cycle_epochs * self.steps_per_epoch:g} "
                 f"optimizer steps ({self.steps_per_epoch} per epoch); it needs at least 2, or beta stays 0"
             )
         self.step = 0
@@ -177,7 +176,9 @@ class Trainer:
         self.best_val_elbo = -math.inf
         self.clock = (time.perf_counter(), 0)  # (time, step) at the start of fit(): the pace for the run ETA
         writes = self.run_dir is not None and self.rank == 0
-        self.tensorboard = TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and writes else None
+        self.tensorboard = (
+            TensorBoardLog(self.run_dir, self.num_dims) if config.logger == "tensorboard" and writes else None
+        )
 
     def training_step(self, x: Tensor, beta: float) -> dict[str, Tensor] | str:
         """One Adam step on a batch. Returns the batch's mean terms, or why the step was skipped:
@@ -192,7 +193,7 @@ class Trainer:
         loss = -objective
         kl = terms.kl_total
         self.optimizer.zero_grad(set_to_none=True)
-        if not self.all_ranks_agree(torch.isfinite(loss)):
+        if not all_ranks_agree(torch.isfinite(loss)):
             return "nonfinite"
         loss.backward()  # under DDP, gradients are averaged over the processes here
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -220,29 +221,7 @@ class Trainer:
             "grad_norm": grad_norm.detach(),
             **{f"kl/{name}": v.detach().mean() for name, v in terms.kl.items() if len(terms.kl) > 1},
         }
-        return self.mean_over_ranks(values)
-
-    # -- distributed helpers (no-ops in a single process) ---------------------------------------------
-
-    def all_ranks_agree(self, flag: Tensor) -> bool:
-        """True when the flag holds on every process (so all take the same branch and none waits forever)."""
-        if self.world_size == 1:
-            return bool(flag)
-        flag = flag.to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def mean_over_ranks(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Average per-process batch means: each process holds an equal share of the global batch."""
-        if self.world_size == 1:
-            return values
-        stacked = torch.stack([v.float() for v in values.values()])
-        dist.all_reduce(stacked)
-        return dict(zip(values, stacked / self.world_size))
-
-    def local_part(self, x: Tensor) -> Tensor:
-        """This process's contiguous share of a global batch."""
-        return torch.tensor_split(x, self.world_size)[self.rank] if self.world_size > 1 else x
+        return mean_over_ranks(values)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -251,8 +230,13 @@ class Trainer:
         n_done = n_interval = 0
         start = interval_start = time.perf_counter()
         # a last batch too small to share is skipped by every process
-        batches = [idx for idx in iterate_batches(num_examples(self.train_data), self.config.batch_size, True,
-                                                  self.shuffle_generator) if idx.numel() >= self.world_size]
+        batches = [
+            idx
+            for idx in iterate_batches(
+                num_examples(self.train_data), self.config.batch_size, True, self.shuffle_generator
+            )
+            if idx.numel() >= self.world_size
+        ]
         if self.config.max_steps is not None:  # max_steps ends the run inside this epoch
             batches = batches[: max(0, self.config.max_steps - self.step)]
         # each process reads its share of every global batch; the data randomness is drawn for the global batch
@@ -270,7 +254,9 @@ class Trainer:
         )
         for idx, (first, _), local_images in bar:
             bar.set_description_str(self.epoch_label(epoch), refresh=False)
-            x = self.space.train_batch(local_images, self.generator, part=(first, idx.numel()), perturb=self.config.perturb)
+            x = self.space.train_batch(
+                local_images, self.generator, part=(first, idx.numel()), perturb=self.config.perturb
+            )
             beta = beta_at(self.config, self.step, self.steps_per_epoch)
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)
@@ -306,8 +292,12 @@ class Trainer:
                 if self.tensorboard is not None:
                     self.tensorboard.record(record)
                 bar.set_postfix(
-                    elbo=f"{record['elbo']:.2f}", rec=f"{record['reconstruction']:.2f}",
-                    kl=f"{record['kl']:.2f}", obj=f"{record['objective']:.2f}", beta=f"{beta:.2f}", img_s=f"{rate:.0f}",
+                    elbo=f"{record['elbo']:.2f}",
+                    rec=f"{record['reconstruction']:.2f}",
+                    kl=f"{record['kl']:.2f}",
+                    obj=f"{record['objective']:.2f}",
+                    beta=f"{beta:.2f}",
+                    img_s=f"{rate:.0f}",
                 )
                 interval, n_interval, interval_start = {}, 0, now
         bar.close()
@@ -357,7 +347,9 @@ class Trainer:
             return "no run directory was written"
         if self.saved_epoch == 0:
             return "no epoch finished with finite values, so no checkpoint was saved"
-        return f"the last good checkpoint, epoch {self.saved_epoch}, is in {self.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
+        return (
+            f"the last good checkpoint, epoch {self.saved_epoch}, is in {self.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
+        )
 
     def check_finite(self, record: dict) -> None:
         """ElboxError (before anything is saved) when the epoch's validation ELBO or weights are not finite."""
@@ -368,8 +360,10 @@ class Trainer:
             problem = f"the validation ELBO is {record['val_elbo']}"
         else:
             return
-        raise ElboxError(f"training diverged in epoch {record['epoch']}: {problem}; nothing of that epoch was saved, "
-                         f"{self.last_good_checkpoint()}. {RETRY}")
+        raise ElboxError(
+            f"training diverged in epoch {record['epoch']}: {problem}; nothing of that epoch was saved, "
+            f"{self.last_good_checkpoint()}. {RETRY}"
+        )
 
     def save(self, epoch: int, is_best: bool) -> None:
         """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
@@ -406,16 +400,19 @@ class Trainer:
         return early_stop_epoch(self.records, self.config)
 
     def report(self, record: dict) -> None:
-        """An epoch's record to the callback and TensorBoard, and a line when early stopping ends the run (process 0)."""
+        """An epoch's record to the callback and TensorBoard, and a line when early stopping ends the run (process
+        0)."""
         if self.callback is not None:
             self.callback(record)
         if self.tensorboard is not None:
             self.tensorboard.record(record)
             self.tensorboard.images(self.eval_model, self.val_x, self.step)
         if self.stopped_early is not None:
-            tqdm.write(f"elbox: stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
-                       f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
-                       file=sys.stderr)
+            tqdm.write(
+                f"elbox: stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
+                f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
+                file=sys.stderr,
+            )
 
     def validates(self, epoch: int) -> bool:
         """Whether this epoch ends with a validation: every val_every epochs and after the last (max_steps included)."""
@@ -432,8 +429,13 @@ class Trainer:
                 break
             record = {"epoch": epoch, **self.train_epoch(epoch), "step": self.step}
             validated = self.validates(epoch)
-            record = {"kind": "epoch" if validated else "train_epoch", **record, **(self.validate() if validated else {}),
-                      "skipped_steps": self.skipped_steps, "skipped_large_grad": self.skipped_large_grad}
+            record = {
+                "kind": "epoch" if validated else "train_epoch",
+                **record,
+                **(self.validate() if validated else {}),
+                "skipped_steps": self.skipped_steps,
+                "skipped_large_grad": self.skipped_large_grad,
+            }
             self.check_finite(record)
             self.records.append(record)
             is_best = validated and record["val_elbo"] > self.best_val_elbo
@@ -446,4 +448,3 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         return record
-

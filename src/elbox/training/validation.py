@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from elbox.errors import ElboxError
-from elbox.evaluation import elbo_per_example
+from elbox.core.errors import ElboxError
+from elbox.core.progress import progress_bar
+from elbox.models.estimates import elbo_per_example
 from elbox.training.batches import Images, num_examples, share, validation_chunks
-from elbox.training.progress import progress_bar
+from elbox.training.distributed import local_part
 
 
 def validation_data(trainer: Any) -> Images:
@@ -29,8 +30,15 @@ def validate(trainer: Any) -> dict[str, float]:
     data = validation_data(trainer)
     shown = trainer.progress and trainer.rank == 0
     if trainer.val_data is None:
-        parts = [elbo_per_example(trainer.eval_model, trainer.local_part(data), trainer.config.eval_batch_size,
-                                  progress=shown, final=False)]
+        parts = [
+            elbo_per_example(
+                trainer.eval_model,
+                local_part(data),
+                trainer.config.eval_batch_size,
+                progress=shown,
+                final=False,
+            )
+        ]
     else:
         parts = streamed_parts(trainer, data, shown)
     if not parts:
@@ -54,8 +62,9 @@ def streamed_parts(trainer: Any, data: Images, shown: bool) -> list[dict[str, Te
     first_row, stop = share(num_examples(data), trainer.rank, trainer.world_size)
     parts = []
     with progress_bar(stop - first_row, "validation", shown, unit="ex") as examples:
-        for first, images in validation_chunks(data, trainer.config.eval_batch_size, trainer.rank, trainer.world_size,
-                                               trainer.device, trainer.workers):
+        for first, images in validation_chunks(
+            data, trainer.config.eval_batch_size, trainer.rank, trainer.world_size, trainer.device, trainer.workers
+        ):
             x = trainer.space.eval_data(images, seed=trainer.config.seed + first)
             parts.append(elbo_per_example(trainer.eval_model, x, trainer.config.eval_batch_size, final=False))
             examples.update(images.shape[0])

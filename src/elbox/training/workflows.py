@@ -1,5 +1,5 @@
-"""The public Python API: fit and resume (evaluate: elbox.training.run_evaluation). The command line calls these and
-nothing else does the work.
+"""The public Python API: fit (resume: elbox.training.resuming; evaluate: elbox.evaluation.runs). The command line
+calls these and nothing else does the work.
 
     run = elbox.fit("vae", "fashion-mnist", epochs=5, out="runs/vae")   # or a tensor, an array, a Dataset
     elbox.evaluate(run, "fashion-mnist", iw_samples=[1, 100])           # what `elbox evaluate` prints
@@ -20,47 +20,42 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from elbox.atomic import atomic_write_json, atomic_write_jsonl
-from elbox.checkpoint import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
-    checked_run_config,
-    load_training_state,
-    read_json,
-    read_run_config,
-    save_weights,
-    write_run_config,
-)
+from elbox.core.errors import ElboxError
+from elbox.core.options import config_from_dict, config_to_dict
+from elbox.core.progress import sample_with_progress
 from elbox.data import (
     fit_real_space,
     get_data_space,
     iterate_batches,
     space_record,
 )
-from elbox.data.inputs import as_examples, example_shape, run_data, training_data
+from elbox.data.inputs import as_examples, example_shape, training_data
 from elbox.data.preprocessing import Preprocessing
-from elbox.errors import ElboxError
-from elbox.evaluation import log_prob_per_example
+from elbox.io.atomic import atomic_write_json, atomic_write_jsonl
+from elbox.io.checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    WEIGHTS_FILE,
+    checked_run_config,
+    read_json,
+    save_weights,
+    write_run_config,
+)
+from elbox.io.plots import save_image_grid
+from elbox.io.run_config import DataConfig, TrainConfig, config_dict, train_config
+from elbox.io.rundir import run_directory
 from elbox.models.base import (
     Callback,
     DataInitialized,
     LatentVariableModel,
-    build_model,
     check_model_size,
     model_class,
     model_config,
 )
-from elbox.options import config_from_dict, config_to_dict
-from elbox.plots import save_image_grid
-from elbox.rundir import remove_stale_temporaries, run_directory
-from elbox.system import resolve_device
+from elbox.models.estimates import log_prob_per_example
 from elbox.training.batches import gather, num_examples
-from elbox.training.config import DataConfig, TrainConfig, config_dict, train_config
+from elbox.training.distributed import first_process, init_distributed, is_main_process
 from elbox.training.messages import model_size, with_summaries
-from elbox.training.progress import sample_with_progress
-from elbox.training.state import saved_train_config
 from elbox.training.trainer import Trainer
 
 EVAL_IW_SAMPLES = (1, 10, 100, 1000)
@@ -80,7 +75,6 @@ class Run:
     validation_data: Any = dataclasses.field(default=None, repr=False)
 
 
-
 # -- fit ---------------------------------------------------------------------------------------------------------
 
 
@@ -91,9 +85,11 @@ def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict,
     fields[2] -= {"data", "validation"}  # fit's own arguments
     unknown = sorted(set(options) - set.union(*fields))
     if unknown:
-        raise ElboxError(f"unknown option(s) {', '.join(unknown)} for the {model_cls.name} model; its options: "
-                         f"{', '.join(sorted(fields[0] - {'data_shape'}))}; training options: {', '.join(sorted(fields[1]))}; "
-                         f"data options: {', '.join(sorted(fields[2]))}")
+        raise ElboxError(
+            f"unknown option(s) {', '.join(unknown)} for the {model_cls.name} model; its options: "
+            f"{', '.join(sorted(fields[0] - {'data_shape'}))}; training options: {', '.join(sorted(fields[1]))}; "
+            f"data options: {', '.join(sorted(fields[2]))}"
+        )
     return tuple({k: v for k, v in options.items() if k in names} for names in fields)
 
 
@@ -108,30 +104,10 @@ def fit_space(model: LatentVariableModel, train_data, batch_size: int):
 
 def check_batches(train_data, batch_size: int) -> None:
     if num_examples(train_data) < batch_size:
-        raise ElboxError(f"the training data have {num_examples(train_data)} examples, fewer than one batch of {batch_size}; "
-                         "give more data or a smaller batch size")
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def init_distributed(device_name: str) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL with one GPU per process (LOCAL_RANK), gloo on
-    CPUs. Rendezvous (single machine or several) is torchrun's, through its environment variables."""
-    device = resolve_device(device_name)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def first_process() -> bool:
-    """Process 0 of a torchrun job (read before the process group exists), or a single process."""
-    return os.environ.get("RANK", "0") == "0"
+        raise ElboxError(
+            f"the training data have {num_examples(train_data)} examples, fewer than one batch of {batch_size}; "
+            "give more data or a smaller batch size"
+        )
 
 
 def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
@@ -148,10 +124,15 @@ def run_settings(config_path: str | os.PathLike) -> dict[str, Any]:
     values.pop("data_shape")
     train = config_to_dict(config_from_dict(TrainConfig, config.get("train") or {}, "training settings"))
     own_validation = "path" in data and "validation_fraction" not in data
-    return {**values, **train, "model": config["model"], "data": data.get("name", data.get("path")),
-            "validation": data.get("validation") if own_validation else None,
-            "validation_fraction": data.get("validation_fraction", DataConfig.validation_fraction),
-            **{key: data.get(key) for key in ("data_dir", "limit_train", "image_size", "columns", "validation_size")}}
+    return {
+        **values,
+        **train,
+        "model": config["model"],
+        "data": data.get("name", data.get("path")),
+        "validation": data.get("validation") if own_validation else None,
+        "validation_fraction": data.get("validation_fraction", DataConfig.validation_fraction),
+        **{key: data.get(key) for key in ("data_dir", "limit_train", "image_size", "columns", "validation_size")},
+    }
 
 
 def fit(
@@ -173,8 +154,9 @@ def fit(
       on demand; or 8-bit images as a tensor, a NumPy array or a torch Dataset. `validation` gives your own
       validation data in the same form; without it a seeded random fraction is held out (recorded in the run).
     options: model config fields (latent_dim=16, likelihood="gaussian", ...), TrainConfig fields (epochs=5,
-      lr=1e-3, seed=0, ...; quick runs: max_steps=N, val_limit=N, val_every=N, samples=False) and DataConfig fields (image_size=64, columns=[...], workers=2, limit_train=...), one
-      flat set of keywords; each defaults as declared on its dataclass.
+      lr=1e-3, seed=0, ...; quick runs: max_steps=N, val_limit=N, val_every=N, samples=False) and DataConfig fields
+      (image_size=64, columns=[...], workers=2, limit_train=...), one flat set of keywords; each defaults as declared on
+      its dataclass.
     out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
     progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
     callback: called with each epoch's record (each fit record for closed-form models)."""
@@ -185,8 +167,17 @@ def fit(
         return fit_into(directory, model, data, validation, device, progress, verbose, callback, options)
 
 
-def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, validation: Any, device: str, progress: bool,
-             verbose: bool, callback: Callback | None, options: dict[str, Any]) -> Run:
+def fit_into(
+    out: Path | None,
+    model: str | LatentVariableModel,
+    data: Any,
+    validation: Any,
+    device: str,
+    progress: bool,
+    verbose: bool,
+    callback: Callback | None,
+    options: dict[str, Any],
+) -> Run:
     """fit() once its run directory (if any) is locked."""
     device = init_distributed(device)
     if dist.is_initialized():
@@ -195,45 +186,81 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
     model_values, train_values, data_values = split_options(cls, options)
     chosen = dataclasses.asdict(model.config) if isinstance(model, LatentVariableModel) else model_values
     config = train_config(cls, train_values, chosen)
-    named = {"data": data if isinstance(data, (str, os.PathLike)) else None,
-             "validation": validation if isinstance(validation, (str, os.PathLike)) else None}
-    data_config = config_from_dict(DataConfig, {**data_values, **{k: str(v) if v is not None else None for k, v in named.items()}},
-                                   "data options")
+    named = {
+        "data": data if isinstance(data, (str, os.PathLike)) else None,
+        "validation": validation if isinstance(validation, (str, os.PathLike)) else None,
+    }
+    data_config = config_from_dict(
+        DataConfig, {**data_values, **{k: str(v) if v is not None else None for k, v in named.items()}}, "data options"
+    )
     train_images, val_images, data_record = training_data(
-        data, validation, data_config.data_dir, data_config.limit_train, config.seed, data_config.validation_fraction,
-        data_config.image_size, data_config.columns, data_config.validation_size)
+        data,
+        validation,
+        data_config.data_dir,
+        data_config.limit_train,
+        config.seed,
+        data_config.validation_fraction,
+        data_config.image_size,
+        data_config.columns,
+        data_config.validation_size,
+    )
     shape = example_shape(train_images)
     torch.manual_seed(config.seed)
     if isinstance(model, LatentVariableModel):
         if model_values:
             raise ElboxError(f"{', '.join(model_values)}: the model is already built; set these on its config")
         if tuple(model.config.data_shape) != shape:
-            raise ElboxError(f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has {shape}")
+            raise ElboxError(
+                f"the model takes examples of shape {tuple(model.config.data_shape)}; the data has {shape}"
+            )
     else:
-        model_settings = config_from_dict(cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config")
+        model_settings = config_from_dict(
+            cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config"
+        )
         check_model_size(cls, model_settings)
         model = cls.from_config(model_settings)
     model = model.to(device)
     space = fit_space(model, train_images, config.batch_size)
     data_record.update(space_record(space))
     model.preprocessing = Preprocessing.from_record(data_record)
-    if model.trains_by_gradient and "name" not in data_record:  # your own data (a built-in's --limit-train may be small)
+    if (
+        model.trains_by_gradient and "name" not in data_record
+    ):  # your own data (a built-in's --limit-train may be small)
         check_batches(train_images, config.batch_size)
     system = {"threads": torch.get_num_threads(), "device": str(device), "torch": torch.__version__}
-    run_config = write_run_config(out, model, data_record, config_dict(config), system) if out and is_main_process() else {
-        "model": model.name, "model_config": config_to_dict(model.config), "data": data_record, "train": config_dict(config)}
+    run_config = (
+        write_run_config(out, model, data_record, config_dict(config), system)
+        if out and is_main_process()
+        else {
+            "model": model.name,
+            "model_config": config_to_dict(model.config),
+            "data": data_record,
+            "train": config_dict(config),
+        }
+    )
     if is_main_process() and verbose and space.name == "binary" and "name" not in data_record:
-        print("elbox: this model's Bernoulli likelihood takes black-and-white pixels, so your images are binarized "
-              "afresh in each batch (pixel on with probability k/255: dynamic binarization); to model grey levels, "
-              "train with --likelihood discretized-logistic or categorical", file=sys.stderr)
+        print(
+            "elbox: this model's Bernoulli likelihood takes black-and-white pixels, so your images are binarized "
+            "afresh in each batch (pixel on with probability k/255: dynamic binarization); to model grey levels, "
+            "train with --likelihood discretized-logistic or categorical",
+            file=sys.stderr,
+        )
     if is_main_process() and verbose:
-        print(f"elbox: training {model.name} ({model_size(model)}) on {data_record.get('name', data_record.get('path', 'your data'))} "
-              f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation examples on "
-              f"{device}" + (f" ({system['threads']} threads)" if device.type == "cpu" else "") + (f"; run dir {out}" if out else ""),
-              file=sys.stderr)
+        print(
+            f"elbox: training {model.name} ({model_size(model)}) on "
+            f"{data_record.get('name', data_record.get('path', 'your data'))} "
+            f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation "
+            "examples on "
+            f"{device}"
+            + (f" ({system['threads']} threads)" if device.type == "cpu" else "")
+            + (f"; run dir {out}" if out else ""),
+            file=sys.stderr,
+        )
     if config.perturb and (space.name == "real" or not model.trains_by_gradient):
-        raise ElboxError(f"--perturb perturbs the 8-bit images of a model trained by gradient; the {model.name} model "
-                         + ("is fitted in one go" if space.name != "real" else "of this run reads vectors"))
+        raise ElboxError(
+            f"--perturb perturbs the 8-bit images of a model trained by gradient; the {model.name} model "
+            + ("is fitted in one go" if space.name != "real" else "of this run reads vectors")
+        )
     if not model.trains_by_gradient:
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
@@ -241,15 +268,28 @@ def fit_into(out: Path | None, model: str | LatentVariableModel, data: Any, vali
         run_config["model_config"] = config_to_dict(model.config)
         return finish(Run(model, history, run_config, out, val_images), progress)
     initialize_from_data(model, space, train_images, config.seed)
-    trainer = Trainer(model, train_images, val_images, space, config, out, progress=progress, callback=callback,
-                      workers=data_config.workers)
+    trainer = Trainer(
+        model,
+        train_images,
+        val_images,
+        space,
+        config,
+        out,
+        progress=progress,
+        callback=callback,
+        workers=data_config.workers,
+    )
     if dist.is_initialized() and is_main_process():
         world = dist.get_world_size()
-        print(f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
-              f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
-              file=sys.stderr)
+        print(
+            f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
+            f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
+            file=sys.stderr,
+        )
     trainer.fit()
-    return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, run_config, out, val_images), progress)
+    return finish(
+        Run(with_preprocessing(trainer.eval_model, model), trainer.records, run_config, out, val_images), progress
+    )
 
 
 def with_preprocessing(trained: LatentVariableModel, model: LatentVariableModel) -> LatentVariableModel:
@@ -267,8 +307,15 @@ def initialize_from_data(model: LatentVariableModel, space, train_images: Any, s
             model.initialize_from_data(space.eval_data(examples.to(model.device), seed=seed))
 
 
-def fit_without_gradients(model: LatentVariableModel, train_images: Tensor, val_images: Tensor, space, seed: int,
-                          out: Path | None, callback: Callback | None) -> list[dict]:
+def fit_without_gradients(
+    model: LatentVariableModel,
+    train_images: Tensor,
+    val_images: Tensor,
+    space,
+    seed: int,
+    out: Path | None,
+    callback: Callback | None,
+) -> list[dict]:
     """Closed-form or EM fit on the whole training split, held in memory (read whole where it is streamed). Densities
     of dequantized data become log-probabilities of the 8-bit data, of standardized vectors densities in the original
     units (the space's offset is added to every record)."""
@@ -311,93 +358,3 @@ def finish(run: Run, progress: bool) -> Run:
             images = sample_with_progress(run.model, 64, progress)
         save_image_grid(images.clamp(0, 1).cpu(), run.directory / "samples.png")
     return run
-
-
-def resume(run_dir: str | os.PathLike, device: str = "auto", progress: bool = True, verbose: bool = True,
-           callback: Callback | None = None, epochs: int | None = None) -> Run:
-    """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU.
-    epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics; a
-    cosine learning rate then follows the longer run's cosine from the current step (Trainer.extend). A model fitted
-    in one go (a mixture fit killed part-way) is fitted again from the start."""
-    out = Path(run_dir)
-    with run_directory(out, new=False, lock=first_process()):
-        config = read_run_config(out)
-        extended_from = None
-        if epochs is not None:
-            extended_from = config_from_dict(TrainConfig, config.get("train"), "training settings").epochs
-            config = extended_config(out, config, epochs)
-        if not build_model(config["model"], config["model_config"]).trains_by_gradient:  # the linear model's fit option
-            if (out / WEIGHTS_FILE).exists():
-                raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
-            if verbose:
-                print(f"elbox: fitting {out} again from the start (a {config['model']} fit has no checkpoint to continue from)",
-                      file=sys.stderr)
-            settings = run_settings(out / CONFIG_FILE)
-            name, data, validation = settings.pop("model"), settings.pop("data"), settings.pop("validation")
-            return fit_into(out, name, data, validation, device, progress, verbose,
-                            with_summaries(callback) if verbose else callback, settings)
-        return resume_training(out, config, device, progress, verbose, with_summaries(callback) if verbose else callback,
-                               extended_from)
-
-
-def extended_config(out: Path, config: dict, epochs: Any) -> dict:
-    """The run's config with `epochs` more than it had, written to its config.json (checked: a model trained by
-    gradient, no max_steps). The trainer extends the restored run to it (Trainer.extend)."""
-    settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
-    epochs = config_from_dict(TrainConfig, {**config_dict(settings), "epochs": epochs}, "training settings").epochs
-    if not build_model(config["model"], config["model_config"]).trains_by_gradient:
-        raise ElboxError(f"run {out}: the {config['model']} model is fitted in one go; it has no epochs to extend")
-    if epochs <= settings.epochs:
-        raise ElboxError(f"run {out} has {settings.epochs} epoch(s); give --epochs more than that to extend it")
-    if settings.max_steps is not None:
-        raise ElboxError(f"run {out} is a quick run that ends at max_steps {settings.max_steps}; it cannot be extended "
-                         "by epochs: train a new run without --max-steps")
-    config = {**config, "train": {**config.get("train", {}), "epochs": epochs}}
-    if is_main_process():
-        atomic_write_json(out / CONFIG_FILE, config)
-    return config
-
-
-def resume_training(out: Path, config: dict, device: str, progress: bool, verbose: bool, callback: Callback | None,
-                    extended_from: int | None = None) -> Run:
-    """resume() of a model trained by gradient, once its directory is locked (extended_from: the epochs the run had
-    before resume(epochs=...) extended it)."""
-    device = init_distributed(device)
-    settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
-    torch.manual_seed(settings.seed)  # as a new run does: without a checkpoint, resuming starts the run afresh
-    model = build_model(config["model"], config["model_config"]).to(device)
-    data = config["data"]
-    train_images, val_images, _ = run_data(data, settings.seed)
-    model.preprocessing = Preprocessing.from_record(data)
-    space = model.preprocessing.space
-    initialize_from_data(model, space, train_images, settings.seed)  # as the new run did (a restored state overwrites it)
-    what = f"training state {out / STATE_FILE}"
-    tensors, state = load_training_state(out / STATE_FILE) if (out / STATE_FILE).exists() else ({}, None)
-    # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says
-    saved = saved_train_config(state, what) if state is not None else settings
-    if dataclasses.replace(saved, epochs=settings.epochs) == settings and saved.epochs < settings.epochs:
-        settings, extend_to = saved, settings.epochs
-    else:
-        extend_to = None
-    trainer = Trainer(model, train_images, val_images, space, settings, out, progress=progress, callback=callback)
-    if is_main_process():
-        remove_stale_temporaries(out)
-    if state is not None:
-        trainer.restore(tensors, state, what=what)
-    if extend_to is not None:
-        trainer.extend(extend_to)
-        settings = trainer.config
-    if trainer.stopped_early is not None:
-        raise ElboxError(f"run {out} stopped early: its validation ELBO had not improved on epoch {trainer.stopped_early}'s "
-                         f"for {settings.patience} epochs (best.safetensors holds that epoch)")
-    if trainer.is_complete:
-        done = f"all {settings.epochs} epochs" if trainer.start_epoch > settings.epochs else f"its {settings.max_steps} steps (max_steps)"
-        raise ElboxError(f"run {out} is complete: {done} are done; extend it with elbox train --resume {out} --epochs N "
-                         "(elbox.resume(run_dir, epochs=N))")
-    if extended_from is not None:  # in the metrics: where the run was extended, and from how many epochs
-        trainer.records.append({"kind": "extended", "epoch": trainer.start_epoch - 1, "from_epochs": extended_from,
-                                "to_epochs": settings.epochs, "step": trainer.step})
-    if is_main_process() and verbose:
-        print(f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})", file=sys.stderr)
-    trainer.fit()
-    return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, config, out), progress)
