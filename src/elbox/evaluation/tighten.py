@@ -40,7 +40,9 @@ from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.models.estimates import iwae_per_example, log_prob_per_example
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
-REFIT_SAMPLES = 8  # Monte Carlo draws per step of the regret's per-example refit
+# Monte Carlo draws per step of the regret's per-example refit: 1 (measured, OOD VAE, 300 Fashion-MNIST against 300
+# digits, 100 steps: AUROC 0.9949 with 1 draw, 0.9954 with 8 at 3.3x the time; s.e. about 0.003)
+REFIT_SAMPLES = 1
 REFIT_MIN_EXAMPLES = 5000  # ... and at least this many (or the whole training split, if smaller)
 
 
