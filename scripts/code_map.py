@@ -64,7 +64,7 @@ def first_sentence(docstring: str) -> str:
         elif char in ")]":
             depth = max(0, depth - 1)
         elif char in ".!?" and depth == 0:
-            rest, word = paragraph[i + 1:], paragraph[: i + 1].split()[-1]
+            rest, word = paragraph[i + 1 :], paragraph[: i + 1].split()[-1]
             if rest == "" or (rest[0].isspace() and word.lower() not in ABBREVIATIONS and not rest[1].isdigit()):
                 return paragraph[: i + 1]
     return re.sub(r":$", ".", paragraph)
@@ -79,9 +79,11 @@ def summary(path: Path) -> str:
     """The first sentence of the module's docstring; MissingDocstring when it has none."""
     docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
     if not docstring or not docstring.strip():
-        raise MissingDocstring(f"{shown(path)} has no module docstring: the code map takes each module's "
-                               "first sentence from it. Write one (what the module is for, in one sentence), then "
-                               "run `python scripts/code_map.py`.")
+        raise MissingDocstring(
+            f"{shown(path)} has no module docstring: the code map takes each module's "
+            "first sentence from it. Write one (what the module is for, in one sentence), then "
+            "run `python scripts/code_map.py`."
+        )
     return first_sentence(docstring)
 
 

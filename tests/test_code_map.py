@@ -33,14 +33,16 @@ def test_the_committed_code_map_is_what_the_script_writes():
     assert page == expected, (
         "docs/code-map.md is out of date with the module docstrings under src/elbox (a module was added, moved, "
         "renamed or removed, or its docstring's first sentence changed): run `python scripts/code_map.py` and "
-        "commit docs/code-map.md")
+        "commit docs/code-map.md"
+    )
 
 
 def test_every_module_is_listed_once():
     page = code_map.PAGE.read_text(encoding="utf-8")
     listed = re.findall(r"^- \[`[^`]+`\]\(\.\./(src/elbox/[^)]+\.py)\): ", page, re.MULTILINE)
-    on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "src" / "elbox").rglob("*.py")
-                     if "__pycache__" not in p.parts)
+    on_disk = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "src" / "elbox").rglob("*.py") if "__pycache__" not in p.parts
+    )
     assert sorted(listed) == on_disk, "run `python scripts/code_map.py`"
     assert len(on_disk) > 20  # the walk found the package
 
@@ -56,14 +58,20 @@ def test_the_generator_walks_the_tree_it_is_given(tmp_path):
     (package / "io" / "__init__.py").write_text('"""Files: atomic\nwrites, run-\ndirectories."""\nimport os\n')
     (package / "io" / "disk.py").write_text("'''Disk! then more.'''\n")
     text = code_map.render(package, tmp_path / "docs" / "code-map.md")
-    assert text == "\n".join([
-        "### [`pkg`](../src/pkg/)", "",
-        "- [`__init__.py`](../src/pkg/__init__.py): The package.",
-        "- [`a.py`](../src/pkg/a.py): First: a formula follows below, written out.",
-        "- [`b.py`](../src/pkg/b.py): Second, by Kingma et al. 2021 (see e.g. x).", "",
-        "### [`pkg.io`](../src/pkg/io/)", "",
-        "- [`__init__.py`](../src/pkg/io/__init__.py): Files: atomic writes, run-directories.",
-        "- [`disk.py`](../src/pkg/io/disk.py): Disk!"])
+    assert text == "\n".join(
+        [
+            "### [`pkg`](../src/pkg/)",
+            "",
+            "- [`__init__.py`](../src/pkg/__init__.py): The package.",
+            "- [`a.py`](../src/pkg/a.py): First: a formula follows below, written out.",
+            "- [`b.py`](../src/pkg/b.py): Second, by Kingma et al. 2021 (see e.g. x).",
+            "",
+            "### [`pkg.io`](../src/pkg/io/)",
+            "",
+            "- [`__init__.py`](../src/pkg/io/__init__.py): Files: atomic writes, run-directories.",
+            "- [`disk.py`](../src/pkg/io/disk.py): Disk!",
+        ]
+    )
 
 
 @pytest.mark.parametrize("source", ["import os\n", '"""   """\n', "# a comment, not a docstring\nx = 1\n"])
@@ -78,14 +86,22 @@ def test_a_module_without_a_docstring_is_an_error_that_names_it(tmp_path, source
 
 def test_the_region_outside_the_markers_is_kept():
     page = "# Title\n\nIntro.\n\n" + code_map.BEGIN + "\nold\n" + code_map.END + "\n\nAfter.\n"
-    assert code_map.updated(page, "new") == "# Title\n\nIntro.\n\n" + code_map.BEGIN + "\nnew\n" + code_map.END + \
-        "\n\nAfter.\n"
+    assert (
+        code_map.updated(page, "new")
+        == "# Title\n\nIntro.\n\n" + code_map.BEGIN + "\nnew\n" + code_map.END + "\n\nAfter.\n"
+    )
 
 
 # -- links ------------------------------------------------------------------------------------------------------------
 
-DOCUMENTS = sorted({ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "README.md",
-                    *(ROOT / "benchmarks" / "results").glob("*.md")})
+DOCUMENTS = sorted(
+    {
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        ROOT / "benchmarks" / "README.md",
+        *(ROOT / "benchmarks" / "results").glob("*.md"),
+    }
+)
 LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
@@ -112,8 +128,11 @@ def anchors(path: Path) -> set[str]:
 
 
 def relative_links(path: Path) -> list[str]:
-    return [target for target in LINK.findall(without_code(path.read_text(encoding="utf-8")))
-            if not re.match(r"^[a-z][a-z0-9+.-]*:", target)]  # http:, https:, mailto: are not checked here
+    return [
+        target
+        for target in LINK.findall(without_code(path.read_text(encoding="utf-8")))
+        if not re.match(r"^[a-z][a-z0-9+.-]*:", target)
+    ]  # http:, https:, mailto: are not checked here
 
 
 def test_the_documents_are_found():

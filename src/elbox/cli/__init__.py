@@ -1,4 +1,4 @@
-"""The `elbox` command line: a parser generated from the option dataclasses of every command; the commands call
+"""The `elbox` command line: each command's parser (train's generated from the config dataclasses); the commands call
 the public API."""
 
 from elbox.cli.main import main

@@ -3,7 +3,8 @@
 It parses, calls the public API (elbox.fit, resume, evaluate, elbox.evaluation.inference, elbox.evaluation.tighten) and
 prints. The options of `elbox train` are generated from the config dataclasses (elbox.core.options): `elbox train MODEL
 --help` lists exactly that model's. Every error is one line on stderr ("elbox: error: ...") and a non-zero exit code.
-Modules that import torch load only when a command runs (cli_types.lazy): `elbox --help` and `--version` start at once.
+Modules that import torch load only when a command runs (elbox.cli.types.lazy): `elbox --help` and `--version` start
+at once.
 """
 
 from __future__ import annotations
