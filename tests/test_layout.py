@@ -154,3 +154,15 @@ def test_declared_capabilities_are_never_properties():
         if isinstance(n, ast.FunctionDef) and n.name in flags
     ]
     assert not offenders
+
+
+def test_library_code_prints_nothing():
+    """Messages go through logging (elbox.core.log); only the command line prints."""
+    found = []
+    for name, path in modules().items():
+        if name.startswith("elbox.cli") or name == "elbox.core.log":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in ("print", "tqdm.write", "sys.stderr.write"):
+                found.append(f"{name}:{node.lineno}")
+    assert not found

@@ -32,11 +32,15 @@ def test_the_users_own_choice_is_kept(clean_environment, monkeypatch, name, valu
     assert [n for n in WAIT_VARIABLES if n in os.environ] == [name]
 
 
-def test_importing_elbox_sets_it_before_torch_loads():
+def test_the_elbox_command_sets_it_before_torch_loads_and_import_elbox_does_not():
     env = {k: v for k, v in os.environ.items() if k not in WAIT_VARIABLES}
-    code = "import os, elbox; print(os.environ['GOMP_SPINCOUNT'], elbox.wait_policy_in_effect)"
+    code = "import os, sys, elbox; print(os.environ.get('GOMP_SPINCOUNT'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1000", "True"]
-    code = "import torch, os, elbox; print(os.environ['GOMP_SPINCOUNT'], elbox.wait_policy_in_effect)"
+    assert out.stdout.split() == ["None"]  # a library leaves the process's environment alone
+    # the `elbox` command (console script and python -m elbox) imports elbox.cli first
+    code = "import os, sys, elbox.cli; print(os.environ['GOMP_SPINCOUNT'], 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1000", "False"]  # torch first: too late for this process (documented)
+    assert out.stdout.split() == ["1000", "False"]  # set while torch is not loaded yet: it takes effect
+    code = "from elbox.core.threads import apply_wait_policy; print(apply_wait_policy()); import torch"  # the opt-in
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True"]

@@ -21,12 +21,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING
 
-from elbox.core.threads import apply_wait_policy
-
-wait_policy_in_effect = apply_wait_policy()  # before anything imports torch (elbox.core.threads explains why)
-
-from elbox.core.errors import ElboxError  # noqa: E402 (no torch)
-from elbox.core.version import __version__  # noqa: E402
+from elbox.core.errors import ElboxError  # no torch
+from elbox.core.version import __version__
 
 if TYPE_CHECKING:
     from elbox.evaluation.detection import anomaly_scores, ood

@@ -48,7 +48,7 @@ def set_threads(threads: int | None) -> int:
 
     None picks the default: $OMP_NUM_THREADS when set (torchrun sets it), else every usable core shared
     among the processes on this machine ($LOCAL_WORLD_SIZE under torchrun). Measured on a 2-core CPU, one
-    thread per core is fastest; one thread instead of two is 25-35 % slower (benchmarks/README.md)."""
+    thread per core is fastest; one thread instead of two is 25-35 % slower (benchmarks/results/speed.md)."""
     if threads is None:
         if os.environ.get("OMP_NUM_THREADS", "").isdigit():
             threads = int(os.environ["OMP_NUM_THREADS"])
@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
 def bf16_is_native(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run on hardware support: CUDA GPUs of compute capability 8 or later,
     and CPUs with AVX-512 BF16 or AMX (what oneDNN needs). Elsewhere PyTorch emulates bf16 matmuls, measured
-    about 100x slower than float32 on an AVX2 CPU (benchmarks/README.md)."""
+    about 100x slower than float32 on an AVX2 CPU (benchmarks/results/speed.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":

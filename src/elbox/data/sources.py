@@ -27,7 +27,6 @@ import http.client
 import math
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -38,6 +37,9 @@ from pathlib import Path
 import torch
 
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
+
+LOG = get_logger(__name__)
 
 # ---------------------------------------------------------------------------
 # Dataset specs
@@ -244,7 +246,7 @@ def _fetch(spec: DatasetSpec, file_name: str, dest: Path, mirrors: Sequence[str]
     errors = []
     for base in mirrors:
         url = base.rstrip("/") + "/" + file_name
-        print(f"elbox: downloading {url}", file=sys.stderr)
+        LOG.info(f"downloading {url}")
         try:
             _md5_download(url, dest, spec.archive_md5[file_name], opener)
             return

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from elbox.core.errors import ElboxError
+from elbox.core.extras import require
 from elbox.core.options import short_repr
 from elbox.data.formats import first_true
 from elbox.data.user_images import cut, item_index, one_line
@@ -72,6 +73,7 @@ class Table(Dataset):
     kind = "vectors"
 
     def __init__(self, path: str | os.PathLike, columns: list[str] | None = None, id_column: str | None = None):
+        require("pyarrow", "reading a table (.csv, .tsv, .parquet)")
         import pyarrow
         import pyarrow.csv
         import pyarrow.parquet

@@ -259,12 +259,9 @@ def format_ood_table(result: dict) -> str:
 
 def ood_figure_png(result: dict) -> bytes:
     """Histograms of each method's scores, inliers against outliers, one panel per method, AUROC in the title."""
-    import matplotlib
+    from elbox.io.figures import _png, pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from elbox.io.figures import _png
+    plt = pyplot()
 
     methods = list(result["methods"])
     columns = min(3, len(methods))

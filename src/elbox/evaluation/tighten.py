@@ -24,7 +24,6 @@ IWAE or exact log p(x), and the per-example optimization.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable
 
 import torch
@@ -32,12 +31,15 @@ from torch import Tensor
 
 from elbox.core.bounds import LOG_2PI, mean_and_stderr
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
 from elbox.core.progress import progress_bar
 from elbox.data import DataSpace, iterate_batches, space_from_record
 from elbox.evaluation.runs import data_in_space, evaluation_split, run_examples
 from elbox.io.checkpoint import load_run
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.models.estimates import iwae_per_example, log_prob_per_example
+
+LOG = get_logger(__name__)
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
 # Monte Carlo draws per step of the regret's per-example refit: 1 (measured, OOD VAE, 300 Fashion-MNIST against 300
@@ -336,11 +338,10 @@ def tighten_run(
             if limit is None
             else f"{REFIT_PER_EXAMPLE} per example of --limit, at least {REFIT_MIN_EXAMPLES}"
         )
-        print(
+        LOG.info(
             f"refitting the encoder for {refit_epochs} epoch(s) with the decoder frozen on the first "
             f"{train_images.shape[0]} training examples ({rule}, or as many as there are), keeping the epoch best on "
-            f"{val_x.shape[0]} {chosen_on}",
-            file=sys.stderr,
+            f"{val_x.shape[0]} {chosen_on}"
         )
         refit, history = refit_encoder(
             model,
@@ -352,7 +353,7 @@ def tighten_run(
             progress=progress,
         )
         for record in history:
-            print(f"  epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats", file=sys.stderr)
+            LOG.info(f"refit epoch {record['epoch']}: validation ELBO {record['val_elbo'] + offset:.3f} nats")
     result = gap_split(
         model,
         x,

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from elbox.core.extras import require
 from elbox.io.atomic import PNG_SOFTWARE
 from elbox.io.plots import grid_png
 
@@ -20,12 +21,17 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def pyplot():
+    """matplotlib.pyplot, drawing to files (the Agg backend); ElboxError with the pip line when matplotlib is
+    missing (the report extra)."""
+    require("matplotlib", "drawing figures").use("Agg")
+    return require("matplotlib.pyplot", "drawing figures")
+
+
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})  # elbox's own (elbox.io.atomic)
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
@@ -46,10 +52,7 @@ def curves_figure(records: list[dict], bits: float):
     """Two panels, so that neither squeezes the other: the bound (-ELBO of training batches and of validation, and
     -reconstruction) in nats per example with bits/dim on the right axis; the KL terms (validation, per latent
     group, and of training batches) in nats per example, on a log axis only when they span more than 100x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     train = [r for r in records if r.get("kind") == "train"]
     epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -108,10 +111,7 @@ def interpolations_png(model, x: torch.Tensor, pairs: int = 4, steps: int = 8) -
 @torch.no_grad()
 def scatter_png(model, x: torch.Tensor, labels: torch.Tensor | None) -> bytes:
     """Posterior means of x in the plane, coloured by label (one colour where the data have no labels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     z = model.encode(x).cpu()
     fig, ax = plt.subplots(figsize=(5.5, 5))

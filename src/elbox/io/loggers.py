@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from elbox.core.extras import require
 from elbox.models.base import Encoder, Reconstructs
 
 LOGGERS = ("jsonl", "tensorboard", "none")
@@ -26,9 +27,8 @@ class TensorBoardLog:
     """Writes elbox records and image grids as TensorBoard events."""
 
     def __init__(self, run_dir: str | Path, num_dims: int):
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # needs the tensorboard package
-        )
+        require("tensorboard", "--logger tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
         self.bits = num_dims * math.log(2)

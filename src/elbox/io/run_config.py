@@ -3,7 +3,7 @@
 Every option is declared once here, with its default, range, choices and help; `elbox train` generates its
 command line from these declarations. A model may default some training options differently
 (LatentVariableModel.training_defaults: the VAE's were chosen by time to quality, the HVAE's (per type) by
-likelihood in the same time, benchmarks/README.md).
+likelihood in the same time, benchmarks/results/summary.md).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class TrainConfig:
     compile: bool = option(
         False,
         "torch.compile the training step's forward and backward (costs compilation time up "
-        "front; measured 0-14% faster on 2 CPU cores, see benchmarks/README.md)",
+        "front; measured 0-14% faster on 2 CPU cores, see benchmarks/results/speed.md)",
     )
     channels_last: bool = option(
         False,

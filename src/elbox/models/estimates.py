@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,12 +18,15 @@ from tqdm.auto import tqdm
 
 from elbox.core.bounds import iwae_bounds
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
 from elbox.core.system import available_memory_bytes
 from elbox.models.base import (
     ExactLikelihood,
     ImportanceWeighted,
     LatentVariableModel,
 )
+
+LOG = get_logger(__name__)
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # The memory bound of one evaluation pass, in decoder output elements (samples x examples x elements per sample).
@@ -203,7 +205,7 @@ def retry_on_out_of_memory(run, what: str):
             divisor *= 2
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            print(f"elbox: {what} ran out of memory; retrying with chunks 1/{divisor} the size", file=sys.stderr)
+            LOG.info(f"{what} ran out of memory; retrying with chunks 1/{divisor} the size")
 
 
 # Samples x examples x elements of one scoring pass: fixed, not read from the memory free now, because how many

@@ -71,8 +71,8 @@ TOP_PRIORS = ("standard", "vamp")
 DEFAULT_PSEUDO_INPUTS = 100
 # configs saved before the per-type defaults record hidden_dims [512] and activation relu for every type
 LEGACY_DEFAULTS = {"hidden_dims": [512], "activation": "relu"}
-# the Markov chain's MLPs train better with GELU than ReLU (benchmarks/README.md, issue 19); the MLP ladder was
-# measured with ReLU only
+# the Markov chain's MLPs train better with GELU than ReLU (benchmarks/results/summary.md); the MLP ladder was measured
+# with ReLU only
 DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu", "skip": "gated", "conv-skip": "gated"}
 
 
@@ -278,10 +278,11 @@ class HVAE(LikelihoodModel, LatentVariableModel):
     hvae_type: ClassVar[str] = ""
     types: ClassVar[dict[str, type[HVAE]]] = {}
     detachable_posterior = False  # q(z_l|.) depends on the draws below it: no STL or DReG (see log_weights_sampler)
-    # the training recipes measured on binarized Fashion-MNIST with the same hour of training (benchmarks/README.md,
-    # likelihood_fmnist.py: the markov default scored 229.67 nats, the mlp-ladder 230.79, the VAE 231.74): cosine
-    # learning rate, EMA of the weights, 5-epoch linear KL warm-up; batch 256 keeps the ladder's matrix products near
-    # the CPU's rate. Every level stays active without free bits. The convolutional ladder keeps the general defaults.
+    # the training recipes measured on binarized Fashion-MNIST with the same hour of training
+    # (benchmarks/results/summary.md, likelihood_fmnist.py: the markov default scored 229.67 nats, the mlp-ladder
+    # 230.79, the VAE 231.74): cosine learning rate, EMA of the weights, 5-epoch linear KL warm-up; batch 256 keeps the
+    # ladder's matrix products near the CPU's rate. Every level stays active without free bits. The convolutional
+    # ladder keeps the general defaults.
     recipes: ClassVar[dict[str, dict[str, Any]]] = {
         "markov": {
             "epochs": 140,

@@ -147,7 +147,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
     [B, D] (data_shape (D,), the standardized 'real' space) with a gaussian likelihood."""
 
     # chosen by time to quality: on a 2-core CPU a test NLL below 234 nats (IWAE-5000, binarized Fashion-MNIST) in
-    # under 200 s (benchmarks/README.md)
+    # under 200 s (benchmarks/results/speed.md)
     train_defaults: ClassVar[dict[str, Any]] = {"epochs": 36, "lr": 3e-3, "lr_schedule": "cosine"}
 
     def __init__(self, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None):

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
+from elbox.core.log import get_logger
 from elbox.core.options import short_repr
 from elbox.data.user_images import one_line
 from elbox.evaluation.tables import format_table
 from elbox.io.checkpoint import METRICS_FILE
 from elbox.io.figures import is_number
+
+LOG = get_logger(__name__)
 
 # the evaluations `elbox evaluate` saves, in the order the report prefers them: a built-in dataset's test split; own
 # data (no test split) are evaluated on the run's validation examples
@@ -22,8 +24,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def warn(message: str) -> None:
-    """One line on stderr: the report goes on without what the message names."""
-    print(f"elbox: warning: {message}", file=sys.stderr)
+    """A warning (one line on stderr, elbox.core.log): the report goes on without what the message names."""
+    LOG.warning(message)
 
 
 def _record_problem(line: bytes) -> tuple[dict | None, str | None]:

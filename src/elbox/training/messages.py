@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
+from elbox.core.log import get_logger
 from elbox.models.base import Callback, LatentVariableModel
+
+LOG = get_logger(__name__)
 
 
 def model_size(model: LatentVariableModel) -> str:
@@ -68,7 +69,7 @@ def with_summaries(callback: Callback | None) -> Callback:
                 if record.get("kind") in ("epoch", "train_epoch") and "images_per_s" in record
                 else fit_summary(record)
             )
-            tqdm.write(line, file=sys.stderr)
+            LOG.info(line)
         if callback is not None:
             callback(record)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
 from elbox.core.options import config_from_dict
 from elbox.data.inputs import run_data
 from elbox.data.preprocessing import Preprocessing
@@ -31,6 +31,8 @@ from elbox.training.workflows import (
     run_settings,
     with_preprocessing,
 )
+
+LOG = get_logger(__name__)
 
 
 def resume(
@@ -56,10 +58,8 @@ def resume(
             if (out / WEIGHTS_FILE).exists():
                 raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
             if verbose:
-                print(
-                    f"elbox: fitting {out} again from the start (a {config['model']} fit has no checkpoint to continue "
-                    "from)",
-                    file=sys.stderr,
+                LOG.info(
+                    f"fitting {out} again from the start (a {config['model']} fit has no checkpoint to continue from)"
                 )
             settings = run_settings(out / CONFIG_FILE)
             name, data, validation = settings.pop("model"), settings.pop("data"), settings.pop("validation")
@@ -163,9 +163,6 @@ def resume_training(
             }
         )
     if is_main_process() and verbose:
-        print(
-            f"elbox: resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})",
-            file=sys.stderr,
-        )
+        LOG.info(f"resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})")
     trainer.fit()
     return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, config, out), progress)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from collections import deque
@@ -47,6 +46,7 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
 from elbox.core.progress import time_left
 from elbox.core.system import bf16_is_native
 from elbox.data import DataSpace, iterate_batches
@@ -76,6 +76,8 @@ from elbox.training.objectives import TrainingObjective, beta_at, check_training
 from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer
 from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
+
+LOG = get_logger(__name__)
 
 MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
@@ -400,18 +402,16 @@ class Trainer:
         return early_stop_epoch(self.records, self.config)
 
     def report(self, record: dict) -> None:
-        """An epoch's record to the callback and TensorBoard, and a line when early stopping ends the run (process
-        0)."""
+        """The epoch's record to the callback and TensorBoard; a line when early stopping ends the run (process 0)."""
         if self.callback is not None:
             self.callback(record)
         if self.tensorboard is not None:
             self.tensorboard.record(record)
             self.tensorboard.images(self.eval_model, self.val_x, self.step)
         if self.stopped_early is not None:
-            tqdm.write(
-                f"elbox: stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
-                f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it",
-                file=sys.stderr,
+            LOG.info(
+                f"stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
+                f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it"
             )
 
     def validates(self, epoch: int) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from elbox.core.errors import ElboxError
+from elbox.core.log import get_logger
 from elbox.core.options import config_from_dict, config_to_dict
 from elbox.core.progress import sample_with_progress
 from elbox.data import (
@@ -57,6 +57,8 @@ from elbox.training.batches import gather, num_examples
 from elbox.training.distributed import first_process, init_distributed, is_main_process
 from elbox.training.messages import model_size, with_summaries
 from elbox.training.trainer import Trainer
+
+LOG = get_logger(__name__)
 
 EVAL_IW_SAMPLES = (1, 10, 100, 1000)
 
@@ -239,22 +241,20 @@ def fit_into(
         }
     )
     if is_main_process() and verbose and space.name == "binary" and "name" not in data_record:
-        print(
-            "elbox: this model's Bernoulli likelihood takes black-and-white pixels, so your images are binarized "
+        LOG.info(
+            "this model's Bernoulli likelihood takes black-and-white pixels, so your images are binarized "
             "afresh in each batch (pixel on with probability k/255: dynamic binarization); to model grey levels, "
-            "train with --likelihood discretized-logistic or categorical",
-            file=sys.stderr,
+            "train with --likelihood discretized-logistic or categorical"
         )
     if is_main_process() and verbose:
-        print(
-            f"elbox: training {model.name} ({model_size(model)}) on "
+        LOG.info(
+            f"training {model.name} ({model_size(model)}) on "
             f"{data_record.get('name', data_record.get('path', 'your data'))} "
             f"[{space.name}] with {num_examples(train_images)} training and {num_examples(val_images)} validation "
             "examples on "
             f"{device}"
             + (f" ({system['threads']} threads)" if device.type == "cpu" else "")
-            + (f"; run dir {out}" if out else ""),
-            file=sys.stderr,
+            + (f"; run dir {out}" if out else "")
         )
     if config.perturb and (space.name == "real" or not model.trains_by_gradient):
         raise ElboxError(
@@ -281,10 +281,9 @@ def fit_into(
     )
     if dist.is_initialized() and is_main_process():
         world = dist.get_world_size()
-        print(
-            f"elbox: distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
-            f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)",
-            file=sys.stderr,
+        LOG.info(
+            f"distributed over {world} processes ({dist.get_backend()}): global batch {config.batch_size} = "
+            f"{world} x {config.batch_size // world} per process; learning rate {config.lr} as given (not scaled)"
         )
     trainer.fit()
     return finish(
