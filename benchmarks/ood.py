@@ -15,9 +15,9 @@ below says otherwise (the table records the epochs).
 
 Protocol: inliers are the first 2,000 Fashion-MNIST test images (hvae-5: the test images of classes 0-4), the
 reference data (p-values, the typicality's entropy) the first 2,000 of the run's validation split; each outlier set
-has 2,000 images (the digits: all 1,797; `--n` sets fewer, e.g. for the slow likelihood regret). `elbox ood`'s estimates: a binary model reads each grey image through 16
-binarizations seeded by the image, log p(x) and both bounds of LLR^{>1} with 25 importance samples each. AUROC with
-bootstrap standard errors (200 resamples). Outlier sets:
+has 2,000 images (the digits: all 1,797; `--n` sets fewer, e.g. for the slow likelihood regret). `elbox ood`'s
+estimates: a binary model reads each grey image through 16 binarizations seeded by the image, log p(x) and both bounds
+of LLR^{>1} with 25 importance samples each. AUROC with bootstrap standard errors (200 resamples). Outlier sets:
 
     digits     scikit-learn's 8 x 8 handwritten digits (0..16) made like MNIST: scaled to 0..255, resized to 20 x 20
                (bilinear) and centered in 28 x 28 with 4 blank pixels around; a stand-in for MNIST, which cannot be
