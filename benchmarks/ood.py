@@ -277,7 +277,8 @@ def table() -> str:
             cells = [
                 f"{result[m]['auroc']:.3f} ± {result[m]['auroc_stderr']:.3f}" if m in result else "-" for m in PUBLISHED
             ]
-            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+            size = f" ({record['n']} per set)" if record.get("n", N) != N else ""
+            lines.append(f"| {model}{size} | {name} | " + " | ".join(cells) + " |")
     lines.append("| published (Fashion-MNIST against MNIST) | MNIST | " + " | ".join(PUBLISHED.values()) + " |")
     return "\n".join(lines)
 
