@@ -448,3 +448,13 @@ def test_vae_ood_includes_the_likelihood_regret(hvae_run):
     )
     assert set(result["methods"]) == {"likelihood", "complexity", "typicality", "regret"}
     assert min(result["scores"]["regret"]["outliers"]["score"]) >= 0
+
+
+def test_regret_applies_to_amortized_encoders_only():
+    """A per-example q cannot beat the exact posterior: the linear model's exact encoder has no regret to measure."""
+    from elbox.evaluation.anomaly import applicable_methods
+
+    shape = {"data_shape": [1, 4, 4], "latent_dim": 2}
+    assert "regret" not in applicable_methods(build_model("linear", {**shape, "encoder": "exact"}))
+    assert "regret" in applicable_methods(build_model("linear", {**shape, "encoder": "amortized"}))
+    assert "regret" in applicable_methods(build_model("vae", {**shape, "hidden_dims": [8]}))

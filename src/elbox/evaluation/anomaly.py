@@ -105,7 +105,7 @@ def why_not_applicable(
             f"llr compares bounds with and without the lowest latent levels and needs a hierarchical VAE (the hvae "
             f"model); the {model.name} model has a single level"
         )
-    if method == "regret" and not isinstance(model, Tightenable):
+    if method == "regret" and not (isinstance(model, Tightenable) and model.amortized_encoder):
         return (
             f"regret refits an amortized Gaussian encoder q(z|x) (the vae model, or linear with --encoder "
             f"amortized); the {model.name} model has none"
