@@ -169,10 +169,10 @@ def test_regret_is_the_elbo_gain_of_a_per_example_q_and_never_negative():
     regret = likelihood_regret(model, x, steps=30)
     assert (regret >= 0).all() and (regret > 0).any()
     # by hand: the refit q, then both ELBOs on the same 64 draws
-    from elbox.evaluation.tighten import optimize_per_example_q
+    from elbox.evaluation.tighten import REFIT_SAMPLES, optimize_per_example_q
 
     torch.manual_seed(1)
-    mean, std = optimize_per_example_q(model, x, 30, 0.05, 8)
+    mean, std = optimize_per_example_q(model, x, 30, 0.05, REFIT_SAMPLES)
     state = torch.random.get_rng_state()
     with torch.no_grad():
         fitted = gaussian_q_elbo(model, x, mean, std, 64)

@@ -289,7 +289,7 @@ def test_mixture_lines_carry_units_and_match_the_data_space_of_the_final_value(t
     run = elbox.fit("mixture", "synthetic", n_components=2, covariance="diag", max_iter=3, tol=0, progress=False)
     err = capsys.readouterr().err
     assert "(0 parameters)" not in err and "fitted in closed form or by EM" in err
-    lines = [line for line in err.splitlines() if line.startswith("EM iteration")]
+    lines = [line for line in err.splitlines() if line.startswith("elbox: EM iteration")]
     assert len(lines) == 3 and all("nats per example" in line for line in lines)
     assert "validation log-likelihood" in err and "val_log_likelihood" not in err
     # the last iteration's training log-likelihood is the model's mean log p(x) on the training data, in the
