@@ -12,8 +12,8 @@ import pytest
 from conftest import run_cli_expecting_error
 
 import elbox
-from elbox.cli.command_options import SPLITS
 from elbox.cli.main import build_parser, main, train_parser
+from elbox.core.command_options import SPLITS
 from elbox.models import MODELS
 
 
@@ -35,7 +35,7 @@ def test_version(capsys):
         ),
         (["evaluate", "run", "--limt", "5"], "unrecognized arguments: --limt; did you mean --limit?"),
         (["--verison"], "unrecognized arguments: --verison; did you mean --version?"),
-        (["evaluate", "run", "--split", "tset"], "argument --split: invalid choice: 'tset'; did you mean 'test'?"),
+        (["evaluate", "run", "--split", "tset"], "argument --split: unknown value 'tset'; did you mean 'test'?"),
         (
             ["train", "--likelihood", "bernouli", "--out", "x"],
             "argument --likelihood: unknown value 'bernouli'; did you mean 'bernoulli'?",

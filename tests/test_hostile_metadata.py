@@ -216,7 +216,7 @@ def test_checked_run_config_takes_the_saved_config_and_names_the_field(trained):
     config = json.loads((trained["run"] / "config.json").read_text())
     assert checked_run_config(config, "the config") is config
     config["train"]["epochs"] = -5
-    with pytest.raises(ElboxError, match=r"^the config: train: epochs must be >= 1 .*got -5$"):
+    with pytest.raises(ElboxError, match=r"^the config: train: epochs must be a whole number between 1 and .*got -5$"):
         checked_run_config(config, "the config")
 
 

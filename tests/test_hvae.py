@@ -302,7 +302,7 @@ def test_sample_temperature_per_level(config):
         ({"hvae_type": "mlp-ladder", "levels": 2, "latent_dims": [4, 8, 16]}, "latent_dims"),
         ({"hvae_type": "mlp-ladder", "hidden_dims": []}, "at least one hidden width"),
         ({"hvae_type": "tree"}, "unknown hvae_type"),
-        ({"levels": 0}, "levels must be >= 1"),
+        ({"levels": 0}, "levels must be a whole number between 1 and 100"),
         ({"posterior": "mean-field"}, "unknown posterior"),
         ({"pseudo_inputs": 10}, "applies to top_prior 'vamp' only"),
         ({"hvae_type": "mlp-ladder", "top_prior": "vamp"}, "does not use top_prior"),

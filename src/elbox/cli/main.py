@@ -20,7 +20,7 @@ from pathlib import Path
 import elbox
 from elbox.cli.command_options import COMMANDS
 from elbox.cli.session import TRAINING_RUN, given_options, interrupted, replayed_threads, show_warning
-from elbox.cli.types import Parser, UsageError, count, lazy
+from elbox.cli.types import Parser, UsageError, count, lazy, output_file, report_file
 from elbox.core.errors import ElboxError, shown
 from elbox.core.options import add_options, did_you_mean, option_values
 
@@ -185,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text, options) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         p.add_argument("run_dir")
-        for flag, kwargs in options:
-            p.add_argument(flag, **kwargs)
+        add_options(p, options, files={"output": output_file, "report": report_file})
         p.add_argument("--overwrite", action="store_true", help="replace an output file that elbox did not write")
         add_common(p)
         p.set_defaults(func=func)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import re
 import sys
 from pathlib import Path
@@ -82,7 +81,7 @@ def integer(low: int, high: int):
         except ValueError:
             value = None
         if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be an integer between {low} and {high}, got {shown(text, 40)}")
+            raise argparse.ArgumentTypeError(f"must be a whole number between {low} and {high}, got {shown(text, 40)}")
         return value
 
     parse.__name__ = "int"
@@ -93,22 +92,6 @@ def count(name: str):
     """argparse type of the whole-number option `name` of elbox.core.limits.COUNTS (the range the Python API checks
     too)."""
     return integer(*COUNTS[name])
-
-
-def real(above: float, high: float):
-    """argparse type: a finite number > above and <= high."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not above < value <= high:  # False for NaN
-            raise argparse.ArgumentTypeError(f"must be a number > {above:g} and <= {high:g}, got {shown(text, 40)}")
-        return value
-
-    parse.__name__ = "float"
-    return parse
 
 
 def output_file(text: str) -> Path:

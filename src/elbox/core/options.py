@@ -46,11 +46,13 @@ def option(
     aliases: Sequence[str] = (),
     metavar: str | None = None,
     cli: bool = True,
+    file: str | None = None,
 ) -> Any:
     """A dataclass field with its command-line declaration. minimum/maximum are inclusive bounds, above/below
     exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
     extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
-    data_shape, taken from the data)."""
+    data_shape, taken from the data). file: a path the command line checks at once with add_options' `files` of that
+    name (e.g. "output": a file elbox may write). No default: the option is required."""
     metadata = {
         "help": help,
         "choices": tuple(choices) if choices else None,
@@ -62,6 +64,7 @@ def option(
         "aliases": tuple(aliases),
         "metavar": metavar,
         "cli": cli,
+        "file": file,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -88,14 +91,19 @@ class OptionSpec:
     aliases: tuple[str, ...]
     metavar: str | None
     cli: bool
+    file: str | None
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
     def range_text(self) -> str:
+        """e.g. "> 0", or with two bounds "a whole number between 1 and 100" or "a number > 0 and <= 10"."""
+        if self.kind == "int" and None not in (self.minimum, self.maximum) and self.above is self.below is None:
+            return f"a whole number between {_number_text(self.minimum)} and {_number_text(self.maximum)}"
         bounds = [(">=", self.minimum), (">", self.above), ("<=", self.maximum), ("<", self.below)]
-        return " and ".join(f"{sign} {_number_text(bound)}" for sign, bound in bounds if bound is not None)
+        text = " and ".join(f"{sign} {_number_text(bound)}" for sign, bound in bounds if bound is not None)
+        return f"a number {text}" if " and " in text else text
 
 
 def _number_text(value: float) -> str:
@@ -142,6 +150,7 @@ def option_specs(config_class: type) -> tuple[OptionSpec, ...]:
             "aliases": (),
             "metavar": None,
             "cli": True,
+            "file": None,
         }
         specs.append(OptionSpec(f.name, kind, sequence, optional, default, **meta))
     return tuple(specs)
@@ -228,7 +237,7 @@ def _check_scalar(spec: OptionSpec, value: Any, what: str, given: str | None = N
         value = float(value) if isinstance(value, float) or abs(value) < 1e308 else math.inf  # float(10**400) raises
         if not math.isfinite(value):
             raise ElboxError(f"{what} must be finite, got {given}")
-    elif abs(value) > MAX_SEED:
+    elif abs(value) > MAX_SEED and None in (spec.minimum, spec.maximum):  # a declared range says more
         raise ElboxError(f"{what} must fit a 64-bit integer, got {given}")
     bounds = [
         (spec.minimum, lambda v, b: v >= b),
@@ -313,11 +322,17 @@ def _parse_scalar(spec: OptionSpec) -> Callable[[str], Any]:
 
 
 def add_options(
-    parser: Any, config_class: type, defaults: dict[str, Any] | None = None, taken: set[str] | None = None
+    parser: Any,
+    config_class: type,
+    defaults: dict[str, Any] | None = None,
+    taken: set[str] | None = None,
+    files: dict[str, Callable[[str], Any]] | None = None,
 ) -> list[OptionSpec]:
     """Add an argparse option (dest = the field name) for every declared command-line field of config_class, with
-    its default (or defaults[name]), choices, range check and help. Flags already in `taken` are skipped (a field
-    of two configs with one flag, e.g. --seed, is set by one option). Returns the specs added."""
+    its default (or defaults[name]), choices, range check and help; one without a default is required, a list
+    without one may be given several times (--method a --method b). Flags already in `taken` are skipped (a field
+    of two configs with one flag, e.g. --seed, is set by one option). files: the argparse type of each kind of path
+    (a field's `file`). Returns the specs added."""
     import argparse
 
     taken = taken if taken is not None else set()
@@ -328,18 +343,25 @@ def add_options(
             continue
         taken.update(flags)
         default = (defaults or {}).get(spec.name, spec.default)
-        shown_default = "" if "(default:" in spec.help else f" (default: {_show(default)})"  # help that explains it
+        required = default is MISSING
+        shown_default = "" if "(default:" in spec.help or required else f" (default: {_show(default)})"
         help_text = (spec.help + shown_default).replace("%", "%%")
-        kwargs: dict[str, Any] = {"dest": spec.name, "default": default, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": help_text}
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
         if spec.kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs.update(
-                type=_parse_scalar(spec),
+                type=(files or {})[spec.file] if spec.file else _parse_scalar(spec),
                 metavar=spec.metavar or ("{" + ",".join(spec.choices) + "}" if spec.choices else None),
             )
             if spec.sequence is not None:
                 kwargs["nargs"] = "+"
+                if default is None:
+                    kwargs["action"] = "extend"
         parser.add_argument(*flags, **kwargs)
         added.append(spec)
     return added

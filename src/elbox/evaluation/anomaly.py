@@ -48,10 +48,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from elbox.core.command_options import BINARIZATIONS, ScoreOptions
 from elbox.core.errors import ElboxError
 from elbox.core.limits import ANOMALY_METHODS, check_count_option
 from elbox.core.options import did_you_mean, short_repr
-from elbox.evaluation.inference import BINARIZATIONS, model_inputs
+from elbox.evaluation.inference import model_inputs
 from elbox.models.base import ExactLikelihood, ImportanceWeighted, LatentVariableModel, LevelBounds, Tightenable
 from elbox.models.estimates import (
     example_means,
@@ -72,7 +73,6 @@ UNITS = {
 }
 # rows x samples x elements of one pass of the regret's refit: about 64 grey images of 28 x 28 in 16 binarizations
 REGRET_PASS_ELEMENTS = 2**23
-DEFAULT_LLR_K = 1  # Havtorn et al. (2021) use LLR^{>1} for their 3-level HVAE on Fashion-MNIST
 
 
 @dataclass
@@ -82,10 +82,10 @@ class ScoreSettings:
     binarizations a binary model averages over for a grey image."""
 
     iw_samples: int = 100
-    llr_k: int = DEFAULT_LLR_K
-    regret_steps: int = 100
-    batch_size: int = 500
-    seed: int = 0
+    llr_k: int = ScoreOptions.llr_k
+    regret_steps: int = ScoreOptions.regret_steps
+    batch_size: int = ScoreOptions.batch_size
+    seed: int = ScoreOptions.seed
     binarizations: int = BINARIZATIONS
     elbo_samples: int = 1  # ELBO draws of log p(x) of a model without importance weights (diffusion), as elbox score
 

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from elbox.core.command_options import BINARIZATIONS, OODOptions, ScoreOptions
 from elbox.core.errors import ElboxError, shown
-from elbox.core.limits import OOD_BINARIZATIONS, OOD_IW_SAMPLES, check_count_option
+from elbox.core.limits import check_count_option
 from elbox.core.options import did_you_mean
 from elbox.data import SPLITS
 from elbox.data.preprocessing import input_space
 from elbox.evaluation.anomaly import UNITS, AnomalyScorer, ScoreSettings, applicable_methods, method_list, p_values
-from elbox.evaluation.inference import BINARIZATIONS, user_examples
+from elbox.evaluation.inference import user_examples
 from elbox.models.base import LatentVariableModel
 
-DEFAULT_BOOTSTRAP = 200
 TPR_LEVELS = (0.80, 0.95)
 DEFINITIONS = {
     "likelihood": "-log p(x)",
@@ -64,7 +64,7 @@ def detection_figures(inliers: np.ndarray, outliers: np.ndarray) -> dict[str, fl
     return figures
 
 
-def detection_metrics(inliers: Tensor, outliers: Tensor, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> dict:
+def detection_metrics(inliers: Tensor, outliers: Tensor, bootstrap: int = OODOptions.bootstrap, seed: int = 0) -> dict:
     """detection_figures, each with its bootstrap standard error (key + "_stderr") over `bootstrap` resamples of the
     inliers and of the outliers (with replacement, each set its own size; seeded); None (JSON null) for a single
     resample, which has no spread."""
@@ -149,18 +149,18 @@ def ood(
     model: Any,
     outliers: Any,
     *,
-    inliers: Any = "test",
-    reference: Any = "validation",
+    inliers: Any = OODOptions.inliers,
+    reference: Any = OODOptions.reference,
     methods: list[str] | None = None,
     background: Any = None,
-    iw_samples: int = OOD_IW_SAMPLES,
-    llr_k: int = 1,
-    regret_steps: int = 100,
-    binarizations: int = OOD_BINARIZATIONS,
-    limit: int | None = None,
-    bootstrap: int = DEFAULT_BOOTSTRAP,
-    batch_size: int = 500,
-    seed: int = 0,
+    iw_samples: int = OODOptions.iw_samples,
+    llr_k: int = OODOptions.llr_k,
+    regret_steps: int = OODOptions.regret_steps,
+    binarizations: int = OODOptions.binarizations,
+    limit: int | None = OODOptions.limit,
+    bootstrap: int = OODOptions.bootstrap,
+    batch_size: int = OODOptions.batch_size,
+    seed: int = OODOptions.seed,
     device: str | None = None,
     progress: bool = False,
 ) -> dict:
@@ -295,16 +295,16 @@ def anomaly_scores(
     data: Any,
     methods: list[str],
     *,
-    reference: Any = "validation",
+    reference: Any = ScoreOptions.reference,
     background: Any = None,
-    iw_samples: int = 1000,
-    llr_k: int = 1,
-    regret_steps: int = 100,
-    batch_size: int = 500,
-    seed: int = 0,
+    iw_samples: int = ScoreOptions.iw_samples,
+    llr_k: int = ScoreOptions.llr_k,
+    regret_steps: int = ScoreOptions.regret_steps,
+    batch_size: int = ScoreOptions.batch_size,
+    seed: int = ScoreOptions.seed,
     binarizations: int = BINARIZATIONS,
-    elbo_samples: int = 8,
-    reference_limit: int | None = 1000,
+    elbo_samples: int = ScoreOptions.elbo_samples,
+    reference_limit: int | None = ScoreOptions.reference_limit,
     device: str | None = None,
     progress: bool = False,
     id_column: str | None = None,

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from elbox.core.bounds import mean_and_stderr
+from elbox.core.command_options import EvaluateOptions
 from elbox.core.errors import ElboxError
 from elbox.models.base import (
     Encoder,
@@ -42,10 +43,10 @@ def evaluate(
     model: LatentVariableModel,
     x: Tensor,
     log_prob_offset: float = 0.0,
-    iw_samples: int | Sequence[int] = 1000,
-    batch_size: int = 500,
-    elbo_samples: int = 1,
-    seed: int = 0,
+    iw_samples: int | Sequence[int] = EvaluateOptions.iw_samples,
+    batch_size: int = EvaluateOptions.batch_size,
+    elbo_samples: int = EvaluateOptions.elbo_samples,
+    seed: int = EvaluateOptions.seed,
     max_decoder_elements: int | None = None,
     progress: bool = False,
 ) -> dict:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from elbox.core.command_options import BINARIZATIONS, EncodeOptions, SampleOptions, ScoreOptions
 from elbox.core.errors import ElboxError
 from elbox.core.limits import check_count_option, check_temperature
 from elbox.data import DataSpace
@@ -39,23 +40,22 @@ from elbox.io.atomic import SAMPLES_FIRST_COLUMN, SCORES_HEADER, WRITTEN_BY, ato
 from elbox.models.base import Encoder, ExactLikelihood, LatentVariableModel, Reconstructs
 from elbox.models.estimates import score_per_example
 
-# Binarizations of a grey image a binary model averages over: the standard error of their mean is a quarter of the
-# spread between single binarizations, for 16 times the model evaluations of one binary image.
-BINARIZATIONS = 16
 STDERR_COLUMN = SCORES_HEADER[3]  # "log_likelihood_stderr_nats"
 
 
 def sample_options(
-    model: LatentVariableModel, temperature: float | list[float] = 1.0, draw: bool = False, steps: int | None = None
+    model: LatentVariableModel,
+    temperature: float | Sequence[float] = SampleOptions.temperature,
+    draw: bool = SampleOptions.draw,
+    steps: int | None = SampleOptions.steps,
 ) -> dict:
     """The keyword arguments of model.sample() for these options; ElboxError for one the model does not take."""
     options: dict[str, Any] = {}
     if draw:
         options["mean"] = False
-    if temperature not in (1.0, [1.0]):
-        options["temperature"] = (
-            temperature[0] if isinstance(temperature, list) and len(temperature) == 1 else temperature
-        )
+    temperatures = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
+    if temperatures != [1.0]:
+        options["temperature"] = temperatures[0] if len(temperatures) == 1 else temperatures
     if steps is not None:
         options["steps"] = steps
     accepted = inspect.signature(model.sample).parameters
@@ -69,12 +69,12 @@ def sample_options(
 @torch.no_grad()
 def sample(
     model: Any,
-    n: int = 64,
+    n: int = SampleOptions.n,
     *,
-    temperature: float | list[float] = 1.0,
-    draw: bool = False,
-    steps: int | None = None,
-    seed: int = 0,
+    temperature: float | Sequence[float] = SampleOptions.temperature,
+    draw: bool = SampleOptions.draw,
+    steps: int | None = SampleOptions.steps,
+    seed: int = SampleOptions.seed,
     progress: bool = False,
 ) -> Tensor:
     """n samples [n, C, H, W] in [0, 1], on the CPU, not requiring gradients: means of p(x|z) (draw=True: draws
@@ -205,10 +205,10 @@ def score_with_stderr(
     model: Any,
     data: Any,
     *,
-    iw_samples: int = 1000,
-    elbo_samples: int = 8,
-    batch_size: int = 500,
-    seed: int = 0,
+    iw_samples: int = ScoreOptions.iw_samples,
+    elbo_samples: int = ScoreOptions.elbo_samples,
+    batch_size: int = ScoreOptions.batch_size,
+    seed: int = ScoreOptions.seed,
     progress: bool = False,
     space: DataSpace | None = None,
     binarizations: int = BINARIZATIONS,
@@ -242,10 +242,10 @@ def score(
     model: Any,
     data: Any,
     *,
-    iw_samples: int = 1000,
-    elbo_samples: int = 8,
-    batch_size: int = 500,
-    seed: int = 0,
+    iw_samples: int = ScoreOptions.iw_samples,
+    elbo_samples: int = ScoreOptions.elbo_samples,
+    batch_size: int = ScoreOptions.batch_size,
+    seed: int = ScoreOptions.seed,
     progress: bool = False,
     space: DataSpace | None = None,
     binarizations: int = BINARIZATIONS,
@@ -279,8 +279,8 @@ def encode(
     model: Any,
     data: Any,
     *,
-    batch_size: int = 500,
-    seed: int = 0,
+    batch_size: int = EncodeOptions.batch_size,
+    seed: int = EncodeOptions.seed,
     space: DataSpace | None = None,
     binarizations: int = BINARIZATIONS,
     id_column: str | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
+from elbox.core.command_options import EvaluateOptions
 from elbox.core.errors import ElboxError
 from elbox.core.limits import check_count_option
 from elbox.core.options import did_you_mean, short_repr
@@ -25,9 +26,6 @@ from elbox.evaluation.evaluator import evaluate as evaluate_on
 from elbox.io.checkpoint import CONFIG_FILE, load_run, read_run_config
 from elbox.models.base import LatentVariableModel
 from elbox.training.workflows import Run
-
-EVAL_IW_SAMPLES = (1, 10, 100, 1000)
-
 
 # -- data --------------------------------------------------------------------------------------------------------
 
@@ -136,12 +134,12 @@ def evaluate(
     model: Run | LatentVariableModel | str | os.PathLike,
     data: Any = None,
     *,
-    split: str = "test",
-    iw_samples: int | Sequence[int] = EVAL_IW_SAMPLES,
-    elbo_samples: int = 1,
-    limit: int | None = None,
-    batch_size: int = 500,
-    seed: int = 0,
+    split: str = EvaluateOptions.split,
+    iw_samples: int | Sequence[int] = EvaluateOptions.iw_samples,
+    elbo_samples: int = EvaluateOptions.elbo_samples,
+    limit: int | None = EvaluateOptions.limit,
+    batch_size: int = EvaluateOptions.batch_size,
+    seed: int = EvaluateOptions.seed,
     data_dir: str | None = None,
     device: str | None = None,
     progress: bool = False,

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from elbox.core.bounds import LOG_2PI, mean_and_stderr
+from elbox.core.command_options import TightenOptions
 from elbox.core.errors import ElboxError
 from elbox.core.log import get_logger
 from elbox.core.progress import progress_bar
@@ -310,14 +311,14 @@ def refit_examples(config: dict, seed: int, n: int | None) -> tuple[Tensor, Tens
 def tighten_run(
     run_dir: str,
     device: torch.device,
-    split: str = "test",
-    limit: int | None = 200,
-    steps: int = 300,
-    lr: float = 0.05,
-    refit_epochs: int = 3,
-    iw_samples: int = 1000,
-    elbo_samples: int = 100,
-    seed: int = 0,
+    split: str = TightenOptions.split,
+    limit: int | None = TightenOptions.limit,
+    steps: int = TightenOptions.steps,
+    lr: float = TightenOptions.lr,
+    refit_epochs: int = TightenOptions.refit_epochs,
+    iw_samples: int = TightenOptions.iw_samples,
+    elbo_samples: int = TightenOptions.elbo_samples,
+    seed: int = TightenOptions.seed,
     progress: bool = True,
 ) -> dict:
     """gap_split on the first `limit` examples of a run's split, after refitting the encoder for refit_epochs on the

@@ -60,8 +60,6 @@ from elbox.training.trainer import Trainer
 
 LOG = get_logger(__name__)
 
-EVAL_IW_SAMPLES = (1, 10, 100, 1000)
-
 
 @dataclass
 class Run:
@@ -147,6 +145,7 @@ def fit(
     progress: bool = True,
     verbose: bool = True,
     callback: Callback | None = None,
+    train: TrainConfig | None = None,
     **options: Any,
 ) -> Run:
     """Train a model (or fit it in closed form / by EM) and return the Run.
@@ -158,11 +157,15 @@ def fit(
     options: model config fields (latent_dim=16, likelihood="gaussian", ...), TrainConfig fields (epochs=5,
       lr=1e-3, seed=0, ...; quick runs: max_steps=N, val_limit=N, val_every=N, samples=False) and DataConfig fields
       (image_size=64, columns=[...], workers=2, limit_train=...), one flat set of keywords; each defaults as declared on
-      its dataclass.
+      its dataclass. train: the training settings as a TrainConfig (keywords given as well override its fields).
     out: the run directory to write (config.json, weights, training state, metrics, samples.png), or None.
     progress: progress bars; verbose: a line on stderr at the start and for each epoch (or fit record).
     callback: called with each epoch's record (each fit record for closed-form models)."""
     callback = with_summaries(callback) if verbose else callback
+    if train is not None:
+        if not isinstance(train, TrainConfig):
+            raise ElboxError(f"train must be a TrainConfig, got {type(train).__name__}")
+        options = {**config_dict(train), **options}
     if out is None:
         return fit_into(None, model, data, validation, device, progress, verbose, callback, options)
     with run_directory(Path(out), new=True, lock=first_process()) as directory:
