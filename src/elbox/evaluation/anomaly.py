@@ -105,10 +105,11 @@ def why_not_applicable(
             f"llr compares bounds with and without the lowest latent levels and needs a hierarchical VAE (the hvae "
             f"model); the {model.name} model has a single level"
         )
-    if method == "regret" and not (isinstance(model, Tightenable) and model.amortized_encoder):
+    if method == "regret" and not (isinstance(model, Tightenable) and model.amortization_gap):
         return (
-            f"regret refits an amortized Gaussian encoder q(z|x) (the vae model, or linear with --encoder "
-            f"amortized); the {model.name} model has none"
+            f"regret measures how far a per-example q(z|x) beats an amortized encoder's (the vae model); the "
+            f"{model.name} model has no such gap (the linear model's best diagonal q is linear in x, which its encoder "
+            "represents exactly)"
         )
     if method == "background" and background is None:
         return "background needs a second run trained on perturbed data (--background RUN)"

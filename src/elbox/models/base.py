@@ -69,8 +69,9 @@ class LatentVariableModel(nn.Module):
     trains_on_surrogate: bool = False
     # False when importance_samples refuses q's parameters detached (no STL or DReG estimator: hierarchical VAEs)
     detachable_posterior: bool = True
-    # True when q(z|x) is an amortized encoder, which a per-example q can beat (the likelihood regret's premise)
-    amortized_encoder: bool = False
+    # True when the encoder's q(z|x) can fall short of the best q of its family for an example: an amortization gap,
+    # which the likelihood regret measures (False for the linear model: its best diagonal q is linear in x)
+    amortization_gap: bool = False
     # how new input is read as the training data were (elbox.data.preprocessing.Preprocessing): set on a model that
     # was trained or loaded with its run; None for a model built from a config alone
     preprocessing: Any = None

@@ -114,7 +114,6 @@ class LinearGaussian(LatentVariableModel):
             raise ElboxError("LinearGaussian arguments disagree with its config; build it with from_config")
         super().__init__(config)
         self.trains_by_gradient = config.fit == "elbo"  # by gradient ascent on the ELBO, else by fit(x)
-        self.amortized_encoder = encoder == "amortized"  # the exact posterior otherwise
         self.x_dim, self.z_dim = x_dim, z_dim
         self.W = nn.Parameter(0.01 * torch.randn(x_dim, z_dim))
         self.b = nn.Parameter(torch.zeros(x_dim))

@@ -149,7 +149,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
     # chosen by time to quality: on a 2-core CPU a test NLL below 234 nats (IWAE-5000, binarized Fashion-MNIST) in
     # under 200 s (benchmarks/results/speed.md)
     train_defaults: ClassVar[dict[str, Any]] = {"epochs": 36, "lr": 3e-3, "lr_schedule": "cosine"}
-    amortized_encoder = True
+    amortization_gap = True
 
     def __init__(self, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None):
         """encoder, decoder: your own networks instead of the built-in ones. The encoder maps x [B, *data_shape] to
