@@ -21,6 +21,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING
 
+from elbox.core import log as _log  # noqa: F401 (sets up the "elbox" logger's handler; no torch)
 from elbox.core.errors import ElboxError  # no torch
 from elbox.core.version import __version__
 

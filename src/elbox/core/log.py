@@ -4,7 +4,8 @@ the "elbox" logger: what is being trained, one line per epoch, resumes, retries,
 As in other ML libraries (transformers, Lightning), the "elbox" logger has a handler of its own, so that the messages
 show in a terminal or a notebook with no set-up: INFO and above on stderr, written through tqdm so that a progress
 bar stays whole ("elbox: ...", a warning "elbox: warning: ..."); it does not pass them on to the root logger. The
-`elbox` command prints them this way. In a program of your own:
+`elbox` command prints them this way. `import elbox` sets this up (every elbox module is imported under it). In a
+program of your own:
 
     logging.getLogger("elbox").setLevel(logging.WARNING)   # quieter (or verbose=False where a function takes it)
     elbox.core.log.use_root_handlers()                     # to your own handlers instead, through the root logger
@@ -46,8 +47,3 @@ def use_root_handlers() -> None:
     """Send elbox's messages to the root logger's handlers (your logging set-up) instead of elbox's own."""
     LIBRARY.removeHandler(DEFAULT_HANDLER)
     LIBRARY.propagate = True
-
-
-def get_logger(name: str) -> logging.Logger:
-    """logging.getLogger(name) for an elbox module (importing this module sets up the "elbox" logger)."""
-    return logging.getLogger(name)

@@ -24,6 +24,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
+import logging
 import math
 import os
 import shutil
@@ -37,9 +38,8 @@ from pathlib import Path
 import torch
 
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 # ---------------------------------------------------------------------------
 # Dataset specs

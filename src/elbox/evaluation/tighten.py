@@ -24,6 +24,7 @@ IWAE or exact log p(x), and the per-example optimization.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import torch
@@ -32,7 +33,6 @@ from torch import Tensor
 from elbox.core.bounds import LOG_2PI, mean_and_stderr
 from elbox.core.command_options import TightenOptions
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 from elbox.core.progress import progress_bar
 from elbox.data import DataSpace, iterate_batches, space_from_record
 from elbox.evaluation.runs import data_in_space, evaluation_split, run_examples
@@ -40,7 +40,7 @@ from elbox.io.checkpoint import load_run
 from elbox.models.base import ExactLikelihood, LatentVariableModel, Tightenable
 from elbox.models.estimates import iwae_per_example, log_prob_per_example
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 REFIT_PER_EXAMPLE = 10  # training images of the encoder refit per tightened example ...
 # Monte Carlo draws per step of the regret's per-example refit: 1 (measured, OOD VAE, 300 Fashion-MNIST against 300

@@ -9,6 +9,7 @@ for that example alone, so a score does not depend on the other examples scored 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,6 @@ from tqdm.auto import tqdm
 
 from elbox.core.bounds import iwae_bounds
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 from elbox.core.system import available_memory_bytes
 from elbox.models.base import (
     ExactLikelihood,
@@ -26,7 +26,7 @@ from elbox.models.base import (
     LatentVariableModel,
 )
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # The memory bound of one evaluation pass, in decoder output elements (samples x examples x elements per sample).

@@ -5,17 +5,17 @@ makes of them (the headline bound, the model, the training)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
-from elbox.core.log import get_logger
 from elbox.core.options import short_repr
 from elbox.data.user_images import one_line
 from elbox.evaluation.tables import format_table
 from elbox.io.checkpoint import METRICS_FILE
 from elbox.io.figures import is_number
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 # the evaluations `elbox evaluate` saves, in the order the report prefers them: a built-in dataset's test split; own
 # data (no test split) are evaluated on the run's validation examples

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch.distributed as dist
 
-from elbox.core.log import get_logger
 from elbox.models.base import Callback, LatentVariableModel
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 
 def model_size(model: LatentVariableModel) -> str:

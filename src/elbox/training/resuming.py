@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,6 @@ from typing import Any
 import torch
 
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 from elbox.core.options import config_from_dict
 from elbox.data.inputs import run_data
 from elbox.data.preprocessing import Preprocessing
@@ -32,7 +32,7 @@ from elbox.training.workflows import (
     with_preprocessing,
 )
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 
 def resume(

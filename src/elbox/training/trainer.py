@@ -33,6 +33,7 @@ names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 import warnings
@@ -46,7 +47,6 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 from elbox.core.progress import time_left
 from elbox.core.system import bf16_is_native
 from elbox.data import DataSpace, iterate_batches
@@ -77,7 +77,7 @@ from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, m
 from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 MAX_STEPS = 2**63 - 1
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed

@@ -9,6 +9,7 @@ calls these and nothing else does the work.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from elbox.core.errors import ElboxError
-from elbox.core.log import get_logger
 from elbox.core.options import config_from_dict, config_to_dict
 from elbox.core.progress import sample_with_progress
 from elbox.data import (
@@ -58,7 +58,7 @@ from elbox.training.distributed import first_process, init_distributed, is_main_
 from elbox.training.messages import model_size, with_summaries
 from elbox.training.trainer import Trainer
 
-LOG = get_logger(__name__)
+LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 
 @dataclass
