@@ -148,7 +148,7 @@ CONFIGS = {
         95,
     ),
     "hvae-mlp-ladder": (
-        "3-level MLP ladder, latents 8/16/32 (top first), width 512, residual posterior, 5-epoch KL warm-up",
+        "3-level MLP ladder, latents 32/16/8 (z1 next to x first), width 512, residual posterior, 5-epoch KL warm-up",
         [
             "--model",
             "hvae",
@@ -157,9 +157,9 @@ CONFIGS = {
             "--levels",
             "3",
             "--latent-dims",
-            "8",
-            "16",
             "32",
+            "16",
+            "8",
             "--hidden-dims",
             "512",
             "--posterior",
@@ -180,7 +180,7 @@ CONFIGS = {
         75,
     ),
     "hvae-mlp-ladder-4": (
-        "4-level MLP ladder, latents 4/8/16/32 (top first), otherwise as hvae-mlp-ladder",
+        "4-level MLP ladder, latents 32/16/8/4 (z1 next to x first), otherwise as hvae-mlp-ladder",
         [
             "--model",
             "hvae",
@@ -189,10 +189,10 @@ CONFIGS = {
             "--levels",
             "4",
             "--latent-dims",
-            "4",
-            "8",
-            "16",
             "32",
+            "16",
+            "8",
+            "4",
             "--hidden-dims",
             "512",
             "--posterior",

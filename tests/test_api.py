@@ -20,6 +20,7 @@ from elbox.core.errors import ElboxError
 from elbox.core.options import option_specs
 from elbox.io.run_config import DataConfig, TrainConfig, train_defaults
 from elbox.models import MODELS, VAE, HVAEConfig, VAEConfig
+from elbox.models.hvae_config import HVAE_TYPES, MarkovHVAEConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -92,24 +93,30 @@ def test_vae_with_user_written_networks_trains_evaluates_and_reloads(tmp_path):
         elbox.load(tmp_path / "run", encoder=ConvEncoder(2), decoder=ConvEncoder(2))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_command_line_agrees_with_the_config_dataclasses(name):
-    """Every option has one default: the parser of `elbox train NAME` has exactly the declared fields of the model
-    config (plus the training and data options), with the declared defaults and choices."""
-    parser, _, _ = train_parser(name, {})
+VARIANTS = [(name, {}) for name in sorted(MODELS) if name != "hvae"] + [("hvae", {"hvae_type": t}) for t in HVAE_TYPES]
+
+
+@pytest.mark.parametrize("name, variant", VARIANTS)
+def test_command_line_agrees_with_the_config_dataclasses(name, variant):
+    """Every option has one default: the parser of `elbox train NAME` (for the HVAE, of each type) has exactly the
+    declared fields of the model config (plus the training and data options), with the declared defaults and
+    choices."""
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in variant.items()]
+    parser, _, _ = train_parser(name, {}, argv)
+    model_config_class = MODELS[name].config_class_for(variant)
     actions = {a.dest: a for a in parser._actions}
-    expected_train = {**{s.name: s.default for s in option_specs(TrainConfig)}, **train_defaults(name)}
-    for config_class, defaults in ((TrainConfig, expected_train), (DataConfig, {}), (MODELS[name].config_class, {})):
+    expected_train = {**{s.name: s.default for s in option_specs(TrainConfig)}, **train_defaults(name, variant)}
+    for config_class, defaults in ((TrainConfig, expected_train), (DataConfig, {}), (model_config_class, {})):
         for spec in option_specs(config_class):
             if not spec.cli:
-                assert spec.name not in actions or config_class is not MODELS[name].config_class
+                assert spec.name not in actions or spec.name not in {s.name for s in option_specs(model_config_class)}
                 continue
             action = actions[spec.name]
             assert spec.flag in action.option_strings
             assert action.default == defaults.get(spec.name, spec.default), (name, spec.name)
             if spec.choices:
                 assert action.metavar == "{" + ",".join(spec.choices) + "}"
-    declared = {s.name for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c) if s.cli}
+    declared = {s.name for c in (TrainConfig, DataConfig, model_config_class) for s in option_specs(c) if s.cli}
     generated = {a.dest for a in parser._actions if a.option_strings} - {
         "help",
         "model_flag",
@@ -122,16 +129,19 @@ def test_command_line_agrees_with_the_config_dataclasses(name):
     }
     assert generated == declared
     # options that only other models have are not offered
-    own = {s.flag for c in (TrainConfig, DataConfig, MODELS[name].config_class) for s in option_specs(c)}
-    others = {s.flag for m in MODELS.values() for s in option_specs(m.config_class)} - own
+    own = {s.flag for c in (TrainConfig, DataConfig, model_config_class) for s in option_specs(c) if s.cli}
+    others = {s.flag for m in MODELS.values() for c in m.config_classes() for s in option_specs(c)} - own
     assert others and not others & set(parser._option_string_actions)
 
 
 def test_every_default_config_is_valid():
     for cls in MODELS.values():
-        cls.config_class()
-    assert HVAEConfig(hvae_type="markov").latent_dims == [32, 16]  # the measured default: 2 levels
-    assert HVAEConfig(hvae_type="markov", levels=3).latent_dims == [32, 16, 8]
+        for config_class in cls.config_classes():
+            config_class()
+    assert MarkovHVAEConfig().latent_dims == [32, 16]  # the measured default: 2 levels
+    assert MarkovHVAEConfig(levels=3).latent_dims == [32, 16, 8]
+    with pytest.raises(ElboxError, match="MarkovHVAEConfig"):
+        HVAEConfig()  # the types' base configures no model
 
 
 def test_bad_option_values_name_the_option(capsys):

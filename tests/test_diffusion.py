@@ -317,6 +317,24 @@ def test_simple_loss_is_a_training_surrogate_and_the_reported_terms_stay_the_elb
         build_model("diffusion", {**config, "loss": "simple", "schedule": "learned-linear"})
 
 
+def test_every_bound_is_the_one_vlb_and_its_terms_are_exact_kls():
+    """elbo is vlb's Monte Carlo form, elbo_for_evaluation in discrete time its exact sum over steps (refused in
+    continuous time); the prior and diffusion terms are KLs (ELBOTerms.exact_kl)."""
+    x = torch.randint(0, 256, (3, *SHAPE)) / 255
+    model = build_model("diffusion", {"data_shape": SHAPE, "channels": [4], "timesteps": 4}).eval()
+    for a, b in [
+        (lambda: model.elbo(x, 2), lambda: model.vlb(x, 2)),
+        (lambda: model.elbo_for_evaluation(x, 2), lambda: model.vlb(x, all_steps=True)),
+    ]:
+        torch.manual_seed(3)
+        first = a()
+        torch.manual_seed(3)
+        second = b()
+        assert torch.equal(first.elbo, second.elbo) and first.inexact_kl == second.inexact_kl == []
+    with pytest.raises(ElboxError, match="discrete-time"):
+        model.vlb(x, timesteps=0, all_steps=True)
+
+
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "score"])
 def test_ancestral_samples_of_the_optimal_denoiser_have_the_data_distribution(parameterization):
     """Gaussian data N(0.1, 0.2^2) on the 8-bit grid: with the optimal denoiser and many steps, samples have the

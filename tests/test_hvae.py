@@ -17,6 +17,7 @@ from elbox.evaluation.evaluator import evaluate
 from elbox.io.checkpoint import load_weights
 from elbox.models import LadderHVAE, MarkovHVAE, MLPLadderHVAE, build_model
 from elbox.models.estimates import elbo_per_example, iwae_by_k_per_example
+from elbox.models.hvae import HVAE, Draws
 
 # 8x8 images keep the convolutional tests fast: levels at 2x2 (top two) and 4x4
 TINY_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 16, "latent_channels": 2, "data_shape": (1, 8, 8)}
@@ -24,7 +25,7 @@ SMALL_LADDER = {"hvae_type": "ladder", "levels": 3, "channels": 8, "latent_chann
 TINY_MLP_LADDER = {
     "hvae_type": "mlp-ladder",
     "levels": 3,
-    "latent_dims": [2, 3, 4],
+    "latent_dims": [4, 3, 2],  # z1 (next to x) first: the top level has 2
     "hidden_dims": [24, 16],
     "data_shape": (1, 8, 8),
 }
@@ -149,7 +150,7 @@ def test_ladder_analytic_kl_per_level_matches_monte_carlo(config, posterior):
     levels = model.level_distributions(x)
     torch.manual_seed(7)
     _, kl_from_draw, _ = model.draw(model.prepare(x), x, 1)  # the same draw: its per-level KL is the analytic one
-    for (mu_q, std_q, mu_p, std_p), name in zip(levels, model.level_names):
+    for (mu_q, std_q, mu_p, std_p), name in zip(levels, model.level_names[::-1]):
         analytic = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1)
         torch.testing.assert_close(kl_from_draw[name][0], analytic)
         event_dims = mu_q.dim() - 1  # (C, H, W) maps or vectors
@@ -297,15 +298,16 @@ def test_sample_temperature_per_level(config):
     [
         ({"hvae_type": "markov", "levels": 2, "latent_dims": [4]}, "latent_dims"),
         ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4, 3]}, "powers of 2"),
-        ({"hvae_type": "ladder", "levels": 2, "level_downsample": [2, 4]}, "must not increase"),
+        ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4, 2]}, "must not decrease"),
         ({"hvae_type": "ladder", "levels": 2, "level_downsample": [4]}, "one factor per level"),
         ({"hvae_type": "mlp-ladder", "levels": 2, "latent_dims": [4, 8, 16]}, "latent_dims"),
         ({"hvae_type": "mlp-ladder", "hidden_dims": []}, "at least one hidden width"),
         ({"hvae_type": "tree"}, "unknown hvae_type"),
         ({"levels": 0}, "levels must be a whole number between 1 and 100"),
-        ({"posterior": "mean-field"}, "unknown posterior"),
-        ({"pseudo_inputs": 10}, "applies to top_prior 'vamp' only"),
-        ({"hvae_type": "mlp-ladder", "top_prior": "vamp"}, "does not use top_prior"),
+        ({"hvae_type": "ladder", "posterior": "mean-field"}, "unknown posterior"),
+        ({"pseudo_inputs": 10}, "pseudo_inputs=10 applies to top_prior vamp only"),
+        ({"hvae_type": "mlp-ladder", "top_prior": "vamp"}, "top_prior is an option of hvae_type markov or skip"),
+        ({"posterior": "precision"}, "posterior is an option of hvae_type mlp-ladder or ladder, not of this hvae"),
         ({"top_prior": "flow"}, "unknown top_prior"),
     ],
 )
@@ -316,21 +318,21 @@ def test_bad_configs_are_refused(bad, message):
 
 def test_ladder_levels_share_resolutions_and_report_per_level():
     model = build_model("hvae", {**TINY_LADDER, "levels": 4})
-    assert isinstance(model, LadderHVAE) and model.config.level_downsample == [4, 4, 2, 2]
+    assert isinstance(model, LadderHVAE) and model.config.level_downsample == [2, 2, 4, 4]  # z1 (next to x) first
     means = model.encode_levels(binary_images(5))
-    assert {k: v.shape[1] for k, v in means.items()} == {"z1": 2 * 4, "z2": 2 * 4, "z3": 2 * 16, "z4": 2 * 16}
+    assert {k: v.shape[1] for k, v in means.items()} == {"z4": 2 * 4, "z3": 2 * 4, "z2": 2 * 16, "z1": 2 * 16}
     result = evaluate(model, binary_images(20), iw_samples=[1, 5], batch_size=10)
     assert set(result["kl_by_group"]) == set(result["active_units_by_level"]) == {"z1", "z2", "z3", "z4"}
     assert result["elbo"] == pytest.approx(result["reconstruction"] - sum(result["kl_by_group"].values()))
 
 
 def test_mlp_ladder_shapes_and_every_level_sees_x():
-    """Latent sizes per level as configured (z_1 the top level), the deepest bottom-up features go to the top level,
+    """Latent sizes per level as configured (z1 next to x first), the deepest bottom-up features go to the top level,
     and every level's posterior depends on x (its gradient with respect to x is non-zero)."""
     torch.manual_seed(0)
     model = build_model("hvae", TINY_MLP_LADDER)
     assert isinstance(model, MLPLadderHVAE)
-    assert build_model("hvae", {"hvae_type": "mlp-ladder", "levels": 3}).config.latent_dims == [8, 16, 32]
+    assert build_model("hvae", {"hvae_type": "mlp-ladder", "levels": 3}).config.latent_dims == [32, 16, 8]
     x = binary_images(4).requires_grad_()
     features = model.prepare(x)
     assert torch.equal(features[0], model.bottom_up[2](model.bottom_up[1](model.bottom_up[0](model.stem(x)))))
@@ -349,9 +351,8 @@ def test_each_ladder_level_reads_its_own_bottom_up_features():
     x = binary_images(3)
 
     def posterior_means(features):
-        found = []
-        model._top_down(features, 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: found.append(mu_q) or mu_q)
-        return found
+        levels, _ = model.posterior_path(features, 1, means=True)
+        return [level.q[0] for level in levels]
 
     features = model.prepare(x)
     before = posterior_means(features)
@@ -365,23 +366,77 @@ def test_each_ladder_level_reads_its_own_bottom_up_features():
 def test_options_of_another_type_are_refused_and_recipes_follow_the_type():
     from elbox.io.run_config import train_defaults
 
-    with pytest.raises(ElboxError, match="does not use channels, posterior"):
-        build_model("hvae", {"channels": 32, "posterior": "precision"})  # the default type is the markov chain
-    with pytest.raises(ElboxError, match="does not use hidden_dims, latent_dims"):
-        build_model("hvae", {"hvae_type": "ladder", "latent_dims": [4, 4, 4], "hidden_dims": [64]})
-    # as configs saved before the per-type defaults record them
-    build_model("hvae", {"hvae_type": "ladder", "channels": 8, "hidden_dims": [512], "activation": "relu"})
-    with pytest.raises(ElboxError, match="does not use activation"):
-        build_model("hvae", {"hvae_type": "ladder", "channels": 8, "activation": "tanh"})
+    with pytest.raises(ElboxError, match="channels is an option of hvae_type ladder, not of this hvae"):
+        build_model("hvae", {"channels": 32})  # the default type is the markov chain
+    with pytest.raises(ElboxError, match="latent_dims is an option of hvae_type markov or skip or conv-skip or mlp"):
+        build_model("hvae", {"hvae_type": "ladder", "latent_dims": [4, 4, 4]})
+    with pytest.raises(ElboxError, match="unknown hvae model config fields"):
+        build_model("hvae", {"hvae_type": "ladder", "widths": [4]})  # an option of no type
     markov, ladder = build_model("hvae", {}), build_model("hvae", {"hvae_type": "mlp-ladder"})
     assert (markov.config.activation, ladder.config.activation) == ("gelu", "relu")
     assert isinstance(markov.encoders[0][1][1], torch.nn.GELU)
     assert build_model("hvae", {"activation": "relu"}).config.activation == "relu"
+    with pytest.raises(ElboxError, match="unknown activation 'gated'"):
+        build_model("hvae", {"hvae_type": "mlp-ladder", "activation": "gated"})  # residual blocks take a function
     assert (
         train_defaults("hvae", {})["epochs"] == 140
         and train_defaults("hvae", {"hvae_type": "mlp-ladder"})["batch_size"] == 256
     )
     assert train_defaults("hvae", {"hvae_type": "ladder"}) == {}
+
+
+def test_each_type_declares_its_real_defaults_on_the_command_line(capsys):
+    """`elbox train hvae --hvae-type T --help` lists T's options only, each with its default (not "none" standing
+    for a default described in prose), and an option of another type gets a message that names its type."""
+    for hvae_type, expected in [
+        ("markov", "--hidden-dims H [H ...]  widths of every MLP transition (default: 512 512)"),
+        ("markov", "--levels T  number of latent levels (default: 2)"),
+        ("mlp-ladder", "--levels T  number of latent levels (default: 3)"),
+        ("skip", "--latent-dims D [D ...]  latent sizes D1 D2 (z1 next to x) (default: 40 40)"),
+        ("mlp-ladder", "--activation {relu,gelu,silu,tanh,elu,softplus} activation of the MLPs (default: relu)"),
+        ("ladder", "--channels CHANNELS"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["train", "hvae", "--hvae-type", hvae_type, "--help"])
+        help_text = " ".join(capsys.readouterr().out.split("hvae model:")[1].split())  # the model's options
+        assert " ".join(expected.split()) in help_text
+        assert "(default: none)" not in help_text.replace("softplus + min_std (default: none)", "")
+        assert ("--channels" in help_text) == (hvae_type == "ladder")
+    assert main(["train", "hvae", "--hvae-type", "skip", "--posterior", "precision", "--out", "x"]) == 1
+    assert "--posterior is an option of hvae_type mlp-ladder or ladder" in capsys.readouterr().err
+
+
+def test_runs_of_format_version_2_load_with_one_config_per_type():
+    """Version 2 configs held every type's options (other types' at their defaults, or the legacy hidden_dims and
+    activation) and listed the ladders' levels top first: they load as the type's config, levels z1 first."""
+    from elbox.io.checkpoint import checked_run_config
+
+    old = {
+        "hvae_type": "mlp-ladder",
+        "levels": 3,
+        "latent_dims": [2, 3, 4],
+        "hidden_dims": [24, 16],
+        "activation": "relu",
+        "channels": 64,
+        "latent_channels": 8,
+        "level_downsample": [],
+        "top_prior": "standard",
+        "pseudo_inputs": 100,
+        "logvar_bounds": None,
+        "weight_init": "default",
+        "sigma": 0.5,  # ignored by the bernoulli likelihood, accepted silently by version 2
+        "data_shape": [1, 8, 8],
+    }
+    run = {"format_version": 2, "model": "hvae", "model_config": old, "data": {"space": "binary"}, "train": {}}
+    config = checked_run_config(run, "run")
+    assert config["format_version"] == 3 and config["model_config"]["latent_dims"] == [4, 3, 2]
+    assert "channels" not in config["model_config"] and config["model_config"]["sigma"] == 0.1
+    assert torch.equal(
+        torch.tensor(build_model("hvae", config["model_config"]).config.latent_dims), torch.tensor([4, 3, 2])
+    )
+    ladder = {**TINY_LADDER, "level_downsample": [4, 4, 2], "hidden_dims": [512], "activation": "relu"}
+    run = {"format_version": 2, "model": "hvae", "model_config": ladder, "data": {"space": "binary"}, "train": {}}
+    assert checked_run_config(run, "run")["model_config"]["level_downsample"] == [2, 4, 4]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,8 +576,8 @@ def test_ema_weights_are_validated_and_saved(tmp_path):
             "--levels",
             "2",
             "--latent-dims",
-            "3",
             "6",
+            "3",
             "--hidden-dims",
             "32",
             "--free-bits",
@@ -564,3 +619,43 @@ def test_cli_trains_evaluates_and_samples_both_families(tmp_path, capsys, flags)
     assert main(["sample", str(out), "--n", "4", "--temperature", "0.8", "0.5", "--out", str(tmp_path / "t.png")]) == 0
     assert main(["sample", str(out), "--n", "4", "--temperature", "1", "1", "1"]) == 1
     assert "one temperature or one per level" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# The interface every HVAE type implements, and which of its terms are exact KLs
+
+
+def test_every_hvae_type_implements_the_abstract_interface():
+    declared = {"prepare", "draw", "draw_above", "level_moments", "decode_from_means", "ancestral_params"}
+    assert declared <= HVAE.__abstractmethods__
+    assert {"markov", "ladder", "mlp-ladder", "skip", "conv-skip"} <= set(HVAE.types)
+    for hvae_type, cls in HVAE.types.items():
+        assert not cls.__abstractmethods__, hvae_type
+    with pytest.raises(TypeError, match="abstract"):
+        HVAE(build_model("hvae", TINY_MLP_LADDER).config)
+    model = build_model("hvae", TINY_MLP_LADDER)
+    x = binary_images(2)
+    draws = model.draw(model.prepare(x), x, 3)
+    assert isinstance(draws, Draws) and draws.log_w.shape == draws.log_px.shape == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "config, inexact",
+    [
+        (TINY_MLP_LADDER, []),
+        ({"hvae_type": "markov", "levels": 3, "latent_dims": [6, 4, 3], "hidden_dims": [16]}, ["z1", "z2"]),
+        ({"hvae_type": "markov", "levels": 1, "latent_dims": [4], "hidden_dims": [16]}, []),
+        (
+            {"hvae_type": "markov", "levels": 2, "latent_dims": [6, 4], "hidden_dims": [16], "top_prior": "vamp"},
+            ["z1", "z2"],
+        ),
+        ({"hvae_type": "skip", "latent_dims": [4, 3], "hidden_dims": [16]}, []),
+        ({"hvae_type": "skip", "latent_dims": [4, 3], "hidden_dims": [16], "top_prior": "vamp"}, ["z2"]),
+    ],
+)
+def test_elbo_terms_name_the_levels_that_are_not_exact_kls(config, inexact):
+    torch.manual_seed(0)
+    model = build_model("hvae", {"data_shape": (1, 8, 8), **config})
+    x = binary_images(2)
+    assert model.elbo(x).inexact_kl == inexact
+    assert model.importance_samples(x, 2).terms.inexact_kl == inexact

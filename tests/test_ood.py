@@ -33,7 +33,7 @@ HVAES = {
     "mlp-ladder": {
         "data_shape": list(SHAPE),
         "hvae_type": "mlp-ladder",
-        "latent_dims": [2, 3],
+        "latent_dims": [3, 2],
         "levels": 2,
         "hidden_dims": [16],
     },

@@ -4,10 +4,12 @@ gradients, and the config."""
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
 
+from elbox.cli.main import main
 from elbox.core.bounds import iwae_bound
 from elbox.core.errors import ElboxError
 from elbox.core.options import config_from_dict, config_to_dict
@@ -25,7 +27,7 @@ def small_config(architecture="mlp", likelihood="bernoulli", **extra):
         latent_dim=LATENT,
         hidden_dims=[16],
         architecture=architecture,
-        conv_channels=[4, 8],
+        **({"conv_channels": [4, 8]} if architecture == "conv" else {}),
         likelihood=likelihood,
         **extra,
     )
@@ -323,3 +325,52 @@ def test_likelihood_options_of_older_configs_become_fields():
         "vae", {**small_config(), "likelihood": "discretized-logistic", "likelihood_options": {"n_mixtures": 3}}
     )
     assert model.config.n_mixtures == 3 and model.likelihood.n_mixtures == 3
+
+
+@pytest.mark.parametrize("prior, inexact", [("standard", []), ("vamp", ["z"])])
+def test_elbo_terms_say_whether_the_kl_is_exact(prior, inexact):
+    """The standard prior's KL is analytic; the VampPrior's is the single-sample estimate log q - log p."""
+    torch.manual_seed(0)
+    model = build_model("vae", {"latent_dim": 3, "hidden_dims": [8], "data_shape": (1, 8, 8), "prior": prior})
+    x = (torch.rand(2, 1, 8, 8) < 0.3).float()
+    assert model.elbo(x).inexact_kl == inexact
+    assert model.importance_samples(x, 2).terms.inexact_kl == inexact
+
+
+@pytest.mark.parametrize(
+    "options, enabling, message",
+    [
+        ({"sigma": 0.5}, {"likelihood": "gaussian"}, "sigma=0.5 applies to likelihood gaussian only, not bernoulli"),
+        ({"n_mixtures": 3}, {"likelihood": "discretized-logistic"}, "n_mixtures=3 applies to likelihood discretized"),
+        ({"ar_kernel": 5}, {"likelihood": "bernoulli-ar"}, "ar_kernel=5 applies to likelihood bernoulli-ar only"),
+        ({"pseudo_inputs": 10}, {"prior": "vamp"}, "pseudo_inputs=10 applies to prior vamp only, not standard"),
+        ({"conv_channels": [8]}, {"architecture": "conv"}, "conv_channels=[8] applies to architecture conv only"),
+    ],
+)
+def test_options_the_other_settings_ignore_are_refused(options, enabling, message, capsys):
+    """An option that the chosen settings would ignore is refused (option's used_with), in Python and on the command
+    line; the setting that uses it accepts it."""
+    with pytest.raises(ElboxError, match=re.escape(message)):
+        VAEConfig(**options)
+    VAEConfig(**options, **enabling)
+    ((name, value),) = options.items()
+    flag = ["--" + name.replace("_", "-"), *map(str, value if isinstance(value, list) else [value])]
+    assert main(["train", "vae", *flag, "--out", "unused"]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_runs_of_format_version_2_drop_the_options_their_settings_ignored():
+    """Version 2 accepted sigma with a bernoulli likelihood silently (it had no effect): such a run loads without it."""
+    from elbox.io.checkpoint import checked_run_config
+
+    run = {
+        "format_version": 2,
+        "model": "vae",
+        "model_config": small_config(sigma=0.5, pseudo_inputs=7),
+        "data": {"space": "binary"},
+        "train": {},
+    }
+    config = checked_run_config(run, "run")["model_config"]
+    assert (config["sigma"], config["pseudo_inputs"]) == (0.1, 500)
+    with pytest.raises(ElboxError, match="sigma=0.5 applies to likelihood gaussian only"):
+        checked_run_config({**run, "format_version": 3}, "run")

@@ -22,7 +22,7 @@ from elbox.cli.command_options import COMMANDS
 from elbox.cli.session import TRAINING_RUN, given_options, interrupted, replayed_threads, show_warning
 from elbox.cli.types import Parser, UsageError, count, lazy, output_file, report_file
 from elbox.core.errors import ElboxError, shown
-from elbox.core.options import add_options, did_you_mean, option_values
+from elbox.core.options import add_options, did_you_mean, option_specs, option_values
 
 # the working parts of train, imported when it runs (they import torch); the other commands are elbox.cli.commands
 read_json = lazy("elbox.io.checkpoint", "read_json")
@@ -99,14 +99,31 @@ def train_parser(
     add_common(p)
     taken: set[str] = set()
     general = add_options(p.add_argument_group("data"), DataConfig, saved, taken)
-    config_fields = [f.name for f in dataclasses.fields(MODELS[name].config_class)]
+    model_cls = MODELS[name]
+    config_fields = {f.name for c in model_cls.config_classes() for f in dataclasses.fields(c)}
     chosen = {k: saved[k] for k in config_fields if k in saved}
     chosen.update({k: v for k in config_fields if (v := flag_value(argv, "--" + k.replace("_", "-"))) is not None})
+    config_class = model_cls.config_class_for(chosen)
+    check_variant_flags(model_cls, config_class, argv)
     general += add_options(
         p.add_argument_group("training"), TrainConfig, {**train_defaults(name, chosen), **saved}, taken
     )
-    own = add_options(p.add_argument_group(f"{name} model"), MODELS[name].config_class, saved, taken) if model else []
+    own = add_options(p.add_argument_group(f"{name} model"), config_class, saved, taken) if model else []
     return p, general, own
+
+
+def check_variant_flags(model_cls: type, config_class: type, argv: Sequence[str]) -> None:
+    """ElboxError for an option of another variant of the model (--channels for the markov hvae), which the chosen
+    variant's parser would call unrecognized."""
+    own = {spec.flag for spec in option_specs(config_class) if spec.cli}
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        name = flag.removeprefix("--").replace("-", "_")
+        if flag.startswith("--") and flag not in own and (home := model_cls.variants_with(name)):
+            raise ElboxError(
+                f"{flag} is an option of {home}, not of this {model_cls.name} ({config_class.__name__}); "
+                "choose the variant or drop it"
+            )
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -126,11 +126,27 @@ class ELBOTerms:
     kl: name -> [B]  one entry per latent group / level / diffusion term
     objective: [B] or None  a surrogate the model asks to be trained on instead of the ELBO (the diffusion
         model's simplified loss); never reported as a bound
+    exact_kl: the names of the kl entries that are exact KLs; None (the common case): all of them.
+
+    An exact KL is, for each draw, the KL divergence of the entry's posterior from its prior in closed form, given the
+    draws of the levels both are conditioned on (a ladder level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) at the drawn z_<l):
+    never negative, and its expectation is the entry's term of the bound. The diffusion model's entries are exact: the
+    prior term is analytic, and each draw of the diffusion term is the closed-form KL of one step at the drawn z_t
+    times the number of steps (in continuous time, its limit), or their sum over all steps. The other entries are
+    single-sample Monte Carlo estimates log q(z) - log p(z), which can be negative: the Markov HVAE's levels below
+    the top (q and p condition on different levels, so not even their expectation is a KL), the VampPrior's levels
+    (no closed form), a KL estimated by sampling on request (gaussian_elbo with analytic_kl=False).
     """
 
     reconstruction: Tensor
     kl: dict[str, Tensor]
     objective: Tensor | None = None
+    exact_kl: frozenset[str] | None = None
+
+    @property
+    def inexact_kl(self) -> list[str]:
+        """The names of the kl entries that are not exact KLs, in kl's order (empty when all are)."""
+        return [] if self.exact_kl is None else [name for name in self.kl if name not in self.exact_kl]
 
     @property
     def kl_total(self) -> Tensor:
@@ -161,7 +177,7 @@ def gaussian_elbo(
         kl = kl_diag_gaussians(mean, std).sum(-1)
     else:
         kl = (diag_gaussian_log_prob_from_noise(eps, std) - standard_normal_log_prob(z)).mean(0)
-    return ELBOTerms(reconstruction=reconstruction, kl={"z": kl})
+    return ELBOTerms(reconstruction=reconstruction, kl={"z": kl}, exact_kl=None if analytic_kl else frozenset())
 
 
 # ----------------------------------------------------------------------------------------------

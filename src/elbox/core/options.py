@@ -47,12 +47,15 @@ def option(
     metavar: str | None = None,
     cli: bool = True,
     file: str | None = None,
+    used_with: dict[str, str | Sequence[str]] | None = None,
 ) -> Any:
     """A dataclass field with its command-line declaration. minimum/maximum are inclusive bounds, above/below
-    exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
-    extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
-    data_shape, taken from the data). file: a path the command line checks at once with add_options' `files` of that
-    name (e.g. "output": a file elbox may write). No default: the option is required."""
+        exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
+        extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
+        data_shape, taken from the data). file: a path the command line checks at once with add_options' `files` of that
+        name (e.g. "output": a file elbox may write). used_with: {other field: its value or values} under which the
+    option has an effect (e.g. sigma: {"likelihood": "gaussian"}); check_options refuses it away from its default
+    otherwise. No default: the option is required."""
     metadata = {
         "help": help,
         "choices": tuple(choices) if choices else None,
@@ -65,6 +68,7 @@ def option(
         "metavar": metavar,
         "cli": cli,
         "file": file,
+        "used_with": tuple((k, (v,) if isinstance(v, str) else tuple(v)) for k, v in (used_with or {}).items()),
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -92,6 +96,7 @@ class OptionSpec:
     metavar: str | None
     cli: bool
     file: str | None
+    used_with: tuple[tuple[str, tuple[str, ...]], ...]  # (field, its values under which the option has an effect)
 
     @property
     def flag(self) -> str:
@@ -151,6 +156,7 @@ def option_specs(config_class: type) -> tuple[OptionSpec, ...]:
             "metavar": None,
             "cli": True,
             "file": None,
+            "used_with": (),
         }
         specs.append(OptionSpec(f.name, kind, sequence, optional, default, **meta))
     return tuple(specs)
@@ -267,8 +273,34 @@ def check_value(spec: OptionSpec, value: Any) -> Any:
 
 def check_options(config: Any) -> None:
     """Validate and normalize every declared field of a config dataclass instance, in place."""
-    for spec in option_specs(type(config)):
+    specs = option_specs(type(config))
+    for spec in specs:
         setattr(config, spec.name, check_value(spec, getattr(config, spec.name)))
+    for spec in specs:
+        unused = ignored_by(spec, vars(config))
+        if unused and getattr(config, spec.name) != spec.default:
+            field, allowed = unused
+            raise ElboxError(
+                f"{spec.name}={short_repr(getattr(config, spec.name))} applies to {field} {' or '.join(allowed)} only, "
+                f"not {getattr(config, field)}; set {field} or drop {spec.name}"
+            )
+
+
+def ignored_by(spec: OptionSpec, values: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """(field, the values it must have) when `values` set a field of spec's used_with otherwise, so that the option
+    has no effect; else None."""
+    for field, allowed in spec.used_with:
+        if field in values and values[field] not in allowed:
+            return field, allowed
+    return None
+
+
+def drop_ignored_options(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The JSON values without the options that the others make ignored (see option's used_with): how configs
+    written before the used_with rule, which accepted them silently, load unchanged."""
+    specs = {spec.name: spec for spec in option_specs(config_class)}
+    full = {name: spec.default for name, spec in specs.items()} | values
+    return {k: v for k, v in values.items() if k not in specs or not ignored_by(specs[k], full)}
 
 
 def config_from_dict(config_class: type, values: Any, what: str | None = None) -> Any:

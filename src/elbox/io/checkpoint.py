@@ -33,14 +33,14 @@ from elbox.io.atomic import atomic_write_bytes, atomic_write_json
 from elbox.io.run_config import DataConfig, TrainConfig
 from elbox.models import build_model
 from elbox.models.base import (
+    CONFIG_VERSION,
     LatentVariableModel,
     check_model_size,
     model_class,
     model_config,
 )
 
-# 2: likelihood options are model-config fields (sigma, n_mixtures); version 1 configs are upgraded on load
-FORMAT_VERSION = 2
+FORMAT_VERSION = CONFIG_VERSION  # of config.json and the training state (elbox.models.base has its history)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -244,8 +244,9 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def checked_run_config(config: Any, what: str) -> dict:
     """A run config (config.json's JSON value), returned when every field has its type and range: format_version, the
-    model's name and config, the data record with its data space, the training settings. Otherwise ElboxError, one
-    line starting with `what` that names the field (format_version first: a newer elbox's run says so)."""
+        model's name and config, the data record with its data space, the training settings. Otherwise ElboxError, one
+        line starting with `what` that names the field (format_version first: a newer elbox's run says so). A config
+    of an older format is returned in the current one (the model's upgrade_config)."""
     if not isinstance(config, dict):
         raise ElboxError(f"{what} must be a JSON object, got {short_repr(config)}")
     version = config.get("format_version")
@@ -260,13 +261,14 @@ def checked_run_config(config: Any, what: str) -> dict:
         raise ElboxError(f"{what} lacks the key {missing[0]!r}")
     if not isinstance(config["model"], str):
         raise ElboxError(f"{what}: model must be a model's name, got {short_repr(config['model'])}")
+    settings = {}
+
+    def check_model_config() -> None:
+        settings["model"] = model_config(config["model"], config["model_config"], version)
+        check_model_size(model_class(config["model"]), settings["model"])
+
     sections = [
-        (
-            "model_config",
-            lambda: check_model_size(
-                model_class(config["model"]), model_config(config["model"], config["model_config"])
-            ),
-        ),
+        ("model_config", check_model_config),
         ("data", lambda: check_data_record(config["data"])),
         ("train", lambda: config_from_dict(TrainConfig, config.get("train", {}), "training settings")),
         ("system", lambda: recorded_threads(config)),
@@ -276,7 +278,9 @@ def checked_run_config(config: Any, what: str) -> dict:
             check()
         except ElboxError as e:
             raise ElboxError(f"{what}: {section}: {e}") from None
-    return config
+    if version == FORMAT_VERSION:
+        return config
+    return {**config, "format_version": FORMAT_VERSION, "model_config": config_to_dict(settings["model"])}
 
 
 def check_data_record(record: Any) -> None:

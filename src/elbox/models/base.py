@@ -38,10 +38,14 @@ from torch import Tensor, nn
 
 from elbox.core.bounds import ELBOTerms
 from elbox.core.errors import ElboxError
-from elbox.core.options import config_from_dict, short_repr
+from elbox.core.options import config_from_dict, drop_ignored_options, short_repr
 from elbox.data.spaces import VECTOR_MODELS
 
 MODELS: dict[str, type[LatentVariableModel]] = {}
+# the run-config format (config.json's format_version) this elbox writes; older ones are upgraded on reading:
+# 2: the likelihood options are model-config fields (sigma, n_mixtures), no longer a dict "likelihood_options";
+# 3: options another makes ignored are refused (option's used_with); one HVAE config per type, levels listed z1 first
+CONFIG_VERSION = 3
 Callback = Callable[[dict], None]
 
 # Size bounds of the model options: generous, yet what one machine can hold (build_model also counts the parameters)
@@ -87,9 +91,29 @@ class LatentVariableModel(nn.Module):
         return dict(cls.train_defaults)
 
     @classmethod
-    def upgrade_config(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """The JSON values of a config of an older format, as the current config class reads them (default: as
-        they are)."""
+    def config_class_for(cls, values: dict[str, Any]) -> type:
+        """The config class that reads these JSON values: config_class, or for a model with one config per variant
+        (the HVAE's types) the one they name."""
+        return cls.config_class
+
+    @classmethod
+    def config_classes(cls) -> tuple[type, ...]:
+        """Every config class of the model (one, or one per variant)."""
+        return (cls.config_class,)
+
+    @classmethod
+    def variants_with(cls, name: str) -> str | None:
+        """For a model with one config per variant: which variants have the option `name` (e.g. "hvae_type ladder"),
+        to tell a user who gave it to another; None otherwise."""
+        return None
+
+    @classmethod
+    def upgrade_config(cls, values: dict[str, Any], version: int) -> dict[str, Any]:
+        """The JSON values of a config written by run-config format `version`, as the current config class reads them.
+        Before version 3 an option that another made ignored (sigma of a bernoulli likelihood) was accepted
+        silently: it is dropped, as it had no effect."""
+        if version < 3:
+            return drop_ignored_options(cls.config_class_for(values), values)
         return values
 
     @classmethod
@@ -234,12 +258,18 @@ def model_class(name: str) -> type[LatentVariableModel]:
     return MODELS[name]
 
 
-def model_config(name: str, values: dict[str, Any]) -> Any:
-    """A model's config dataclass from JSON values; configs of older formats are upgraded by the class's
-    `upgrade(values) -> values` where it has one."""
+def model_config(name: str, values: dict[str, Any], version: int = CONFIG_VERSION) -> Any:
+    """A model's config dataclass from JSON values written by run-config format `version` (by default the current
+    one), upgraded by the model's upgrade_config."""
     cls = model_class(name)
-    values = cls.upgrade_config(values) if isinstance(values, dict) else values
-    return config_from_dict(cls.config_class, values, f"{name} model config")
+    if not isinstance(values, dict):
+        return config_from_dict(cls.config_class, values, f"{name} model config")
+    values = cls.upgrade_config(values, version)
+    config_class = cls.config_class_for(values)
+    for key in values.keys() - config_class.__dataclass_fields__.keys():
+        if home := cls.variants_with(key):
+            raise ElboxError(f"{key} is an option of {home}, not of this {name} ({config_class.__name__})")
+    return config_from_dict(config_class, values, f"{name} model config")
 
 
 def build_model(name: str, config: dict[str, Any] | Any, **modules: nn.Module) -> LatentVariableModel:

@@ -8,8 +8,8 @@ Encoder (variance preserving, eq. (1)): q(z_t|x) = N(alpha_t x, sigma_t^2 I), t 
 (the noise schedules gamma: elbox.models.schedules). Generative model (eqs. (6)-(9)): z_1 ~ N(0, I), the steps
 p(z_s|z_t) = q(z_s|z_t, x = x_hat(z_t; t)), and p(x|z_0) a 256-way categorical per pixel,
     p(x_i = k | z_0) = softmax_k(-1/2 e^{-gamma_0} (z_0i/alpha_0 - x_k)^2).
-DiffusionModel.vlb_terms computes the negative ELBO of eq. (11), prior loss + reconstruction loss + diffusion loss,
-term by term, in nats per example.
+DiffusionModel.vlb computes the bound of eq. (11), L = L_recon + L_prior + L_diffusion, term by term, in nats per
+example; elbo and elbo_for_evaluation are its Monte Carlo and (in discrete time) exact-sum forms.
 
 The denoiser is a U-Net conditioned on the normalized log-SNR c = (gamma_t - gamma_min)/(gamma_max - gamma_min), not
 on t, so the continuous-time loss depends on the schedule only through its endpoints (§5.1); the interior only
@@ -141,90 +141,54 @@ class DiffusionModel(LatentVariableModel):
     def data_space(self) -> str:
         return "discrete"
 
-    # -- the ELBO, term by term ------------------------------------------------------------------
+    # -- the bound: L = L_recon + L_prior + L_diffusion ------------------------------------------------------------
 
-    def vlb_terms(self, x: Tensor, n_samples: int = 1, sum_steps: int = 0) -> ELBOTerms:
-        """The ELBO of 8-bit images x [N, *data_shape] (the discrete space), per example, term by term as
-        Kingma et al. 2021, eq. (11), write its negative:
+    def vlb(self, x: Tensor, n_samples: int = 1, timesteps: int | None = None, all_steps: bool = False) -> ELBOTerms:
+        """The variational lower bound of 8-bit images x [N, *data_shape] (the discrete space), per example, term by
+        term; VDM eq. (11) writes its negative, -VLB(x) = L_recon + L_prior + L_diffusion:
 
-            -VLB(x) = KL(q(z_1|x) || p(z_1))        prior loss: analytic (prior_kl)
-                    + E_q(z_0|x)[-log p(x|z_0)]      reconstruction loss: eq. (8), one draw of z_0 per estimate
-                                                     (reconstruction_log_prob)
-                    + L_T(x)  or  L_inf(x)           diffusion loss (diffusion_loss): T steps, eqs. (12) and (14);
-                                                     continuous time (timesteps = 0), eq. (17)
+            VLB(x) = E_q(z_0|x)[log p(x|z_0)]   reconstruction, eq. (8), one z_0 per estimate (reconstruction_log_prob)
+                   - KL(q(z_1|x) || p(z_1))      prior loss, analytic (prior_kl)
+                   - L_T(x)  or  L_inf(x)        diffusion loss: T steps, eqs. (12)-(14); continuous time, eq. (17)
 
-        Returned as ELBOTerms(reconstruction = -reconstruction loss, kl = {"prior", "diffusion"}). The diffusion loss
-        is estimated at n_samples times per example (sample_times), each with its own draw of z_0 for the
-        reconstruction loss; with sum_steps = T >= 1 it is instead summed exactly over the T steps of eq. (12), one
-        noise draw each. With loss="simple" (and not sum_steps), ELBOTerms.objective is the training surrogate
-        -(prior loss + reconstruction loss + 1/2 ||eps - eps_hat||^2), the unweighted loss of Ho et al. 2020.
-        (The terms are computed in the order of their noise draws, which results under a fixed seed depend on.)
-        """
-        k, x_enc = bin_indices(x), encode_8bit(x)
-        if sum_steps:
-            # reconstruction loss, one z_0 ~ q(z_0|x)
-            reconstruction = self.reconstruction_log_prob(x_enc, k, torch.randn_like(x_enc))
-            # diffusion loss L_T = sum_{i=1}^T E_q KL(q(z_s|z_t, x) || p(z_s|z_t)), eq. (12)
-            diffusion = self.diffusion_sum(x_enc, sum_steps)
-            # prior loss KL(q(z_1|x) || N(0, I)), closed form
-            prior = self.prior_kl(x_enc)
-            return ELBOTerms(reconstruction=reconstruction, kl={"prior": prior, "diffusion": diffusion})
-        batch = x.shape[0]
-        t = self.sample_times(n_samples, batch, x.device).reshape(-1)
-        x_rep = x_enc.expand(n_samples, *x_enc.shape).reshape(-1, *x_enc.shape[1:])
-        # diffusion loss, one time (or step) per estimate: eq. (14) in discrete time, eq. (17) in continuous time
-        loss, simple = self.diffusion_loss(x_rep, t)
-        diffusion = loss.reshape(n_samples, batch).mean(0)
-        # reconstruction loss, one z_0 ~ q(z_0|x) per estimate
-        recon = self.reconstruction_log_prob(
-            x_rep, k.repeat(n_samples, *([1] * (k.dim() - 1))), torch.randn_like(x_rep)
-        )
-        reconstruction = recon.reshape(n_samples, batch).mean(0)
-        # prior loss KL(q(z_1|x) || N(0, I)), closed form
+        timesteps: the T of the diffusion loss (default: the model's own; 0 = continuous time).
+        all_steps False: the diffusion loss estimated at n_samples times per example (sample_times), one step or time
+            each (diffusion_loss), each estimate with its own z_0; the estimates averaged.
+        all_steps True (T >= 1): L_T summed exactly over its T steps (diffusion_sum), one noise draw each; one z_0.
+        Returned as ELBOTerms(reconstruction, kl = {"prior", "diffusion"}). With loss="simple" (and not all_steps),
+        ELBOTerms.objective is the training surrogate -(L_recon + L_prior + 1/2 ||eps - eps_hat||^2), the unweighted
+        loss of Ho et al. 2020. The noise is drawn first, in the order that results under a fixed seed depend on:
+        each estimate's time and z_t noise, then z_0's noise (then, with all_steps, each step's z_t noise)."""
+        timesteps = self.config.timesteps if timesteps is None else timesteps
+        if all_steps and timesteps < 1:
+            raise ElboxError("the exact sum over steps needs a discrete-time model (timesteps >= 1)")
+        n = 1 if all_steps else check_count(n_samples, "n_samples")
+        batch, k, x_enc = x.shape[0], bin_indices(x), encode_8bit(x)
+        x_rep = x_enc.expand(n, *x_enc.shape).reshape(-1, *x_enc.shape[1:])  # n estimates per example
+        if not all_steps:
+            t = self.sample_times(n, batch, x.device).reshape(-1)
+            eps_t = torch.randn_like(x_rep)
+        eps_0 = torch.randn_like(x_rep)
+        # L_diffusion is built first (as it always was): the gradients that several terms send to one parameter (the
+        # schedule's endpoints) are summed in the order the terms were built, and seeded training depends on it
+        if all_steps:  # L_diffusion
+            diffusion = self.diffusion_sum(x_enc, timesteps)
+        else:
+            loss, simple = self.diffusion_loss(x_rep, t, timesteps, eps_t)
+            diffusion = loss.reshape(n, batch).mean(0)
+        # L_recon
+        recon = self.reconstruction_log_prob(x_rep, k.repeat(n, *([1] * (k.dim() - 1))), eps_0)
+        reconstruction = recon.reshape(n, batch).mean(0)
+        # L_prior
         prior = self.prior_kl(x_enc)
         objective = None
-        if self.config.loss == "simple":
-            objective = reconstruction - prior - simple.reshape(n_samples, batch).mean(0)
+        if self.config.loss == "simple" and not all_steps:  # the training surrogate
+            objective = reconstruction - prior - simple.reshape(n, batch).mean(0)
         return ELBOTerms(
             reconstruction=reconstruction, kl={"prior": prior, "diffusion": diffusion}, objective=objective
         )
 
-    # -- the three terms, on encoded data x in R^D (any real values, so tests can use Gaussian data) --------
-
-    def predict_eps(self, z: Tensor, gamma: Tensor) -> Tensor:
-        """The denoiser's prediction read as noise eps_hat, for z_t [N, *data_shape] and gamma_t [N]."""
-        out, alpha, sigma = self._denoise(z, gamma)
-        return self.parameterization.eps_hat(out, z, alpha, sigma)
-
-    def _denoise(self, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Raw denoiser output and alpha_t, sigma_t shaped to broadcast with z."""
-        gamma_min, gamma_max = self.schedule.endpoints()
-        cond = (gamma - gamma_min) / (gamma_max - gamma_min)
-        alpha, sigma = alpha_sigma(_per_example(gamma, z.dim() - 1))
-        return self.denoiser(z, cond) + self.skip(z, alpha), alpha, sigma
-
-    def skip(self, z: Tensor, alpha: Tensor) -> Tensor:
-        """Added to the denoiser's output so that, with the output layer at zero, each parameterization starts
-        from a sensible guess (see its `skip`)."""
-        return self.parameterization.skip(z, alpha)
-
-    def _squared_error(self, x: Tensor, z: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
-        """Per-example ||eps - eps_hat||^2, computed in the parameterization's own space: for x0,
-        SNR_t ||x - x_hat||^2; for the score, ||eps + sigma_t s_hat||^2 (the same quantity, exactly)."""
-        out, alpha, sigma = self._denoise(z, gamma)
-        return self.parameterization.eps_error(out, x, eps, alpha, sigma).flatten(1).square().sum(-1)
-
-    def prior_kl(self, x: Tensor) -> Tensor:
-        """The prior loss of eq. (11), KL(q(z_1|x) || p(z_1)) with p(z_1) = N(0, I) (eq. (7)):
-        1/2 sum_i (alpha_1^2 x_i^2 + sigma_1^2 - log sigma_1^2 - 1), per example."""
-        _, gamma_1 = self.schedule.endpoints()
-        alpha_sq, sigma_sq = torch.sigmoid(-gamma_1), torch.sigmoid(gamma_1)
-        per_dim = 0.5 * (alpha_sq * x.square() + sigma_sq - F.logsigmoid(gamma_1) - 1)
-        return per_dim.flatten(1).sum(-1)
-
-    def activation_elements(self) -> int:
-        """Per-image activation elements of the denoiser's forward pass (bounds evaluation batches)."""
-        return self.denoiser.activation_elements
+    # -- L_recon: the categorical p(x|z_0) on encoded data x (any real values, so tests can use Gaussian data) ----
 
     def reconstruction_log_prob(self, x: Tensor, k: Tensor, eps: Tensor) -> Tensor:
         """log p(x|z_0) for z_0 = alpha_0 x + sigma_0 eps, minus the reconstruction loss of eq. (11): per pixel
@@ -259,6 +223,18 @@ class DiffusionModel(LatentVariableModel):
         """Logits [..., 256] of p(x = k | z_0) for u = z_0/alpha_0: -1/2 e^{-gamma_0} (u - x_k)^2."""
         return -0.5 * torch.exp(-gamma_0) * (u[..., None] - self.grid).square()
 
+    # -- L_prior --------------------------------------------------------------------------------------------------
+
+    def prior_kl(self, x: Tensor) -> Tensor:
+        """The prior loss of eq. (11), KL(q(z_1|x) || p(z_1)) with p(z_1) = N(0, I) (eq. (7)):
+        1/2 sum_i (alpha_1^2 x_i^2 + sigma_1^2 - log sigma_1^2 - 1), per example."""
+        _, gamma_1 = self.schedule.endpoints()
+        alpha_sq, sigma_sq = torch.sigmoid(-gamma_1), torch.sigmoid(gamma_1)
+        per_dim = 0.5 * (alpha_sq * x.square() + sigma_sq - F.logsigmoid(gamma_1) - 1)
+        return per_dim.flatten(1).sum(-1)
+
+    # -- L_diffusion ----------------------------------------------------------------------------------------------
+
     def sample_times(self, n: int, batch: int, device: torch.device) -> Tensor:
         """t [n, batch] with U(0, 1) marginals. Training: one stratified (antithetic) grid over all n*batch draws,
         t = (u + i/(n batch)) mod 1 (VDM's low-discrepancy sampler, App. I.1). Evaluation: each example gets its own u_b
@@ -268,9 +244,11 @@ class DiffusionModel(LatentVariableModel):
             return (torch.rand((), device=device) + offsets) % 1
         return (torch.rand(1, batch, device=device) + torch.arange(n, device=device)[:, None] / n) % 1
 
-    def diffusion_loss(self, x: Tensor, t: Tensor, timesteps: int | None = None) -> tuple[Tensor, Tensor]:
+    def diffusion_loss(
+        self, x: Tensor, t: Tensor, timesteps: int | None = None, eps: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Single-time estimates of the diffusion loss at times t [N] for encoded data x [N, *data_shape], with
-        z_t = alpha_t x + sigma_t eps, eps ~ N(0, I):
+        z_t = alpha_t x + sigma_t eps, eps ~ N(0, I) (drawn here unless given):
 
         continuous time (timesteps 0), L_inf of eq. (17):  1/2 gamma'(t) ||eps - eps_hat(z_t; t)||^2
         T steps, L_T of eq. (14):  at step i = floor(t T) + 1, t = i/T and s = (i-1)/T,
@@ -284,7 +262,7 @@ class DiffusionModel(LatentVariableModel):
         shape, slope = self.schedule.shape_and_slope(t)
         gamma_min, gamma_max = self.schedule.endpoints()
         gamma = gamma_min + (gamma_max - gamma_min) * shape
-        eps = torch.randn_like(x)
+        eps = torch.randn_like(x) if eps is None else eps
         alpha, sigma = alpha_sigma(_per_example(gamma, x.dim() - 1))
         z = alpha * x + sigma * eps
         sq = self._squared_error(x, z, eps, gamma)
@@ -298,6 +276,15 @@ class DiffusionModel(LatentVariableModel):
             self._fit_interior_to_variance(loss, shape, slope)
         return loss, 0.5 * sq
 
+    def diffusion_sum(self, x: Tensor, timesteps: int) -> Tensor:
+        """L_T of eq. (12) for encoded data x: the sum over its T steps of each step's KL term, estimated with one
+        noise draw each (diffusion_loss at the step, divided by T)."""
+        total = torch.zeros(x.shape[0], device=x.device)
+        for i in range(1, timesteps + 1):
+            t = torch.full((x.shape[0],), (i - 0.5) / timesteps, device=x.device)
+            total = total + self.diffusion_loss(x, t, timesteps)[0] / timesteps
+        return total
+
     @staticmethod
     def _fit_interior_to_variance(loss: Tensor, shape: Tensor, slope: Tensor) -> None:
         """Replace the gradient reaching the schedule's interior (through shape(t) and shape'(t), which the other
@@ -308,33 +295,41 @@ class DiffusionModel(LatentVariableModel):
         shape.register_hook(lambda g: g * scale)
         slope.register_hook(lambda g: g * scale)
 
-    # -- the model interface ---------------------------------------------------------------------
+    # -- the denoiser ---------------------------------------------------------------------------------------------
+
+    def predict_eps(self, z: Tensor, gamma: Tensor) -> Tensor:
+        """The denoiser's prediction read as noise eps_hat, for z_t [N, *data_shape] and gamma_t [N]."""
+        out, alpha, sigma = self._denoise(z, gamma)
+        return self.parameterization.eps_hat(out, z, alpha, sigma)
+
+    def _denoise(self, z: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Raw denoiser output and alpha_t, sigma_t shaped to broadcast with z."""
+        gamma_min, gamma_max = self.schedule.endpoints()
+        cond = (gamma - gamma_min) / (gamma_max - gamma_min)
+        alpha, sigma = alpha_sigma(_per_example(gamma, z.dim() - 1))
+        return self.denoiser(z, cond) + self.skip(z, alpha), alpha, sigma
+
+    def skip(self, z: Tensor, alpha: Tensor) -> Tensor:
+        """Added to the denoiser's output so that, with the output layer at zero, each parameterization starts
+        from a sensible guess (see its `skip`)."""
+        return self.parameterization.skip(z, alpha)
+
+    def _squared_error(self, x: Tensor, z: Tensor, eps: Tensor, gamma: Tensor) -> Tensor:
+        """Per-example ||eps - eps_hat||^2, computed in the parameterization's own space: for x0,
+        SNR_t ||x - x_hat||^2; for the score, ||eps + sigma_t s_hat||^2 (the same quantity, exactly)."""
+        out, alpha, sigma = self._denoise(z, gamma)
+        return self.parameterization.eps_error(out, x, eps, alpha, sigma).flatten(1).square().sum(-1)
+
+    # -- the model interface --------------------------------------------------------------------------------------
 
     def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
-        """ELBO terms per example, the diffusion loss averaged over n_samples times (see vlb_terms)."""
-        check_count(n_samples, "n_samples")
-        return self.vlb_terms(x, n_samples)
-
-    def elbo_all_steps(self, x: Tensor, timesteps: int | None = None) -> ELBOTerms:
-        """Discrete-time ELBO with the diffusion loss summed exactly over all T steps (one noise draw per step):
-        T denoiser passes per example. Defaults to the model's own T."""
-        timesteps = self.config.timesteps if timesteps is None else timesteps
-        if timesteps < 1:
-            raise ElboxError("the exact sum over steps needs a discrete-time model (timesteps >= 1)")
-        return self.vlb_terms(x, sum_steps=timesteps)
-
-    def diffusion_sum(self, x: Tensor, timesteps: int) -> Tensor:
-        """L_T of eq. (12) for encoded data x: the sum over its T steps of each step's KL term, estimated with one
-        noise draw each (diffusion_loss at the step, divided by T)."""
-        total = torch.zeros(x.shape[0], device=x.device)
-        for i in range(1, timesteps + 1):
-            t = torch.full((x.shape[0],), (i - 0.5) / timesteps, device=x.device)
-            total = total + self.diffusion_loss(x, t, timesteps)[0] / timesteps
-        return total
+        """ELBO terms per example, the diffusion loss averaged over n_samples times (vlb); with loss="simple",
+        ELBOTerms.objective is the training surrogate."""
+        return self.vlb(x, n_samples)
 
     def elbo_for_evaluation(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
         """What the evaluator reports: the exact sum over steps in discrete time, Monte Carlo over t otherwise."""
-        return self.elbo_all_steps(x) if self.config.timesteps > 0 else self.elbo(x, n_samples)
+        return self.vlb(x, n_samples, all_steps=self.config.timesteps > 0)
 
     def elbo_protocol(self, n_samples: int) -> str:
         if self.config.timesteps > 0:
@@ -346,6 +341,10 @@ class DiffusionModel(LatentVariableModel):
             f"continuous time: diffusion term estimated with {n_samples} time sample(s) per example (stratified), "
             "one noise draw each"
         )
+
+    def activation_elements(self) -> int:
+        """Per-image activation elements of the denoiser's forward pass (bounds evaluation batches)."""
+        return self.denoiser.activation_elements
 
     @torch.no_grad()
     def sample(self, n: int, steps: int | None = None, on_step: Callable[[int, int], None] | None = None) -> Tensor:

@@ -21,55 +21,52 @@ takes a temperature per level (the standard deviations of p(z_l|.) are scaled by
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
 from elbox.core.bounds import ELBOTerms, ImportanceSamples, check_count
 from elbox.core.errors import ElboxError
+from elbox.core.options import option_specs
 from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
-from elbox.models.hvae_config import DEFAULT_HVAE_TYPE, HVAEConfig
+from elbox.models.hvae_config import HVAE_CONFIGS, HVAEConfig, hvae_config_class, upgrade_hvae_config
 from elbox.models.likelihood_options import LikelihoodModel
 
 
 @register_model("hvae", HVAEConfig)
-class HVAE(LikelihoodModel, LatentVariableModel):
-    """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, LadderHVAE,
-    MLPLadderHVAE)."""
+class HVAE(LikelihoodModel, LatentVariableModel, ABC):
+    """Hierarchical VAE: builds the subclass registered for the config's hvae_type (MarkovHVAE, the ladders, the skip
+    HVAEs). A subclass implements the abstract methods below; the model interface (elbo, log weights, IWAE samples,
+    LLR bounds, encodings, samples) is built on them here."""
 
     hvae_type: ClassVar[str] = ""
     types: ClassVar[dict[str, type[HVAE]]] = {}
     detachable_posterior = False  # q(z_l|.) depends on the draws below it: no STL or DReG (see log_weights_sampler)
-    # the training recipes measured on binarized Fashion-MNIST with the same hour of training
-    # (benchmarks/results/summary.md, likelihood_fmnist.py: the markov default scored 229.67 nats, the mlp-ladder
-    # 230.79, the VAE 231.74): cosine learning rate, EMA of the weights, 5-epoch linear KL warm-up; batch 256 keeps the
-    # ladder's matrix products near the CPU's rate. Every level stays active without free bits. The convolutional
-    # ladder keeps the general defaults.
-    recipes: ClassVar[dict[str, dict[str, Any]]] = {
-        "markov": {
-            "epochs": 140,
-            "lr": 1e-3,
-            "lr_schedule": "cosine",
-            "ema_decay": 0.999,
-            "beta_schedule": "linear",
-            "warmup_epochs": 5.0,
-        },
-        "mlp-ladder": {
-            "epochs": 75,
-            "batch_size": 256,
-            "lr": 2e-3,
-            "lr_schedule": "cosine",
-            "ema_decay": 0.999,
-            "beta_schedule": "linear",
-            "warmup_epochs": 5.0,
-        },
-    }
+
+    @classmethod
+    def config_class_for(cls, values: dict[str, Any]) -> type[HVAEConfig]:
+        return hvae_config_class(values)
+
+    @classmethod
+    def config_classes(cls) -> tuple[type, ...]:
+        return tuple(dict.fromkeys(HVAE_CONFIGS.values()))
+
+    @classmethod
+    def variants_with(cls, name: str) -> str | None:
+        types = [t for t, config in HVAE_CONFIGS.items() if any(s.name == name and s.cli for s in option_specs(config))]
+        return f"hvae_type {' or '.join(types)}" if types else None
 
     @classmethod
     def training_defaults(cls, model_values: dict[str, Any]) -> dict[str, Any]:
-        return dict(cls.recipes.get(model_values.get("hvae_type") or DEFAULT_HVAE_TYPE, {}))
+        return dict(hvae_config_class(model_values).recipe)
+
+    @classmethod
+    def upgrade_config(cls, values: dict[str, Any], version: int) -> dict[str, Any]:
+        values = super().upgrade_config(values, version)
+        return upgrade_hvae_config(values, version)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -94,10 +91,46 @@ class HVAE(LikelihoodModel, LatentVariableModel):
     def level_names(self) -> list[str]:
         return [f"z{i}" for i in range(1, self.config.levels + 1)]
 
+    # -- what each type implements -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def prepare(self, x: Tensor) -> Any:
+        """What inference computes from x alone, once for any number of draws (bottom-up features, the parameters
+        of the posterior's first level, ...): the `prepared` argument of draw and draw_above."""
+
+    @abstractmethod
+    def draw(self, prepared: Any, x: Tensor, n: int) -> Draws:
+        """n joint draws z ~ q(z|x) per example: log p(x|z), each level's KL term and the log weights (Draws)."""
+
+    @abstractmethod
+    def draw_above(self, prepared: Any, x: Tensor, n: int, k: int) -> Tensor:
+        """Log weights [n, B] of L^{>k}, 1 <= k <= T (see log_weights_above_sampler): the k levels next to x drawn
+        from their conditional prior, the levels above from q."""
+
+    @abstractmethod
+    def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each level's posterior mean and variance {name: ([B, ...], [B, ...])}, the levels it depends on set to
+        their posterior means."""
+
+    @abstractmethod
+    def decode_from_means(self, x: Tensor) -> Tensor:
+        """The likelihood's parameters [B, P, *data_shape] at the posterior means of every level."""
+
+    def exact_kl_levels(self) -> frozenset[str] | None:
+        """The levels whose KL term in draw() is an exact KL (ELBOTerms.exact_kl); None: every level. A type whose
+        terms include single-sample estimates log q - log p overrides this."""
+        return None
+
+    @abstractmethod
+    def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
+        """The likelihood's parameters [n, P, *data_shape] at n ancestral draws z ~ p(z), top level first, each
+        level's prior standard deviation scaled by its temperature (one per level, in level_names order)."""
+
+    # -- the model interface -------------------------------------------------------------------------------------
+
     def elbo(self, x: Tensor, n_samples: int = 1) -> ELBOTerms:
         check_count(n_samples, "n_samples")
-        log_px, kl, _ = self.draw(self.prepare(x), x, n_samples)
-        return ELBOTerms(reconstruction=log_px.mean(0), kl={name: v.mean(0) for name, v in kl.items()})
+        return self._terms(self.draw(self.prepare(x), x, n_samples))
 
     def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
         return self.log_weights_sampler(x, detach_posterior_params)(k)
@@ -110,7 +143,7 @@ class HVAE(LikelihoodModel, LatentVariableModel):
         detaching its parameters would also cut the gradient through z_<l, biasing the estimator."""
         _refuse_detached_posterior(detach_posterior_params)
         prepared = self.prepare(x)
-        return lambda n: self.draw(prepared, x, n)[2]
+        return lambda n: self.draw(prepared, x, n).log_w
 
     def log_weights_above_sampler(self, x: Tensor, k: int) -> Callable[[int], Tensor]:
         """For the log-likelihood ratio LLR^{>k} (Havtorn et al. 2021): a function drawing n log weights [n, B] of
@@ -121,7 +154,7 @@ class HVAE(LikelihoodModel, LatentVariableModel):
             raise ElboxError(f"k must be between 0 and the model's {self.config.levels} levels, got {k}")
         prepared = self.prepare(x)
         if k == 0:  # L^{>0} is the ordinary bound: draw()'s log weights, on the same draws
-            return lambda n: self.draw(prepared, x, n)[2]
+            return lambda n: self.draw(prepared, x, n).log_w
         return lambda n: self.draw_above(prepared, x, n, k)
 
     def importance_samples(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> ImportanceSamples:
@@ -130,10 +163,13 @@ class HVAE(LikelihoodModel, LatentVariableModel):
         term over the k draws; z is None, since DReG, the one estimator that reweights the draws, is refused."""
         check_count(k, "the number of importance samples K")
         _refuse_detached_posterior(detach_posterior_params)
-        log_px, kl, log_w = self.draw(self.prepare(x), x, k)
-        return ImportanceSamples(
-            log_w=log_w, z=None, terms=ELBOTerms(log_px.mean(0), {n: v.mean(0) for n, v in kl.items()})
-        )
+        draws = self.draw(self.prepare(x), x, k)
+        return ImportanceSamples(log_w=draws.log_w, z=None, terms=self._terms(draws))
+
+    def _terms(self, draws: Draws) -> ELBOTerms:
+        """The ELBO's terms from draws: the reconstruction and each level's KL term averaged over them."""
+        kl = {name: v.mean(0) for name, v in draws.kl.items()}
+        return ELBOTerms(draws.log_px.mean(0), kl, exact_kl=self.exact_kl_levels())
 
     def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
         """Each level's posterior mean {name: [B, d_l]} (see level_moments)."""
@@ -163,6 +199,14 @@ class HVAE(LikelihoodModel, LatentVariableModel):
     def _params_shape(self, flat: Tensor, batch: Sequence[int]) -> Tensor:
         c, h, w = self.config.data_shape
         return flat.reshape(*batch, self.likelihood.num_params, c, h, w)
+
+
+class Draws(NamedTuple):
+    """n joint draws z ~ q(z|x) per example, as HVAE.draw returns them."""
+
+    log_px: Tensor  # [n, B] log p(x|z)
+    kl: dict[str, Tensor]  # level name -> [n, B] (or [1, B] where it does not depend on the draw) the level's KL term
+    log_w: Tensor  # [n, B] log weights log p(x, z) - log q(z|x)
 
 
 def _refuse_detached_posterior(detach_posterior_params: bool) -> None:

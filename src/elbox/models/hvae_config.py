@@ -1,15 +1,18 @@
-"""The HVAE's configuration: the options of every type (markov, ladder, mlp-ladder, skip, conv-skip), their
-defaults and checks. elbox.models.hvae builds the model from it."""
+"""The HVAE's configs, one per type (MarkovHVAEConfig, SkipHVAEConfig for skip and conv-skip, MLPLadderHVAEConfig,
+LadderHVAEConfig): each holds only the options its type reads, with the type's real defaults and its training recipe;
+`hvae_config_class(values)` picks the class from hvae_type. Every per-level list is given z1 (the level next to x)
+first."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from elbox.core.errors import ElboxError
-from elbox.core.nets import GATED, MLP_ACTIVATIONS, WEIGHT_INITS, check_logvar_bounds
-from elbox.core.options import check_options, option, option_specs, short_repr
+from elbox.core.nets import ACTIVATIONS, MLP_ACTIVATIONS, WEIGHT_INITS, check_logvar_bounds
+from elbox.core.options import check_options, did_you_mean, option, short_repr
 from elbox.models.base import (
     DATA_SHAPE_LIMITS,
     MAX_DATA_SIZE,
@@ -21,197 +24,237 @@ from elbox.models.base import (
 from elbox.models.likelihood_options import LikelihoodOptions
 
 HVAE_TYPES = ("markov", "ladder", "mlp-ladder", "skip", "conv-skip")
-SKIP_TYPES = ("skip", "conv-skip")
 DEFAULT_HVAE_TYPE = "markov"
-# the options each type reads (the others must keep their defaults, so that none is silently ignored)
-TYPE_OPTIONS = {
-    "markov": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs"},
-    "mlp-ladder": {"latent_dims", "hidden_dims", "activation", "blocks_per_level", "posterior"},
-    "ladder": {"channels", "latent_channels", "blocks_per_level", "level_downsample", "posterior"},
-    "skip": {"latent_dims", "hidden_dims", "activation", "top_prior", "pseudo_inputs", "logvar_bounds", "weight_init"},
-    "conv-skip": {
-        "latent_dims",
-        "hidden_dims",
-        "activation",
-        "top_prior",
-        "pseudo_inputs",
-        "logvar_bounds",
-        "weight_init",
-    },
-}
-SKIP_DEFAULTS = {"latent_dims": [40, 40], "hidden_dims": [300], "activation": "gated"}  # Tomczak & Welling 2018
 POSTERIORS = ("residual", "precision")
 TOP_PRIORS = ("standard", "vamp")
-DEFAULT_PSEUDO_INPUTS = 100
-# configs saved before the per-type defaults record hidden_dims [512] and activation relu for every type
-LEGACY_DEFAULTS = {"hidden_dims": [512], "activation": "relu"}
-# the Markov chain's MLPs train better with GELU than ReLU (benchmarks/results/summary.md); the MLP ladder was measured
-# with ReLU only
-DEFAULT_ACTIVATION = {"markov": "gelu", "mlp-ladder": "relu", "skip": "gated", "conv-skip": "gated"}
+TYPE_HELP = (
+    "markov (bottom-up MLP chain), ladder (top-down, convolutional), mlp-ladder (top-down, fully connected), skip "
+    "(2 levels with skip paths: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018) or conv-skip (the "
+    "same with gated convolutions on x); each type has its own options: elbox train hvae --hvae-type TYPE --help"
+)
+
+
+def halving_latent_dims(levels: int) -> list[int]:
+    """The default latent sizes, z1 first: 32 next to x, halving per level up, at least 2."""
+    return [max(2, 32 >> t) for t in range(levels)]
 
 
 @dataclass
 class HVAEConfig(LikelihoodOptions):
+    """What every HVAE type's config has. Build a type's own class (MarkovHVAEConfig, ...) or
+    `hvae_config_class(values)(**values)`; this base class alone configures no model."""
+
+    types: ClassVar[tuple[str, ...]] = ()  # the hvae_type values a class configures
+    # the TrainConfig values the type trains with by default (elbox.io.run_config.train_defaults)
+    recipe: ClassVar[dict[str, Any]] = {}
+
     data_shape: tuple[int, ...] = option(
         (1, 28, 28), "shape of one example (channels, height, width)", **DATA_SHAPE_LIMITS
     )
-    hvae_type: str = option(
-        DEFAULT_HVAE_TYPE,
-        "markov (bottom-up MLP chain), ladder (top-down, convolutional), mlp-ladder "
-        "(top-down, fully connected), skip (2 levels with skip paths: q(z2|x), "
-        "q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018) or conv-skip (the same "
-        "with gated convolutions on x)",
-        choices=HVAE_TYPES,
-    )
-    levels: int | None = option(
-        None,
-        "number of latent levels (default: 2 for markov, 3 for the ladders)",
-        minimum=1,
-        maximum=MAX_DEPTH,
-        metavar="T",
-    )
-    activation: str | None = option(
-        None,
-        "markov, mlp-ladder and skip: activation of the MLPs (default: gelu for markov, "
-        "relu for mlp-ladder, gated (gated dense layers) for skip; the convolutional "
-        "ladder's residual blocks use GELU)",
-        choices=MLP_ACTIVATIONS,
-    )
+    hvae_type: str = option(DEFAULT_HVAE_TYPE, TYPE_HELP, choices=HVAE_TYPES)
     min_std: float = option(1e-4, "floor on every standard deviation", above=0)
-    latent_dims: list[int] = option(
-        help="markov and mlp-ladder: latent size per level z_1, z_2, ... (markov: z_1 is "
-        "next to x; mlp-ladder: z_1 is the top level); default 32 next to x, halving "
-        "per level up, at least 2",
-        factory=list,
-        minimum=1,
-        maximum=MAX_WIDTH,
-        max_items=MAX_DEPTH,
-        metavar="D",
-    )
-    hidden_dims: list[int] | None = option(
-        None,
-        "markov: widths of every MLP transition (default: 512 512); "
-        "mlp-ladder: widths of the bottom-up MLP from x, the last one that of "
-        "the features, the top-down state and the residual blocks (default: 512)",
-        minimum=1,
-        maximum=MAX_WIDTH,
-        metavar="H",
-    )
-    channels: int = option(
-        64, "ladder: width of the bottom-up and top-down residual state", minimum=1, maximum=MAX_WIDTH
-    )
-    latent_channels: int = option(8, "ladder: channels of each level's latent map", minimum=1, maximum=MAX_WIDTH)
-    blocks_per_level: int = option(
-        1,
-        "ladders: residual blocks after each level (top-down) and per resolution (bottom-up; per level for mlp-ladder)",
-        minimum=1,
-        maximum=MAX_DEPTH,
-    )
-    level_downsample: list[int] = option(
-        help="ladder: per level, top first, image size / latent map size (default: top half 4, rest 2)",
-        factory=list,
-        minimum=1,
-        maximum=MAX_DATA_SIZE,
-        max_items=MAX_DEPTH,
-        metavar="F",
-    )
-    posterior: str = option(
-        "residual", "ladders: residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS
-    )
+
+    def __post_init__(self):
+        if not self.types:
+            raise ElboxError(
+                "HVAEConfig is the base of the types' configs: build MarkovHVAEConfig, SkipHVAEConfig, "
+                "MLPLadderHVAEConfig or LadderHVAEConfig, or hvae_config_class(values)(**values)"
+            )
+        check_options(self)
+        if self.hvae_type not in self.types:
+            raise ElboxError(
+                f"{type(self).__name__} configures hvae_type {' or '.join(self.types)}, not {self.hvae_type!r}; "
+                f"use {hvae_config_class({'hvae_type': self.hvae_type}).__name__}"
+            )
+        check_data_shape(self.data_shape)
+        check_image_shape(self.data_shape, "the hvae")
+
+    def check_latent_dims(self) -> None:
+        if not self.latent_dims:
+            self.latent_dims = halving_latent_dims(self.levels)
+        if len(self.latent_dims) != self.levels:
+            raise ElboxError(
+                f"latent_dims must give a size for each of the {self.levels} levels, got {short_repr(self.latent_dims)}"
+            )
+
+
+def latent_dims_option(factory, help: str, max_items: int = MAX_DEPTH) -> Any:
+    return option(help=help, factory=factory, minimum=1, maximum=MAX_WIDTH, max_items=max_items, metavar="D")
+
+
+def hidden_dims_option(widths: list[int], help: str) -> Any:
+    return option(help=help, factory=lambda: list(widths), minimum=1, maximum=MAX_WIDTH, metavar="H")
+
+
+def levels_option(default: int) -> Any:
+    return option(default, "number of latent levels", minimum=1, maximum=MAX_DEPTH, metavar="T")
+
+
+@dataclass
+class TopPriorOptions:
+    """The top level's prior, for the types with an MLP encoder of x (markov and skip)."""
+
     top_prior: str = option(
         "standard",
-        "markov and skip: prior of the top level, standard (N(0, I)) or vamp (VampPrior: a mixture "
-        "of the top posteriors at learned pseudo-inputs)",
+        "prior of the top level, standard (N(0, I)) or vamp (VampPrior: a mixture of the top posteriors at learned "
+        "pseudo-inputs)",
         choices=TOP_PRIORS,
     )
     pseudo_inputs: int = option(
-        DEFAULT_PSEUDO_INPUTS,
-        "--top-prior vamp: number of pseudo-inputs (mixture "
-        "components); each training step also runs them through the encoder chain",
+        100,
+        "number of pseudo-inputs (mixture components); each training step also runs them through the encoder",
         minimum=1,
         maximum=MAX_WIDTH,
         metavar="K",
+        used_with={"top_prior": "vamp"},
     )
+
+
+@dataclass
+class MarkovHVAEConfig(TopPriorOptions, HVAEConfig):
+    """The Markovian (bottom-up) chain x -> z1 -> ... -> zT with MLP transitions."""
+
+    types: ClassVar[tuple[str, ...]] = ("markov",)
+    # measured on binarized Fashion-MNIST with the same hour of training as the other types (benchmarks/results/
+    # summary.md, likelihood_fmnist.py: 229.67 nats, the mlp-ladder 230.79, the VAE 231.74): cosine learning rate,
+    # EMA of the weights, 5-epoch linear KL warm-up; every level stays active without free bits
+    recipe: ClassVar[dict[str, Any]] = {
+        "epochs": 140,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "ema_decay": 0.999,
+        "beta_schedule": "linear",
+        "warmup_epochs": 5.0,
+    }
+
+    hvae_type: str = option("markov", TYPE_HELP, choices=HVAE_TYPES)
+    levels: int = levels_option(2)
+    latent_dims: list[int] = latent_dims_option(
+        list, "latent size per level, z1 (next to x) first (default: 32 next to x, halving per level up, at least 2)"
+    )
+    hidden_dims: list[int] = hidden_dims_option([512, 512], "widths of every MLP transition")
+    # GELU trains the chain's MLPs better than ReLU (benchmarks/results/summary.md)
+    activation: str = option("gelu", "activation of the MLPs (gated: gated dense layers)", choices=MLP_ACTIVATIONS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_latent_dims()
+
+
+@dataclass
+class SkipHVAEConfig(TopPriorOptions, HVAEConfig):
+    """The 2-level HVAE with skip paths of the VampPrior papers (Tomczak & Welling 2018), with an MLP (skip) or gated
+    convolutions (conv-skip) on x. Its defaults are the papers' sizes; the papers' recipe is
+    benchmarks/reproduce/hvae.json."""
+
+    types: ClassVar[tuple[str, ...]] = ("skip", "conv-skip")
+
+    hvae_type: str = option("skip", TYPE_HELP, choices=HVAE_TYPES)
+    levels: int = option(2, "number of latent levels (always 2)", minimum=2, maximum=2, cli=False)
+    latent_dims: list[int] = latent_dims_option(lambda: [40, 40], "latent sizes D1 D2 (z1 next to x)", max_items=2)
+    hidden_dims: list[int] = hidden_dims_option([300], "the hidden width of every network")
+    activation: str = option("gated", "activation (gated: gated dense layers)", choices=MLP_ACTIVATIONS)
     logvar_bounds: list[float] | None = option(
         None,
-        "skip: bound every log-variance to [LOW, HIGH] with a hardtanh "
-        "(the VampPrior papers use -6 2; default: std = softplus + min_std)",
+        "bound every log-variance to [LOW, HIGH] with a hardtanh (the VampPrior papers use -6 2); none: std = "
+        "softplus + min_std",
         max_items=2,
         metavar="B",
     )
     weight_init: str = option(
         "default",
-        "skip: initialization of the linear layers, default (PyTorch's) or he (N(0, 2 / fan_in))",
+        "initialization of the linear layers, default (PyTorch's) or he (N(0, 2 / fan_in))",
         choices=WEIGHT_INITS,
     )
 
     def __post_init__(self):
-        check_options(self)
-        check_data_shape(self.data_shape)
-        check_image_shape(self.data_shape, "the hvae")
-        self._check_options_of_other_types()
-        if self.top_prior != "vamp" and self.pseudo_inputs != DEFAULT_PSEUDO_INPUTS:
-            raise ElboxError(
-                f"pseudo_inputs={self.pseudo_inputs} applies to top_prior 'vamp' only; set --top-prior vamp or drop it"
-            )
-        if self.levels is None:
-            self.levels = 2 if self.hvae_type in ("markov", *SKIP_TYPES) else 3
+        super().__post_init__()
         check_logvar_bounds(self.logvar_bounds)
-        if self.activation == GATED and self.hvae_type == "mlp-ladder":
-            raise ElboxError("the mlp-ladder's residual blocks take an activation function, not gated layers")
-        if self.hvae_type in SKIP_TYPES:
-            self._skip_defaults()
-        elif self.hvae_type in ("markov", "mlp-ladder"):
-            if self.activation is None:
-                self.activation = DEFAULT_ACTIVATION[self.hvae_type]
-            if self.hidden_dims is None:
-                self.hidden_dims = [512, 512] if self.hvae_type == "markov" else [512]
-            if not self.latent_dims:
-                next_to_x_first = [max(2, 32 >> t) for t in range(self.levels)]
-                self.latent_dims = next_to_x_first if self.hvae_type == "markov" else next_to_x_first[::-1]
-            if len(self.latent_dims) != self.levels:
-                raise ElboxError(
-                    f"latent_dims must give a size for each of the {self.levels} levels, got "
-                    f"{short_repr(self.latent_dims)}"
-                )
-            if self.hvae_type == "mlp-ladder" and not self.hidden_dims:
-                raise ElboxError(
-                    "the mlp-ladder needs at least one hidden width (hidden_dims), the width of its features and state"
-                )
-        else:
-            if not self.level_downsample:
-                self.level_downsample = default_level_downsample(self.levels, self.data_shape)
-            self._check_ladder_resolutions()
-
-    def _skip_defaults(self) -> None:
-        if self.levels != 2:
-            raise ElboxError(f"the skip HVAE has 2 levels, got levels={self.levels}")
-        for name, value in SKIP_DEFAULTS.items():
-            if getattr(self, name) in (None, []):
-                setattr(self, name, list(value) if isinstance(value, list) else value)
         if len(self.latent_dims) != 2 or len(self.hidden_dims) != 1:
             raise ElboxError(
                 f"the skip HVAE takes latent_dims D1 D2 (z1 next to x) and one hidden width, got latent_dims "
                 f"{short_repr(self.latent_dims)} and hidden_dims {short_repr(self.hidden_dims)}"
             )
 
-    def _check_options_of_other_types(self) -> None:
-        """Refuse an option of another type set away from its default (e.g. --channels for the mlp-ladder)."""
-        others = set.union(*TYPE_OPTIONS.values()) - TYPE_OPTIONS[self.hvae_type]
-        defaults = {spec.name: spec.default for spec in option_specs(HVAEConfig)}
-        foreign = sorted(
-            name for name in others if getattr(self, name) not in (defaults[name], LEGACY_DEFAULTS.get(name))
-        )
-        if foreign:
-            uses = "; ".join(
-                f"{name}: {' and '.join(t for t, names in TYPE_OPTIONS.items() if name in names)}" for name in foreign
-            )
+
+@dataclass
+class LadderOptions:
+    """What both top-down ladders have: residual blocks and the posterior's form."""
+
+    blocks_per_level: int = option(
+        1,
+        "residual blocks after each level (top-down) and per resolution (bottom-up; per level for mlp-ladder)",
+        minimum=1,
+        maximum=MAX_DEPTH,
+    )
+    posterior: str = option("residual", "residual (NVAE) or precision-weighted (LVAE) posterior", choices=POSTERIORS)
+
+
+@dataclass
+class MLPLadderHVAEConfig(LadderOptions, HVAEConfig):
+    """The fully connected top-down ladder."""
+
+    types: ClassVar[tuple[str, ...]] = ("mlp-ladder",)
+    # as the markov recipe (same hour of training); batch 256 keeps the ladder's matrix products near the CPU's rate
+    recipe: ClassVar[dict[str, Any]] = {
+        "epochs": 75,
+        "batch_size": 256,
+        "lr": 2e-3,
+        "lr_schedule": "cosine",
+        "ema_decay": 0.999,
+        "beta_schedule": "linear",
+        "warmup_epochs": 5.0,
+    }
+
+    hvae_type: str = option("mlp-ladder", TYPE_HELP, choices=HVAE_TYPES)
+    levels: int = levels_option(3)
+    latent_dims: list[int] = latent_dims_option(
+        list, "latent size per level, z1 (next to x) first (default: 32 next to x, halving per level up, at least 2)"
+    )
+    hidden_dims: list[int] = hidden_dims_option(
+        [512],
+        "widths of the bottom-up MLP from x, the last one that of the features, the top-down state and the "
+        "residual blocks",
+    )
+    # measured with ReLU only; residual blocks take an activation function, not gated layers
+    activation: str = option("relu", "activation of the MLPs", choices=ACTIVATIONS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_latent_dims()
+        if not self.hidden_dims:
             raise ElboxError(
-                f"hvae_type {self.hvae_type!r} does not use {', '.join(foreign)} ({uses}); "
-                "choose the type with --hvae-type, or drop them"
+                "the mlp-ladder needs at least one hidden width (hidden_dims), the width of its features and state"
             )
 
-    def _check_ladder_resolutions(self) -> None:
+
+@dataclass
+class LadderHVAEConfig(LadderOptions, HVAEConfig):
+    """The convolutional top-down ladder (the general training defaults)."""
+
+    types: ClassVar[tuple[str, ...]] = ("ladder",)
+
+    hvae_type: str = option("ladder", TYPE_HELP, choices=HVAE_TYPES)
+    levels: int = levels_option(3)
+    channels: int = option(64, "width of the bottom-up and top-down residual state", minimum=1, maximum=MAX_WIDTH)
+    latent_channels: int = option(8, "channels of each level's latent map", minimum=1, maximum=MAX_WIDTH)
+    level_downsample: list[int] = option(
+        help="per level, z1 (next to x) first, image size / latent map size (default: 2 for the lower half of the "
+        "levels, 4 above)",
+        factory=list,
+        minimum=1,
+        maximum=MAX_DATA_SIZE,
+        max_items=MAX_DEPTH,
+        metavar="F",
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.level_downsample:
+            self.level_downsample = default_level_downsample(self.levels, self.data_shape)
+        self._check_resolutions()
+
+    def _check_resolutions(self) -> None:
         factors, (_, h, w) = self.level_downsample, self.data_shape
         if len(factors) != self.levels:
             raise ElboxError(
@@ -223,15 +266,14 @@ class HVAEConfig(LikelihoodOptions):
                     f"level_downsample factors must be powers of 2 that divide the image size {h}x{w}, got "
                     f"{short_repr(factors)}"
                 )
-        if any(a < b for a, b in zip(factors, factors[1:])):
+        if any(a > b for a, b in zip(factors, factors[1:])):
             raise ElboxError(
-                "level_downsample must not increase from the top level down (coarse to fine), got "
-                f"{short_repr(factors)}"
+                f"level_downsample must not decrease from z1 (next to x) up (fine to coarse), got {short_repr(factors)}"
             )
 
 
 def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int]:
-    """The top ceil(T/2) levels at 1/4 of the image size, the rest at 1/2 (7x7 and 14x14 for 28x28);
+    """z1 first: the lower floor(T/2) levels at 1/2 of the image size, the rest at 1/4 (14x14 and 7x7 for 28x28);
     factors that do not divide the image size fall back to the largest power of 2 that does (at most 4)."""
     _, h, w = data_shape
 
@@ -241,4 +283,34 @@ def default_level_downsample(levels: int, data_shape: Sequence[int]) -> list[int
     coarse = next(f for f in (4, 2, 1) if divides(f))
     fine = next(f for f in (2, 1) if divides(f))
     n_coarse = math.ceil(levels / 2)
-    return [coarse] * n_coarse + [fine] * (levels - n_coarse)
+    return [fine] * (levels - n_coarse) + [coarse] * n_coarse
+
+
+HVAE_CONFIGS: dict[str, type[HVAEConfig]] = {
+    t: cls for cls in (MarkovHVAEConfig, SkipHVAEConfig, MLPLadderHVAEConfig, LadderHVAEConfig) for t in cls.types
+}
+
+
+def hvae_config_class(values: dict[str, Any]) -> type[HVAEConfig]:
+    """The config class of the type values["hvae_type"] names (the default type when it names none)."""
+    hvae_type = values.get("hvae_type", DEFAULT_HVAE_TYPE)
+    if hvae_type not in HVAE_CONFIGS:
+        raise ElboxError(
+            f"unknown hvae_type {short_repr(hvae_type)}; {did_you_mean(hvae_type, HVAE_TYPES)}"
+            f"choose one of {', '.join(HVAE_TYPES)}"
+        )
+    return HVAE_CONFIGS[hvae_type]
+
+
+def upgrade_hvae_config(values: dict[str, Any], version: int) -> dict[str, Any]:
+    """The JSON values of a config written by an older format as the type's config reads them. Before version 3 one
+    config held every type's options (those of other types at their defaults) and the ladders listed their levels
+    top first."""
+    if version >= 3:
+        return values
+    config_class = hvae_config_class(values)
+    values = {k: v for k, v in values.items() if k in config_class.__dataclass_fields__}
+    for name in ("latent_dims", "level_downsample"):
+        if config_class in (MLPLadderHVAEConfig, LadderHVAEConfig) and isinstance(values.get(name), list):
+            values[name] = values[name][::-1]
+    return values

@@ -2,17 +2,19 @@
 convolutional (LadderHVAE, hvae_type="ladder") or fully connected (MLPLadderHVAE, hvae_type="mlp-ladder"); built
 by elbox.models.hvae.HVAE from its config:
 
-    p(x, z_1..L) = p(z_1) prod_{l=2}^L p(z_l|z_<l) p(x|z_<=L),   q(z_1..L|x) = prod_l q(z_l|x, z_<l)
+    p(x, z_1..T) = p(z_T) prod_{l=1}^{T-1} p(z_l|z_>l) p(x|z_1..T),   q(z_1..T|x) = prod_l q(z_l|x, z_>l)
 
-z_1 is the top (coarsest) level. A deterministic bottom-up pass computes features of x for each level (at
-each resolution for the convolutional ladder, at each depth of the MLP for the fully connected one);
-the top-down path carries a state h that starts from a learned constant. At each level the prior's
-parameters come from h and the posterior's from h and the bottom-up features, either
+z_1 is the level next to x and z_T the top (coarsest), as for every HVAE type; the top-down passes go from z_T
+down to z_1 (in code, index i = 0 is z_T), and the config's per-level lists are given z1 first. A deterministic
+bottom-up pass computes features of x for each level (at each resolution for the convolutional ladder, at each
+depth of the MLP for the fully connected one); the top-down path carries a state h that starts from a learned
+constant. At each level the prior's parameters come from h and the posterior's from h and the bottom-up features,
+either
   "residual"  (NVAE's residual normal distribution, Vahdat & Kautz 2020):  q = N(mu_p + dmu, (sigma_p * dsigma)^2)
   "precision" (LVAE's precision-weighted merge, Sønderby et al. 2016):
               1/sigma_q^2 = 1/sigma^^2 + 1/sigma_p^2,  mu_q = (mu^/sigma^^2 + mu_p/sigma_p^2) sigma_q^2
-Both are diagonal Gaussians, so every level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) is analytic (the expectation
-over z_<l is the single sample the top-down pass drew). Several levels may share a resolution (latent
+Both are diagonal Gaussians, so every level's KL(q(z_l|x, z_>l) || p(z_l|z_>l)) is analytic (the expectation
+over z_>l is the single sample the top-down pass drew). Several levels may share a resolution (latent
 groups). Initialization: every prior head's last layer is zero, so the prior starts at N(0, I) (standard
 deviations 1 + min_std),
 and every residual branch's last layer is scaled by 1/sqrt(number of residual blocks) (VDVAE).
@@ -21,7 +23,8 @@ and every residual branch's last layer is scaled by 1/sqrt(number of residual bl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 
 from elbox.core.bounds import diag_gaussian_log_prob, diag_gaussian_log_prob_from_noise, kl_diag_gaussians
 from elbox.core.nets import ACTIVATIONS, ResBlock, ResidualMLP, inverse_softplus, mlp
-from elbox.models.hvae import HVAE, HVAEConfig
+from elbox.models.hvae import HVAE, Draws, HVAEConfig
 
 # softplus(0 + SOFTPLUS_ONE) = 1: a zero network output means a standard deviation (or ratio) of 1
 SOFTPLUS_ONE = inverse_softplus(1.0)
@@ -42,10 +45,36 @@ def gaussian_params(raw: Tensor, min_std: float, dim: int) -> tuple[Tensor, Tens
     return mean, F.softplus(raw_std + SOFTPLUS_ONE) + min_std
 
 
+class LevelDraw(NamedTuple):
+    """One level of a top-down pass: z_l, the noise eps it was drawn with (z_l = mu_q + std_q eps; None when z_l is
+    q's mean or was drawn from the prior), and the (mean, std) of q(z_l|x, z_>l) (None when not computed) and of
+    p(z_l|z_>l)."""
+
+    z: Tensor
+    eps: Tensor | None
+    q: tuple[Tensor, Tensor] | None
+    p: tuple[Tensor, Tensor]
+
+    def kl(self) -> Tensor:
+        """KL(q(z_l|x, z_>l) || p(z_l|z_>l)) [rows], analytic (both diagonal Gaussians)."""
+        return kl_diag_gaussians(*self.q, *self.p).flatten(1).sum(1)
+
+    def log_ratio(self) -> Tensor:
+        """log p(z_l|z_>l) - log q(z_l|x, z_>l) [rows] at the drawn z_l."""
+        log_q = diag_gaussian_log_prob_from_noise(self.eps.flatten(1), self.q[1].flatten(1))
+        return diag_gaussian_log_prob(self.z.flatten(1), self.p[0].flatten(1), self.p[1].flatten(1)) - log_q
+
+
 class TopDownHVAE(HVAE):
-    """What both ladders share: the top-down pass over `levels_td` (each level with `prior`, `posterior`, `z_proj`
-    and `blocks` modules), the posterior forms, and the model interface on top of it. A subclass builds the
-    networks and defines prepare() (bottom-up features, one per level, top first), _initial_state and _at_level."""
+    """What both ladders share: the two top-down paths over `levels_td` (each level with `prior`, `posterior`,
+    `z_proj` and `blocks` modules), the posterior forms, and the model interface on top of them. A subclass builds
+    the networks and defines prepare() (bottom-up features, one per level, top first), _initial_state and
+    _at_level.
+
+    Both paths carry the state h down the levels, z_T first: at level l, p(z_l|z_>l) from h, z_l drawn, h <- blocks(h
+    + z_proj(z_l)). The posterior path (inference) draws z_l from q(z_l|x, z_>l), from h and the level's bottom-up
+    features; the prior path (generation) from p(z_l|z_>l). Their lists go top first; the model interface names
+    and orders the levels z1 first (level_names)."""
 
     levels_td: nn.ModuleList
     out: nn.Module
@@ -58,27 +87,44 @@ class TopDownHVAE(HVAE):
         """The state moved to where level i works (i = number of levels: where the output head works)."""
         return h
 
-    def _top_down(
-        self,
-        features: list[Tensor] | None,
-        n: int,
-        batch: int,
-        pick: Callable[[int, Tensor, Tensor, Tensor, Tensor], Tensor],
-    ) -> Tensor:
-        """The top-down path for n draws of `batch` rows; returns the final state [n * batch, ...].
+    def _prior(self, level: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of p(z_l|z_>l) from the state."""
+        return gaussian_params(level.prior(h), self.config.min_std, dim=1)
 
-        At each level, pick(level, mu_q, std_q, mu_p, std_p) chooses z (posterior and prior parameters, the
-        posterior ones None when features is None, i.e. when sampling from the prior)."""
+    def posterior_path(
+        self, features: list[Tensor], n: int, means: bool = False, prior_from: int | None = None
+    ) -> tuple[list[LevelDraw], Tensor]:
+        """The top-down pass of inference for n draws of each example of the bottom-up features (B rows each): at
+        each level z_l ~ q(z_l|x, z_>l), or q's mean when `means`; the levels from `prior_from` on (top first) are
+        drawn from p(z_l|z_>l) instead, their q not computed (the bound L^{>k}). Returns every level's LevelDraw
+        ([n * B, ...] rows, draw-major) and the final state at the output head."""
+        batch = features[0].shape[0]
         h = self._initial_state(n * batch)
+        levels = []
         for i, level in enumerate(self.levels_td):
             h = self._at_level(h, i)
-            mu_p, std_p = gaussian_params(level.prior(h), self.config.min_std, dim=1)
-            mu_q = std_q = None
-            if features is not None:
+            mu_p, std_p = self._prior(level, h)
+            if prior_from is not None and i >= prior_from:
+                drawn = LevelDraw(mu_p + std_p * torch.randn_like(mu_p), None, None, (mu_p, std_p))
+            else:
                 f = features[i]
                 f = f.unsqueeze(0).expand(n, *f.shape).reshape(n * batch, *f.shape[1:])
                 mu_q, std_q = self._posterior(level.posterior(torch.cat([h, f], dim=1)), mu_p, std_p)
-            z = pick(i, mu_q, std_q, mu_p, std_p)
+                eps = None if means else torch.randn_like(mu_q)
+                z = mu_q if means else mu_q + std_q * eps
+                drawn = LevelDraw(z, eps, (mu_q, std_q), (mu_p, std_p))
+            levels.append(drawn)
+            h = level.blocks(h + level.z_proj(drawn.z))
+        return levels, self._at_level(h, len(self.levels_td))
+
+    def prior_path(self, n: int, temperatures: list[float]) -> Tensor:
+        """The top-down pass of generation for n draws: z_l ~ p(z_l|z_>l) with its standard deviation scaled by the
+        level's temperature (temperatures z1 first). Returns the final state at the output head."""
+        h = self._initial_state(n)
+        for i, (level, temperature) in enumerate(zip(self.levels_td, temperatures[::-1])):
+            h = self._at_level(h, i)
+            mu_p, std_p = self._prior(level, h)
+            z = mu_p + temperature * std_p * torch.randn_like(mu_p)
             h = level.blocks(h + level.z_proj(z))
         return self._at_level(h, len(self.levels_td))
 
@@ -90,80 +136,51 @@ class TopDownHVAE(HVAE):
         var_q = 1 / (precision_hat + precision_p)
         return (a * precision_hat + mu_p * precision_p) * var_q, var_q.sqrt()
 
+    def named_z1_first(self, top_first: list[LevelDraw]) -> list[tuple[str, LevelDraw]]:
+        """The levels of a top-down pass with their names, z1 (next to x) first."""
+        return list(zip(self.level_names, top_first[::-1]))
+
     def _decode_state(self, h: Tensor, batch: Sequence[int]) -> Tensor:
         return self._params_shape(self.out(h), batch)
 
     # -- the model interface ---------------------------------------------------------------------
 
-    def draw(self, prepared: list[Tensor], x: Tensor, n: int):
-        """n draws z_1..L ~ q(z|x). Returns (log p(x|z) [n, B], analytic KL per level {name: [n, B]},
-        log weights [n, B])."""
+    def draw(self, prepared: list[Tensor], x: Tensor, n: int) -> Draws:
+        """n draws z_1..L ~ q(z|x): log p(x|z), the analytic KL of each level at the draws above it, log weights."""
         batch = x.shape[0]
-        kl: dict[str, Tensor] = {}
-        log_ratio = []  # log p(z_l|z_<l) - log q(z_l|x, z_<l) per level, for the log weights
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            eps = torch.randn_like(mu_q)
-            z = mu_q + std_q * eps
-            kl[self.level_names[i]] = kl_diag_gaussians(mu_q, std_q, mu_p, std_p).flatten(1).sum(1).view(n, batch)
-            log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
-            log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
-            return z
-
-        params = self._decode_state(self._top_down(prepared, n, batch, pick), (n, batch))
-        log_px = self.likelihood.log_prob(params, x)
-        return log_px, kl, log_px + torch.stack(log_ratio).sum(0).view(n, batch)
+        levels, h = self.posterior_path(prepared, n)
+        log_px = self.likelihood.log_prob(self._decode_state(h, (n, batch)), x)
+        kl = {name: level.kl().view(n, batch) for name, level in self.named_z1_first(levels)}
+        log_ratio = torch.stack([level.log_ratio() for level in levels]).sum(0).view(n, batch)
+        return Draws(log_px, kl, log_px + log_ratio)
 
     def draw_above(self, prepared: list[Tensor], x: Tensor, n: int, k: int) -> Tensor:
         """Log weights [n, B] of L^{>k}, k >= 1: the top levels z ~ q down the path, the k levels next to x (the last k
         of the top-down pass) from their prior p(z_l|z_above); the weight keeps the terms of the levels drawn from q."""
-        batch, first_from_prior = x.shape[0], self.config.levels - k
-        log_ratio = [x.new_zeros(n * batch)]
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            if i >= first_from_prior:
-                return mu_p + std_p * torch.randn_like(mu_p)
-            eps = torch.randn_like(mu_q)
-            z = mu_q + std_q * eps
-            log_q = diag_gaussian_log_prob_from_noise(eps.flatten(1), std_q.flatten(1))
-            log_ratio.append(diag_gaussian_log_prob(z.flatten(1), mu_p.flatten(1), std_p.flatten(1)) - log_q)
-            return z
-
-        params = self._decode_state(self._top_down(prepared, n, batch, pick), (n, batch))
-        return self.likelihood.log_prob(params, x) + torch.stack(log_ratio).sum(0).view(n, batch)
+        batch = x.shape[0]
+        levels, h = self.posterior_path(prepared, n, prior_from=self.config.levels - k)
+        log_ratio = [x.new_zeros(n * batch)] + [level.log_ratio() for level in levels if level.q is not None]
+        log_px = self.likelihood.log_prob(self._decode_state(h, (n, batch)), x)
+        return log_px + torch.stack(log_ratio).sum(0).view(n, batch)
 
     def level_distributions(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """(mu_q, std_q, mu_p, std_p) at every level along one posterior draw, top first (for tests and analysis)."""
-        found = []
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            found.append((mu_q, std_q, mu_p, std_p))
-            return mu_q + std_q * torch.randn_like(mu_q)
-
-        self._top_down(self.prepare(x), 1, x.shape[0], pick)
-        return found
+        """(mu_q, std_q, mu_p, std_p) at every level along one posterior draw, top (z_T) first (for tests and
+        analysis)."""
+        levels, _ = self.posterior_path(self.prepare(x), 1)
+        return [(*level.q, *level.p) for level in levels]
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Each level's posterior mean and variance, with the levels above it set to their posterior means:
         {name: ([B, d_l], [B, d_l])}."""
-        moments = {}
-
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            moments[self.level_names[i]] = (mu_q.flatten(1), std_q.flatten(1).square())
-            return mu_q
-
-        self._top_down(self.prepare(x), 1, x.shape[0], pick)
-        return moments
+        levels, _ = self.posterior_path(self.prepare(x), 1, means=True)
+        return {name: (lv.q[0].flatten(1), lv.q[1].flatten(1).square()) for name, lv in self.named_z1_first(levels)}
 
     def decode_from_means(self, x: Tensor) -> Tensor:
-        h = self._top_down(self.prepare(x), 1, x.shape[0], lambda i, mu_q, std_q, mu_p, std_p: mu_q)
+        _, h = self.posterior_path(self.prepare(x), 1, means=True)
         return self._decode_state(h, (x.shape[0],))
 
     def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
-        def pick(i, mu_q, std_q, mu_p, std_p):
-            return mu_p + temperatures[i] * std_p * torch.randn_like(mu_p)
-
-        return self._decode_state(self._top_down(None, 1, n, pick), (n,))
+        return self._decode_state(self.prior_path(n, temperatures), (n,))
 
 
 class LadderLevel(nn.Module):
@@ -195,7 +212,7 @@ class LadderHVAE(TopDownHVAE):
         c_data, h, w = cfg.data_shape
         c = cfg.channels
         mid = max(c // 4, 8)
-        self.factors = list(cfg.level_downsample)
+        self.factors = cfg.level_downsample[::-1]  # top first, as the top-down pass goes
         self.resolutions = sorted(set(self.factors))  # fine to coarse
         n_blocks = cfg.blocks_per_level * (len(self.resolutions) + cfg.levels) + cfg.levels
         scale = 1 / math.sqrt(n_blocks)
@@ -278,7 +295,7 @@ class MLPLadderHVAE(TopDownHVAE):
             ]
         )
         self.h_top = nn.Parameter(torch.zeros(1, width))
-        self.levels_td = nn.ModuleList([MLPLadderLevel(width, d, cfg, scale) for d in cfg.latent_dims])
+        self.levels_td = nn.ModuleList([MLPLadderLevel(width, d, cfg, scale) for d in cfg.latent_dims[::-1]])
         self.out = nn.Sequential(
             ACTIVATIONS[cfg.activation](),
             mlp(width, list(reversed(cfg.hidden_dims[:-1])), self.likelihood.num_params * num_dims, cfg.activation),

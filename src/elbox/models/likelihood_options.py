@@ -22,10 +22,27 @@ class LikelihoodOptions:
         "discretized-logistic/categorical=8-bit",
         choices=tuple(LIKELIHOODS),
     )
-    sigma: float = option(0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0)
-    n_mixtures: int = option(1, "components of the discretized logistic mixture likelihood", minimum=1)
-    ar_channels: int = option(32, "hidden channels of the bernoulli-ar likelihood's masked convolution", minimum=1)
-    ar_kernel: int = option(7, "window (odd) of the bernoulli-ar likelihood's masked convolution", minimum=3)
+    sigma: float = option(
+        0.1, "standard deviation of the fixed-sigma gaussian likelihood", above=0, used_with={"likelihood": "gaussian"}
+    )
+    n_mixtures: int = option(
+        1,
+        "components of the discretized logistic mixture likelihood",
+        minimum=1,
+        used_with={"likelihood": "discretized-logistic"},
+    )
+    ar_channels: int = option(
+        32,
+        "hidden channels of the bernoulli-ar likelihood's masked convolution",
+        minimum=1,
+        used_with={"likelihood": "bernoulli-ar"},
+    )
+    ar_kernel: int = option(
+        7,
+        "window (odd) of the bernoulli-ar likelihood's masked convolution",
+        minimum=3,
+        used_with={"likelihood": "bernoulli-ar"},
+    )
 
     def data_space(self) -> str:
         """The data space of the model's inputs: the likelihood's for images, 'real' for vectors (data_shape (D,)) with
@@ -56,8 +73,8 @@ class LikelihoodModel:
         return self.likelihood.num_params
 
     @classmethod
-    def upgrade_config(cls, values: dict) -> dict:
-        return upgrade_likelihood_options(values)
+    def upgrade_config(cls, values: dict, version: int) -> dict:
+        return super().upgrade_config(upgrade_likelihood_options(values), version)
 
 
 def upgrade_likelihood_options(values: dict) -> dict:

@@ -14,7 +14,9 @@ Data the likelihoods expect (see `elbox.data` data spaces; every image space lie
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -372,29 +374,18 @@ LIKELIHOODS: dict[str, type[Likelihood]] = {
 }
 
 
-# the options each likelihood takes from a model config (the others ignore them); `real` (real-valued data) is set
-# from the data space the config's data_shape implies (LikelihoodOptions.data_space)
-LIKELIHOOD_OPTIONS = {
-    "bernoulli-ar": ("ar_channels", "ar_kernel"),
-    "gaussian": ("sigma", "real"),
-    "gaussian-learned": ("real",),
-    "discretized-logistic": ("n_mixtures",),
-}
-
-
-def build_likelihood(
-    name: str,
-    data_shape: tuple[int, ...],
-    sigma: float = 0.1,
-    n_mixtures: int = 1,
-    real: bool = False,
-    ar_channels: int = 32,
-    ar_kernel: int = 7,
-) -> Likelihood:
-    """Construct a likelihood by name, with the options of LIKELIHOOD_OPTIONS that it takes."""
+def build_likelihood(name: str, data_shape: tuple[int, ...], real: bool = False, **options: Any) -> Likelihood:
+    """Construct a likelihood by name from the options of a model config, passing each likelihood the ones its
+    constructor takes (sigma, n_mixtures, ar_channels, ar_kernel; the others ignore them). real: real-valued data
+    (the 'real' space of vectors), which only the gaussian likelihoods model."""
     if name not in LIKELIHOODS:
         raise ElboxError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
-    if real and "real" not in LIKELIHOOD_OPTIONS.get(name, ()):
+    cls = LIKELIHOODS[name]
+    takes = inspect.signature(cls.__init__).parameters
+    known = {key for c in LIKELIHOODS.values() for key in inspect.signature(c.__init__).parameters}
+    if set(options) - known:
+        raise ElboxError(f"no likelihood takes the option(s) {', '.join(sorted(set(options) - known))}")
+    if real and "real" not in takes:
         raise ElboxError(f"the {name} likelihood models 8-bit images, not real numbers")
-    given = {"sigma": sigma, "n_mixtures": n_mixtures, "real": real, "ar_channels": ar_channels, "ar_kernel": ar_kernel}
-    return LIKELIHOODS[name](data_shape, **{key: given[key] for key in LIKELIHOOD_OPTIONS.get(name, ())})
+    given = {**options, "real": real}
+    return cls(data_shape, **{key: value for key, value in given.items() if key in takes})

@@ -18,7 +18,7 @@ from elbox.core.bounds import (
     standard_normal_log_prob,
 )
 from elbox.core.nets import apply_flat, mlp
-from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
+from elbox.models.hvae import HVAE, Draws, HVAEConfig, _draw_like
 
 
 class MarkovHVAE(HVAE):
@@ -106,16 +106,21 @@ class MarkovHVAE(HVAE):
         )
         return log_p
 
-    def draw(self, prepared, x: Tensor, n: int):
-        """n joint draws z_1..T ~ q. Returns (log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]},
-        log weights [n, B]). The top level's KL term is analytic, the others single-sample."""
+    def exact_kl_levels(self) -> frozenset[str]:
+        """Only the top level's, and only under the standard prior: below the top the terms are single-sample
+        log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}), and the VampPrior has no closed-form KL."""
+        return frozenset(self.level_names[-1:]) if self.config.top_prior == "standard" else frozenset()
+
+    def draw(self, prepared, x: Tensor, n: int) -> Draws:
+        """n joint draws z_1..T ~ q: Draws(log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]}, log weights
+        [n, B]). The top level's KL term is analytic under the standard prior, the others single-sample."""
         zs, log_q, (mean, std) = self._posterior_chain(prepared, n)
         log_p = self._log_priors(zs)
         log_px = self.likelihood.log_prob(self.decode(zs[0]), x)
         kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names)}
         if self.config.top_prior == "standard":  # the top level's KL in closed form
             kl[self.level_names[-1]] = kl_diag_gaussians(mean, std).sum(-1).reshape(-1, x.shape[0])  # [1, B] when T = 1
-        return log_px, kl, log_px + sum(log_p) - sum(log_q)
+        return Draws(log_px, kl, log_px + sum(log_p) - sum(log_q))
 
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
         """Log weights [n, B] of L^{>k}, 1 <= k <= T: z_1..T ~ q up the chain, then z_k..z_1 drawn again from

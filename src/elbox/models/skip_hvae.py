@@ -34,7 +34,7 @@ from elbox.core.bounds import (
     standard_normal_log_prob,
 )
 from elbox.core.nets import apply_flat, hidden_layer, initialize_weights, mlp, posterior_std, split_first_layer
-from elbox.models.hvae import HVAE, HVAEConfig, _draw_like
+from elbox.models.hvae import HVAE, Draws, HVAEConfig, _draw_like
 from elbox.models.vampprior import VampPrior
 
 
@@ -130,8 +130,12 @@ class SkipHVAE(HVAE):
         """What depends on x alone: q(z2|x)'s parameters and x's part of q(z1|x,z2)."""
         return self.posterior_z2(x), self.x_part(x)
 
-    def draw(self, prepared, x: Tensor, n: int):
-        """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): (log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
+    def exact_kl_levels(self) -> frozenset[str] | None:
+        """z1's term is its KL at the drawn z2; z2's is a single-sample estimate under the VampPrior."""
+        return None if self.config.top_prior == "standard" else frozenset({"z1"})
+
+    def draw(self, prepared, x: Tensor, n: int) -> Draws:
+        """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): Draws(log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
         log weights [n, B])."""
         (mean2, std2), x_part = prepared
         z2, eps2 = sample_diag_gaussian(mean2, std2, n)
@@ -143,7 +147,7 @@ class SkipHVAE(HVAE):
         log_px = self.likelihood.log_prob(self.decode_levels(z1, z2), x)
         kl_z2 = kl_diag_gaussians(mean2, std2).sum(-1)[None] if self.config.top_prior == "standard" else log_q2 - log_p2
         kl = {"z1": kl_diag_gaussians(mean1, std1, prior_mean1, prior_std1).sum(-1), "z2": kl_z2}
-        return log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2
+        return Draws(log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2)
 
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
         """Log weights [n, B] of L^{>k}: k = 1 z2 ~ q(z2|x), z1 ~ p(z1|z2), log p(x|z1,z2) + log p(z2) - log q(z2|x);

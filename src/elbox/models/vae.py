@@ -74,6 +74,7 @@ class VAEConfig(LikelihoodOptions):
         minimum=1,
         maximum=MAX_WIDTH,
         metavar="C",
+        used_with={"architecture": "conv"},
     )
     activation: str = option(
         "relu", "activation function (gated: gated dense hidden layers, mlp only)", choices=MLP_ACTIVATIONS
@@ -93,7 +94,12 @@ class VAEConfig(LikelihoodOptions):
         choices=PRIORS,
     )
     pseudo_inputs: int = option(
-        500, "--prior vamp: number of pseudo-inputs (mixture components)", minimum=1, maximum=MAX_WIDTH, metavar="K"
+        500,
+        "--prior vamp: number of pseudo-inputs (mixture components)",
+        minimum=1,
+        maximum=MAX_WIDTH,
+        metavar="K",
+        used_with={"prior": "vamp"},
     )
     weight_init: str = option(
         "default",
@@ -260,7 +266,8 @@ class VAE(LikelihoodModel, LatentVariableModel):
         check_count(n_samples, "n_samples")
         z, eps = sample_diag_gaussian(mean, std, n_samples)
         kl = diag_gaussian_log_prob_from_noise(eps, std) - self.prior_log_prob(z)
-        return ELBOTerms(reconstruction=self.likelihood.log_prob(self.decode(z), x).mean(0), kl={"z": kl.mean(0)})
+        reconstruction = self.likelihood.log_prob(self.decode(z), x).mean(0)
+        return ELBOTerms(reconstruction=reconstruction, kl={"z": kl.mean(0)}, exact_kl=frozenset())  # not a KL
 
     def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
         return self.log_weights_sampler(x, detach_posterior_params)(k)
@@ -283,12 +290,11 @@ class VAE(LikelihoodModel, LatentVariableModel):
         check_count(k, "the number of importance samples K")
         mean, std = self.posterior_params(x)
         z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
-        kl = (
-            kl_diag_gaussians(mean, std).sum(-1)
-            if self.config.prior == "standard"
-            else (log_px_given_z - log_w).mean(0)
-        )
-        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl})
+        if self.config.prior == "standard":
+            kl, exact_kl = kl_diag_gaussians(mean, std).sum(-1), None
+        else:  # the VampPrior's, estimated on the draws
+            kl, exact_kl = (log_px_given_z - log_w).mean(0), frozenset()
+        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl}, exact_kl=exact_kl)
         return ImportanceSamples(log_w=log_w, z=z, terms=terms)
 
     def _draw_log_weights(

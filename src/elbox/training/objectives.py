@@ -83,6 +83,7 @@ class TrainingObjective(nn.Module):
                 terms.reconstruction.float(),
                 {k: v.float() for k, v in terms.kl.items()},
                 None if terms.objective is None else terms.objective.float(),
+                terms.exact_kl,
             )
             objective = objective.float()
         return objective, terms

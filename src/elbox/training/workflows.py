@@ -81,9 +81,16 @@ class Run:
 def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Keyword options of fit() as (model config values, training settings, data options); a name two declare
     (the mixture's seed) goes to both."""
-    fields = [{f.name for f in dataclasses.fields(c)} for c in (model_cls.config_class, TrainConfig, DataConfig)]
+    config_class = model_cls.config_class_for(options)
+    fields = [{f.name for f in dataclasses.fields(c)} for c in (config_class, TrainConfig, DataConfig)]
     fields[2] -= {"data", "validation"}  # fit's own arguments
     unknown = sorted(set(options) - set.union(*fields))
+    homes = {name: home for name in unknown if (home := model_cls.variants_with(name))}
+    if homes:
+        raise ElboxError(
+            "; ".join(f"{name} is an option of {home}" for name, home in homes.items())
+            + f", not of this {model_cls.name} ({config_class.__name__}); choose the variant or drop it"
+        )
     if unknown:
         raise ElboxError(
             f"unknown option(s) {', '.join(unknown)} for the {model_cls.name} model; its options: "
@@ -220,7 +227,7 @@ def fit_into(
             )
     else:
         model_settings = config_from_dict(
-            cls.config_class, {**model_values, "data_shape": shape}, f"{cls.name} model config"
+            cls.config_class_for(model_values), {**model_values, "data_shape": shape}, f"{cls.name} model config"
         )
         check_model_size(cls, model_settings)
         model = cls.from_config(model_settings)
