@@ -126,7 +126,7 @@ class ELBOTerms:
     kl: name -> [B]  one entry per latent group / level / diffusion term
     objective: [B] or None  a surrogate the model asks to be trained on instead of the ELBO (the diffusion
         model's simplified loss); never reported as a bound
-    exact_kl: the names of the kl entries that are exact KLs; None (the common case): all of them.
+    inexact_kl: the names of the kl entries that are not exact KLs (empty, the common case: all are).
 
     An exact KL is, for each draw, the KL divergence of the entry's posterior from its prior in closed form, given the
     draws of the levels both are conditioned on (a ladder level's KL(q(z_l|x, z_<l) || p(z_l|z_<l)) at the drawn z_<l):
@@ -141,12 +141,7 @@ class ELBOTerms:
     reconstruction: Tensor
     kl: dict[str, Tensor]
     objective: Tensor | None = None
-    exact_kl: frozenset[str] | None = None
-
-    @property
-    def inexact_kl(self) -> list[str]:
-        """The names of the kl entries that are not exact KLs, in kl's order (empty when all are)."""
-        return [] if self.exact_kl is None else [name for name in self.kl if name not in self.exact_kl]
+    inexact_kl: frozenset[str] = frozenset()
 
     @property
     def kl_total(self) -> Tensor:
@@ -177,7 +172,8 @@ def gaussian_elbo(
         kl = kl_diag_gaussians(mean, std).sum(-1)
     else:
         kl = (diag_gaussian_log_prob_from_noise(eps, std) - standard_normal_log_prob(z)).mean(0)
-    return ELBOTerms(reconstruction=reconstruction, kl={"z": kl}, exact_kl=None if analytic_kl else frozenset())
+    inexact = frozenset() if analytic_kl else frozenset({"z"})
+    return ELBOTerms(reconstruction=reconstruction, kl={"z": kl}, inexact_kl=inexact)
 
 
 # ----------------------------------------------------------------------------------------------

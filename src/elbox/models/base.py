@@ -9,7 +9,7 @@ Every model subclasses LatentVariableModel and returns nats per example, summed 
 
 A capability a model lacks is absent rather than faked. The optional capabilities are the Protocols below;
 the evaluator, trainer and commands dispatch with isinstance(model, Protocol). The other questions asked of a model
-are attributes LatentVariableModel declares with a default (trains_by_gradient, kl_terms_are_kls, ...), set per
+are attributes LatentVariableModel declares with a default (trains_by_gradient, inexact_kl_terms, ...), set per
 instance where they depend on the config:
 
     LowerBounded         elbo(x, n_samples) -> ELBOTerms      the ELBO (every model with a latent)
@@ -67,8 +67,9 @@ class LatentVariableModel(nn.Module):
     # __init__ (never a property), so the built model answers (tests/test_layout.py keeps it so).
     # False for models fitted by their own `fit(x, callback) -> list[dict]` (ClosedFormFit: closed form, EM)
     trains_by_gradient: bool = True
-    # False when some ELBOTerms.kl entries are Monte Carlo terms that are not KL divergences (free bits refused)
-    kl_terms_are_kls: bool = True
+    # the names of the ELBOTerms.kl entries that are Monte Carlo terms, not exact KL divergences (ELBOTerms.inexact_kl;
+    # free bits are refused for such a model)
+    inexact_kl_terms: frozenset[str] = frozenset()
     # True when elbo() returns ELBOTerms.objective, a surrogate to train on instead of the ELBO
     trains_on_surrogate: bool = False
     # False when importance_samples refuses q's parameters detached (no STL or DReG estimator: hierarchical VAEs)

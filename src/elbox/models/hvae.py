@@ -116,11 +116,6 @@ class HVAE(LikelihoodModel, LatentVariableModel, ABC):
     def decode_from_means(self, x: Tensor) -> Tensor:
         """The likelihood's parameters [B, P, *data_shape] at the posterior means of every level."""
 
-    def exact_kl_levels(self) -> frozenset[str] | None:
-        """The levels whose KL term in draw() is an exact KL (ELBOTerms.exact_kl); None: every level. A type whose
-        terms include single-sample estimates log q - log p overrides this."""
-        return None
-
     @abstractmethod
     def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
         """The likelihood's parameters [n, P, *data_shape] at n ancestral draws z ~ p(z), top level first, each
@@ -169,7 +164,7 @@ class HVAE(LikelihoodModel, LatentVariableModel, ABC):
     def _terms(self, draws: Draws) -> ELBOTerms:
         """The ELBO's terms from draws: the reconstruction and each level's KL term averaged over them."""
         kl = {name: v.mean(0) for name, v in draws.kl.items()}
-        return ELBOTerms(draws.log_px.mean(0), kl, exact_kl=self.exact_kl_levels())
+        return ELBOTerms(draws.log_px.mean(0), kl, inexact_kl=self.inexact_kl_terms)
 
     def encode_levels(self, x: Tensor) -> dict[str, Tensor]:
         """Each level's posterior mean {name: [B, d_l]} (see level_moments)."""

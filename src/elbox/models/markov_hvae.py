@@ -26,12 +26,13 @@ class MarkovHVAE(HVAE):
 
     hvae_type = "markov"
 
-    # the per-level terms below the top are single-sample estimates of E[log q - log p], not KLs: they can be
-    # negative, and a free-bits floor on them would cut the gradient of the prior transitions
-    kl_terms_are_kls = False
-
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
+        # the terms below the top are single-sample estimates of E[log q - log p], not KLs: they can be negative,
+        # and a free-bits floor on them would cut the gradient of the prior transitions; the VampPrior has no
+        # closed-form KL either
+        below_top = self.level_names[:-1] if config.top_prior == "standard" else self.level_names
+        self.inexact_kl_terms = frozenset(below_top)
         c = config
         num_dims = math.prod(c.data_shape)
         dims = c.latent_dims
@@ -105,11 +106,6 @@ class MarkovHVAE(HVAE):
             else self.vamp_prior().log_prob(zs[-1])
         )
         return log_p
-
-    def exact_kl_levels(self) -> frozenset[str]:
-        """Only the top level's, and only under the standard prior: below the top the terms are single-sample
-        log q(z_t|z_{t-1}) - log p(z_t|z_{t+1}), and the VampPrior has no closed-form KL."""
-        return frozenset(self.level_names[-1:]) if self.config.top_prior == "standard" else frozenset()
 
     def draw(self, prepared, x: Tensor, n: int) -> Draws:
         """n joint draws z_1..T ~ q: Draws(log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]}, log weights

@@ -63,11 +63,11 @@ class SkipHVAE(HVAE):
     """The two-level HVAE with skip paths (the module docstring has its graph and terms)."""
 
     hvae_type = "skip"
-    # z1's term is a KL at the drawn z2; z2's is a single-sample estimate under the VampPrior (it can be negative)
-    kl_terms_are_kls = False
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
+        # z1's term is a KL at the drawn z2; z2's is a single-sample estimate under the VampPrior (it can be negative)
+        self.inexact_kl_terms = frozenset() if config.top_prior == "standard" else frozenset({"z2"})
         c = config
         num_dims = math.prod(c.data_shape)
         (width,), (d1, d2) = c.hidden_dims, c.latent_dims
@@ -129,10 +129,6 @@ class SkipHVAE(HVAE):
     def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
         """What depends on x alone: q(z2|x)'s parameters and x's part of q(z1|x,z2)."""
         return self.posterior_z2(x), self.x_part(x)
-
-    def exact_kl_levels(self) -> frozenset[str] | None:
-        """z1's term is its KL at the drawn z2; z2's is a single-sample estimate under the VampPrior."""
-        return None if self.config.top_prior == "standard" else frozenset({"z1"})
 
     def draw(self, prepared, x: Tensor, n: int) -> Draws:
         """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): Draws(log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},

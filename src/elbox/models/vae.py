@@ -196,6 +196,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
             self._check_network_shapes()
         if c.prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
+            self.inexact_kl_terms = frozenset({"z"})  # no closed form: the single-sample log q - log p
 
     def activation_elements(self) -> int:
         """Per-sample elements of the VampPrior's log density (else 0), for the evaluator's memory bound."""
@@ -267,7 +268,7 @@ class VAE(LikelihoodModel, LatentVariableModel):
         z, eps = sample_diag_gaussian(mean, std, n_samples)
         kl = diag_gaussian_log_prob_from_noise(eps, std) - self.prior_log_prob(z)
         reconstruction = self.likelihood.log_prob(self.decode(z), x).mean(0)
-        return ELBOTerms(reconstruction=reconstruction, kl={"z": kl.mean(0)}, exact_kl=frozenset())  # not a KL
+        return ELBOTerms(reconstruction=reconstruction, kl={"z": kl.mean(0)}, inexact_kl=self.inexact_kl_terms)
 
     def log_weights(self, x: Tensor, k: int, detach_posterior_params: bool = False) -> Tensor:
         return self.log_weights_sampler(x, detach_posterior_params)(k)
@@ -291,10 +292,10 @@ class VAE(LikelihoodModel, LatentVariableModel):
         mean, std = self.posterior_params(x)
         z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
         if self.config.prior == "standard":
-            kl, exact_kl = kl_diag_gaussians(mean, std).sum(-1), None
+            kl = kl_diag_gaussians(mean, std).sum(-1)
         else:  # the VampPrior's, estimated on the draws
-            kl, exact_kl = (log_px_given_z - log_w).mean(0), frozenset()
-        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl}, exact_kl=exact_kl)
+            kl = (log_px_given_z - log_w).mean(0)
+        terms = ELBOTerms(reconstruction=log_px_given_z.mean(0), kl={"z": kl}, inexact_kl=self.inexact_kl_terms)
         return ImportanceSamples(log_w=log_w, z=z, terms=terms)
 
     def _draw_log_weights(

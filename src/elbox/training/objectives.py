@@ -83,7 +83,7 @@ class TrainingObjective(nn.Module):
                 terms.reconstruction.float(),
                 {k: v.float() for k, v in terms.kl.items()},
                 None if terms.objective is None else terms.objective.float(),
-                terms.exact_kl,
+                terms.inexact_kl,
             )
             objective = objective.float()
         return objective, terms
@@ -133,10 +133,11 @@ def check_training_settings(model: LatentVariableModel, config: TrainConfig) -> 
             f"the {config.estimator} estimator is not available for the {type(model).__name__}: its posterior's "
             "parameters depend on earlier draws and cannot be detached; use --estimator reparam"
         )
-    if config.free_bits > 0 and not model.kl_terms_are_kls:
+    if config.free_bits > 0 and model.inexact_kl_terms:
         raise ElboxError(
-            f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s per-level terms below "
-            "the top are single-sample log q - log p estimates (they can be negative). Use KL warm-up instead"
+            f"free bits need KL terms that are KL divergences; the {type(model).__name__}'s terms "
+            f"{', '.join(sorted(model.inexact_kl_terms))} are single-sample log q - log p estimates (they can be "
+            "negative). Use KL warm-up instead"
         )
     if model.trains_on_surrogate and (
         config.beta_schedule != "constant" or config.beta != 1 or config.free_bits > 0 or config.objective != "elbo"
