@@ -4,6 +4,7 @@ from elbox.models.base import MODELS, LatentVariableModel, build_model, register
 from elbox.models.diffusion import DiffusionConfig, DiffusionModel
 from elbox.models.gaussian import GaussianConfig, GaussianModel
 from elbox.models.hvae import HVAE, HVAEConfig
+from elbox.models.hvae_config import LadderHVAEConfig, MarkovHVAEConfig, MLPLadderHVAEConfig, SkipHVAEConfig
 from elbox.models.ladder import LadderHVAE, MLPLadderHVAE
 from elbox.models.linear import LinearGaussian, LinearGaussianConfig
 from elbox.models.markov_hvae import MarkovHVAE
@@ -26,6 +27,10 @@ __all__ = [
     "MixtureConfig",
     "HVAE",
     "HVAEConfig",
+    "MarkovHVAEConfig",
+    "SkipHVAEConfig",
+    "MLPLadderHVAEConfig",
+    "LadderHVAEConfig",
     "MarkovHVAE",
     "LadderHVAE",
     "MLPLadderHVAE",
