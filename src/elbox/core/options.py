@@ -50,10 +50,10 @@ def option(
     used_with: dict[str, str | Sequence[str]] | None = None,
 ) -> Any:
     """A dataclass field with its command-line declaration. minimum/maximum are inclusive bounds, above/below
-        exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
-        extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
-        data_shape, taken from the data). file: a path the command line checks at once with add_options' `files` of that
-        name (e.g. "output": a file elbox may write). used_with: {other field: its value or values} under which the
+    exclusive ones (for numbers, and for each element of a list); max_items: the most values a list takes. aliases:
+    extra command-line flags (e.g. an older name). cli=False: a field the command line does not set (e.g.
+    data_shape, taken from the data). file: a path the command line checks at once with add_options' `files` of that
+    name (e.g. "output": a file elbox may write). used_with: {other field: its value or values} under which the
     option has an effect (e.g. sigma: {"likelihood": "gaussian"}); check_options refuses it away from its default
     otherwise. No default: the option is required."""
     metadata = {

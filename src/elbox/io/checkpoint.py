@@ -244,8 +244,8 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def checked_run_config(config: Any, what: str) -> dict:
     """A run config (config.json's JSON value), returned when every field has its type and range: format_version, the
-        model's name and config, the data record with its data space, the training settings. Otherwise ElboxError, one
-        line starting with `what` that names the field (format_version first: a newer elbox's run says so). A config
+    model's name and config, the data record with its data space, the training settings. Otherwise ElboxError, one
+    line starting with `what` that names the field (format_version first: a newer elbox's run says so). A config
     of an older format is returned in the current one (the model's upgrade_config)."""
     if not isinstance(config, dict):
         raise ElboxError(f"{what} must be a JSON object, got {short_repr(config)}")
