@@ -69,13 +69,15 @@ class HVAEConfig(LikelihoodOptions):
         check_data_shape(self.data_shape)
         check_image_shape(self.data_shape, "the hvae")
 
-    def check_latent_dims(self) -> None:
-        if not self.latent_dims:
-            self.latent_dims = halving_latent_dims(self.levels)
-        if len(self.latent_dims) != self.levels:
-            raise ElboxError(
-                f"latent_dims must give a size for each of the {self.levels} levels, got {short_repr(self.latent_dims)}"
-            )
+
+def settle_latent_dims(config: MarkovHVAEConfig | MLPLadderHVAEConfig) -> None:
+    """The default latent sizes where none are given; ElboxError unless there is one per level."""
+    if not config.latent_dims:
+        config.latent_dims = halving_latent_dims(config.levels)
+    if len(config.latent_dims) != config.levels:
+        raise ElboxError(
+            f"latent_dims must give a size for each of the {config.levels} levels, got {short_repr(config.latent_dims)}"
+        )
 
 
 def latent_dims_option(factory, help: str, max_items: int = MAX_DEPTH) -> Any:
@@ -138,7 +140,7 @@ class MarkovHVAEConfig(TopPriorOptions, HVAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_latent_dims()
+        settle_latent_dims(self)
 
 
 @dataclass
@@ -221,7 +223,7 @@ class MLPLadderHVAEConfig(LadderOptions, HVAEConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_latent_dims()
+        settle_latent_dims(self)
         if not self.hidden_dims:
             raise ElboxError(
                 "the mlp-ladder needs at least one hidden width (hidden_dims), the width of its features and state"
