@@ -28,8 +28,14 @@ from elbox.models import build_model
 
 SHAPE = (1, 6, 6)
 HVAES = {
-    "markov": {"data_shape": list(SHAPE), "latent_dims": [3, 2], "hidden_dims": [16]},
-    "markov-3": {"data_shape": list(SHAPE), "levels": 3, "latent_dims": [4, 3, 2], "hidden_dims": [16]},
+    "markov": {"data_shape": list(SHAPE), "hvae_type": "markov", "latent_dims": [3, 2], "hidden_dims": [16]},
+    "markov-3": {
+        "data_shape": list(SHAPE),
+        "hvae_type": "markov",
+        "levels": 3,
+        "latent_dims": [4, 3, 2],
+        "hidden_dims": [16],
+    },
     "mlp-ladder": {
         "data_shape": list(SHAPE),
         "hvae_type": "mlp-ladder",

@@ -200,7 +200,7 @@ def test_train_defaults_depend_on_the_model():
         return args.epochs, args.lr, args.lr_schedule, getattr(args, "latent_dim", None)
 
     assert filled("vae") == (36, 3e-3, "cosine", 32)
-    assert filled("hvae") == (140, 1e-3, "cosine", None)  # the default type, markov
+    assert filled("hvae") == (115, 1e-3, "cosine", None)  # the default type, skip
     assert filled("hvae", "--hvae-type", "mlp-ladder") == (75, 2e-3, "cosine", None)
     assert filled("hvae", "--hvae-type", "ladder") == (10, 1e-3, "constant", None)  # no measured recipe
     assert filled("diffusion") == (10, 1e-3, "constant", None)
