@@ -203,6 +203,7 @@ def test_train_defaults_depend_on_the_model():
     assert filled("hvae") == (115, 1e-3, "cosine", None)  # the default type, skip
     assert filled("hvae", "--hvae-type", "mlp-ladder") == (75, 2e-3, "cosine", None)
     assert filled("hvae", "--hvae-type", "ladder") == (10, 1e-3, "constant", None)  # no measured recipe
+    assert filled("hvae", "--hvae-type", "conv-skip") == (10, 1e-3, "constant", None)
     assert filled("diffusion") == (10, 1e-3, "constant", None)
     assert filled("linear") == (10, 1e-3, "constant", 20)
     assert filled("vae", "--epochs", "5", "--lr", "1e-4", "--lr-schedule", "constant") == (5, 1e-4, "constant", 32)

@@ -32,7 +32,7 @@ from elbox.core.bounds import ELBOTerms, ImportanceSamples, check_count
 from elbox.core.errors import ElboxError
 from elbox.core.options import option_specs
 from elbox.models.base import LatentVariableModel, per_level_temperatures, register_model
-from elbox.models.hvae_config import HVAE_CONFIGS, HVAEConfig, hvae_config_class, upgrade_hvae_config
+from elbox.models.hvae_config import DEFAULT_HVAE_TYPE, HVAE_CONFIGS, HVAEConfig, hvae_config_class, upgrade_hvae_config
 from elbox.models.likelihood_options import LikelihoodModel
 
 
@@ -61,7 +61,8 @@ class HVAE(LikelihoodModel, LatentVariableModel, ABC):
 
     @classmethod
     def training_defaults(cls, model_values: dict[str, Any]) -> dict[str, Any]:
-        return dict(hvae_config_class(model_values).recipe)
+        hvae_type = model_values.get("hvae_type") or DEFAULT_HVAE_TYPE
+        return dict(hvae_config_class(model_values).recipes.get(hvae_type, {}))
 
     @classmethod
     def upgrade_config(cls, values: dict[str, Any], version: int) -> dict[str, Any]:
