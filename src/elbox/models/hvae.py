@@ -1,6 +1,8 @@
-"""Hierarchical VAEs with T latent levels: the Markovian (bottom-up) chain here, the top-down ladders in
-elbox.models.ladder (convolutional LadderHVAE, hvae_type="ladder"; fully connected MLPLadderHVAE,
-hvae_type="mlp-ladder"). HVAE builds any of them from its config.
+"""Hierarchical VAEs with T latent levels: the base HVAE, which builds the type its config names (configs:
+elbox.models.hvae_config) and the model interface they share. The types: the 2-level HVAE with skip paths
+(hvae_type="skip", the default, and "conv-skip"; elbox.models.skip_hvae), the Markovian chain (hvae_type="markov";
+elbox.models.markov_hvae) and the top-down ladders (elbox.models.ladder: convolutional "ladder", fully connected
+"mlp-ladder").
 
 Markovian HVAE (Luo 2022, "Understanding Diffusion Models: A Unified Perspective", §Hierarchical Variational
 Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP transitions:
@@ -15,8 +17,8 @@ Autoencoders; the bottom-up "VAE" baseline of Sønderby et al. 2016, LVAE), MLP 
   a learned pseudo-input u_k (q(z_1|u_k), q(z_2|E z_1), ...). The top level's KL term is then the single-sample
   log q(z_T|z_{T-1}) - log p(z_T) too.
 
-Every type: ELBOTerms.kl has one entry per level ("z1", "z2", ...); log_weights gives IWAE-K; sample()
-takes a temperature per level (the standard deviations of p(z_l|.) are scaled by it).
+Every type: ELBOTerms.kl has one entry per level ("z1" next to x, ..., "zT" at the top); log_weights gives IWAE-K;
+sample() takes a temperature per level, z1 first (the standard deviations of p(z_l|.) are scaled by it).
 """
 
 from __future__ import annotations
