@@ -120,9 +120,10 @@ def check_variant_flags(model_cls: type, config_class: type, argv: Sequence[str]
         flag = token.split("=", 1)[0]
         name = flag.removeprefix("--").replace("-", "_")
         if flag.startswith("--") and flag not in own and (home := model_cls.variants_with(name)):
+            variant_flag = "--" + home.split()[0].replace("_", "-")
             raise ElboxError(
                 f"{flag} is an option of {home}, not of this {model_cls.name} ({config_class.__name__}); "
-                "choose the variant or drop it"
+                f"set {variant_flag} or drop {flag}"
             )
 
 

@@ -89,7 +89,8 @@ def split_options(model_cls: type, options: dict[str, Any]) -> tuple[dict, dict,
     if homes:
         raise ElboxError(
             "; ".join(f"{name} is an option of {home}" for name, home in homes.items())
-            + f", not of this {model_cls.name} ({config_class.__name__}); choose the variant or drop it"
+            + f", not of this {model_cls.name} ({config_class.__name__}); set {next(iter(homes.values())).split()[0]} "
+            "or drop it"
         )
     if unknown:
         raise ElboxError(
