@@ -8,17 +8,18 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from elbox.core.bounds import (
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
+    diag_gaussian_mixture_log_prob,
     kl_diag_gaussians,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
 from elbox.core.nets import apply_flat, mlp
 from elbox.models.hvae import HVAE, Draws, HVAEConfig, _draw_like
+from elbox.models.vampprior import draw_from_components
 
 
 class MarkovHVAE(HVAE):
@@ -53,19 +54,14 @@ class MarkovHVAE(HVAE):
         """Per-sample elements of the VampPrior's log density, [K components, d_T] and its temporaries (else 0)."""
         return 3 * self.config.pseudo_inputs * self.config.latent_dims[-1] if self.config.top_prior == "vamp" else 0
 
-    def vamp_prior(self) -> MixtureSameFamily:
-        """The VampPrior p(z_T): the mixture of the top posteriors along the chain of means from each pseudo-input
-        (module docstring)."""
+    def vamp_components(self) -> tuple[Tensor, Tensor]:
+        """The VampPrior p(z_T)'s components, mean and std [K, d_T]: the top posteriors along the chain of means from
+        each pseudo-input (module docstring)."""
         inputs = self.pseudo_inputs
         for t in range(self.config.levels):
             mean, std = self._posterior(t, inputs)
             inputs = mean
-        # no argument validation: a non-finite draw must reach the trainer's non-finite step counting, not raise here
-        weights = Categorical(
-            logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False
-        )
-        components = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
-        return MixtureSameFamily(weights, components, validate_args=False)
+        return mean, std
 
     def _posterior(self, t: int, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and std of q(z_{t+1}|.) (0-based t) from its input: x for t = 0, else z_t."""
@@ -103,7 +99,7 @@ class MarkovHVAE(HVAE):
         log_p.append(
             standard_normal_log_prob(zs[-1])
             if self.config.top_prior == "standard"
-            else self.vamp_prior().log_prob(zs[-1])
+            else diag_gaussian_mixture_log_prob(zs[-1], *self.vamp_components())
         )
         return log_p
 
@@ -139,10 +135,7 @@ class MarkovHVAE(HVAE):
         if self.config.top_prior == "standard":
             ref = next(self.parameters())
             return temperature * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)
-        prior = self.vamp_prior()
-        k = prior.mixture_distribution.sample((n,))
-        component = prior.component_distribution.base_dist
-        return component.loc[k] + temperature * component.scale[k] * torch.randn_like(component.loc[k])
+        return draw_from_components(*self.vamp_components(), n, temperature)
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Mean and variance of q(z_1|x), q(z_2|E z_1), ...: each level's posterior along the chain of means."""

@@ -80,7 +80,7 @@ class SkipHVAE(HVAE):
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
 
     def activation_elements(self) -> int:
-        return self.vamp.activation_elements(self.config.latent_dims[1]) if self.config.top_prior == "vamp" else 0
+        return self.vamp.activation_elements() if self.config.top_prior == "vamp" else 0
 
     def _gaussian(self, raw: Tensor) -> tuple[Tensor, Tensor]:
         mean, raw_std = raw.chunk(2, dim=-1)
@@ -110,7 +110,7 @@ class SkipHVAE(HVAE):
 
     def top_log_prob(self, z2: Tensor) -> Tensor:
         if self.config.top_prior == "vamp":
-            return self.vamp.distribution(self.posterior_z2).log_prob(z2)
+            return self.vamp.log_prob(self.posterior_z2, z2)
         return standard_normal_log_prob(z2)
 
     # -- the HVAE interface ----------------------------------------------------------------------

@@ -200,12 +200,12 @@ class VAE(LikelihoodModel, LatentVariableModel):
 
     def activation_elements(self) -> int:
         """Per-sample elements of the VampPrior's log density (else 0), for the evaluator's memory bound."""
-        return self.vamp.activation_elements(self.config.latent_dim) if self.config.prior == "vamp" else 0
+        return self.vamp.activation_elements() if self.config.prior == "vamp" else 0
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """log p(z) [*batch] for latents [*batch, d]: the standard normal, or the VampPrior."""
         if self.config.prior == "vamp":
-            return self.vamp.distribution(self.posterior_params).log_prob(z)
+            return self.vamp.log_prob(self.posterior_params, z)
         return standard_normal_log_prob(z)
 
     @classmethod

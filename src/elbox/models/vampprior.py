@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
+
+from elbox.core.bounds import diag_gaussian_mixture_log_prob
 
 Posterior = Callable[[Tensor], tuple[Tensor, Tensor]]  # images [K, *data_shape] -> (mean, std) [K, d]
 
@@ -31,22 +32,21 @@ class VampPrior(nn.Module):
         """The pseudo-inputs u_k [K, *data_shape], each value in [0, 1]."""
         return nn.functional.hardtanh(self.weights, 0.0, 1.0)
 
-    def distribution(self, posterior: Posterior) -> MixtureSameFamily:
-        """p(z) as a torch distribution over [d]: the mixture of posterior(u_k) with equal weights."""
-        mean, std = posterior(self.inputs())
-        # no argument validation: a non-finite draw must reach the trainer's non-finite step counting, not raise here
-        weights = Categorical(
-            logits=torch.zeros(mean.shape[0], device=mean.device, dtype=mean.dtype), validate_args=False
-        )
-        components = Independent(Normal(mean, std, validate_args=False), 1, validate_args=False)
-        return MixtureSameFamily(weights, components, validate_args=False)
+    def log_prob(self, posterior: Posterior, z: Tensor) -> Tensor:
+        """log p(z) [*batch] for z [*batch, d]: the equal-weight mixture of posterior(u_k)."""
+        return diag_gaussian_mixture_log_prob(z, *posterior(self.inputs()))
 
     def sample(self, posterior: Posterior, n: int, temperature: float = 1.0) -> Tensor:
-        """n draws [n, d]: a component k uniformly, then z ~ N(mean_k, (temperature * std_k)^2)."""
-        mean, std = posterior(self.inputs())
-        k = torch.randint(0, mean.shape[0], (n,), device=mean.device)
-        return mean[k] + temperature * std[k] * torch.randn_like(mean[k])
+        """n draws [n, d] (draw_from_components)."""
+        return draw_from_components(*posterior(self.inputs()), n, temperature)
 
-    def activation_elements(self, latent_dim: int) -> int:
-        """Per-sample elements of the log density: [K, d] and its temporaries."""
-        return 3 * self.weights.shape[0] * latent_dim
+    def activation_elements(self) -> int:
+        """Per-sample elements of the log density: a float64 [K] table and its temporaries, in float32 units."""
+        return 10 * self.weights.shape[0]
+
+
+def draw_from_components(mean: Tensor, std: Tensor, n: int, temperature: float) -> Tensor:
+    """n draws [n, d] of an equal-weight mixture of diagonal Gaussians [K, d]: a component k uniformly, then
+    z ~ N(mean_k, (temperature * std_k)^2)."""
+    k = torch.randint(0, mean.shape[0], (n,), device=mean.device)
+    return mean[k] + temperature * std[k] * torch.randn_like(mean[k])
