@@ -143,9 +143,17 @@ def test_the_published_models_have_the_reference_parameter_counts():
     assert sum(p.numel() for p in conv.parameters()) == 2_210_861
 
 
-def stopped(patience: int, val_elbos: list[float], warmup: float = 0.0) -> int | None:
-    config = SimpleNamespace(patience=patience, warmup_epochs=warmup, beta_schedule="linear" if warmup else "constant")
+def stopped(patience: int, val_elbos: list[float], warmup: float = 0.0, val_iwaes: list[float] | None = None):
+    config = SimpleNamespace(
+        patience=patience,
+        warmup_epochs=warmup,
+        beta_schedule="linear" if warmup else "constant",
+        objective="elbo" if val_iwaes is None else "iwae",
+        iw_samples=1 if val_iwaes is None else 5,
+    )
     records = [{"kind": "epoch", "epoch": i + 1, "val_elbo": v} for i, v in enumerate(val_elbos)]
+    for record, value in zip(records, val_iwaes or []):
+        record["val_iwae"] = value
     return Trainer.stopped_early.fget(SimpleNamespace(records=records, config=config))
 
 
@@ -155,6 +163,56 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     assert stopped(2, [-10, -9, -9.5, -8, -8.5]) is None  # a better epoch restarts the count
     assert stopped(2, [-10, -9, -9.5, -9.2], warmup=3) is None  # epochs inside the warm-up do not count
     assert stopped(2, [-10, -9, -9.5, -9.2, -9.3], warmup=3) == 2
+    # under the iwae objective the IWAE-K bound picks the best epoch, not the ELBO (which peaks at epoch 2 here)
+    assert stopped(2, [-10, -9, -9.5, -9.8], val_iwaes=[-9.0, -8.6, -8.4, -8.5]) is None
+    assert stopped(2, [-10, -9, -9.5, -9.8, -9.9], val_iwaes=[-9.0, -8.6, -8.4, -8.5, -8.45]) == 3
+
+
+def test_the_iwae_objective_validates_and_keeps_its_best_epoch_by_the_iwae_bound(tiny_images, tmp_path, monkeypatch):
+    """Each validated epoch of the iwae objective records val_iwae (the elbo objective none), and best.safetensors
+    holds the epoch with the highest val_iwae: here val_iwae is replaced by minus the ELBO, so that the two bounds
+    would pick different epochs."""
+    assert "val_iwae" not in quick_fit(tiny_images, None, epochs=1).history[-1]
+    validate = Trainer.validate
+
+    def reversed_iwae(self):
+        record = validate(self)
+        assert math.isfinite(record["val_iwae"])
+        return {**record, "val_iwae": -record["val_elbo"]}
+
+    monkeypatch.setattr(Trainer, "validate", reversed_iwae)
+    weights_by_epoch = {}
+
+    def keep_weights(record):
+        weights_by_epoch[record["epoch"]] = (tmp_path / "iwae" / "model.safetensors").read_bytes()
+
+    options = {"epochs": 4, "lr": 0.05, "objective": "iwae", "iw_samples": 5}
+    run = quick_fit(tiny_images, tmp_path / "iwae", callback=keep_weights, **options)
+    epochs = [r for r in run.history if r["kind"] == "epoch"]
+    by_iwae, by_elbo = (max(epochs, key=lambda r: r[k])["epoch"] for k in ("val_iwae", "val_elbo"))
+    assert by_iwae != by_elbo
+    assert (tmp_path / "iwae" / "best.safetensors").read_bytes() == weights_by_epoch[by_iwae]
+
+
+def test_init_from_starts_from_a_runs_result_and_refuses_another_model(tiny_images, tmp_path):
+    """--init-from: a new run (here fine-tuning with the iwae objective at a tiny learning rate) starts from the
+    first run's best weights; a run of other model options is refused, naming them."""
+    first = quick_fit(tiny_images, tmp_path / "first", epochs=6, lr=0.05, patience=2)
+    start = elbox.load(tmp_path / "first", weights="best").state_dict()
+    tuned = quick_fit(
+        tiny_images,
+        tmp_path / "tuned",
+        epochs=1,
+        lr=1e-9,
+        objective="iwae",
+        iw_samples=3,
+        init_from=str(first.directory),
+    )
+    for name, value in tuned.model.state_dict().items():
+        torch.testing.assert_close(value, start[name], atol=1e-6, rtol=0)
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["train"]["init_from"] == str(first.directory)
+    with pytest.raises(elbox.ElboxError, match="--init-from .*other latent_dim;"):
+        elbox.fit("vae", tiny_images, latent_dim=3, hidden_dims=[8], batch_size=16, init_from=str(first.directory))
 
 
 @pytest.fixture

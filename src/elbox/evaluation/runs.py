@@ -23,7 +23,7 @@ from elbox.data import SPLITS, load_split
 from elbox.data.inputs import as_examples, first, is_builtin, is_path, run_data
 from elbox.data.preprocessing import input_space, open_input
 from elbox.evaluation.evaluator import evaluate as evaluate_on
-from elbox.io.checkpoint import CONFIG_FILE, load_run, read_run_config
+from elbox.io.checkpoint import CONFIG_FILE, load_run, read_run_config, result_weights
 from elbox.models.base import LatentVariableModel
 from elbox.training.workflows import Run
 
@@ -71,7 +71,7 @@ def default_weights(model: Any) -> str:
         train = read_run_config(model).get("train", {})
     else:
         return "last"
-    return "best" if train.get("patience") else "last"
+    return result_weights(train)
 
 
 def check_evaluate_options(

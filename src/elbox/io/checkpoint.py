@@ -302,6 +302,12 @@ def check_data_record(record: Any) -> None:
 WEIGHTS = {"last": WEIGHTS_FILE, "best": BEST_WEIGHTS_FILE}  # which weights of a run to load
 
 
+def result_weights(train: dict) -> str:
+    """Which weights are a run's result, from its training settings: "best" for a run trained with early stopping
+    (its best epoch), else "last"."""
+    return "best" if train.get("patience") else "last"
+
+
 def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu", weights: str = "last", **modules: torch.nn.Module
 ) -> tuple[LatentVariableModel, dict]:

@@ -112,12 +112,18 @@ class TrainConfig:
     )
     patience: int | None = option(
         None,
-        "early stopping: stop when the validation ELBO has not improved for N validated "
-        "epochs, counted once the KL warm-up is over; best.safetensors keeps the best "
+        "early stopping: stop when the validation bound (the ELBO; IWAE-K under --objective iwae with K > 1) has "
+        "not improved for N validated epochs, counted once the KL warm-up is over; best.safetensors keeps the best "
         "epoch, which evaluate then uses (default: off)",
         minimum=1,
         maximum=10**6,
         metavar="N",
+    )
+    init_from: str | None = option(
+        None,
+        "start from the weights of this run directory (its best epoch if it stopped early, else its last) instead of "
+        "a fresh initialization, e.g. to fine-tune with another objective; the model options must be the run's",
+        metavar="RUN_DIR",
     )
     grad_skip_threshold: float = option(
         0.0, "skip updates whose gradient norm exceeds this (counted and logged; 0: off)", minimum=0, metavar="NORM"

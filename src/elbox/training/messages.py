@@ -27,7 +27,7 @@ def epoch_summary(record: dict) -> str:
     """One line for an epoch record of Trainer.fit ("epoch", validated, or "train_epoch", not validated)."""
     validation = (
         f"validation ELBO {record['val_elbo']:.2f} nats (rec {record['val_reconstruction']:.2f}, "
-        f"KL {record['val_kl']:.2f})"
+        f"KL {record['val_kl']:.2f})" + (f", IWAE {record['val_iwae']:.2f}" if "val_iwae" in record else "")
         if "val_elbo" in record
         else "not validated (val_every)"
     )

@@ -34,14 +34,21 @@ def ema_update_with_warmup(decay: float):
     return update
 
 
+def selection_key(config: Any) -> str:
+    """The validation bound that picks the best epoch and stops early: the IWAE-K bound under the iwae objective with
+    K > 1 (what it maximizes; the ELBO can fall while it rises, Burda et al. 2016), else the ELBO."""
+    return "val_iwae" if config.objective == "iwae" and config.iw_samples > 1 else "val_elbo"
+
+
 def early_stop_epoch(records: list[dict], config: Any) -> int | None:
-    """With patience N (config.patience): the best epoch, once N validated epochs after the KL warm-up and after the
-    best have not improved on it; else None. A function of the records alone, so a resumed run stops where the whole
-    one would."""
-    validated = [r for r in records if r.get("kind") == "epoch" and "val_elbo" in r]
+    """With patience N (config.patience): the best epoch by selection_key, once N validated epochs after the KL
+    warm-up and after the best have not improved on it; else None. A function of the records alone, so a resumed run
+    stops where the whole one would."""
+    key = selection_key(config)
+    validated = [r for r in records if r.get("kind") == "epoch" and key in r]
     if config.patience is None or not validated:
         return None
-    best = max(validated, key=lambda r: r["val_elbo"])["epoch"]  # the first of equal ones
+    best = max(validated, key=lambda r: r[key])["epoch"]  # the first of equal ones
     warm = math.ceil(config.warmup_epochs) if config.beta_schedule == "linear" else 0
     stale = sum(1 for r in validated if r["epoch"] > max(best, warm))
     return best if stale >= config.patience else None

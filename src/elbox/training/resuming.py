@@ -27,7 +27,7 @@ from elbox.training.workflows import (
     Run,
     finish,
     fit_into,
-    initialize_from_data,
+    initialize,
     run_settings,
     with_preprocessing,
 )
@@ -118,9 +118,7 @@ def resume_training(
     train_images, val_images, _ = run_data(data, settings.seed)
     model.preprocessing = Preprocessing.from_record(data)
     space = model.preprocessing.space
-    initialize_from_data(
-        model, space, train_images, settings.seed
-    )  # as the new run did (a restored state overwrites it)
+    initialize(model, space, train_images, settings)  # as the new run did (a restored state overwrites it)
     what = f"training state {out / STATE_FILE}"
     tensors, state = load_training_state(out / STATE_FILE) if (out / STATE_FILE).exists() else ({}, None)
     # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says

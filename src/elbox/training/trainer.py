@@ -1,4 +1,4 @@
-"""The training loop: Adam on a training objective, validation ELBO each epoch, atomic run files.
+"""The training loop: Adam on a training objective, validation bounds each epoch (selection_key), atomic run files.
 
 Quick runs: max_steps ends the run after that many optimizer steps (the epoch it falls in ends there, validated and
 checkpointed as a last epoch; a cosine schedule spans max_steps); val_limit validates on the first N validation
@@ -73,7 +73,7 @@ from elbox.training.batches import (
 from elbox.training.distributed import all_ranks_agree, mean_over_ranks, rank_and_world_size
 from elbox.training.messages import RETRY
 from elbox.training.objectives import TrainingObjective, beta_at, check_training_settings, warn_if_schedule_outlasts_run
-from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer
+from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer, selection_key
 from elbox.training.state import pack_training_state, unpack_training_state
 from elbox.training.validation import validate
 
@@ -410,7 +410,7 @@ class Trainer:
             self.tensorboard.images(self.eval_model, self.val_x, self.step)
         if self.stopped_early is not None:
             LOG.info(
-                f"stopped early after epoch {record['epoch']}: the validation ELBO has not improved on "
+                f"stopped early after epoch {record['epoch']}: the validation bound has not improved on "
                 f"epoch {self.stopped_early}'s for {self.config.patience} epochs; best.safetensors holds it"
             )
 
@@ -438,8 +438,8 @@ class Trainer:
             }
             self.check_finite(record)
             self.records.append(record)
-            is_best = validated and record["val_elbo"] > self.best_val_elbo
-            self.best_val_elbo = max(self.best_val_elbo, record.get("val_elbo", -math.inf))
+            bound = record.get(selection_key(self.config), -math.inf)  # best_val_elbo keeps its best (a state field)
+            is_best, self.best_val_elbo = validated and bound > self.best_val_elbo, max(self.best_val_elbo, bound)
             self.save(epoch, is_best)
             if self.rank == 0:
                 self.report(record)

@@ -1,5 +1,6 @@
 """The validation pass of the training loop (Trainer.validate): the mean ELBO of the evaluation weights on the
-validation examples (all, or the first val_limit), with a progress bar, shared out over torchrun's processes."""
+validation examples (all, or the first val_limit), and the IWAE-K bound where it selects the best epoch (the iwae
+objective), with a progress bar, shared out over torchrun's processes."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from torch import Tensor
 
 from elbox.core.errors import ElboxError
 from elbox.core.progress import progress_bar
-from elbox.models.estimates import elbo_per_example
+from elbox.models.estimates import elbo_per_example, iwae_per_example
 from elbox.training.batches import Images, num_examples, share, validation_chunks
 from elbox.training.distributed import local_part
+from elbox.training.optimizer import selection_key
 
 
 def validation_data(trainer: Any) -> Images:
@@ -24,27 +26,20 @@ def validation_data(trainer: Any) -> Images:
 
 
 def validate(trainer: Any) -> dict[str, float]:
-    """Validation ELBO (and KL per latent group when there are several) of trainer.eval_model: {"val_elbo", ...}
-    in nats per example, the data space's offset included."""
+    """Validation ELBO (and KL per latent group when there are several; "val_iwae" under the iwae objective) of
+    trainer.eval_model: {"val_elbo", ...} in nats per example, the data space's offset included."""
     trainer.eval_model.eval()
     data = validation_data(trainer)
     shown = trainer.progress and trainer.rank == 0
     if trainer.val_data is None:
-        parts = [
-            elbo_per_example(
-                trainer.eval_model,
-                local_part(data),
-                trainer.config.eval_batch_size,
-                progress=shown,
-                final=False,
-            )
-        ]
+        parts = [bounds_per_example(trainer, local_part(data), shown)]
     else:
         parts = streamed_parts(trainer, data, shown)
     if not parts:
         raise ElboxError(f"the validation set has fewer examples than the {trainer.world_size} processes")
     groups = [key for key in parts[0] if key.startswith("kl/")]
-    keys = ["elbo", "reconstruction", "kl", *(groups if len(groups) > 1 else [])]
+    bounds = [k for k in ("elbo", "reconstruction", "kl", "iwae") if k in parts[0]]
+    keys = [*bounds, *(groups if len(groups) > 1 else [])]
     sums = torch.stack([sum(part[k].sum() for part in parts) for k in keys])
     if trainer.world_size > 1:  # each process validated a share; sum the shares
         sums = sums.to(trainer.device)
@@ -53,7 +48,19 @@ def validate(trainer: Any) -> dict[str, float]:
     record = {f"val_{k}": v for k, v in zip(keys, means)}
     record["val_elbo"] += trainer.offset
     record["val_reconstruction"] += trainer.offset
+    if "val_iwae" in record:
+        record["val_iwae"] += trainer.offset
     return record
+
+
+def bounds_per_example(trainer: Any, x: Tensor, shown: bool) -> dict[str, Tensor]:
+    """The ELBO's terms per example, and "iwae", the IWAE-K bound with the objective's K, where it selects the best
+    epoch (selection_key)."""
+    model, batch_size = trainer.eval_model, trainer.config.eval_batch_size
+    part = elbo_per_example(model, x, batch_size, progress=shown, final=False)
+    if selection_key(trainer.config) == "val_iwae":
+        part["iwae"] = iwae_per_example(model, x, trainer.config.iw_samples, batch_size, progress=shown)
+    return part
 
 
 def streamed_parts(trainer: Any, data: Images, shown: bool) -> list[dict[str, Tensor]]:
@@ -66,6 +73,6 @@ def streamed_parts(trainer: Any, data: Images, shown: bool) -> list[dict[str, Te
             data, trainer.config.eval_batch_size, trainer.rank, trainer.world_size, trainer.device, trainer.workers
         ):
             x = trainer.space.eval_data(images, seed=trainer.config.seed + first)
-            parts.append(elbo_per_example(trainer.eval_model, x, trainer.config.eval_batch_size, final=False))
+            parts.append(bounds_per_example(trainer, x, False))
             examples.update(images.shape[0])
     return parts

@@ -37,7 +37,10 @@ from elbox.io.checkpoint import (
     METRICS_FILE,
     WEIGHTS_FILE,
     checked_run_config,
+    load_run,
     read_json,
+    read_run_config,
+    result_weights,
     save_weights,
     write_run_config,
 )
@@ -273,12 +276,16 @@ def fit_into(
             + ("is fitted in one go" if space.name != "real" else "of this run reads vectors")
         )
     if not model.trains_by_gradient:
+        if config.init_from is not None:
+            raise ElboxError(
+                f"--init-from starts gradient training from a run's weights; the {model.name} model is fitted in one go"
+            )
         if dist.is_initialized():
             raise ElboxError(f"the {model.name} model is fitted in one go; run it without torchrun")
         history = fit_without_gradients(model, train_images, val_images, space, config.seed, out, callback)
         run_config["model_config"] = config_to_dict(model.config)
         return finish(Run(model, history, run_config, out, val_images), progress)
-    initialize_from_data(model, space, train_images, config.seed)
+    initialize(model, space, train_images, config)
     trainer = Trainer(
         model,
         train_images,
@@ -306,6 +313,29 @@ def with_preprocessing(trained: LatentVariableModel, model: LatentVariableModel)
     """The trained model (the trainer's EMA copy, or the model itself), carrying the model's preprocessing."""
     trained.preprocessing = model.preprocessing
     return trained
+
+
+def initialize(model: LatentVariableModel, space, train_images: Any, config: TrainConfig) -> None:
+    """The starting weights of a model trained by gradient: a run's (config.init_from), else the model's own
+    initialization, data-dependent where it has one."""
+    if config.init_from is None:
+        initialize_from_data(model, space, train_images, config.seed)
+        return
+    try:
+        start, _ = load_run(
+            config.init_from, weights=result_weights(read_run_config(config.init_from).get("train", {}))
+        )
+    except ElboxError as error:
+        raise ElboxError(f"--init-from {config.init_from}: {error}") from None
+    ours, theirs = config_to_dict(model.config), config_to_dict(start.config)
+    if start.name != model.name or ours != theirs:
+        differ = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
+        raise ElboxError(
+            f"--init-from {config.init_from}: that run is a {start.name} model"
+            + (f" with other {', '.join(differ)}" if start.name == model.name else "")
+            + "; give this run the same model and model options as that run's config.json"
+        )
+    model.load_state_dict(start.state_dict())
 
 
 def initialize_from_data(model: LatentVariableModel, space, train_images: Any, seed: int) -> None:
