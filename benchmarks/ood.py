@@ -9,10 +9,10 @@ the out-of-distribution sets that can be made on this machine; and a table examp
     python benchmarks/ood.py table                 # the Markdown table of what has finished
 
 MODEL: vae, skip (the default HVAE, 2 levels with skip paths), skip-protocol (the same type trained to its early stop
-by the reproduced table's protocol, benchmarks/reproduce/hvae.json; a link to that row's run serves), hvae (the 2-level Markov HVAE, the default before),
-mlp-ladder, ppca, mixture, hvae-5 (the Markov HVAE trained on the classes 0-4 only, judged on the classes 5-9),
-background (the Markov HVAE trained with --perturb 0.2, for the likelihood ratio of Ren et al. 2019; its evaluation is
-part of hvae's). Each model is trained by its `elbox train` defaults unless EPOCHS
+by the reproduced table's protocol, benchmarks/reproduce/hvae.json; a link to that row's run serves), hvae (the
+2-level Markov HVAE, the default before), mlp-ladder, ppca, mixture, hvae-5 (the Markov HVAE trained on the classes
+0-4 only, judged on the classes 5-9), background (the Markov HVAE trained with --perturb 0.2, for the likelihood ratio
+of Ren et al. 2019; its evaluation is part of hvae's). Each model is trained by its `elbox train` defaults unless EPOCHS
 below says otherwise (the table records the epochs).
 
 Protocol: inliers are the first 2,000 Fashion-MNIST test images (hvae-5: the test images of classes 0-4), the
