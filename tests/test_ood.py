@@ -108,9 +108,9 @@ def test_skip_bound_above_1_matches_a_direct_computation():
         torch.manual_seed(5)
         found = model.log_weights_above_sampler(x, 1)(2)
         torch.manual_seed(5)
-        mean2, std2 = model.posterior_z2(x)
+        mean2, std2 = model.posterior_top(x)
         z2 = mean2 + std2 * torch.randn(2, *mean2.shape)
-        prior_mean, prior_std = model.prior_z1_params(z2)
+        prior_mean, prior_std = model.prior(1, z2)
         z1 = prior_mean + prior_std * torch.randn_like(prior_mean)
         logits = model.decode_levels(z1, z2)[:, :, 0]
         expected = (

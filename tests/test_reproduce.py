@@ -64,6 +64,7 @@ def test_bounded_log_variances_stay_in_their_bounds():
     [
         ("hvae", SKIP),
         ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
+        ("hvae", {**SKIP, "levels": 3, "latent_dims": [3, 2, 2]}),
         ("hvae", {**SKIP, "data_shape": [1, 8, 8], "hvae_type": "conv-skip"}),
         ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8], "prior": "vamp", "pseudo_inputs": 5}),
     ],
@@ -119,6 +120,40 @@ def test_skip_hvae_log_weights_match_torch_distributions_term_by_term(activation
     assert torch.allclose(log_px, expected_px, atol=1e-4) and torch.allclose(log_w, expected_w, atol=1e-4)
     analytic = torch.distributions.kl_divergence(q1, p1).sum(-1)
     assert torch.allclose(kl["z1"], analytic, atol=1e-5)
+
+
+def test_three_level_skip_hvae_log_weights_match_torch_distributions_term_by_term():
+    """z3 ~ q(z3|x), z2 ~ q(z2|x,z3), z1 ~ q(z1|x,z2); log w = log p(x|z1,z2) + log p(z1|z2) + log p(z2|z3) + log p(z3)
+    - the three log q; each level's KL term is the analytic KL at the drawn level above."""
+    torch.manual_seed(0)
+    m = build_model("hvae", {**SKIP, "levels": 3, "latent_dims": [3, 2, 2]}).eval()
+    x = binary(4)
+
+    def gaussian(raw, d):
+        return Normal(raw[..., :d], (0.5 * raw[..., d:].clamp(-6, 2)).exp())
+
+    def joined(net, z):
+        return net.joint(torch.cat([net.a(x.flatten(1)).expand(5, -1, -1), net.b(z)], -1))
+
+    with torch.no_grad():
+        torch.manual_seed(1)
+        log_px, kl, log_w = m.draw(m.prepare(x), x, 5)
+        torch.manual_seed(1)
+        q3 = gaussian(m.encoder_z3(x), 2)
+        z3 = q3.loc + q3.scale * torch.randn(5, 4, 2)
+        q2 = gaussian(joined(m.encoder_z2, z3), 2)
+        z2 = q2.loc + q2.scale * torch.randn_like(q2.loc)
+        q1 = gaussian(joined(m.encoder_z1, z2), 3)
+        z1 = q1.loc + q1.scale * torch.randn_like(q1.loc)
+        p3, p2, p1 = Normal(torch.zeros(2), torch.ones(2)), gaussian(m.prior_z2(z3), 2), gaussian(m.prior_z1(z2), 3)
+        logits = m.decoder(z1.reshape(-1, 3), z2.reshape(-1, 2)).reshape(5, 4, *SHAPE)
+        expected_px = Bernoulli(logits=logits).log_prob(x).flatten(2).sum(-1)
+        pairs = ((p1, q1, z1), (p2, q2, z2), (p3, q3, z3))
+        expected_w = expected_px + sum(p.log_prob(z).sum(-1) - q.log_prob(z).sum(-1) for p, q, z in pairs)
+    assert torch.allclose(log_px, expected_px, atol=1e-4) and torch.allclose(log_w, expected_w, atol=1e-4)
+    for name, (p, q, _) in zip(("z1", "z2", "z3"), pairs):
+        analytic = torch.distributions.kl_divergence(q, p).sum(-1)
+        assert torch.allclose(kl[name], analytic.expand_as(kl[name]), atol=1e-5)
 
 
 def test_the_published_models_have_the_reference_parameter_counts():

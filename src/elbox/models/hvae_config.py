@@ -149,8 +149,8 @@ class MarkovHVAEConfig(TopPriorOptions, HVAEConfig):
 
 @dataclass
 class SkipHVAEConfig(TopPriorOptions, HVAEConfig):
-    """The 2-level HVAE with skip paths of the VampPrior papers (Tomczak & Welling 2018), with an MLP (skip) or gated
-    convolutions (conv-skip) on x; the papers' sizes. The default type."""
+    """The HVAE with skip paths of the VampPrior papers (Tomczak & Welling 2018), with an MLP (skip, any number of
+    levels) or gated convolutions (conv-skip, 2 levels) on x; the papers' sizes. The default type."""
 
     types: ClassVar[tuple[str, ...]] = ("skip", "conv-skip")
     # skip: the Markov chain's recipe over the epochs that take as long (benchmarks/hvae_default.py); the papers' own
@@ -159,8 +159,8 @@ class SkipHVAEConfig(TopPriorOptions, HVAEConfig):
     recipes: ClassVar[dict[str, dict[str, Any]]] = {"skip": {**MEASURED_RECIPE, "epochs": 115}}
 
     hvae_type: str = option("skip", TYPE_HELP, choices=HVAE_TYPES)
-    levels: int = option(2, "number of latent levels (always 2)", minimum=2, maximum=2, cli=False)
-    latent_dims: list[int] = latent_dims_option(lambda: [40, 40], "latent sizes D1 D2 (z1 next to x)", max_items=2)
+    levels: int = option(2, "number of latent levels (conv-skip: 2)", minimum=2, maximum=MAX_DEPTH)
+    latent_dims: list[int] = latent_dims_option(list, "latent size per level, z1 (next to x) first (default: 40 each)")
     hidden_dims: list[int] = hidden_dims_option([300], "the hidden width of every network")
     activation: str = option("gated", "activation (gated: gated dense layers)", choices=MLP_ACTIVATIONS)
     logvar_bounds: list[float] | None = option(
@@ -179,10 +179,14 @@ class SkipHVAEConfig(TopPriorOptions, HVAEConfig):
     def __post_init__(self):
         super().__post_init__()
         check_logvar_bounds(self.logvar_bounds)
-        if len(self.latent_dims) != 2 or len(self.hidden_dims) != 1:
+        if self.hvae_type == "conv-skip" and self.levels != 2:
+            raise ElboxError(f"the conv-skip HVAE has 2 levels, got levels {self.levels}")
+        self.latent_dims = self.latent_dims or [40] * self.levels
+        if len(self.latent_dims) != self.levels or len(self.hidden_dims) != 1:
             raise ElboxError(
-                f"the skip HVAE takes latent_dims D1 D2 (z1 next to x) and one hidden width, got latent_dims "
-                f"{short_repr(self.latent_dims)} and hidden_dims {short_repr(self.hidden_dims)}"
+                f"the skip HVAE takes a latent size per level ({self.levels}: z1 next to x first) and one hidden "
+                f"width, got latent_dims {short_repr(self.latent_dims)} and hidden_dims "
+                f"{short_repr(self.hidden_dims)}"
             )
 
 

@@ -1,4 +1,4 @@
-"""The two-level HVAE with skip paths (hvae_type "skip"; Tomczak & Welling 2018, section 3.4):
+"""The HVAE with skip paths (hvae_type "skip"; Tomczak & Welling 2018, section 3.4, for two levels):
 
     generative   p(z2) p(z1|z2) p(x|z1,z2)      z2 the top level, z1 next to x; p(z2) standard or a VampPrior
     inference    q(z2|x) q(z1|x,z2)
@@ -16,6 +16,10 @@ log w = log p(x|z1,z2) + log p(z1|z2) + log p(z2) - log q(z1|x,z2) - log q(z2|x)
 The ELBO's terms: z1's is KL(q(z1|x,z2) || p(z1|z2)) in closed form at the drawn z2 (its expectation over z2 is the
 term of the bound, with less variance than log q - log p); z2's is analytic for the standard prior and the single-sample
 log q(z2|x) - log p(z2) for the VampPrior.
+
+With T > 2 levels (`levels`), the same pattern continues upwards: q(z_T|x) at the top, q(z_t|x,z_{t+1}) and
+p(z_t|z_{t+1}) for each level below it, and the decoder p(x|z1,z2) on the two lowest levels, so that the levels
+above z2 reach x through z2. Each level's KL term is the closed form at the drawn level above.
 """
 
 from __future__ import annotations
@@ -60,22 +64,34 @@ def joined_mlp(a_dim: int, b_dim: int, width: int, out_dim: int, act: str) -> Jo
 
 
 class SkipHVAE(HVAE):
-    """The two-level HVAE with skip paths (the module docstring has its graph and terms)."""
+    """The HVAE with skip paths (the module docstring has its graph and terms), with T >= 2 levels."""
 
     hvae_type = "skip"
 
     def __init__(self, config: HVAEConfig):
         super().__init__(config)
-        # z1's term is a KL at the drawn z2; z2's is a single-sample estimate under the VampPrior (it can be negative)
-        self.inexact_kl_terms = frozenset() if config.top_prior == "standard" else frozenset({"z2"})
         c = config
-        num_dims = math.prod(c.data_shape)
-        (width,), (d1, d2) = c.hidden_dims, c.latent_dims
-        self.encoder_z2 = nn.Sequential(nn.Flatten(), mlp(num_dims, [width, width], 2 * d2, c.activation))
-        self.encoder_z1 = joined_mlp(num_dims, d2, width, 2 * d1, c.activation)
-        self.prior_z1 = mlp(d2, [width, width], 2 * d1, c.activation)
-        self.decoder = joined_mlp(d1, d2, width, self.likelihood.num_params * num_dims, c.activation)
+        num_dims, top = math.prod(c.data_shape), c.levels
+        (width,), dims = c.hidden_dims, c.latent_dims
+        # named encoder_z{t} and prior_z{t}, in this order, so the two-level model keeps its weight names
+        setattr(
+            self,
+            f"encoder_z{top}",
+            nn.Sequential(nn.Flatten(), mlp(num_dims, [width, width], 2 * dims[-1], c.activation)),
+        )
+        for t in range(1, top):  # q(z_t|x,z_{t+1}) and p(z_t|z_{t+1})
+            setattr(self, f"encoder_z{t}", joined_mlp(num_dims, dims[t], width, 2 * dims[t - 1], c.activation))
+            setattr(self, f"prior_z{t}", mlp(dims[t], [width, width], 2 * dims[t - 1], c.activation))
+        self.decoder = joined_mlp(dims[0], dims[1], width, self.likelihood.num_params * num_dims, c.activation)
         initialize_weights(self, c.weight_init)
+        self.set_top_prior()
+
+    def set_top_prior(self) -> None:
+        """The VampPrior's pseudo-inputs where the config asks for it, and which KL terms are inexact: every level below
+        the top has a KL at the drawn level above; the top's is a single-sample estimate under the VampPrior (it can be
+        negative)."""
+        c = self.config
+        self.inexact_kl_terms = frozenset() if c.top_prior == "standard" else frozenset({f"z{c.levels}"})
         if c.top_prior == "vamp":
             self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
 
@@ -86,21 +102,25 @@ class SkipHVAE(HVAE):
         mean, raw_std = raw.chunk(2, dim=-1)
         return mean, posterior_std(raw_std, self.config.logvar_bounds, self.config.min_std)
 
-    def posterior_z2(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std of q(z2|x), each [B, d2]."""
-        return self._gaussian(self.encoder_z2(x))
+    def encoder(self, t: int) -> nn.Module:
+        return getattr(self, f"encoder_z{t}")
 
-    def posterior_z1(self, x_part: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std of q(z1|x,z2) [*batch, d1], from x's part of the joint network's first layer [B, .] (x_part,
-        computed once per image) and z2."""
-        linear, act, rest = split_first_layer(self.encoder_z1.joint)
-        z2_features = apply_flat(self.encoder_z1.b, z2, 1)
-        pre = x_part + F.linear(z2_features, linear.weight[:, -z2_features.shape[-1] :])
+    def posterior_top(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z_T|x), each [B, d_T]."""
+        return self._gaussian(self.encoder(self.config.levels)(x))
+
+    def posterior(self, t: int, x_part: Tensor, z_above: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of q(z_t|x,z_{t+1}) [*batch, d_t], from x's part of the joint network's first layer [B, .]
+        (x_part, computed once per image) and z_{t+1}."""
+        joined = self.encoder(t)
+        linear, act, rest = split_first_layer(joined.joint)
+        features = apply_flat(joined.b, z_above, 1)
+        pre = x_part + F.linear(features, linear.weight[:, -features.shape[-1] :])
         return self._gaussian(apply_flat(rest, act(pre), 1))
 
-    def prior_z1_params(self, z2: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and std of p(z1|z2) [*batch, d1]."""
-        return self._gaussian(apply_flat(self.prior_z1, z2, 1))
+    def prior(self, t: int, z_above: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and std of p(z_t|z_{t+1}) [*batch, d_t]."""
+        return self._gaussian(apply_flat(getattr(self, f"prior_z{t}"), z_above, 1))
 
     def decode_levels(self, z1: Tensor, z2: Tensor) -> Tensor:
         """The likelihood's parameters [*batch, P, C, H, W] at (z1, z2) [*batch, d]."""
@@ -108,79 +128,103 @@ class SkipHVAE(HVAE):
         out = self.decoder(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]))
         return self._params_shape(out, batch)
 
-    def top_log_prob(self, z2: Tensor) -> Tensor:
+    def top_log_prob(self, z: Tensor) -> Tensor:
         if self.config.top_prior == "vamp":
-            return self.vamp.log_prob(self.posterior_z2, z2)
-        return standard_normal_log_prob(z2)
+            return self.vamp.log_prob(self.posterior_top, z)
+        return standard_normal_log_prob(z)
 
     # -- the HVAE interface ----------------------------------------------------------------------
 
-    def x_branch(self, x: Tensor) -> Tensor:
-        """The x branch of q(z1|x,z2): features [B, D]."""
-        return self.encoder_z1.a(x.flatten(1))
+    def x_branch(self, t: int, x: Tensor) -> Tensor:
+        """The x branch of q(z_t|x,z_{t+1}): features [B, D]."""
+        return self.encoder(t).a(x.flatten(1))
 
-    def x_part(self, x: Tensor) -> Tensor:
-        """x's part of the first layer of q(z1|x,z2)'s joint network, W [a(x); b(z2)] + c = W_a a(x) + c + W_b b(z2):
-        computed once per image, it saves the joint layer's x half on every importance sample."""
-        linear, _, _ = split_first_layer(self.encoder_z1.joint)
-        features = self.x_branch(x)
+    def x_part(self, t: int, x: Tensor) -> Tensor:
+        """x's part of the first layer of q(z_t|x,z_{t+1})'s joint network, W [a(x); b(z)] + c = W_a a(x) + c + W_b
+        b(z): computed once per image, it saves the joint layer's x half on every importance sample."""
+        linear, _, _ = split_first_layer(self.encoder(t).joint)
+        features = self.x_branch(t, x)
         return F.linear(features, linear.weight[:, : features.shape[-1]], linear.bias)
 
-    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Tensor]:
-        """What depends on x alone: q(z2|x)'s parameters and x's part of q(z1|x,z2)."""
-        return self.posterior_z2(x), self.x_part(x)
+    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], list[Tensor]]:
+        """What depends on x alone: q(z_T|x)'s parameters and x's part of each q(z_t|x,z_{t+1}), z1's first."""
+        return self.posterior_top(x), [self.x_part(t, x) for t in range(1, self.config.levels)]
 
     def draw(self, prepared, x: Tensor, n: int) -> Draws:
-        """n joint draws z2 ~ q(z2|x), z1 ~ q(z1|x,z2): Draws(log p(x|z1,z2) [n, B], {"z1", "z2": terms [n or 1, B]},
-        log weights [n, B])."""
-        (mean2, std2), x_part = prepared
-        z2, eps2 = sample_diag_gaussian(mean2, std2, n)
-        mean1, std1 = self.posterior_z1(x_part, z2)
-        z1, eps1 = _draw_like(mean1, std1)
-        prior_mean1, prior_std1 = self.prior_z1_params(z2)
-        log_q2, log_q1 = diag_gaussian_log_prob_from_noise(eps2, std2), diag_gaussian_log_prob_from_noise(eps1, std1)
-        log_p2, log_p1 = self.top_log_prob(z2), diag_gaussian_log_prob(z1, prior_mean1, prior_std1)
-        log_px = self.likelihood.log_prob(self.decode_levels(z1, z2), x)
-        kl_z2 = kl_diag_gaussians(mean2, std2).sum(-1)[None] if self.config.top_prior == "standard" else log_q2 - log_p2
-        kl = {"z1": kl_diag_gaussians(mean1, std1, prior_mean1, prior_std1).sum(-1), "z2": kl_z2}
-        return Draws(log_px, kl, log_px + log_p1 + log_p2 - log_q1 - log_q2)
+        """n joint draws z_T ~ q(z_T|x), then z_t ~ q(z_t|x,z_{t+1}) down to z1: Draws(log p(x|z1,z2) [n, B], {"z1",
+        ..., "zT": terms [n or 1, B]}, log weights [n, B])."""
+        (mean, std), x_parts = prepared
+        top = self.config.levels
+        z, eps = sample_diag_gaussian(mean, std, n)
+        zs, log_q, log_p = {top: z}, {top: diag_gaussian_log_prob_from_noise(eps, std)}, {top: self.top_log_prob(z)}
+        standard = self.config.top_prior == "standard"
+        kl = {top: kl_diag_gaussians(mean, std).sum(-1)[None] if standard else log_q[top] - log_p[top]}
+        for t in range(top - 1, 0, -1):
+            mean, std = self.posterior(t, x_parts[t - 1], zs[t + 1])
+            zs[t], eps = _draw_like(mean, std)
+            prior_mean, prior_std = self.prior(t, zs[t + 1])
+            log_q[t] = diag_gaussian_log_prob_from_noise(eps, std)
+            log_p[t] = diag_gaussian_log_prob(zs[t], prior_mean, prior_std)
+            kl[t] = kl_diag_gaussians(mean, std, prior_mean, prior_std).sum(-1)
+        log_px = self.likelihood.log_prob(self.decode_levels(zs[1], zs[2]), x)
+        levels = range(1, top + 1)
+        log_w = sum((log_p[t] for t in levels), log_px)
+        for t in levels:
+            log_w = log_w - log_q[t]
+        return Draws(log_px, {f"z{t}": kl[t] for t in levels}, log_w)
 
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
-        """Log weights [n, B] of L^{>k}: k = 1 z2 ~ q(z2|x), z1 ~ p(z1|z2), log p(x|z1,z2) + log p(z2) - log q(z2|x);
-        k = 2 both levels from the prior, log p(x|z1,z2)."""
-        (mean2, std2), _ = prepared
-        if k == 1:
-            z2, eps2 = sample_diag_gaussian(mean2, std2, n)
-            log_ratio = self.top_log_prob(z2) - diag_gaussian_log_prob_from_noise(eps2, std2)
+        """Log weights [n, B] of L^{>k}: the levels above k from q, weighted by p / q, and z_k .. z1 from the prior
+        given the level above; k = T draws every level from the prior."""
+        (mean, std), x_parts = prepared
+        top = self.config.levels
+        if k < top:
+            z, eps = sample_diag_gaussian(mean, std, n)
+            log_ratio = self.top_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
         else:
-            z2, log_ratio = self.top_prior_draw(n * x.shape[0], 1.0).reshape(n, x.shape[0], -1), 0.0
-        prior_mean1, prior_std1 = self.prior_z1_params(z2)
-        z1, _ = _draw_like(prior_mean1, prior_std1)
-        return self.likelihood.log_prob(self.decode_levels(z1, z2), x) + log_ratio
+            z, log_ratio = self.top_prior_draw(n * x.shape[0], 1.0).reshape(n, x.shape[0], -1), 0.0
+        zs = {top: z}
+        for t in range(top - 1, 0, -1):
+            prior_mean, prior_std = self.prior(t, zs[t + 1])
+            if t > k:
+                mean, std = self.posterior(t, x_parts[t - 1], zs[t + 1])
+                zs[t], eps = _draw_like(mean, std)
+                log_ratio = log_ratio + diag_gaussian_log_prob(zs[t], prior_mean, prior_std)
+                log_ratio = log_ratio - diag_gaussian_log_prob_from_noise(eps, std)
+            else:
+                zs[t], _ = _draw_like(prior_mean, prior_std)
+        return self.likelihood.log_prob(self.decode_levels(zs[1], zs[2]), x) + log_ratio
 
     def top_prior_draw(self, n: int, temperature: float) -> Tensor:
-        """n draws [n, d2] of p(z2), its standard deviation scaled by the temperature (a VampPrior's drawn
+        """n draws [n, d_T] of p(z_T), its standard deviation scaled by the temperature (a VampPrior's drawn
         component's)."""
         if self.config.top_prior == "vamp":
-            return self.vamp.sample(self.posterior_z2, n, temperature)
+            return self.vamp.sample(self.posterior_top, n, temperature)
         ref = next(self.parameters())
-        return temperature * torch.randn(n, self.config.latent_dims[1], device=ref.device, dtype=ref.dtype)
+        return temperature * torch.randn(n, self.config.latent_dims[-1], device=ref.device, dtype=ref.dtype)
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        """Mean and variance of q(z1|x, E z2) and of q(z2|x)."""
-        (mean2, std2), x_part = self.prepare(x)
-        mean1, std1 = self.posterior_z1(x_part, mean2)
-        return {"z1": (mean1, std1.square()), "z2": (mean2, std2.square())}
+        """Mean and variance of q(z_T|x), then of each q(z_t|x, E z_{t+1}) down the levels; z1 first."""
+        (mean, std), x_parts = self.prepare(x)
+        moments = {self.config.levels: (mean, std.square())}
+        for t in range(self.config.levels - 1, 0, -1):
+            mean, std = self.posterior(t, x_parts[t - 1], mean)
+            moments[t] = (mean, std.square())
+        return {f"z{t}": moments[t] for t in sorted(moments)}
 
     def decode_from_means(self, x: Tensor) -> Tensor:
         moments = self.level_moments(x)
         return self.decode_levels(moments["z1"][0], moments["z2"][0])
 
     def ancestral_params(self, n: int, temperatures: list[float]) -> Tensor:
-        """z2 from the prior (a VampPrior's temperature scales the drawn component's std), then z1 ~ p(z1|z2)."""
-        z2 = self.top_prior_draw(n, temperatures[1])
-        mean1, std1 = self.prior_z1_params(z2)
-        return self.decode_levels(mean1 + temperatures[0] * std1 * torch.randn_like(mean1), z2)
+        """z_T from the prior (a VampPrior's temperature scales the drawn component's std), then each z_t ~
+        p(z_t|z_{t+1}) down to z1."""
+        top = self.config.levels
+        zs = {top: self.top_prior_draw(n, temperatures[top - 1])}
+        for t in range(top - 1, 0, -1):
+            mean, std = self.prior(t, zs[t + 1])
+            zs[t] = mean + temperatures[t - 1] * std * torch.randn_like(mean)
+        return self.decode_levels(zs[1], zs[2])
 
 
 class GatedConv2d(nn.Module):
@@ -246,11 +290,10 @@ class ConvSkipHVAE(SkipHVAE):
             gated_convs(channels, [(64, 3, 1, 1)] * 4), nn.Conv2d(64, self.likelihood.num_params * channels, 1)
         )
         initialize_weights(self, c.weight_init)
-        if c.top_prior == "vamp":
-            self.vamp = VampPrior(c.pseudo_inputs, c.data_shape, c.weight_init)
+        self.set_top_prior()
 
-    def x_branch(self, x: Tensor) -> Tensor:
-        return self.encoder_z1.a(x)
+    def x_branch(self, t: int, x: Tensor) -> Tensor:
+        return self.encoder(t).a(x)
 
     def decode_levels(self, z1: Tensor, z2: Tensor) -> Tensor:
         batch = z1.shape[:-1]
