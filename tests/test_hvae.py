@@ -394,7 +394,8 @@ def test_each_type_declares_its_real_defaults_on_the_command_line(capsys):
         ("markov", "--hidden-dims H [H ...]  widths of every MLP transition (default: 512 512)"),
         ("markov", "--levels T  number of latent levels (default: 2)"),
         ("mlp-ladder", "--levels T  number of latent levels (default: 3)"),
-        ("skip", "--latent-dims D [D ...]  latent sizes D1 D2 (z1 next to x) (default: 40 40)"),
+        ("skip", "--latent-dims D [D ...]  latent size per level, z1 (next to x) first (default: 40 each)"),
+        ("skip", "--levels T  number of latent levels (conv-skip: 2) (default: 2)"),
         ("mlp-ladder", "--activation {relu,gelu,silu,tanh,elu,softplus} activation of the MLPs (default: relu)"),
         ("ladder", "--channels CHANNELS"),
     ]:

@@ -159,7 +159,7 @@ class SkipHVAEConfig(TopPriorOptions, HVAEConfig):
     recipes: ClassVar[dict[str, dict[str, Any]]] = {"skip": {**MEASURED_RECIPE, "epochs": 115}}
 
     hvae_type: str = option("skip", TYPE_HELP, choices=HVAE_TYPES)
-    levels: int = option(2, "number of latent levels (conv-skip: 2)", minimum=2, maximum=MAX_DEPTH)
+    levels: int = option(2, "number of latent levels (conv-skip: 2)", minimum=2, maximum=MAX_DEPTH, metavar="T")
     latent_dims: list[int] = latent_dims_option(list, "latent size per level, z1 (next to x) first (default: 40 each)")
     hidden_dims: list[int] = hidden_dims_option([300], "the hidden width of every network")
     activation: str = option("gated", "activation (gated: gated dense layers)", choices=MLP_ACTIVATIONS)
