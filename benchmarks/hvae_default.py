@@ -2,9 +2,9 @@
 2-level HVAE with skip paths (Tomczak & Welling 2018), trained side by side for the same wall-clock on binarized
 Fashion-MNIST, one thread each at the same time, and evaluated alike (IWAE-1000 on the 10,000 test images).
 
-    python benchmarks/hvae_default.py train [--runs DIR]      # both runs at once, one thread each
-    python benchmarks/hvae_default.py evaluate [--runs DIR]   # IWAE-1000 on the test set -> benchmarks/results
-    python benchmarks/hvae_default.py paired [--runs DIR]     # the difference per test image, IWAE-100
+    python benchmarks/hvae_default.py train [--runs DIR] [--only NAME ...]      # the runs at once, one thread each
+    python benchmarks/hvae_default.py evaluate [--runs DIR] [--only NAME ...]   # IWAE-1000 on the test set
+    python benchmarks/hvae_default.py paired [--runs DIR] [--only OTHER BASE]   # the difference per test image
     python benchmarks/hvae_default.py table [--runs DIR]      # benchmarks/results/hvae-default-table.md
 
 The Markov chain trains with its recipe (140 epochs: lr 1e-3 cosine, EMA 0.999, 5-epoch linear KL warm-up); the skip
@@ -48,10 +48,8 @@ def shown(command: list) -> str:
     return "$ elbox " + " ".join(shlex.quote(str(a)) for a in command[3:])
 
 
-def train(runs: Path) -> None:
-    commands = [
-        [*ELBOX, "train", *args, "--threads", "1", "--no-progress", "--out", runs / n] for n, args in RUNS.items()
-    ]
+def train(runs: Path, names: list[str]) -> None:
+    commands = [[*ELBOX, "train", *RUNS[n], "--threads", "1", "--no-progress", "--out", runs / n] for n in names]
     for command in commands:
         print(shown(command), flush=True)
     for process in [subprocess.Popen(command) for command in commands]:
@@ -59,18 +57,18 @@ def train(runs: Path) -> None:
             raise SystemExit(process.returncode)
 
 
-def evaluate(runs: Path) -> None:
-    for name in RUNS:
+def evaluate(runs: Path, names: list[str]) -> None:
+    for name in names:
         json_path = RESULTS / f"hvae-default-{name}.json"
         command = [*ELBOX, "evaluate", runs / name, "--iw-samples", "1", "1000", "--no-progress", "--json", json_path]
         print(shown(command), flush=True)
         subprocess.run(command, check=True)
 
 
-def paired(runs: Path, k: int = 100) -> dict:
-    """The two models' difference in IWAE-K per test image, on the same binarization of the 10,000 test images (one
-    draw, seed 0): its mean and standard error, which the two NLLs' own standard errors (mostly the spread of the
-    images) overstate."""
+def paired(runs: Path, names: list[str], k: int = 100) -> dict:
+    """Two models' difference in IWAE-K per test image (names: the other model, then the one it is measured against),
+    on the same binarization of the 10,000 test images (one draw, seed 0): its mean and standard error, which the two
+    NLLs' own standard errors (mostly the spread of the images) overstate."""
     import torch
 
     from elbox.data.splits import load_split
@@ -79,21 +77,23 @@ def paired(runs: Path, k: int = 100) -> dict:
 
     images = load_split("fashion-mnist", "test")[0].float() / 255
     x = torch.bernoulli(images, generator=torch.Generator().manual_seed(0))
+    other, base = names
     bounds = {}
-    for name in RUNS:
+    for name in names:
         model = load_run(runs / name)[0]
         torch.manual_seed(0)
         with torch.no_grad():
             bounds[name] = iwae_by_k_per_example(model, x, [k], batch_size=500)[k]
-    difference = bounds["markov"] - bounds["skip"]  # < 0 where the skip HVAE bounds log p(x) higher
+    difference = bounds[other] - bounds[base]  # < 0 where the base model bounds log p(x) higher
     record = {
         "k": k,
         "n": len(difference),
-        "markov_minus_skip_nll": difference.mean().item() * -1,
+        f"{other}_minus_{base}_nll": difference.mean().item() * -1,
         "stderr": (difference.std() / len(difference) ** 0.5).item(),
-        "skip_better_fraction": (difference < 0).double().mean().item(),
+        f"{base}_better_fraction": (difference < 0).double().mean().item(),
     }
-    (RESULTS / "hvae-default-paired.json").write_text(json.dumps(record, indent=1) + "\n")
+    suffix = "" if names == ["markov", "skip"] else f"-{other}"  # the first comparison's file keeps its name
+    (RESULTS / f"hvae-default-paired{suffix}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(record)
     return record
 
@@ -120,13 +120,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=("train", "evaluate", "paired", "table"))
     parser.add_argument("--runs", type=Path, default=Path("/root/runs/default-choice"))
+    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="evaluate these runs (paired: OTHER BASE)")
     args = parser.parse_args()
     if args.step == "train":
-        train(args.runs)
+        train(args.runs, args.only or list(RUNS))
     elif args.step == "evaluate":
-        evaluate(args.runs)
+        evaluate(args.runs, args.only or list(RUNS))
     elif args.step == "paired":
-        paired(args.runs)
+        paired(args.runs, args.only or ["markov", "skip"])
     else:
         text = table(args.runs)
         (RESULTS / "hvae-default-table.md").write_text(text + "\n")
