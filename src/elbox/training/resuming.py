@@ -137,7 +137,7 @@ def resume_training(
         settings = trainer.config
     if trainer.stopped_early is not None:
         raise ElboxError(
-            f"run {out} stopped early: its validation ELBO had not improved on epoch {trainer.stopped_early}'s "
+            f"run {out} stopped early: its validation bound had not improved on epoch {trainer.stopped_early}'s "
             f"for {settings.patience} epochs (best.safetensors holds that epoch)"
         )
     if trainer.is_complete:
