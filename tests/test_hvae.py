@@ -662,6 +662,11 @@ def test_every_hvae_type_implements_the_abstract_interface():
         ),
         ({"hvae_type": "skip", "latent_dims": [4, 3], "hidden_dims": [16]}, []),
         ({"hvae_type": "skip", "latent_dims": [4, 3], "hidden_dims": [16], "top_prior": "vamp"}, ["z2"]),
+        (
+            {"hvae_type": "skip", "levels": 3, "latent_dims": [4, 3, 2], "hidden_dims": [16], "top_prior": "vamp"},
+            ["z3"],
+        ),
+        ({"hvae_type": "conv-skip", "latent_dims": [4, 3], "hidden_dims": [16], "top_prior": "vamp"}, ["z2"]),
     ],
 )
 def test_elbo_terms_name_the_levels_that_are_not_exact_kls(config, inexact):
