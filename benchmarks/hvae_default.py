@@ -104,7 +104,7 @@ def table(runs: Path) -> str:
         "test ELBO (nats) |",
         "|---|---|---|---|---|",
     ]
-    for name in RUNS:
+    for name in [n for n in RUNS if (RESULTS / f"hvae-default-{n}.json").is_file()]:  # those evaluated
         records = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
         epochs = [r for r in records if r.get("kind") == "epoch"]
         result = json.loads((RESULTS / f"hvae-default-{name}.json").read_text())
@@ -120,8 +120,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=("train", "evaluate", "paired", "table"))
     parser.add_argument("--runs", type=Path, default=Path("/root/runs/default-choice"))
-    parser.add_argument("--only", nargs="+", choices=list(RUNS), help="evaluate these runs (paired: OTHER BASE)")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(RUNS), help="train or evaluate these runs (paired: OTHER BASE)"
+    )
     args = parser.parse_args()
+    if args.step == "paired" and args.only and len(args.only) != 2:
+        parser.error("paired compares two runs: --only OTHER BASE")
     if args.step == "train":
         train(args.runs, args.only or list(RUNS))
     elif args.step == "evaluate":

@@ -19,6 +19,7 @@ from elbox.core.bounds import (
     kl_monte_carlo,
     log_mean_exp,
     mean_and_stderr,
+    mixture_components_direct,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
@@ -200,6 +201,8 @@ def test_gaussian_mixture_log_prob_matches_torch_distributions_and_is_accurate_i
     )
     expected = mixture.log_prob(z)
     torch.testing.assert_close(diag_gaussian_mixture_log_prob(z, means, stds), expected, rtol=1e-12, atol=1e-9)
+    direct = torch.logsumexp(mixture_components_direct(z.reshape(-1, 40), means, stds), -1) - math.log(50)  # MPS's path
+    torch.testing.assert_close(direct.reshape(4, 30), expected, rtol=1e-12, atol=1e-9)
     got32 = diag_gaussian_mixture_log_prob(z.float(), means.float(), stds.float())
     assert got32.dtype == torch.float32 and got32.shape == (4, 30)
     direct32 = MixtureSameFamily(

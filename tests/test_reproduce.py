@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -201,6 +202,8 @@ def test_early_stopping_counts_epochs_without_improvement_after_the_warm_up():
     # under the iwae objective the IWAE-K bound picks the best epoch, not the ELBO (which peaks at epoch 2 here)
     assert stopped(2, [-10, -9, -9.5, -9.8], val_iwaes=[-9.0, -8.6, -8.4, -8.5]) is None
     assert stopped(2, [-10, -9, -9.5, -9.8, -9.9], val_iwaes=[-9.0, -8.6, -8.4, -8.5, -8.45]) == 3
+    # a run validated before val_iwae existed (a record lacks it) keeps choosing by the ELBO
+    assert stopped(2, [-10, -9, -9.5, -9.8], val_iwaes=[-9.0, -8.6, -8.4]) == 2
 
 
 def test_the_iwae_objective_validates_and_keeps_its_best_epoch_by_the_iwae_bound(tiny_images, tmp_path, monkeypatch):
@@ -245,9 +248,12 @@ def test_init_from_starts_from_a_runs_result_and_refuses_another_model(tiny_imag
     )
     for name, value in tuned.model.state_dict().items():
         torch.testing.assert_close(value, start[name], atol=1e-6, rtol=0)
-    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["train"]["init_from"] == str(first.directory)
+    recorded = json.loads((tmp_path / "tuned" / "config.json").read_text())["train"]["init_from"]
+    assert recorded == str(first.directory.resolve())
     with pytest.raises(elbox.ElboxError, match="--init-from .*other latent_dim;"):
         elbox.fit("vae", tiny_images, latent_dim=3, hidden_dims=[8], batch_size=16, init_from=str(first.directory))
+    shutil.rmtree(first.directory)  # resuming needs only the run's own checkpoint
+    assert elbox.resume(tmp_path / "tuned", epochs=2, verbose=False, progress=False).history[-1]["epoch"] == 2
 
 
 @pytest.fixture

@@ -121,8 +121,9 @@ class TrainConfig:
     )
     init_from: str | None = option(
         None,
-        "start from the weights of this run directory (its best epoch if it stopped early, else its last) instead of "
-        "a fresh initialization, e.g. to fine-tune with another objective; the model options must be the run's",
+        "start from the weights of this run directory (its best epoch if it was trained with --patience, else its "
+        "last) instead of a fresh initialization, e.g. to fine-tune with another objective; the model options must be "
+        "the run's",
         metavar="RUN_DIR",
     )
     grad_skip_threshold: float = option(

@@ -40,8 +40,9 @@ MEASURED_RECIPE = {
 }
 TYPE_HELP = (
     "markov (bottom-up MLP chain), ladder (top-down, convolutional), mlp-ladder (top-down, fully connected), skip "
-    "(2 levels with skip paths: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018) or conv-skip (the "
-    "same with gated convolutions on x); each type has its own options: elbox train hvae --hvae-type TYPE --help"
+    "(skip paths: q(z2|x), q(z1|x,z2), p(z1|z2), p(x|z1,z2), Tomczak & Welling 2018; --levels adds levels above) or "
+    "conv-skip (2 levels, with gated convolutions on x); each type has its own options: elbox train hvae "
+    "--hvae-type TYPE --help"
 )
 
 

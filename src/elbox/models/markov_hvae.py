@@ -51,8 +51,9 @@ class MarkovHVAE(HVAE):
             self.pseudo_inputs = nn.Parameter(0.01 * torch.randn(c.pseudo_inputs, *c.data_shape))
 
     def activation_elements(self) -> int:
-        """Per-sample elements of the VampPrior's log density, [K components, d_T] and its temporaries (else 0)."""
-        return 3 * self.config.pseudo_inputs * self.config.latent_dims[-1] if self.config.top_prior == "vamp" else 0
+        """Per-sample elements of the VampPrior's log density: a float64 [K] table and its temporaries, in float32
+        units (else 0)."""
+        return 10 * self.config.pseudo_inputs if self.config.top_prior == "vamp" else 0
 
     def vamp_components(self) -> tuple[Tensor, Tensor]:
         """The VampPrior p(z_T)'s components, mean and std [K, d_T]: the top posteriors along the chain of means from

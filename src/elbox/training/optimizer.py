@@ -34,17 +34,19 @@ def ema_update_with_warmup(decay: float):
     return update
 
 
-def selection_key(config: Any) -> str:
+def selection_key(config: Any, records: list[dict] = ()) -> str:
     """The validation bound that picks the best epoch and stops early: the IWAE-K bound under the iwae objective with
-    K > 1 (what it maximizes; the ELBO can fall while it rises, Burda et al. 2016), else the ELBO."""
-    return "val_iwae" if config.objective == "iwae" and config.iw_samples > 1 else "val_elbo"
+    K > 1 (what it maximizes; the ELBO can fall while it rises, Burda et al. 2016), else the ELBO. A run whose
+    validated records lack it (validated before elbox computed it) keeps the ELBO, so its choice does not change."""
+    iwae = config.objective == "iwae" and config.iw_samples > 1
+    return "val_iwae" if iwae and all("val_iwae" in r for r in records if "val_elbo" in r) else "val_elbo"
 
 
 def early_stop_epoch(records: list[dict], config: Any) -> int | None:
     """With patience N (config.patience): the best epoch by selection_key, once N validated epochs after the KL
     warm-up and after the best have not improved on it; else None. A function of the records alone, so a resumed run
     stops where the whole one would."""
-    key = selection_key(config)
+    key = selection_key(config, records)
     validated = [r for r in records if r.get("kind") == "epoch" and key in r]
     if config.patience is None or not validated:
         return None

@@ -28,6 +28,7 @@ from elbox.training.workflows import (
     finish,
     fit_into,
     initialize,
+    initialize_from_data,
     run_settings,
     with_preprocessing,
 )
@@ -118,7 +119,10 @@ def resume_training(
     train_images, val_images, _ = run_data(data, settings.seed)
     model.preprocessing = Preprocessing.from_record(data)
     space = model.preprocessing.space
-    initialize(model, space, train_images, settings)  # as the new run did (a restored state overwrites it)
+    if (out / STATE_FILE).exists():  # the restored state overwrites the weights (--init-from's run may be gone)
+        initialize_from_data(model, space, train_images, settings.seed)
+    else:  # as the new run did
+        initialize(model, space, train_images, settings)
     what = f"training state {out / STATE_FILE}"
     tensors, state = load_training_state(out / STATE_FILE) if (out / STATE_FILE).exists() else ({}, None)
     # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says

@@ -358,8 +358,8 @@ class Trainer:
         tensors = [*self.model.state_dict().values(), *self.eval_model.state_dict().values()]
         if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
             problem = "the weights hold NaN or infinite values"
-        elif not math.isfinite(record.get("val_elbo", 0.0)):
-            problem = f"the validation ELBO is {record['val_elbo']}"
+        elif not all(math.isfinite(record.get(k, 0.0)) for k in ("val_elbo", "val_iwae")):
+            problem = f"the validation bounds are ELBO {record['val_elbo']}, IWAE {record.get('val_iwae')}"
         else:
             return
         raise ElboxError(
@@ -438,7 +438,7 @@ class Trainer:
             }
             self.check_finite(record)
             self.records.append(record)
-            bound = record.get(selection_key(self.config), -math.inf)  # best_val_elbo keeps its best (a state field)
+            bound = record.get(selection_key(self.config, self.records), -math.inf)  # best kept: best_val_elbo
             is_best, self.best_val_elbo = validated and bound > self.best_val_elbo, max(self.best_val_elbo, bound)
             self.save(epoch, is_best)
             if self.rank == 0:

@@ -33,6 +33,7 @@ from elbox.data.inputs import as_examples, example_shape, training_data
 from elbox.data.preprocessing import Preprocessing
 from elbox.io.atomic import atomic_write_json, atomic_write_jsonl
 from elbox.io.checkpoint import (
+    BEST_WEIGHTS_FILE,
     CONFIG_FILE,
     METRICS_FILE,
     WEIGHTS_FILE,
@@ -200,6 +201,8 @@ def fit_into(
         dist.barrier()  # every process has checked `out` before process 0 writes into it
     cls = type(model) if isinstance(model, LatentVariableModel) else model_class(model)
     model_values, train_values, data_values = split_options(cls, options)
+    if train_values.get("init_from") is not None:  # recorded absolute: a resume from elsewhere finds it
+        train_values["init_from"] = str(Path(train_values["init_from"]).resolve())
     chosen = dataclasses.asdict(model.config) if isinstance(model, LatentVariableModel) else model_values
     config = train_config(cls, train_values, chosen)
     named = {
@@ -322,9 +325,10 @@ def initialize(model: LatentVariableModel, space, train_images: Any, config: Tra
         initialize_from_data(model, space, train_images, config.seed)
         return
     try:
-        start, _ = load_run(
-            config.init_from, weights=result_weights(read_run_config(config.init_from).get("train", {}))
-        )
+        weights = result_weights(read_run_config(config.init_from).get("train", {}))
+        if weights == "best" and not (Path(config.init_from) / BEST_WEIGHTS_FILE).is_file():
+            raise ElboxError("that run was trained with early stopping and has validated no epoch yet")
+        start, _ = load_run(config.init_from, weights=weights)
     except ElboxError as error:
         raise ElboxError(f"--init-from {config.init_from}: {error}") from None
     ours, theirs = config_to_dict(model.config), config_to_dict(start.config)
