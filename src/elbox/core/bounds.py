@@ -282,9 +282,9 @@ def diag_gaussian_mixture_log_prob(z: Tensor, means: Tensor, stds: Tensor) -> Te
 
     The square is expanded, sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . a_k - 2 z . b_k + m_k . b_k with a_k = 1 / s_k^2
     and b_k = m_k / s_k^2, so the [batch, K] table comes from two matrix products rather than [batch, K, d]
-    elementwise work (5x faster for the VampPrior's 500 x 40 in training). The products run in float64: the three
-    terms can be 1e5 and cancel, which costs float32 up to nats. Apple's MPS has no float64: there the [batch, K, d]
-    differences are formed directly (mixture_components_direct).
+    elementwise work (5-10x faster for the VampPrior's 500 x 40, benchmarks/vamp_density.py). The products run in
+    float64: the three terms can be 1e5 and cancel, which costs float32 up to nats. Apple's MPS has no float64: there
+    the [batch, K, d] differences are formed directly (mixture_components_direct).
     """
     shape, d = z.shape[:-1], z.shape[-1]
     if z.device.type == "mps":
