@@ -402,6 +402,36 @@ def test_ctrl_c_names_the_last_saved_epoch_and_the_resume_command(tmp_path, caps
     )
 
 
+def test_ctrl_c_within_an_epoch_names_the_state_and_resume_continues_after_its_batch(tmp_path, capsys, monkeypatch):
+    from elbox.training.trainer import Trainer
+
+    folder = write_folder(tmp_path / "images", n=40, size=(8, 8))
+    run = tmp_path / "run"
+    step = Trainer.training_step
+
+    def interrupt_in_the_second_epoch(self, x, beta):
+        if self.step == self.steps_per_epoch + 1:
+            raise KeyboardInterrupt
+        return step(self, x, beta)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupt_in_the_second_epoch)
+    options = [*QUICK, "--epochs", "2", "--batch-size", "8", "--checkpoint-minutes", "1e-9"]
+    assert main(["train", "vae", "--data", str(folder), *options, "--out", str(run)]) == 130
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"{run} holds epoch 1 (the last finished) and a training state within epoch 2, after its batch 1; "
+            f"continue with: elbox train --resume {run}"
+        )
+    )
+    monkeypatch.setattr(Trainer, "training_step", step)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert f"resuming {run} within epoch 2 of 2, after its batch 1 (step " in capsys.readouterr().err
+    assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").open()) if r["kind"] == "epoch"] == [1, 2]
+    assert json.loads((run / "config.json").read_text())["train"]["checkpoint_minutes"] == 1e-9
+
+
 def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_path, capsys, torch_threads):
     """The same settings and thread count give the same numbers; another thread count sums float32 products in
     another order, so its numbers agree only to rounding."""

@@ -41,7 +41,7 @@ MODELS = {
 }
 
 
-def stateful_trainer(name: str, run_dir: Path, epochs: int = 3) -> Trainer:
+def stateful_trainer(name: str, run_dir: Path, epochs: int = 3, **options) -> Trainer:
     """A trainer with every kind of state a resume must restore: an EMA, a cosine learning rate and (but for the
     diffusion model) a beta warmup; 3 steps per epoch."""
     warmup = name != "diffusion"
@@ -59,6 +59,7 @@ def stateful_trainer(name: str, run_dir: Path, epochs: int = 3) -> Trainer:
         log_every=1,
         beta_schedule="linear" if warmup else "constant",
         warmup_epochs=1 if warmup else 0,
+        **options,
     )
 
 
@@ -84,6 +85,66 @@ def test_resume_continues_bit_for_bit(tmp_path, name):
     for file in (WEIGHTS_FILE, BEST_WEIGHTS_FILE):
         a, b = load_file(tmp_path / "reference" / file), load_file(tmp_path / "run" / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def interrupt_at_step(trainer: Trainer, step: int) -> None:
+    """Run trainer.fit() as if the process were killed as optimizer step `step` (counted from 0) starts."""
+    original = trainer.training_step
+
+    def crash(x, beta):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+        return original(x, beta)
+
+    trainer.training_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_resume_within_an_epoch_continues_bit_for_bit(tmp_path, name):
+    """checkpoint_minutes near 0 saves the training state after every step but an epoch's last; a run killed in its
+    second epoch after one step resumes after that step and ends as the uninterrupted run, to the last bit."""
+    every_step = dict(checkpoint_minutes=1e-9)
+    reference = stateful_trainer(name, tmp_path / "reference", **every_step)
+    reference.fit()
+
+    crashed = stateful_trainer(name, tmp_path / "run", **every_step)
+    interrupt_at_step(crashed, 4)  # 3 steps an epoch: after the first of epoch 2
+    tensors, state = load_training_state(tmp_path / "run" / STATE_FILE)
+    assert state["epoch"] == 1 and state["step"] == 4 and state["partial_epoch"]["batches"] == 1
+    torch.manual_seed(12345)  # the resumed process starts with other random state
+    resumed = stateful_trainer(name, tmp_path / "run", **every_step)
+    resumed.restore(tensors, state)
+    assert resumed.start_epoch == 2 and resumed.resume_progress.batches == 1
+    resumed.fit()
+
+    assert without_timing(resumed.records) == without_timing(reference.records)
+    for file in (WEIGHTS_FILE, BEST_WEIGHTS_FILE):
+        a, b = load_file(tmp_path / "reference" / file), load_file(tmp_path / "run" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_state_within_an_epoch_leaves_the_epochs_files_and_checks_its_progress(tmp_path):
+    trainer = stateful_trainer("vae", tmp_path, checkpoint_minutes=1e-9)
+    interrupt_at_step(trainer, 4)
+    tensors, state = load_training_state(tmp_path / STATE_FILE)
+    # model.safetensors and metrics.jsonl stay epoch 1's; the state holds the weights after step 4
+    assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])["epoch"] == 1
+    weights = load_file(tmp_path / WEIGHTS_FILE)
+    assert not all(torch.equal(weights[k], tensors[f"ema.module.{k}"]) for k in weights)
+    for broken, message in (
+        ({**state["partial_epoch"], "epoch": 3}, "partial_epoch is of epoch 3, not 2"),
+        ({**state["partial_epoch"], "batches": -1}, "partial_epoch's batches must be a whole number >= 0"),
+        ({**state["partial_epoch"], "sums": {"elbo": "x"}}, "partial_epoch's sums must map names to finite numbers"),
+        ({"epoch": 2}, "partial_epoch must be a JSON object with the keys"),
+    ):
+        fresh = stateful_trainer("vae", tmp_path / "other", checkpoint_minutes=1e-9)
+        with pytest.raises(ElboxError, match=message):
+            fresh.restore(tensors, {**state, "partial_epoch": broken})
+    no_saves = stateful_trainer("vae", tmp_path / "epochs", checkpoint_minutes=0)
+    interrupt_at_step(no_saves, 4)
+    assert "partial_epoch" not in load_training_state(tmp_path / "epochs" / STATE_FILE)[1]
 
 
 def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):

@@ -65,12 +65,26 @@ def interrupted(argv: list[str]) -> str:
     if run_dir is None:
         return "elbox: interrupted"
     epochs = [r.get("epoch") for r in saved_records(Path(run_dir)) if r.get("kind") in ("epoch", "train_epoch", "fit")]
-    if not (Path(run_dir) / "state.safetensors").is_file() or not epochs:
+    within = saved_state(Path(run_dir) / "state.safetensors").get("partial_epoch")
+    if isinstance(within, dict):  # a state saved within an epoch (--checkpoint-minutes)
+        state = f"a training state within epoch {within.get('epoch')}, after its batch {within.get('batches')}"
+        held = f"epoch {epochs[-1]} (the last finished) and {state}" if epochs else state
+    elif (Path(run_dir) / "state.safetensors").is_file() and epochs:
+        held = f"epoch {epochs[-1]} (the last one saved)"
+    else:
         return f"elbox: interrupted before the first epoch was saved; nothing to continue in {run_dir}"
-    return (
-        f"elbox: interrupted; {run_dir} holds epoch {epochs[-1]} (the last one saved); continue with: "
-        f"elbox train --resume {shlex.quote(run_dir)}"
-    )
+    return f"elbox: interrupted; {run_dir} holds {held}; continue with: elbox train --resume {shlex.quote(run_dir)}"
+
+
+def saved_state(path: Path) -> dict:
+    """The training state's JSON (elbox.io.checkpoint's metadata entry), read without torch; {} if unreadable."""
+    from safetensors import SafetensorError, safe_open  # numpy's reader: the metadata only
+
+    with contextlib.suppress(SafetensorError, OSError, ValueError):
+        with safe_open(str(path), framework="np") as f:
+            state = json.loads((f.metadata() or {}).get("elbox_training_state", "{}"))
+            return state if isinstance(state, dict) else {}
+    return {}
 
 
 def saved_records(run_dir: Path) -> list[dict]:

@@ -164,6 +164,14 @@ class TrainConfig:
         True, "write samples.png at the end of a run on images (a diffusion model samples with 256 steps or its T)"
     )
     log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1, maximum=10**9)
+    checkpoint_minutes: float = option(
+        10.0,
+        "within a long epoch, also save the training state (state.safetensors) every M minutes, so that --resume "
+        "continues from there, bit for bit; 0: at epoch ends only",
+        minimum=0,
+        maximum=10**6,
+        metavar="M",
+    )
     logger: str = option(
         "jsonl",
         "training curves: metrics.jsonl (jsonl), plus TensorBoard events in "

@@ -1,12 +1,17 @@
-"""The lines a run prints on stderr: what is being trained, and one line per epoch or per closed-form / EM record."""
+"""The lines a run prints on stderr: what is being trained, and one line per epoch or per closed-form / EM record;
+the divergence guard's checks and messages."""
 
 from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from elbox.core.errors import ElboxError
+from elbox.io.checkpoint import STATE_FILE, WEIGHTS_FILE
 from elbox.models.base import Callback, LatentVariableModel
 
 LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
@@ -80,3 +85,40 @@ RETRY = (
     "Start a new run with a lower learning rate or gradient clipping: elbox train --config RUN_DIR/config.json "
     "--lr SMALLER --grad-clip 100 --out NEW_DIR."
 )
+
+
+def weights_are_finite(*models: torch.nn.Module) -> bool:
+    """Whether every floating-point tensor of the models' state is finite."""
+    tensors = [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+    return all(torch.isfinite(t).all() for t in tensors)
+
+
+def last_good_checkpoint(trainer: Any) -> str:
+    """Where the run's last finite checkpoint is, in words."""
+    if trainer.run_dir is None:
+        return "no run directory was written"
+    within = trainer.saved_within  # (epoch, batches) of a state saved within an epoch since the last epoch's end
+    if within is not None:
+        state = f"{STATE_FILE} holds a training state within epoch {within[0]}, after its batch {within[1]}"
+        if trainer.saved_epoch == 0:
+            return f"no epoch finished with finite values; in {trainer.run_dir}, {state}"
+        return f"the last good epoch, {trainer.saved_epoch}, is in {trainer.run_dir} ({WEIGHTS_FILE}), and {state}"
+    if trainer.saved_epoch == 0:
+        return "no epoch finished with finite values, so no checkpoint was saved"
+    return (
+        f"the last good checkpoint, epoch {trainer.saved_epoch}, is in {trainer.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
+    )
+
+
+def check_finite(trainer: Any, record: dict) -> None:
+    """ElboxError (before anything is saved) when the epoch's validation ELBO or weights are not finite."""
+    if not weights_are_finite(trainer.model, trainer.eval_model):
+        problem = "the weights hold NaN or infinite values"
+    elif not all(math.isfinite(record.get(k, 0.0)) for k in ("val_elbo", "val_iwae")):
+        problem = f"the validation bounds are ELBO {record['val_elbo']}, IWAE {record.get('val_iwae')}"
+    else:
+        return
+    raise ElboxError(
+        f"training diverged in epoch {record['epoch']}: {problem}; nothing of that epoch was saved, "
+        f"{last_good_checkpoint(trainer)}. {RETRY}"
+    )

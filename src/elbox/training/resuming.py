@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def resume_training(
     if state is not None:
         trainer.restore(tensors, state, what=what)
     if extend_to is not None:
-        trainer.extend(extend_to)
+        extend_run(trainer, extend_to)
         settings = trainer.config
     if trainer.stopped_early is not None:
         raise ElboxError(
@@ -165,6 +166,23 @@ def resume_training(
             }
         )
     if is_main_process() and verbose:
-        LOG.info(f"resuming {out} at epoch {trainer.start_epoch} of {settings.epochs} (step {trainer.step})")
+        within, epoch = trainer.resume_progress, f"epoch {trainer.start_epoch} of {settings.epochs}"
+        where = f"at {epoch}" if within is None else f"within {epoch}, after its batch {within.batches}"
+        LOG.info(f"resuming {out} {where} (step {trainer.step})")
     trainer.fit()
     return finish(Run(with_preprocessing(trainer.eval_model, model), trainer.records, config, out), progress)
+
+
+def extend_run(trainer: Trainer, epochs: int) -> None:
+    """Make the (restored) run of `trainer` one of `epochs` epochs. A cosine learning rate follows the longer run's
+    cosine from the current step on (Loshchilov & Hutter 2017's annealing over the new length): set to its value at
+    this step (a finished run's rate, near 0, rises to it), then stepped as usual."""
+    trainer.config = dataclasses.replace(trainer.config, epochs=epochs)
+    if trainer.scheduler is not None:
+        trainer.scheduler.T_max = trainer.total_steps
+        cosine = (1 + math.cos(math.pi * trainer.step / trainer.total_steps)) / 2
+        eta_min = trainer.scheduler.eta_min
+        rates = [eta_min + (base - eta_min) * cosine for base in trainer.scheduler.base_lrs]
+        for group, lr in zip(trainer.optimizer.param_groups, rates, strict=True):
+            group["lr"] = lr
+        trainer.scheduler._last_lr = rates  # what get_last_lr() reports  # noqa: SLF001

@@ -1,11 +1,14 @@
 """The training state a resumed run continues from, bit for bit: model, EMA and optimizer tensors, random-number-
 generator states, step counters, the learning-rate schedule and the metrics records (written by elbox.io.checkpoint
-as one safetensors file with the JSON in its metadata)."""
+as one safetensors file with the JSON in its metadata); a state saved within an epoch adds where that epoch stands
+(EpochProgress)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +34,28 @@ ADAM_SETTINGS = (
 SCHEDULE_SETTINGS = ("T_max", "eta_min", "base_lrs")
 
 
-def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], dict]:
-    """Everything a resumed run needs to continue bit for bit: (tensors, JSON-ready state)."""
+@dataclass
+class EpochProgress:
+    """Where a training epoch stands: what a state saved within the epoch adds, so that a resumed run draws the
+    epoch's batch order again and continues after its done batches, with the same sums for the epoch's record."""
+
+    epoch: int
+    shuffle_state: Tensor  # the shuffle generator's state before the epoch drew its batch order
+    batches: int = 0  # batches of the epoch done, skipped steps included
+    examples: int = 0  # examples in `sums`
+    sums: dict[str, float] = dataclasses.field(default_factory=dict)  # each term times the examples of its step
+    interval_examples: int = 0  # the same since the last training record
+    interval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "shuffle_state"}
+
+
+def pack_training_state(
+    trainer: Any, epoch: int, progress: EpochProgress | None = None
+) -> tuple[dict[str, Tensor], dict]:
+    """Everything a resumed run needs to continue bit for bit: (tensors, JSON-ready state), after `epoch`, or within
+    the epoch after it when `progress` is given."""
     tensors = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
     if trainer.ema is not None:
         tensors.update({f"ema.{k}": v for k, v in trainer.ema.state_dict().items()})
@@ -41,7 +64,7 @@ def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], di
         tensors.update({f"optimizer.{index}.{key}": v for key, v in values.items()})  # Adam's state is all tensors
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.batches"] = trainer.generator.get_state()
-    tensors["rng.shuffle"] = trainer.shuffle_generator.get_state()
+    tensors["rng.shuffle"] = trainer.shuffle_generator.get_state() if progress is None else progress.shuffle_state
     if trainer.device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(trainer.device)
     state = {
@@ -56,6 +79,8 @@ def pack_training_state(trainer: Any, epoch: int) -> tuple[dict[str, Tensor], di
         "train_config": config_dict(trainer.config),
         "records": trainer.records,
     }
+    if progress is not None:
+        state["partial_epoch"] = progress.to_json()
     return tensors, state
 
 
@@ -97,6 +122,10 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         trainer.recent_nonfinite.extend(bool(x) for x in state.get("recent_nonfinite", []))  # absent in older states
         trainer.saved_epoch = trainer.start_epoch - 1
         trainer.records = list(state["records"])
+        partial = state.get("partial_epoch")  # a state saved within an epoch
+        if partial is not None:
+            trainer.resume_progress = EpochProgress(**partial, shuffle_state=tensors["rng.shuffle"])
+            trainer.saved_within = (partial["epoch"], partial["batches"])
     except ElboxError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -136,6 +165,8 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
         isinstance(r, dict) and isinstance(r.get("kind"), str) for r in records
     ):
         raise ElboxError(f'{what}: records must be a list of JSON objects with a "kind", got {short_repr(records)}')
+    if state.get("partial_epoch") is not None:
+        _check_partial_epoch(state["partial_epoch"], state["epoch"] + 1, what)
     current = _as_json(trainer.optimizer.state_dict()["param_groups"])
     groups = field(state, "optimizer_param_groups", what)
     if not isinstance(groups, list) or len(groups) != len(current):
@@ -152,6 +183,24 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
                 f"{what}: lr_scheduler's last_epoch {short_repr(schedule['last_epoch'])} is not the step "
                 f"count {state['step']}"
             )
+
+
+def _check_partial_epoch(partial: Any, epoch: int, what: str) -> None:
+    """ElboxError unless `partial` is an EpochProgress's JSON for `epoch` (the one after the state's last)."""
+    names = {f.name for f in dataclasses.fields(EpochProgress)} - {"shuffle_state"}
+    if not isinstance(partial, dict) or set(partial) != names:
+        raise ElboxError(f"{what}: partial_epoch must be a JSON object with the keys {sorted(names)}")
+    if partial["epoch"] != epoch or type(partial["epoch"]) is not int:
+        raise ElboxError(f"{what}: partial_epoch is of epoch {short_repr(partial['epoch'])}, not {epoch}")
+    for key in ("batches", "examples", "interval_examples"):
+        if type(partial[key]) is not int or not 0 <= partial[key] <= MAX_SEED:
+            raise ElboxError(
+                f"{what}: partial_epoch's {key} must be a whole number >= 0, got {short_repr(partial[key])}"
+            )
+    for key in ("sums", "interval"):
+        sums = partial[key]
+        if not isinstance(sums, dict) or not all(_kind(v) in ("int", "float") for v in sums.values()):
+            raise ElboxError(f"{what}: partial_epoch's {key} must map names to finite numbers, got {short_repr(sums)}")
 
 
 def _check_entries(saved: Any, current: dict, settings: tuple[str, ...], what: str) -> None:

@@ -32,7 +32,6 @@ names.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -71,10 +70,10 @@ from elbox.training.batches import (
     stack_examples,
 )
 from elbox.training.distributed import all_ranks_agree, mean_over_ranks, rank_and_world_size
-from elbox.training.messages import RETRY
+from elbox.training.messages import RETRY, check_finite, last_good_checkpoint, weights_are_finite
 from elbox.training.objectives import TrainingObjective, beta_at, check_training_settings, warn_if_schedule_outlasts_run
 from elbox.training.optimizer import early_stop_epoch, ema_update_with_warmup, make_optimizer, selection_key
-from elbox.training.state import pack_training_state, unpack_training_state
+from elbox.training.state import EpochProgress, pack_training_state, unpack_training_state
 from elbox.training.validation import validate
 
 LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
@@ -173,8 +172,11 @@ class Trainer:
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
         self.recent_nonfinite: deque[bool] = deque(maxlen=2 * config.max_nonfinite)  # of the last steps, across epochs
         self.saved_epoch = 0  # the last epoch written to the run directory
+        self.saved_within: tuple[int, int] | None = None  # (epoch, batches done) of a state saved since, within one
         self.records: list[dict] = []
         self.start_epoch = 1
+        self.resume_progress: EpochProgress | None = None  # of the start epoch, from a state saved within it
+        self.last_save = time.perf_counter()  # for the checkpoints within an epoch (checkpoint_minutes)
         self.best_val_elbo = -math.inf
         self.clock = (time.perf_counter(), 0)  # (time, step) at the start of fit(): the pace for the run ETA
         writes = self.run_dir is not None and self.rank == 0
@@ -226,11 +228,12 @@ class Trainer:
         return mean_over_ranks(values)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training set, or the rest of the pass a state saved within the epoch stopped in."""
         self.model.train()
-        sums: dict[str, float] = {}
-        interval: dict[str, float] = {}
-        n_done = n_interval = 0
+        progress = self.resume_progress or EpochProgress(epoch, self.shuffle_generator.get_state())
+        self.resume_progress = None
         start = interval_start = time.perf_counter()
+        examples_before = progress.examples  # of a resumed epoch
         # a last batch too small to share is skipped by every process
         batches = [
             idx
@@ -240,21 +243,22 @@ class Trainer:
             if idx.numel() >= self.world_size
         ]
         if self.config.max_steps is not None:  # max_steps ends the run inside this epoch
-            batches = batches[: max(0, self.config.max_steps - self.step)]
+            batches = batches[: max(0, self.config.max_steps - (self.step - progress.batches))]
         # each process reads its share of every global batch; the data randomness is drawn for the global batch
         # (DataSpace.train_batch's part), so it is that of one process with the global batch
-        parts = [share(idx.numel(), self.rank, self.world_size) for idx in batches]
-        images = gather(self.train_data, [idx[a:b] for idx, (a, b) in zip(batches, parts)], self.device, self.workers)
+        todo = [(idx, share(idx.numel(), self.rank, self.world_size)) for idx in batches[progress.batches :]]
+        images = gather(self.train_data, [idx[a:b] for idx, (a, b) in todo], self.device, self.workers)
         bar = tqdm(
-            zip(batches, parts, images),
+            zip(todo, images),
             total=len(batches),
+            initial=progress.batches,
             desc=self.epoch_label(epoch),
             unit="batch",
             disable=not self.progress or self.rank != 0,
             dynamic_ncols=True,
             leave=True,
         )
-        for idx, (first, _), local_images in bar:
+        for (idx, (first, _)), local_images in bar:
             bar.set_description_str(self.epoch_label(epoch), refresh=False)
             x = self.space.train_batch(
                 local_images, self.generator, part=(first, idx.numel()), perturb=self.config.perturb
@@ -263,6 +267,7 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             values = self.training_step(x, beta)
             self.step += 1
+            progress.batches += 1
             if self.scheduler is not None:  # the schedule follows the step count, skipped steps included
                 self.scheduler.step()
             self.recent_nonfinite.append(values == "nonfinite")
@@ -275,38 +280,46 @@ class Trainer:
                     raise ElboxError(
                         f"training diverged: {sum(self.recent_nonfinite)} of the last {len(self.recent_nonfinite)} "
                         f"steps had a non-finite loss or gradient (stopped at step {self.step}, limit "
-                        f"{self.config.max_nonfinite}); {self.last_good_checkpoint()}. {RETRY}"
+                        f"{self.config.max_nonfinite}); {last_good_checkpoint(self)}. {RETRY}"
                     )
                 continue
-            values = {k: v.item() for k, v in values.items()}
             n = idx.numel()
-            n_done += n
-            n_interval += n
+            progress.examples += n
+            progress.interval_examples += n
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v * n
-                interval[k] = interval.get(k, 0.0) + v * n
+                progress.sums[k] = progress.sums.get(k, 0.0) + v.item() * n
+                progress.interval[k] = progress.interval.get(k, 0.0) + v.item() * n
             if self.step % self.config.log_every == 0:
                 now = time.perf_counter()
-                rate = n_interval / (now - interval_start)
-                record = {k: v / n_interval for k, v in interval.items()}
-                record.update(kind="train", epoch=epoch, step=self.step, beta=beta, lr=lr, images_per_s=rate)
-                self.records.append(record)
-                if self.tensorboard is not None:
-                    self.tensorboard.record(record)
+                record = self.record_interval(
+                    progress, epoch, beta, lr, progress.interval_examples / (now - interval_start)
+                )
                 bar.set_postfix(
                     elbo=f"{record['elbo']:.2f}",
                     rec=f"{record['reconstruction']:.2f}",
                     kl=f"{record['kl']:.2f}",
                     obj=f"{record['objective']:.2f}",
                     beta=f"{beta:.2f}",
-                    img_s=f"{rate:.0f}",
+                    img_s=f"{record['images_per_s']:.0f}",
                 )
-                interval, n_interval, interval_start = {}, 0, now
+                interval_start = now
+            if progress.batches < len(batches) and self.checkpoint_due():
+                self.save_within_epoch(progress)
         bar.close()
         elapsed = time.perf_counter() - start
-        summary = {f"train_{k}": v / max(n_done, 1) for k, v in sums.items()}
-        summary.update(images_per_s=n_done / elapsed, epoch_time_s=elapsed)
+        summary = {f"train_{k}": v / max(progress.examples, 1) for k, v in progress.sums.items()}
+        summary.update(images_per_s=(progress.examples - examples_before) / elapsed, epoch_time_s=elapsed)
         return summary
+
+    def record_interval(self, progress: EpochProgress, epoch: int, beta: float, lr: float, rate: float) -> dict:
+        """The training record of the steps since the last one (metrics.jsonl, TensorBoard); starts the next."""
+        record = {k: v / progress.interval_examples for k, v in progress.interval.items()}
+        record.update(kind="train", epoch=epoch, step=self.step, beta=beta, lr=lr, images_per_s=rate)
+        self.records.append(record)
+        if self.tensorboard is not None:
+            self.tensorboard.record(record)
+        progress.interval, progress.interval_examples = {}, 0
+        return record
 
     def epoch_label(self, epoch: int) -> str:
         """The epoch bar's description: the epoch and the estimated time left in the whole run."""
@@ -329,44 +342,6 @@ class Trainer:
         """Load a training_state() back; ElboxError when it does not fit this model and configuration."""
         unpack_training_state(self, tensors, state, what)
 
-    def extend(self, epochs: int) -> None:
-        """Make the (restored) run one of `epochs` epochs. A cosine learning rate follows the longer run's cosine from
-        the current step on (Loshchilov & Hutter 2017's annealing over the new length): set to its value at this step
-        (a finished run's rate, near 0, rises to it), then stepped as usual."""
-        self.config = dataclasses.replace(self.config, epochs=epochs)
-        if self.scheduler is not None:
-            self.scheduler.T_max = self.total_steps
-            cosine = (1 + math.cos(math.pi * self.step / self.total_steps)) / 2
-            eta_min = self.scheduler.eta_min
-            rates = [eta_min + (base - eta_min) * cosine for base in self.scheduler.base_lrs]
-            for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
-                group["lr"] = lr
-            self.scheduler._last_lr = rates  # what get_last_lr() reports  # noqa: SLF001
-
-    def last_good_checkpoint(self) -> str:
-        """Where the run's last finite checkpoint is, in words."""
-        if self.run_dir is None:
-            return "no run directory was written"
-        if self.saved_epoch == 0:
-            return "no epoch finished with finite values, so no checkpoint was saved"
-        return (
-            f"the last good checkpoint, epoch {self.saved_epoch}, is in {self.run_dir} ({WEIGHTS_FILE}, {STATE_FILE})"
-        )
-
-    def check_finite(self, record: dict) -> None:
-        """ElboxError (before anything is saved) when the epoch's validation ELBO or weights are not finite."""
-        tensors = [*self.model.state_dict().values(), *self.eval_model.state_dict().values()]
-        if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-            problem = "the weights hold NaN or infinite values"
-        elif not all(math.isfinite(record.get(k, 0.0)) for k in ("val_elbo", "val_iwae")):
-            problem = f"the validation bounds are ELBO {record['val_elbo']}, IWAE {record.get('val_iwae')}"
-        else:
-            return
-        raise ElboxError(
-            f"training diverged in epoch {record['epoch']}: {problem}; nothing of that epoch was saved, "
-            f"{self.last_good_checkpoint()}. {RETRY}"
-        )
-
     def save(self, epoch: int, is_best: bool) -> None:
         """Weights, best weights, metrics, then the training state: the state file is what --resume trusts, so a
         crash before it is written re-runs the epoch (deterministically) and rewrites the other files.
@@ -379,7 +354,20 @@ class Trainer:
         if self.config.logger != "none":
             atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
         save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
-        self.saved_epoch = epoch
+        self.saved_epoch, self.saved_within, self.last_save = epoch, None, time.perf_counter()
+
+    def checkpoint_due(self) -> bool:
+        """Whether checkpoint_minutes have passed since the last save."""
+        minutes = self.config.checkpoint_minutes
+        return minutes > 0 and time.perf_counter() - self.last_save >= 60 * minutes
+
+    def save_within_epoch(self, progress: EpochProgress) -> None:
+        """The training state alone, with where the epoch stands; model.safetensors, best.safetensors and
+        metrics.jsonl stay the last epoch's. Weights that are not finite are not saved (the epoch's end says why)."""
+        self.last_save = time.perf_counter()
+        if self.rank == 0 and self.run_dir is not None and weights_are_finite(self.model, self.eval_model):
+            save_training_state(self.run_dir / STATE_FILE, *pack_training_state(self, progress.epoch - 1, progress))
+            self.saved_within = (progress.epoch, progress.batches)
 
     @property
     def total_steps(self) -> int:
@@ -436,7 +424,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "skipped_large_grad": self.skipped_large_grad,
             }
-            self.check_finite(record)
+            check_finite(self, record)
             self.records.append(record)
             bound = record.get(selection_key(self.config, self.records), -math.inf)  # best kept: best_val_elbo
             is_best, self.best_val_elbo = validated and bound > self.best_val_elbo, max(self.best_val_elbo, bound)
