@@ -4,6 +4,7 @@ its early stop, evaluate its best epoch by IWAE with K = 5000 on the 10,000 test
     python benchmarks/reproduce/run.py train ROW [--runs DIR] [--threads 1]   # trains, or resumes, RUNS/ROW
     python benchmarks/reproduce/run.py evaluate ROW [--runs DIR]              # IWAE-5000 -> benchmarks/results
     python benchmarks/reproduce/run.py table [--runs DIR]                     # the table, from what has finished
+    python benchmarks/reproduce/run.py curve ROW [--against hvae]            # a row's validation curve, beside another
 
 ROW is a config in this folder (vae, vae-vamp, hvae, hvae-vamp, convhvae: compiled, about 20 minutes an epoch on
 one core, so its row is a short run's curve unless many sessions continue it; hvae-iwae: past the table, the hvae
@@ -128,12 +129,60 @@ def table(runs: Path) -> str:
     return "\n".join(lines)
 
 
+def epoch_records(row: str, runs: Path) -> list[dict]:
+    metrics = runs / row / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    return [r for r in records if r.get("kind") == "epoch"]
+
+
+def curve(row: str, against: str, runs: Path) -> dict:
+    """The validation ELBO of each epoch of `row` beside `against`'s at the same epochs, and the time the protocol
+    would take at the row's median epoch: reproduce-curve-ROW.json and .png in benchmarks/results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mine, theirs = epoch_records(row, runs), {r["epoch"]: r for r in epoch_records(against, runs)}
+    if not mine:
+        raise SystemExit(f"{runs / row} has no validated epoch yet")
+    median = statistics.median(r["epoch_time_s"] for r in mine)
+    record = {
+        "row": row,
+        "against": against,
+        "epochs": [
+            {
+                "epoch": r["epoch"],
+                "val_elbo": r["val_elbo"],
+                f"{against}_val_elbo": theirs.get(r["epoch"], {}).get("val_elbo"),
+                "epoch_time_s": r["epoch_time_s"],
+            }
+            for r in mine
+        ],
+        "median_epoch_s": median,
+        "hours_for_epochs": {n: n * median / 3600 for n in (500, 1000, 2000)},
+    }
+    (RESULTS / f"reproduce-curve-{row}.json").write_text(json.dumps(record, indent=1) + "\n")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    shown = [e for e in sorted(theirs) if e <= max(2 * len(mine), 20)]
+    axes.plot(shown, [theirs[e]["val_elbo"] for e in shown], label=against, color="0.6")
+    axes.plot([r["epoch"] for r in mine], [r["val_elbo"] for r in mine], "o-", label=row)
+    axes.set(xlabel="epoch", ylabel="validation ELBO (nats)", title=f"{row}: {median / 60:.0f} min an epoch, one core")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / f"reproduce-curve-{row}.png", dpi=100)
+    for r in record["epochs"]:
+        print(r)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("train", "evaluate", "table"))
+    parser.add_argument("step", choices=("train", "evaluate", "table", "curve"))
     parser.add_argument("row", nargs="?", choices=list(REFERENCE))
     parser.add_argument("--runs", type=Path, default=Path("/root/runs/reproduce"), help="where the run directories are")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", choices=list(REFERENCE), default="hvae", help="curve: the row shown beside")
     args = parser.parse_args()
     if args.step != "table" and args.row is None:
         parser.error(f"{args.step} needs a ROW")
@@ -141,6 +190,8 @@ def main() -> None:
         train(args.row, args.runs, args.threads)
     elif args.step == "evaluate":
         evaluate(args.row, args.runs)
+    elif args.step == "curve":
+        curve(args.row, args.against, args.runs)
     else:
         text = table(args.runs)
         (RESULTS / "reproduce-table.md").write_text(text + "\n")
