@@ -4,7 +4,9 @@ Quick runs: max_steps ends the run after that many optimizer steps (the epoch it
 checkpointed as a last epoch; a cosine schedule spans max_steps); val_limit validates on the first N validation
 examples; val_every validates every N epochs and after the last. An epoch not validated is still checkpointed
 (model.safetensors, state.safetensors, metrics.jsonl) and recorded with kind "train_epoch" (no val_* values);
-best.safetensors changes on validated epochs only.
+best.safetensors changes on validated epochs only. Within an epoch, every checkpoint_minutes, the training state alone
+is saved with where the epoch stands (elbox.training.state.EpochProgress), and --resume continues after its done
+batches, bit for bit.
 
 Progress (process 0): a bar per epoch on stderr whose description carries the time left in the whole run ("run ETA",
 at the pace of the steps so far, validations included), and a bar over the validation examples.
