@@ -24,9 +24,11 @@ from elbox.io.checkpoint import (
     BEST_WEIGHTS_FILE,
     METRICS_FILE,
     STATE_FILE,
+    STATE_IN_EPOCH_FILE,
     WEIGHTS_FILE,
     load_run,
     load_training_state,
+    resume_state_file,
     save_training_state,
 )
 from elbox.models import build_model
@@ -111,7 +113,7 @@ def test_resume_within_an_epoch_continues_bit_for_bit(tmp_path, name):
 
     crashed = stateful_trainer(name, tmp_path / "run", **every_step)
     interrupt_at_step(crashed, 4)  # 3 steps an epoch: after the first of epoch 2
-    tensors, state = load_training_state(tmp_path / "run" / STATE_FILE)
+    tensors, state = load_training_state(resume_state_file(tmp_path / "run"))
     assert state["epoch"] == 1 and state["step"] == 4 and state["partial_epoch"]["batches"] == 1
     torch.manual_seed(12345)  # the resumed process starts with other random state
     resumed = stateful_trainer(name, tmp_path / "run", **every_step)
@@ -128,15 +130,22 @@ def test_resume_within_an_epoch_continues_bit_for_bit(tmp_path, name):
 def test_a_state_within_an_epoch_leaves_the_epochs_files_and_checks_its_progress(tmp_path):
     trainer = stateful_trainer("vae", tmp_path, checkpoint_minutes=1e-9)
     interrupt_at_step(trainer, 4)
-    tensors, state = load_training_state(tmp_path / STATE_FILE)
-    # model.safetensors and metrics.jsonl stay epoch 1's; the state holds the weights after step 4
+    assert resume_state_file(tmp_path) == tmp_path / STATE_IN_EPOCH_FILE
+    tensors, state = load_training_state(tmp_path / STATE_IN_EPOCH_FILE)
+    # the epoch's files stay epoch 1's; the state within epoch 2 holds the weights after step 4
     assert json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])["epoch"] == 1
+    assert load_training_state(tmp_path / STATE_FILE)[1]["epoch"] == 1
     weights = load_file(tmp_path / WEIGHTS_FILE)
     assert not all(torch.equal(weights[k], tensors[f"ema.module.{k}"]) for k in weights)
     for broken, message in (
         ({**state["partial_epoch"], "epoch": 3}, "partial_epoch is of epoch 3, not 2"),
-        ({**state["partial_epoch"], "batches": -1}, "partial_epoch's batches must be a whole number >= 0"),
+        ({**state["partial_epoch"], "batches": -1}, "partial_epoch's batches must be a whole number from 1 to 2"),
+        ({**state["partial_epoch"], "batches": 1000}, "partial_epoch's batches must be a whole number from 1 to 2"),
+        ({**state["partial_epoch"], "examples": 51}, "partial_epoch's examples must be a whole number from 0 to 50"),
         ({**state["partial_epoch"], "sums": {"elbo": "x"}}, "partial_epoch's sums must map names to finite numbers"),
+        ({**state["partial_epoch"], "sums": {"elbo": 10**400}}, "partial_epoch's sums must map names to finite"),
+        ({**state["partial_epoch"], "sums": {}}, "partial_epoch's sums and interval do not fit its examples"),
+        ({**state["partial_epoch"], "seconds": 10**400}, "partial_epoch's seconds must be a number >= 0"),
         ({"epoch": 2}, "partial_epoch must be a JSON object with the keys"),
     ):
         fresh = stateful_trainer("vae", tmp_path / "other", checkpoint_minutes=1e-9)
@@ -144,7 +153,14 @@ def test_a_state_within_an_epoch_leaves_the_epochs_files_and_checks_its_progress
             fresh.restore(tensors, {**state, "partial_epoch": broken})
     no_saves = stateful_trainer("vae", tmp_path / "epochs", checkpoint_minutes=0)
     interrupt_at_step(no_saves, 4)
-    assert "partial_epoch" not in load_training_state(tmp_path / "epochs" / STATE_FILE)[1]
+    assert not (tmp_path / "epochs" / STATE_IN_EPOCH_FILE).exists()
+    # an epoch's end removes the state within it; one a crash left just before is older, and not resumed from
+    resumed = stateful_trainer("vae", tmp_path, checkpoint_minutes=1e-9)
+    resumed.restore(tensors, state)
+    resumed.fit()
+    assert not (tmp_path / STATE_IN_EPOCH_FILE).exists()
+    save_training_state(tmp_path / STATE_IN_EPOCH_FILE, tensors, state)
+    assert resume_state_file(tmp_path) == tmp_path / STATE_FILE
 
 
 def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):

@@ -12,7 +12,7 @@ from conftest import make_trainer
 
 from elbox.core.errors import ElboxError
 from elbox.data import load_split
-from elbox.io.checkpoint import STATE_FILE, WEIGHTS_FILE, load_training_state
+from elbox.io.checkpoint import STATE_FILE, STATE_IN_EPOCH_FILE, WEIGHTS_FILE, load_training_state
 from elbox.io.run_config import TrainConfig
 from elbox.training.objectives import beta_at
 from elbox.training.optimizer import make_optimizer
@@ -82,8 +82,10 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for k, v in tensors.items() if k.startswith("model."))
 
 
-def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path):
-    trainer, _ = small_run(tmp_path, epochs=1)
+@pytest.mark.parametrize("checkpoint_minutes", [0, 1e-9])
+def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path, checkpoint_minutes):
+    """Nor does a state saved within the diverging epoch (--checkpoint-minutes) stay behind to resume from."""
+    trainer, _ = small_run(tmp_path, epochs=1, checkpoint_minutes=checkpoint_minutes)
     good_weights, good_state = (tmp_path / WEIGHTS_FILE).read_bytes(), (tmp_path / STATE_FILE).read_bytes()
     trainer.config = dataclasses.replace(trainer.config, epochs=3)
     trainer.start_epoch = 2
@@ -92,6 +94,25 @@ def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path):
         trainer.fit()
     assert "--lr SMALLER" in str(error.value)
     assert (tmp_path / WEIGHTS_FILE).read_bytes() == good_weights and (tmp_path / STATE_FILE).read_bytes() == good_state
+    assert not (tmp_path / STATE_IN_EPOCH_FILE).exists()
+
+
+def test_a_run_that_diverges_in_its_first_epoch_after_a_state_within_it_saves_nothing(tmp_path):
+    trainer = make_trainer(
+        tmp_path, "vae", {"latent_dim": 3, "hidden_dims": [32]}, batch_size=20, lr=1e30, checkpoint_minutes=1e-9
+    )
+    saved, save = [], trainer.save_within_epoch
+
+    def save_and_look(*args):
+        save(*args)
+        saved.append((tmp_path / STATE_IN_EPOCH_FILE).exists())
+
+    trainer.save_within_epoch = save_and_look
+    with pytest.raises(ElboxError, match="no epoch finished with finite values"):
+        trainer.fit()
+    assert any(saved) and not any(
+        (tmp_path / name).exists() for name in (STATE_FILE, STATE_IN_EPOCH_FILE, WEIGHTS_FILE)
+    )
 
 
 def test_a_run_that_diverges_at_once_saves_no_weights(tmp_path):

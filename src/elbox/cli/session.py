@@ -65,8 +65,9 @@ def interrupted(argv: list[str]) -> str:
     if run_dir is None:
         return "elbox: interrupted"
     epochs = [r.get("epoch") for r in saved_records(Path(run_dir)) if r.get("kind") in ("epoch", "train_epoch", "fit")]
-    within = saved_state(Path(run_dir) / "state.safetensors").get("partial_epoch")
-    if isinstance(within, dict):  # a state saved within an epoch (--checkpoint-minutes)
+    # a state saved within the epoch after the last (--checkpoint-minutes; elbox.io.checkpoint.STATE_IN_EPOCH_FILE)
+    within = saved_state(Path(run_dir) / "state-in-epoch.safetensors").get("partial_epoch")
+    if isinstance(within, dict):
         state = f"a training state within epoch {within.get('epoch')}, after its batch {within.get('batches')}"
         held = f"epoch {epochs[-1]} (the last finished) and {state}" if epochs else state
     elif (Path(run_dir) / "state.safetensors").is_file() and epochs:
@@ -77,10 +78,10 @@ def interrupted(argv: list[str]) -> str:
 
 
 def saved_state(path: Path) -> dict:
-    """The training state's JSON (elbox.io.checkpoint's metadata entry), read without torch; {} if unreadable."""
+    """A training state's JSON (elbox.io.checkpoint.STATE_METADATA_KEY), read without torch; {} if unreadable."""
     from safetensors import SafetensorError, safe_open  # numpy's reader: the metadata only
 
-    with contextlib.suppress(SafetensorError, OSError, ValueError):
+    with contextlib.suppress(SafetensorError, OSError, ValueError, RecursionError):
         with safe_open(str(path), framework="np") as f:
             state = json.loads((f.metadata() or {}).get("elbox_training_state", "{}"))
             return state if isinstance(state, dict) else {}

@@ -8,6 +8,8 @@ A run directory holds
                          model, EMA and optimizer tensors and random-number-generator states as tensors;
                          step counters, optimizer hyperparameters, learning-rate schedule and the metrics
                          records as JSON in the file's metadata (one file, so they can never disagree)
+    state-in-epoch.safetensors   the same, saved within the epoch after (--checkpoint-minutes), with where that
+                         epoch stands; --resume prefers it while it is the newer; an epoch's end removes it
     metrics.jsonl        training curves, one JSON record per line
 Loading never unpickles: safetensors and JSON only.
 """
@@ -46,6 +48,7 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 BEST_WEIGHTS_FILE = "best.safetensors"
 STATE_FILE = "state.safetensors"
+STATE_IN_EPOCH_FILE = "state-in-epoch.safetensors"
 STATE_METADATA_KEY = "elbox_training_state"
 
 
@@ -155,6 +158,30 @@ def load_training_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise ElboxError(f"training state {path}: the metadata must be a JSON object")
     check_finite_tensors(tensors, f"training state {path}")
     return tensors, state
+
+
+def resume_state_file(run_dir: Path) -> Path:
+    """The training state --resume continues from: state-in-epoch.safetensors while it is newer (more steps) than
+    state.safetensors (a crash can come between an epoch's state and the removal of the one within it)."""
+    in_epoch, last = run_dir / STATE_IN_EPOCH_FILE, run_dir / STATE_FILE
+    if not in_epoch.exists() or last.exists() and state_step(last) >= state_step(in_epoch):
+        return last
+    return in_epoch
+
+
+def state_step(path: Path) -> int:
+    """The optimizer step a training state was saved at, from its metadata alone (the tensors are not read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = parse_json(
+                (f.metadata() or {}).get(STATE_METADATA_KEY, "{}"), f"training state {path} has malformed JSON metadata"
+            )
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ElboxError(f"training state {path} is corrupt or not a safetensors file: {e}") from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if type(step) is not int:
+        raise ElboxError(f"training state {path}: step must be a whole number, got {short_repr(step)}")
+    return step
 
 
 def write_run_config(

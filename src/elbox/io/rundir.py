@@ -1,8 +1,9 @@
 """Run directories as elbox's own: created or reused only when safe, locked while a process writes them.
 
 A new run goes into a directory that does not exist, is empty, or holds a run that never saved a checkpoint (a
-config.json and nothing trained: a run killed in its first epoch, or a mixture fit killed part-way, restarts
-there). A directory of other files is refused, so elbox never writes over, or deletes, a file it did not create.
+config.json and nothing trained: a run killed in its first epoch before any checkpoint, or a mixture fit killed
+part-way, restarts there). A directory of other files is refused, so elbox never writes over, or deletes, a file
+it did not create.
 
 While `elbox train` or `--resume` runs, it holds an exclusive lock (flock) on the directory itself, so a second
 writer of the same directory stops with a clear message instead of mixing one run's config with the other's
@@ -20,9 +21,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from elbox.core.errors import ElboxError
-from elbox.io.checkpoint import BEST_WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, STATE_FILE, WEIGHTS_FILE
+from elbox.io.checkpoint import (
+    BEST_WEIGHTS_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    STATE_IN_EPOCH_FILE,
+    WEIGHTS_FILE,
+)
 
-TRAINED_FILES = (WEIGHTS_FILE, BEST_WEIGHTS_FILE, STATE_FILE)
+TRAINED_FILES = (WEIGHTS_FILE, BEST_WEIGHTS_FILE, STATE_FILE, STATE_IN_EPOCH_FILE)
 TRAINING_FILES = (CONFIG_FILE, *TRAINED_FILES, METRICS_FILE, "samples.png")
 # elbox.io.atomic's temporary files: ".NAME." + tempfile's 8 random characters + ".tmp"
 _TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")

@@ -97,12 +97,6 @@ def last_good_checkpoint(trainer: Any) -> str:
     """Where the run's last finite checkpoint is, in words."""
     if trainer.run_dir is None:
         return "no run directory was written"
-    within = trainer.saved_within  # (epoch, batches) of a state saved within an epoch since the last epoch's end
-    if within is not None:
-        state = f"{STATE_FILE} holds a training state within epoch {within[0]}, after its batch {within[1]}"
-        if trainer.saved_epoch == 0:
-            return f"no epoch finished with finite values; in {trainer.run_dir}, {state}"
-        return f"the last good epoch, {trainer.saved_epoch}, is in {trainer.run_dir} ({WEIGHTS_FILE}), and {state}"
     if trainer.saved_epoch == 0:
         return "no epoch finished with finite values, so no checkpoint was saved"
     return (

@@ -16,7 +16,7 @@ from elbox.core.options import config_from_dict
 from elbox.data.inputs import run_data
 from elbox.data.preprocessing import Preprocessing
 from elbox.io.atomic import atomic_write_json
-from elbox.io.checkpoint import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_training_state, read_run_config
+from elbox.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_training_state, read_run_config, resume_state_file
 from elbox.io.run_config import TrainConfig, config_dict
 from elbox.io.rundir import remove_stale_temporaries, run_directory
 from elbox.models.base import Callback, build_model
@@ -45,9 +45,10 @@ def resume(
     callback: Callback | None = None,
     epochs: int | None = None,
 ) -> Run:
-    """Continue a run from its last good checkpoint (state.safetensors) with its own settings, bit for bit on CPU.
+    """Continue a run from its last good checkpoint (state.safetensors, or state-in-epoch.safetensors within the
+    epoch after) with its own settings, bit for bit on CPU.
     epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics; a
-    cosine learning rate then follows the longer run's cosine from the current step (Trainer.extend). A model fitted
+    cosine learning rate then follows the longer run's cosine from the current step (extend_run). A model fitted
     in one go (a mixture fit killed part-way) is fitted again from the start."""
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
@@ -83,7 +84,7 @@ def resume(
 
 def extended_config(out: Path, config: dict, epochs: Any) -> dict:
     """The run's config with `epochs` more than it had, written to its config.json (checked: a model trained by
-    gradient, no max_steps). The trainer extends the restored run to it (Trainer.extend)."""
+    gradient, no max_steps). The trainer extends the restored run to it (extend_run)."""
     settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
     epochs = config_from_dict(TrainConfig, {**config_dict(settings), "epochs": epochs}, "training settings").epochs
     if not build_model(config["model"], config["model_config"]).trains_by_gradient:
@@ -120,12 +121,13 @@ def resume_training(
     train_images, val_images, _ = run_data(data, settings.seed)
     model.preprocessing = Preprocessing.from_record(data)
     space = model.preprocessing.space
-    if (out / STATE_FILE).exists():  # the restored state overwrites the weights (--init-from's run may be gone)
+    state_file = resume_state_file(out)  # the last epoch's, or a newer one within the epoch after
+    if state_file.exists():  # the restored state overwrites the weights (--init-from's run may be gone)
         initialize_from_data(model, space, train_images, settings.seed)
     else:  # as the new run did
         initialize(model, space, train_images, settings)
-    what = f"training state {out / STATE_FILE}"
-    tensors, state = load_training_state(out / STATE_FILE) if (out / STATE_FILE).exists() else ({}, None)
+    what = f"training state {state_file}"
+    tensors, state = load_training_state(state_file) if state_file.exists() else ({}, None)
     # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says
     saved = saved_train_config(state, what) if state is not None else settings
     if dataclasses.replace(saved, epochs=settings.epochs) == settings and saved.epochs < settings.epochs:

@@ -46,6 +46,8 @@ class EpochProgress:
     sums: dict[str, float] = dataclasses.field(default_factory=dict)  # each term times the examples of its step
     interval_examples: int = 0  # the same since the last training record
     interval: dict[str, float] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0  # spent on the epoch so far, and since the last training record (for the rates logged)
+    interval_seconds: float = 0.0
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "shuffle_state"}
@@ -125,7 +127,6 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         partial = state.get("partial_epoch")  # a state saved within an epoch
         if partial is not None:
             trainer.resume_progress = EpochProgress(**partial, shuffle_state=tensors["rng.shuffle"])
-            trainer.saved_within = (partial["epoch"], partial["batches"])
     except ElboxError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -166,7 +167,7 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
     ):
         raise ElboxError(f'{what}: records must be a list of JSON objects with a "kind", got {short_repr(records)}')
     if state.get("partial_epoch") is not None:
-        _check_partial_epoch(state["partial_epoch"], state["epoch"] + 1, what)
+        _check_partial_epoch(state["partial_epoch"], trainer, state, what)
     current = _as_json(trainer.optimizer.state_dict()["param_groups"])
     groups = field(state, "optimizer_param_groups", what)
     if not isinstance(groups, list) or len(groups) != len(current):
@@ -185,22 +186,39 @@ def check_state(trainer: Any, state: dict, what: str) -> None:
             )
 
 
-def _check_partial_epoch(partial: Any, epoch: int, what: str) -> None:
-    """ElboxError unless `partial` is an EpochProgress's JSON for `epoch` (the one after the state's last)."""
+def _check_partial_epoch(partial: Any, trainer: Any, state: dict, what: str) -> None:
+    """ElboxError unless `partial` is an EpochProgress's JSON for the epoch after the state's, consistent with the
+    state's step count and the trainer's batches."""
     names = {f.name for f in dataclasses.fields(EpochProgress)} - {"shuffle_state"}
     if not isinstance(partial, dict) or set(partial) != names:
         raise ElboxError(f"{what}: partial_epoch must be a JSON object with the keys {sorted(names)}")
-    if partial["epoch"] != epoch or type(partial["epoch"]) is not int:
-        raise ElboxError(f"{what}: partial_epoch is of epoch {short_repr(partial['epoch'])}, not {epoch}")
-    for key in ("batches", "examples", "interval_examples"):
-        if type(partial[key]) is not int or not 0 <= partial[key] <= MAX_SEED:
+    if partial["epoch"] != state["epoch"] + 1 or type(partial["epoch"]) is not int:
+        raise ElboxError(f"{what}: partial_epoch is of epoch {short_repr(partial['epoch'])}, not {state['epoch'] + 1}")
+    limits = {  # batches: at least one done, and not the epoch's last (its end saves the epoch)
+        "batches": (1, min(trainer.steps_per_epoch - 1, state["step"])),
+        "examples": (0, partial["batches"] * trainer.config.batch_size if type(partial["batches"]) is int else 0),
+        "interval_examples": (0, partial["examples"] if type(partial["examples"]) is int else 0),
+    }
+    for key, (low, high) in limits.items():
+        if type(partial[key]) is not int or not low <= partial[key] <= high:
             raise ElboxError(
-                f"{what}: partial_epoch's {key} must be a whole number >= 0, got {short_repr(partial[key])}"
+                f"{what}: partial_epoch's {key} must be a whole number from {low} to {high}, "
+                f"got {short_repr(partial[key])}"
             )
+    for key in ("seconds", "interval_seconds"):
+        if not _is_float(partial[key]) or partial[key] < 0:
+            raise ElboxError(f"{what}: partial_epoch's {key} must be a number >= 0, got {short_repr(partial[key])}")
     for key in ("sums", "interval"):
         sums = partial[key]
-        if not isinstance(sums, dict) or not all(_kind(v) in ("int", "float") for v in sums.values()):
+        if not isinstance(sums, dict) or not all(_is_float(v) for v in sums.values()):
             raise ElboxError(f"{what}: partial_epoch's {key} must map names to finite numbers, got {short_repr(sums)}")
+    if not set(partial["interval"]) <= set(partial["sums"]) or bool(partial["sums"]) != (partial["examples"] > 0):
+        raise ElboxError(f"{what}: partial_epoch's sums and interval do not fit its examples")
+
+
+def _is_float(value: Any) -> bool:
+    """A finite JSON number that float64 holds exactly enough: a float, or a whole number up to 2**53."""
+    return _kind(value) == "float" or (type(value) is int and abs(value) <= 2**53)
 
 
 def _check_entries(saved: Any, current: dict, settings: tuple[str, ...], what: str) -> None:

@@ -57,6 +57,7 @@ from elbox.io.checkpoint import (
     BEST_WEIGHTS_FILE,
     METRICS_FILE,
     STATE_FILE,
+    STATE_IN_EPOCH_FILE,
     WEIGHTS_FILE,
     save_training_state,
     save_weights,
@@ -81,6 +82,7 @@ from elbox.training.validation import validate
 LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 MAX_STEPS = 2**63 - 1
+POSTFIX = {"elbo": "elbo", "rec": "reconstruction", "kl": "kl", "obj": "objective"}  # the epoch bar's numbers
 PREVIEW = 500  # validation examples held in memory for pictures when the validation data are streamed
 
 
@@ -174,7 +176,6 @@ class Trainer:
         self.skipped_large_grad = 0  # gradient norm above grad_skip_threshold
         self.recent_nonfinite: deque[bool] = deque(maxlen=2 * config.max_nonfinite)  # of the last steps, across epochs
         self.saved_epoch = 0  # the last epoch written to the run directory
-        self.saved_within: tuple[int, int] | None = None  # (epoch, batches done) of a state saved since, within one
         self.records: list[dict] = []
         self.start_epoch = 1
         self.resume_progress: EpochProgress | None = None  # of the start epoch, from a state saved within it
@@ -232,10 +233,11 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One pass over the training set, or the rest of the pass a state saved within the epoch stopped in."""
         self.model.train()
-        progress = self.resume_progress or EpochProgress(epoch, self.shuffle_generator.get_state())
-        self.resume_progress = None
-        start = interval_start = time.perf_counter()
-        examples_before = progress.examples  # of a resumed epoch
+        progress, self.resume_progress = self.resume_progress, None
+        if progress is None or progress.epoch != epoch:
+            progress = EpochProgress(epoch, self.shuffle_generator.get_state())
+        now = time.perf_counter()  # a resumed epoch's clocks go on from what its state had counted
+        start, interval_start = now - progress.seconds, now - progress.interval_seconds
         # a last batch too small to share is skipped by every process
         batches = [
             idx
@@ -279,6 +281,7 @@ class Trainer:
             if values == "nonfinite":
                 self.skipped_steps += 1
                 if sum(self.recent_nonfinite) >= self.config.max_nonfinite:
+                    self.discard_state_in_epoch()
                     raise ElboxError(
                         f"training diverged: {sum(self.recent_nonfinite)} of the last {len(self.recent_nonfinite)} "
                         f"steps had a non-finite loss or gradient (stopped at step {self.step}, limit "
@@ -296,21 +299,15 @@ class Trainer:
                 record = self.record_interval(
                     progress, epoch, beta, lr, progress.interval_examples / (now - interval_start)
                 )
-                bar.set_postfix(
-                    elbo=f"{record['elbo']:.2f}",
-                    rec=f"{record['reconstruction']:.2f}",
-                    kl=f"{record['kl']:.2f}",
-                    obj=f"{record['objective']:.2f}",
-                    beta=f"{beta:.2f}",
-                    img_s=f"{record['images_per_s']:.0f}",
-                )
+                shown = {short: f"{record[name]:.2f}" for short, name in POSTFIX.items()}
+                bar.set_postfix(shown | {"beta": f"{beta:.2f}", "img_s": f"{record['images_per_s']:.0f}"})
                 interval_start = now
-            if progress.batches < len(batches) and self.checkpoint_due():
-                self.save_within_epoch(progress)
+            if progress.batches < len(batches):  # the epoch's last batch ends in the epoch's checkpoint
+                self.save_within_epoch(progress, start, interval_start)
         bar.close()
         elapsed = time.perf_counter() - start
         summary = {f"train_{k}": v / max(progress.examples, 1) for k, v in progress.sums.items()}
-        summary.update(images_per_s=(progress.examples - examples_before) / elapsed, epoch_time_s=elapsed)
+        summary.update(images_per_s=progress.examples / elapsed, epoch_time_s=elapsed)
         return summary
 
     def record_interval(self, progress: EpochProgress, epoch: int, beta: float, lr: float, rate: float) -> dict:
@@ -356,20 +353,26 @@ class Trainer:
         if self.config.logger != "none":
             atomic_write_jsonl(self.run_dir / METRICS_FILE, self.records)
         save_training_state(self.run_dir / STATE_FILE, *self.training_state(epoch))
-        self.saved_epoch, self.saved_within, self.last_save = epoch, None, time.perf_counter()
+        self.discard_state_in_epoch()  # after the epoch's state: a crash between leaves the older one (fewer steps)
+        self.saved_epoch, self.last_save = epoch, time.perf_counter()
 
-    def checkpoint_due(self) -> bool:
-        """Whether checkpoint_minutes have passed since the last save."""
-        minutes = self.config.checkpoint_minutes
-        return minutes > 0 and time.perf_counter() - self.last_save >= 60 * minutes
-
-    def save_within_epoch(self, progress: EpochProgress) -> None:
-        """The training state alone, with where the epoch stands; model.safetensors, best.safetensors and
-        metrics.jsonl stay the last epoch's. Weights that are not finite are not saved (the epoch's end says why)."""
-        self.last_save = time.perf_counter()
+    def save_within_epoch(self, progress: EpochProgress, start: float, interval_start: float) -> None:
+        """Every checkpoint_minutes, the training state with where the epoch stands (its clocks started at `start`
+        and `interval_start`), in its own file: the last epoch's files stay, for a divergence to fall back on.
+        Weights that are not finite are not saved (the epoch's end says why)."""
+        now, minutes = time.perf_counter(), self.config.checkpoint_minutes
+        if minutes == 0 or now - self.last_save < 60 * minutes:
+            return
+        progress.seconds, progress.interval_seconds, self.last_save = now - start, now - interval_start, now
         if self.rank == 0 and self.run_dir is not None and weights_are_finite(self.model, self.eval_model):
-            save_training_state(self.run_dir / STATE_FILE, *pack_training_state(self, progress.epoch - 1, progress))
-            self.saved_within = (progress.epoch, progress.batches)
+            path = self.run_dir / STATE_IN_EPOCH_FILE
+            save_training_state(path, *pack_training_state(self, progress.epoch - 1, progress))
+
+    def discard_state_in_epoch(self) -> None:
+        """Remove the state saved within the epoch (after the epoch's own, or when the epoch diverged)."""
+        path = None if self.run_dir is None or self.rank != 0 else self.run_dir / STATE_IN_EPOCH_FILE
+        if path is not None and path.is_file() and not path.is_symlink():
+            path.unlink()
 
     @property
     def total_steps(self) -> int:
@@ -412,7 +415,7 @@ class Trainer:
         """Train from start_epoch (1, or the epoch after a restored state) to the configured epochs or max_steps;
         after each epoch validate (see validates) and checkpoint. Returns the last epoch record."""
         record: dict = {}
-        warn_if_schedule_outlasts_run(self.config, self.steps_per_epoch, self.total_steps)  # after any extend()
+        warn_if_schedule_outlasts_run(self.config, self.steps_per_epoch, self.total_steps)  # after any extend_run()
         self.clock = (time.perf_counter(), self.step)
         for epoch in range(self.start_epoch, self.config.epochs + 1):
             if self.steps_capped:
@@ -426,7 +429,11 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "skipped_large_grad": self.skipped_large_grad,
             }
-            check_finite(self, record)
+            try:
+                check_finite(self, record)
+            except ElboxError:
+                self.discard_state_in_epoch()
+                raise
             self.records.append(record)
             bound = record.get(selection_key(self.config, self.records), -math.inf)  # best kept: best_val_elbo
             is_best, self.best_val_elbo = validated and bound > self.best_val_elbo, max(self.best_val_elbo, bound)
