@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -177,6 +178,22 @@ def test_the_published_models_have_the_reference_parameter_counts():
     assert sum(p.numel() for p in vae.parameters()) == 1_508_864
     conv = build_model("hvae", {"data_shape": [1, 28, 28], "hvae_type": "conv-skip", **nets})
     assert sum(p.numel() for p in conv.parameters()) == 2_210_861
+
+
+def test_every_row_config_is_a_valid_run_config_of_the_protocol():
+    """benchmarks/reproduce/ROW.json, as `elbox train --config` reads it: the protocol's batch 100, lr 5e-4, 50,000 /
+    10,000 split, early stopping with patience 51, gated 300-unit layers and 40-dimensional latents."""
+    from elbox.io.checkpoint import checked_run_config
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce"
+    rows = sorted(root.glob("*.json"))
+    assert {p.stem for p in rows} >= {"vae", "vae-vamp", "hvae", "hvae-vamp", "convhvae", "hvae-iwae", "hvae-vamp-iwae"}
+    for path in rows:
+        config = checked_run_config(json.loads(path.read_text()), str(path))
+        train, model = config["train"], config["model_config"]
+        assert (train["batch_size"], train["lr"], train["patience"]) == (100, 5e-4, 51), path
+        assert config["data"]["validation_size"] == 10_000 and model["activation"] == "gated", path
+        assert model.get("latent_dims", [model.get("latent_dim")] * 2) == [40, 40], path
 
 
 def stopped(patience: int, val_elbos: list[float], warmup: float = 0.0, val_iwaes: list[float] | None = None):
