@@ -426,10 +426,12 @@ def test_ctrl_c_within_an_epoch_names_the_state_and_resume_continues_after_its_b
         )
     )
     monkeypatch.setattr(Trainer, "training_step", step)
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    # how often a state is saved may change on resume (it changes no number), and config.json records it
+    assert main(["train", "--resume", str(run), "--no-progress", "--checkpoint-minutes", "0"]) == 0
     assert f"resuming {run} within epoch 2 of 2, after its batch 1 (step " in capsys.readouterr().err
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").open()) if r["kind"] == "epoch"] == [1, 2]
-    assert json.loads((run / "config.json").read_text())["train"]["checkpoint_minutes"] == 1e-9
+    assert json.loads((run / "config.json").read_text())["train"]["checkpoint_minutes"] == 0
+    assert "drop --lr" in error_of(capsys, ["train", "--resume", str(run), "--checkpoint-minutes", "1", "--lr", "1"])
 
 
 def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_path, capsys, torch_threads):

@@ -154,19 +154,20 @@ def cmd_train(argv: list[str]) -> int:
     set_threads(args.threads or (replayed_threads(read_json(replayed, "run config")) if replayed else None))
 
     if args.resume:
-        extend = "epochs" in given_options(parser, argv)
+        changes = {"epochs", "checkpoint_minutes"} & given_options(parser, argv)  # what a resume may change
         given = sorted(
-            k
-            for k, v in vars(args).items()
-            if k not in RESUME_OPTIONS and v != parser.get_default(k) and not (k == "epochs" and extend)
+            k for k, v in vars(args).items() if k not in RESUME_OPTIONS | changes and v != parser.get_default(k)
         )
         if given:
             raise ElboxError(
-                f"--resume takes every setting from the run's config.json (only --epochs N extends it); "
-                f"drop {', '.join('--' + k.replace('_', '-') for k in given)}"
+                f"--resume takes every setting from the run's config.json (only --epochs N extends it, and "
+                f"--checkpoint-minutes M may change); drop {', '.join('--' + k.replace('_', '-') for k in given)}"
             )
         run = elbox.resume(
-            args.resume, device=args.device, progress=not args.no_progress, epochs=args.epochs if extend else None
+            args.resume,
+            device=args.device,
+            progress=not args.no_progress,
+            **{k: getattr(args, k) for k in changes},
         )
     else:
         if args.out is None:

@@ -44,12 +44,14 @@ def resume(
     verbose: bool = True,
     callback: Callback | None = None,
     epochs: int | None = None,
+    checkpoint_minutes: float | None = None,
 ) -> Run:
     """Continue a run from its last good checkpoint (state.safetensors, or state-in-epoch.safetensors within the
     epoch after) with its own settings, bit for bit on CPU.
     epochs: extend the run (finished or not) to this many epochs, recorded in its config.json and its metrics; a
     cosine learning rate then follows the longer run's cosine from the current step (extend_run). A model fitted
-    in one go (a mixture fit killed part-way) is fitted again from the start."""
+    in one go (a mixture fit killed part-way) is fitted again from the start. checkpoint_minutes: how often to save
+    the state within an epoch from now on (it does not change the run's numbers), recorded in its config.json."""
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
         config = read_run_config(out)
@@ -57,6 +59,8 @@ def resume(
         if epochs is not None:
             extended_from = config_from_dict(TrainConfig, config.get("train"), "training settings").epochs
             config = extended_config(out, config, epochs)
+        if checkpoint_minutes is not None:
+            config = with_checkpoint_minutes(out, config, checkpoint_minutes)
         if not build_model(config["model"], config["model_config"]).trains_by_gradient:  # the linear model's fit option
             if (out / WEIGHTS_FILE).exists():
                 raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
@@ -80,6 +84,16 @@ def resume(
         return resume_training(
             out, config, device, progress, verbose, with_summaries(callback) if verbose else callback, extended_from
         )
+
+
+def with_checkpoint_minutes(out: Path, config: dict, minutes: Any) -> dict:
+    """The run's config with another checkpoint_minutes (checked), written to its config.json."""
+    train = {**config.get("train", {}), "checkpoint_minutes": minutes}
+    minutes = config_from_dict(TrainConfig, train, "training settings").checkpoint_minutes
+    config = {**config, "train": {**train, "checkpoint_minutes": minutes}}
+    if is_main_process():
+        atomic_write_json(out / CONFIG_FILE, config)
+    return config
 
 
 def extended_config(out: Path, config: dict, epochs: Any) -> dict:
@@ -130,6 +144,7 @@ def resume_training(
     tensors, state = load_training_state(state_file) if state_file.exists() else ({}, None)
     # a run extended by resume(epochs=N) continues from a state of fewer epochs than its config.json now says
     saved = saved_train_config(state, what) if state is not None else settings
+    saved = dataclasses.replace(saved, checkpoint_minutes=settings.checkpoint_minutes)  # may change on resume
     if dataclasses.replace(saved, epochs=settings.epochs) == settings and saved.epochs < settings.epochs:
         settings, extend_to = saved, settings.epochs
     else:

@@ -93,7 +93,11 @@ def unpack_training_state(trainer: Any, tensors: dict[str, Tensor], state: dict,
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     try:
-        if saved_train_config(state, what) != trainer.config:  # fields added later take defaults
+        # fields added later take defaults; how often a state is saved does not change the run's numbers
+        saved = dataclasses.replace(
+            saved_train_config(state, what), checkpoint_minutes=trainer.config.checkpoint_minutes
+        )
+        if saved != trainer.config:
             raise ElboxError(f"{what} was written with other training settings than the run's config.json")
         check_state(trainer, state, what)
         check_tensors(part("model."), trainer.model.state_dict(), f"{what} (model tensors)")
