@@ -204,7 +204,8 @@ class Trainer:
             return "nonfinite"
         loss.backward()  # under DDP, gradients are averaged over the processes here
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
+        norms = torch._foreach_norm(grads)  # each tensor's, as get_total_norm computes them; reused to normalize
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms))
         skip = None
         if not torch.isfinite(grad_norm):
             skip = "nonfinite"
@@ -215,8 +216,9 @@ class Trainer:
             return skip
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, grad_norm)
+            norms = torch._foreach_norm(grads)
         if self.config.normalize_gradients:  # each tensor's gradient to unit L2 norm (the eps keeps a zero one finite)
-            torch._foreach_div_(grads, torch._foreach_add(torch._foreach_norm(grads), 1e-7))
+            torch._foreach_div_(grads, torch._foreach_add(norms, 1e-7))
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
