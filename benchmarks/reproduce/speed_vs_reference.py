@@ -191,12 +191,12 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "models": rows,
     }
-    out = (
-        ROOT
-        / "benchmarks"
-        / "results"
-        / f"reproduce-speed-{time.strftime('%Y-%m-%d')}{'-compile' if args.compile else ''}.json"
-    )
+    name = f"reproduce-speed-{time.strftime('%Y-%m-%d')}{'-compile' if args.compile else ''}"
+    out = ROOT / "benchmarks" / "results" / f"{name}.json"
+    runs = 1
+    while out.exists():  # a later run of the same day goes beside the earlier ones
+        runs += 1
+        out = out.with_name(f"{name}-run{runs}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
