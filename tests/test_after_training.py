@@ -432,6 +432,10 @@ def test_ctrl_c_within_an_epoch_names_the_state_and_resume_continues_after_its_b
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").open()) if r["kind"] == "epoch"] == [1, 2]
     assert json.loads((run / "config.json").read_text())["train"]["checkpoint_minutes"] == 0
     assert "drop --lr" in error_of(capsys, ["train", "--resume", str(run), "--checkpoint-minutes", "1", "--lr", "1"])
+    before = (run / "config.json").read_bytes()  # a change that fails a check changes nothing, the others neither
+    with pytest.raises(ElboxError, match="checkpoint_minutes"):
+        elbox.resume(run, epochs=3, checkpoint_minutes=-1, progress=False)
+    assert (run / "config.json").read_bytes() == before
 
 
 def test_the_thread_count_is_recorded_and_a_rerun_reproduces_bit_for_bit(tmp_path, capsys, torch_threads):

@@ -163,6 +163,30 @@ def test_a_state_within_an_epoch_leaves_the_epochs_files_and_checks_its_progress
     assert resume_state_file(tmp_path) == tmp_path / STATE_FILE
 
 
+def test_skipped_steps_do_not_put_off_the_state_within_an_epoch(tmp_path):
+    """Every step of this run is skipped (gradient norm above a tiny threshold); the state is still saved between
+    its batches."""
+    trainer = stateful_trainer("vae", tmp_path, checkpoint_minutes=1e-9, grad_skip_threshold=1e-12)
+    interrupt_at_step(trainer, 5)
+    assert trainer.skipped_large_grad == 5
+    assert load_training_state(tmp_path / STATE_IN_EPOCH_FILE)[1]["partial_epoch"]["batches"] == 2
+
+
+def test_ctrl_c_names_a_state_within_an_epoch_only_while_it_is_the_newer(tmp_path):
+    """A state within an epoch older than the last epoch's (a crash between the two writes) is not the one --resume
+    takes, so Ctrl-C does not name it."""
+    from elbox.cli.session import TRAINING_RUN, interrupted
+
+    trainer = stateful_trainer("vae", tmp_path, epochs=2, checkpoint_minutes=1e-9)
+    interrupt_at_step(trainer, 4)
+    TRAINING_RUN[:] = [str(tmp_path)]
+    assert "holds epoch 1 (the last finished) and a training state within epoch 2, after its batch 1" in interrupted(
+        ["train"]
+    )
+    save_training_state(tmp_path / STATE_FILE, *trainer.training_state(2))
+    assert "within epoch" not in interrupted(["train"])
+
+
 def test_best_checkpoint_holds_the_best_validation_epoch(tmp_path):
     trainer = stateful_trainer("vae", tmp_path, epochs=3)
     best = {}

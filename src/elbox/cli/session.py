@@ -66,7 +66,11 @@ def interrupted(argv: list[str]) -> str:
         return "elbox: interrupted"
     epochs = [r.get("epoch") for r in saved_records(Path(run_dir)) if r.get("kind") in ("epoch", "train_epoch", "fit")]
     # a state saved within the epoch after the last (--checkpoint-minutes; elbox.io.checkpoint.STATE_IN_EPOCH_FILE)
-    within = saved_state(Path(run_dir) / "state-in-epoch.safetensors").get("partial_epoch")
+    state, last = (
+        saved_state(Path(run_dir) / "state-in-epoch.safetensors"),
+        saved_state(Path(run_dir) / "state.safetensors"),
+    )
+    within = state.get("partial_epoch") if _steps(state) > _steps(last) else None  # the newer, as --resume takes
     if isinstance(within, dict):
         state = f"a training state within epoch {within.get('epoch')}, after its batch {within.get('batches')}"
         held = f"epoch {epochs[-1]} (the last finished) and {state}" if epochs else state
@@ -75,6 +79,11 @@ def interrupted(argv: list[str]) -> str:
     else:
         return f"elbox: interrupted before the first epoch was saved; nothing to continue in {run_dir}"
     return f"elbox: interrupted; {run_dir} holds {held}; continue with: elbox train --resume {shlex.quote(run_dir)}"
+
+
+def _steps(state: dict) -> int:
+    step = state.get("step", -1)
+    return step if type(step) is int else -1
 
 
 def saved_state(path: Path) -> dict:

@@ -166,8 +166,8 @@ class TrainConfig:
     log_every: int = option(50, "optimizer steps between training records in metrics.jsonl", minimum=1, maximum=10**9)
     checkpoint_minutes: float = option(
         10.0,
-        "within a long epoch, also save the training state (state.safetensors) every M minutes, so that --resume "
-        "continues from there, bit for bit; 0: at epoch ends only",
+        "within a long epoch, also save the training state (state-in-epoch.safetensors) every M minutes, so that "
+        "--resume continues from there, bit for bit; 0: at epoch ends only (may change on --resume)",
         minimum=0,
         maximum=10**6,
         metavar="M",

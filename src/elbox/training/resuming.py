@@ -54,13 +54,16 @@ def resume(
     the state within an epoch from now on (it does not change the run's numbers), recorded in its config.json."""
     out = Path(run_dir)
     with run_directory(out, new=False, lock=first_process()):
-        config = read_run_config(out)
+        config = changed = read_run_config(out)
         extended_from = None
         if epochs is not None:
             extended_from = config_from_dict(TrainConfig, config.get("train"), "training settings").epochs
-            config = extended_config(out, config, epochs)
+            changed = extended_config(out, changed, epochs)
         if checkpoint_minutes is not None:
-            config = with_checkpoint_minutes(out, config, checkpoint_minutes)
+            changed = with_checkpoint_minutes(changed, checkpoint_minutes)
+        if changed is not config and is_main_process():  # once both changes are checked
+            atomic_write_json(out / CONFIG_FILE, changed)
+        config = changed
         if not build_model(config["model"], config["model_config"]).trains_by_gradient:  # the linear model's fit option
             if (out / WEIGHTS_FILE).exists():
                 raise ElboxError(f"run {out} is complete: the {config['model']} model is fitted in one go")
@@ -86,19 +89,16 @@ def resume(
         )
 
 
-def with_checkpoint_minutes(out: Path, config: dict, minutes: Any) -> dict:
-    """The run's config with another checkpoint_minutes (checked), written to its config.json."""
+def with_checkpoint_minutes(config: dict, minutes: Any) -> dict:
+    """The run's config with another checkpoint_minutes (checked)."""
     train = {**config.get("train", {}), "checkpoint_minutes": minutes}
     minutes = config_from_dict(TrainConfig, train, "training settings").checkpoint_minutes
-    config = {**config, "train": {**train, "checkpoint_minutes": minutes}}
-    if is_main_process():
-        atomic_write_json(out / CONFIG_FILE, config)
-    return config
+    return {**config, "train": {**train, "checkpoint_minutes": minutes}}
 
 
 def extended_config(out: Path, config: dict, epochs: Any) -> dict:
-    """The run's config with `epochs` more than it had, written to its config.json (checked: a model trained by
-    gradient, no max_steps). The trainer extends the restored run to it (extend_run)."""
+    """The run's config with `epochs` more than it had (checked: a model trained by gradient, no max_steps). The
+    trainer extends the restored run to it (extend_run)."""
     settings = config_from_dict(TrainConfig, config.get("train"), "training settings")
     epochs = config_from_dict(TrainConfig, {**config_dict(settings), "epochs": epochs}, "training settings").epochs
     if not build_model(config["model"], config["model_config"]).trains_by_gradient:
@@ -110,10 +110,7 @@ def extended_config(out: Path, config: dict, epochs: Any) -> dict:
             f"run {out} is a quick run that ends at max_steps {settings.max_steps}; it cannot be extended "
             "by epochs: train a new run without --max-steps"
         )
-    config = {**config, "train": {**config.get("train", {}), "epochs": epochs}}
-    if is_main_process():
-        atomic_write_json(out / CONFIG_FILE, config)
-    return config
+    return {**config, "train": {**config.get("train", {}), "epochs": epochs}}
 
 
 def resume_training(

@@ -216,7 +216,7 @@ class Trainer:
             return skip
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.grad_clip, grad_norm)
-            norms = torch._foreach_norm(grads)
+            norms = torch._foreach_norm(grads) if self.config.normalize_gradients else norms  # of the clipped
         if self.config.normalize_gradients:  # each tensor's gradient to unit L2 norm (the eps keeps a zero one finite)
             torch._foreach_div_(grads, torch._foreach_add(norms, 1e-7))
         self.optimizer.step()
@@ -265,6 +265,8 @@ class Trainer:
             leave=True,
         )
         for (idx, (first, _)), local_images in bar:
+            if progress.batches > 0:  # between two batches, skipped steps included (the last ends in the epoch's)
+                self.save_within_epoch(progress, start, interval_start)
             bar.set_description_str(self.epoch_label(epoch), refresh=False)
             x = self.space.train_batch(
                 local_images, self.generator, part=(first, idx.numel()), perturb=self.config.perturb
@@ -304,8 +306,6 @@ class Trainer:
                 shown = {short: f"{record[name]:.2f}" for short, name in POSTFIX.items()}
                 bar.set_postfix(shown | {"beta": f"{beta:.2f}", "img_s": f"{record['images_per_s']:.0f}"})
                 interval_start = now
-            if progress.batches < len(batches):  # the epoch's last batch ends in the epoch's checkpoint
-                self.save_within_epoch(progress, start, interval_start)
         bar.close()
         elapsed = time.perf_counter() - start
         summary = {f"train_{k}": v / max(progress.examples, 1) for k, v in progress.sums.items()}
