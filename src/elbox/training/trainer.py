@@ -295,9 +295,9 @@ class Trainer:
             n = idx.numel()
             progress.examples += n
             progress.interval_examples += n
-            for k, v in values.items():
-                progress.sums[k] = progress.sums.get(k, 0.0) + v.item() * n
-                progress.interval[k] = progress.interval.get(k, 0.0) + v.item() * n
+            for k, v in ((k, v.item()) for k, v in values.items()):
+                progress.sums[k] = progress.sums.get(k, 0.0) + v * n
+                progress.interval[k] = progress.interval.get(k, 0.0) + v * n
             if self.step % self.config.log_every == 0:
                 now = time.perf_counter()
                 record = self.record_interval(
