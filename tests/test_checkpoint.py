@@ -31,6 +31,7 @@ from elbox.io.checkpoint import (
     resume_state_file,
     save_training_state,
 )
+from elbox.io.run_config import TrainConfig
 from elbox.models import build_model
 from elbox.training.trainer import Trainer
 
@@ -107,6 +108,7 @@ def interrupt_at_step(trainer: Trainer, step: int) -> None:
 def test_resume_within_an_epoch_continues_bit_for_bit(tmp_path, name):
     """checkpoint_minutes near 0 saves the training state after every step but an epoch's last; a run killed in its
     second epoch after one step resumes after that step and ends as the uninterrupted run, to the last bit."""
+    assert TrainConfig().checkpoint_minutes == 10  # the README's "every 10 minutes"
     every_step = dict(checkpoint_minutes=1e-9)
     reference = stateful_trainer(name, tmp_path / "reference", **every_step)
     reference.fit()

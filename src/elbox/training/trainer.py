@@ -292,10 +292,11 @@ class Trainer:
                         f"{self.config.max_nonfinite}); {last_good_checkpoint(self)}. {RETRY}"
                     )
                 continue
+            values = {k: v.item() for k, v in values.items()}
             n = idx.numel()
             progress.examples += n
             progress.interval_examples += n
-            for k, v in ((k, v.item()) for k, v in values.items()):
+            for k, v in values.items():
                 progress.sums[k] = progress.sums.get(k, 0.0) + v * n
                 progress.interval[k] = progress.interval.get(k, 0.0) + v * n
             if self.step % self.config.log_every == 0:
