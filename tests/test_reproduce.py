@@ -124,6 +124,39 @@ def test_skip_hvae_log_weights_match_torch_distributions_term_by_term(activation
     assert torch.allclose(kl["z1"], analytic, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
+        ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8], "prior": "vamp", "pseudo_inputs": 7}),
+    ],
+)
+def test_vamp_components_are_encoded_once_per_importance_sampling_stream(name, config):
+    """A sampler's passes share the pseudo-inputs' posteriors (encoding them costs as much as a pass of samples), and
+    its log weights equal those with log p(z) recomputed from the pseudo-inputs on every draw."""
+    torch.manual_seed(0)
+    m = build_model(name, config).eval()
+    x = binary(4)
+    encoder = m.encoder_z2 if name == "hvae" else m.encoder
+    calls = []
+    encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        torch.manual_seed(1)
+        draw = m.log_weights_sampler(x)
+        log_w = torch.cat([draw(3), draw(3), draw(2)])
+        assert calls.count(7) == 1  # the pseudo-inputs, once for three passes
+        torch.manual_seed(1)
+        if name == "hvae":
+            (mean, std), x_parts, _ = m.prepare(x)
+            recomputed = lambda z: m.vamp.log_prob(m.posterior_top, z)  # noqa: E731
+            prepared = ((mean, std), x_parts, recomputed)
+            expected = torch.cat([m.draw(prepared, x, n).log_w for n in (3, 3, 2)])
+        else:
+            mean, std = m.posterior_params(x)
+            expected = torch.cat([m._draw_log_weights(x, mean, std, n, False, m.prior_log_prob)[2] for n in (3, 3, 2)])
+    torch.testing.assert_close(log_w, expected)
+
+
 def test_three_level_skip_hvae_log_weights_match_torch_distributions_term_by_term():
     """z3 ~ q(z3|x), z2 ~ q(z2|x,z3), z1 ~ q(z1|x,z2); log w = log p(x|z1,z2) + log p(z1|z2) + log p(z2|z3) + log p(z3)
     - the three log q; each level's KL term is the analytic KL at the drawn level above."""

@@ -30,10 +30,11 @@ LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 # The memory bound of one evaluation pass, in decoder output elements (samples x examples x elements per sample).
-# On a CPU: 2**22 (16 MiB of float32 per temporary) keeps an MLP's temporaries cache-sized (2**25 was measured 1.3x
-# slower for the MLP VAE), but convolutional nets want batches of images: at least CPU_MIN_PASS_IMAGES per pass
-# (the conv HVAE's IWAE ran 1.5x faster with 112 images per pass than with 28, and slower again with 448).
-CPU_MAX_DECODER_ELEMENTS = 2**22
+# On a CPU: 2**20 (4 MiB of float32 per temporary) keeps an MLP's temporaries in cache: IWAE ran 20 % faster than
+# with 2**22 for the MLP VAE and the 2-level HVAE, the same at 2**19 and 2**21 (benchmarks/results/speed.md, "pass
+# size"; 2**25 was 1.3x slower than 2**22). Convolutional nets want batches of images: at least CPU_MIN_PASS_IMAGES
+# per pass (the conv HVAE's IWAE ran 1.5x faster with 112 images per pass than with 28, and slower again with 448).
+CPU_MAX_DECODER_ELEMENTS = 2**20
 CPU_MIN_PASS_IMAGES = 128
 # float32 temporaries of decoder-output size alive at once in a pass (activations, logits, log-density terms),
 # with headroom: the bound allots each pass at most 1/LIVE_TEMPORARIES of the memory available
@@ -209,8 +210,9 @@ def retry_on_out_of_memory(run, what: str):
 
 
 # Samples x examples x elements of one scoring pass: fixed, not read from the memory free now, because how many
-# samples a pass draws changes the draws; so an image's score is the same on every call (on one kind of device).
-SCORE_PASS_ELEMENTS = CPU_MAX_DECODER_ELEMENTS
+# samples a pass draws changes the draws; so an image's score is the same on every call (on one kind of device), and
+# in every version since scores were seeded (the evaluation's bound was 2**22 then: CPU_MAX_DECODER_ELEMENTS).
+SCORE_PASS_ELEMENTS = 2**22
 
 
 @torch.no_grad()

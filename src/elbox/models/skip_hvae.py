@@ -25,6 +25,7 @@ above z2 reach x through z2. Each level's KL term is the closed form at the draw
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,10 +129,11 @@ class SkipHVAE(HVAE):
         out = self.decoder(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]))
         return self._params_shape(out, batch)
 
-    def top_log_prob(self, z: Tensor) -> Tensor:
+    def top_density(self) -> Callable[[Tensor], Tensor]:
+        """z_T -> log p(z_T); a VampPrior's components computed once, for every pass of a sampler."""
         if self.config.top_prior == "vamp":
-            return self.vamp.log_prob(self.posterior_top, z)
-        return standard_normal_log_prob(z)
+            return self.vamp.density(self.posterior_top)
+        return standard_normal_log_prob
 
     # -- the HVAE interface ----------------------------------------------------------------------
 
@@ -146,17 +148,22 @@ class SkipHVAE(HVAE):
         features = self.x_branch(t, x)
         return F.linear(features, linear.weight[:, : features.shape[-1]], linear.bias)
 
-    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], list[Tensor]]:
-        """What depends on x alone: q(z_T|x)'s parameters and x's part of each q(z_t|x,z_{t+1}), z1's first."""
-        return self.posterior_top(x), [self.x_part(t, x) for t in range(1, self.config.levels)]
+    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], list[Tensor], Callable[[Tensor], Tensor]]:
+        """What does not depend on the draws: q(z_T|x)'s parameters, x's part of each q(z_t|x,z_{t+1}) (z1's first)
+        and log p(z_T) (top_density)."""
+        return self.posterior_top(x), self.x_parts(x), self.top_density()
+
+    def x_parts(self, x: Tensor) -> list[Tensor]:
+        """x_part of each level below the top, z1's first."""
+        return [self.x_part(t, x) for t in range(1, self.config.levels)]
 
     def draw(self, prepared, x: Tensor, n: int) -> Draws:
         """n joint draws z_T ~ q(z_T|x), then z_t ~ q(z_t|x,z_{t+1}) down to z1: Draws(log p(x|z1,z2) [n, B], {"z1",
         ..., "zT": terms [n or 1, B]}, log weights [n, B])."""
-        (mean, std), x_parts = prepared
+        (mean, std), x_parts, top_log_prob = prepared
         top = self.config.levels
         z, eps = sample_diag_gaussian(mean, std, n)
-        zs, log_q, log_p = {top: z}, {top: diag_gaussian_log_prob_from_noise(eps, std)}, {top: self.top_log_prob(z)}
+        zs, log_q, log_p = {top: z}, {top: diag_gaussian_log_prob_from_noise(eps, std)}, {top: top_log_prob(z)}
         standard = self.config.top_prior == "standard"
         kl = {top: kl_diag_gaussians(mean, std).sum(-1)[None] if standard else log_q[top] - log_p[top]}
         for t in range(top - 1, 0, -1):
@@ -176,11 +183,11 @@ class SkipHVAE(HVAE):
     def draw_above(self, prepared, x: Tensor, n: int, k: int) -> Tensor:
         """Log weights [n, B] of L^{>k}: the levels above k from q, weighted by p / q, and z_k .. z1 from the prior
         given the level above; k = T draws every level from the prior."""
-        (mean, std), x_parts = prepared
+        (mean, std), x_parts, top_log_prob = prepared
         top = self.config.levels
         if k < top:
             z, eps = sample_diag_gaussian(mean, std, n)
-            log_ratio = self.top_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
+            log_ratio = top_log_prob(z) - diag_gaussian_log_prob_from_noise(eps, std)
         else:
             z, log_ratio = self.top_prior_draw(n * x.shape[0], 1.0).reshape(n, x.shape[0], -1), 0.0
         zs = {top: z}
@@ -205,7 +212,7 @@ class SkipHVAE(HVAE):
 
     def level_moments(self, x: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Mean and variance of q(z_T|x), then of each q(z_t|x, E z_{t+1}) down the levels; z1 first."""
-        (mean, std), x_parts = self.prepare(x)
+        (mean, std), x_parts = self.posterior_top(x), self.x_parts(x)
         moments = {self.config.levels: (mean, std.square())}
         for t in range(self.config.levels - 1, 0, -1):
             mean, std = self.posterior(t, x_parts[t - 1], mean)

@@ -204,9 +204,13 @@ class VAE(LikelihoodModel, LatentVariableModel):
 
     def prior_log_prob(self, z: Tensor) -> Tensor:
         """log p(z) [*batch] for latents [*batch, d]: the standard normal, or the VampPrior."""
+        return self.prior_density()(z)
+
+    def prior_density(self) -> Callable[[Tensor], Tensor]:
+        """z -> log p(z); the VampPrior's components computed once, for every pass of a sampler."""
         if self.config.prior == "vamp":
-            return self.vamp.log_prob(self.posterior_params, z)
-        return standard_normal_log_prob(z)
+            return self.vamp.density(self.posterior_params)
+        return standard_normal_log_prob
 
     @classmethod
     def from_config(cls, config: VAEConfig, encoder: nn.Module | None = None, decoder: nn.Module | None = None) -> VAE:
@@ -280,9 +284,10 @@ class VAE(LikelihoodModel, LatentVariableModel):
         elbox.core.bounds): same values, but q's parameters get gradient only through the draws z.
         """
         mean, std = self.posterior_params(x)
+        log_prior = self.prior_density()
 
         def draw(n: int) -> Tensor:
-            return self._draw_log_weights(x, mean, std, n, detach_posterior_params)[2]
+            return self._draw_log_weights(x, mean, std, n, detach_posterior_params, log_prior)[2]
 
         return draw
 
@@ -290,7 +295,8 @@ class VAE(LikelihoodModel, LatentVariableModel):
         """k reparameterized draws per example with their log weights, for the IWAE training objective."""
         check_count(k, "the number of importance samples K")
         mean, std = self.posterior_params(x)
-        z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params)
+        log_prior = self.prior_density()
+        z, log_px_given_z, log_w = self._draw_log_weights(x, mean, std, k, detach_posterior_params, log_prior)
         if self.config.prior == "standard":
             kl = kl_diag_gaussians(mean, std).sum(-1)
         else:  # the VampPrior's, estimated on the draws
@@ -299,16 +305,23 @@ class VAE(LikelihoodModel, LatentVariableModel):
         return ImportanceSamples(log_w=log_w, z=z, terms=terms)
 
     def _draw_log_weights(
-        self, x: Tensor, mean: Tensor, std: Tensor, n: int, detach_posterior_params: bool
+        self,
+        x: Tensor,
+        mean: Tensor,
+        std: Tensor,
+        n: int,
+        detach_posterior_params: bool,
+        log_prior: Callable[[Tensor], Tensor],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """n draws z ~ q(z|x): returns (z [n, B, d], log p(x|z) [n, B], log p(x, z) - log q(z|x) [n, B])."""
+        """n draws z ~ q(z|x): returns (z [n, B, d], log p(x|z) [n, B], log p(x, z) - log q(z|x) [n, B]), log p(z)
+        from log_prior (prior_density)."""
         z, eps = sample_diag_gaussian(mean, std, n)
         log_px_given_z = self.likelihood.log_prob(self.decode(z), x)
         if detach_posterior_params:
             log_q = diag_gaussian_log_prob(z, mean.detach(), std.detach())
         else:
             log_q = diag_gaussian_log_prob_from_noise(eps, std)
-        return z, log_px_given_z, log_px_given_z + self.prior_log_prob(z) - log_q
+        return z, log_px_given_z, log_px_given_z + log_prior(z) - log_q
 
     def log_joint(self, x: Tensor, z: Tensor) -> Tensor:
         """log p(x, z) = log p(x|z) + log p(z) for latents z [S, B, d]; returns [S, B]."""

@@ -34,7 +34,13 @@ class VampPrior(nn.Module):
 
     def log_prob(self, posterior: Posterior, z: Tensor) -> Tensor:
         """log p(z) [*batch] for z [*batch, d]: the equal-weight mixture of posterior(u_k)."""
-        return diag_gaussian_mixture_log_prob(z, *posterior(self.inputs()))
+        return self.density(posterior)(z)
+
+    def density(self, posterior: Posterior) -> Callable[[Tensor], Tensor]:
+        """z -> log p(z), with posterior(u_k) computed once: for the many passes of an importance-sampling stream
+        under the same weights (encoding the 500 pseudo-inputs costs as much as 500 importance samples)."""
+        means, stds = posterior(self.inputs())
+        return lambda z: diag_gaussian_mixture_log_prob(z, means, stds)
 
     def sample(self, posterior: Posterior, n: int, temperature: float = 1.0) -> Tensor:
         """n draws [n, d] (draw_from_components)."""
