@@ -69,6 +69,10 @@ def main() -> None:
     record["rate_after"] = matmul_rate(torch.device("cpu"), torch.float32)
     date = datetime.now(timezone.utc).date().isoformat()
     path = HERE.parents[1] / "benchmarks" / "results" / f"reproduce-iwae-time-{date}.json"
+    runs = 1
+    while path.exists():  # a later run of the same day goes beside the earlier ones
+        runs += 1
+        path = path.with_name(f"reproduce-iwae-time-{date}-run{runs}.json")
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(
         f"float32 matrix products: {record['rate_before']['gflops']:.0f} GFLOP/s before, "
