@@ -129,15 +129,25 @@ def test_skip_hvae_log_weights_match_torch_distributions_term_by_term(activation
     [
         ("hvae", {**SKIP, "top_prior": "vamp", "pseudo_inputs": 7}),
         ("vae", {"data_shape": SHAPE, "latent_dim": 2, "hidden_dims": [8], "prior": "vamp", "pseudo_inputs": 7}),
+        (
+            "markov",
+            {
+                "data_shape": SHAPE,
+                "hvae_type": "markov",
+                "latent_dims": [3, 2],
+                "top_prior": "vamp",
+                "pseudo_inputs": 7,
+            },
+        ),
     ],
 )
 def test_vamp_components_are_encoded_once_per_importance_sampling_stream(name, config):
     """A sampler's passes share the pseudo-inputs' posteriors (encoding them costs as much as a pass of samples), and
     its log weights equal those with log p(z) recomputed from the pseudo-inputs on every draw."""
     torch.manual_seed(0)
-    m = build_model(name, config).eval()
+    m = build_model("hvae" if name == "markov" else name, config).eval()
     x = binary(4)
-    encoder = m.encoder_z2 if name == "hvae" else m.encoder
+    encoder = {"hvae": lambda: m.encoder_z2, "vae": lambda: m.encoder, "markov": lambda: m.encoders[0]}[name]()
     calls = []
     encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     with torch.no_grad():
@@ -146,7 +156,9 @@ def test_vamp_components_are_encoded_once_per_importance_sampling_stream(name, c
         log_w = torch.cat([draw(3), draw(3), draw(2)])
         assert calls.count(7) == 1  # the pseudo-inputs, once for three passes
         torch.manual_seed(1)
-        if name == "hvae":
+        if name == "markov":  # prepare() on every pass recomputes the components
+            expected = torch.cat([m.draw(m.prepare(x), x, n).log_w for n in (3, 3, 2)])
+        elif name == "hvae":
             (mean, std), x_parts, _ = m.prepare(x)
             recomputed = lambda z: m.vamp.log_prob(m.posterior_top, z)  # noqa: E731
             prepared = ((mean, std), x_parts, recomputed)

@@ -31,9 +31,10 @@ LOG = logging.getLogger(__name__)  # shown by elbox.core.log's handler
 ACTIVE_UNIT_THRESHOLD = 0.01
 # The memory bound of one evaluation pass, in decoder output elements (samples x examples x elements per sample).
 # On a CPU: 2**20 (4 MiB of float32 per temporary) keeps an MLP's temporaries in cache: IWAE ran 20 % faster than
-# with 2**22 for the MLP VAE and the 2-level HVAE, the same at 2**19 and 2**21 (benchmarks/results/speed.md, "pass
-# size"; 2**25 was 1.3x slower than 2**22). Convolutional nets want batches of images: at least CPU_MIN_PASS_IMAGES
-# per pass (the conv HVAE's IWAE ran 1.5x faster with 112 images per pass than with 28, and slower again with 448).
+# with 2**22 for the MLP VAE and the 2-level HVAE, the same at 2**19 and 2**21 (benchmarks/reproduce/README.md, "The
+# cost of IWAE-5000"; 2**25 was 1.3x slower than 2**22). Convolutional nets want batches of images: at least
+# CPU_MIN_PASS_IMAGES per pass (the conv HVAE's IWAE ran 1.5x faster with 112 images per pass than with 28, and
+# slower again with 448).
 CPU_MAX_DECODER_ELEMENTS = 2**20
 CPU_MIN_PASS_IMAGES = 128
 # float32 temporaries of decoder-output size alive at once in a pass (activations, logits, log-density terms),

@@ -78,13 +78,15 @@ class MarkovHVAE(HVAE):
     def decode(self, z1: Tensor) -> Tensor:
         return self._params_shape(apply_flat(self.decoders[0], z1, 1), z1.shape[:-1])
 
-    def prepare(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._posterior(0, x)
+    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+        """What does not depend on the draws: q(z_1|x)'s mean and std, and the VampPrior's components (None under
+        the standard prior), computed once for every pass of a sampler."""
+        return self._posterior(0, x), None if self.config.top_prior == "standard" else self.vamp_components()
 
     def _posterior_chain(self, prepared, n: int) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor]]:
         """n draws z_1..T ~ q up the chain: (the draws [n, B, d_t], their log q [n, B], the top level's mean and
         std)."""
-        mean, std = prepared
+        (mean, std), _ = prepared
         zs, log_q = [], []
         for t in range(self.config.levels):
             if t > 0:
@@ -94,13 +96,14 @@ class MarkovHVAE(HVAE):
             log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
         return zs, log_q, (mean, std)
 
-    def _log_priors(self, zs: list[Tensor]) -> list[Tensor]:
-        """log p(z_t|z_{t+1}) for each level t, and log p(z_T) at the top [n, B]."""
+    def _log_priors(self, zs: list[Tensor], components: tuple[Tensor, Tensor] | None) -> list[Tensor]:
+        """log p(z_t|z_{t+1}) for each level t, and log p(z_T) at the top [n, B] (the VampPrior's components given,
+        else the standard normal)."""
         log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(len(zs) - 1)]
         log_p.append(
             standard_normal_log_prob(zs[-1])
-            if self.config.top_prior == "standard"
-            else diag_gaussian_mixture_log_prob(zs[-1], *self.vamp_components())
+            if components is None
+            else diag_gaussian_mixture_log_prob(zs[-1], *components)
         )
         return log_p
 
@@ -108,7 +111,7 @@ class MarkovHVAE(HVAE):
         """n joint draws z_1..T ~ q: Draws(log p(x|z_1) [n, B], per-level KL terms {name: [n or 1, B]}, log weights
         [n, B]). The top level's KL term is analytic under the standard prior, the others single-sample."""
         zs, log_q, (mean, std) = self._posterior_chain(prepared, n)
-        log_p = self._log_priors(zs)
+        log_p = self._log_priors(zs, prepared[1])
         log_px = self.likelihood.log_prob(self.decode(zs[0]), x)
         kl = {name: log_q[t] - log_p[t] for t, name in enumerate(self.level_names)}
         if self.config.top_prior == "standard":  # the top level's KL in closed form
@@ -121,7 +124,7 @@ class MarkovHVAE(HVAE):
         levels = self.config.levels
         if k < levels:
             zs, log_q, _ = self._posterior_chain(prepared, n)
-            log_ratio = sum(p - q for p, q in zip(self._log_priors(zs)[k:], log_q[k:]))
+            log_ratio = sum(p - q for p, q in zip(self._log_priors(zs, prepared[1])[k:], log_q[k:]))
             z = zs[k]
         else:
             z, log_ratio = self.top_prior_draw(n * x.shape[0], 1.0).reshape(n, x.shape[0], -1), 0.0
