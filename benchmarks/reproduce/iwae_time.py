@@ -1,7 +1,7 @@
 """Wall-clock of IWAE-5000 on the Fashion-MNIST test set for the table's MLP rows: `elbox evaluate RUN --iw-samples
 5000` as a user runs it (2 threads), with the float32 matrix-product rate measured in the same run and the CPU.
 
-    python benchmarks/reproduce/iwae_time.py RUN [RUN ...] [--limit N] [--threads 2]
+    python benchmarks/reproduce/iwae_time.py RUN [RUN ...] [--limit N] [--threads 2] [--compile]
 
 Each RUN is a run directory of a row's config (trained or not: the time does not depend on the weights). --limit
 evaluates the first N test images only and scales the time to 10,000. Writes
@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--limit", type=int, default=None, help="the first N test images (default: all 10,000)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="elbox evaluate --compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     record = {
@@ -46,6 +47,7 @@ def main() -> None:
         command = [sys.executable, "-m", "elbox", "evaluate", str(run), "--iw-samples", "5000", "--threads"]
         command += [str(args.threads), "--no-progress", "--overwrite", "--json", str(out)]
         command += ["--limit", str(args.limit)] if args.limit else []
+        command += ["--compile"] if args.compile else []
         print("$ elbox " + " ".join(command[3:]), flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True)
@@ -58,6 +60,7 @@ def main() -> None:
                 "model": config["model"],
                 "prior": config["model_config"].get("prior", config["model_config"].get("top_prior")),
                 "images": images,
+                "compile": args.compile,
                 "seconds": seconds,
                 "minutes_per_10000": seconds * TEST_IMAGES / images / 60,
                 "nll_iwae_5000_nats": result["nll_iw"],

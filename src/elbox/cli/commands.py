@@ -79,6 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         weights=args.weights,
+        compile=args.compile,
     )
     title = f"{result['model']} on {result['dataset']} ({result['split']}) [{result['data_space']}]"
     return print_and_save(title, format_table(result), result, json_path)

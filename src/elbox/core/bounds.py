@@ -278,25 +278,41 @@ def diag_gaussian_log_prob(z: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def diag_gaussian_mixture_log_prob(z: Tensor, means: Tensor, stds: Tensor) -> Tensor:
-    """log (1/K) sum_k N(z; means_k, diag(stds_k^2)) [*batch] for z [*batch, d] and K components [K, d].
+    """log (1/K) sum_k N(z; means_k, diag(stds_k^2)) [*batch] for z [*batch, d] and K components [K, d]
+    (diag_gaussian_mixture_density, for one z)."""
+    return diag_gaussian_mixture_density(means, stds)(z)
 
-    The square is expanded, sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . a_k - 2 z . b_k + m_k . b_k with a_k = 1 / s_k^2
-    and b_k = m_k / s_k^2, so the [batch, K] table comes from two matrix products rather than [batch, K, d]
-    elementwise work (5-10x faster for the VampPrior's 500 x 40, benchmarks/vamp_density.py). The products run in
-    float64: the three terms can be 1e5 and cancel, which costs float32 up to nats. Apple's MPS has no float64: there
-    the [batch, K, d] differences are formed directly (mixture_components_direct).
-    """
-    shape, d = z.shape[:-1], z.shape[-1]
-    if z.device.type == "mps":
-        components = mixture_components_direct(z.reshape(-1, d), means, stds)
-    else:
-        z_wide, means_wide, stds_wide = z.reshape(-1, d).double(), means.double(), stds.double()
-        a = stds_wide.pow(-2)
-        b = means_wide * a
-        square = z_wide.square() @ a.T - 2 * z_wide @ b.T + (means_wide * b).sum(-1)
-        components = -0.5 * (square + d * LOG_2PI) - stds_wide.log().sum(-1)
-    log_p = torch.logsumexp(components, dim=-1) - math.log(means.shape[0])
-    return log_p.to(z.dtype).reshape(shape)
+
+def diag_gaussian_mixture_density(means: Tensor, stds: Tensor) -> Callable[[Tensor], Tensor]:
+    """z [*batch, d] -> log (1/K) sum_k N(z; means_k, diag(stds_k^2)) [*batch], for K components [K, d], with what
+    depends on the components alone computed once (for the many passes of an importance-sampling stream).
+
+    The square is expanded, -0.5 sum_d (z_d - m_kd)^2 / s_kd^2 = z^2 . (-a_k / 2) + z . b_k - m_k . b_k / 2 with
+    a_k = 1 / s_k^2 and b_k = m_k / s_k^2, so the [batch, K] table of log N(z; m_k, s_k) is one matrix product of
+    [z^2, z] with the [2d, K] table [-a / 2; b], plus a constant per component, rather than [batch, K, d] elementwise
+    work (benchmarks/vamp_density.py). The product runs in float64: the terms can be 1e5 and cancel, which costs
+    float32 up to nats. Apple's MPS has no float64: there the [batch, K, d] differences are formed directly
+    (mixture_components_direct)."""
+    log_k = math.log(means.shape[0])
+    if means.device.type == "mps":
+
+        def direct(z: Tensor) -> Tensor:
+            components = mixture_components_direct(z.reshape(-1, z.shape[-1]), means, stds)
+            return (torch.logsumexp(components, dim=-1) - log_k).reshape(z.shape[:-1])
+
+        return direct
+    means_wide, stds_wide = means.double(), stds.double()
+    a = stds_wide.pow(-2)
+    b = means_wide * a
+    table = torch.cat([-0.5 * a, b], dim=-1).T  # [2d, K]
+    constant = -0.5 * ((means_wide * b).sum(-1) + means.shape[-1] * LOG_2PI) - stds_wide.log().sum(-1)  # [K]
+
+    def density(z: Tensor) -> Tensor:
+        z_wide = z.reshape(-1, z.shape[-1]).double()
+        components = torch.addmm(constant, torch.cat([z_wide.square(), z_wide], dim=-1), table)
+        return (torch.logsumexp(components, dim=-1) - log_k).to(z.dtype).reshape(z.shape[:-1])
+
+    return density
 
 
 def mixture_components_direct(z: Tensor, means: Tensor, stds: Tensor) -> Tensor:

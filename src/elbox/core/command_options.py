@@ -107,6 +107,11 @@ class EvaluateOptions(OfSplit, Batched):
     )
     elbo_samples: int = counted("elbo_samples", 1, "Monte Carlo samples per example for the ELBO")
     limit: int | None = counted("limit", None, "evaluate the first N examples only (default: all)", metavar="N")
+    compile: bool = option(
+        False,
+        "torch.compile the importance-sampling passes: about 1.2x faster IWAE on 2 CPU cores after 20-40 s of "
+        "compilation, so worth it for large K (benchmarks/results/reproduce.md); other random draws than eager's",
+    )
     weights: str | None = option(
         None,
         "the last epoch's weights, or the best on validation (best.safetensors) (default: best for a run trained with "

@@ -49,6 +49,7 @@ def evaluate(
     seed: int = EvaluateOptions.seed,
     max_decoder_elements: int | None = None,
     progress: bool = False,
+    compile: bool = EvaluateOptions.compile,
 ) -> dict:
     """Evaluate a model on data `x` already in the model's data space; report whatever the model has.
 
@@ -118,7 +119,9 @@ def evaluate(
             result["bpd_parts"] = list(parts)
         if isinstance(model, ImportanceWeighted):
             bounds = retry_on_out_of_memory(
-                lambda d: iwae_by_k_per_example(model, x, ks, max(1, batch_size // d), max(1, bound // d), progress),
+                lambda d: iwae_by_k_per_example(
+                    model, x, ks, max(1, batch_size // d), max(1, bound // d), progress, compile=compile
+                ),
                 "evaluation",
             )
             nll_by_k = {k: -(v + log_prob_offset) for k, v in bounds.items()}

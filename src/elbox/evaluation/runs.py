@@ -144,6 +144,7 @@ def evaluate(
     device: str | None = None,
     progress: bool = False,
     weights: str | None = None,
+    compile: bool = EvaluateOptions.compile,
 ) -> dict:
     """Evaluate a model (a Run, a model, or a run directory) on data: a built-in dataset name (its `split`), a path
     (read as the model's run read its data), or examples as a tensor, array or Dataset; by default the run's own data
@@ -151,7 +152,8 @@ def evaluate(
     prints and saves: ELBO and its terms, IWAE-K NLL for each K, exact NLL, gaps, bits/dim, active units, each with
     its standard error, in nats per example of the 8-bit data (of vectors: in their units). weights: "best" evaluates
     a run directory's best-on-validation weights, "last" the last epoch's; by default the best for a run trained with
-    early stopping (patience), else the last."""
+    early stopping (patience), else the last. compile: torch.compile the importance-sampling passes (about 1.2x
+    faster IWAE on CPU after some seconds of compilation)."""
     config: dict = {}
     weights = weights or default_weights(model)
     in_memory = model.validation_data if isinstance(model, Run) else None
@@ -183,6 +185,7 @@ def evaluate(
         elbo_samples=elbo_samples,
         seed=seed,
         progress=progress,
+        compile=compile,
     )
     result.update(
         split=evaluation_split(config.get("data", {}), None if own else data, split),

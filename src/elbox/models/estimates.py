@@ -139,11 +139,14 @@ def iwae_by_k_per_example(
     max_decoder_elements: int | None = None,
     progress: bool = False,
     sampler: Callable[[Tensor], Callable[[int], Tensor]] | None = None,
+    compile: bool = False,
 ) -> dict[int, Tensor]:
     """IWAE-K lower bounds on log p(x) for every example and every K in ks: {K: [N] float64}.
 
     One stream of max(ks) samples per example serves every K (the first K samples give IWAE-K). sampler(x) gives the
     function drawing n log weights [n, B] (default: the model's log_weights_sampler; another bound's, e.g. L^{>k}).
+    compile: torch.compile that function, static shapes (a graph per pass size, reused by every batch of that size:
+    the batches' closures differ only in their tensors); the compiled draws come from inductor's own generator.
     """
     parts: dict[int, list[Tensor]] = {k: [] for k in sorted(set(ks))}
     max_decoder_elements = pass_bound(model, x, max_decoder_elements)
@@ -161,6 +164,7 @@ def iwae_by_k_per_example(
             xb = x[start : start + batch_size]
             chunk = samples_per_pass(model, xb.shape[0], max_decoder_elements)
             draws = (sampler or model.log_weights_sampler)(xb)
+            draws = torch.compile(draws, dynamic=False) if compile else draws
 
             def draw(n: int, draws=draws, rows: int = xb.shape[0]) -> Tensor:
                 log_w = draws(n)

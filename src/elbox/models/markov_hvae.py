@@ -4,6 +4,7 @@ graph and terms)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,14 +13,14 @@ from torch import Tensor, nn
 from elbox.core.bounds import (
     diag_gaussian_log_prob,
     diag_gaussian_log_prob_from_noise,
-    diag_gaussian_mixture_log_prob,
+    diag_gaussian_mixture_density,
     kl_diag_gaussians,
     sample_diag_gaussian,
     standard_normal_log_prob,
 )
 from elbox.core.nets import apply_flat, mlp
 from elbox.models.hvae import HVAE, Draws, HVAEConfig, _draw_like
-from elbox.models.vampprior import draw_from_components
+from elbox.models.vampprior import VAMP_ELEMENTS_PER_COMPONENT, draw_from_components
 
 
 class MarkovHVAE(HVAE):
@@ -51,9 +52,8 @@ class MarkovHVAE(HVAE):
             self.pseudo_inputs = nn.Parameter(0.01 * torch.randn(c.pseudo_inputs, *c.data_shape))
 
     def activation_elements(self) -> int:
-        """Per-sample elements of the VampPrior's log density: a float64 [K] table and its temporaries, in float32
-        units (else 0)."""
-        return 10 * self.config.pseudo_inputs if self.config.top_prior == "vamp" else 0
+        """Per-sample elements of the VampPrior's log density (VampPrior.activation_elements; else 0)."""
+        return VAMP_ELEMENTS_PER_COMPONENT * self.config.pseudo_inputs if self.config.top_prior == "vamp" else 0
 
     def vamp_components(self) -> tuple[Tensor, Tensor]:
         """The VampPrior p(z_T)'s components, mean and std [K, d_T]: the top posteriors along the chain of means from
@@ -78,10 +78,12 @@ class MarkovHVAE(HVAE):
     def decode(self, z1: Tensor) -> Tensor:
         return self._params_shape(apply_flat(self.decoders[0], z1, 1), z1.shape[:-1])
 
-    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
-        """What does not depend on the draws: q(z_1|x)'s mean and std, and the VampPrior's components (None under
-        the standard prior), computed once for every pass of a sampler."""
-        return self._posterior(0, x), None if self.config.top_prior == "standard" else self.vamp_components()
+    def prepare(self, x: Tensor) -> tuple[tuple[Tensor, Tensor], Callable[[Tensor], Tensor]]:
+        """What does not depend on the draws: q(z_1|x)'s mean and std, and z_T -> log p(z_T) (the VampPrior's
+        components computed once for every pass of a sampler)."""
+        if self.config.top_prior == "standard":
+            return self._posterior(0, x), standard_normal_log_prob
+        return self._posterior(0, x), diag_gaussian_mixture_density(*self.vamp_components())
 
     def _posterior_chain(self, prepared, n: int) -> tuple[list[Tensor], list[Tensor], tuple[Tensor, Tensor]]:
         """n draws z_1..T ~ q up the chain: (the draws [n, B, d_t], their log q [n, B], the top level's mean and
@@ -96,15 +98,10 @@ class MarkovHVAE(HVAE):
             log_q.append(diag_gaussian_log_prob_from_noise(eps, std))
         return zs, log_q, (mean, std)
 
-    def _log_priors(self, zs: list[Tensor], components: tuple[Tensor, Tensor] | None) -> list[Tensor]:
-        """log p(z_t|z_{t+1}) for each level t, and log p(z_T) at the top [n, B] (the VampPrior's components given,
-        else the standard normal)."""
+    def _log_priors(self, zs: list[Tensor], top_log_prob: Callable[[Tensor], Tensor]) -> list[Tensor]:
+        """log p(z_t|z_{t+1}) for each level t, and log p(z_T) at the top [n, B] (top_log_prob, from prepare)."""
         log_p = [diag_gaussian_log_prob(zs[t], *self._prior(t, zs[t + 1])) for t in range(len(zs) - 1)]
-        log_p.append(
-            standard_normal_log_prob(zs[-1])
-            if components is None
-            else diag_gaussian_mixture_log_prob(zs[-1], *components)
-        )
+        log_p.append(top_log_prob(zs[-1]))
         return log_p
 
     def draw(self, prepared, x: Tensor, n: int) -> Draws:

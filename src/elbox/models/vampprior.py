@@ -16,8 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from elbox.core.bounds import diag_gaussian_mixture_log_prob
+from elbox.core.bounds import diag_gaussian_mixture_density
 
+# float32 elements per sample and component of the log density: two float64 [K] tables (activation_elements); with
+# 2**20-element passes this gives the hvae-vamp row's IWAE 524 samples a pass, measured faster than 209 (10 per
+# component) or 1337 (the decoder's size alone), benchmarks/results/reproduce.md
+VAMP_ELEMENTS_PER_COMPONENT = 4
 Posterior = Callable[[Tensor], tuple[Tensor, Tensor]]  # images [K, *data_shape] -> (mean, std) [K, d]
 
 
@@ -39,16 +43,16 @@ class VampPrior(nn.Module):
     def density(self, posterior: Posterior) -> Callable[[Tensor], Tensor]:
         """z -> log p(z), with posterior(u_k) computed once: for the many passes of an importance-sampling stream
         under the same weights (encoding the 500 pseudo-inputs costs as much as 500 importance samples)."""
-        means, stds = posterior(self.inputs())
-        return lambda z: diag_gaussian_mixture_log_prob(z, means, stds)
+        return diag_gaussian_mixture_density(*posterior(self.inputs()))
 
     def sample(self, posterior: Posterior, n: int, temperature: float = 1.0) -> Tensor:
         """n draws [n, d] (draw_from_components)."""
         return draw_from_components(*posterior(self.inputs()), n, temperature)
 
     def activation_elements(self) -> int:
-        """Per-sample elements of the log density: a float64 [K] table and its temporaries, in float32 units."""
-        return 10 * self.weights.shape[0]
+        """Per-sample elements of the log density, in float32 units: its float64 [K] table of component densities
+        and logsumexp's float64 [K] temporary (diag_gaussian_mixture_density)."""
+        return VAMP_ELEMENTS_PER_COMPONENT * self.weights.shape[0]
 
 
 def draw_from_components(mean: Tensor, std: Tensor, n: int, temperature: float) -> Tensor:
