@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from elbox.core.bounds import diag_gaussian_mixture_density
 
 # float32 elements per sample and component of the log density: two float64 [K] tables (activation_elements); with
-# 2**20-element passes this gives the hvae-vamp row's IWAE 524 samples a pass, measured faster than 209 (10 per
-# component) or 1337 (the decoder's size alone), benchmarks/results/reproduce.md
+# 2**20-element passes the hvae-vamp row's IWAE runs about 500 samples a pass, measured faster than about 200 (10 per
+# component) or 1300 (the decoder's size alone): benchmarks/reproduce/README.md, stop 39
 VAMP_ELEMENTS_PER_COMPONENT = 4
 Posterior = Callable[[Tensor], tuple[Tensor, Tensor]]  # images [K, *data_shape] -> (mean, std) [K, d]
 
