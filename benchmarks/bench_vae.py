@@ -75,7 +75,8 @@ def best_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
 class CpuMonitor:
     """CPU time used by other processes (and stolen by the hypervisor) while a phase runs.
 
-    Reads /proc/stat (all CPUs) and os.times() (this process, all threads): other = busy - own.
+    Reads /proc/stat (all CPUs) and os.times() (this process, all threads, and its children that ended in the phase):
+    other = busy - own.
     On a shared 2-core machine another process on one core stalls every OpenMP-parallel kernel, so a
     phase with a sizeable `other_fraction` is not a clean measurement.
     """
@@ -94,14 +95,14 @@ class CpuMonitor:
     def __enter__(self):
         if self.available:
             self.busy0, self.steal0 = self._stat()
-        t = os.times()
-        self.own0, self.wall0 = t.user + t.system, time.perf_counter()
+        t = os.times()  # with the children waited for (a phase run as a subprocess)
+        self.own0, self.wall0 = t.user + t.system + t.children_user + t.children_system, time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         wall = time.perf_counter() - self.wall0
         t = os.times()
-        own = t.user + t.system - self.own0
+        own = t.user + t.system + t.children_user + t.children_system - self.own0
         cpus = os.cpu_count() or 1
         self.result = {"wall_s": wall, "own_cpu_s": own, "cpus": cpus}
         if self.available:

@@ -1,7 +1,8 @@
 """The VampPrior's log density, two ways, on one CPU thread: torch.distributions' MixtureSameFamily (what elbox used
 before stop 36: a [batch, K, d] table of elementwise work) against elbox.core.bounds.diag_gaussian_mixture_log_prob
-(the square expanded: since stop 39 one float64 matrix product with a table computed once). Forward and backward, K = 500 components of d = 40, a batch of
-100: the sizes of the VampPrior rows of benchmarks/reproduce. Also the error of each against float64.
+(the square expanded; since stop 39 one float64 matrix product with a table computed once). Forward and backward,
+K = 500 components of d = 40, a batch of 100: the sizes of the VampPrior rows of benchmarks/reproduce. Also the error
+of each against float64.
 
     python benchmarks/vamp_density.py     # prints, and writes benchmarks/results/vamp-density.json
 

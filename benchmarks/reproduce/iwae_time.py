@@ -14,7 +14,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +25,7 @@ TEST_IMAGES = 10_000
 
 def main() -> None:
     import torch
-    from bench_vae import environment
+    from bench_vae import CpuMonitor, contention_note, environment
     from run import matmul_rate
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,9 +48,9 @@ def main() -> None:
         command += ["--limit", str(args.limit)] if args.limit else []
         command += ["--compile"] if args.compile else []
         print("$ elbox " + " ".join(command[3:]), flush=True)
-        start = time.perf_counter()
-        subprocess.run(command, check=True)
-        seconds = time.perf_counter() - start
+        with CpuMonitor() as monitor:
+            subprocess.run(command, check=True)
+        seconds = monitor.result["wall_s"]
         config = json.loads((run / "config.json").read_text())
         result = json.loads(out.read_text())
         rows.append(
@@ -65,9 +64,13 @@ def main() -> None:
                 "minutes_per_10000": seconds * TEST_IMAGES / images / 60,
                 "nll_iwae_5000_nats": result["nll_iw"],
                 "evaluator_seconds": result["time_s"],
+                "cpu": monitor.result,  # steal_fraction: the CPUs' time the hypervisor gave to other machines
             }
         )
-        print(f"{run.name}: {seconds:.0f} s for {images} images -> {rows[-1]['minutes_per_10000']:.1f} min per 10,000")
+        print(
+            f"{run.name}: {seconds:.0f} s for {images} images -> {rows[-1]['minutes_per_10000']:.1f} min per 10,000; "
+            f"CPU stolen by the hypervisor {monitor.result.get('steal_fraction', 0):.0%}{contention_note(monitor)}"
+        )
     record["rows"] = rows
     record["rate_after"] = matmul_rate(torch.device("cpu"), torch.float32)
     date = datetime.now(timezone.utc).date().isoformat()

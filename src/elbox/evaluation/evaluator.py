@@ -62,6 +62,7 @@ def evaluate(
     (-D ln 256 for dequantized data, 0 otherwise). Returns a JSON-ready dict (with the model's data_space); `nll_iw` and
     `bpd` are for the largest K; `bpd` comes from the tightest bound there is (exact NLL, else IWAE, else the ELBO,
     named in `bpd_source`), and `bpd_<part>` splits -ELBO in bits/dim into its terms (recon and each group).
+    compile: torch.compile the importance-sampling passes (iwae_by_k_per_example).
     """
     ks = sorted(set([iw_samples] if isinstance(iw_samples, int) else iw_samples))
     x = check_model_input(model, x)
@@ -82,6 +83,7 @@ def evaluate(
         "units": "nats per example (bpd: bits per dimension)",
         "log_prob_offset": log_prob_offset,
         "seed": seed,
+        "compile": compile,  # compiled importance sampling draws other samples for the same seed
         "data_space": model.data_space,
     }
     elbo = nll_exact = None
