@@ -122,7 +122,7 @@ def contention_note(monitor: CpuMonitor, threshold: float = 0.05) -> str:
     share = r.get("other_fraction", 0.0) + r.get("steal_fraction", 0.0)
     if share <= threshold:
         return ""
-    return f"  [WARNING: other processes used {share:.0%} of the CPUs meanwhile; figure not clean]"
+    return f"  [WARNING: other processes or the hypervisor took {share:.0%} of the CPUs meanwhile; figure not clean]"
 
 
 def repeats_for(flops: float, rate_guess: float, budget_s: float, lo: int = 5, hi: int = 500) -> int:
