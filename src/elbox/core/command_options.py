@@ -109,8 +109,8 @@ class EvaluateOptions(OfSplit, Batched):
     limit: int | None = counted("limit", None, "evaluate the first N examples only (default: all)", metavar="N")
     compile: bool = option(
         False,
-        "torch.compile the importance-sampling passes: about 1.2x faster IWAE on 2 CPU cores after 20-40 s of "
-        "compilation, so worth it for large K (benchmarks/results/reproduce.md); other random draws than eager's",
+        "torch.compile the importance-sampling passes: about 1.2x faster IWAE on 2 CPU cores after 15-40 s of "
+        "compilation, so worth it for large K (benchmarks/reproduce/README.md); other random draws than eager's",
     )
     weights: str | None = option(
         None,
